@@ -1,0 +1,410 @@
+"""The allocation engine: a state machine over plain data, with time passed in.
+
+Every event handler returns the effects (messages) it decided on, in the order they must be
+published: reductions and stops before any new grant, so a substation is never over its limit
+in between. Guarantees (see docs/balancing.md and the tests):
+
+1. capacity: on every substation, base load + power granted <= capacity less the safety margin;
+   grants count from the moment they are made, before telemetry shows them;
+2. placement: largest grant available (down to ``min_kw``), then least utilisation after placement;
+3. no headroom: a bounded queue, priority then arrival, served as capacity frees;
+4. stale/offline substations get nothing; sessions on an offline or lost one are revoked and re-queued;
+5. idempotent: the same (ev_id, request_id) gets the same (latest) answer, one open request per EV.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from balancer.core.effects import Effect, ToEv, ToSubstation
+from balancer.core.model import (
+    PendingRequest,
+    Session,
+    Substation,
+    kw_to_w_down,
+    kw_to_w_up,
+    w_to_kw,
+)
+from balancer.core.policy import least_utilised
+from balancer.core.queue import RequestQueue
+from grid_protocol.messages import (
+    Assignment,
+    AssignmentStatus,
+    ChargeRequest,
+    Release,
+    SessionCommand,
+    SessionEvent,
+    Telemetry,
+)
+from grid_protocol.reasons import Reason
+
+
+@dataclass(slots=True)
+class CoreConfig:
+    safety_margin_pct: float = 5.0
+    stale_after_s: float = 5.0
+    lost_after_s: float = 30.0
+    queue_max: int = 10_000
+    default_min_kw: float = 1.4
+    answer_ttl_s: float = 3600.0
+    answers_max: int = 200_000
+
+
+@dataclass(slots=True)
+class _EvState:
+    request: PendingRequest
+    answer: Assignment
+    session_id: str | None = None
+
+
+@dataclass(slots=True)
+class _Closed:
+    answer: Assignment
+    at: float
+
+
+def _counter_ids(prefix: str = "s") -> Callable[[], str]:
+    counter = itertools.count(1)
+    return lambda: f"{prefix}{next(counter)}"
+
+
+@dataclass
+class Balancer:
+    config: CoreConfig = field(default_factory=CoreConfig)
+    new_session_id: Callable[[], str] = field(default_factory=_counter_ids)
+    new_request_id: Callable[[], str] = field(default_factory=lambda: _counter_ids("auto-"))
+
+    def __post_init__(self) -> None:
+        self.substations: dict[str, Substation] = {}
+        self.queue = RequestQueue(self.config.queue_max)
+        self._evs: dict[str, _EvState] = {}
+        self._sessions: dict[str, Session] = {}
+        self._closed: OrderedDict[tuple[str, str], _Closed] = OrderedDict()
+        self._arrivals = itertools.count(1)
+        #: decisions and events by outcome/reason, for the adapter's metrics and logs
+        self.counters: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ helpers
+    def _answer(self, req: PendingRequest, status: AssignmentStatus, now: float, *, session: Session | None = None,
+                reason: str | None = None, detail: str | None = None, position: int | None = None) -> Assignment:
+        return Assignment(
+            request_id=req.request_id, ev_id=req.ev_id, status=status, ts=now,
+            substation_id=session.substation_id if session else None,
+            granted_kw=w_to_kw(session.granted_w) if session else None,
+            session_id=session.session_id if session else None,
+            reason=reason, detail=detail, position=position,
+        )
+
+    def _close(self, ev_id: str, answer: Assignment, now: float) -> None:
+        """The EV's request is finished; remember the final answer for redeliveries."""
+        state = self._evs.pop(ev_id, None)
+        if state is not None:
+            self._closed[(ev_id, state.request.request_id)] = _Closed(answer, now)
+            self._closed.move_to_end((ev_id, state.request.request_id))
+
+    def substation(self, substation_id: str) -> Substation:
+        sub = self.substations.get(substation_id)
+        if sub is None:
+            sub = self.substations[substation_id] = Substation(substation_id)
+        return sub
+
+    def _place(self, req: PendingRequest, now: float) -> Session | None:
+        cfg = self.config
+        choice = least_utilised(self.substations.values(), req.requested_w, req.min_w, now,
+                                cfg.safety_margin_pct, cfg.stale_after_s)
+        if choice is None:
+            return None
+        sub, grant = choice
+        session = Session(self.new_session_id(), sub.id, req, grant, now)
+        sub.sessions[session.session_id] = session
+        sub.granted_w += grant
+        self._sessions[session.session_id] = session
+        return session
+
+    def _start_effects(self, session: Session, now: float, *, in_reply: bool) -> list[Effect]:
+        req = session.request
+        partial = session.granted_w < req.requested_w
+        answer = self._answer(req, "assigned", now, session=session,
+                              reason=Reason.PARTIAL_GRANT if partial else None,
+                              detail="less than requested is available" if partial else None)
+        state = self._evs[req.ev_id]
+        state.answer = answer
+        state.session_id = session.session_id
+        self.counters["assigned"] += 1
+        command = SessionCommand(
+            command="start", session_id=session.session_id, ev_id=req.ev_id, ts=now,
+            granted_kw=w_to_kw(session.granted_w), energy_kwh=req.energy_kwh,
+            duration_minutes=req.duration_minutes,
+        )
+        # The agent hears first: by the time the EV acts on its answer the session exists.
+        return [ToSubstation(session.substation_id, command), ToEv(req.ev_id, answer, in_reply)]
+
+    def _remove_session(self, session: Session) -> None:
+        sub = self.substations[session.substation_id]
+        if sub.sessions.pop(session.session_id, None) is not None:
+            sub.granted_w -= session.granted_w
+        self._sessions.pop(session.session_id, None)
+
+    def _serve_queue(self, now: float, replying_to: str | None = None) -> list[Effect]:
+        """Place waiting requests in order while the head fits somewhere (no overtaking)."""
+        effects: list[Effect] = []
+        while (head := self.queue.head()) is not None:
+            session = self._place(head, now)
+            if session is None:
+                break
+            self.queue.pop_head()
+            effects += self._start_effects(session, now, in_reply=head.ev_id == replying_to)
+        return effects
+
+    def _revoke(self, session: Session, now: float, reason: Reason, detail: str, *,
+                stop_agent: bool) -> list[Effect]:
+        """Take a session away and put its request back in line (it was accepted: never dropped)."""
+        self._remove_session(session)
+        req = session.request
+        effects: list[Effect] = []
+        if stop_agent:
+            effects.append(ToSubstation(session.substation_id, SessionCommand(
+                command="stop", session_id=session.session_id, ev_id=req.ev_id, ts=now, reason=reason)))
+        revoked = self._answer(req, "revoked", now, session=session, reason=reason,
+                               detail=detail + "; the request is back in the queue and will be re-assigned")
+        effects.append(ToEv(req.ev_id, revoked))
+        self.counters[f"revoked:{reason}"] += 1
+        state = self._evs[req.ev_id]
+        state.session_id = None
+        position = self.queue.push(req, force=True)
+        state.answer = self._answer(req, "queued", now, reason=reason, position=position)
+        return effects
+
+    # ------------------------------------------------------------------ EV requests
+    def on_request(self, ev_id: str, msg: ChargeRequest, now: float) -> list[Effect]:
+        request_id = msg.request_id or self.new_request_id()
+        if msg.ev_id is not None and msg.ev_id != ev_id:
+            return [self.reject(ev_id, request_id, Reason.ID_MISMATCH,
+                                f"body ev_id {msg.ev_id!r} differs from the topic's {ev_id!r}", now)]
+        state = self._evs.get(ev_id)
+        if state is not None and state.request.request_id == request_id:
+            self.counters["duplicate"] += 1
+            return [ToEv(ev_id, state.answer, in_reply=True)]
+        closed = self._closed.get((ev_id, request_id))
+        if closed is not None:
+            self.counters["duplicate"] += 1
+            return [ToEv(ev_id, closed.answer, in_reply=True)]
+        if state is not None:
+            return [self.reject(ev_id, request_id, Reason.EV_BUSY,
+                                f"EV already has open request {state.request.request_id!r}; "
+                                "release it first", now, remember=True)]
+        requested_w = kw_to_w_down(msg.requested_kw)
+        min_kw = msg.min_kw if msg.min_kw is not None else min(msg.requested_kw, self.config.default_min_kw)
+        req = PendingRequest(
+            ev_id=ev_id, request_id=request_id, requested_w=requested_w,
+            min_w=max(1, min(requested_w, kw_to_w_up(min_kw))), priority=msg.priority,
+            arrival=next(self._arrivals), received_at=now,
+            duration_minutes=msg.duration_minutes, energy_kwh=msg.energy_kwh,
+        )
+        if not len(self.queue):
+            session = self._place(req, now)
+            if session is not None:
+                self._evs[ev_id] = _EvState(req, self._answer(req, "queued", now))
+                return self._start_effects(session, now, in_reply=True)
+        if self.queue.full():
+            return [self.reject(ev_id, request_id, Reason.QUEUE_FULL,
+                                f"no headroom and {len(self.queue)} requests already waiting", now, remember=True)]
+        self.queue.push(req)
+        self._evs[ev_id] = _EvState(req, self._answer(req, "queued", now))
+        effects = self._serve_queue(now, replying_to=ev_id)
+        if ev_id in self.queue:
+            answer = self._answer(req, "queued", now, reason=Reason.NO_HEADROOM,
+                                  position=self.queue.position(ev_id))
+            self._evs[ev_id].answer = answer
+            self.counters["queued"] += 1
+            effects.append(ToEv(ev_id, answer, in_reply=True))
+        return effects
+
+    def reject(self, ev_id: str, request_id: str | None, reason: Reason, detail: str, now: float, *,
+               remember: bool = False) -> ToEv:
+        """A ``rejected`` answer. ``remember`` keeps it for redeliveries of the same request id."""
+        answer = Assignment(request_id=request_id, ev_id=ev_id, status="rejected", ts=now,
+                            reason=reason, detail=detail)
+        self.counters[f"rejected:{reason}"] += 1
+        if remember and request_id is not None:
+            self._closed[(ev_id, request_id)] = _Closed(answer, now)
+        return ToEv(ev_id, answer, in_reply=True)
+
+    def on_release(self, ev_id: str, msg: Release, now: float) -> list[Effect]:
+        state = self._evs.get(ev_id)
+        matches = state is not None and (
+            (msg.request_id is None or msg.request_id == state.request.request_id)
+            and (msg.session_id is None or msg.session_id == state.session_id))
+        if state is None or not matches:
+            return [self.reject(ev_id, msg.request_id, Reason.NOTHING_TO_RELEASE,
+                                "no open request or session matches this release", now)]
+        if state.session_id is None:
+            self.queue.remove(ev_id)
+            answer = self._answer(state.request, "cancelled", now, reason=Reason.RELEASED)
+            self._close(ev_id, answer, now)
+            self.counters["cancelled"] += 1
+            return [ToEv(ev_id, answer)]
+        session = self._sessions[state.session_id]
+        self._remove_session(session)
+        answer = self._answer(state.request, "completed", now, session=session, reason=Reason.RELEASED)
+        self._close(ev_id, answer, now)
+        self.counters["completed:released"] += 1
+        effects: list[Effect] = [
+            ToSubstation(session.substation_id, SessionCommand(
+                command="stop", session_id=session.session_id, ev_id=ev_id, ts=now, reason=Reason.RELEASED)),
+            ToEv(ev_id, answer),
+        ]
+        return effects + self._serve_queue(now)
+
+    # ------------------------------------------------------------------ substations
+    def on_telemetry(self, msg: Telemetry, now: float) -> list[Effect]:
+        sub = self.substation(msg.substation_id)
+        if msg.seq <= sub.last_seq and sub.last_seq - msg.seq < 100:
+            self.counters["telemetry_out_of_order"] += 1
+            return []
+        sub.last_seq = msg.seq
+        sub.capacity_w = kw_to_w_down(msg.capacity_kw)
+        sub.base_load_w = kw_to_w_up(msg.base_load_kw)
+        sub.load_w = kw_to_w_up(msg.load_kw)
+        sub.ev_load_w = kw_to_w_up(msg.ev_load_kw)
+        sub.reported_sessions = msg.active_sessions
+        sub.last_telemetry_at = now
+        sub.lost = False
+        return self._shed(sub, now) + self._serve_queue(now)
+
+    def _shed(self, sub: Substation, now: float) -> list[Effect]:
+        """Base load rose or capacity fell past the limit: lower the newest sessions' grants toward their
+        minimum, then revoke newest sessions until the substation is within its limit again."""
+        excess = sub.committed_w() - sub.limit_w(self.config.safety_margin_pct)
+        if excess <= 0 or not sub.sessions:
+            return []
+        effects: list[Effect] = []
+        newest_first = sorted(sub.sessions.values(), key=lambda s: s.started_at, reverse=True)
+        for session in newest_first:
+            if excess <= 0:
+                break
+            cut = min(excess, session.granted_w - session.request.min_w)
+            if cut <= 0:
+                continue
+            session.granted_w -= cut
+            sub.granted_w -= cut
+            excess -= cut
+            req = session.request
+            effects.append(ToSubstation(sub.id, SessionCommand(
+                command="update", session_id=session.session_id, ev_id=req.ev_id, ts=now,
+                granted_kw=w_to_kw(session.granted_w), reason=Reason.CAPACITY_REDUCED)))
+            answer = self._answer(req, "updated", now, session=session, reason=Reason.CAPACITY_REDUCED,
+                                  detail="substation load rose; power reduced")
+            self._evs[req.ev_id].answer = answer
+            effects.append(ToEv(req.ev_id, answer))
+            self.counters["updated:capacity_reduced"] += 1
+        for session in newest_first:
+            if excess <= 0:
+                break
+            if session.session_id not in sub.sessions:
+                continue
+            excess -= session.granted_w
+            effects += self._revoke(session, now, Reason.CAPACITY_REDUCED,
+                                    "substation load rose above its limit", stop_agent=True)
+        return effects
+
+    def on_status(self, substation_id: str, state: str, now: float) -> list[Effect]:
+        sub = self.substation(substation_id)
+        sub.status = state
+        if state == "online":
+            sub.last_seq = -1  # the agent may have restarted and counts from 0 again
+            return []
+        self.counters["substation_offline"] += 1
+        return self._revoke_all(sub, now, Reason.SUBSTATION_OFFLINE, f"substation {substation_id} went offline",
+                                stop_agent=False)
+
+    def _revoke_all(self, sub: Substation, now: float, reason: Reason, detail: str, *,
+                    stop_agent: bool) -> list[Effect]:
+        effects: list[Effect] = []
+        for session in sorted(sub.sessions.values(), key=lambda s: s.request.queue_key):
+            effects += self._revoke(session, now, reason, detail, stop_agent=stop_agent)
+        return effects + self._serve_queue(now)
+
+    def on_session_event(self, substation_id: str, msg: SessionEvent, now: float) -> list[Effect]:
+        session = self._sessions.get(msg.session_id)
+        if session is None or session.substation_id != substation_id:
+            if msg.event == "started":
+                # Started somewhere we did not place it (or after we revoked it): stop it.
+                self.counters["unknown_session_stopped"] += 1
+                return [ToSubstation(substation_id, SessionCommand(
+                    command="stop", session_id=msg.session_id, ev_id=msg.ev_id, ts=now,
+                    reason=Reason.UNKNOWN_SESSION))]
+            return []
+        if msg.event == "started":
+            session.confirmed = True
+            return []
+        self._remove_session(session)
+        reason = msg.reason or Reason.STOPPED_BY_AGENT
+        answer = self._answer(session.request, "completed", now, session=session, reason=reason)
+        self._close(session.request.ev_id, answer, now)
+        self.counters[f"completed:{reason}"] += 1
+        return [ToEv(session.request.ev_id, answer), *self._serve_queue(now)]
+
+    # ------------------------------------------------------------------ time
+    def tick(self, now: float) -> list[Effect]:
+        """Periodic work: substations silent past ``lost_after_s`` lose their sessions; old answers expire."""
+        effects: list[Effect] = []
+        cfg = self.config
+        for sub in self.substations.values():
+            silent = sub.last_telemetry_at is None or now - sub.last_telemetry_at > cfg.lost_after_s
+            if silent and not sub.lost and sub.sessions:
+                sub.lost = True
+                self.counters["substation_lost"] += 1
+                effects += self._revoke_all(sub, now, Reason.SUBSTATION_LOST,
+                                            f"no telemetry from substation {sub.id} for {cfg.lost_after_s:g} s",
+                                            stop_agent=True)
+        while self._closed:
+            key, closed = next(iter(self._closed.items()))
+            if len(self._closed) <= cfg.answers_max and now - closed.at <= cfg.answer_ttl_s:
+                break
+            del self._closed[key]
+        return effects
+
+    # ------------------------------------------------------------------ inspection
+    def violations(self) -> list[str]:
+        """Substations whose commitment exceeds their limit (guarantee 1). Empty when all is well."""
+        margin = self.config.safety_margin_pct
+        out = []
+        for sub in self.substations.values():
+            if sub.sessions and sub.committed_w() > sub.limit_w(margin):
+                out.append(f"{sub.id}: base {sub.base_load_w} W + granted {sub.granted_w} W "
+                           f"> limit {sub.limit_w(margin)} W")
+            if sub.granted_w != sum(s.granted_w for s in sub.sessions.values()):
+                out.append(f"{sub.id}: granted_w out of step with its sessions")
+        return out
+
+    def open_requests(self) -> int:
+        return len(self._evs)
+
+    def ev_state(self, ev_id: str) -> Assignment | None:
+        state = self._evs.get(ev_id)
+        return state.answer if state else None
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        cfg = self.config
+        subs = []
+        for sub in sorted(self.substations.values(), key=lambda s: s.id):
+            subs.append({
+                "substation_id": sub.id,
+                "capacity_kw": w_to_kw(sub.capacity_w),
+                "limit_kw": w_to_kw(sub.limit_w(cfg.safety_margin_pct)),
+                "base_load_kw": w_to_kw(sub.base_load_w),
+                "load_kw": w_to_kw(sub.load_w),
+                "granted_kw": w_to_kw(sub.granted_w),
+                "headroom_kw": w_to_kw(sub.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s)),
+                "sessions": len(sub.sessions),
+                "status": sub.status,
+                "fresh": sub.is_fresh(now, cfg.stale_after_s),
+                "lost": sub.lost,
+            })
+        return {"substations": subs, "queue_length": len(self.queue), "open_requests": len(self._evs),
+                "sessions": len(self._sessions)}

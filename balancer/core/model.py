@@ -1,0 +1,99 @@
+"""The balancer's model of the grid: substations, sessions and waiting requests.
+
+Power is held in integer watts so that sums and the capacity check are exact: float kW from the
+wire are converted once (loads rounded up, capacities rounded down, i.e. always the safe way).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+def kw_to_w_up(kw: float) -> int:
+    """A load in kW as watts, rounded up (never under-count a load)."""
+    return math.ceil(kw * 1000 - 1e-9)
+
+
+def kw_to_w_down(kw: float) -> int:
+    """A capacity or grant in kW as watts, rounded down (never over-state headroom)."""
+    return math.floor(kw * 1000 + 1e-9)
+
+
+def w_to_kw(w: int) -> float:
+    return w / 1000
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    """A request the balancer has accepted: waiting in the queue, or backing a session."""
+
+    ev_id: str
+    request_id: str
+    requested_w: int
+    min_w: int
+    priority: int
+    arrival: int  # monotonically increasing arrival number: queue order within a priority
+    received_at: float
+    duration_minutes: float | None
+    energy_kwh: float | None
+
+    @property
+    def queue_key(self) -> tuple[int, int]:
+        return (-self.priority, self.arrival)
+
+
+@dataclass(slots=True)
+class Session:
+    session_id: str
+    substation_id: str
+    request: PendingRequest
+    granted_w: int
+    started_at: float
+    confirmed: bool = False  # the agent reported it started
+
+
+@dataclass(slots=True)
+class Substation:
+    """What the balancer knows about one substation.
+
+    ``granted_w`` is the sum of its sessions' grants, kept incrementally. The balancer's own
+    commitment is ``base_load_w + granted_w``: grants count in full from the moment they are made,
+    whether or not telemetry shows them yet, so a burst cannot herd onto stale numbers.
+    """
+
+    id: str
+    capacity_w: int = 0
+    base_load_w: int = 0
+    load_w: int = 0  # measured total, as last reported
+    ev_load_w: int = 0
+    reported_sessions: int = 0
+    granted_w: int = 0
+    status: str | None = None  # "online" / "offline" from the retained status, None if never seen
+    last_telemetry_at: float | None = None  # balancer clock
+    last_seq: int = -1
+    lost: bool = False  # silent past lost_after_s: its sessions were revoked
+    sessions: dict[str, Session] = field(default_factory=dict)
+
+    def limit_w(self, margin_pct: float) -> int:
+        return math.floor(self.capacity_w * (1 - margin_pct / 100))
+
+    def committed_w(self) -> int:
+        return self.base_load_w + self.granted_w
+
+    def used_w(self) -> int:
+        """The larger of our model and the measurement: unknown loads (say, sessions from before a
+        balancer restart) still count."""
+        return max(self.committed_w(), self.load_w)
+
+    def is_fresh(self, now: float, stale_after_s: float) -> bool:
+        return self.last_telemetry_at is not None and now - self.last_telemetry_at <= stale_after_s
+
+    def is_available(self, now: float, stale_after_s: float) -> bool:
+        """May receive new sessions: not offline, not lost, telemetry fresh."""
+        return self.status != "offline" and not self.lost and self.is_fresh(now, stale_after_s)
+
+    def headroom_w(self, now: float, margin_pct: float, stale_after_s: float) -> int:
+        if not self.is_available(now, stale_after_s):
+            return 0
+        return max(0, self.limit_w(margin_pct) - self.used_w())

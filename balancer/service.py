@@ -1,0 +1,230 @@
+"""The balancer's MQTT adapter: topics in, pure core, effects out.
+
+It owns everything the core must not know about: topic parsing, payload decoding (every bad
+payload is answered, logged and counted, never raised), the clock, MQTT 5 response topics,
+the retained status with its last will, and periodic ticks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from balancer.core import Balancer, CoreConfig, Effect, ToEv
+from balancer.settings import BalancerSettings
+from grid_protocol import (
+    BalancerStatus,
+    ChargeRequest,
+    ErrorReport,
+    PayloadError,
+    Reason,
+    Release,
+    SessionEvent,
+    SubstationStatus,
+    Telemetry,
+    TopicKind,
+    Topics,
+    decode,
+    encode,
+    is_valid_id,
+)
+from grid_runtime.logs import get_logger
+from grid_runtime.mqtt import InMessage, Transport, Will, make_transport
+
+log = get_logger("balancer")
+VERSION = "0.1.0"
+_REQUEST_ID_RE = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
+
+
+def _request_id_hint(payload: bytes) -> str | None:
+    """Best-effort request id from a payload that failed to decode, so the EV can correlate the rejection."""
+    match = _REQUEST_ID_RE.search(payload[:4096])
+    return match.group(1).decode() if match else None
+
+
+class BalancerService:
+    def __init__(self, settings: BalancerSettings, transport: Transport,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.transport = transport
+        self.clock = clock
+        self.topics = Topics(settings.grid.grid_topic_prefix)
+        boot = os.urandom(4).hex()
+        seq = iter(range(1, 1 << 62))
+        self.core = Balancer(
+            CoreConfig(
+                safety_margin_pct=settings.safety_margin_pct, stale_after_s=settings.stale_after_s,
+                lost_after_s=settings.lost_after_s, queue_max=settings.queue_max,
+                default_min_kw=settings.default_min_kw, answer_ttl_s=settings.answer_ttl_s,
+            ),
+            new_session_id=lambda: f"{boot}-{next(seq)}",
+            new_request_id=lambda: f"auto-{boot}-{next(seq)}",
+        )
+        #: bad payloads by topic kind and reason, ignored messages, response-topic refusals
+        self.counters: Counter[str] = Counter()
+        self._reply_root = self.topics.reply_root()
+        self._handlers = {
+            TopicKind.EV_REQUEST: self._on_request,
+            TopicKind.EV_RELEASE: self._on_release,
+            TopicKind.SUBSTATION_TELEMETRY: self._on_telemetry,
+            TopicKind.SUBSTATION_STATUS: self._on_status,
+            TopicKind.SUBSTATION_SESSION: self._on_session_event,
+        }
+        transport.set_handler(self.handle)
+        for kind in self._handlers:
+            transport.subscribe(self.topics.filter(kind), 1)
+        transport.on_connect(self._announce)
+
+    @staticmethod
+    def will(topics: Topics) -> Will:
+        return Will(topics.balancer_status(), encode(BalancerStatus(state="offline")), qos=1, retain=True)
+
+    def _announce(self) -> None:
+        status = BalancerStatus(state="online", ts=self.clock(), version=VERSION,
+                                safety_margin_pct=self.settings.safety_margin_pct,
+                                stale_after_s=self.settings.stale_after_s)
+        self.transport.publish(self.topics.balancer_status(), encode(status), qos=1, retain=True)
+
+    # ------------------------------------------------------------------ inbound
+    def handle(self, msg: InMessage) -> None:
+        parsed = self.topics.parse(msg.topic)
+        if parsed is None:
+            self.counters["ignored_topic"] += 1
+            return
+        kind, id_ = parsed
+        handler = self._handlers.get(kind)
+        if handler is None or id_ is None:
+            return
+        if not is_valid_id(id_):
+            # No valid id, so no topic to answer on: log and count only.
+            self.counters[f"bad_payload:{kind}:invalid_topic_id"] += 1
+            log.warning("invalid_topic_id", topic=msg.topic[:200])
+            return
+        handler(id_, msg, self.clock())
+
+    def _bad_payload(self, kind: TopicKind, id_: str, err: PayloadError) -> None:
+        self.counters[f"bad_payload:{kind}:{err.reason}"] += 1
+        log.warning("payload_rejected", kind=str(kind), id=id_, reason=str(err.reason), detail=err.detail)
+
+    def _on_request(self, ev_id: str, msg: InMessage, now: float) -> None:
+        try:
+            request = decode(msg.payload, ChargeRequest, max_bytes=self.settings.max_payload_bytes)
+        except PayloadError as err:
+            self._bad_payload(TopicKind.EV_REQUEST, ev_id, err)
+            hint = _request_id_hint(msg.payload)
+            effects: list[Effect] = [self.core.reject(ev_id, hint, err.reason, err.detail, now)]
+        else:
+            effects = self.core.on_request(ev_id, request, now)
+        self._publish(effects, msg)
+
+    def _on_release(self, ev_id: str, msg: InMessage, now: float) -> None:
+        try:
+            release = decode(msg.payload, Release, max_bytes=self.settings.max_payload_bytes)
+        except PayloadError as err:
+            self._bad_payload(TopicKind.EV_RELEASE, ev_id, err)
+            self._publish([self.core.reject(ev_id, _request_id_hint(msg.payload), err.reason, err.detail, now)], msg)
+            return
+        if release.ev_id is not None and release.ev_id != ev_id:
+            self._publish([self.core.reject(ev_id, release.request_id, Reason.ID_MISMATCH,
+                                            "body ev_id differs from the topic's", now)], msg)
+            return
+        self._publish(self.core.on_release(ev_id, release, now), msg)
+
+    def _substation_error(self, kind: TopicKind, sid: str, msg: InMessage, err: PayloadError, now: float) -> None:
+        self._bad_payload(kind, sid, err)
+        report = ErrorReport(reason=err.reason, detail=err.detail, topic=msg.topic, ts=now)
+        self.transport.publish(self.topics.substation_error(sid), encode(report), qos=1)
+
+    def _on_telemetry(self, sid: str, msg: InMessage, now: float) -> None:
+        try:
+            telemetry = decode(msg.payload, Telemetry, max_bytes=self.settings.max_payload_bytes)
+            if telemetry.substation_id != sid:
+                raise PayloadError(Reason.ID_MISMATCH, f"body substation_id {telemetry.substation_id!r} "
+                                                       f"differs from the topic's {sid!r}")
+        except PayloadError as err:
+            self._substation_error(TopicKind.SUBSTATION_TELEMETRY, sid, msg, err, now)
+            return
+        self._publish(self.core.on_telemetry(telemetry, now))
+
+    def _on_status(self, sid: str, msg: InMessage, now: float) -> None:
+        if not msg.payload:
+            return  # a retained status being cleared
+        try:
+            status = decode(msg.payload, SubstationStatus, max_bytes=self.settings.max_payload_bytes)
+            if status.substation_id is not None and status.substation_id != sid:
+                raise PayloadError(Reason.ID_MISMATCH, "body substation_id differs from the topic's")
+        except PayloadError as err:
+            self._substation_error(TopicKind.SUBSTATION_STATUS, sid, msg, err, now)
+            return
+        log.info("substation_status", substation_id=sid, state=status.state)
+        self._publish(self.core.on_status(sid, status.state, now))
+
+    def _on_session_event(self, sid: str, msg: InMessage, now: float) -> None:
+        try:
+            event = decode(msg.payload, SessionEvent, max_bytes=self.settings.max_payload_bytes)
+        except PayloadError as err:
+            self._substation_error(TopicKind.SUBSTATION_SESSION, sid, msg, err, now)
+            return
+        self._publish(self.core.on_session_event(sid, event, now))
+
+    # ------------------------------------------------------------------ outbound
+    def _publish(self, effects: list[Effect], request: InMessage | None = None) -> None:
+        topics, publish = self.topics, self.transport.publish
+        for effect in effects:
+            if isinstance(effect, ToEv):
+                payload = encode(effect.message)
+                publish(topics.assignment(effect.ev_id), payload, 1)
+                if effect.in_reply and request is not None and request.response_topic:
+                    self._respond(request, payload)
+                if effect.message.status == "rejected":
+                    log.info("request_rejected", ev_id=effect.ev_id, request_id=effect.message.request_id,
+                             reason=effect.message.reason)
+            else:
+                publish(topics.command(effect.substation_id), encode(effect.message), 1)
+
+    def _respond(self, request: InMessage, payload: bytes) -> None:
+        topic = request.response_topic or ""
+        if not topic.startswith(self._reply_root) or "+" in topic or "#" in topic:
+            self.counters["response_topic_refused"] += 1
+            log.warning("response_topic_refused", topic=topic[:200], allowed_root=self._reply_root)
+            return
+        self.transport.publish(topic, payload, 1, correlation_data=request.correlation_data)
+
+    # ------------------------------------------------------------------ periodic
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then publish the offline status and disconnect."""
+        conn = asyncio.create_task(self.transport.run())
+        next_stats = time.monotonic() + self.settings.stats_interval_s
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.settings.tick_interval_s)
+                self._publish(self.core.tick(self.clock()))
+                if time.monotonic() >= next_stats:
+                    next_stats += self.settings.stats_interval_s
+                    self.log_stats()
+        finally:
+            offline = BalancerStatus(state="offline", ts=self.clock())
+            self.transport.publish(self.topics.balancer_status(), encode(offline), qos=1, retain=True)
+            await self.transport.close()
+            conn.cancel()
+            self.log_stats()
+
+    def log_stats(self) -> None:
+        snap = self.core.snapshot(self.clock())
+        log.info("balancer_stats", queue_length=snap["queue_length"], sessions=snap["sessions"],
+                 open_requests=snap["open_requests"], decisions=dict(self.core.counters),
+                 errors=dict(self.counters), mqtt=str(self.transport.stats))
+
+
+def build(settings: BalancerSettings) -> BalancerService:
+    topics = Topics(settings.grid.grid_topic_prefix)
+    transport = make_transport(settings.mqtt_client, settings.mqtt,
+                               client_id=settings.mqtt.username or "balancer",
+                               will=BalancerService.will(topics), clean_start=False)
+    return BalancerService(settings, transport)

@@ -1,0 +1,29 @@
+"""Balancer configuration (``BALANCER_*`` plus the shared ``MQTT_*``/``GRID_*`` variables)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from grid_runtime.settings import GridSettings, MqttSettings
+
+
+class BalancerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BALANCER_", extra="ignore")
+
+    safety_margin_pct: float = Field(5.0, ge=0, lt=100)
+    stale_after_s: float = Field(5.0, gt=0)
+    lost_after_s: float = Field(30.0, gt=0)
+    queue_max: int = Field(10_000, ge=0)
+    default_min_kw: float = Field(1.4, gt=0)
+    answer_ttl_s: float = Field(3600.0, gt=0)
+    tick_interval_s: float = Field(0.5, gt=0)
+    stats_interval_s: float = Field(30.0, gt=0)
+    max_payload_bytes: int = Field(4096, ge=256, le=65536)
+    #: paho is the default on the hot path (see grid_runtime.mqtt and bench/).
+    mqtt_client: Literal["paho", "aiomqtt"] = "paho"
+
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    grid: GridSettings = Field(default_factory=GridSettings)

@@ -1,0 +1,45 @@
+"""The MQTT contract of the Smart Grid Load Balancer: topics, payload models, codec, reasons.
+
+This package is the product's public API in code. ``docs/protocol.md`` and ``docs/asyncapi.yaml``
+describe the same contract; ``tests/unit/test_contract_docs.py`` keeps the three in agreement.
+"""
+
+from grid_protocol.codec import PayloadError, decode, encode
+from grid_protocol.ids import ID_PATTERN, is_valid_id
+from grid_protocol.messages import (
+    Assignment,
+    AssignmentStatus,
+    BalancerStatus,
+    ChargeRequest,
+    ErrorReport,
+    Release,
+    SessionCommand,
+    SessionEvent,
+    SubstationStatus,
+    Telemetry,
+)
+from grid_protocol.reasons import Reason
+from grid_protocol.topics import CHANNELS, Channel, TopicKind, Topics
+
+__all__ = [
+    "CHANNELS",
+    "ID_PATTERN",
+    "Assignment",
+    "AssignmentStatus",
+    "BalancerStatus",
+    "Channel",
+    "ChargeRequest",
+    "ErrorReport",
+    "PayloadError",
+    "Reason",
+    "Release",
+    "SessionCommand",
+    "SessionEvent",
+    "SubstationStatus",
+    "Telemetry",
+    "TopicKind",
+    "Topics",
+    "decode",
+    "encode",
+    "is_valid_id",
+]

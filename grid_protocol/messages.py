@@ -1,0 +1,142 @@
+"""One typed model per message of the contract (msgspec Structs, validated at decode time).
+
+Units are in the field names (``_kw``, ``_kwh``, ``_minutes``); ``ts`` fields are Unix epoch seconds.
+Unknown fields are ignored so that newer publishers can add fields without breaking older readers.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from grid_protocol.ids import ID_PATTERN, REQUEST_ID_PATTERN
+
+Id = Annotated[str, Meta(pattern=ID_PATTERN, description="EV or substation id, ^[A-Za-z0-9_-]{1,64}$")]
+RequestId = Annotated[str, Meta(pattern=REQUEST_ID_PATTERN, description="Client-chosen request id")]
+SessionId = Annotated[str, Meta(pattern=REQUEST_ID_PATTERN, description="Balancer-issued session id")]
+Kw = Annotated[float, Meta(ge=0, le=1_000_000, description="Power in kW")]
+RequestKw = Annotated[float, Meta(gt=0, le=1_000, description="Requested power in kW")]
+Kwh = Annotated[float, Meta(gt=0, le=10_000, description="Energy in kWh")]
+Minutes = Annotated[float, Meta(gt=0, le=10_080, description="Duration in minutes (at most 7 days)")]
+Timestamp = Annotated[float, Meta(ge=0, le=1e11, description="Unix epoch seconds")]
+Priority = Annotated[int, Meta(ge=0, le=9, description="0 (default) to 9 (most urgent)")]
+Reason = Annotated[str, Meta(max_length=64)]
+Detail = Annotated[str, Meta(max_length=512)]
+
+AssignmentStatus = Literal["assigned", "queued", "rejected", "updated", "revoked", "completed", "cancelled"]
+
+
+class ChargeRequest(msgspec.Struct, kw_only=True):
+    """EV -> balancer on ``ev/{ev_id}/request``.
+
+    ``request_id`` is optional for hand testing (the balancer then makes one up, and a redelivery
+    cannot be recognised). At least one of ``duration_minutes`` or ``energy_kwh`` is required.
+    """
+
+    requested_kw: RequestKw
+    request_id: RequestId | None = None
+    ev_id: Id | None = None
+    duration_minutes: Minutes | None = None
+    energy_kwh: Kwh | None = None
+    min_kw: Annotated[float, Meta(ge=0, le=1_000)] | None = None
+    priority: Priority = 0
+
+    def __post_init__(self) -> None:
+        if self.duration_minutes is None and self.energy_kwh is None:
+            raise ValueError("one of duration_minutes or energy_kwh is required")
+        if self.min_kw is not None and self.min_kw > self.requested_kw:
+            raise ValueError("min_kw must not exceed requested_kw")
+
+
+class Release(msgspec.Struct, kw_only=True):
+    """EV -> balancer on ``ev/{ev_id}/release``: stop the running session or withdraw the queued request.
+
+    With neither id given, whatever the EV has open is released.
+    """
+
+    request_id: RequestId | None = None
+    session_id: SessionId | None = None
+    ev_id: Id | None = None
+
+
+class Assignment(msgspec.Struct, kw_only=True):
+    """Balancer -> EV on ``ev/{ev_id}/assignment``. Every key is always present (``null`` when not applicable)."""
+
+    request_id: RequestId | None
+    ev_id: Id
+    status: AssignmentStatus
+    ts: Timestamp
+    substation_id: Id | None = None
+    granted_kw: Kw | None = None
+    session_id: SessionId | None = None
+    reason: Reason | None = None
+    detail: Detail | None = None
+    position: Annotated[int, Meta(ge=1)] | None = None
+
+
+class Telemetry(msgspec.Struct, kw_only=True):
+    """Substation agent -> all on ``substation/{substation_id}/telemetry``."""
+
+    substation_id: Id
+    ts: Timestamp
+    seq: Annotated[int, Meta(ge=0)]
+    capacity_kw: Annotated[float, Meta(gt=0, le=1_000_000)]
+    load_kw: Kw
+    base_load_kw: Kw
+    ev_load_kw: Kw
+    active_sessions: Annotated[int, Meta(ge=0)]
+
+
+class SubstationStatus(msgspec.Struct, kw_only=True):
+    """Retained on ``substation/{substation_id}/status``; the last will carries ``offline``."""
+
+    state: Literal["online", "offline"]
+    substation_id: Id | None = None
+    ts: Timestamp | None = None
+    capacity_kw: Annotated[float, Meta(gt=0, le=1_000_000)] | None = None
+
+
+class SessionCommand(msgspec.Struct, kw_only=True):
+    """Balancer -> agent on ``substation/{substation_id}/command``."""
+
+    command: Literal["start", "update", "stop"]
+    session_id: SessionId
+    ev_id: Id
+    ts: Timestamp
+    granted_kw: Kw = 0.0
+    energy_kwh: Kwh | None = None
+    duration_minutes: Minutes | None = None
+    reason: Reason | None = None
+
+
+class SessionEvent(msgspec.Struct, kw_only=True):
+    """Agent -> balancer on ``substation/{substation_id}/session``."""
+
+    event: Literal["started", "ended"]
+    session_id: SessionId
+    ev_id: Id
+    ts: Timestamp
+    substation_id: Id | None = None
+    reason: Reason | None = None
+    energy_delivered_kwh: Annotated[float, Meta(ge=0, le=10_000)] | None = None
+
+
+class BalancerStatus(msgspec.Struct, kw_only=True):
+    """Retained on ``balancer/status``; the balancer's last will carries ``offline``."""
+
+    state: Literal["online", "offline"]
+    ts: Timestamp | None = None
+    version: str | None = None
+    safety_margin_pct: float | None = None
+    stale_after_s: float | None = None
+
+
+class ErrorReport(msgspec.Struct, kw_only=True):
+    """Balancer -> agent on ``substation/{substation_id}/error``: a payload from it was refused."""
+
+    reason: Reason
+    detail: Detail
+    topic: str
+    ts: Timestamp

@@ -1,0 +1,32 @@
+"""Machine-readable reasons carried in ``reason`` fields (rejections, revocations, updates, errors).
+
+Reasons are stable API: clients branch on them. Human-readable explanation goes in ``detail``.
+"""
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    # Bad input (status "rejected" on the EV's assignment topic, or an ErrorReport to a substation).
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    MALFORMED_JSON = "malformed_json"
+    DUPLICATE_KEY = "duplicate_key"
+    INVALID_FIELD = "invalid_field"
+    ID_MISMATCH = "id_mismatch"
+    RESERVED_ID = "reserved_id"
+    # Request-level decisions.
+    EV_BUSY = "ev_busy"
+    QUEUE_FULL = "queue_full"
+    NOTHING_TO_RELEASE = "nothing_to_release"
+    # Lifecycle reasons.
+    ENERGY_DELIVERED = "energy_delivered"
+    DURATION_ELAPSED = "duration_elapsed"
+    RELEASED = "released"
+    STOPPED_BY_AGENT = "stopped_by_agent"
+    SUBSTATION_OFFLINE = "substation_offline"
+    SUBSTATION_LOST = "substation_lost"
+    CAPACITY_REDUCED = "capacity_reduced"
+    PARTIAL_GRANT = "partial_grant"
+    NO_HEADROOM = "no_headroom"
+    UNKNOWN_SESSION = "unknown_session"
+    STALE_TELEMETRY = "stale_telemetry"

@@ -1,0 +1,149 @@
+"""Every MQTT topic of the contract, built and parsed in one place.
+
+Nothing else in the code base formats topic strings: services call :class:`Topics`. The
+:data:`CHANNELS` table is the single source for QoS, retain flag, direction and payload model;
+the AsyncAPI document is checked against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from grid_protocol import messages as m
+from grid_protocol.ids import is_valid_id
+
+DEFAULT_PREFIX = "grid/v1"
+
+
+class TopicKind(StrEnum):
+    SUBSTATION_TELEMETRY = "substation_telemetry"
+    SUBSTATION_STATUS = "substation_status"
+    SUBSTATION_COMMAND = "substation_command"
+    SUBSTATION_SESSION = "substation_session"
+    SUBSTATION_ERROR = "substation_error"
+    EV_REQUEST = "ev_request"
+    EV_RELEASE = "ev_release"
+    EV_ASSIGNMENT = "ev_assignment"
+    BALANCER_STATUS = "balancer_status"
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """One row of the contract: where a message goes and how it is delivered."""
+
+    kind: TopicKind
+    template: str  # relative to the prefix; ``{id}`` is the EV or substation id
+    publisher: str
+    subscribers: str
+    qos: int
+    retain: bool
+    payload: type
+    summary: str
+
+
+CHANNELS: dict[TopicKind, Channel] = {
+    c.kind: c
+    for c in (
+        Channel(TopicKind.SUBSTATION_TELEMETRY, "substation/{id}/telemetry", "substation agent",
+                "balancer, recorder, api", 0, False, m.Telemetry,
+                "Measured load, periodically (default every 1 s). Loss is tolerated: staleness is detected."),
+        Channel(TopicKind.SUBSTATION_STATUS, "substation/{id}/status", "substation agent (will: broker)",
+                "balancer, api", 1, True, m.SubstationStatus,
+                "Retained online/offline state; the agent's last will publishes offline."),
+        Channel(TopicKind.SUBSTATION_COMMAND, "substation/{id}/command", "balancer", "that substation agent",
+                1, False, m.SessionCommand, "Start, update or stop an EV session on the substation."),
+        Channel(TopicKind.SUBSTATION_SESSION, "substation/{id}/session", "substation agent", "balancer, recorder, api",
+                1, False, m.SessionEvent, "Session lifecycle events: started, ended (with the reason)."),
+        Channel(TopicKind.SUBSTATION_ERROR, "substation/{id}/error", "balancer", "that substation agent, operators",
+                1, False, m.ErrorReport, "A payload from this substation was refused; says why."),
+        Channel(TopicKind.EV_REQUEST, "ev/{id}/request", "EV", "balancer",
+                1, False, m.ChargeRequest, "A charge request. Retry with the same request_id until answered."),
+        Channel(TopicKind.EV_RELEASE, "ev/{id}/release", "EV", "balancer",
+                1, False, m.Release, "The EV stops charging early or withdraws a queued request."),
+        Channel(TopicKind.EV_ASSIGNMENT, "ev/{id}/assignment", "balancer", "that EV only",
+                1, False, m.Assignment,
+                "Every answer and lifecycle update for the EV: assigned, queued, rejected, updated, "
+                "revoked, completed, cancelled."),
+        Channel(TopicKind.BALANCER_STATUS, "balancer/status", "balancer (will: broker)", "everyone",
+                1, True, m.BalancerStatus, "Retained online/offline state of the balancer."),
+    )
+}
+
+_BY_TAIL: dict[tuple[str, str], TopicKind] = {
+    (c.template.split("/")[0], c.template.split("/")[2]): c.kind for c in CHANNELS.values() if "{id}" in c.template
+}
+
+
+class Topics:
+    """Topic builder and parser for one prefix (``GRID_TOPIC_PREFIX``, default ``grid/v1``)."""
+
+    __slots__ = ("_plen", "prefix")
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        prefix = prefix.strip("/")
+        if not prefix or any(ch in prefix for ch in "+#\x00"):
+            raise ValueError(f"invalid topic prefix {prefix!r}")
+        self.prefix = prefix
+        self._plen = len(prefix) + 1
+
+    # --- builders ---------------------------------------------------------------------------
+    def topic(self, kind: TopicKind, id_: str | None = None) -> str:
+        template = CHANNELS[kind].template
+        if "{id}" in template:
+            if id_ is None or not is_valid_id(id_):
+                raise ValueError(f"invalid id {id_!r} for {kind}")
+            return f"{self.prefix}/{template.replace('{id}', id_)}"
+        return f"{self.prefix}/{template}"
+
+    def telemetry(self, substation_id: str) -> str:
+        return self.topic(TopicKind.SUBSTATION_TELEMETRY, substation_id)
+
+    def substation_status(self, substation_id: str) -> str:
+        return self.topic(TopicKind.SUBSTATION_STATUS, substation_id)
+
+    def command(self, substation_id: str) -> str:
+        return self.topic(TopicKind.SUBSTATION_COMMAND, substation_id)
+
+    def session_events(self, substation_id: str) -> str:
+        return self.topic(TopicKind.SUBSTATION_SESSION, substation_id)
+
+    def substation_error(self, substation_id: str) -> str:
+        return self.topic(TopicKind.SUBSTATION_ERROR, substation_id)
+
+    def request(self, ev_id: str) -> str:
+        return self.topic(TopicKind.EV_REQUEST, ev_id)
+
+    def release(self, ev_id: str) -> str:
+        return self.topic(TopicKind.EV_RELEASE, ev_id)
+
+    def assignment(self, ev_id: str) -> str:
+        return self.topic(TopicKind.EV_ASSIGNMENT, ev_id)
+
+    def balancer_status(self) -> str:
+        return self.topic(TopicKind.BALANCER_STATUS)
+
+    def reply_root(self) -> str:
+        """MQTT 5 response topics are honoured only below this root (see docs/protocol.md)."""
+        return f"{self.prefix}/reply/"
+
+    def filter(self, kind: TopicKind) -> str:
+        """Subscription filter matching ``kind`` for every id."""
+        return f"{self.prefix}/{CHANNELS[kind].template.replace('{id}', '+')}"
+
+    # --- parser ----------------------------------------------------------------------------
+    def parse(self, topic: str) -> tuple[TopicKind, str | None] | None:
+        """Return ``(kind, id)`` for a contract topic, ``None`` for anything else.
+
+        The id is returned even when invalid so the caller can log it; callers must check it
+        with :func:`is_valid_id` before using it to build a reply topic.
+        """
+        if not topic.startswith(self.prefix) or topic[self._plen - 1 : self._plen] != "/":
+            return None
+        parts = topic[self._plen :].split("/")
+        if len(parts) == 3:
+            kind = _BY_TAIL.get((parts[0], parts[2]))
+            return (kind, parts[1]) if kind is not None else None
+        if parts == ["balancer", "status"]:
+            return (TopicKind.BALANCER_STATUS, None)
+        return None

@@ -1,0 +1,40 @@
+"""Settings every service shares, read from environment variables (pydantic-settings).
+
+Service-specific settings classes embed these so one process is configured the same way locally,
+in tests and in docker compose.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class MqttSettings(BaseSettings):
+    """``MQTT_*`` variables: where the broker is and who we are to it."""
+
+    model_config = SettingsConfigDict(env_prefix="MQTT_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    #: CA file for a TLS listener (``broker/tls/make-certs.sh``); unset = plain TCP.
+    tls_ca: str | None = None
+    #: Secret from which simulators derive per-account passwords (``broker.accounts.derive_password``).
+    account_secret: str | None = None
+    #: Broker session kept this long after a disconnect so QoS 1 messages wait for us.
+    session_expiry_s: int = Field(3600, ge=0)
+
+
+class GridSettings(BaseSettings):
+    """``GRID_*`` and ``LOG_*`` variables common to all services."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
+
+    grid_topic_prefix: str = "grid/v1"
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
