@@ -24,6 +24,8 @@ from grid_protocol import (
     PayloadError,
     Reason,
     Release,
+    SessionCommand,
+    SessionCommands,
     SessionEvent,
     SubstationStatus,
     Telemetry,
@@ -33,6 +35,7 @@ from grid_protocol import (
     encode,
     is_valid_id,
 )
+from grid_protocol.messages import MAX_COMMANDS_PER_MESSAGE
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import InMessage, Transport, Will, make_transport
 
@@ -68,6 +71,9 @@ class BalancerService:
         #: bad payloads by topic kind and reason, ignored messages, response-topic refusals
         self.counters: Counter[str] = Counter()
         self._reply_root = self.topics.reply_root()
+        #: agent commands decided but not yet published, per substation (see _flush_commands)
+        self._commands: dict[str, list[SessionCommand]] = {}
+        self._flush_scheduled = False
         self._handlers = {
             TopicKind.EV_REQUEST: self._on_request,
             TopicKind.EV_RELEASE: self._on_release,
@@ -167,6 +173,8 @@ class BalancerService:
     def _on_session_event(self, sid: str, msg: InMessage, now: float) -> None:
         try:
             event = decode(msg.payload, SessionEvent, max_bytes=self.settings.max_payload_bytes)
+            if event.substation_id is not None and event.substation_id != sid:
+                raise PayloadError(Reason.ID_MISMATCH, "body substation_id differs from the topic's")
         except PayloadError as err:
             self._substation_error(TopicKind.SUBSTATION_SESSION, sid, msg, err, now)
             return
@@ -185,7 +193,27 @@ class BalancerService:
                     log.info("request_rejected", ev_id=effect.ev_id, request_id=effect.message.request_id,
                              reason=effect.message.reason)
             else:
-                publish(topics.command(effect.substation_id), encode(effect.message), 1)
+                self._commands.setdefault(effect.substation_id, []).append(effect.message)
+        if self._commands and not self._flush_scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._flush_commands()
+            else:
+                # After the transport's current read pass: a burst of requests becomes one batch.
+                self._flush_scheduled = True
+                loop.call_soon(self._flush_commands)
+
+    def _flush_commands(self) -> None:
+        """Publish pending agent commands, one message per substation (chunked), in decision order."""
+        self._flush_scheduled = False
+        pending, self._commands = self._commands, {}
+        now = self.clock()
+        for sid, commands in pending.items():
+            topic = self.topics.command(sid)
+            for i in range(0, len(commands), MAX_COMMANDS_PER_MESSAGE):
+                batch = SessionCommands(ts=now, commands=commands[i:i + MAX_COMMANDS_PER_MESSAGE])
+                self.transport.publish(topic, encode(batch), 1)
 
     def _respond(self, request: InMessage, payload: bytes) -> None:
         topic = request.response_topic or ""
@@ -209,6 +237,7 @@ class BalancerService:
                     next_stats += self.settings.stats_interval_s
                     self.log_stats()
         finally:
+            self._flush_commands()
             offline = BalancerStatus(state="offline", ts=self.clock())
             self.transport.publish(self.topics.balancer_status(), encode(offline), qos=1, retain=True)
             await self.transport.close()

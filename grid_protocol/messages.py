@@ -13,9 +13,13 @@ from msgspec import Meta
 
 from grid_protocol.ids import ID_PATTERN, REQUEST_ID_PATTERN
 
-Id = Annotated[str, Meta(pattern=ID_PATTERN, description="EV or substation id, ^[A-Za-z0-9_-]{1,64}$")]
-RequestId = Annotated[str, Meta(pattern=REQUEST_ID_PATTERN, description="Client-chosen request id")]
-SessionId = Annotated[str, Meta(pattern=REQUEST_ID_PATTERN, description="Balancer-issued session id")]
+# ``(?!\n)``: in Python's re (used by msgspec) ``$`` also matches before a final newline, which
+# would let "EV_1\n" through; the look-ahead closes that and means nothing to ECMA regexes.
+_STRICT_ID = ID_PATTERN + r"(?!\n)"
+_STRICT_REQUEST_ID = REQUEST_ID_PATTERN + r"(?!\n)"
+Id = Annotated[str, Meta(pattern=_STRICT_ID, description="EV or substation id, ^[A-Za-z0-9_-]{1,64}$")]
+RequestId = Annotated[str, Meta(pattern=_STRICT_REQUEST_ID, description="Client-chosen request id")]
+SessionId = Annotated[str, Meta(pattern=_STRICT_REQUEST_ID, description="Balancer-issued session id")]
 Kw = Annotated[float, Meta(ge=0, le=1_000_000, description="Power in kW")]
 RequestKw = Annotated[float, Meta(gt=0, le=1_000, description="Requested power in kW")]
 Kwh = Annotated[float, Meta(gt=0, le=10_000, description="Energy in kWh")]
@@ -62,7 +66,8 @@ class Release(msgspec.Struct, kw_only=True):
 
 
 class Assignment(msgspec.Struct, kw_only=True):
-    """Balancer -> EV on ``ev/{ev_id}/assignment``. Every key is always present (``null`` when not applicable)."""
+    """Balancer -> EV on ``ev/{ev_id}/assignment``. The balancer always writes every key (``null`` when
+    not applicable); readers need only the four without defaults."""
 
     request_id: RequestId | None
     ev_id: Id
@@ -109,6 +114,25 @@ class SessionCommand(msgspec.Struct, kw_only=True):
     energy_kwh: Kwh | None = None
     duration_minutes: Minutes | None = None
     reason: Reason | None = None
+
+
+class SessionCommands(msgspec.Struct, kw_only=True):
+    """Balancer -> agent on ``substation/{substation_id}/command``: one or more commands, applied in order.
+
+    The balancer batches every command it decides for a substation while handling one burst of
+    input into one message (at most ``MAX_COMMANDS_PER_MESSAGE``): a burst of requests costs the
+    agent a few messages instead of one each. Order within a batch is the order to apply them:
+    reductions and stops come before starts.
+    """
+
+    ts: Timestamp
+    commands: Annotated[list[SessionCommand], Meta(min_length=1, max_length=100)]
+
+
+#: 100 worst-case commands (longest ids and reasons) stay well below the broker's 64 KiB message limit.
+MAX_COMMANDS_PER_MESSAGE = 100
+#: Decode limit for the command topic (the broker's message_size_limit); other payloads use 4096.
+MAX_COMMAND_PAYLOAD_BYTES = 65536
 
 
 class SessionEvent(msgspec.Struct, kw_only=True):

@@ -1,0 +1,5 @@
+import sys
+
+from bench.bench_balancer import main
+
+sys.exit(main())

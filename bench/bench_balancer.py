@@ -1,0 +1,272 @@
+"""Balancer throughput and latency through a real Mosquitto, next to a raw echo in the same run.
+
+    python -m bench [--requests 20000] [--window 400] [--rate 1000] [--rate-seconds 5]
+
+Phases, each against the same private broker (loopback, project config):
+  echo       bench/echo.py answers each request on the EV's assignment topic: the ceiling.
+  balancer   ``python -m balancer`` (paho transport, then aiomqtt) answers the same requests.
+For each: a pipelined run (``--window`` requests in flight) gives answers/s; a paced run at
+``--rate`` requests/s gives request->answer latency percentiles. The balancer's CPU time per
+request and its resident memory are read from /proc. Figures are printed and saved as JSON.
+
+Every request is from a distinct EV id (one open request per EV) to four substations with room
+for all of them, so every answer is an ``assigned`` and every request costs the balancer its full
+path: decode, place, two publishes (agent command + EV answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from broker.local import LocalBroker
+from grid_protocol import ChargeRequest, Telemetry, TopicKind, Topics, encode
+from grid_runtime.mqtt import InMessage, PahoTransport
+from grid_runtime.settings import MqttSettings
+
+SUBSTATIONS = ("S1", "S2", "S3", "S4")
+CAPACITY_KW = 1_000_000.0  # room for every request: the benchmark measures the path, not the queue
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[k]
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class LoadClient:
+    """Publishes pre-encoded requests and times each answer, on one paho-on-asyncio connection."""
+
+    def __init__(self, broker: LocalBroker) -> None:
+        self.topics = Topics()
+        settings = MqttSettings(host=broker.host, port=broker.port, username="loadtest",
+                                password=broker.password_for("loadtest"))
+        self.transport = PahoTransport(settings, client_id="loadtest", clean_start=True)
+        self.transport.set_handler(self._on_answer)
+        self.transport.subscribe(self.topics.filter(TopicKind.EV_ASSIGNMENT), 1)
+        self.sent_at: dict[str, float] = {}
+        self.latencies: list[float] = []
+        self.statuses: dict[str, int] = {}
+        self._waiting = asyncio.Event()
+        self._seq = 0
+        self._run_id = 0
+
+    def _on_answer(self, msg: InMessage) -> None:
+        ev_id = msg.topic.split("/")[-2]
+        t0 = self.sent_at.pop(ev_id, None)
+        if t0 is None:
+            return
+        self.latencies.append(time.perf_counter() - t0)
+        status = json.loads(msg.payload).get("status", "echo")
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self._waiting.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.transport.run())
+        await asyncio.wait_for(self.transport.connected.wait(), 10)
+        self._telemetry_task = asyncio.create_task(self._telemetry())
+        await asyncio.sleep(0.3)
+
+    async def _telemetry(self) -> None:
+        seq = 0
+        while True:
+            seq += 1
+            for sid in SUBSTATIONS:
+                t = Telemetry(substation_id=sid, ts=time.time(), seq=seq, capacity_kw=CAPACITY_KW, load_kw=0.0,
+                              base_load_kw=0.0, ev_load_kw=0.0, active_sessions=0)
+                self.transport.publish(self.topics.telemetry(sid), encode(t), 0)
+            await asyncio.sleep(0.5)
+
+    def _requests(self, n: int) -> list[tuple[str, str, bytes]]:
+        self._run_id += 1
+        out = []
+        for _ in range(n):
+            self._seq += 1
+            ev_id = f"B{self._run_id}_{self._seq}"
+            body = encode(ChargeRequest(request_id=f"r{self._seq}", ev_id=ev_id, requested_kw=22.0,
+                                        duration_minutes=60.0))
+            out.append((ev_id, self.topics.request(ev_id), body))
+        return out
+
+    def _reset(self) -> None:
+        self.sent_at.clear()
+        self.latencies = []
+        self.statuses = {}
+
+    async def pipelined(self, n: int, window: int, timeout: float) -> dict[str, Any]:
+        """``n`` requests with at most ``window`` unanswered: the sustainable answer rate."""
+        self._reset()
+        reqs = self._requests(n)
+        publish, sent_at, clock = self.transport.publish, self.sent_at, time.perf_counter
+        t0 = clock()
+        deadline = t0 + timeout
+        i = 0
+        while i < n and clock() < deadline:
+            room = window - len(sent_at)
+            if room <= 0:
+                self._waiting.clear()
+                try:
+                    await asyncio.wait_for(self._waiting.wait(), 1.0)
+                except TimeoutError:
+                    pass
+                continue
+            for ev_id, topic, body in reqs[i:i + min(room, 50)]:
+                sent_at[ev_id] = clock()
+                publish(topic, body, 1)
+                i += 1
+            await asyncio.sleep(0)
+        while sent_at and clock() < deadline:
+            await asyncio.sleep(0.005)
+        elapsed = clock() - t0
+        return self._summary(n, elapsed, mode="pipelined", window=window)
+
+    async def paced(self, rate: float, seconds: float, timeout: float) -> dict[str, Any]:
+        """A fixed offered load: latency without self-inflicted queueing."""
+        self._reset()
+        n = int(rate * seconds)
+        reqs = self._requests(n)
+        tick = 0.005
+        per_tick = rate * tick
+        t0 = time.perf_counter()
+        sent = 0
+        while sent < n:
+            due = min(n, int((time.perf_counter() - t0) / tick * per_tick) + 1)
+            while sent < due:
+                ev_id, topic, body = reqs[sent]
+                self.sent_at[ev_id] = time.perf_counter()
+                self.transport.publish(topic, body, 1)
+                sent += 1
+            await asyncio.sleep(tick / 2)
+        deadline = time.perf_counter() + timeout
+        while self.sent_at and time.perf_counter() < deadline:
+            await asyncio.sleep(0.005)
+        return self._summary(n, time.perf_counter() - t0, mode="paced", rate=rate)
+
+    def _summary(self, n: int, elapsed: float, **extra: Any) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        return {
+            **extra,
+            "requests": n,
+            "answered": len(lat),
+            "lost": n - len(lat),
+            "elapsed_s": round(elapsed, 3),
+            "answers_per_s": round(len(lat) / elapsed, 1) if elapsed else 0.0,
+            "p50_ms": round(percentile(lat, 50) * 1000, 3),
+            "p95_ms": round(percentile(lat, 95) * 1000, 3),
+            "p99_ms": round(percentile(lat, 99) * 1000, 3),
+            "max_ms": round(lat[-1] * 1000, 3) if lat else None,
+            "statuses": dict(self.statuses),
+        }
+
+    async def stop(self) -> None:
+        self._telemetry_task.cancel()
+        await self.transport.close()
+        self._task.cancel()
+
+
+def _start_responder(kind: str, broker: LocalBroker, client: str, logs: Path,
+                     profile: Path | None = None) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), MQTT_USERNAME="balancer",
+               MQTT_PASSWORD=broker.password_for("balancer"), BALANCER_MQTT_CLIENT=client, LOG_LEVEL="WARNING",
+               BALANCER_QUEUE_MAX="1000000", BALANCER_STATS_INTERVAL_S="3600")
+    module = "bench.echo" if kind == "echo" else "balancer"
+    log = open(logs / f"{kind}-{client}.log", "wb")  # noqa: SIM115
+    cmd = [sys.executable, "-m", module]
+    if profile and kind == "balancer":
+        cmd = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", module]
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def _phase(broker: LocalBroker, kind: str, client: str, args: argparse.Namespace,
+                 logs: Path) -> dict[str, Any]:
+    profile = args.profile.with_suffix(f".{client}.prof") if args.profile else None
+    proc = _start_responder(kind, broker, client, logs, profile)
+    load = LoadClient(broker)
+    try:
+        await load.start()
+        await asyncio.sleep(0.7)  # responder connected and (balancer) substations fresh
+        await load.pipelined(min(1000, args.requests), args.window, 30)  # warm-up
+        cpu0 = proc_cpu_s(proc.pid)
+        piped = await load.pipelined(args.requests, args.window, 120)
+        cpu1 = proc_cpu_s(proc.pid)
+        paced = await load.paced(args.rate, args.rate_seconds, 30)
+        rss = proc_rss_mb(proc.pid)
+        return {"responder": kind, "client": client, "pipelined": piped, "paced": paced,
+                "cpu_us_per_request": round((cpu1 - cpu0) / max(1, piped["answered"]) * 1e6, 1),
+                "rss_mb": round(rss, 1)}
+    finally:
+        await load.stop()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _print(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print(f"\n{'responder':<18}{'answers/s':>11}{'lost':>6}{'cpu µs/req':>12}{'rss MB':>8}"
+          f"   paced {args.rate:g}/s: {'p50 ms':>7}{'p95 ms':>8}{'p99 ms':>8}{'lost':>6}")
+    for r in results:
+        p, q = r["pipelined"], r["paced"]
+        print(f"{r['responder'] + ' (' + r['client'] + ')':<18}{p['answers_per_s']:>11.0f}{p['lost']:>6}"
+              f"{r['cpu_us_per_request']:>12.1f}{r['rss_mb']:>8.1f}   {'':>17}{q['p50_ms']:>7.3f}{q['p95_ms']:>8.3f}"
+              f"{q['p99_ms']:>8.3f}{q['lost']:>6}")
+    echo = results[0]["pipelined"]["answers_per_s"]
+    for r in results[1:]:
+        ratio = r["pipelined"]["answers_per_s"] / echo if echo else float("nan")
+        print(f"balancer ({r['client']}) / echo throughput ratio: {ratio:.2f}  (target >= 0.80);"
+              f" paced p99 {r['paced']['p99_ms']:.3f} ms (target <= 1 ms at 1,000 req/s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=20_000)
+    p.add_argument("--window", type=int, default=400, help="requests in flight in the pipelined run")
+    p.add_argument("--rate", type=float, default=1000.0, help="offered requests/s in the paced run")
+    p.add_argument("--rate-seconds", type=float, default=5.0)
+    p.add_argument("--clients", default="paho,aiomqtt", help="balancer transports to measure")
+    p.add_argument("--json", type=Path, default=Path("bench/results/latest.json"))
+    p.add_argument("--profile", type=Path, default=None,
+                   help="run the balancer under cProfile, writing PROFILE.<client>.prof (slows it down)")
+    args = p.parse_args(argv)
+
+    async def run() -> list[dict[str, Any]]:
+        with tempfile.TemporaryDirectory(prefix="gridlb-bench-") as tmp:
+            logs = Path(tmp)
+            with LocalBroker(Path(tmp) / "broker", substation_ids=[], ev_ids=[], secret="bench") as broker:
+                results = [await _phase(broker, "echo", "paho", args, logs)]
+                for client in args.clients.split(","):
+                    results.append(await _phase(broker, "balancer", client, args, logs))
+                return results
+
+    results = asyncio.run(run())
+    _print(results, args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+           "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": results}
+    args.json.write_text(json.dumps(doc, indent=2))
+    print(f"saved {args.json}")
+    lost = sum(r["pipelined"]["lost"] + r["paced"]["lost"] for r in results)
+    return 1 if lost else 0

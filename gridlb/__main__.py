@@ -1,0 +1,5 @@
+import sys
+
+from gridlb.cli import main
+
+sys.exit(main())

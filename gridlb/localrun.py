@@ -1,0 +1,165 @@
+"""``gridlb run``: the whole system on this machine, started the way a user would start each part.
+
+A private Mosquitto (project config, fresh accounts, loopback only) plus ``python -m balancer``,
+``python -m substation_agents`` and, in the foreground, ``python -m ev_clients fleet`` with its
+live summary. Service logs go to ``.run/logs/``; credentials for hand testing to
+``.run/credentials.env``. Ctrl-C stops the fleet (which prints its summary), then the services
+in reverse order, then the broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from broker.accounts import substation_username
+from broker.local import LocalBroker, find_free_port
+
+DEFAULT_SUBSTATIONS = "north:400,central:300,south:250"
+HAND_TEST_EV = "EV_1234"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gridlb run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--work-dir", type=Path, default=Path(".run"))
+    p.add_argument("--port", type=int, default=1884, help="broker port on 127.0.0.1 (taken: a free one is used)")
+    p.add_argument("--substations", default=os.environ.get("SUBSTATIONS", DEFAULT_SUBSTATIONS),
+                   help="id:capacity_kw list")
+    p.add_argument("--evs", type=int, default=200, help="EV accounts and fleet size")
+    p.add_argument("--rate", type=float, default=1.0, help="EV arrivals per second")
+    p.add_argument("--speedup", type=float, default=60.0, help="simulated seconds per real second")
+    p.add_argument("--no-fleet", action="store_true", help="start everything but the EV fleet (hand testing)")
+    p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0 = until Ctrl-C)")
+    return p.parse_args(argv)
+
+
+def _write_credentials(path: Path, broker: LocalBroker, ev_ids: list[str]) -> None:
+    lines = [
+        "# Written by `gridlb run` for hand testing; the broker listens on 127.0.0.1 only.",
+        f"export MQTT_HOST={broker.host}",
+        f"export MQTT_PORT={broker.port}",
+        f"export OBSERVER_PASSWORD={shlex.quote(broker.password_for('observer'))}",
+        f"export BALANCER_PASSWORD={shlex.quote(broker.password_for('balancer'))}",
+        f"export LOADTEST_PASSWORD={shlex.quote(broker.password_for('loadtest'))}",
+        f"export {HAND_TEST_EV}_PASSWORD={shlex.quote(broker.password_for(HAND_TEST_EV))}",
+        f"export MQTT_ACCOUNT_SECRET={shlex.quote(broker.secret)}",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    work = args.work_dir.resolve()
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    substations = [item.split(":")[0] for item in args.substations.split(",") if item]
+    ev_ids = [f"EV_{i:04d}" for i in range(1, args.evs + 1)]
+    if HAND_TEST_EV not in ev_ids:
+        ev_ids.append(HAND_TEST_EV)
+    port = args.port if args.port and _port_free(args.port) else find_free_port()
+
+    broker = LocalBroker(work / "broker", port=port, substation_ids=substations, ev_ids=ev_ids,
+                         secret=secrets.token_hex(16))
+    broker.start()
+    _write_credentials(work / "credentials.env", broker, ev_ids)
+    base_env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), LOG_FORMAT="json",
+                    PYTHONUNBUFFERED="1")
+    base_env.pop("MQTT_USERNAME", None)
+    base_env.pop("MQTT_PASSWORD", None)
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def spawn(name: str, module: str, env: dict[str, str], *extra: str, foreground: bool = False) -> None:
+        cmd = [sys.executable, "-m", module, *extra]
+        if foreground:
+            proc = subprocess.Popen(cmd, env=env, stderr=open(logs / f"{name}.log", "ab"))  # noqa: SIM115
+        else:
+            out = open(logs / f"{name}.log", "ab")  # noqa: SIM115
+            # Own session: Ctrl-C reaches only the foreground fleet; we stop the rest in order.
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append((name, proc))
+
+    spawn("balancer", "balancer", dict(base_env, MQTT_USERNAME="balancer",
+                                       MQTT_PASSWORD=broker.password_for("balancer")))
+    spawn("substations", "substation_agents", dict(base_env, MQTT_ACCOUNT_SECRET=broker.secret,
+                                                   SUBSTATIONS=args.substations, SIM_SPEEDUP=str(args.speedup)))
+    time.sleep(1.0)
+    _print_banner(work, broker, substations)
+
+    fleet: subprocess.Popen[bytes] | None = None
+    if not args.no_fleet:
+        fleet_env = dict(base_env, MQTT_ACCOUNT_SECRET=broker.secret, EV_COUNT=str(args.evs),
+                         EV_ARRIVAL_RATE=str(args.rate), EV_SPEEDUP=str(args.speedup))
+        spawn("ev_fleet", "ev_clients", fleet_env, "fleet", foreground=True)
+        fleet = procs[-1][1]
+    rc = 0
+    try:
+        deadline = time.monotonic() + args.duration if args.duration else None
+        while deadline is None or time.monotonic() < deadline:
+            dead = [(n, p.returncode) for n, p in procs if p.poll() is not None and p is not fleet]
+            if dead:
+                print(f"\n{dead[0][0]} exited with code {dead[0][1]}; see {logs / (dead[0][0] + '.log')}")
+                rc = 1
+                break
+            if fleet is not None and fleet.poll() is not None:
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _shutdown(procs, broker)
+    print(f"stopped. Logs: {logs}")
+    return rc
+
+
+def _shutdown(procs: list[tuple[str, subprocess.Popen[bytes]]], broker: LocalBroker) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave orphans
+    for _name, proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    broker.stop()
+
+
+def _print_banner(work: Path, broker: LocalBroker, substations: list[str]) -> None:
+    creds = work / "credentials.env"
+    print(f"""
+Smart Grid Load Balancer is running locally.
+  broker      mqtt://{broker.host}:{broker.port}  (private Mosquitto, log {broker.log_file})
+  substations {', '.join(substations)}  (accounts {', '.join(substation_username(s) for s in substations)})
+  logs        {work / 'logs'}/
+  credentials {creds}
+
+Watch everything (another terminal):
+  source {creds}
+  mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -u observer -P "$OBSERVER_PASSWORD" -t 'grid/v1/#' -v
+Ask for power by hand:
+  mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -u {HAND_TEST_EV} -P "${HAND_TEST_EV}_PASSWORD" -q 1 \\
+    -t grid/v1/ev/{HAND_TEST_EV}/request -m '{{"ev_id": "{HAND_TEST_EV}", "requested_kw": 22, "duration_minutes": 120}}'
+Ctrl-C stops everything.
+""", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

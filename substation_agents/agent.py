@@ -1,0 +1,336 @@
+"""The MQTT edge of a simulated substation: one agent, one broker connection, per substation.
+
+Each agent logs in with its own account (``substation.<id>``) because the broker's ACL confines a
+substation account to its own topics; sharing one connection would need an account allowed to speak
+for every substation. Many agents share one process and one event loop.
+
+Protocol duties (the contract in ``grid_protocol.topics.CHANNELS``):
+
+* last will: retained ``offline`` status, so the balancer learns of a crash or a lost link;
+* on every connect: retained ``online`` status with the capacity;
+* commands (QoS 1, a batch applied in order) are decoded strictly; a bad message is logged and
+  counted, never fatal;
+* telemetry (QoS 0) every ``interval_s`` real seconds, only while connected: a stale measurement
+  queued during an outage is worse than none (the balancer detects the gap as staleness);
+* session events (QoS 1): ``started`` when a start is applied, ``ended`` with the reason and the
+  energy delivered when a session finishes or is stopped;
+* graceful shutdown: retained ``offline`` status, then disconnect.
+
+A lost connection is treated as the end of every session: the broker publishes the ``offline``
+will, on which the balancer revokes this substation's sessions and re-queues their EVs without
+sending stop commands. So on a *re*connect the agent ends its sessions itself (reason
+``substation_offline``) instead of charging EVs the balancer may already have placed elsewhere.
+For the same reason the connection uses a clean start and no session expiry: commands queued by the
+broker while we were away are stale by construction, and a reconnect that resumes the old session
+takes it over *without* publishing the will (measured with Mosquitto 2.0.11: clean_start=False with
+session expiry 3600 -> no will; clean_start=True, or expiry 0 -> will published), so the balancer
+would keep sessions that this agent then drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from broker.accounts import substation_username
+from grid_protocol.codec import PayloadError, decode, encode
+from grid_protocol.messages import (
+    MAX_COMMAND_PAYLOAD_BYTES,
+    ErrorReport,
+    SessionCommand,
+    SessionCommands,
+    SessionEvent,
+    SubstationStatus,
+)
+from grid_protocol.reasons import Reason
+from grid_protocol.topics import CHANNELS, TopicKind, Topics
+from grid_runtime.logs import get_logger
+from grid_runtime.mqtt import AiomqttTransport, InMessage, Transport, Will
+from grid_runtime.settings import MqttSettings
+from substation_agents.load_curve import make_base_load
+from substation_agents.settings import AgentSettings, SubstationSpec
+from substation_agents.simulation import SessionEnd, SubstationSim
+
+__all__ = [
+    "AgentStats",
+    "SimClock",
+    "SubstationAgent",
+    "agent_mqtt_settings",
+    "build_agent",
+    "decode_commands",
+    "offline_will",
+    "run_agents",
+]
+
+log = get_logger("substation_agents")
+
+_QOS_TELEMETRY = CHANNELS[TopicKind.SUBSTATION_TELEMETRY].qos
+_QOS_STATUS = CHANNELS[TopicKind.SUBSTATION_STATUS].qos
+_QOS_SESSION = CHANNELS[TopicKind.SUBSTATION_SESSION].qos
+_QOS_COMMAND = CHANNELS[TopicKind.SUBSTATION_COMMAND].qos
+_QOS_ERROR = CHANNELS[TopicKind.SUBSTATION_ERROR].qos
+#: Bad commands are logged individually up to this many, then every 100th (a flood must not flood the log).
+_BAD_LOG_FIRST = 10
+
+
+class SimClock:
+    """Simulated time in seconds since midnight of day 0, running ``speedup`` times real time.
+
+    Driven by the monotonic clock (not by counting ticks), so a late tick never loses simulated time
+    and all agents of a process agree on the time of day.
+    """
+
+    def __init__(self, start_sim_s: float, speedup: float, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.start_sim_s = start_sim_s
+        self.speedup = speedup
+        self._monotonic = monotonic
+        self._t0 = monotonic()
+
+    def now(self) -> float:
+        return self.start_sim_s + (self._monotonic() - self._t0) * self.speedup
+
+
+@dataclass(slots=True)
+class AgentStats:
+    connects: int = 0
+    telemetry_sent: int = 0
+    commands: int = 0
+    bad_commands: int = 0
+    ignored_commands: int = 0
+    sessions_started: int = 0
+    sessions_ended: int = 0
+    error_reports: int = 0
+
+
+def decode_commands(payload: bytes) -> list[SessionCommand]:
+    """The commands of a command-topic payload, in the order to apply them.
+
+    The contract's payload is a :class:`SessionCommands` batch; a bare :class:`SessionCommand` is
+    accepted too (hand testing, older balancers). Raises :class:`PayloadError`.
+    """
+    if b'"commands"' in payload:
+        return decode(payload, SessionCommands, max_bytes=MAX_COMMAND_PAYLOAD_BYTES).commands
+    return [decode(payload, SessionCommand)]
+
+
+def agent_mqtt_settings(mqtt: MqttSettings, substation_id: str) -> MqttSettings:
+    """The MQTT settings of one agent: its own account, and no broker session to resume (see module doc)."""
+    return mqtt.model_copy(update={"username": substation_username(substation_id), "session_expiry_s": 0})
+
+
+def offline_will(topics: Topics, substation_id: str) -> Will:
+    payload = encode(SubstationStatus(state="offline", substation_id=substation_id))
+    return Will(topics.substation_status(substation_id), payload, qos=_QOS_STATUS, retain=True)
+
+
+class SubstationAgent:
+    """Connects a :class:`SubstationSim` to the broker through a :class:`Transport`."""
+
+    def __init__(self, sim: SubstationSim, transport: Transport, topics: Topics, clock: SimClock, *,
+                 interval_s: float, tick_offset_s: float = 0.0, wall: Callable[[], float] = time.time) -> None:
+        self.sim = sim
+        self.transport = transport
+        self.topics = topics
+        self.clock = clock
+        self.interval_s = interval_s
+        self.tick_offset_s = tick_offset_s
+        self._wall = wall
+        self.id = sim.substation_id
+        self.stats = AgentStats()
+        self.seq = 0
+        self._last_sim = sim.now_sim
+        self._command_topic = topics.command(self.id)
+        self._error_topic = topics.substation_error(self.id)
+        self._status_topic = topics.substation_status(self.id)
+        self._telemetry_topic = topics.telemetry(self.id)
+        self._session_topic = topics.session_events(self.id)
+        transport.set_handler(self.handle)
+        transport.subscribe(self._command_topic, _QOS_COMMAND)
+        transport.subscribe(self._error_topic, _QOS_ERROR)
+        transport.on_connect(self._on_connected)
+
+    # ------------------------------------------------------------------ publishing
+    def _publish_status(self, state: str) -> None:
+        status = SubstationStatus(state="online" if state == "online" else "offline", substation_id=self.id,
+                                  ts=self._wall(), capacity_kw=self.sim.capacity_kw)
+        self.transport.publish(self._status_topic, encode(status), qos=_QOS_STATUS, retain=True)
+
+    def _publish_ended(self, end: SessionEnd) -> None:
+        self.stats.sessions_ended += 1
+        log.info("session_ended", substation_id=self.id, session_id=end.session_id, ev_id=end.ev_id,
+                 reason=end.reason, energy_delivered_kwh=round(end.energy_delivered_kwh, 3))
+        event = SessionEvent(event="ended", session_id=end.session_id, ev_id=end.ev_id, ts=self._wall(),
+                             substation_id=self.id, reason=end.reason,
+                             energy_delivered_kwh=round(end.energy_delivered_kwh, 6))
+        self.transport.publish(self._session_topic, encode(event), qos=_QOS_SESSION)
+
+    def publish_telemetry(self) -> None:
+        """Advance the simulation to now and, when connected, publish one measurement."""
+        self.advance()
+        if not self.transport.connected.is_set():
+            return
+        msg = self.sim.telemetry(self.seq, self._wall())
+        self.transport.publish(self._telemetry_topic, encode(msg), qos=_QOS_TELEMETRY)
+        self.seq += 1
+        self.stats.telemetry_sent += 1
+
+    # ------------------------------------------------------------------ simulation
+    def advance(self) -> None:
+        """Step the simulation up to the clock's now and announce the sessions that finished."""
+        now = self.clock.now()
+        dt = now - self._last_sim
+        if dt <= 0:
+            return
+        self._last_sim = now
+        for end in self.sim.step(dt, now):
+            self._publish_ended(end)
+
+    def _on_connected(self) -> None:
+        self.stats.connects += 1
+        if self.stats.connects > 1 and self.sim.sessions:
+            self.advance()
+            ends = self.sim.stop_all(Reason.SUBSTATION_OFFLINE, self._last_sim)
+            log.warning("sessions_dropped_after_reconnect", substation_id=self.id, sessions=len(ends))
+            for end in ends:
+                self._publish_ended(end)
+        self._publish_status("online")
+
+    # ------------------------------------------------------------------ incoming
+    def handle(self, msg: InMessage) -> None:
+        """Transport handler: must never raise (a bad message must not cost the connection)."""
+        try:
+            if msg.topic == self._command_topic:
+                self._on_command(msg)
+            elif msg.topic == self._error_topic:
+                self._on_error_report(msg)
+        except Exception:
+            self.stats.bad_commands += 1
+            log.exception("message_handling_failed", substation_id=self.id, topic=msg.topic)
+
+    def _bad_command(self, reason: str, detail: str) -> None:
+        self.stats.bad_commands += 1
+        n = self.stats.bad_commands
+        if n <= _BAD_LOG_FIRST or n % 100 == 0:
+            log.warning("command_refused", substation_id=self.id, reason=reason, detail=detail[:200],
+                        bad_commands=n)
+
+    def _on_command(self, msg: InMessage) -> None:
+        self.stats.commands += 1
+        if msg.retain:
+            # A retained command would be replayed on every reconnect.
+            self._bad_command("retained_command", "commands must not be retained")
+            return
+        try:
+            commands = decode_commands(msg.payload)
+        except PayloadError as exc:
+            self._bad_command(exc.reason, exc.detail)
+            return
+        self.advance()  # account energy up to the commands before they change anything
+        for command in commands:
+            self._apply(command)
+
+    def _apply(self, command: SessionCommand) -> None:
+        result = self.sim.apply(command, self._last_sim)
+        log.debug("command", substation_id=self.id, command=command.command, session_id=command.session_id,
+                  ev_id=command.ev_id, granted_kw=command.granted_kw, outcome=result.outcome)
+        if result.outcome == "started":
+            self.stats.sessions_started += 1
+            event = SessionEvent(event="started", session_id=command.session_id, ev_id=command.ev_id,
+                                 ts=self._wall(), substation_id=self.id)
+            self.transport.publish(self._session_topic, encode(event), qos=_QOS_SESSION)
+        elif result.ended is not None:
+            self._publish_ended(result.ended)
+        elif not result.changed:
+            self.stats.ignored_commands += 1
+            if result.outcome in ("unknown_session", "conflicting_start"):
+                log.warning("command_ignored", substation_id=self.id, command=command.command,
+                            session_id=command.session_id, ev_id=command.ev_id, outcome=result.outcome)
+
+    def _on_error_report(self, msg: InMessage) -> None:
+        self.stats.error_reports += 1
+        try:
+            report = decode(msg.payload, ErrorReport)
+        except PayloadError as exc:
+            log.warning("error_report_unreadable", substation_id=self.id, reason=exc.reason)
+            return
+        log.warning("payload_refused_by_balancer", substation_id=self.id, reason=report.reason,
+                    detail=report.detail, topic=report.topic)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def _tick_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self.tick_offset_s
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            try:
+                self.publish_telemetry()
+            except Exception:
+                log.exception("telemetry_failed", substation_id=self.id)
+            next_at += self.interval_s
+            if next_at < loop.time():  # fell behind (busy loop, suspended process): skip, don't burst
+                next_at = loop.time() + self.interval_s
+
+    async def run(self, stop: asyncio.Event, close_timeout: float = 2.0) -> None:
+        """Connect, simulate and report until ``stop`` is set, then announce ``offline`` and disconnect."""
+        conn = asyncio.create_task(self.transport.run(), name=f"mqtt-{self.id}")
+        ticks = asyncio.create_task(self._tick_loop(), name=f"ticks-{self.id}")
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({conn, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ticks.cancel()
+            stopping.cancel()
+            if not conn.done():
+                await self._shutdown(conn, close_timeout)
+        if not stop.is_set():
+            conn.result()  # the transport gave up: surface its error
+            raise RuntimeError(f"MQTT transport of substation {self.id} stopped unexpectedly")
+
+    async def _shutdown(self, conn: asyncio.Task[None], timeout: float) -> None:
+        was_connected = self.transport.connected.is_set()
+        if was_connected:
+            self.advance()
+            self._publish_status("offline")
+        await self.transport.close(timeout)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(conn, timeout)
+        log.info("agent_stopped", substation_id=self.id, clean=was_connected, active_sessions=len(self.sim.sessions),
+                 telemetry_sent=self.stats.telemetry_sent, bad_commands=self.stats.bad_commands)
+
+
+def build_agent(spec: SubstationSpec, settings: AgentSettings, clock: SimClock, *,
+                tick_offset_s: float = 0.0) -> SubstationAgent:
+    """An agent for ``spec`` with its own aiomqtt connection, last will and seeded base load."""
+    topics = Topics(settings.grid.grid_topic_prefix)
+    mqtt = agent_mqtt_settings(settings.mqtt, spec.substation_id)
+    transport = AiomqttTransport(mqtt, client_id=mqtt.username, will=offline_will(topics, spec.substation_id),
+                                 clean_start=True)
+    now = clock.now()
+    base = make_base_load(spec.substation_id, spec.capacity_kw, settings.substation_base_load_pct,
+                          settings.substation_seed)
+    sim = SubstationSim(spec.substation_id, spec.capacity_kw, base, now_sim=now)
+    return SubstationAgent(sim, transport, topics, clock, interval_s=settings.substation_interval_s,
+                           tick_offset_s=tick_offset_s)
+
+
+async def run_agents(settings: AgentSettings, stop: asyncio.Event) -> None:
+    """Run one agent per configured substation until ``stop`` is set."""
+    clock = SimClock(settings.sim_start_hour * 3600.0, settings.sim_speedup)
+    n = len(settings.substations)
+    # Spread the agents' ticks over the interval so many agents do not publish in one burst.
+    agents = [build_agent(spec, settings, clock, tick_offset_s=settings.substation_interval_s * i / n)
+              for i, spec in enumerate(settings.substations)]
+    mqtt = settings.mqtt
+    if mqtt.password is None and not mqtt.account_secret:
+        log.warning("no_mqtt_credentials", hint="set MQTT_ACCOUNT_SECRET or MQTT_PASSWORD")
+    log.info("agents_starting", substations=n, host=mqtt.host, port=mqtt.port,
+             interval_s=settings.substation_interval_s, sim_speedup=settings.sim_speedup,
+             sim_start_hour=settings.sim_start_hour, base_load_pct=settings.substation_base_load_pct,
+             seed=settings.substation_seed)
+    for agent in agents:
+        log.info("agent_starting", substation_id=agent.id, capacity_kw=agent.sim.capacity_kw,
+                 username=substation_username(agent.id), base_load_kw=round(agent.sim.base_load_kw, 1))
+    await asyncio.gather(*(agent.run(stop) for agent in agents))
