@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -127,10 +128,8 @@ class LoadClient:
             room = window - len(sent_at)
             if room <= 0:
                 self._waiting.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._waiting.wait(), 1.0)
-                except TimeoutError:
-                    pass
                 continue
             for ev_id, topic, body in reqs[i:i + min(room, 50)]:
                 sent_at[ev_id] = clock()

@@ -38,6 +38,9 @@ log = get_logger("grid.mqtt")
 _NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 #: Messages kept while disconnected; beyond this the oldest are dropped, counted and logged.
 OUTBOX_LIMIT = 100_000
+#: The broker's ``message_size_limit``. Mosquitto answers a larger MQTT 5 publish with PUBACK 0x95,
+#: which paho 2.2 takes for a malformed packet: it reconnects and resends forever. So refuse it here.
+MAX_MESSAGE_BYTES = 65536
 
 
 @dataclass(slots=True)
@@ -66,6 +69,7 @@ class TransportStats:
     published: int = 0
     handler_errors: int = 0
     outbox_dropped: int = 0
+    oversized_refused: int = 0
 
 
 Handler = Callable[[InMessage], None]
@@ -124,6 +128,13 @@ class _Base:
         except Exception:  # the handler must never take the connection down with it
             self.stats.handler_errors += 1
             log.exception("handler_failed", topic=msg.topic)
+
+    def _too_large(self, topic: str, payload: bytes) -> bool:
+        if len(payload) <= MAX_MESSAGE_BYTES:
+            return False
+        self.stats.oversized_refused += 1
+        log.error("mqtt_publish_refused_oversized", topic=topic, size=len(payload), limit=MAX_MESSAGE_BYTES)
+        return True
 
     def _queue_offline(self, item: tuple[str, bytes, int, bool, bytes | None]) -> None:
         if len(self._outbox) >= OUTBOX_LIMIT:
@@ -246,6 +257,8 @@ class PahoTransport(_Base):
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 correlation_data: bytes | None = None) -> None:
+        if self._too_large(topic, payload):
+            return
         if self.connected.is_set():
             self._publish_now(topic, payload, qos, retain, correlation_data)
         else:
@@ -330,6 +343,8 @@ class AiomqttTransport(_Base):
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 correlation_data: bytes | None = None) -> None:
+        if self._too_large(topic, payload):
+            return
         client = self._client
         if client is None or not self.connected.is_set():
             self._queue_offline((topic, payload, qos, retain, correlation_data))
