@@ -64,6 +64,7 @@ class BalancerService:
                 safety_margin_pct=settings.safety_margin_pct, stale_after_s=settings.stale_after_s,
                 lost_after_s=settings.lost_after_s, queue_max=settings.queue_max,
                 default_min_kw=settings.default_min_kw, answer_ttl_s=settings.answer_ttl_s,
+                overtake_guard_s=settings.overtake_guard_s,
             ),
             new_session_id=lambda: f"{boot}-{next(seq)}",
             new_request_id=lambda: f"auto-{boot}-{next(seq)}",

@@ -19,6 +19,7 @@ class BalancerSettings(BaseSettings):
     queue_max: int = Field(10_000, ge=0)
     default_min_kw: float = Field(1.4, gt=0)
     answer_ttl_s: float = Field(3600.0, gt=0)
+    overtake_guard_s: float = Field(30.0, ge=0)
     tick_interval_s: float = Field(0.5, gt=0)
     stats_interval_s: float = Field(30.0, gt=0)
     max_payload_bytes: int = Field(4096, ge=256, le=65536)

@@ -68,8 +68,13 @@ def _check_duplicates(payload: bytes, model: type) -> None:
         json.loads(payload, object_pairs_hook=_reject_pairs)
     except PayloadError:
         raise
-    except (ValueError, RecursionError):
-        return  # the typed decode already accepted it; any other oddity is not a duplicate
+    except RecursionError:
+        # json recurses a few frames deeper than msgspec: a payload nested just below msgspec's limit
+        # would otherwise skip this check, and a duplicate key in it would pass.
+        raise PayloadError(Reason.MALFORMED_JSON, "nested too deeply") from None
+    except ValueError as exc:
+        # Unchecked means possibly duplicated: refuse rather than let the last value silently win.
+        raise PayloadError(Reason.MALFORMED_JSON, f"cannot be checked for duplicate keys ({exc})") from None
 
 
 def decode(payload: bytes, model: type[T], *, max_bytes: int = MAX_PAYLOAD_BYTES) -> T:
@@ -84,6 +89,8 @@ def decode(payload: bytes, model: type[T], *, max_bytes: int = MAX_PAYLOAD_BYTES
         raise PayloadError(Reason.MALFORMED_JSON, f"not valid JSON ({exc}); NaN and Infinity are not JSON") from None
     except RecursionError:
         raise PayloadError(Reason.MALFORMED_JSON, "nested too deeply") from None
+    except UnicodeDecodeError as exc:  # msgspec raises it (not DecodeError) for bad UTF-8 in a str field
+        raise PayloadError(Reason.MALFORMED_JSON, f"not valid UTF-8 ({exc})") from None
     _check_duplicates(payload, model)
     return value
 

@@ -104,7 +104,11 @@ class SubstationStatus(msgspec.Struct, kw_only=True):
 
 
 class SessionCommand(msgspec.Struct, kw_only=True):
-    """Balancer -> agent on ``substation/{substation_id}/command``."""
+    """One command to an agent (an element of :class:`SessionCommands`).
+
+    ``start`` carries what the agent needs to run the session and to describe it back to a
+    restarted balancer (``request_id``, ``min_kw``, ``priority``: see ``running`` events).
+    """
 
     command: Literal["start", "update", "stop"]
     session_id: SessionId
@@ -114,6 +118,9 @@ class SessionCommand(msgspec.Struct, kw_only=True):
     energy_kwh: Kwh | None = None
     duration_minutes: Minutes | None = None
     reason: Reason | None = None
+    request_id: RequestId | None = None
+    min_kw: Kw | None = None
+    priority: Priority = 0
 
 
 class SessionCommands(msgspec.Struct, kw_only=True):
@@ -136,15 +143,27 @@ MAX_COMMAND_PAYLOAD_BYTES = 65536
 
 
 class SessionEvent(msgspec.Struct, kw_only=True):
-    """Agent -> balancer on ``substation/{substation_id}/session``."""
+    """Agent -> balancer on ``substation/{substation_id}/session``.
 
-    event: Literal["started", "ended"]
+    ``started`` and ``ended`` follow the session's life. ``running`` re-announces a session that is
+    still charging, sent for every session whenever the balancer's status turns ``online``: a
+    restarted balancer adopts the sessions it no longer knows instead of double-booking their EVs.
+    ``energy_kwh``/``duration_minutes`` are what is left of the session's targets at ``ts``.
+    """
+
+    event: Literal["started", "ended", "running"]
     session_id: SessionId
     ev_id: Id
     ts: Timestamp
     substation_id: Id | None = None
     reason: Reason | None = None
     energy_delivered_kwh: Annotated[float, Meta(ge=0, le=10_000)] | None = None
+    request_id: RequestId | None = None
+    granted_kw: Kw | None = None
+    min_kw: Kw | None = None
+    priority: Priority | None = None
+    energy_kwh: Annotated[float, Meta(ge=0, le=10_000)] | None = None
+    duration_minutes: Annotated[float, Meta(ge=0, le=10_080)] | None = None
 
 
 class BalancerStatus(msgspec.Struct, kw_only=True):

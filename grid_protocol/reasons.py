@@ -17,6 +17,7 @@ class Reason(StrEnum):
     # Request-level decisions.
     EV_BUSY = "ev_busy"
     QUEUE_FULL = "queue_full"
+    EXCEEDS_CAPACITY = "exceeds_capacity"
     NOTHING_TO_RELEASE = "nothing_to_release"
     # Lifecycle reasons.
     ENERGY_DELIVERED = "energy_delivered"

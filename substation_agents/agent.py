@@ -39,6 +39,7 @@ from broker.accounts import substation_username
 from grid_protocol.codec import PayloadError, decode, encode
 from grid_protocol.messages import (
     MAX_COMMAND_PAYLOAD_BYTES,
+    BalancerStatus,
     ErrorReport,
     SessionCommand,
     SessionCommands,
@@ -147,9 +148,11 @@ class SubstationAgent:
         self._status_topic = topics.substation_status(self.id)
         self._telemetry_topic = topics.telemetry(self.id)
         self._session_topic = topics.session_events(self.id)
+        self._balancer_topic = topics.balancer_status()
         transport.set_handler(self.handle)
         transport.subscribe(self._command_topic, _QOS_COMMAND)
         transport.subscribe(self._error_topic, _QOS_ERROR)
+        transport.subscribe(self._balancer_topic, _QOS_STATUS)
         transport.on_connect(self._on_connected)
 
     # ------------------------------------------------------------------ publishing
@@ -206,6 +209,8 @@ class SubstationAgent:
                 self._on_command(msg)
             elif msg.topic == self._error_topic:
                 self._on_error_report(msg)
+            elif msg.topic == self._balancer_topic:
+                self._on_balancer_status(msg)
         except Exception:
             self.stats.bad_commands += 1
             log.exception("message_handling_failed", substation_id=self.id, topic=msg.topic)
@@ -239,7 +244,8 @@ class SubstationAgent:
         if result.outcome == "started":
             self.stats.sessions_started += 1
             event = SessionEvent(event="started", session_id=command.session_id, ev_id=command.ev_id,
-                                 ts=self._wall(), substation_id=self.id)
+                                 ts=self._wall(), substation_id=self.id, request_id=command.request_id,
+                                 granted_kw=command.granted_kw)
             self.transport.publish(self._session_topic, encode(event), qos=_QOS_SESSION)
         elif result.ended is not None:
             self._publish_ended(result.ended)
@@ -248,6 +254,28 @@ class SubstationAgent:
             if result.outcome in ("unknown_session", "conflicting_start"):
                 log.warning("command_ignored", substation_id=self.id, command=command.command,
                             session_id=command.session_id, ev_id=command.ev_id, outcome=result.outcome)
+
+    def _on_balancer_status(self, msg: InMessage) -> None:
+        """The balancer (re)started: tell it which sessions run here, so it adopts them."""
+        if not msg.payload:
+            return
+        try:
+            status = decode(msg.payload, BalancerStatus)
+        except PayloadError as exc:
+            log.warning("balancer_status_unreadable", substation_id=self.id, reason=exc.reason)
+            return
+        if status.state != "online" or not self.sim.sessions:
+            return
+        self.advance()
+        now = self._wall()
+        for session in list(self.sim.sessions.values()):
+            event = SessionEvent(
+                event="running", session_id=session.session_id, ev_id=session.ev_id, ts=now,
+                substation_id=self.id, request_id=session.request_id, granted_kw=session.granted_kw,
+                min_kw=session.min_kw, priority=session.priority, energy_kwh=session.energy_left_kwh,
+                duration_minutes=session.minutes_left, energy_delivered_kwh=round(session.delivered_kwh, 6))
+            self.transport.publish(self._session_topic, encode(event), qos=_QOS_SESSION)
+        log.info("sessions_announced", substation_id=self.id, sessions=len(self.sim.sessions))
 
     def _on_error_report(self, msg: InMessage) -> None:
         self.stats.error_reports += 1

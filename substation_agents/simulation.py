@@ -46,6 +46,17 @@ class EvSession:
     command_ts: float
     delivered_kwh: float = 0.0
     elapsed_s: float = 0.0
+    request_id: str | None = None
+    min_kw: float | None = None
+    priority: int = 0
+
+    @property
+    def energy_left_kwh(self) -> float | None:
+        return None if self.energy_kwh is None else max(0.0, self.energy_kwh - self.delivered_kwh)
+
+    @property
+    def minutes_left(self) -> float | None:
+        return None if self.duration_s is None else max(0.0, (self.duration_s - self.elapsed_s) / 60.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +133,8 @@ class SubstationSim:
                 session_id=sid, ev_id=command.ev_id, granted_kw=command.granted_kw,
                 energy_kwh=command.energy_kwh,
                 duration_s=command.duration_minutes * 60.0 if command.duration_minutes is not None else None,
-                started_at_sim=now_sim, command_ts=command.ts,
+                started_at_sim=now_sim, command_ts=command.ts, request_id=command.request_id,
+                min_kw=command.min_kw, priority=command.priority,
             )
             return ApplyResult("started", sid, command.ev_id)
         if session is None:

@@ -52,6 +52,9 @@ class CoreConfig:
     default_min_kw: float = 1.4
     answer_ttl_s: float = 3600.0
     answers_max: int = 200_000
+    #: A waiting request may be overtaken by later ones that fit, until it has waited this long; then
+    #: capacity is held for it (nobody behind it is placed), so a large request cannot starve.
+    overtake_guard_s: float = 30.0
 
 
 @dataclass(slots=True)
@@ -84,7 +87,10 @@ class Balancer:
         self._evs: dict[str, _EvState] = {}
         self._sessions: dict[str, Session] = {}
         self._closed: OrderedDict[tuple[str, str], _Closed] = OrderedDict()
+        #: ids of sessions this balancer ended (bounded): their agents' late "ended" events are expected
+        self._ended_sessions: OrderedDict[str, None] = OrderedDict()
         self._arrivals = itertools.count(1)
+        self._requeued: list[str] = []  # revoked in this step, waiting for a queued notice
         #: decisions and events by outcome/reason, for the adapter's metrics and logs
         self.counters: Counter[str] = Counter()
 
@@ -106,10 +112,10 @@ class Balancer:
             self._closed[(ev_id, state.request.request_id)] = _Closed(answer, now)
             self._closed.move_to_end((ev_id, state.request.request_id))
 
-    def substation(self, substation_id: str) -> Substation:
+    def substation(self, substation_id: str, now: float) -> Substation:
         sub = self.substations.get(substation_id)
         if sub is None:
-            sub = self.substations[substation_id] = Substation(substation_id)
+            sub = self.substations[substation_id] = Substation(substation_id, known_since=now)
         return sub
 
     def _place(self, req: PendingRequest, now: float) -> Session | None:
@@ -138,9 +144,11 @@ class Balancer:
         command = SessionCommand(
             command="start", session_id=session.session_id, ev_id=req.ev_id, ts=now,
             granted_kw=w_to_kw(session.granted_w), energy_kwh=req.energy_kwh,
-            duration_minutes=req.duration_minutes,
+            duration_minutes=req.duration_minutes, request_id=req.request_id, min_kw=w_to_kw(req.min_w),
+            priority=req.priority,
         )
-        # The agent hears first: by the time the EV acts on its answer the session exists.
+        # Decision order; the service batches agent commands per substation and publishes them after
+        # the EV answers of the same pass (see balancer.service).
         return [ToSubstation(session.substation_id, command), ToEv(req.ev_id, answer, in_reply)]
 
     def _remove_session(self, session: Session) -> None:
@@ -148,16 +156,47 @@ class Balancer:
         if sub.sessions.pop(session.session_id, None) is not None:
             sub.granted_w -= session.granted_w
         self._sessions.pop(session.session_id, None)
+        self._ended_sessions[session.session_id] = None
+        if len(self._ended_sessions) > self.config.answers_max:
+            self._ended_sessions.popitem(last=False)
+
+    def _max_headroom_w(self, now: float) -> int:
+        cfg = self.config
+        return max((sub.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s)
+                    for sub in self.substations.values()), default=0)
+
+    def _holds_capacity(self, req: PendingRequest, now: float) -> bool:
+        """``req`` (at the head) has waited past the overtake guard and some substation could take it once
+        enough frees. One that fits nowhere even when empty (capacity was cut) holds nothing back."""
+        margin = self.config.safety_margin_pct
+        return now - req.received_at >= self.config.overtake_guard_s and any(
+            req.min_w <= sub.limit_w(margin) for sub in self.substations.values())
+
+    def _head_reserved(self, now: float) -> bool:
+        """The head has waited past the overtake guard: capacity is held for it."""
+        head = self.queue.head()
+        return head is not None and self._holds_capacity(head, now)
 
     def _serve_queue(self, now: float, replying_to: str | None = None) -> list[Effect]:
-        """Place waiting requests in order while the head fits somewhere (no overtaking)."""
+        """Place waiting requests in queue order. A request that does not fit is passed over (later ones
+        that fit go first) unless it is the head and has waited past the overtake guard."""
         effects: list[Effect] = []
-        while (head := self.queue.head()) is not None:
-            session = self._place(head, now)
-            if session is None:
+        if not len(self.queue):
+            return effects
+        room = self._max_headroom_w(now)
+        at_head = True
+        for req in self.queue.items():
+            if room <= 0:
                 break
-            self.queue.pop_head()
-            effects += self._start_effects(session, now, in_reply=head.ev_id == replying_to)
+            session = self._place(req, now) if req.min_w <= room else None
+            if session is not None:
+                self.queue.remove(req.ev_id)
+                effects += self._start_effects(session, now, in_reply=req.ev_id == replying_to)
+                room = self._max_headroom_w(now)
+                continue
+            if at_head and self._holds_capacity(req, now):
+                break
+            at_head = False
         return effects
 
     def _revoke(self, session: Session, now: float, reason: Reason, detail: str, *,
@@ -177,6 +216,20 @@ class Balancer:
         state.session_id = None
         position = self.queue.push(req, force=True)
         state.answer = self._answer(req, "queued", now, reason=reason, position=position)
+        self._requeued.append(req.ev_id)
+        return effects
+
+    def _requeue_notices(self, now: float) -> list[Effect]:
+        """``queued`` (with the position) for revoked requests that did not find a new place at once."""
+        effects: list[Effect] = []
+        for ev_id in self._requeued:
+            state = self._evs.get(ev_id)
+            position = self.queue.position(ev_id)
+            if state is not None and position is not None:
+                state.answer = self._answer(state.request, "queued", now, reason=state.answer.reason,
+                                            position=position)
+                effects.append(ToEv(ev_id, state.answer))
+        self._requeued.clear()
         return effects
 
     # ------------------------------------------------------------------ EV requests
@@ -197,7 +250,7 @@ class Balancer:
             return [self.reject(ev_id, request_id, Reason.EV_BUSY,
                                 f"EV already has open request {state.request.request_id!r}; "
                                 "release it first", now, remember=True)]
-        requested_w = kw_to_w_down(msg.requested_kw)
+        requested_w = max(1, kw_to_w_down(msg.requested_kw))  # never a grant of 0 W
         min_kw = msg.min_kw if msg.min_kw is not None else min(msg.requested_kw, self.config.default_min_kw)
         req = PendingRequest(
             ev_id=ev_id, request_id=request_id, requested_w=requested_w,
@@ -205,7 +258,14 @@ class Balancer:
             arrival=next(self._arrivals), received_at=now,
             duration_minutes=msg.duration_minutes, energy_kwh=msg.energy_kwh,
         )
-        if not len(self.queue):
+        largest = max((sub.limit_w(self.config.safety_margin_pct) for sub in self.substations.values()
+                       if sub.capacity_w > 0), default=None)
+        if largest is not None and req.min_w > largest:
+            return [self.reject(ev_id, request_id, Reason.EXCEEDS_CAPACITY,
+                                f"min_kw {w_to_kw(req.min_w):g} exceeds the largest substation limit "
+                                f"({w_to_kw(largest):g} kW): it could never be placed", now)]
+        reserved = self._head_reserved(now)
+        if not reserved:
             session = self._place(req, now)
             if session is not None:
                 self._evs[ev_id] = _EvState(req, self._answer(req, "queued", now))
@@ -215,7 +275,9 @@ class Balancer:
                                 f"no headroom and {len(self.queue)} requests already waiting", now, remember=True)]
         self.queue.push(req)
         self._evs[ev_id] = _EvState(req, self._answer(req, "queued", now))
-        effects = self._serve_queue(now, replying_to=ev_id)
+        # Nothing else changed, so nothing else waiting can fit now: no need to serve the queue. Unless it
+        # went ahead of a head that held capacity (higher priority): the hold is gone, the new head may fit.
+        effects = self._serve_queue(now, replying_to=ev_id) if reserved and self.queue.head() is req else []
         if ev_id in self.queue:
             answer = self._answer(req, "queued", now, reason=Reason.NO_HEADROOM,
                                   position=self.queue.position(ev_id))
@@ -247,7 +309,8 @@ class Balancer:
             answer = self._answer(state.request, "cancelled", now, reason=Reason.RELEASED)
             self._close(ev_id, answer, now)
             self.counters["cancelled"] += 1
-            return [ToEv(ev_id, answer)]
+            # The withdrawn request may have been the head that blocked the ones behind it.
+            return [ToEv(ev_id, answer, in_reply=True), *self._serve_queue(now)]
         session = self._sessions[state.session_id]
         self._remove_session(session)
         answer = self._answer(state.request, "completed", now, session=session, reason=Reason.RELEASED)
@@ -256,13 +319,13 @@ class Balancer:
         effects: list[Effect] = [
             ToSubstation(session.substation_id, SessionCommand(
                 command="stop", session_id=session.session_id, ev_id=ev_id, ts=now, reason=Reason.RELEASED)),
-            ToEv(ev_id, answer),
+            ToEv(ev_id, answer, in_reply=True),
         ]
         return effects + self._serve_queue(now)
 
     # ------------------------------------------------------------------ substations
     def on_telemetry(self, msg: Telemetry, now: float) -> list[Effect]:
-        sub = self.substation(msg.substation_id)
+        sub = self.substation(msg.substation_id, now)
         if msg.seq <= sub.last_seq and sub.last_seq - msg.seq < 100:
             self.counters["telemetry_out_of_order"] += 1
             return []
@@ -274,7 +337,9 @@ class Balancer:
         sub.reported_sessions = msg.active_sessions
         sub.last_telemetry_at = now
         sub.lost = False
-        return self._shed(sub, now) + self._serve_queue(now)
+        effects = self._shed(sub, now)
+        effects += self._serve_queue(now)
+        return effects + self._requeue_notices(now)
 
     def _shed(self, sub: Substation, now: float) -> list[Effect]:
         """Base load rose or capacity fell past the limit: lower the newest sessions' grants toward their
@@ -283,7 +348,8 @@ class Balancer:
         if excess <= 0 or not sub.sessions:
             return []
         effects: list[Effect] = []
-        newest_first = sorted(sub.sessions.values(), key=lambda s: s.started_at, reverse=True)
+        # reversed(): among sessions placed at the same instant, the one placed last is the newest.
+        newest_first = sorted(reversed(sub.sessions.values()), key=lambda s: s.started_at, reverse=True)
         for session in newest_first:
             if excess <= 0:
                 break
@@ -313,11 +379,11 @@ class Balancer:
         return effects
 
     def on_status(self, substation_id: str, state: str, now: float) -> list[Effect]:
-        sub = self.substation(substation_id)
+        sub = self.substation(substation_id, now)
         sub.status = state
         if state == "online":
             sub.last_seq = -1  # the agent may have restarted and counts from 0 again
-            return []
+            return self._serve_queue(now)  # back with fresh telemetry: it has headroom again
         self.counters["substation_offline"] += 1
         return self._revoke_all(sub, now, Reason.SUBSTATION_OFFLINE, f"substation {substation_id} went offline",
                                 stop_agent=False)
@@ -327,19 +393,24 @@ class Balancer:
         effects: list[Effect] = []
         for session in sorted(sub.sessions.values(), key=lambda s: s.request.queue_key):
             effects += self._revoke(session, now, reason, detail, stop_agent=stop_agent)
-        return effects + self._serve_queue(now)
+        effects += self._serve_queue(now)
+        return effects + self._requeue_notices(now)
 
     def on_session_event(self, substation_id: str, msg: SessionEvent, now: float) -> list[Effect]:
         session = self._sessions.get(msg.session_id)
         if session is None or session.substation_id != substation_id:
-            if msg.event == "started":
-                # Started somewhere we did not place it (or after we revoked it): stop it.
-                self.counters["unknown_session_stopped"] += 1
-                return [ToSubstation(substation_id, SessionCommand(
-                    command="stop", session_id=msg.session_id, ev_id=msg.ev_id, ts=now,
-                    reason=Reason.UNKNOWN_SESSION))]
+            if msg.event == "started" and msg.session_id in self._ended_sessions:
+                return []  # ended (released, revoked) before it started: the agent has its stop already
+            if msg.event in ("started", "running"):
+                return self._adopt_or_stop(substation_id, msg, now)
+            if msg.session_id not in self._ended_sessions and msg.ev_id not in self._evs:
+                # A session from before a balancer restart ended: its EV still deserves to hear it.
+                self.counters["completed:unknown_session"] += 1
+                return [ToEv(msg.ev_id, Assignment(
+                    request_id=None, ev_id=msg.ev_id, status="completed", ts=now, substation_id=substation_id,
+                    session_id=msg.session_id, reason=msg.reason or Reason.STOPPED_BY_AGENT))]
             return []
-        if msg.event == "started":
+        if msg.event != "ended":
             session.confirmed = True
             return []
         self._remove_session(session)
@@ -349,13 +420,47 @@ class Balancer:
         self.counters[f"completed:{reason}"] += 1
         return [ToEv(session.request.ev_id, answer), *self._serve_queue(now)]
 
+    def _adopt_or_stop(self, substation_id: str, msg: SessionEvent, now: float) -> list[Effect]:
+        """A session runs that this balancer does not know. Never seen (this balancer restarted since it was
+        placed) and its EV has nothing else open: adopt it, so the EV keeps its session and the power counts.
+        Otherwise (we ended it, the EV has moved on, or the event cannot say what it draws): stop it."""
+        adoptable = (msg.session_id not in self._ended_sessions and msg.ev_id not in self._evs
+                     and msg.granted_kw is not None)
+        if not adoptable or msg.granted_kw is None:
+            self.counters["unknown_session_stopped"] += 1
+            return [ToSubstation(substation_id, SessionCommand(
+                command="stop", session_id=msg.session_id, ev_id=msg.ev_id, ts=now, reason=Reason.UNKNOWN_SESSION))]
+        granted_w = kw_to_w_down(msg.granted_kw)
+        min_kw = msg.min_kw if msg.min_kw is not None else msg.granted_kw
+        req = PendingRequest(
+            ev_id=msg.ev_id, request_id=msg.request_id or self.new_request_id(), requested_w=granted_w,
+            min_w=max(1, min(granted_w, kw_to_w_up(min_kw))), priority=msg.priority or 0,
+            arrival=next(self._arrivals), received_at=now,
+            duration_minutes=msg.duration_minutes or None, energy_kwh=msg.energy_kwh or None)
+        sub = self.substation(substation_id, now)
+        session = Session(msg.session_id, substation_id, req, granted_w, now, confirmed=True)
+        sub.sessions[session.session_id] = session
+        sub.granted_w += granted_w
+        self._sessions[session.session_id] = session
+        self._evs[req.ev_id] = _EvState(req, self._answer(req, "assigned", now, session=session),
+                                        session_id=session.session_id)
+        self.counters["adopted"] += 1
+        if sub.last_telemetry_at is None:
+            return []  # capacity unknown yet: the first telemetry checks the limit (_shed)
+        effects = self._shed(sub, now)
+        effects += self._serve_queue(now)  # a session it revoked may fit elsewhere at once
+        return effects + self._requeue_notices(now)
+
     # ------------------------------------------------------------------ time
     def tick(self, now: float) -> list[Effect]:
         """Periodic work: substations silent past ``lost_after_s`` lose their sessions; old answers expire."""
         effects: list[Effect] = []
         cfg = self.config
         for sub in self.substations.values():
-            silent = sub.last_telemetry_at is None or now - sub.last_telemetry_at > cfg.lost_after_s
+            # Never heard from: silence counts from when we first learned of it (say, from a session
+            # announced to a restarted balancer before the substation's first telemetry).
+            heard = sub.last_telemetry_at if sub.last_telemetry_at is not None else sub.known_since
+            silent = now - heard > cfg.lost_after_s
             if silent and not sub.lost and sub.sessions:
                 sub.lost = True
                 self.counters["substation_lost"] += 1

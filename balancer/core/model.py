@@ -73,6 +73,7 @@ class Substation:
     last_telemetry_at: float | None = None  # balancer clock
     last_seq: int = -1
     lost: bool = False  # silent past lost_after_s: its sessions were revoked
+    known_since: float = 0.0  # balancer clock: when it was first heard of
     sessions: dict[str, Session] = field(default_factory=dict)
 
     def limit_w(self, margin_pct: float) -> int:

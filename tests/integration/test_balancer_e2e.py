@@ -246,3 +246,51 @@ def test_graceful_shutdown_publishes_offline_status(broker: LocalBroker, tmp_pat
     late = Probe(broker, "observer", "grid/v1/balancer/status")  # retained for newcomers
     assert late.wait_for(lambda m: m.retain)[0].json()["state"] == "offline"
     late.close()
+
+
+def test_restarted_balancer_adopts_running_sessions_instead_of_double_booking(
+        broker: LocalBroker, tmp_path: Path) -> None:
+    """State is in memory: after kill -9 and a restart, the agents' ``running`` announcements rebuild it."""
+    watch = Probe(broker, "observer", "grid/v1/#")
+    agent = Service("substation_agents", broker, tmp_path, SUBSTATIONS="A:200", MQTT_ACCOUNT_SECRET="test-secret",
+                    SUBSTATION_INTERVAL_S="0.2", SUBSTATION_BASE_LOAD_PCT="10")
+    first = start_balancer(broker, tmp_path)
+    second: Service | None = None
+    try:
+        watch.wait_for(lambda m: m.topic == "grid/v1/balancer/status" and m.json()["state"] == "online", timeout=15)
+        watch.wait_for(lambda m: m.topic == "grid/v1/substation/A/telemetry", what="A telemetry")
+        ev = Probe(broker, "EV_0006", "grid/v1/ev/EV_0006/assignment")
+        body = {"request_id": "trip-1", "requested_kw": 22, "min_kw": 11, "priority": 2, "duration_minutes": 600}
+        ev.publish("grid/v1/ev/EV_0006/request", body)
+        assigned = ev.wait_for(lambda m: m.json()["status"] == "assigned")[0].json()
+        watch.wait_for(lambda m: m.topic.endswith("/A/session") and m.json()["event"] == "started")
+
+        first.signal(signal.SIGKILL)
+        first.stop()
+        watch.wait_for(lambda m: m.topic == "grid/v1/balancer/status" and m.json()["state"] == "offline",
+                       what="balancer last will")
+        watch.clear()
+        second = start_balancer(broker, tmp_path)
+        running = watch.wait_for(lambda m: m.topic.endswith("/A/session") and m.json()["event"] == "running",
+                                 timeout=15, what="running announcement")[0].json()
+        assert (running["session_id"], running["request_id"], running["granted_kw"]) == (
+            assigned["session_id"], "trip-1", 22.0)
+        time.sleep(0.3)
+        ev.clear()
+        ev.publish("grid/v1/ev/EV_0006/request", body)  # the EV's state query after a silence
+        again = ev.wait_for(lambda m: True)[0].json()
+        assert (again["status"], again["session_id"], again["substation_id"]) == (
+            "assigned", assigned["session_id"], "A")
+        # No second session was started, and the adopted one was not stopped.
+        commands = [c for m in watch.messages if m.topic.endswith("/command") for c in m.json()["commands"]]
+        assert commands == []
+        # Releasing works on the adopted session as on any other.
+        ev.publish("grid/v1/ev/EV_0006/release", {})
+        done = ev.wait_for(lambda m: m.json()["status"] == "completed")[0].json()
+        assert (done["session_id"], done["reason"]) == (assigned["session_id"], "released")
+        ev.close()
+    finally:
+        if second is not None:
+            assert second.stop() == 0, second.log()[-2000:]
+        assert agent.stop() == 0
+        watch.close()

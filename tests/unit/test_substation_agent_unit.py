@@ -119,9 +119,9 @@ def events(transport: FakeTransport) -> list[SessionEvent]:
     return [decode(p.payload, SessionEvent) for p in transport.on(T.session_events("A"))]
 
 
-def test_subscribes_to_own_command_and_error_topics() -> None:
+def test_subscribes_to_own_command_and_error_topics_and_the_balancer_status() -> None:
     _, tr, _ = make()
-    assert tr.subs == {T.command("A"): 1, T.substation_error("A"): 1}
+    assert tr.subs == {T.command("A"): 1, T.substation_error("A"): 1, T.balancer_status(): 1}
 
 
 def test_online_status_retained_on_every_connect() -> None:
@@ -345,3 +345,24 @@ def test_bad_substations_env_is_a_validation_error(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ValueError, match="not a number"):
         AgentSettings()
 
+
+
+def test_running_sessions_are_announced_when_the_balancer_comes_online() -> None:
+    """A restarted balancer learns the sessions still charging here (and their request ids) to adopt them."""
+    _agent, tr, mono = make(speedup=60.0)
+    tr.connect()
+    tr.deliver(T.command("A"), start("s1", request_id="trip-9", min_kw=7.0, priority=3, energy_kwh=22.0))
+    tr.deliver(T.command("A"), start("s2", duration_minutes=60.0))
+    mono.t = 30.0  # 30 min simulated at 60x: s1 delivered 11 kWh, s2 has 30 min left
+    tr.deliver(T.balancer_status(), b'{"state": "offline"}')
+    assert [e.event for e in events(tr)] == ["started", "started"]
+    tr.deliver(T.balancer_status(), b'{"state": "online", "ts": 1}')
+    running = {e.session_id: e for e in events(tr) if e.event == "running"}
+    assert set(running) == {"s1", "s2"}
+    s1, s2 = running["s1"], running["s2"]
+    assert (s1.request_id, s1.granted_kw, s1.min_kw, s1.priority) == ("trip-9", 22.0, 7.0, 3)
+    assert s1.energy_kwh == pytest.approx(11.0) and s1.energy_delivered_kwh == pytest.approx(11.0)
+    assert s2.duration_minutes == pytest.approx(30.0) and s2.energy_kwh is None
+    tr.deliver(T.balancer_status(), b"")  # a cleared retained status changes nothing
+    tr.deliver(T.balancer_status(), b"{garbage")  # nor does an unreadable one
+    assert len([e for e in events(tr) if e.event == "running"]) == 2

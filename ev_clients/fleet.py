@@ -1,0 +1,303 @@
+"""Run many simulated EVs: an open fleet (arrivals at a rate) or a closed-loop load test.
+
+* **fleet**: EVs arrive at ``arrival_rate`` per second (Poisson or fixed gaps), each with a realistic
+  request, charge until ``completed`` (or leave early) and disconnect; an EV id is used again only after
+  its EV left. Runs until stopped or until ``requests`` arrivals are done.
+* **loadtest**: ``concurrent`` workers (each its own EV id and connection) start evenly over
+  ``ramp_up_s`` and send requests back to back until ``requests`` were sent; each worker sends its share
+  (``requests`` split evenly), so the concurrency is really reached however fast the answers are. After
+  ``assigned`` a worker
+  releases at once and sends the next request; after ``queued`` it waits for ``assigned`` (at most
+  ``timeout_s``, then it releases).
+
+A live line reports progress; :meth:`FleetRunner.run` returns the :class:`~ev_clients.stats.FleetStats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+from ev_clients.ev import EvBehaviour, SimulatedEv, new_request_id
+from ev_clients.settings import EvSettings
+from ev_clients.stats import FleetStats, RequestRecord
+from ev_clients.workload import EvIdPool, RequestMix, arrival_gaps, ev_ids, ramp_offsets, split_evenly
+from grid_protocol.reasons import Reason
+from grid_protocol.topics import Topics
+from grid_runtime.logs import get_logger
+
+log = get_logger("ev_fleet")
+
+Mode = Literal["fleet", "loadtest"]
+
+
+@dataclass(slots=True)
+class RunConfig:
+    mode: Mode = "fleet"
+    requests: int | None = None  # fleet: arrivals (None: until stopped); loadtest: requests to send
+    concurrent: int = 10  # loadtest workers
+    ramp_up_s: float = 5.0
+    run_for_s: float | None = None  # stop (gracefully) after this long
+    mix: RequestMix = field(default_factory=RequestMix)
+    report_every_s: float | None = None  # None: 1 s on a TTY, 5 s otherwise; 0: no live line
+    shutdown_grace_s: float | None = None  # after a stop, EVs get this long to release; None: derived
+
+
+def _behaviour(settings: EvSettings, mode: Mode) -> EvBehaviour:
+    return EvBehaviour(
+        retry_after_s=settings.retry_after_s,
+        max_attempts=settings.max_attempts,
+        timeout_s=settings.timeout_s,
+        speedup=settings.speedup,
+        release_early_pct=settings.release_early_pct,
+        release_at_once=mode == "loadtest",
+    )
+
+
+class FleetRunner:
+    """Runs a fleet or a load test against the broker in ``settings.mqtt``."""
+
+    def __init__(self, settings: EvSettings, config: RunConfig, *, out: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.config = config
+        self.out = out if out is not None else sys.stderr
+        self.clock = clock
+        self.topics = Topics(settings.grid.grid_topic_prefix)
+        self.behaviour = _behaviour(settings, config.mode)
+        self.rng = random.Random(settings.seed)
+        total = config.requests
+        self.stats = FleetStats(mode=config.mode, total=total, started_at=clock())
+        self.stop = asyncio.Event()
+        self.interrupted = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._taken = 0  # loadtest: requests started by the workers
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("ev_task_failed", task=task.get_name(), error=repr(task.exception()))
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep unless stopped first; ``True`` when the full time passed."""
+        if seconds <= 0:
+            return not self.stop.is_set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        return not self.stop.is_set()
+
+    def _new_ev(self, ev_id: str, rng: random.Random) -> SimulatedEv:
+        return SimulatedEv(ev_id, self.settings.mqtt, self.topics, self.stats, self.behaviour,
+                           client_kind=self.settings.client, rng=rng, stop=self.stop, clock=self.clock)
+
+    @staticmethod
+    def _busy(record: RequestRecord) -> bool:
+        return bool(record.final_status == "rejected" and record.events
+                    and record.events[-1].reason == Reason.EV_BUSY)
+
+    # --- fleet --------------------------------------------------------------------------------
+    async def _visit(self, ev_id: str, pool: EvIdPool, freed: asyncio.Event, seed: int) -> None:
+        """One EV arrives, charges once and leaves."""
+        rng = random.Random(seed)
+        ev = self._new_ev(ev_id, rng)
+        try:
+            await ev.start()
+            record = await ev.charge(self.config.mix.make(rng, ev_id, new_request_id()))
+            if self._busy(record) and not self.stop.is_set():
+                # An earlier visit of this id left a request open (say, a killed run): clear it, try once more.
+                await ev.release_stale()
+                await ev.charge(self.config.mix.make(rng, ev_id, new_request_id()))
+        finally:
+            await ev.close()
+            pool.release(ev_id)
+            freed.set()
+
+    async def _run_fleet(self) -> None:
+        s = self.settings
+        pool = EvIdPool(ev_ids(s.id_prefix, s.count))
+        freed = asyncio.Event()
+        gaps = arrival_gaps(s.arrival_rate, s.arrival_mode, self.rng)
+        limit = self.config.requests
+        arrived = 0
+        next_at = self.clock()
+        while not self.stop.is_set() and (limit is None or arrived < limit):
+            next_at += next(gaps)
+            if not await self._sleep(next_at - self.clock()):
+                break
+            ev_id = pool.acquire()
+            if ev_id is None:
+                self.stats.arrivals_delayed += 1
+                while ev_id is None and not self.stop.is_set():
+                    freed.clear()
+                    stopper = asyncio.ensure_future(self.stop.wait())
+                    freer = asyncio.ensure_future(freed.wait())
+                    await asyncio.wait({stopper, freer}, return_when=asyncio.FIRST_COMPLETED)
+                    stopper.cancel()
+                    freer.cancel()
+                    ev_id = pool.acquire()
+                if ev_id is None:
+                    break
+                next_at = self.clock()  # arrivals resume from the moment an EV could arrive
+            arrived += 1
+            self._spawn(self._visit(ev_id, pool, freed, self.rng.getrandbits(64)), f"ev-{ev_id}")
+
+    # --- load test ----------------------------------------------------------------------------
+    async def _worker(self, ev_id: str, start_after_s: float, share: int, seed: int) -> None:
+        if share <= 0 or not await self._sleep(start_after_s):
+            return
+        rng = random.Random(seed)
+        ev = self._new_ev(ev_id, rng)
+        try:
+            await ev.start()
+            for _ in range(share):
+                if self.stop.is_set():
+                    break
+                self._taken += 1
+                record = await ev.charge(self.config.mix.make(rng, ev_id, new_request_id()))
+                if self._busy(record) and not self.stop.is_set():
+                    await ev.release_stale()
+        finally:
+            await ev.close()
+
+    async def _run_loadtest(self) -> None:
+        cfg = self.config
+        ids = ev_ids(self.settings.id_prefix, cfg.concurrent)
+        shares = split_evenly(cfg.requests or 0, cfg.concurrent)
+        for ev_id, offset, share in zip(ids, ramp_offsets(cfg.concurrent, cfg.ramp_up_s), shares, strict=True):
+            self._spawn(self._worker(ev_id, offset, share, self.rng.getrandbits(64)), f"worker-{ev_id}")
+
+    # --- live line ----------------------------------------------------------------------------
+    async def _reporter(self) -> None:
+        tty = bool(getattr(self.out, "isatty", lambda: False)())
+        every = self.config.report_every_s
+        if every is None:
+            every = 1.0 if tty else 5.0
+        if every <= 0:
+            return
+        width = 0
+        try:
+            for _ in range(10_000_000):  # bounded; the task is cancelled at the end of the run
+                await asyncio.sleep(every)
+                line = self.stats.live_line(self.clock())
+                if tty:
+                    width = max(width, len(line))
+                    self.out.write("\r" + line.ljust(width))
+                else:
+                    self.out.write(line + "\n")
+                self.out.flush()
+        finally:
+            if tty and width:
+                self.out.write("\n")
+                self.out.flush()
+
+    # --- run ----------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Graceful stop: no new arrivals/requests; EVs release what they hold and disconnect."""
+        if not self.stop.is_set():
+            self.interrupted = True
+            self.stop.set()
+
+    def _grace(self) -> float:
+        if self.config.shutdown_grace_s is not None:
+            return self.config.shutdown_grace_s
+        b = self.behaviour
+        return min(b.retry_after_s * b.max_attempts, 2 * b.retry_after_s + 5.0) + 5.0
+
+    async def run(self) -> FleetStats:
+        self.stats.started_at = self.clock()
+        reporter = asyncio.create_task(self._reporter(), name="reporter")
+        timer: asyncio.Task[None] | None = None
+        if self.config.run_for_s:
+            timer = asyncio.create_task(self._stop_after(self.config.run_for_s), name="run-for")
+        try:
+            if self.config.mode == "loadtest":
+                await self._run_loadtest()
+            else:
+                await self._run_fleet()
+            await self._drain()
+        finally:
+            self.stats.ended_at = self.clock()
+            for t in (reporter, timer):
+                if t is not None:
+                    t.cancel()
+                    with contextlib.suppress(BaseException):
+                        await t
+            if self._tasks:  # cancelled from outside: take the EVs down with us
+                for t in list(self._tasks):
+                    t.cancel()
+                await asyncio.wait(list(self._tasks), timeout=5.0)
+        return self.stats
+
+    async def _stop_after(self, seconds: float) -> None:
+        if await self._sleep(seconds):
+            log.info("run_for_elapsed", seconds=seconds)
+            self.request_stop()
+
+    async def _drain(self) -> None:
+        """Wait for every EV; once stopped, at most the shutdown grace, then cancel the rest."""
+        for _ in range(10_000_000):
+            if not self._tasks:
+                return
+            if self.stop.is_set():
+                _done, pending = await asyncio.wait(list(self._tasks), timeout=self._grace())
+                if pending:
+                    log.warning("ev_tasks_cancelled_at_shutdown", count=len(pending))
+                    for t in pending:
+                        t.cancel()
+                    await asyncio.wait(pending, timeout=5.0)
+                return
+            stopper = asyncio.ensure_future(self.stop.wait())
+            try:
+                await asyncio.wait([*self._tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopper.cancel()
+
+    # --- results ------------------------------------------------------------------------------
+    def exit_code(self) -> int:
+        """0 when every request sent was answered (and, for a load test, all were sent); 1 otherwise."""
+        s = self.stats
+        if s.unanswered():
+            return 1
+        if self.config.mode == "loadtest" and not self.interrupted and s.sent < (self.config.requests or 0):
+            return 1
+        return 0
+
+    def report(self) -> dict[str, Any]:
+        s = self.settings
+        config: dict[str, Any] = {
+            "mode": self.config.mode,
+            "broker": f"{s.mqtt.host}:{s.mqtt.port}",
+            "client": s.client,
+            "requests": self.config.requests,
+            "interrupted": self.interrupted,
+            "ev": s.model_dump(exclude={"mqtt", "grid"}),
+            "mix": dataclasses.asdict(self.config.mix),
+        }
+        if self.config.mode == "loadtest":
+            config.update(concurrent=self.config.concurrent, ramp_up_s=self.config.ramp_up_s)
+        return self.stats.report(self.clock(), config=config, exit_code=self.exit_code())
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write summary + per-request records as JSON (atomically: temp file, then rename)."""
+        target = Path(path)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(self.report(), indent=2) + "\n", encoding="utf-8")
+        tmp.replace(target)
+        return target

@@ -1,0 +1,265 @@
+"""The EV fleet / load tester end to end, as a user runs it.
+
+A private Mosquitto (``broker`` fixture), ``python -m balancer`` and ``python -m substation_agents`` as
+subprocesses, and ``python -m ev_clients`` as a subprocess; results are read from its ``--save`` JSON.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from broker.local import LocalBroker
+from grid_protocol.topics import Topics
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "test-secret"
+_ENV_PREFIXES = ("MQTT_", "EV_", "SUBSTATION", "SIM_", "BALANCER_", "GRID_", "LOG_")
+
+
+def _env(broker: LocalBroker, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_PREFIXES)}
+    env.update(
+        MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), LOG_FORMAT="text", LOG_LEVEL="INFO",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    env.update(extra)
+    return env
+
+
+class Procs:
+    """Subprocesses of one test; all are stopped in ``close`` (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(self.tmp_path / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def balancer(self, broker: LocalBroker) -> subprocess.Popen[bytes]:
+        return self.start("balancer", ["-m", "balancer"], _env(
+            broker, MQTT_USERNAME="balancer", MQTT_PASSWORD=broker.password_for("balancer")))
+
+    def agents(self, broker: LocalBroker, substations: str, **extra: str) -> subprocess.Popen[bytes]:
+        env = _env(broker, SUBSTATIONS=substations, MQTT_ACCOUNT_SECRET=SECRET,
+                   SUBSTATION_INTERVAL_S="0.2", SIM_SPEEDUP="1000")
+        env.update(extra)
+        return self.start("agents", ["-m", "substation_agents"], env)
+
+    def log(self, name: str) -> str:
+        path = self.tmp_path / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def close(self) -> None:
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def wait_online(broker: LocalBroker, substations: list[str], *, balancer: bool, timeout: float = 15.0) -> None:
+    """Wait for the retained ``online`` statuses (and first telemetry) of the services."""
+    topics = Topics()
+    wanted = {topics.substation_status(s) for s in substations} | {topics.telemetry(s) for s in substations}
+    if balancer:
+        wanted.add(topics.balancer_status())
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        if msg.topic.endswith("/telemetry") or b'"online"' in msg.payload:
+            seen.add(msg.topic)
+        elif msg.topic in seen:
+            seen.discard(msg.topic)
+        if wanted <= seen:
+            done.set()
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="observer", protocol=paho.MQTTv5)
+    client.username_pw_set("observer", broker.password_for("observer"))
+    client.on_message = on_message
+    client.on_connect = lambda c, *_: c.subscribe([(t, 1) for t in sorted(wanted)])
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        if not done.wait(timeout):
+            raise AssertionError(f"services not online after {timeout} s: missing {sorted(wanted - seen)}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def run_ev_clients(broker: LocalBroker, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    env = _env(broker, MQTT_ACCOUNT_SECRET=SECRET, LOG_LEVEL="WARNING")
+    return subprocess.run([sys.executable, "-m", "ev_clients", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _explain(result: subprocess.CompletedProcess[str], procs: Procs) -> str:
+    return (f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-3000:]}\n--- stderr ---\n"
+            f"{result.stderr[-3000:]}\n--- balancer ---\n{procs.log('balancer')}\n--- agents ---\n"
+            f"{procs.log('agents')}")
+
+
+@pytest.mark.parametrize("client", ["aiomqtt", "paho"])
+def test_loadtest_every_request_answered(broker: LocalBroker, procs: Procs, tmp_path: Path, client: str) -> None:
+    procs.agents(broker, "A:100,B:100,C:100")
+    procs.balancer(broker)
+    wait_online(broker, ["A", "B", "C"], balancer=True)
+    out = tmp_path / "results.json"
+    result = run_ev_clients(broker, ["loadtest", "--requests", "60", "--concurrent", "6", "--ramp-up", "1",
+                                     "--url", f"mqtt://{broker.host}:{broker.port}", "--save", str(out),
+                                     "--seed", "3", "--client", client], timeout=40)
+    assert result.returncode == 0, _explain(result, procs)
+    doc = json.loads(out.read_text())
+    s = doc["summary"]
+    assert s["requests_sent"] == 60 and s["requests_answered"] == 60 and s["requests_unanswered"] == 0
+    assert s["unanswered_request_ids"] == []
+    for key in ("latency_first_answer", "latency_to_assigned"):
+        lat = s[key]
+        assert lat["count"] > 0
+        assert 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    assert s["latency_first_answer"]["count"] == 60
+    assert s["status_events"].get("assigned", 0) > 0
+    assert sum(s["final_status"].values()) == 60
+    assert set(s["final_status"]) <= {"completed", "cancelled", "rejected"}
+    records = doc["requests"]
+    assert len(records) == 60
+    assert len({r["request_id"] for r in records}) == 60
+    assert {r["ev_id"] for r in records} == {f"EV_{i:04d}" for i in range(1, 7)}
+    for r in records:
+        assert r["answered"] and r["statuses"] and r["first_answer_ms"] is not None
+        if "assigned" in r["statuses"]:
+            assert r["substation_id"] in {"A", "B", "C"} and r["granted_kw"] > 0
+            assert r["statuses"][-1] == "completed" and r["released"]
+    assert doc["config"]["concurrent"] == 6
+    assert "p99=" in result.stdout
+
+
+def test_fleet_queues_then_completes_all(broker: LocalBroker, procs: Procs, tmp_path: Path) -> None:
+    """Small substations, a burst of 40 EVs: some wait in the queue and are assigned as others finish."""
+    procs.agents(broker, "A:30,B:30", SIM_SPEEDUP="2000", SUBSTATION_BASE_LOAD_PCT="20")
+    procs.balancer(broker)
+    wait_online(broker, ["A", "B"], balancer=True)
+    out = tmp_path / "fleet.json"
+    result = run_ev_clients(broker, [
+        "fleet", "--evs", "40", "--requests", "40", "--rate", "40", "--arrivals", "fixed",
+        "--speedup", "2000", "--energy-kwh", "1-2", "--duration-pct", "0", "--kw-mix", "7.4:2,11:2,22:1",
+        "--min-kw-pct", "0", "--release-early-pct", "0", "--timeout", "40", "--retry-after", "2",
+        "--url", f"mqtt://{broker.host}:{broker.port}", "--save", str(out), "--seed", "5",
+    ], timeout=50)
+    assert result.returncode == 0, _explain(result, procs)
+    doc = json.loads(out.read_text())
+    records = doc["requests"]
+    assert len(records) == 40
+    # an EV id comes back only after its previous visit ended
+    by_ev: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_ev.setdefault(r["ev_id"], []).append(r)
+    for visits in by_ev.values():
+        visits.sort(key=lambda r: r["sent_at_s"])
+        for before, after in itertools.pairwise(visits):
+            assert after["sent_at_s"] >= before["sent_at_s"] + before["events"][-1]["at_ms"] / 1000
+    assert all(r["final_status"] == "completed" for r in records), _explain(result, procs)
+    assert all(r["events"][-1]["reason"] == "energy_delivered" for r in records)
+    queued_then_assigned = [r for r in records if r["statuses"][:1] == ["queued"] and "assigned" in r["statuses"]]
+    assert queued_then_assigned, "expected some EVs to wait in the queue"
+    for r in records:
+        assert r["assigned_ms"] is not None and r["substation_id"] in {"A", "B"}
+    s = doc["summary"]
+    assert s["requests_unanswered"] == 0 and s["active_sessions"] == 0
+    assert s["latency_to_assigned"]["count"] == 40
+
+
+def test_ev_retries_until_balancer_starts(broker: LocalBroker, procs: Procs, tmp_path: Path) -> None:
+    """No balancer at first: the EV re-sends the same request_id and is answered once it starts."""
+    procs.agents(broker, "A:100,B:100")
+    wait_online(broker, ["A", "B"], balancer=False)
+    out = tmp_path / "retry.json"
+    env = _env(broker, MQTT_ACCOUNT_SECRET=SECRET, LOG_LEVEL="WARNING")
+    ev = procs.start("ev_clients", [
+        "-m", "ev_clients", "loadtest", "--requests", "2", "--concurrent", "1", "--ramp-up", "0",
+        "--retry-after", "1", "--max-attempts", "15", "--url", f"mqtt://{broker.host}:{broker.port}",
+        "--save", str(out), "--report-every", "0",
+    ], env)
+    time.sleep(3.0)
+    assert ev.poll() is None, procs.log("ev_clients")
+    procs.balancer(broker)
+    code = ev.wait(timeout=30)
+    assert code == 0, procs.log("ev_clients") + procs.log("balancer")
+    doc = json.loads(out.read_text())
+    first, second = doc["requests"]
+    assert first["attempts"] >= 3, first  # sent at 0, 1, 2, 3 s ... before anyone listened
+    assert first["answered"] and first["first_answer_ms"] >= 1500
+    assert first["statuses"][0] in ("assigned", "queued") and first["final_status"] == "completed"
+    assert first["request_id"] != second["request_id"]
+    assert second["attempts"] == 1 and second["final_status"] == "completed"
+    assert doc["summary"]["retried_requests"] >= 1 and doc["summary"]["requests_unanswered"] == 0
+
+
+def test_sigterm_releases_everything_and_saves(broker: LocalBroker, procs: Procs, tmp_path: Path) -> None:
+    """Long charges, then SIGTERM: every EV releases (queued: cancelled, charging: completed), the summary
+    is saved and the exit code is 0 because every request was answered."""
+    procs.agents(broker, "A:60,B:60")
+    procs.balancer(broker)
+    wait_online(broker, ["A", "B"], balancer=True)
+    out = tmp_path / "stopped.json"
+    env = _env(broker, MQTT_ACCOUNT_SECRET=SECRET, LOG_LEVEL="WARNING")
+    ev = procs.start("ev_clients", [
+        "-m", "ev_clients", "--evs", "12", "--rate", "50", "--arrivals", "fixed", "--speedup", "1",
+        "--energy-kwh", "30-60", "--duration-pct", "0", "--url", f"mqtt://{broker.host}:{broker.port}",
+        "--save", str(out), "--report-every", "0.5",
+    ], env)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and "answered 12/12" not in procs.log("ev_clients"):
+        time.sleep(0.1)
+    assert "answered 12/12" in procs.log("ev_clients"), procs.log("ev_clients")
+    ev.terminate()
+    code = ev.wait(timeout=20)
+    log = procs.log("ev_clients")
+    assert code == 0, log
+    assert "SIGTERM: stopping" in log and "fleet summary (interrupted)" in log
+    doc = json.loads(out.read_text())
+    assert doc["config"]["interrupted"] is True
+    records = doc["requests"]
+    assert len(records) == 12
+    for r in records:
+        assert r["released"] and r["outcome"] == "stopped", r
+        if "assigned" in r["statuses"]:
+            assert r["final_status"] == "completed" and r["events"][-1]["reason"] == "released"
+        else:
+            assert r["final_status"] == "cancelled"
+    assert doc["summary"]["active_sessions"] == 0
