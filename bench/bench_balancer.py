@@ -9,6 +9,10 @@ For each: a pipelined run (``--window`` requests in flight) gives answers/s; a p
 ``--rate`` requests/s gives request->answer latency percentiles. The balancer's CPU time per
 request and its resident memory are read from /proc. Figures are printed and saved as JSON.
 
+The load client is the measuring instrument: it freezes its start-up objects and suspends its own
+cyclic GC during each timed phase (collecting between phases), so its pauses are not counted as the
+system's latency. Responders run as shipped (the balancer and the echo both ``gc.freeze()`` at start).
+
 Every request is from a distinct EV id (one open request per EV) to four substations with room
 for all of them, so every answer is an ``assigned`` and every request costs the balancer its full
 path: decode, place, two publishes (agent command + EV answer).
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -26,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -207,10 +213,12 @@ async def _phase(broker: LocalBroker, kind: str, client: str, args: argparse.Nam
         await load.start()
         await asyncio.sleep(0.7)  # responder connected and (balancer) substations fresh
         await load.pipelined(min(1000, args.requests), args.window, 30)  # warm-up
-        cpu0 = proc_cpu_s(proc.pid)
-        piped = await load.pipelined(args.requests, args.window, 120)
-        cpu1 = proc_cpu_s(proc.pid)
-        paced = await load.paced(args.rate, args.rate_seconds, 30)
+        with _client_gc_paused():
+            cpu0 = proc_cpu_s(proc.pid)
+            piped = await load.pipelined(args.requests, args.window, 120)
+            cpu1 = proc_cpu_s(proc.pid)
+        with _client_gc_paused():
+            paced = await load.paced(args.rate, args.rate_seconds, 30)
         rss = proc_rss_mb(proc.pid)
         return {"responder": kind, "client": client, "pipelined": piped, "paced": paced,
                 "cpu_us_per_request": round((cpu1 - cpu0) / max(1, piped["answered"]) * 1e6, 1),
@@ -222,6 +230,19 @@ async def _phase(broker: LocalBroker, kind: str, client: str, args: argparse.Nam
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextlib.contextmanager
+def _client_gc_paused() -> Iterator[None]:
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+        gc.collect()
 
 
 def _print(results: list[dict[str, Any]], args: argparse.Namespace) -> None:

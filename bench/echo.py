@@ -4,6 +4,7 @@ with no balancing. Its rate is the ceiling the balancer is compared with."""
 from __future__ import annotations
 
 import asyncio
+import gc
 
 from grid_protocol import TopicKind, Topics
 from grid_runtime.lifecycle import run_until_signalled
@@ -30,6 +31,8 @@ def main() -> int:
         await transport.close()
         task.cancel()
 
+    gc.collect()
+    gc.freeze()  # as the balancer does at start (balancer/cli.py)
     run_until_signalled(run)
     return 0
 

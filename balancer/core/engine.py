@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from balancer.core.effects import Effect, ToEv, ToSubstation
 from balancer.core.model import (
     PendingRequest,
@@ -57,15 +59,13 @@ class CoreConfig:
     overtake_guard_s: float = 30.0
 
 
-@dataclass(slots=True)
-class _EvState:
+class _EvState(msgspec.Struct, gc=False):
     request: PendingRequest
     answer: Assignment
     session_id: str | None = None
 
 
-@dataclass(slots=True)
-class _Closed:
+class _Closed(msgspec.Struct, gc=False):
     answer: Assignment
     at: float
 

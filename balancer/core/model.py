@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import msgspec
+
 
 def kw_to_w_up(kw: float) -> int:
     """A load in kW as watts, rounded up (never under-count a load)."""
@@ -24,9 +26,13 @@ def w_to_kw(w: int) -> float:
     return w / 1000
 
 
-@dataclass(slots=True)
-class PendingRequest:
-    """A request the balancer has accepted: waiting in the queue, or backing a session."""
+class PendingRequest(msgspec.Struct, gc=False):
+    """A request the balancer has accepted: waiting in the queue, or backing a session.
+
+    ``gc=False`` (also on :class:`Session`): the balancer holds one of each per EV and they never form
+    reference cycles, so the cyclic GC need not scan them. Tracked, 40k EVs made a full collection
+    take ~57 ms, the p99 latency tail measured in bench/.
+    """
 
     ev_id: str
     request_id: str
@@ -43,8 +49,7 @@ class PendingRequest:
         return (-self.priority, self.arrival)
 
 
-@dataclass(slots=True)
-class Session:
+class Session(msgspec.Struct, gc=False):
     session_id: str
     substation_id: str
     request: PendingRequest
