@@ -13,7 +13,7 @@ from grid_runtime.logs import configure_logging, get_logger
 
 def main(argv: list[str] | None = None) -> int:
     settings = BalancerSettings()
-    configure_logging(settings.grid.log_level, settings.grid.log_format)
+    configure_logging(settings.grid.log_level, settings.grid.log_format, settings.grid.log_file)
     log = get_logger("balancer")
     log.info("balancer_starting", host=settings.mqtt.host, port=settings.mqtt.port,
              username=settings.mqtt.username, client=settings.mqtt_client,

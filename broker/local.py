@@ -355,6 +355,9 @@ class LocalBroker:
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,
+                # Its own session: a Ctrl-C meant for the services in the foreground must not take the
+                # broker down before they have said goodbye through it.
+                start_new_session=True,
                 cwd=self.work_dir,
             )
         _RUNNING.add(self)

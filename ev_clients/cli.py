@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     level = (args.log_level or settings.grid.log_level).upper()
-    configure_logging(level, settings.grid.log_format)
+    configure_logging(level, settings.grid.log_format, settings.grid.log_file)
     if logging.getLevelName(level) != logging.DEBUG:
         for name in ("grid.mqtt", "mqtt"):  # one connect line per EV is noise
             logging.getLogger(name).setLevel(logging.WARNING)

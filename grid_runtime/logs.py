@@ -66,8 +66,9 @@ class StructLogger:
         self._log(logging.ERROR, event, True, fields)
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(level: str = "INFO", fmt: str = "json", file: str | None = None) -> None:
+    """Structured logs to stderr, or appended to ``file`` (``LOG_FILE``) when one is given."""
+    handler: logging.Handler = logging.FileHandler(file) if file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]

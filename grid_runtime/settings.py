@@ -38,3 +38,5 @@ class GridSettings(BaseSettings):
     grid_topic_prefix: str = "grid/v1"
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+    #: Append logs to this file instead of stderr (``gridlb run`` keeps the terminal for the fleet's live line).
+    log_file: str | None = None

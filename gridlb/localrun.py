@@ -10,6 +10,7 @@ in reverse order, then the broker.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import shlex
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     def spawn(name: str, module: str, env: dict[str, str], *extra: str, foreground: bool = False) -> None:
         cmd = [sys.executable, "-m", module, *extra]
         if foreground:
-            proc = subprocess.Popen(cmd, env=env, stderr=open(logs / f"{name}.log", "ab"))  # noqa: SIM115
+            # The terminal shows its live summary; its log records go to the file (LOG_FILE).
+            proc = subprocess.Popen(cmd, env=dict(env, LOG_FILE=str(logs / f"{name}.log")))
         else:
             out = open(logs / f"{name}.log", "ab")  # noqa: SIM115
             # Own session: Ctrl-C reaches only the foreground fleet; we stop the rest in order.
@@ -122,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
                 break
             time.sleep(0.5)
     except KeyboardInterrupt:
-        pass
+        # The fleet got the same Ctrl-C: let it release its EVs and print its summary (a second
+        # signal would cut that short), then stop the rest in order.
+        if fleet is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                fleet.wait(timeout=20)
     finally:
         _shutdown(procs, broker)
     print(f"stopped. Logs: {logs}")

@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"invalid configuration:\n{exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.grid.log_level, settings.grid.log_format)
+    configure_logging(settings.grid.log_level, settings.grid.log_format, settings.grid.log_file)
 
     async def service(stop: asyncio.Event) -> None:
         await run_agents(settings, stop)
