@@ -263,7 +263,8 @@ class Balancer:
         if largest is not None and req.min_w > largest:
             return [self.reject(ev_id, request_id, Reason.EXCEEDS_CAPACITY,
                                 f"min_kw {w_to_kw(req.min_w):g} exceeds the largest substation limit "
-                                f"({w_to_kw(largest):g} kW): it could never be placed", now)]
+                                f"({w_to_kw(largest):g} kW): it could never be placed", now,
+                                remember=True)]  # guarantee 5: a redelivery gets this same answer
         reserved = self._head_reserved(now)
         if not reserved:
             session = self._place(req, now)
