@@ -1,9 +1,18 @@
-"""Command-line entry of the balancer (``python -m balancer`` / ``gridlb balancer``)."""
+"""Command-line entry of the balancer (``python -m balancer`` / ``gridlb balancer``).
+
+Configured by environment variables only (``BALANCER_*``, ``MQTT_*``, ``GRID_TOPIC_PREFIX``, ``LOG_*``;
+see the README), so it runs the same way locally, in tests and under a supervisor.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
 
 from balancer.service import build
 from balancer.settings import BalancerSettings
@@ -11,8 +20,20 @@ from grid_runtime.lifecycle import run_until_signalled
 from grid_runtime.logs import configure_logging, get_logger
 
 
-def main(argv: list[str] | None = None) -> int:
-    settings = BalancerSettings()
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run until SIGINT/SIGTERM; exit 0 after a clean shutdown, 2 on bad arguments or settings."""
+    parser = argparse.ArgumentParser(
+        prog="python -m balancer",
+        description="The Smart Grid Load Balancer service: assigns, queues or rejects EV charging requests "
+                    "over MQTT. Configured by environment variables (BALANCER_*, MQTT_*, GRID_TOPIC_PREFIX, "
+                    "LOG_*); see the README.",
+    )
+    parser.parse_args(argv)
+    try:
+        settings = BalancerSettings()
+    except ValidationError as exc:
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
     configure_logging(settings.grid.log_level, settings.grid.log_format, settings.grid.log_file)
     log = get_logger("balancer")
     log.info("balancer_starting", host=settings.mqtt.host, port=settings.mqtt.port,

@@ -64,7 +64,9 @@ class BalancerService:
                 safety_margin_pct=settings.safety_margin_pct, stale_after_s=settings.stale_after_s,
                 lost_after_s=settings.lost_after_s, queue_max=settings.queue_max,
                 default_min_kw=settings.default_min_kw, answer_ttl_s=settings.answer_ttl_s,
-                overtake_guard_s=settings.overtake_guard_s,
+                overtake_guard_s=settings.overtake_guard_s, policy=settings.policy,
+                allow_baselines=settings.allow_baselines, hysteresis_kw=settings.hysteresis_kw,
+                min_hold_s=settings.min_hold_s,
             ),
             new_session_id=lambda: f"{boot}-{next(seq)}",
             new_request_id=lambda: f"auto-{boot}-{next(seq)}",
@@ -75,6 +77,7 @@ class BalancerService:
         #: agent commands decided but not yet published, per substation (see _flush_commands)
         self._commands: dict[str, list[SessionCommand]] = {}
         self._flush_scheduled = False
+        self._lease_sent: dict[str, float] = {}  # substation -> when its lease was last renewed
         self._handlers = {
             TopicKind.EV_REQUEST: self._on_request,
             TopicKind.EV_RELEASE: self._on_release,
@@ -210,11 +213,24 @@ class BalancerService:
         self._flush_scheduled = False
         pending, self._commands = self._commands, {}
         now = self.clock()
+        valid_until = now + self.settings.lease_s
         for sid, commands in pending.items():
             topic = self.topics.command(sid)
             for i in range(0, len(commands), MAX_COMMANDS_PER_MESSAGE):
-                batch = SessionCommands(ts=now, commands=commands[i:i + MAX_COMMANDS_PER_MESSAGE])
+                batch = SessionCommands(ts=now, commands=commands[i:i + MAX_COMMANDS_PER_MESSAGE],
+                                        valid_until=valid_until)
                 self.transport.publish(topic, encode(batch), 1)
+            self._lease_sent[sid] = now
+
+    def _renew_leases(self) -> None:
+        """An empty batch renews the lease of every substation with sessions that has not heard from us lately."""
+        now = self.clock()
+        every = self.settings.lease_s / 3
+        for sid, sub in self.core.substations.items():
+            if sub.sessions and now - self._lease_sent.get(sid, float("-inf")) >= every:
+                batch = SessionCommands(ts=now, commands=[], valid_until=now + self.settings.lease_s)
+                self.transport.publish(self.topics.command(sid), encode(batch), 1)
+                self._lease_sent[sid] = now
 
     def _respond(self, request: InMessage, payload: bytes) -> None:
         topic = request.response_topic or ""
@@ -234,6 +250,7 @@ class BalancerService:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.tick_interval_s)
                 self._publish(self.core.tick(self.clock()))
+                self._renew_leases()
                 if time.monotonic() >= next_stats:
                     next_stats += self.settings.stats_interval_s
                     self.log_stats()

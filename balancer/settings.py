@@ -20,6 +20,16 @@ class BalancerSettings(BaseSettings):
     default_min_kw: float = Field(1.4, gt=0)
     answer_ttl_s: float = Field(3600.0, gt=0)
     overtake_guard_s: float = Field(30.0, ge=0)
+    #: least-utilised | weighted-fair | deadline; the baselines round-robin and polled-least-loaded ignore
+    #: capacity and run only with BALANCER_ALLOW_BASELINES=true (for comparisons, never on a real grid).
+    policy: Literal["least-utilised", "weighted-fair", "deadline", "round-robin", "polled-least-loaded"] = (
+        "least-utilised")
+    allow_baselines: bool = False
+    hysteresis_kw: float = Field(1.0, ge=0)
+    min_hold_s: float = Field(10.0, ge=0)
+    #: Every command batch says valid_until = now + lease_s; renewed every lease_s / 3. An agent that hears
+    #: nothing by then drops its sessions to 0 kW.
+    lease_s: float = Field(10.0, gt=0)
     tick_interval_s: float = Field(0.5, gt=0)
     stats_interval_s: float = Field(30.0, gt=0)
     max_payload_bytes: int = Field(4096, ge=256, le=65536)

@@ -46,6 +46,9 @@ class ChargeRequest(msgspec.Struct, kw_only=True):
     energy_kwh: Kwh | None = None
     min_kw: Annotated[float, Meta(ge=0, le=1_000)] | None = None
     priority: Priority = 0
+    #: When the EV leaves (epoch seconds). With ``energy_kwh`` it lets the deadline-aware policy give the
+    #: EV the power it needs to finish in time.
+    departure: Timestamp | None = None
 
     def __post_init__(self) -> None:
         if self.duration_minutes is None and self.energy_kwh is None:
@@ -79,6 +82,8 @@ class Assignment(msgspec.Struct, kw_only=True):
     reason: Reason | None = None
     detail: Detail | None = None
     position: Annotated[int, Meta(ge=1)] | None = None
+    #: ``queued``: estimated wait in seconds (from running sessions' expected ends); null when unknown.
+    eta_s: Annotated[float, Meta(ge=0)] | None = None
 
 
 class Telemetry(msgspec.Struct, kw_only=True):
@@ -133,7 +138,10 @@ class SessionCommands(msgspec.Struct, kw_only=True):
     """
 
     ts: Timestamp
-    commands: Annotated[list[SessionCommand], Meta(min_length=1, max_length=100)]
+    commands: Annotated[list[SessionCommand], Meta(min_length=0, max_length=100)]
+    #: Lease: the agent drops every session of this substation to 0 kW if no newer batch arrives by then.
+    #: The balancer renews it (an empty batch is a pure renewal) well before it lapses.
+    valid_until: Timestamp | None = None
 
 
 #: 100 worst-case commands (longest ids and reasons) stay well below the broker's 64 KiB message limit.

@@ -27,6 +27,8 @@ class Reason(StrEnum):
     SUBSTATION_OFFLINE = "substation_offline"
     SUBSTATION_LOST = "substation_lost"
     CAPACITY_REDUCED = "capacity_reduced"
+    REBALANCED = "rebalanced"
+    POWER_AVAILABLE = "power_available"
     PARTIAL_GRANT = "partial_grant"
     NO_HEADROOM = "no_headroom"
     UNKNOWN_SESSION = "unknown_session"

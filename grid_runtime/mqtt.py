@@ -213,6 +213,16 @@ class PahoTransport(_Base):
         log.info("mqtt_connected", client_id=self.client_id, host=self.settings.host, port=self.settings.port)
         if self._subs:
             client.subscribe([(f, q) for f, q in self._subs.items()])
+        # paho re-sends the QoS 1 messages that were in flight when the connection broke only after this
+        # callback returns. The outbox holds newer messages: publish them after those, or they overtake
+        # them (an EV would hear ``completed`` before ``assigned``). ``connected`` stays clear until then,
+        # so whatever is published meanwhile queues behind the outbox.
+        assert self._loop is not None
+        self._loop.call_soon(self._after_connack)
+
+    def _after_connack(self) -> None:
+        if self._closing or not self._client.is_connected():
+            return  # lost again already: the outbox waits for the next connection
         while self._outbox:
             topic, payload, qos, retain, corr = self._outbox.popleft()
             self._publish_now(topic, payload, qos, retain, corr)
@@ -324,6 +334,8 @@ class AiomqttTransport(_Base):
         super().__init__(settings, client_id, will, clean_start)
         self._client: aiomqtt.Client | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        #: publishes waiting for their PUBACK, oldest first: they die with the client if the connection breaks
+        self._inflight: dict[asyncio.Task[None], tuple[str, bytes, int, bool, bytes | None]] = {}
         self._run_task: asyncio.Task[None] | None = None
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
@@ -331,15 +343,30 @@ class AiomqttTransport(_Base):
         if self._client is not None and self.connected.is_set():
             self._spawn(self._client.subscribe(topic_filter, qos))
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._pending.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._pending.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("mqtt_publish_failed", error=str(task.exception()))
+        item = self._inflight.pop(task, None)
+        if task.cancelled() or task.exception() is None:
+            return
+        log.warning("mqtt_publish_failed", error=str(task.exception()))
+        if item is not None and not self._closing:
+            self._queue_offline(item)  # sent again on the next connection
+
+    def _requeue_inflight(self) -> None:
+        """The connection broke: publishes still waiting for their PUBACK were lost with that client (a new
+        one is made per connection). Put them back at the head of the outbox, oldest first."""
+        lost = [item for task, item in self._inflight.items() if not task.done()]
+        tasks = list(self._inflight)
+        self._inflight.clear()
+        for task in tasks:
+            task.cancel()
+        self._outbox.extendleft(reversed(lost))
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 correlation_data: bytes | None = None) -> None:
@@ -354,7 +381,9 @@ class AiomqttTransport(_Base):
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = correlation_data
         self.stats.published += 1
-        self._spawn(client.publish(topic, payload, qos=qos, retain=retain, properties=props))
+        task = self._spawn(client.publish(topic, payload, qos=qos, retain=retain, properties=props))
+        if qos > 0:
+            self._inflight[task] = (topic, payload, qos, retain, correlation_data)
 
     def _make_client(self) -> aiomqtt.Client:
         s = self.settings
@@ -380,8 +409,12 @@ class AiomqttTransport(_Base):
             try:
                 async with self._make_client() as client:
                     self._client = client
-                    for f, q in self._subs.items():
-                        await client.subscribe(f, q)
+                    # subscribe() may add filters while we wait for a SUBACK: loop until none is left out.
+                    done: set[str] = set()
+                    while todo := [(f, q) for f, q in self._subs.items() if f not in done]:
+                        for f, q in todo:
+                            await client.subscribe(f, q)
+                            done.add(f)
                     log.info("mqtt_connected", client_id=self.client_id, host=self.settings.host,
                              port=self.settings.port)
                     backoff = 0.2
@@ -402,6 +435,7 @@ class AiomqttTransport(_Base):
                 self._client = None
                 if self._closing:
                     break
+                self._requeue_inflight()
                 self.stats.disconnects += 1
                 log.warning("mqtt_disconnected", client_id=self.client_id, error=str(exc), retry_in_s=backoff)
                 await asyncio.sleep(backoff)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 from broker.accounts import substation_username
 from broker.local import LocalBroker, find_free_port
@@ -79,13 +80,40 @@ def main(argv: list[str] | None = None) -> int:
 
     broker = LocalBroker(work / "broker", port=port, substation_ids=substations, ev_ids=ev_ids,
                          secret=secrets.token_hex(16))
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    # SIGTERM (kill, systemd, a CI timeout) stops everything like Ctrl-C does. Without this handler Python
+    # dies at once and leaves the broker and the services (own sessions) running.
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    rc = 0
+    try:
+        rc = _run(args, work, logs, broker, substations, ev_ids, procs)
+    except _Terminated:
+        print("\nSIGTERM: stopping", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C while starting up
+        pass
+    finally:
+        _shutdown(procs, broker)
+    print(f"stopped. Logs: {logs}")
+    return rc
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived."""
+
+
+def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:
+    raise _Terminated
+
+
+def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, substations: list[str],
+         ev_ids: list[str], procs: list[tuple[str, subprocess.Popen[bytes]]]) -> int:
+    """Start everything (appending to ``procs``) and wait until the end; the caller stops what was started."""
     broker.start()
     _write_credentials(work / "credentials.env", broker, ev_ids)
     base_env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), LOG_FORMAT="json",
                     PYTHONUNBUFFERED="1")
     base_env.pop("MQTT_USERNAME", None)
     base_env.pop("MQTT_PASSWORD", None)
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def spawn(name: str, module: str, env: dict[str, str], *extra: str, foreground: bool = False) -> None:
         cmd = [sys.executable, "-m", module, *extra]
@@ -93,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             # The terminal shows its live summary; its log records go to the file (LOG_FILE).
             proc = subprocess.Popen(cmd, env=dict(env, LOG_FILE=str(logs / f"{name}.log")))
         else:
-            out = open(logs / f"{name}.log", "ab")  # noqa: SIM115
-            # Own session: Ctrl-C reaches only the foreground fleet; we stop the rest in order.
-            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            with open(logs / f"{name}.log", "ab") as out:
+                # Own session: Ctrl-C reaches only the foreground fleet; we stop the rest in order.
+                proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append((name, proc))
 
     spawn("balancer", "balancer", dict(base_env, MQTT_USERNAME="balancer",
@@ -111,15 +139,13 @@ def main(argv: list[str] | None = None) -> int:
                          EV_ARRIVAL_RATE=str(args.rate), EV_SPEEDUP=str(args.speedup))
         spawn("ev_fleet", "ev_clients", fleet_env, "fleet", foreground=True)
         fleet = procs[-1][1]
-    rc = 0
     try:
         deadline = time.monotonic() + args.duration if args.duration else None
         while deadline is None or time.monotonic() < deadline:
             dead = [(n, p.returncode) for n, p in procs if p.poll() is not None and p is not fleet]
             if dead:
                 print(f"\n{dead[0][0]} exited with code {dead[0][1]}; see {logs / (dead[0][0] + '.log')}")
-                rc = 1
-                break
+                return 1
             if fleet is not None and fleet.poll() is not None:
                 break
             time.sleep(0.5)
@@ -130,14 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 fleet.wait(timeout=20)
-    finally:
-        _shutdown(procs, broker)
-    print(f"stopped. Logs: {logs}")
-    return rc
+    return 0
 
 
 def _shutdown(procs: list[tuple[str, subprocess.Popen[bytes]]], broker: LocalBroker) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave orphans
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C or SIGTERM must not leave orphans
+        signal.signal(sig, signal.SIG_IGN)
     for _name, proc in reversed(procs):
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -104,17 +104,24 @@ class AgentStats:
     sessions_started: int = 0
     sessions_ended: int = 0
     error_reports: int = 0
+    lease_lapses: int = 0
+
+
+def decode_batch(payload: bytes) -> SessionCommands:
+    """A command-topic payload as a batch (commands in the order to apply them, and the lease).
+
+    The contract's payload is a :class:`SessionCommands` batch; a bare :class:`SessionCommand` is
+    accepted too (hand testing, older balancers) and carries no lease. Raises :class:`PayloadError`.
+    """
+    if b'"commands"' in payload:
+        return decode(payload, SessionCommands, max_bytes=MAX_COMMAND_PAYLOAD_BYTES)
+    command = decode(payload, SessionCommand)
+    return SessionCommands(ts=command.ts, commands=[command])
 
 
 def decode_commands(payload: bytes) -> list[SessionCommand]:
-    """The commands of a command-topic payload, in the order to apply them.
-
-    The contract's payload is a :class:`SessionCommands` batch; a bare :class:`SessionCommand` is
-    accepted too (hand testing, older balancers). Raises :class:`PayloadError`.
-    """
-    if b'"commands"' in payload:
-        return decode(payload, SessionCommands, max_bytes=MAX_COMMAND_PAYLOAD_BYTES).commands
-    return [decode(payload, SessionCommand)]
+    """The commands of a command-topic payload, in the order to apply them (see :func:`decode_batch`)."""
+    return decode_batch(payload).commands
 
 
 def agent_mqtt_settings(mqtt: MqttSettings, substation_id: str) -> MqttSettings:
@@ -142,6 +149,7 @@ class SubstationAgent:
         self.id = sim.substation_id
         self.stats = AgentStats()
         self.seq = 0
+        self.lease_until: float | None = None  # from the balancer's command batches (valid_until)
         self._last_sim = sim.now_sim
         self._command_topic = topics.command(self.id)
         self._error_topic = topics.substation_error(self.id)
@@ -172,6 +180,7 @@ class SubstationAgent:
 
     def publish_telemetry(self) -> None:
         """Advance the simulation to now and, when connected, publish one measurement."""
+        self.check_lease()
         self.advance()
         if not self.transport.connected.is_set():
             return
@@ -181,6 +190,17 @@ class SubstationAgent:
         self.stats.telemetry_sent += 1
 
     # ------------------------------------------------------------------ simulation
+    def check_lease(self) -> None:
+        """The balancer's lease lapsed without renewal (it died, or we lost it): draw nothing. A dead balancer
+        must not leave the grid committed to power nobody is watching. The next batch resumes the sessions."""
+        if (self.lease_until is not None and not self.sim.paused and self.sim.sessions
+                and self._wall() > self.lease_until):
+            self.advance()
+            self.sim.paused = True
+            self.stats.lease_lapses += 1
+            log.warning("lease_lapsed_pausing", substation_id=self.id, sessions=len(self.sim.sessions),
+                        lease_until=self.lease_until)
+
     def advance(self) -> None:
         """Step the simulation up to the clock's now and announce the sessions that finished."""
         now = self.clock.now()
@@ -229,12 +249,17 @@ class SubstationAgent:
             self._bad_command("retained_command", "commands must not be retained")
             return
         try:
-            commands = decode_commands(msg.payload)
+            batch = decode_batch(msg.payload)
         except PayloadError as exc:
             self._bad_command(exc.reason, exc.detail)
             return
         self.advance()  # account energy up to the commands before they change anything
-        for command in commands:
+        if batch.valid_until is not None:
+            self.lease_until = batch.valid_until
+            if self.sim.paused:
+                self.sim.paused = False
+                log.warning("lease_renewed_resuming", substation_id=self.id, sessions=len(self.sim.sessions))
+        for command in batch.commands:
             self._apply(command)
 
     def _apply(self, command: SessionCommand) -> None:

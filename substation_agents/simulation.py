@@ -99,11 +99,13 @@ class SubstationSim:
         self.base_load_kw = base_load(now_sim)
         self.sessions: dict[str, EvSession] = {}
         self._ended: OrderedDict[tuple[str, str, float], None] = OrderedDict()
+        #: The balancer's lease lapsed: every session draws 0 kW (and charges nothing) until it is renewed.
+        self.paused = False
 
     # ------------------------------------------------------------------ queries
     @property
     def ev_load_kw(self) -> float:
-        return sum(s.granted_kw for s in self.sessions.values())
+        return 0.0 if self.paused else sum(s.granted_kw for s in self.sessions.values())
 
     @property
     def load_kw(self) -> float:
@@ -181,14 +183,15 @@ class SubstationSim:
         return ended
 
     def _advance(self, s: EvSession, dt: float, step_start: float) -> SessionEnd | None:
+        power = 0.0 if self.paused else s.granted_kw
         time_left = s.duration_s - s.elapsed_s if s.duration_s is not None else math.inf
-        if s.energy_kwh is not None and s.granted_kw > 0:
-            energy_time = max(0.0, s.energy_kwh - s.delivered_kwh) / s.granted_kw * 3600.0
+        if s.energy_kwh is not None and power > 0:
+            energy_time = max(0.0, s.energy_kwh - s.delivered_kwh) / power * 3600.0
         else:
             energy_time = math.inf
         until_end = min(time_left, energy_time)
         if until_end > dt:
-            s.delivered_kwh += s.granted_kw * dt / 3600.0
+            s.delivered_kwh += power * dt / 3600.0
             s.elapsed_s += dt
             return None
         until_end = max(0.0, until_end)
@@ -198,6 +201,6 @@ class SubstationSim:
             s.delivered_kwh = max(s.delivered_kwh, s.energy_kwh)
             reason = Reason.ENERGY_DELIVERED
         else:
-            s.delivered_kwh += s.granted_kw * until_end / 3600.0
+            s.delivered_kwh += power * until_end / 3600.0
             reason = Reason.DURATION_ELAPSED
         return self._end(s, reason, step_start + until_end)

@@ -3,5 +3,18 @@
 from balancer.core.effects import Effect, ToEv, ToSubstation
 from balancer.core.engine import Balancer, CoreConfig
 from balancer.core.model import PendingRequest, Session, Substation
+from balancer.core.policy import BASELINES, POLICIES, SAFE_POLICIES
 
-__all__ = ["Balancer", "CoreConfig", "Effect", "PendingRequest", "Session", "Substation", "ToEv", "ToSubstation"]
+__all__ = [
+    "BASELINES",
+    "POLICIES",
+    "SAFE_POLICIES",
+    "Balancer",
+    "CoreConfig",
+    "Effect",
+    "PendingRequest",
+    "Session",
+    "Substation",
+    "ToEv",
+    "ToSubstation",
+]

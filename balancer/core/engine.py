@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from balancer.core.allocation import deadline_share, equal_share, water_fill
 from balancer.core.effects import Effect, ToEv, ToSubstation
 from balancer.core.model import (
     PendingRequest,
@@ -31,7 +32,19 @@ from balancer.core.model import (
     kw_to_w_up,
     w_to_kw,
 )
-from balancer.core.policy import least_utilised
+from balancer.core.policy import (
+    BASELINES,
+    COMPRESSIBLE,
+    DEADLINE,
+    LEAST_UTILISED,
+    POLICIES,
+    ROUND_ROBIN,
+    WEIGHTED_FAIR,
+    baseline_candidates,
+    compressible_room_w,
+    fair_placement,
+    least_utilised,
+)
 from balancer.core.queue import RequestQueue
 from grid_protocol.messages import (
     Assignment,
@@ -57,6 +70,16 @@ class CoreConfig:
     #: A waiting request may be overtaken by later ones that fit, until it has waited this long; then
     #: capacity is held for it (nobody behind it is placed), so a large request cannot starve.
     overtake_guard_s: float = 30.0
+    #: one of policy.POLICIES; the baselines need ``allow_baselines`` (they ignore capacity).
+    policy: str = LEAST_UTILISED
+    allow_baselines: bool = False
+    #: grant changes smaller than this are not made (unless needed to stay within the limit) ...
+    hysteresis_kw: float = 1.0
+    #: ... nor within this long of the session's last change: noise in telemetry must not make power flap.
+    min_hold_s: float = 10.0
+    rebalance_interval_s: float = 1.0
+    poll_interval_s: float = 5.0  # polled-least-loaded's snapshot age
+    queue_update_interval_s: float = 5.0  # queued EVs hear new positions/ETAs at most this often
 
 
 class _EvState(msgspec.Struct, gc=False):
@@ -82,7 +105,16 @@ class Balancer:
     new_request_id: Callable[[], str] = field(default_factory=lambda: _counter_ids("auto-"))
 
     def __post_init__(self) -> None:
+        if self.config.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.config.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.config.policy in BASELINES and not self.config.allow_baselines:
+            raise ValueError(f"{self.config.policy!r} is a comparison baseline that ignores capacity; "
+                             "it runs only with allow_baselines (replays, never a real grid)")
         self.substations: dict[str, Substation] = {}
+        self._rr = 0  # round-robin position
+        self._poll_snapshot: dict[str, int] = {}
+        self._polled_at = float("-inf")
+        self._queue_updated_at = float("-inf")
         self.queue = RequestQueue(self.config.queue_max)
         self._evs: dict[str, _EvState] = {}
         self._sessions: dict[str, Session] = {}
@@ -103,7 +135,16 @@ class Balancer:
             granted_kw=w_to_kw(session.granted_w) if session else None,
             session_id=session.session_id if session else None,
             reason=reason, detail=detail, position=position,
+            eta_s=self._eta_s(position, now) if position is not None else None,
         )
+
+    def _eta_s(self, position: int, now: float) -> float | None:
+        """Rough wait for the ``position``-th in line: the position-th earliest expected end of a running
+        session (each end frees room for about one session). None when too few ends are known."""
+        ends = sorted(e for s in self._sessions.values() if (e := s.expected_end()) is not None)
+        if position > len(ends):
+            return None
+        return round(max(0.0, ends[position - 1] - now), 1)
 
     def _close(self, ev_id: str, answer: Assignment, now: float) -> None:
         """The EV's request is finished; remember the final answer for redeliveries."""
@@ -118,18 +159,146 @@ class Balancer:
             sub = self.substations[substation_id] = Substation(substation_id, known_since=now)
         return sub
 
-    def _place(self, req: PendingRequest, now: float) -> Session | None:
-        cfg = self.config
-        choice = least_utilised(self.substations.values(), req.requested_w, req.min_w, now,
-                                cfg.safety_margin_pct, cfg.stale_after_s)
-        if choice is None:
-            return None
-        sub, grant = choice
-        session = Session(self.new_session_id(), sub.id, req, grant, now)
+    def _new_session(self, sub: Substation, req: PendingRequest, grant: int, now: float) -> Session:
+        session = Session(self.new_session_id(), sub.id, req, grant, now, last_change_at=now, accounted_at=now)
         sub.sessions[session.session_id] = session
         sub.granted_w += grant
         self._sessions[session.session_id] = session
         return session
+
+    def _place(self, req: PendingRequest, now: float) -> tuple[Session, list[Effect]] | None:
+        """Choose a substation and a grant by the policy. Returns the new session and the reductions of
+        other sessions that must be published before it starts (compressible policies)."""
+        cfg = self.config
+        subs = self.substations.values()
+        if cfg.policy == LEAST_UTILISED:
+            choice = least_utilised(subs, req.requested_w, req.min_w, now, cfg.safety_margin_pct, cfg.stale_after_s)
+            if choice is None:
+                return None
+            return self._new_session(choice[0], req, choice[1], now), []
+        if cfg.policy in COMPRESSIBLE:
+            sub = fair_placement(subs, req.requested_w, req.min_w, now, cfg.safety_margin_pct, cfg.stale_after_s)
+            if sub is None:
+                return None
+            session = self._new_session(sub, req, 0, now)
+            target = dict((s.session_id, t) for s, t in self._targets(sub, now))[session.session_id]
+            # Make room for the new session's share: squeeze the others now (they are told first).
+            reductions = self._decrease(sub, now, mandatory=True, skip=session)
+            # Targets fit the room the squeeze made; the min() only ever guards the capacity guarantee.
+            grant = max(0, min(target, sub.limit_w(cfg.safety_margin_pct) - sub.used_w()))
+            session.granted_w = grant
+            sub.granted_w += grant
+            return session, reductions
+        candidates = baseline_candidates(subs)
+        if not candidates:
+            return None
+        if cfg.policy == ROUND_ROBIN:
+            sub = candidates[self._rr % len(candidates)]
+            self._rr += 1
+        else:  # POLLED_LEAST_LOADED: the original design's choice, on a snapshot that goes stale
+            if now - self._polled_at >= cfg.poll_interval_s:
+                self._poll_snapshot = {s.id: len(s.sessions) for s in candidates}
+                self._polled_at = now
+            sub = min(candidates, key=lambda s: (self._poll_snapshot.get(s.id, 0), s.id))
+        return self._new_session(sub, req, req.requested_w, now), []
+
+    # ------------------------------------------------------------------ rebalancing
+    def _targets(self, sub: Substation, now: float) -> list[tuple[Session, int]]:
+        """The policy's share of the substation's available power for each of its sessions."""
+        sessions = list(sub.sessions.values())
+        available = sub.limit_w(self.config.safety_margin_pct) - sub.uncontrolled_w()
+        floors = [s.request.min_w for s in sessions]
+        caps = [s.request.requested_w for s in sessions]
+        if self.config.policy == WEIGHTED_FAIR:
+            targets = water_fill(available, floors, caps, [s.request.priority + 1.0 for s in sessions])
+        elif self.config.policy == DEADLINE:
+            needs, slack = [], []
+            for s in sessions:
+                s.account(now)
+                remaining, departure = s.remaining_wh(), s.request.departure
+                if remaining is None or departure is None:
+                    needs.append(0)
+                    slack.append(float("inf"))
+                    continue
+                left_s = max(1.0, departure - now)
+                needs.append(int(remaining * 3600 / left_s) + 1)
+                slack.append(left_s - remaining * 3600 / max(1, s.request.requested_w))
+            targets = deadline_share(available, floors, caps, needs, slack)
+        else:
+            targets = equal_share(available, floors, caps)
+        return list(zip(sessions, targets, strict=True))
+
+    def _set_grant(self, session: Session, grant: int, now: float, reason: Reason, detail: str) -> list[Effect]:
+        sub = self.substations[session.substation_id]
+        session.account(now)
+        sub.granted_w += grant - session.granted_w
+        session.granted_w = grant
+        session.last_change_at = now
+        session.changes += 1
+        req = session.request
+        answer = self._answer(req, "updated", now, session=session, reason=reason, detail=detail)
+        self._evs[req.ev_id].answer = answer
+        self.counters[f"updated:{reason}"] += 1
+        return [ToSubstation(sub.id, SessionCommand(
+                    command="update", session_id=session.session_id, ev_id=req.ev_id, ts=now,
+                    granted_kw=w_to_kw(grant), reason=reason)),
+                ToEv(req.ev_id, answer)]
+
+    def _decrease(self, sub: Substation, now: float, *, mandatory: bool,
+                  skip: Session | None = None) -> list[Effect]:
+        """Lower grants to the policy's targets: all of them when ``mandatory`` (over the limit, or making
+        room for a new session), otherwise only changes past the hysteresis and the hold time."""
+        cfg = self.config
+        hysteresis = kw_to_w_up(cfg.hysteresis_kw)
+        effects: list[Effect] = []
+        for session, target in self._targets(sub, now):
+            if session is skip:
+                continue
+            cut = session.granted_w - target
+            settled = cut >= hysteresis and now - session.last_change_at >= cfg.min_hold_s
+            if cut > 0 and (mandatory or settled):
+                reason = Reason.CAPACITY_REDUCED if mandatory else Reason.REBALANCED
+                effects += self._set_grant(session, target, now, reason,
+                                           "substation limit" if mandatory else "fair share changed")
+        return effects
+
+    def _raise(self, sub: Substation, now: float) -> list[Effect]:
+        """Raise grants toward the policy's targets, smallest first, each only as far as the room actually
+        free allows, past the hysteresis and the hold time. Baselines never change a grant."""
+        cfg = self.config
+        if cfg.policy in BASELINES or not sub.sessions or not sub.is_available(now, cfg.stale_after_s):
+            return []
+        hysteresis = kw_to_w_up(cfg.hysteresis_kw)
+        room = sub.limit_w(cfg.safety_margin_pct) - sub.used_w()
+        effects: list[Effect] = []
+        for session, target in sorted(self._targets(sub, now), key=lambda st: st[0].granted_w):
+            rise = min(target - session.granted_w, room)
+            if rise >= hysteresis and now - session.last_change_at >= cfg.min_hold_s:
+                effects += self._set_grant(session, session.granted_w + rise, now, Reason.POWER_AVAILABLE,
+                                           "more power is available")
+                room -= rise
+        return effects
+
+    def _reduce(self, sub: Substation, now: float) -> list[Effect]:
+        """Keep the substation within its limit: revoke the newest sessions while even their minimums do not
+        fit, then bring grants down to their shares (at once when over the limit). Baselines never do."""
+        cfg = self.config
+        if cfg.policy in BASELINES or not sub.sessions or sub.capacity_w <= 0:
+            return []
+        sub.rebalanced_at = now
+        effects: list[Effect] = []
+        available = sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w()
+        floors = sum(s.request.min_w for s in sub.sessions.values())
+        if floors > available:
+            # reversed(): among sessions placed at the same instant, the one placed last is the newest.
+            for session in sorted(reversed(sub.sessions.values()), key=lambda s: s.started_at, reverse=True):
+                if floors <= available:
+                    break
+                floors -= session.request.min_w
+                effects += self._revoke(session, now, Reason.CAPACITY_REDUCED,
+                                        "substation load rose above its limit", stop_agent=True)
+        over = sub.used_w() > sub.limit_w(cfg.safety_margin_pct)
+        return effects + self._decrease(sub, now, mandatory=over)
 
     def _start_effects(self, session: Session, now: float, *, in_reply: bool) -> list[Effect]:
         req = session.request
@@ -161,9 +330,15 @@ class Balancer:
             self._ended_sessions.popitem(last=False)
 
     def _max_headroom_w(self, now: float) -> int:
+        """The most a new session could get anywhere now, under the policy (0: nothing can be placed)."""
         cfg = self.config
-        return max((sub.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s)
-                    for sub in self.substations.values()), default=0)
+        subs = self.substations.values()
+        if cfg.policy in BASELINES:
+            return 1 << 40 if baseline_candidates(subs) else 0
+        if cfg.policy in COMPRESSIBLE:
+            return max((compressible_room_w(sub, now, cfg.safety_margin_pct, cfg.stale_after_s) for sub in subs),
+                       default=0)
+        return max((sub.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s) for sub in subs), default=0)
 
     def _holds_capacity(self, req: PendingRequest, now: float) -> bool:
         """``req`` (at the head) has waited past the overtake guard and some substation could take it once
@@ -188,10 +363,10 @@ class Balancer:
         for req in self.queue.items():
             if room <= 0:
                 break
-            session = self._place(req, now) if req.min_w <= room else None
-            if session is not None:
+            placed = self._place(req, now) if req.min_w <= room else None
+            if placed is not None:
                 self.queue.remove(req.ev_id)
-                effects += self._start_effects(session, now, in_reply=req.ev_id == replying_to)
+                effects += placed[1] + self._start_effects(placed[0], now, in_reply=req.ev_id == replying_to)
                 room = self._max_headroom_w(now)
                 continue
             if at_head and self._holds_capacity(req, now):
@@ -233,7 +408,7 @@ class Balancer:
         return effects
 
     # ------------------------------------------------------------------ EV requests
-    def on_request(self, ev_id: str, msg: ChargeRequest, now: float) -> list[Effect]:
+    def _on_request(self, ev_id: str, msg: ChargeRequest, now: float) -> list[Effect]:
         request_id = msg.request_id or self.new_request_id()
         if msg.ev_id is not None and msg.ev_id != ev_id:
             return [self.reject(ev_id, request_id, Reason.ID_MISMATCH,
@@ -256,7 +431,7 @@ class Balancer:
             ev_id=ev_id, request_id=request_id, requested_w=requested_w,
             min_w=max(1, min(requested_w, kw_to_w_up(min_kw))), priority=msg.priority,
             arrival=next(self._arrivals), received_at=now,
-            duration_minutes=msg.duration_minutes, energy_kwh=msg.energy_kwh,
+            duration_minutes=msg.duration_minutes, energy_kwh=msg.energy_kwh, departure=msg.departure,
         )
         largest = max((sub.limit_w(self.config.safety_margin_pct) for sub in self.substations.values()
                        if sub.capacity_w > 0), default=None)
@@ -267,10 +442,10 @@ class Balancer:
                                 remember=True)]  # guarantee 5: a redelivery gets this same answer
         reserved = self._head_reserved(now)
         if not reserved:
-            session = self._place(req, now)
-            if session is not None:
+            placed = self._place(req, now)
+            if placed is not None:
                 self._evs[ev_id] = _EvState(req, self._answer(req, "queued", now))
-                return self._start_effects(session, now, in_reply=True)
+                return placed[1] + self._start_effects(placed[0], now, in_reply=True)
         if self.queue.full():
             return [self.reject(ev_id, request_id, Reason.QUEUE_FULL,
                                 f"no headroom and {len(self.queue)} requests already waiting", now, remember=True)]
@@ -297,7 +472,7 @@ class Balancer:
             self._closed[(ev_id, request_id)] = _Closed(answer, now)
         return ToEv(ev_id, answer, in_reply=True)
 
-    def on_release(self, ev_id: str, msg: Release, now: float) -> list[Effect]:
+    def _on_release(self, ev_id: str, msg: Release, now: float) -> list[Effect]:
         state = self._evs.get(ev_id)
         matches = state is not None and (
             (msg.request_id is None or msg.request_id == state.request.request_id)
@@ -325,7 +500,7 @@ class Balancer:
         return effects + self._serve_queue(now)
 
     # ------------------------------------------------------------------ substations
-    def on_telemetry(self, msg: Telemetry, now: float) -> list[Effect]:
+    def _on_telemetry(self, msg: Telemetry, now: float) -> list[Effect]:
         sub = self.substation(msg.substation_id, now)
         if msg.seq <= sub.last_seq and sub.last_seq - msg.seq < 100:
             self.counters["telemetry_out_of_order"] += 1
@@ -337,49 +512,14 @@ class Balancer:
         sub.ev_load_w = kw_to_w_up(msg.ev_load_kw)
         sub.reported_sessions = msg.active_sessions
         sub.last_telemetry_at = now
+        sub.granted_at_telemetry_w = sub.granted_w
         sub.lost = False
-        effects = self._shed(sub, now)
+        effects = self._reduce(sub, now)
         effects += self._serve_queue(now)
+        effects += self._raise(sub, now)
         return effects + self._requeue_notices(now)
 
-    def _shed(self, sub: Substation, now: float) -> list[Effect]:
-        """Base load rose or capacity fell past the limit: lower the newest sessions' grants toward their
-        minimum, then revoke newest sessions until the substation is within its limit again."""
-        excess = sub.committed_w() - sub.limit_w(self.config.safety_margin_pct)
-        if excess <= 0 or not sub.sessions:
-            return []
-        effects: list[Effect] = []
-        # reversed(): among sessions placed at the same instant, the one placed last is the newest.
-        newest_first = sorted(reversed(sub.sessions.values()), key=lambda s: s.started_at, reverse=True)
-        for session in newest_first:
-            if excess <= 0:
-                break
-            cut = min(excess, session.granted_w - session.request.min_w)
-            if cut <= 0:
-                continue
-            session.granted_w -= cut
-            sub.granted_w -= cut
-            excess -= cut
-            req = session.request
-            effects.append(ToSubstation(sub.id, SessionCommand(
-                command="update", session_id=session.session_id, ev_id=req.ev_id, ts=now,
-                granted_kw=w_to_kw(session.granted_w), reason=Reason.CAPACITY_REDUCED)))
-            answer = self._answer(req, "updated", now, session=session, reason=Reason.CAPACITY_REDUCED,
-                                  detail="substation load rose; power reduced")
-            self._evs[req.ev_id].answer = answer
-            effects.append(ToEv(req.ev_id, answer))
-            self.counters["updated:capacity_reduced"] += 1
-        for session in newest_first:
-            if excess <= 0:
-                break
-            if session.session_id not in sub.sessions:
-                continue
-            excess -= session.granted_w
-            effects += self._revoke(session, now, Reason.CAPACITY_REDUCED,
-                                    "substation load rose above its limit", stop_agent=True)
-        return effects
-
-    def on_status(self, substation_id: str, state: str, now: float) -> list[Effect]:
+    def _on_status(self, substation_id: str, state: str, now: float) -> list[Effect]:
         sub = self.substation(substation_id, now)
         sub.status = state
         if state == "online":
@@ -397,7 +537,7 @@ class Balancer:
         effects += self._serve_queue(now)
         return effects + self._requeue_notices(now)
 
-    def on_session_event(self, substation_id: str, msg: SessionEvent, now: float) -> list[Effect]:
+    def _on_session_event(self, substation_id: str, msg: SessionEvent, now: float) -> list[Effect]:
         session = self._sessions.get(msg.session_id)
         if session is None or session.substation_id != substation_id:
             if msg.event == "started" and msg.session_id in self._ended_sessions:
@@ -447,13 +587,13 @@ class Balancer:
                                         session_id=session.session_id)
         self.counters["adopted"] += 1
         if sub.last_telemetry_at is None:
-            return []  # capacity unknown yet: the first telemetry checks the limit (_shed)
-        effects = self._shed(sub, now)
+            return []  # capacity unknown yet: the first telemetry checks the limit (_reduce)
+        effects = self._reduce(sub, now)
         effects += self._serve_queue(now)  # a session it revoked may fit elsewhere at once
         return effects + self._requeue_notices(now)
 
     # ------------------------------------------------------------------ time
-    def tick(self, now: float) -> list[Effect]:
+    def _tick(self, now: float) -> list[Effect]:
         """Periodic work: substations silent past ``lost_after_s`` lose their sessions; old answers expire."""
         effects: list[Effect] = []
         cfg = self.config
@@ -468,12 +608,93 @@ class Balancer:
                 effects += self._revoke_all(sub, now, Reason.SUBSTATION_LOST,
                                             f"no telemetry from substation {sub.id} for {cfg.lost_after_s:g} s",
                                             stop_agent=True)
+        due = [sub for sub in self.substations.values() if now - sub.rebalanced_at >= cfg.rebalance_interval_s]
+        for sub in due:
+            effects += self._reduce(sub, now)
+        effects += self._serve_queue(now)
+        for sub in due:
+            effects += self._raise(sub, now)
+        effects += self._requeue_notices(now)
+        if len(self.queue) and now - self._queue_updated_at >= cfg.queue_update_interval_s:
+            self._queue_updated_at = now
+            effects += self._queue_updates(now)
         while self._closed:
             key, closed = next(iter(self._closed.items()))
             if len(self._closed) <= cfg.answers_max and now - closed.at <= cfg.answer_ttl_s:
                 break
             del self._closed[key]
         return effects
+
+    def _queue_updates(self, now: float) -> list[Effect]:
+        """Tell queued EVs whose place in line or estimated wait moved (at most every queue_update_interval_s)."""
+        effects: list[Effect] = []
+        for position, req in enumerate(self.queue.items(), start=1):
+            state = self._evs[req.ev_id]
+            old = state.answer
+            answer = self._answer(req, "queued", now, reason=old.reason, position=position)
+            eta_moved = (old.eta_s is None) != (answer.eta_s is None) or (
+                old.eta_s is not None and answer.eta_s is not None and abs(old.eta_s - answer.eta_s) > 30)
+            if old.status != "queued" or old.position != position or eta_moved:
+                state.answer = answer
+                effects.append(ToEv(req.ev_id, answer))
+        return effects
+
+    # ------------------------------------------------------------------ public event handlers
+    def on_request(self, ev_id: str, msg: ChargeRequest, now: float) -> list[Effect]:
+        return self._coalesce(self._on_request(ev_id, msg, now))
+
+    def on_release(self, ev_id: str, msg: Release, now: float) -> list[Effect]:
+        return self._coalesce(self._on_release(ev_id, msg, now))
+
+    def on_telemetry(self, msg: Telemetry, now: float) -> list[Effect]:
+        return self._coalesce(self._on_telemetry(msg, now))
+
+    def on_status(self, substation_id: str, state: str, now: float) -> list[Effect]:
+        return self._coalesce(self._on_status(substation_id, state, now))
+
+    def on_session_event(self, substation_id: str, msg: SessionEvent, now: float) -> list[Effect]:
+        return self._coalesce(self._on_session_event(substation_id, msg, now))
+
+    def tick(self, now: float) -> list[Effect]:
+        """Periodic work: rebalancing, lost substations, queue updates, expiry of old answers."""
+        return self._coalesce(self._tick(now))
+
+    def _coalesce(self, effects: list[Effect]) -> list[Effect]:
+        """One command and one answer per session per call. Admitting several requests in one call can squeeze
+        a session started or reduced moments earlier in the same call: each later reduction is folded into
+        that session's first command (a lower value, earlier: never less safe), and the EV hears only the
+        final grant. An increase is never folded (it must stay after the reductions that make room)."""
+        first_cmd: dict[str, int] = {}
+        last_answer: dict[str, int] = {}
+        out: list[Effect] = []
+        for e in effects:
+            if isinstance(e, ToSubstation):
+                cmd = e.message
+                at = first_cmd.get(cmd.session_id)
+                if at is not None and cmd.command == "update" and cmd.reason != Reason.POWER_AVAILABLE:
+                    first = out[at]
+                    assert isinstance(first, ToSubstation)
+                    if cmd.granted_kw <= first.message.granted_kw:
+                        first.message.granted_kw = cmd.granted_kw
+                        continue
+                if cmd.command in ("start", "update"):
+                    first_cmd.setdefault(cmd.session_id, len(out))
+                out.append(e)
+                continue
+            answer = e.message
+            at = last_answer.get(answer.ev_id)
+            prev = out[at] if at is not None else None
+            if (isinstance(prev, ToEv) and answer.status == "updated" and answer.reason != Reason.POWER_AVAILABLE
+                    and prev.message.session_id == answer.session_id
+                    and prev.message.status in ("assigned", "updated")):
+                prev.message.granted_kw = answer.granted_kw  # the EV hears its final grant once
+                state = self._evs.get(answer.ev_id)
+                if state is not None and state.answer is answer:
+                    state.answer = prev.message
+                continue
+            last_answer[answer.ev_id] = len(out)
+            out.append(e)
+        return out
 
     # ------------------------------------------------------------------ inspection
     def violations(self) -> list[str]:

@@ -43,6 +43,7 @@ class PendingRequest(msgspec.Struct, gc=False):
     received_at: float
     duration_minutes: float | None
     energy_kwh: float | None
+    departure: float | None = None  # epoch seconds, for the deadline policy
 
     @property
     def queue_key(self) -> tuple[int, int]:
@@ -56,6 +57,30 @@ class Session(msgspec.Struct, gc=False):
     granted_w: int
     started_at: float
     confirmed: bool = False  # the agent reported it started
+    last_change_at: float = 0.0  # when granted_w last changed (hold time against flapping)
+    changes: int = 0  # grant changes after the start
+    delivered_wh: float = 0.0  # estimated from grants over time, up to accounted_at
+    accounted_at: float = 0.0
+
+    def account(self, now: float) -> None:
+        """Bring the delivered-energy estimate up to ``now`` at the current grant."""
+        if now > self.accounted_at:
+            self.delivered_wh += self.granted_w * (now - self.accounted_at) / 3600
+            self.accounted_at = now
+
+    def remaining_wh(self) -> float | None:
+        energy = self.request.energy_kwh
+        return None if energy is None else max(0.0, energy * 1000 - self.delivered_wh)
+
+    def expected_end(self) -> float | None:
+        """When the session should end at its current grant (energy or duration, whichever is first)."""
+        ends = []
+        if self.request.duration_minutes is not None:
+            ends.append(self.started_at + self.request.duration_minutes * 60)
+        remaining = self.remaining_wh()
+        if remaining is not None and self.granted_w > 0:
+            ends.append(self.accounted_at + remaining / self.granted_w * 3600)
+        return min(ends) if ends else None
 
 
 @dataclass(slots=True)
@@ -79,6 +104,14 @@ class Substation:
     last_seq: int = -1
     lost: bool = False  # silent past lost_after_s: its sessions were revoked
     known_since: float = 0.0  # balancer clock: when it was first heard of
+    rebalanced_at: float = float("-inf")
+    #: granted_w when the last telemetry arrived: its measured load contains at most these grants, so
+    #: load_w - granted_at_telemetry_w is load we do not control (grants made since are not in it yet).
+    granted_at_telemetry_w: int = 0
+
+    def uncontrolled_w(self) -> int:
+        """Non-EV load, or more when the measurement shows load we did not grant (never less)."""
+        return max(self.base_load_w, self.load_w - self.granted_at_telemetry_w)
     sessions: dict[str, Session] = field(default_factory=dict)
 
     def limit_w(self, margin_pct: float) -> int:
@@ -88,9 +121,10 @@ class Substation:
         return self.base_load_w + self.granted_w
 
     def used_w(self) -> int:
-        """The larger of our model and the measurement: unknown loads (say, sessions from before a
-        balancer restart) still count."""
-        return max(self.committed_w(), self.load_w)
+        """What the substation carries as far as we can tell: its uncontrolled load (base load, or more when
+        the measurement shows load we did not grant, say sessions from before a balancer restart) plus
+        every grant, whether telemetry shows it yet or not."""
+        return self.uncontrolled_w() + self.granted_w
 
     def is_fresh(self, now: float, stale_after_s: float) -> bool:
         return self.last_telemetry_at is not None and now - self.last_telemetry_at <= stale_after_s

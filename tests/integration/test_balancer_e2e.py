@@ -8,6 +8,7 @@ each test controls load exactly; the offline test uses real substation agents an
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from collections import Counter
@@ -152,6 +153,15 @@ def test_every_bad_request_is_answered_with_a_reason_and_nothing_else_is_lost(gr
     good = ev.wait_for(lambda m: m.json()["status"] == "assigned", what="assignment")[0].json()
     assert good["substation_id"] == "A" and good["granted_kw"] == 22
     ev.close()
+    # Logged and counted: one log line per rejection, and the counts in the stats logged at shutdown.
+    assert grid.balancer.stop() == 0
+    log = grid.balancer.log()
+    expected = Counter(reason for _n, _p, reason in BAD_REQUESTS)
+    logged = Counter(re.findall(r"request_rejected ev_id=EV_0001 request_id=\S+ reason=(\w+)", log))
+    assert logged == expected, log[-3000:]
+    stats = [line for line in log.splitlines() if "balancer_stats" in line][-1]
+    for reason, n in expected.items():
+        assert f"'rejected:{reason}': {n}" in stats, stats
 
 
 def test_redelivered_request_gets_the_same_answer_and_one_session_per_ev(grid: Grid) -> None:
@@ -166,6 +176,9 @@ def test_redelivered_request_gets_the_same_answer_and_one_session_per_ev(grid: G
     ev.publish("grid/v1/ev/EV_0002/request", {"request_id": "trip-2", "requested_kw": 11, "energy_kwh": 30})
     busy = ev.wait_for(lambda m: m.json()["request_id"] == "trip-2")[0].json()
     assert (busy["status"], busy["reason"]) == ("rejected", "ev_busy")
+    # Barrier: the observer gets the balancer's messages in the order they were sent, so once it has the
+    # answer to trip-2, it has every command decided for the two earlier deliveries of trip-1.
+    grid.watch.wait_for(lambda m: m.topic == "grid/v1/ev/EV_0002/assignment" and m.json()["request_id"] == "trip-2")
     starts = [c for m in grid.watch.messages if m.topic.endswith("/command") for c in m.json()["commands"]
               if c["ev_id"] == "EV_0002" and c["command"] == "start"]
     assert len(starts) == 1
@@ -192,9 +205,14 @@ def test_mqtt5_response_topic_and_correlation_data(grid: Grid) -> None:
     ev.publish("grid/v1/ev/EV_0003/release", {}, response_topic="grid/v1/substation/A/command",
                correlation_data=b"x")
     ev.wait_for(lambda m: m.topic.endswith("/assignment") and m.json()["status"] == "completed")
-    time.sleep(0.3)
-    assert not [m for m in grid.watch.messages if m.topic == "grid/v1/substation/A/command"
-                and b"completed" in m.payload]
+    # Barrier: the release's stop command goes to that very topic after the answer (and after any reply to
+    # it), and a topic's messages arrive in order: once the stop is seen, a leaked reply would be there.
+    command_topic = "grid/v1/substation/A/command"
+    grid.watch.wait_for(lambda m: m.topic == command_topic
+                        and any(c["command"] == "stop" and c["ev_id"] == "EV_0003" for c in m.json()["commands"]),
+                        what="stop command of the release")
+    leaked = [m for m in grid.watch.on(command_topic) if b"completed" in m.payload]
+    assert not leaked, leaked
     ev.close()
 
 

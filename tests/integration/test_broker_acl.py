@@ -12,18 +12,15 @@ import socket
 import ssl
 import struct
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from probe import Probe
 
 from broker.accounts import verify_password
 from broker.local import LocalBroker
@@ -36,143 +33,12 @@ NOT_AUTHORIZED = 0x87
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class Received(NamedTuple):
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-
-
-class Peer:
-    """A paho MQTT 5 client (callback API v2) with bounded waits and a record of what it received."""
-
-    def __init__(
-        self,
-        broker: LocalBroker,
-        username: str | None,
-        password: str | None = None,
-        *,
-        protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv5,
-        clean_start: bool = True,
-        session_expiry: int | None = None,
-        port: int | None = None,
-        ca_file: str | None = None,
-    ) -> None:
-        self.broker = broker
-        self.username = username
-        client_id = username or ""
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
-        self.client.max_inflight_messages_set(100)  # the broker's Receive Maximum (max_inflight_messages)
-        if username is not None:
-            self.client.username_pw_set(username, password if password is not None else broker.password_for(username))
-        if ca_file is not None:
-            self.client.tls_set(ca_certs=ca_file)
-        self.protocol = protocol
-        self.clean_start = clean_start
-        self.session_expiry = session_expiry
-        self.port = port or broker.port
-        self._cond = threading.Condition()
-        self.messages: list[Received] = []
-        self.acks: dict[int, ReasonCode] = {}
-        self.subacks: dict[int, list[ReasonCode]] = {}
-        self.connack: ReasonCode | None = None
-        self.session_present: bool | None = None
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.client.on_publish = self._on_publish
-        self.client.on_subscribe = self._on_subscribe
-
-    # callbacks (paho network thread)
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
-        if rc.is_failure:
-            client.disconnect()  # no automatic retry (the loop would sit in its reconnect wait on close)
-        with self._cond:
-            self.connack = rc
-            self.session_present = bool(flags.session_present)
-            self._cond.notify_all()
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        # Keep a plain tuple, not the MQTTMessage: 20k live MQTTMessage objects make the cyclic GC slow the
-        # burst test down 2-3x. No notify either: the waiter polls (waking it per message costs too).
-        with self._cond:
-            self.messages.append(Received(msg.topic, bytes(msg.payload), msg.qos, msg.retain))
-
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any) -> None:
-        with self._cond:
-            self.acks[mid] = rc
-            self._cond.notify_all()
-
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, rcs: list[ReasonCode], props: Any) -> None:
-        with self._cond:
-            self.subacks[mid] = rcs
-            self._cond.notify_all()
-
-    def wait_until(self, predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(min(remaining, 0.005))
-            return True
-
-    # operations
-    def connect(self) -> ReasonCode:
-        kwargs: dict[str, Any] = {}
-        if self.protocol == mqtt.MQTTv5:
-            kwargs["clean_start"] = self.clean_start
-            if self.session_expiry is not None:
-                props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = self.session_expiry
-                kwargs["properties"] = props
-        self.client.connect(self.broker.host, self.port, keepalive=60, **kwargs)
-        sock = self.client.socket()
-        assert isinstance(sock, socket.socket)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # FIELD-NOTES
-        self.client.loop_start()
-        assert self.wait_until(lambda: self.connack is not None), f"no CONNACK for {self.username}"
-        assert self.connack is not None
-        return self.connack
-
-    def start(self) -> Peer:
-        rc = self.connect()
-        assert not rc.is_failure, f"{self.username} refused: {rc}"
-        return self
-
-    def subscribe(self, *topics: str, qos: int = 1) -> list[ReasonCode]:
-        result, mid = self.client.subscribe([(t, qos) for t in topics])
-        assert result == mqtt.MQTT_ERR_SUCCESS and mid is not None
-        assert self.wait_until(lambda: mid in self.subacks), "no SUBACK"
-        return self.subacks[mid]
-
-    def publish(self, topic: str, payload: bytes = b"{}", qos: int = 1) -> ReasonCode | None:
-        """Publish and, for QoS 1, wait for the PUBACK and return its reason code."""
-        info = self.client.publish(topic, payload, qos=qos)
-        assert info.rc == mqtt.MQTT_ERR_SUCCESS, mqtt.error_string(info.rc)
-        if qos == 0:
-            return None
-        assert self.wait_until(lambda: info.mid in self.acks), f"no PUBACK for {topic}"
-        return self.acks[info.mid]
-
-    def topics(self) -> list[str]:
-        with self._cond:
-            return [m.topic for m in self.messages]
-
-    def wait_for_topic(self, topic: str, timeout: float = TIMEOUT) -> bool:
-        return self.wait_until(lambda: any(m.topic == topic for m in self.messages), timeout)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @pytest.fixture
-def peers() -> Iterator[Callable[..., Peer]]:
-    made: list[Peer] = []
+def peers() -> Iterator[Callable[..., Probe]]:
+    made: list[Probe] = []
 
-    def connect(broker: LocalBroker, username: str, **kwargs: Any) -> Peer:
-        peer = Peer(broker, username, **kwargs).start()
+    def connect(broker: LocalBroker, username: str, **kwargs: Any) -> Probe:
+        peer = Probe(broker, username, **kwargs)
         made.append(peer)
         return peer
 
@@ -182,7 +48,7 @@ def peers() -> Iterator[Callable[..., Peer]]:
 
 
 def _refused(broker: LocalBroker, username: str | None, password: str | None) -> ReasonCode:
-    peer = Peer(broker, username, password)
+    peer = Probe(broker, username, password=password, connect=False)
     peer.client.reconnect_delay_set(60, 60)  # do not hammer the broker while we look at the CONNACK
     try:
         return peer.connect()
@@ -221,15 +87,15 @@ def test_python_hashes_match_mosquitto_passwd(tmp_path: Path) -> None:
 # --- ACL: EVs -------------------------------------------------------------------------------------
 
 
-def test_ev_cannot_read_another_evs_assignment(broker: LocalBroker, peers: Callable[..., Peer]) -> None:
+def test_ev_cannot_read_another_evs_assignment(broker: LocalBroker, peers: Callable[..., Probe]) -> None:
     ev1 = peers(broker, "EV_0001")
     ev2 = peers(broker, "EV_0002")
     ev1.subscribe("#", f"{P}/ev/EV_0002/assignment")  # accepted: the ACL is applied per delivered message
     ev2.subscribe(f"{P}/ev/EV_0002/assignment")
     balancer = peers(broker, "balancer")
 
-    assert balancer.publish(f"{P}/ev/EV_0002/assignment", b"for EV_0002") == 0
-    assert balancer.publish(f"{P}/ev/EV_0001/assignment", b"barrier") == 0
+    assert balancer.try_publish(f"{P}/ev/EV_0002/assignment", b"for EV_0002") == 0
+    assert balancer.try_publish(f"{P}/ev/EV_0001/assignment", b"barrier") == 0
 
     assert ev2.wait_for_topic(f"{P}/ev/EV_0002/assignment")
     assert ev1.wait_for_topic(f"{P}/ev/EV_0001/assignment")
@@ -240,27 +106,27 @@ def test_ev_cannot_read_another_evs_assignment(broker: LocalBroker, peers: Calla
     "topic",
     [f"{P}/substation/A/telemetry", f"{P}/substation/A/status", f"{P}/substation/A/session"],
 )
-def test_ev_cannot_publish_for_a_substation(broker: LocalBroker, peers: Callable[..., Peer], topic: str) -> None:
+def test_ev_cannot_publish_for_a_substation(broker: LocalBroker, peers: Callable[..., Probe], topic: str) -> None:
     observer = peers(broker, "observer")
     observer.subscribe(f"{P}/#")
     ev = peers(broker, "EV_0001")
-    rc = ev.publish(topic, b"fake")
+    rc = ev.try_publish(topic, b"fake")
     assert rc is not None and rc.value == NOT_AUTHORIZED
     barrier = f"{P}/ev/EV_0001/request"
-    assert ev.publish(barrier) == 0
+    assert ev.try_publish(barrier) == 0
     assert observer.wait_for_topic(barrier)
     assert observer.topics() == [barrier]
 
 
-def test_ev_cannot_request_or_release_as_another_ev(broker: LocalBroker, peers: Callable[..., Peer]) -> None:
+def test_ev_cannot_request_or_release_as_another_ev(broker: LocalBroker, peers: Callable[..., Probe]) -> None:
     balancer = peers(broker, "balancer")
     balancer.subscribe(f"{P}/ev/+/request", f"{P}/ev/+/release")
     ev = peers(broker, "EV_0001")
     for topic in (f"{P}/ev/EV_0002/request", f"{P}/ev/EV_0002/release", f"{P}/ev/EV_0001/assignment"):
-        rc = ev.publish(topic, b"spoofed")
+        rc = ev.try_publish(topic, b"spoofed")
         assert rc is not None and rc.value == NOT_AUTHORIZED, topic
-    assert ev.publish(f"{P}/ev/EV_0001/request") == 0
-    assert ev.publish(f"{P}/ev/EV_0001/release") == 0
+    assert ev.try_publish(f"{P}/ev/EV_0001/request") == 0
+    assert ev.try_publish(f"{P}/ev/EV_0001/release") == 0
     assert balancer.wait_for_topic(f"{P}/ev/EV_0001/release")
     assert balancer.topics() == [f"{P}/ev/EV_0001/request", f"{P}/ev/EV_0001/release"]
 
@@ -268,43 +134,43 @@ def test_ev_cannot_request_or_release_as_another_ev(broker: LocalBroker, peers: 
 # --- ACL: substations ---------------------------------------------------------------------------
 
 
-def test_substation_publishes_only_its_own_reports(broker: LocalBroker, peers: Callable[..., Peer]) -> None:
+def test_substation_publishes_only_its_own_reports(broker: LocalBroker, peers: Callable[..., Probe]) -> None:
     observer = peers(broker, "observer")
     observer.subscribe(f"{P}/#")
     sub_a = peers(broker, "substation.A")
     for topic in (f"{P}/substation/B/telemetry", f"{P}/substation/B/status", f"{P}/substation/A/command",
                   f"{P}/ev/substation.A/request", f"{P}/ev/EV_0001/request"):
-        rc = sub_a.publish(topic, b"fake")
+        rc = sub_a.try_publish(topic, b"fake")
         assert rc is not None and rc.value == NOT_AUTHORIZED, topic
     for kind in ("telemetry", "status", "session"):
-        assert sub_a.publish(f"{P}/substation/A/{kind}") == 0
+        assert sub_a.try_publish(f"{P}/substation/A/{kind}") == 0
     assert observer.wait_for_topic(f"{P}/substation/A/session")
     assert observer.topics() == [f"{P}/substation/A/{k}" for k in ("telemetry", "status", "session")]
 
 
-def test_substation_cannot_read_ev_assignments(broker: LocalBroker, peers: Callable[..., Peer]) -> None:
+def test_substation_cannot_read_ev_assignments(broker: LocalBroker, peers: Callable[..., Probe]) -> None:
     sub_a = peers(broker, "substation.A")
     sub_a.subscribe("#", f"{P}/ev/+/assignment")
     balancer = peers(broker, "balancer")
-    assert balancer.publish(f"{P}/ev/EV_0001/assignment") == 0
-    assert balancer.publish(f"{P}/substation/B/command") == 0  # another substation's command
-    assert balancer.publish(f"{P}/substation/A/error") == 0
-    assert balancer.publish(f"{P}/substation/A/command") == 0  # barrier
+    assert balancer.try_publish(f"{P}/ev/EV_0001/assignment") == 0
+    assert balancer.try_publish(f"{P}/substation/B/command") == 0  # another substation's command
+    assert balancer.try_publish(f"{P}/substation/A/error") == 0
+    assert balancer.try_publish(f"{P}/substation/A/command") == 0  # barrier
     assert sub_a.wait_for_topic(f"{P}/substation/A/command")
     assert sub_a.topics() == [f"{P}/substation/A/error", f"{P}/substation/A/command"]
 
 
 def test_ev_account_does_not_match_substation_rules(make_broker: Callable[..., LocalBroker],
-                                                    peers: Callable[..., Peer]) -> None:
+                                                    peers: Callable[..., Probe]) -> None:
     # An EV whose id equals a substation id gets nothing of that substation's rights.
     broker = make_broker(substation_ids=["A"], ev_ids=["A"])
     ev_a = peers(broker, "A")
     ev_a.subscribe(f"{P}/substation/A/command", f"{P}/ev/A/assignment")
-    rc = ev_a.publish(f"{P}/substation/A/telemetry")
+    rc = ev_a.try_publish(f"{P}/substation/A/telemetry")
     assert rc is not None and rc.value == NOT_AUTHORIZED
     balancer = peers(broker, "balancer")
-    assert balancer.publish(f"{P}/substation/A/command") == 0
-    assert balancer.publish(f"{P}/ev/A/assignment") == 0  # barrier
+    assert balancer.try_publish(f"{P}/substation/A/command") == 0
+    assert balancer.try_publish(f"{P}/ev/A/assignment") == 0  # barrier
     assert ev_a.wait_for_topic(f"{P}/ev/A/assignment")
     assert ev_a.topics() == [f"{P}/ev/A/assignment"]
 
@@ -312,7 +178,7 @@ def test_ev_account_does_not_match_substation_rules(make_broker: Callable[..., L
 # --- ACL: services ------------------------------------------------------------------------------
 
 
-def test_balancer_reads_requests_and_writes_assignments(broker: LocalBroker, peers: Callable[..., Peer]) -> None:
+def test_balancer_reads_requests_and_writes_assignments(broker: LocalBroker, peers: Callable[..., Probe]) -> None:
     balancer = peers(broker, "balancer")
     balancer.subscribe(f"{P}/ev/+/request", f"{P}/substation/+/telemetry")
     ev = peers(broker, "EV_1234")
@@ -320,38 +186,38 @@ def test_balancer_reads_requests_and_writes_assignments(broker: LocalBroker, pee
     sub_b = peers(broker, "substation.B")
     sub_b.subscribe(f"{P}/substation/B/command")
 
-    assert ev.publish(f"{P}/ev/EV_1234/request", b'{"request_id": "r1"}') == 0
-    assert sub_b.publish(f"{P}/substation/B/telemetry", qos=1) == 0
+    assert ev.try_publish(f"{P}/ev/EV_1234/request", b'{"request_id": "r1"}') == 0
+    assert sub_b.try_publish(f"{P}/substation/B/telemetry", qos=1) == 0
     assert balancer.wait_for_topic(f"{P}/substation/B/telemetry")
     assert balancer.wait_for_topic(f"{P}/ev/EV_1234/request")
 
-    assert balancer.publish(f"{P}/ev/EV_1234/assignment", b'{"status": "assigned"}') == 0
-    assert balancer.publish(f"{P}/reply/EV_1234/r1", b"{}") == 0
-    assert balancer.publish(f"{P}/substation/B/command", b"{}") == 0
+    assert balancer.try_publish(f"{P}/ev/EV_1234/assignment", b'{"status": "assigned"}') == 0
+    assert balancer.try_publish(f"{P}/reply/EV_1234/r1", b"{}") == 0
+    assert balancer.try_publish(f"{P}/substation/B/command", b"{}") == 0
     assert ev.wait_for_topic(f"{P}/reply/EV_1234/r1")
     assert ev.topics() == [f"{P}/ev/EV_1234/assignment", f"{P}/reply/EV_1234/r1"]
     assert sub_b.wait_for_topic(f"{P}/substation/B/command")
 
     # It cannot impersonate the other side.
     for topic in (f"{P}/ev/EV_1234/request", f"{P}/substation/B/telemetry", f"{P}/ev/balancer/request"):
-        rc = balancer.publish(topic)
+        rc = balancer.try_publish(topic)
         assert rc is not None and rc.value == NOT_AUTHORIZED, topic
 
 
-def test_observer_is_read_only(broker: LocalBroker, peers: Callable[..., Peer]) -> None:
+def test_observer_is_read_only(broker: LocalBroker, peers: Callable[..., Probe]) -> None:
     observer = peers(broker, "observer")
     observer.subscribe(f"{P}/#")
     # Includes the topics the EV patterns would grant to a user named "observer" (denied explicitly).
     for topic in (f"{P}/ev/observer/request", f"{P}/ev/EV_0001/request", f"{P}/substation/A/command",
                   f"{P}/balancer/status", f"{P}/reply/observer/x"):
-        rc = observer.publish(topic)
+        rc = observer.try_publish(topic)
         assert rc is not None and rc.value == NOT_AUTHORIZED, topic
     api = peers(broker, "api")
-    assert api.publish(f"{P}/ev/EV_0001/request") == 0  # api may submit on behalf of an EV; also the barrier
-    assert api.publish(f"{P}/balancer/control/limits") == 0
+    assert api.try_publish(f"{P}/ev/EV_0001/request") == 0  # api may submit on behalf of an EV; also the barrier
+    assert api.try_publish(f"{P}/balancer/control/limits") == 0
     assert observer.wait_for_topic(f"{P}/balancer/control/limits")
     assert observer.topics() == [f"{P}/ev/EV_0001/request", f"{P}/balancer/control/limits"]
-    rc = api.publish(f"{P}/ev/EV_0001/assignment")
+    rc = api.try_publish(f"{P}/ev/EV_0001/assignment")
     assert rc is not None and rc.value == NOT_AUTHORIZED
 
 
@@ -388,7 +254,7 @@ def _raw_mqtt5_publish(broker: LocalBroker, username: str, topic: str, payload: 
         return sock.recv(64)
 
 
-def test_oversized_message_is_not_delivered(broker: LocalBroker, peers: Callable[..., Peer]) -> None:
+def test_oversized_message_is_not_delivered(broker: LocalBroker, peers: Callable[..., Probe]) -> None:
     limit = 65536  # message_size_limit in mosquitto.conf.in
     observer = peers(broker, "observer")
     observer.subscribe(f"{P}/ev/#")
@@ -399,14 +265,14 @@ def test_oversized_message_is_not_delivered(broker: LocalBroker, peers: Callable
     assert puback == bytes([0x40, 3, 0, 1, 0x95])
     # MQTT 3.1.1: the publisher gets a normal PUBACK and is not told.
     ev = peers(broker, "EV_0002", protocol=mqtt.MQTTv311)
-    assert ev.publish(f"{P}/ev/EV_0002/request", b"y" * (limit + 1)) == 0
+    assert ev.try_publish(f"{P}/ev/EV_0002/request", b"y" * (limit + 1)) == 0
     # Exactly at the limit is accepted (barrier).
-    assert ev.publish(f"{P}/ev/EV_0002/release", b"z" * limit) == 0
+    assert ev.try_publish(f"{P}/ev/EV_0002/release", b"z" * limit) == 0
     assert observer.wait_for_topic(f"{P}/ev/EV_0002/release")
     assert [(m.topic, len(m.payload)) for m in observer.messages] == [(f"{P}/ev/EV_0002/release", limit)]
 
 
-def test_burst_to_slow_subscriber_is_fully_delivered(broker: LocalBroker, peers: Callable[..., Peer]) -> None:
+def test_burst_to_slow_subscriber_is_fully_delivered(broker: LocalBroker, peers: Callable[..., Probe]) -> None:
     """max_queued_messages 200000: the default (1000) would drop 18,900 of these (measured)."""
     n = 20_000
     balancer = peers(broker, "balancer")
@@ -434,7 +300,7 @@ def _wait_for_log(broker: LocalBroker, text: str, timeout: float = TIMEOUT) -> N
         time.sleep(0.01)
 
 
-def test_restart_keeps_persistent_session(broker: LocalBroker, peers: Callable[..., Peer]) -> None:
+def test_restart_keeps_persistent_session(broker: LocalBroker, peers: Callable[..., Probe]) -> None:
     topic = f"{P}/ev/EV_0001/request"
     # clean_start=False from the first connect, as the services do: Mosquitto 2.0.11 keeps the session of
     # a clean_start=True + session-expiry CONNECT in memory but does NOT save it to the persistence
@@ -445,13 +311,13 @@ def test_restart_keeps_persistent_session(broker: LocalBroker, peers: Callable[.
     _wait_for_log(broker, "Client balancer disconnected")
 
     ev = peers(broker, "EV_0001")
-    assert ev.publish(topic, b"before restart") == 0  # queued for the offline balancer
+    assert ev.try_publish(topic, b"before restart") == 0  # queued for the offline balancer
     ev.close()
 
     broker.restart()  # SIGTERM: Mosquitto saves sessions and queued messages; same port and data dir
 
     ev = peers(broker, "EV_0001")
-    assert ev.publish(topic, b"after restart") == 0
+    assert ev.try_publish(topic, b"after restart") == 0
 
     again = peers(broker, "balancer", clean_start=False, session_expiry=3600)  # no new SUBSCRIBE
     assert again.session_present is True
@@ -462,7 +328,7 @@ def test_restart_keeps_persistent_session(broker: LocalBroker, peers: Callable[.
 # --- TLS ----------------------------------------------------------------------------------------
 
 
-def test_tls_listener(tmp_path: Path, make_broker: Callable[..., LocalBroker], peers: Callable[..., Peer]) -> None:
+def test_tls_listener(tmp_path: Path, make_broker: Callable[..., LocalBroker], peers: Callable[..., Probe]) -> None:
     certs = tmp_path / "certs"
     subprocess.run(["sh", str(ROOT / "broker" / "tls" / "make-certs.sh"), str(certs)], check=True,
                    capture_output=True, timeout=30)
@@ -472,7 +338,7 @@ def test_tls_listener(tmp_path: Path, make_broker: Callable[..., LocalBroker], p
 
     client = peers(broker, "loadtest", port=broker.tls_port, ca_file=ca)
     client.subscribe(f"{P}/ev/EV_0001/#")
-    assert client.publish(f"{P}/ev/EV_0001/request", b"over tls") == 0
+    assert client.try_publish(f"{P}/ev/EV_0001/request", b"over tls") == 0
     assert client.wait_for_topic(f"{P}/ev/EV_0001/request")
     assert client.messages[0].payload == b"over tls"
 
@@ -482,13 +348,13 @@ def test_tls_listener(tmp_path: Path, make_broker: Callable[..., LocalBroker], p
     other = tmp_path / "other-ca"
     subprocess.run(["sh", str(ROOT / "broker" / "tls" / "make-certs.sh"), str(other)], check=True,
                    capture_output=True, timeout=30)
-    stranger = Peer(broker, "loadtest", port=broker.tls_port, ca_file=str(other / "ca.crt"))
+    stranger = Probe(broker, "loadtest", port=broker.tls_port, ca_file=str(other / "ca.crt"), connect=False)
     with pytest.raises(ssl.SSLCertVerificationError):
         stranger.connect()
 
 
 def _refused_tls(broker: LocalBroker, ca: str, username: str, password: str) -> ReasonCode:
-    peer = Peer(broker, username, password, port=broker.tls_port, ca_file=ca)
+    peer = Probe(broker, username, password=password, port=broker.tls_port, ca_file=ca, connect=False)
     peer.client.reconnect_delay_set(60, 60)
     try:
         return peer.connect()

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+from probe import Probe, Received, service_env
 
 from broker.local import LocalBroker
 from grid_protocol.topics import Topics
@@ -28,17 +25,10 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "test-secret"
-_ENV_PREFIXES = ("MQTT_", "EV_", "SUBSTATION", "SIM_", "BALANCER_", "GRID_", "LOG_")
 
 
 def _env(broker: LocalBroker, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_PREFIXES)}
-    env.update(
-        MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), LOG_FORMAT="text", LOG_LEVEL="INFO",
-        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    env.update(extra)
-    return env
+    return service_env(broker, **{"LOG_LEVEL": "INFO", **extra})
 
 
 class Procs:
@@ -97,29 +87,20 @@ def wait_online(broker: LocalBroker, substations: list[str], *, balancer: bool, 
     wanted = {topics.substation_status(s) for s in substations} | {topics.telemetry(s) for s in substations}
     if balancer:
         wanted.add(topics.balancer_status())
-    seen: set[str] = set()
-    done = threading.Event()
 
-    def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        if msg.topic.endswith("/telemetry") or b'"online"' in msg.payload:
-            seen.add(msg.topic)
-        elif msg.topic in seen:
-            seen.discard(msg.topic)
-        if wanted <= seen:
-            done.set()
+    def online(messages: list[Received]) -> set[str]:
+        seen: set[str] = set()
+        for m in messages:  # in arrival order: a later offline status cancels an online one
+            if m.topic.endswith("/telemetry") or b'"online"' in m.payload:
+                seen.add(m.topic)
+            else:
+                seen.discard(m.topic)
+        return seen
 
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="observer", protocol=paho.MQTTv5)
-    client.username_pw_set("observer", broker.password_for("observer"))
-    client.on_message = on_message
-    client.on_connect = lambda c, *_: c.subscribe([(t, 1) for t in sorted(wanted)])
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    try:
-        if not done.wait(timeout):
-            raise AssertionError(f"services not online after {timeout} s: missing {sorted(wanted - seen)}")
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    with Probe(broker, "observer", *sorted(wanted)) as watch:
+        if not watch.wait_until(lambda: wanted <= online(watch.messages), timeout):
+            raise AssertionError(f"services not online after {timeout} s: "
+                                 f"missing {sorted(wanted - online(watch.messages))}")
 
 
 def run_ev_clients(broker: LocalBroker, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:

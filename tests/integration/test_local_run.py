@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,3 +43,63 @@ def test_gridlb_run_starts_everything_balances_evs_and_stops_cleanly(tmp_path: P
     assert "balancer_starting" in events and "balancer_stopped" in events
     assert not [e for e in balancer_log if e["level"] == "error"], balancer_log[-5:]
     assert "assigned" in json.dumps([e for e in balancer_log if e["event"] == "balancer_stats"][-1])
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_gridlb_run_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    """``kill <pid>`` (systemd, CI timeouts) must stop the services and the broker, not orphan them."""
+    work = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "gridlb", "run", "--work-dir", str(work), "--port", "0",
+                             "--no-fleet"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    children: list[int] = []
+    try:
+        assert proc.stdout is not None
+        banner = b""
+        deadline = time.monotonic() + 30
+        while b"Ctrl-C stops everything" not in banner and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            banner += line
+        assert b"Ctrl-C stops everything" in banner, banner.decode(errors="replace")
+        port = int(re.search(rb"mqtt://127\.0\.0\.1:(\d+)", banner).group(1))  # type: ignore[union-attr]
+        children = _children(proc.pid)
+        assert len(children) == 3, children  # mosquitto, balancer, substation agents
+
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=40)
+        assert proc.returncode == 0, out.decode(errors="replace")
+        assert [pid for pid in children if _alive(pid)] == []
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            pass
+        balancer_log = (work / "logs" / "balancer.log").read_text()
+        assert "balancer_stopped" in balancer_log
+        assert "agent_stopped" in (work / "logs" / "substations.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        for pid in children:  # without the fix they outlive gridlb: do not leave them running
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

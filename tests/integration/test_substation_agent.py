@@ -8,19 +8,13 @@ broker-published last will on SIGKILL.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+from probe import TIMEOUT, Probe, Received, Service
 
 from broker.local import LocalBroker
 from grid_protocol.codec import decode, encode
@@ -29,108 +23,27 @@ from grid_protocol.topics import TopicKind, Topics
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 T = Topics()
-TIMEOUT = 5.0
 CAPACITY = {"A": 100.0, "B": 50.0}
 
 
-@dataclass(frozen=True)
-class Received:
-    at: float
-    topic: str
-    payload: bytes
-    retain: bool
-
-
-class Observer:
-    """A paho client recording everything it receives, with bounded waits."""
-
-    def __init__(self, broker: LocalBroker, username: str, topic_filter: str | None = "grid/v1/#") -> None:
-        self.messages: list[Received] = []
-        self._cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=username, protocol=mqtt.MQTTv5)
-        self.client.username_pw_set(username, broker.password_for(username))
-        self.client.on_message = self._on_message
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *_a: subscribed.set()
-        connected = threading.Event()
-        self.client.on_connect = lambda *_a: connected.set()
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert connected.wait(TIMEOUT), "observer could not connect"
-        if topic_filter is not None:
-            self.client.subscribe(topic_filter, 1)
-            assert subscribed.wait(TIMEOUT), "subscription not acknowledged"
-
-    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        with self._cond:
-            self.messages.append(Received(time.monotonic(), msg.topic, bytes(msg.payload), bool(msg.retain)))
-            self._cond.notify_all()
-
-    def on(self, topic: str, since: float = 0.0) -> list[Received]:
-        with self._cond:
-            return [m for m in self.messages if m.topic == topic and m.at >= since]
-
-    def wait_for(self, predicate: Callable[[Received], bool], timeout: float = TIMEOUT,
-                 since: float = 0.0, what: str = "message") -> Received:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for m in self.messages:
-                    if m.at >= since and predicate(m):
-                        return m
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no {what} within {timeout} s")
-                self._cond.wait(left)
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        info = self.client.publish(topic, payload, qos=1)
-        info.wait_for_publish(TIMEOUT)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-class AgentProcess:
-    def __init__(self, broker: LocalBroker, log_path: Path) -> None:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("MQTT_", "SUBSTATION", "SIM_", "GRID_", "LOG_"))}
-        env.update(
-            PYTHONPATH=str(ROOT), MQTT_HOST="127.0.0.1", MQTT_PORT=str(broker.port),
-            MQTT_ACCOUNT_SECRET=broker.secret, MQTT_KEEPALIVE_S="5", SUBSTATIONS="A:100,B:50",
-            SUBSTATION_INTERVAL_S="0.2", SIM_SPEEDUP="600", LOG_LEVEL="DEBUG", LOG_FORMAT="text",
-        )
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "substation_agents"], cwd=ROOT, env=env,
-                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(TIMEOUT)
-        self._log.close()
+def start_agents(broker: LocalBroker, log_dir: Path) -> Service:
+    return Service("substation_agents", broker, log_dir, MQTT_ACCOUNT_SECRET=broker.secret, MQTT_KEEPALIVE_S="5",
+                   SUBSTATIONS="A:100,B:50", SUBSTATION_INTERVAL_S="0.2", SIM_SPEEDUP="600", LOG_LEVEL="DEBUG")
 
 
 @pytest.fixture
-def observer(broker: LocalBroker) -> Iterator[Observer]:
-    obs = Observer(broker, "observer")
-    yield obs
-    obs.close()
+def observer(broker: LocalBroker) -> Iterator[Probe]:
+    with Probe(broker, "observer", "grid/v1/#") as obs:
+        yield obs
 
 
 @pytest.fixture
-def agents(broker: LocalBroker, observer: Observer, tmp_path: Path) -> Iterator[AgentProcess]:
-    proc = AgentProcess(broker, tmp_path / "agents.log")
+def agents(broker: LocalBroker, observer: Probe, tmp_path: Path) -> Iterator[Service]:
+    proc = start_agents(broker, tmp_path)
     try:
         for sid in CAPACITY:
-            observer.wait_for(on_topic(T.telemetry(sid)), what=f"telemetry of {sid}")
+            observer.wait_one(on_topic(T.telemetry(sid)), what=f"telemetry of {sid}")
     except AssertionError:
         proc.stop()
         raise AssertionError(f"agents did not come up; log:\n{proc.log()}") from None
@@ -139,21 +52,21 @@ def agents(broker: LocalBroker, observer: Observer, tmp_path: Path) -> Iterator[
 
 
 @pytest.fixture
-def balancer(broker: LocalBroker) -> Iterator[Observer]:
-    bal = Observer(broker, "balancer", topic_filter=None)
-    yield bal
-    bal.close()
+def balancer(broker: LocalBroker) -> Iterator[Probe]:
+    """Plays the balancer: sends commands (subscribes to nothing)."""
+    with Probe(broker, "balancer") as bal:
+        yield bal
 
 
 def on_topic(topic: str, contains: bytes = b"") -> Callable[[Received], bool]:
     return lambda m: m.topic == topic and contains in m.payload
 
 
-def telemetry(observer: Observer, sid: str, since: float = 0.0) -> list[Telemetry]:
+def telemetry(observer: Probe, sid: str, since: float = 0.0) -> list[Telemetry]:
     return [decode(m.payload, Telemetry) for m in observer.on(T.telemetry(sid), since)]
 
 
-def session_events(observer: Observer, since: float = 0.0) -> list[SessionEvent]:
+def session_events(observer: Probe, since: float = 0.0) -> list[SessionEvent]:
     return [decode(m.payload, SessionEvent) for m in observer.on(T.session_events("A"), since)]
 
 
@@ -169,25 +82,26 @@ def start_command(session_id: str, energy_kwh: float) -> bytes:
 
 def retained_status(broker: LocalBroker, sid: str) -> SubstationStatus:
     """What a newcomer sees on the status topic: it must be a retained message."""
-    late = Observer(broker, "api", topic_filter=T.substation_status(sid))
+    late = Probe(broker, "api", T.substation_status(sid))
     try:
-        msg = late.wait_for(lambda m: True, what=f"retained status of {sid}")
+        msg = late.wait_one(lambda m: True, what=f"retained status of {sid}")
         assert msg.retain
         return decode(msg.payload, SubstationStatus)
     finally:
         late.close()
 
 
-def test_retained_online_status_and_telemetry(broker: LocalBroker, observer: Observer,
-                                              agents: AgentProcess) -> None:
+def test_retained_online_status_and_telemetry(broker: LocalBroker, observer: Probe,
+                                              agents: Service) -> None:
     for sid, capacity in CAPACITY.items():
         status = retained_status(broker, sid)
         assert (status.state, status.substation_id, status.capacity_kw) == ("online", sid, capacity)
-    time.sleep(1.0)
+    for sid in CAPACITY:  # 0.2 s interval: a bit over a second of telemetry
+        observer.wait_for(on_topic(T.telemetry(sid)), count=6, what=f"telemetry of {sid}")
     now = time.time()
     for sid, capacity in CAPACITY.items():
         msgs = telemetry(observer, sid)
-        assert len(msgs) >= 5  # 0.2 s interval over > 1 s
+        assert len(msgs) >= 6
         seqs = [m.seq for m in msgs]
         assert seqs == sorted(set(seqs))
         for m in msgs:
@@ -203,11 +117,11 @@ def test_retained_online_status_and_telemetry(broker: LocalBroker, observer: Obs
                      for sid in CAPACITY}
 
 
-def test_start_command_gives_started_then_energy_delivered(observer: Observer, balancer: Observer,
-                                                            agents: AgentProcess) -> None:
+def test_start_command_gives_started_then_energy_delivered(observer: Probe, balancer: Probe,
+                                                            agents: Service) -> None:
     t0 = time.monotonic()
     balancer.publish(T.command("A"), start_command("sess-1", energy_kwh=3.0))  # ~0.8 s real at 600x
-    observer.wait_for(on_topic(T.session_events("A"), b'"ended"'), since=t0, what="ended event")
+    observer.wait_one(on_topic(T.session_events("A"), b'"ended"'), since=t0, what="ended event")
     started, ended = session_events(observer, t0)
     assert (started.event, started.session_id, started.ev_id, started.substation_id) == (
         "started", "sess-1", "EV_0001", "A")
@@ -221,39 +135,41 @@ def test_start_command_gives_started_then_energy_delivered(observer: Observer, b
     assert all(m.ev_load_kw == 0 for m in telemetry(observer, "B", t0))
 
 
-def test_stop_command_ends_session_with_its_reason(observer: Observer, balancer: Observer,
-                                                   agents: AgentProcess) -> None:
+def test_stop_command_ends_session_with_its_reason(observer: Probe, balancer: Probe,
+                                                   agents: Service) -> None:
     t0 = time.monotonic()
     balancer.publish(T.command("A"), start_command("sess-2", energy_kwh=500.0))
-    observer.wait_for(on_topic(T.session_events("A")), since=t0, what="started event")
+    observer.wait_one(on_topic(T.session_events("A")), since=t0, what="started event")
     balancer.publish(T.command("A"), commands(SessionCommand(
         command="stop", session_id="sess-2", ev_id="EV_0001", ts=time.time(), reason="released")))
-    ended = observer.wait_for(on_topic(T.session_events("A"), b'"ended"'), since=t0, what="ended event")
+    ended = observer.wait_one(on_topic(T.session_events("A"), b'"ended"'), since=t0, what="ended event")
     event = decode(ended.payload, SessionEvent)
     assert event.reason == "released"
     assert event.energy_delivered_kwh is not None and 0 < event.energy_delivered_kwh < 500
 
 
-def test_malformed_commands_do_not_kill_the_agent(observer: Observer, balancer: Observer,
-                                                  agents: AgentProcess) -> None:
+def test_malformed_commands_do_not_kill_the_agent(observer: Probe, balancer: Probe,
+                                                  agents: Service) -> None:
     for payload in (b"garbage", b"{}", json.dumps({"command": "start"}).encode(), b"\xff" * 10,
                     b'{"command":"start","session_id":"x","ev_id":"EV_0001","ts":1,"granted_kw":-5}',
                     b'{"ts":1,"commands":[]}', b'{"ts":1,"commands":[{"command":"stop"}]}'):
         balancer.publish(T.command("A"), payload)
     t0 = time.monotonic()
-    time.sleep(0.6)
+    observer.wait_for(on_topic(T.telemetry("A")), count=2, since=t0, what="telemetry after bad commands")
     assert agents.proc.poll() is None, agents.log()
-    assert len(telemetry(observer, "A", t0)) >= 2
     assert session_events(observer) == []
     # Still obeys valid commands.
     balancer.publish(T.command("A"), start_command("sess-3", energy_kwh=0.5))
-    observer.wait_for(on_topic(T.session_events("A"), b'"ended"'), since=t0,
+    observer.wait_one(on_topic(T.session_events("A"), b'"ended"'), since=t0,
                       what="ended event after bad commands")
+    # Commands are applied in order and their events published in order: had a bad command started or
+    # stopped anything, its event would come before these.
+    assert [(e.event, e.session_id) for e in session_events(observer)] == [("started", "sess-3"), ("ended", "sess-3")]
     assert "command_refused" in agents.log()
 
 
-def test_sigterm_publishes_retained_offline_and_exits_zero(broker: LocalBroker, observer: Observer,
-                                                           agents: AgentProcess) -> None:
+def test_sigterm_publishes_retained_offline_and_exits_zero(broker: LocalBroker, observer: Probe,
+                                                           agents: Service) -> None:
     t0 = time.monotonic()
     agents.proc.send_signal(signal.SIGTERM)
     assert agents.proc.wait(TIMEOUT) == 0, agents.log()
@@ -264,14 +180,14 @@ def test_sigterm_publishes_retained_offline_and_exits_zero(broker: LocalBroker, 
         assert status.ts is not None  # our own status, not the broker's last will
 
 
-def test_sigkill_makes_the_broker_publish_the_last_will(broker: LocalBroker, observer: Observer,
-                                                        agents: AgentProcess) -> None:
+def test_sigkill_makes_the_broker_publish_the_last_will(broker: LocalBroker, observer: Probe,
+                                                        agents: Service) -> None:
     t0 = time.monotonic()
     agents.proc.kill()
     agents.proc.wait(TIMEOUT)
     # The socket is closed by the kernel, so the broker notices at once; the 5 s keepalive bounds it otherwise.
     for sid in CAPACITY:
-        msg = observer.wait_for(on_topic(T.substation_status(sid), b"offline"), timeout=10.0, since=t0,
+        msg = observer.wait_one(on_topic(T.substation_status(sid), b"offline"), timeout=10.0, since=t0,
                                 what=f"last will of {sid}")
         assert decode(msg.payload, SubstationStatus) == SubstationStatus(state="offline", substation_id=sid)
         status = retained_status(broker, sid)
@@ -279,24 +195,24 @@ def test_sigkill_makes_the_broker_publish_the_last_will(broker: LocalBroker, obs
 
 
 def test_frozen_agent_is_declared_offline_after_keepalive_and_drops_sessions_on_reconnect(
-        broker: LocalBroker, observer: Observer, balancer: Observer, agents: AgentProcess) -> None:
+        broker: LocalBroker, observer: Probe, balancer: Probe, agents: Service) -> None:
     """A hung agent (socket open, no pings) is detected by keepalive; when it wakes up it reconnects,
     ends the sessions the balancer has revoked meanwhile and announces itself online again."""
     balancer.publish(T.command("A"), start_command("sess-4", energy_kwh=500.0))
-    observer.wait_for(on_topic(T.session_events("A")), what="started event")
+    observer.wait_one(on_topic(T.session_events("A")), what="started event")
     t0 = time.monotonic()
     agents.proc.send_signal(signal.SIGSTOP)
     try:
-        will = observer.wait_for(on_topic(T.substation_status("A"), b"offline"),
+        will = observer.wait_one(on_topic(T.substation_status("A"), b"offline"),
                                  timeout=15.0, since=t0, what="last will after keepalive")
         # MQTT_KEEPALIVE_S=5: the broker waits 1.5 keepalives (measured ~10.7 s with Mosquitto 2.0.11).
         assert will.at - t0 >= 7.0
     finally:
         agents.proc.send_signal(signal.SIGCONT)
-    ended = observer.wait_for(on_topic(T.session_events("A"), b'"ended"'),
+    ended = observer.wait_one(on_topic(T.session_events("A"), b'"ended"'),
                               since=t0, what="ended event after reconnect")
     event = decode(ended.payload, SessionEvent)
     assert (event.session_id, event.reason) == ("sess-4", "substation_offline")
-    observer.wait_for(on_topic(T.substation_status("A"), b'"online"'),
+    observer.wait_one(on_topic(T.substation_status("A"), b'"online"'),
                       since=will.at, what="online status after reconnect")
     assert retained_status(broker, "A").state == "online"

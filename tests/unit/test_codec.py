@@ -390,7 +390,7 @@ def test_assignment_always_has_every_key() -> None:
     a = Assignment(request_id=None, ev_id="EV_1", status="queued", ts=1.0, position=3)
     keys = set(msgspec.json.decode(encode(a)))
     assert keys == {"request_id", "ev_id", "status", "ts", "substation_id", "granted_kw", "session_id", "reason",
-                    "detail", "position"}
+                    "detail", "position", "eta_s"}
 
 
 def test_decode_raises_only_payload_error_for_arbitrary_bytes() -> None:

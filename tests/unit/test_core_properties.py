@@ -18,6 +18,7 @@ time passing (crossing the stale and lost thresholds). After every step it check
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 from hypothesis import HealthCheck, settings
@@ -26,7 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from balancer.core import Balancer, CoreConfig, Effect, ToEv, ToSubstation
 from balancer.core.model import kw_to_w_up
-from balancer.core.policy import least_utilised
+from balancer.core.policy import COMPRESSIBLE, compressible_room_w, least_utilised
 from grid_protocol import (
     Assignment,
     ChargeRequest,
@@ -52,9 +53,13 @@ capacity = st.sampled_from([10.0, 20.0, 30.0, 50.0, 100.0]) | st.floats(1.0, 200
 
 
 class CoreMachine(RuleBasedStateMachine):
+    """The default policy (least-utilised); subclasses below run the same machine under the others."""
+
+    policy = "least-utilised"
+
     def __init__(self) -> None:
         super().__init__()
-        self.b = Balancer(CONFIG)
+        self.b = Balancer(dataclasses.replace(CONFIG, policy=self.policy))
         self.now = T0
         self.seq: dict[str, int] = {}
         self.last_tel: dict[str, tuple[float, float]] = {}
@@ -130,7 +135,8 @@ class CoreMachine(RuleBasedStateMachine):
         msg = ChargeRequest(requested_kw=requested, request_id=rid, priority=priority,
                             ev_id={"same": ev, "none": None, "other": "EV_OTHER"}[body_ev],
                             min_kw=None if min_frac is None else requested * min_frac,
-                            duration_minutes=None if energy else 30.0, energy_kwh=20.0 if energy else None)
+                            duration_minutes=None if energy else 30.0, energy_kwh=20.0 if energy else None,
+                            departure=self.now + 3600 * (1 + priority) if energy else None)
         was_open = self.open.get(ev)
         final = self.final.get((ev, rid))
         if final is not None and self.now - final[1] > CONFIG.answer_ttl_s:
@@ -293,8 +299,8 @@ class CoreMachine(RuleBasedStateMachine):
         self.no_request_lost()
         self.sessions_consistent()
         self.queue_ordered_and_nothing_placeable_waits()
+        self.effects_ordered_and_valid()  # replays from the grants before the step: before prev_sessions moves on
         self.every_change_is_told()
-        self.effects_ordered_and_valid()
         self.calls = []
 
     def capacity_never_exceeded(self) -> None:
@@ -348,11 +354,17 @@ class CoreMachine(RuleBasedStateMachine):
         # (A head that fits nowhere even when empty, after a capacity cut, holds nothing back.)
         reserved = bool(items) and self.now - items[0].received_at >= CONFIG.overtake_guard_s and any(
             items[0].min_w <= sub.limit_w(CONFIG.safety_margin_pct) for sub in self.b.substations.values())
+        subs = self.b.substations.values()
         for req in items[:1] if reserved else items:
-            choice = least_utilised(self.b.substations.values(), req.requested_w, req.min_w, self.now,
-                                    CONFIG.safety_margin_pct, CONFIG.stale_after_s)
-            assert choice is None, (f"{req.ev_id} (position {self.b.queue.position(req.ev_id)}) could go to "
-                                    f"{choice[0].id} but waits, after {self.step}")
+            if self.policy in COMPRESSIBLE:  # room by squeezing running sessions to their minimum
+                fits = [s.id for s in subs if compressible_room_w(s, self.now, CONFIG.safety_margin_pct,
+                                                                  CONFIG.stale_after_s) >= req.min_w]
+            else:
+                choice = least_utilised(subs, req.requested_w, req.min_w, self.now,
+                                        CONFIG.safety_margin_pct, CONFIG.stale_after_s)
+                fits = [choice[0].id] if choice else []
+            assert not fits, (f"{req.ev_id} (position {self.b.queue.position(req.ev_id)}) could go to "
+                              f"{fits} but waits, after {self.step}")
 
     def every_change_is_told(self) -> None:
         """A session that appears was started (agent and EV told); one that disappears was ended or taken away
@@ -371,10 +383,18 @@ class CoreMachine(RuleBasedStateMachine):
                 assert [c.command for c in cmds.get(session_id, [])] == ["start"], (session_id, self.step)
                 assert [a.status for a in to_ev.get(session_id, [])] == ["assigned"], (session_id, self.step)
             elif before is not None and before[2] != granted:
-                assert granted < before[2], f"a grant rose without a new session: {session_id} {self.step}"
-                (cmd,) = cmds[session_id]
+                # Rebalancing may lower or raise a grant, never outside [min_kw, requested_kw].
+                request = self.b._sessions[session_id].request
+                assert request.min_w <= granted <= request.requested_w, (session_id, granted, self.step)
+                # One change per engine call (each call coalesces); a step of two calls (telemetry, then a
+                # tick) may change a session twice. The last command and the EV's last answer agree.
+                cmd = cmds[session_id][-1]
+                assert cmd.command == "update" and round(cmd.granted_kw * 1000) == granted, (session_id, self.step)
+                if len(cmds[session_id]) == 1:
+                    rose = cmd.reason == Reason.POWER_AVAILABLE
+                    assert rose == (granted > before[2]), (session_id, before[2], granted, cmd.reason, self.step)
                 told = [a for a in to_ev.get(session_id, []) if a.status == "updated"]
-                assert cmd.command == "update" and told and told[-1].granted_kw == cmd.granted_kw == granted / 1000
+                assert told and told[-1].granted_kw == cmd.granted_kw, (session_id, told, self.step)
         for session_id, (ev, _sid, _granted) in self.prev_sessions.items():
             if session_id not in now:
                 statuses = [a.status for a in to_ev.get(session_id, []) if a.ev_id == ev]
@@ -382,20 +402,40 @@ class CoreMachine(RuleBasedStateMachine):
         self.prev_sessions = now
 
     def effects_ordered_and_valid(self) -> None:
+        """Replay every substation's grants through this step's commands, in publish order: after any start or
+        increase the substation is within its limit (reductions come first, so it never is over in between)."""
+        # Sessions that went without a stop command ended outside the balancer before its effects (the agent
+        # ended them, or their substation went offline): their power is already gone.
+        stopped = {e.message.session_id for call in self.calls for e in call
+                   if isinstance(e, ToSubstation) and e.message.command == "stop"}
+        running: dict[str, dict[str, int]] = {}
+        for session_id, (_ev, sid, granted) in self.prev_sessions.items():
+            if session_id in self.b._sessions or session_id in stopped:
+                running.setdefault(sid, {})[session_id] = granted
         for effects in self.calls:
-            self._one_call_ordered_and_valid(effects)
+            self._one_call_ordered_and_valid(effects, running)
 
-    def _one_call_ordered_and_valid(self, effects: list[Effect]) -> None:
-        touched: set[str] = set()  # substations that already got a start in this engine call
+    def _one_call_ordered_and_valid(self, effects: list[Effect], running: dict[str, dict[str, int]]) -> None:
         for e in effects:
             if isinstance(e, ToSubstation):
                 cmd = decode(encode(e.message), SessionCommand)
                 assert cmd == e.message
-                if cmd.command == "start":
-                    touched.add(e.substation_id)
+                grants = running.setdefault(e.substation_id, {})
+                before = sum(grants.values())
+                if cmd.command == "stop":
+                    grants.pop(cmd.session_id, None)
                 else:
-                    assert e.substation_id not in touched, f"{cmd.command} after a start on {e.substation_id}: " \
-                                                           f"{self.step}"
+                    grants[cmd.session_id] = round(cmd.granted_kw * 1000)
+                after = sum(grants.values())
+                if after > before:
+                    sub = self.b.substations[e.substation_id]
+                    limit = sub.limit_w(CONFIG.safety_margin_pct)
+                    sent = [(x.substation_id, x.message.command, x.message.session_id, x.message.granted_kw)
+                            for x in effects if isinstance(x, ToSubstation)]
+                    assert sub.base_load_w + after <= limit, (
+                        f"{cmd.command} {cmd.session_id} puts {e.substation_id} over its limit "
+                        f"({sub.base_load_w} + {after} > {limit}) in {self.step}; before: {self.prev_sessions}; "
+                        f"commands: {sent}")
             else:
                 assert decode(encode(e.message), Assignment) == e.message
                 if e.message.status == "assigned":
@@ -405,3 +445,17 @@ class CoreMachine(RuleBasedStateMachine):
 TestCoreMachine = CoreMachine.TestCase
 TestCoreMachine.settings = settings(max_examples=200, stateful_step_count=50, deadline=None,
                                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+class WeightedFairMachine(CoreMachine):
+    policy = "weighted-fair"
+
+
+class DeadlineMachine(CoreMachine):
+    policy = "deadline"
+
+
+TestWeightedFairMachine = WeightedFairMachine.TestCase
+TestWeightedFairMachine.settings = TestCoreMachine.settings
+TestDeadlineMachine = DeadlineMachine.TestCase
+TestDeadlineMachine.settings = TestCoreMachine.settings

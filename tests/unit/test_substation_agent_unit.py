@@ -242,7 +242,7 @@ def test_batch_with_one_invalid_command_is_refused_as_a_whole() -> None:
 
 @pytest.mark.parametrize("payload", [
     b"", b"not json", b"{}", b'{"command":"start"}', b"[1,2]", b"\xff\xfe",
-    b'{"ts":1,"commands":[]}', b'{"ts":1,"commands":{}}', b'{"commands":[{"command":"start"}]}',
+    b'{"ts":1,"commands":{}}', b'{"commands":[{"command":"start"}]}',
     b'{"command":"explode","session_id":"s","ev_id":"E","ts":1}',
     b'{"command":"start","session_id":"s","ev_id":"E/x","ts":1}',
     b'{"command":"start","session_id":"s","ev_id":"E","ts":1,"granted_kw":NaN}',
@@ -366,3 +366,30 @@ def test_running_sessions_are_announced_when_the_balancer_comes_online() -> None
     tr.deliver(T.balancer_status(), b"")  # a cleared retained status changes nothing
     tr.deliver(T.balancer_status(), b"{garbage")  # nor does an unreadable one
     assert len([e for e in events(tr) if e.event == "running"]) == 2
+
+
+def test_lease_lapse_pauses_every_session_until_the_next_batch_renews_it() -> None:
+    """A dead balancer must not leave the grid committed: no renewal by valid_until, no power."""
+    wall = [WALL]
+    mono = FakeTime()
+    clock = SimClock(17 * 3600.0, 60.0, monotonic=mono)
+    sim = SubstationSim("A", 100.0, lambda _t: 50.0, now_sim=clock.now())
+    tr = FakeTransport()
+    agent = SubstationAgent(sim, tr, T, clock, interval_s=1.0, wall=lambda: wall[0])
+    tr.connect()
+    tr.deliver(T.command("A"), encode(SessionCommands(ts=WALL, valid_until=WALL + 10, commands=[
+        command("start", "s1", energy_kwh=50.0)])))
+    agent.publish_telemetry()
+    assert decode(tr.on(T.telemetry("A"))[-1].payload, Telemetry).ev_load_kw == 22.0
+    wall[0] = WALL + 11  # no renewal arrived in time
+    agent.publish_telemetry()
+    t = decode(tr.on(T.telemetry("A"))[-1].payload, Telemetry)
+    assert (t.ev_load_kw, t.active_sessions, agent.stats.lease_lapses) == (0.0, 1, 1)
+    delivered = sim.sessions["s1"].delivered_kwh
+    mono.t += 10.0  # 10 simulated minutes paused: nothing delivered
+    agent.publish_telemetry()
+    assert sim.sessions["s1"].delivered_kwh == delivered
+    # An empty batch is a pure renewal: power is back.
+    tr.deliver(T.command("A"), encode(SessionCommands(ts=WALL + 11, valid_until=WALL + 21, commands=[])))
+    agent.publish_telemetry()
+    assert decode(tr.on(T.telemetry("A"))[-1].payload, Telemetry).ev_load_kw == 22.0

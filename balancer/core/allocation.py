@@ -1,0 +1,80 @@
+"""How a substation's available power is shared among its sessions: pure functions over integers (watts).
+
+Every function returns one target per session with ``floor_i <= target_i <= cap_i`` and
+``sum(targets) <= available`` whenever ``sum(floors) <= available`` (the caller sheds sessions
+first when even the floors do not fit). Rounding is always down, so the sum never exceeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def water_fill(available: int, floors: Sequence[int], caps: Sequence[int], weights: Sequence[float]) -> list[int]:
+    """Weighted max-min fair shares: target_i = clamp(level * weight_i, floor_i, cap_i), with the highest
+    water level whose targets still fit in ``available``.
+
+    Max-min fairness: nobody's share can grow without shrinking a share that is already smaller
+    (relative to its weight). Floors (each session's ``min_kw``) are honoured first. Exact, O(n log n):
+    the total is piecewise linear in the level, with breakpoints where a share leaves its floor or
+    reaches its cap.
+    """
+    n = len(floors)
+    if n == 0:
+        return []
+    if sum(floors) >= available:
+        return list(floors)
+    if sum(caps) <= available:
+        return list(caps)
+    # Breakpoints: at level f/w a share starts to rise (+w per unit level); at c/w it stops (-w).
+    events = sorted([(f / w, w) for f, w in zip(floors, weights, strict=True)]
+                    + [(c / w, -w) for c, w in zip(caps, weights, strict=True)])
+    base = float(sum(floors))  # total at level 0 (every share at its floor)
+    slope = 0.0
+    level_at = 0.0
+    level = events[-1][0]
+    for point, dw in events:
+        reached = base + slope * (point - level_at)
+        if reached >= available:
+            level = level_at + (available - base) / slope if slope > 0 else level_at
+            break
+        base, level_at = reached, point
+        slope += dw
+    targets = [min(c, max(f, int(level * w))) for f, c, w in zip(floors, caps, weights, strict=True)]
+    # Float rounding can leave the sum a few watts over: take them back from the largest shares.
+    over = sum(targets) - available
+    for i in sorted(range(n), key=lambda j: targets[j] - floors[j], reverse=True):
+        if over <= 0:
+            break
+        take = min(over, targets[i] - floors[i])
+        targets[i] -= take
+        over -= take
+    return targets
+
+
+def equal_share(available: int, floors: Sequence[int], caps: Sequence[int]) -> list[int]:
+    return water_fill(available, floors, caps, [1.0] * len(floors))
+
+
+def deadline_share(available: int, floors: Sequence[int], caps: Sequence[int], needs: Sequence[int],
+                   slack_s: Sequence[float]) -> list[int]:
+    """Deadline-aware: first every session's floor, then, most urgent first (least slack), what it needs to
+    finish its energy by its departure, as far as power allows; what is left is shared equally.
+
+    ``needs`` is the power needed to finish in time (0 when the EV gave no departure or energy);
+    ``slack_s`` orders urgency (time to spare at full power; smaller is more urgent).
+    """
+    n = len(floors)
+    targets = list(floors)
+    room = available - sum(floors)
+    if room <= 0:
+        return targets
+    for i in sorted(range(n), key=lambda j: slack_s[j]):
+        want = min(caps[i], max(floors[i], needs[i])) - targets[i]
+        if want > 0:
+            give = min(want, room)
+            targets[i] += give
+            room -= give
+            if room <= 0:
+                break
+    return equal_share(available, targets, caps)

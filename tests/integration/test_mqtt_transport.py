@@ -1,0 +1,127 @@
+"""The MQTT transports (``grid_runtime.mqtt``) against a real Mosquitto: what happens to messages when the
+connection breaks, and subscriptions made while connecting.
+
+A broken connection is made deterministic: the transport is handed a publish and, before the event loop
+can write it, the client's socket is shut down. The message is then "in flight" from the client's point
+of view but never reached the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+from probe import Probe
+
+from broker.local import LocalBroker
+from grid_runtime.mqtt import AiomqttTransport, PahoTransport, Transport
+from grid_runtime.settings import MqttSettings
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "grid/v1/ev/EV_0001/assignment"  # the balancer account may publish here, the observer read it
+
+
+def _settings(broker: LocalBroker) -> MqttSettings:
+    return MqttSettings(host=broker.host, port=broker.port, username="balancer",
+                        password=broker.password_for("balancer"), keepalive_s=5)
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition",
+                 poll_s: float = 0.005) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(poll_s)
+
+
+async def _with_transport(transport: Transport, body: Callable[[], Awaitable[None]]) -> None:
+    run = asyncio.create_task(transport.run())
+    try:
+        await asyncio.wait_for(transport.connected.wait(), 5.0)
+        await body()
+    finally:
+        await transport.close(1.0)
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+
+
+def _payloads(watch: Probe) -> list[bytes]:
+    return [m.payload for m in watch.on(TOPIC)]
+
+
+async def _break_with_one_in_flight_then_publish_another(transport: Transport, sock: Callable[[], socket.socket],
+                                                         watch: Probe) -> None:
+    transport.publish(TOPIC, b"1")  # handed over; the event loop has not written it yet
+    sock().shutdown(socket.SHUT_RDWR)  # the connection breaks before it leaves
+    await _until(lambda: not transport.connected.is_set(), what="the transport to notice the broken link")
+    transport.publish(TOPIC, b"2")  # published while disconnected: waits in the outbox
+    await _until(transport.connected.is_set, what="reconnect")
+    await _until(lambda: len(_payloads(watch)) >= 2, what=f"both messages, got {_payloads(watch)}")
+
+
+def test_paho_resends_in_flight_messages_before_the_outbox(broker: LocalBroker) -> None:
+    """Message 1 was in flight when the link broke, message 2 was published while it was down: after the
+    reconnect they must arrive in the order they were published (2 used to overtake 1)."""
+    with Probe(broker, "observer", TOPIC) as watch:
+        transport = PahoTransport(_settings(broker), clean_start=False)
+
+        def sock() -> socket.socket:
+            assert transport._sock is not None
+            return transport._sock
+
+        asyncio.run(_with_transport(transport, lambda: _break_with_one_in_flight_then_publish_another(
+            transport, sock, watch)))
+        assert _payloads(watch) == [b"1", b"2"]
+        assert transport.stats.connects == 2
+
+
+def test_aiomqtt_resends_messages_that_were_in_flight_when_the_link_broke(broker: LocalBroker) -> None:
+    """aiomqtt makes a new client per connection, so a publish awaiting its PUBACK died with the old one
+    (logged as failed after aiomqtt's 10 s timeout, never sent again)."""
+    with Probe(broker, "observer", TOPIC) as watch:
+        transport = AiomqttTransport(_settings(broker), clean_start=False)
+
+        def sock() -> socket.socket:
+            assert transport._client is not None
+            raw = transport._client._client.socket()
+            assert isinstance(raw, socket.socket)
+            return raw
+
+        asyncio.run(_with_transport(transport, lambda: _break_with_one_in_flight_then_publish_another(
+            transport, sock, watch)))
+        assert _payloads(watch) == [b"1", b"2"]
+        assert transport.stats.connects == 2
+
+
+def test_aiomqtt_subscription_added_while_connecting_is_made(broker: LocalBroker) -> None:
+    """subscribe() while the transport waits for the SUBACK of an earlier filter (it used to crash the
+    transport: the filter dict changed size during iteration)."""
+    second = "grid/v1/ev/EV_0002/request"
+    received: list[str] = []
+    transport = AiomqttTransport(_settings(broker), clean_start=True)
+    transport.set_handler(lambda m: received.append(m.topic))
+    transport.subscribe("grid/v1/ev/EV_0001/request")
+
+    async def scenario() -> None:
+        run = asyncio.create_task(transport.run())
+        try:
+            # _client is set once connected, just before the first SUBSCRIBE is awaited: checked at every
+            # turn of the event loop, it is seen while that SUBACK is still on its way.
+            await _until(lambda: transport._client is not None, what="the connection", poll_s=0)
+            assert not transport.connected.is_set()
+            transport.subscribe(second)
+            await asyncio.wait_for(transport.connected.wait(), 5.0)
+            assert not run.done(), run
+            with Probe(broker, "EV_0002") as ev:
+                await asyncio.to_thread(ev.publish, second, b"{}")
+            await _until(lambda: second in received, what="a message on the filter added while connecting")
+        finally:
+            await transport.close(1.0)
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+
+    asyncio.run(scenario())
