@@ -161,10 +161,15 @@ class Balancer:
 
     def _new_session(self, sub: Substation, req: PendingRequest, grant: int, now: float) -> Session:
         session = Session(self.new_session_id(), sub.id, req, grant, now, last_change_at=now, accounted_at=now)
-        sub.sessions[session.session_id] = session
-        sub.granted_w += grant
-        self._sessions[session.session_id] = session
+        self._attach(sub, session)
         return session
+
+    def _attach(self, sub: Substation, session: Session) -> None:
+        sub.sessions[session.session_id] = session
+        sub.granted_w += session.granted_w
+        sub.requested_w += session.request.requested_w
+        sub.floors_w += session.request.min_w
+        self._sessions[session.session_id] = session
 
     def _place(self, req: PendingRequest, now: float) -> tuple[Session, list[Effect]] | None:
         """Choose a substation and a grant by the policy. Returns the new session and the reductions of
@@ -249,6 +254,9 @@ class Balancer:
         """Lower grants to the policy's targets: all of them when ``mandatory`` (over the limit, or making
         room for a new session), otherwise only changes past the hysteresis and the hold time."""
         cfg = self.config
+        if (not mandatory and sub.granted_w == sub.requested_w
+                and sub.requested_w <= sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w()):
+            return []  # everyone has all they asked for and it fits: no share to lower (the common case)
         hysteresis = kw_to_w_up(cfg.hysteresis_kw)
         effects: list[Effect] = []
         for session, target in self._targets(sub, now):
@@ -266,8 +274,9 @@ class Balancer:
         """Raise grants toward the policy's targets, smallest first, each only as far as the room actually
         free allows, past the hysteresis and the hold time. Baselines never change a grant."""
         cfg = self.config
-        if cfg.policy in BASELINES or not sub.sessions or not sub.is_available(now, cfg.stale_after_s):
-            return []
+        if (cfg.policy in BASELINES or not sub.sessions or sub.granted_w >= sub.requested_w
+                or not sub.is_available(now, cfg.stale_after_s)):
+            return []  # (everyone already has all it asked for: nothing to raise)
         hysteresis = kw_to_w_up(cfg.hysteresis_kw)
         room = sub.limit_w(cfg.safety_margin_pct) - sub.used_w()
         effects: list[Effect] = []
@@ -288,7 +297,7 @@ class Balancer:
         sub.rebalanced_at = now
         effects: list[Effect] = []
         available = sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w()
-        floors = sum(s.request.min_w for s in sub.sessions.values())
+        floors = sub.floors_w
         if floors > available:
             # reversed(): among sessions placed at the same instant, the one placed last is the newest.
             for session in sorted(reversed(sub.sessions.values()), key=lambda s: s.started_at, reverse=True):
@@ -324,6 +333,8 @@ class Balancer:
         sub = self.substations[session.substation_id]
         if sub.sessions.pop(session.session_id, None) is not None:
             sub.granted_w -= session.granted_w
+            sub.requested_w -= session.request.requested_w
+            sub.floors_w -= session.request.min_w
         self._sessions.pop(session.session_id, None)
         self._ended_sessions[session.session_id] = None
         if len(self._ended_sessions) > self.config.answers_max:
@@ -579,10 +590,9 @@ class Balancer:
             arrival=next(self._arrivals), received_at=now,
             duration_minutes=msg.duration_minutes or None, energy_kwh=msg.energy_kwh or None)
         sub = self.substation(substation_id, now)
-        session = Session(msg.session_id, substation_id, req, granted_w, now, confirmed=True)
-        sub.sessions[session.session_id] = session
-        sub.granted_w += granted_w
-        self._sessions[session.session_id] = session
+        session = Session(msg.session_id, substation_id, req, granted_w, now, confirmed=True,
+                          last_change_at=now, accounted_at=now)
+        self._attach(sub, session)
         self._evs[req.ev_id] = _EvState(req, self._answer(req, "assigned", now, session=session),
                                         session_id=session.session_id)
         self.counters["adopted"] += 1
@@ -705,8 +715,11 @@ class Balancer:
             if sub.sessions and sub.committed_w() > sub.limit_w(margin):
                 out.append(f"{sub.id}: base {sub.base_load_w} W + granted {sub.granted_w} W "
                            f"> limit {sub.limit_w(margin)} W")
-            if sub.granted_w != sum(s.granted_w for s in sub.sessions.values()):
-                out.append(f"{sub.id}: granted_w out of step with its sessions")
+            sessions = sub.sessions.values()
+            if (sub.granted_w, sub.requested_w, sub.floors_w) != (
+                    sum(s.granted_w for s in sessions), sum(s.request.requested_w for s in sessions),
+                    sum(s.request.min_w for s in sessions)):
+                out.append(f"{sub.id}: running totals out of step with its sessions")
         return out
 
     def open_requests(self) -> int:

@@ -99,6 +99,8 @@ class Substation:
     ev_load_w: int = 0
     reported_sessions: int = 0
     granted_w: int = 0
+    requested_w: int = 0  # sum of its sessions' requests (kept incrementally, like granted_w)
+    floors_w: int = 0  # sum of its sessions' minimums
     status: str | None = None  # "online" / "offline" from the retained status, None if never seen
     last_telemetry_at: float | None = None  # balancer clock
     last_seq: int = -1

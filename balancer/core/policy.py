@@ -57,8 +57,7 @@ def compressible_room_w(sub: Substation, now: float, margin_pct: float, stale_af
     """Power a new session could get if every running session were squeezed to its minimum."""
     if not sub.is_available(now, stale_after_s):
         return 0
-    floors = sum(s.request.min_w for s in sub.sessions.values())
-    return max(0, sub.limit_w(margin_pct) - sub.uncontrolled_w() - floors)
+    return max(0, sub.limit_w(margin_pct) - sub.uncontrolled_w() - sub.floors_w)
 
 
 def fair_placement(substations: Iterable[Substation], requested_w: int, min_w: int, now: float,
