@@ -15,6 +15,7 @@ the situation the balancer exists for.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ def _interpolate(profile: tuple[float, ...], hour: float) -> float:
     return a * (1.0 - w) + b * w
 
 
+@functools.cache
 def _mix_peak(residential_share: float) -> float:
     # Cosine interpolation is monotone between knots, so the daily maximum sits on an hourly knot.
     return max(

@@ -128,20 +128,25 @@ class Balancer:
 
     # ------------------------------------------------------------------ helpers
     def _answer(self, req: PendingRequest, status: AssignmentStatus, now: float, *, session: Session | None = None,
-                reason: str | None = None, detail: str | None = None, position: int | None = None) -> Assignment:
+                reason: str | None = None, detail: str | None = None, position: int | None = None,
+                ends: list[float] | None = None) -> Assignment:
         return Assignment(
             request_id=req.request_id, ev_id=req.ev_id, status=status, ts=now,
             substation_id=session.substation_id if session else None,
             granted_kw=w_to_kw(session.granted_w) if session else None,
             session_id=session.session_id if session else None,
             reason=reason, detail=detail, position=position,
-            eta_s=self._eta_s(position, now) if position is not None else None,
+            eta_s=self._eta_s(position, now, ends) if position is not None else None,
         )
 
-    def _eta_s(self, position: int, now: float) -> float | None:
+    def _expected_ends(self) -> list[float]:
+        return sorted(e for s in self._sessions.values() if (e := s.expected_end()) is not None)
+
+    def _eta_s(self, position: int, now: float, ends: list[float] | None = None) -> float | None:
         """Rough wait for the ``position``-th in line: the position-th earliest expected end of a running
-        session (each end frees room for about one session). None when too few ends are known."""
-        ends = sorted(e for s in self._sessions.values() if (e := s.expected_end()) is not None)
+        session (each end frees room for about one session). None when too few ends are known.
+        ``ends`` (from _expected_ends) lets a pass over the whole queue sort them once."""
+        ends = self._expected_ends() if ends is None else ends
         if position > len(ends):
             return None
         return round(max(0.0, ends[position - 1] - now), 1)
@@ -211,7 +216,11 @@ class Balancer:
     def _targets(self, sub: Substation, now: float) -> list[tuple[Session, int]]:
         """The policy's share of the substation's available power for each of its sessions."""
         sessions = list(sub.sessions.values())
-        available = sub.limit_w(self.config.safety_margin_pct) - sub.uncontrolled_w()
+        # A band of one hysteresis step below the limit: base-load noise inside it changes no grant, where
+        # shares computed right at the limit would follow every watt of noise (measured: flapping).
+        band = kw_to_w_up(self.config.hysteresis_kw)
+        available = max(sum(s.request.min_w for s in sessions),
+                        sub.limit_w(self.config.safety_margin_pct) - sub.uncontrolled_w() - band)
         floors = [s.request.min_w for s in sessions]
         caps = [s.request.requested_w for s in sessions]
         if self.config.policy == WEIGHTED_FAIR:
@@ -387,9 +396,16 @@ class Balancer:
 
     def _revoke(self, session: Session, now: float, reason: Reason, detail: str, *,
                 stop_agent: bool) -> list[Effect]:
-        """Take a session away and put its request back in line (it was accepted: never dropped)."""
+        """Take a session away and put its request back in line (it was accepted: never dropped), asking
+        only for what is left of its energy and duration."""
+        session.account(now)
         self._remove_session(session)
         req = session.request
+        remaining = session.remaining_wh()
+        if remaining is not None:
+            req.energy_kwh = max(0.001, round(remaining / 1000, 6))
+        if req.duration_minutes is not None:
+            req.duration_minutes = max(0.1, req.duration_minutes - (now - session.started_at) / 60)
         effects: list[Effect] = []
         if stop_agent:
             effects.append(ToSubstation(session.substation_id, SessionCommand(
@@ -638,10 +654,11 @@ class Balancer:
     def _queue_updates(self, now: float) -> list[Effect]:
         """Tell queued EVs whose place in line or estimated wait moved (at most every queue_update_interval_s)."""
         effects: list[Effect] = []
+        ends = self._expected_ends()
         for position, req in enumerate(self.queue.items(), start=1):
             state = self._evs[req.ev_id]
             old = state.answer
-            answer = self._answer(req, "queued", now, reason=old.reason, position=position)
+            answer = self._answer(req, "queued", now, reason=old.reason, position=position, ends=ends)
             eta_moved = (old.eta_s is None) != (answer.eta_s is None) or (
                 old.eta_s is not None and answer.eta_s is not None and abs(old.eta_s - answer.eta_s) > 30)
             if old.status != "queued" or old.position != position or eta_moved:
