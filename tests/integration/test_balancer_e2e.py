@@ -312,3 +312,47 @@ def test_restarted_balancer_adopts_running_sessions_instead_of_double_booking(
             assert second.stop() == 0, second.log()[-2000:]
         assert agent.stop() == 0
         watch.close()
+
+
+def test_lease_lapse_pauses_sessions_when_the_balancer_dies_and_renewal_resumes_them(
+        broker: LocalBroker, tmp_path: Path) -> None:
+    """A dead balancer cannot leave the grid committed: the real agent drops EV load to 0 kW once the lease it
+    got lapses, and a restarted balancer (adopting the session) renews it and the power comes back."""
+    watch = Probe(broker, "observer", "grid/v1/#")
+    agent = Service("substation_agents", broker, tmp_path, SUBSTATIONS="A:200", MQTT_ACCOUNT_SECRET="test-secret",
+                    SUBSTATION_INTERVAL_S="0.2", SUBSTATION_BASE_LOAD_PCT="10")
+    lease = {"BALANCER_LEASE_S": "2"}
+    first = start_balancer(broker, tmp_path, **lease)
+    second: Service | None = None
+
+    def ev_load() -> float:
+        return float(watch.wait_for(lambda m: m.topic.endswith("/A/telemetry"), count=1)[-1].json()["ev_load_kw"])
+
+    try:
+        watch.wait_for(lambda m: m.topic == "grid/v1/balancer/status" and m.json()["state"] == "online", timeout=15)
+        ev = Probe(broker, "EV_0007", "grid/v1/ev/EV_0007/assignment")
+        ev.publish("grid/v1/ev/EV_0007/request", {"request_id": "t", "requested_kw": 22, "duration_minutes": 600})
+        ev.wait_for(lambda m: m.json()["status"] == "assigned")
+        batches = watch.wait_for(lambda m: m.topic.endswith("/A/command"), count=2, timeout=5, what="renewals")
+        assert all(b.json()["valid_until"] > b.json()["ts"] for b in batches)
+        assert batches[1].json()["commands"] == []  # a pure renewal, well before the 2 s lease lapses
+        watch.clear()
+        assert watch.wait_until(lambda: ev_load() == 22.0, timeout=5)
+
+        first.signal(signal.SIGKILL)
+        first.stop()
+        killed_at = time.monotonic()
+        watch.clear()
+        assert watch.wait_until(lambda: ev_load() == 0.0, timeout=6), "EV load still on after the lease lapsed"
+        assert time.monotonic() - killed_at <= 2 + 1.5  # the lease, one telemetry interval and some slack
+        assert "lease_lapsed_pausing" in agent.log()
+
+        second = start_balancer(broker, tmp_path, **lease)
+        watch.clear()
+        assert watch.wait_until(lambda: ev_load() == 22.0, timeout=10), "power did not come back after renewal"
+        ev.close()
+    finally:
+        if second is not None:
+            assert second.stop() == 0
+        assert agent.stop() == 0
+        watch.close()
