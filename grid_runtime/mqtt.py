@@ -70,6 +70,7 @@ class TransportStats:
     handler_errors: int = 0
     outbox_dropped: int = 0
     oversized_refused: int = 0
+    backlogged: int = 0  # publishes that waited for a free packet id (broker stalled)
 
 
 Handler = Callable[[InMessage], None]
@@ -174,6 +175,7 @@ class PahoTransport(_Base):
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_publish = self._on_publish
         c.on_socket_open = self._on_socket_open
         c.on_socket_close = self._on_socket_close
         c.on_socket_register_write = self._on_register_write
@@ -181,6 +183,7 @@ class PahoTransport(_Base):
         self._client = c
         self._loop: asyncio.AbstractEventLoop | None = None
         self._disconnected = asyncio.Event()
+        self._backlog: deque[tuple[str, bytes, int, bool, bytes | None]] = deque()
         self._sock: Any = None
 
     # --- socket registration with the asyncio loop -----------------------------------------
@@ -258,12 +261,36 @@ class PahoTransport(_Base):
         if corr is not None:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = corr
+        if self._backlog:  # keep order: nothing overtakes what already waits for a packet id
+            self._backlog.append((topic, payload, qos, retain, corr))
+            return
         info = self._client.publish(topic, payload, qos, retain, props)
         if info.rc == paho.MQTT_ERR_SUCCESS or info.rc == paho.MQTT_ERR_NO_CONN:
             # NO_CONN with QoS>0: paho keeps the message and sends it after reconnect.
             self.stats.published += 1
+        elif info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+            # 65,535 QoS 1 messages unacknowledged (packet ids are 16-bit): the broker is stalled. Wait
+            # for acknowledgements instead of dropping (see _on_publish).
+            self._backlog.append((topic, payload, qos, retain, corr))
+            self.stats.backlogged += 1
+            if len(self._backlog) == 1:
+                log.warning("mqtt_inflight_window_full", client_id=self.client_id)
         else:
             log.error("mqtt_publish_failed", topic=topic, rc=info.rc)
+
+    def _on_publish(self, _client: paho.Client, _ud: Any, _mid: int, _rc: Any, _props: Any) -> None:
+        """An acknowledgement freed a packet id: send what waited for one, in order."""
+        while self._backlog:
+            topic, payload, qos, retain, corr = self._backlog[0]
+            props = None
+            if corr is not None:
+                props = Properties(PacketTypes.PUBLISH)
+                props.CorrelationData = corr
+            info = self._client.publish(topic, payload, qos, retain, props)
+            if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+                return
+            self._backlog.popleft()
+            self.stats.published += 1
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 correlation_data: bytes | None = None) -> None:
@@ -314,7 +341,7 @@ class PahoTransport(_Base):
     async def close(self, timeout: float = 2.0) -> None:
         """Wait (bounded) for in-flight QoS 1 publishes, then DISCONNECT (no last will)."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while (self._client._out_messages and self.connected.is_set()
+        while ((self._client._out_messages or self._backlog) and self.connected.is_set()
                and asyncio.get_running_loop().time() < deadline):
             await asyncio.sleep(0.01)
         self._closing = True

@@ -125,3 +125,32 @@ def test_aiomqtt_subscription_added_while_connecting_is_made(broker: LocalBroker
             await asyncio.gather(run, return_exceptions=True)
 
     asyncio.run(scenario())
+
+
+def test_paho_waits_for_packet_ids_when_the_broker_stalls_instead_of_dropping(broker: LocalBroker) -> None:
+    """Packet ids are 16-bit: with the broker frozen (SIGSTOP) more than 65,535 QoS 1 publishes cannot all be in
+    flight. The transport keeps the rest in order and sends them as acknowledgements free ids: none lost."""
+    import os
+    import signal
+
+    total = 70_000
+    watch = Probe(broker, "observer", TOPIC)
+    transport = PahoTransport(_settings(broker))
+
+    async def body() -> None:
+        assert broker.pid is not None
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            for i in range(total):
+                transport.publish(TOPIC, str(i).encode())
+                if i % 5000 == 0:
+                    await asyncio.sleep(0)  # let the loop write what it can
+            assert transport.stats.backlogged > 0, "the window never filled: the test proves nothing"
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        await _until(lambda: len(watch.on(TOPIC)) >= total, timeout=60, what="every message", poll_s=0.1)
+
+    asyncio.run(_with_transport(transport, body))
+    got = [int(p) for p in _payloads(watch)]
+    assert got == list(range(total))  # all of them, in order, once
+    watch.close()
