@@ -1,4 +1,6 @@
-"""``python -m ev_clients [fleet|loadtest] [flags]``: a simulated EV fleet that doubles as the load tester.
+"""``python -m ev_clients [fleet|loadtest|scenario] [flags]``: a simulated EV fleet that doubles as the load tester.
+
+``scenario`` plays the EVs of a replay scenario (``ev_clients/scenario.py``; used by ``python -m replay --mode live``).
 
 Examples::
 
@@ -29,13 +31,14 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from ev_clients import scenario as scenario_cmd
 from ev_clients.fleet import FleetRunner, RunConfig
 from ev_clients.settings import EvSettings
 from ev_clients.workload import RequestMix, parse_kw_mix, parse_range
 from grid_runtime.logs import configure_logging
 from grid_runtime.settings import MqttSettings
 
-COMMANDS = ("fleet", "loadtest")
+COMMANDS = ("fleet", "loadtest", "scenario")
 
 
 def parse_url(url: str) -> tuple[str, int]:
@@ -106,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulated EV fleet and MQTT load tester for the Smart Grid Load Balancer.",
         epilog="Without a command, 'fleet' is run.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{fleet,loadtest}")
+    sub = parser.add_subparsers(dest="command", metavar="{fleet,loadtest,scenario}")
     fleet = sub.add_parser("fleet", help="EVs arrive at a rate, charge and leave (default)")
     _common(fleet)
     fleet.add_argument("--evs", type=_positive_int, metavar="N", help="distinct EV ids (EV_COUNT, 20)")
@@ -118,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="workers, each its own EV id and connection (default %(default)s)")
     load.add_argument("--ramp-up", type=_non_negative, default=5.0, metavar="S",
                       help="start the workers evenly over S seconds (default %(default)s)")
+    scenario_cmd.add_parser(sub, _positive_int)
     return parser
 
 
@@ -188,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = _settings(args)
-        config = _config(args)
+        config = _config(args) if args.command != "scenario" else RunConfig()
     except (ValidationError, ValueError) as exc:
         parser.print_usage(sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
@@ -198,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if logging.getLevelName(level) != logging.DEBUG:
         for name in ("grid.mqtt", "mqtt"):  # one connect line per EV is noise
             logging.getLogger(name).setLevel(logging.WARNING)
+    if args.command == "scenario":
+        return scenario_cmd.run_cli(args, settings)
 
     runner = FleetRunner(settings, config)
     asyncio.run(_run(runner))

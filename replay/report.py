@@ -65,7 +65,10 @@ def format_table(results: Sequence[RunResult]) -> str:
     return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
 
 
-def results_json(results: Sequence[RunResult], plots: dict[tuple[str, str], str] | None = None) -> dict[str, Any]:
+def results_json(results: Sequence[RunResult], plots: dict[tuple[str, str], str] | None = None, *,
+                 mode: str = "sim", extra: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The JSON document: ``mode`` (``sim`` or ``live``) and one entry per run; ``extra`` adds keys to the
+    entry of a (scenario, policy) (a live run's speed-up, process exit codes, ...)."""
     runs = []
     for r in results:
         runs.append({
@@ -74,12 +77,15 @@ def results_json(results: Sequence[RunResult], plots: dict[tuple[str, str], str]
             "core_violation_samples": r.core_violations, "open_requests_at_end": r.open_requests_at_end,
             "simulated_s": r.sim_seconds,
             "wall_s": round(r.wall_seconds, 3), "plot": (plots or {}).get((r.scenario, r.policy)),
+            **(extra or {}).get((r.scenario, r.policy), {}),
         })
-    return {"mode": "sim", "runs": runs}
+    return {"mode": mode, "runs": runs}
 
 
-def write_json(path: Path, results: Sequence[RunResult], plots: dict[tuple[str, str], str] | None = None) -> None:
-    path.write_text(json.dumps(results_json(results, plots), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+def write_json(path: Path, results: Sequence[RunResult], plots: dict[tuple[str, str], str] | None = None, *,
+               mode: str = "sim", extra: dict[tuple[str, str], dict[str, Any]] | None = None) -> None:
+    doc = results_json(results, plots, mode=mode, extra=extra)
+    path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -142,22 +148,22 @@ def _draw(ax: Any, result: RunResult, *, title: str, legend: bool) -> None:
         ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, framealpha=0.8)
 
 
-def plot_run(result: RunResult, path: Path) -> None:
-    """Utilisation per substation over time for one scenario x policy."""
+def plot_run(result: RunResult, path: Path, *, note: str = "") -> None:
+    """Utilisation per substation over time for one scenario x policy (``note``: appended to the title)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(11, 4.2), dpi=110)
-    _draw(ax, result, title=f"{result.scenario} — {result.policy}", legend=True)
+    _draw(ax, result, title=f"{result.scenario} — {result.policy}{note}", legend=True)
     ax.set_xlabel("time of day")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def plot_overview(results: Sequence[RunResult], path: Path) -> None:
+def plot_overview(results: Sequence[RunResult], path: Path, *, note: str = "") -> None:
     """One scenario, one panel per policy (same time axis), to compare them at a glance."""
     import matplotlib
 
@@ -169,7 +175,7 @@ def plot_overview(results: Sequence[RunResult], path: Path) -> None:
     for i, (ax, result) in enumerate(zip(axes[:, 0], results, strict=True)):
         _draw(ax, result, title=result.policy, legend=i == 0)
     axes[-1, 0].set_xlabel("time of day")
-    fig.suptitle(f"{results[0].scenario}: utilisation per substation by policy", fontsize=11)
+    fig.suptitle(f"{results[0].scenario}: utilisation per substation by policy{note}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -34,6 +34,7 @@ from replay.scenario import (
 
 __all__ = [
     "GridAction",
+    "StepSampled",
     "Timebase",
     "auto_speedup",
     "capacity_at",
@@ -134,21 +135,48 @@ def capacity_at(steps: Sequence[tuple[float, float]], t: float) -> float:
     return value
 
 
+class StepSampled:
+    """``curve`` evaluated only at ``origin + k * step`` (k = 0, 1, 2, ... in order, each once) and held in
+    between: what the fast simulation does when it steps its substations. A noisy curve (the daily one draws
+    its noise from a random generator at each new time) then gives the same values, draw for draw, however
+    irregularly it is asked. Times before ``origin`` get the first value."""
+
+    __slots__ = ("_curve", "_next", "_origin", "_step", "_value")
+
+    def __init__(self, curve: Callable[[float], float], origin: float, step: float) -> None:
+        if not step > 0:
+            raise ValueError(f"step must be > 0, got {step!r}")
+        self._curve = curve
+        self._origin = origin
+        self._step = step
+        self._next = 0  # the next grid point not evaluated yet
+        self._value = 0.0
+
+    def __call__(self, t: float) -> float:
+        k = max(0, math.floor((t - self._origin) / self._step + 1e-9))
+        while self._next <= k:
+            self._value = self._curve(self._origin + self._next * self._step)
+            self._next += 1
+        return self._value
+
+
 def scenario_base_load(scenario: Scenario, spec: SubstationSpec, seed: int | None = None) -> Callable[[float], float]:
     """Base load in kW as a function of simulated seconds since midnight of day 0 (the agents' ``SimClock``).
 
     The same curves as ``replay.sim``: the daily curve of ``substation_agents.load_curve`` seeded from the
-    scenario's seed and the substation id, or the explicit points (whose times count from the start).
+    scenario's seed and the substation id, or the explicit points (whose times count from the start),
+    evaluated on the simulation's grid of ``step_s`` (:class:`StepSampled`), so an agent's base load is the
+    simulation's, sample for sample.
     """
     from replay.sim import _daily, _points  # here: the EV fleet uses this module without the balancer core
 
     seed = scenario.seed if seed is None else seed
     load = spec.base_load
-    if isinstance(load, DailyBaseLoad):
-        return _daily(spec, load, seed)
-    points = _points(load)
     start = scenario.start_hour * 3600.0
-    return lambda sim_s: points(sim_s - start)
+    if isinstance(load, DailyBaseLoad):
+        return StepSampled(_daily(spec, load, seed), start, scenario.step_s)
+    points = _points(load)
+    return StepSampled(lambda sim_s: points(sim_s - start), start, scenario.step_s)
 
 
 def run_span(scenario: Scenario, evs: Sequence[EvSpec]) -> float:

@@ -15,8 +15,10 @@ from pydantic import ValidationError
 
 from grid_runtime.lifecycle import run_until_signalled
 from grid_runtime.logs import configure_logging
+from replay.scenario import Scenario, ScenarioError, load_scenario
 from substation_agents import settings as settings_module
 from substation_agents.agent import run_agents
+from substation_agents.scenario import run_scenario_agents
 from substation_agents.settings import AgentSettings
 
 
@@ -34,10 +36,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"invalid configuration:\n{exc}", file=sys.stderr)
         return 2
+    scenario: Scenario | None = None
+    if settings.substation_scenario:
+        try:
+            scenario = load_scenario(settings.substation_scenario)
+        except ScenarioError as exc:
+            print(f"invalid configuration: SUBSTATION_SCENARIO: {exc}", file=sys.stderr)
+            return 2
     configure_logging(settings.grid.log_level, settings.grid.log_format, settings.grid.log_file)
 
     async def service(stop: asyncio.Event) -> None:
-        await run_agents(settings, stop)
+        if scenario is not None:
+            await run_scenario_agents(settings, scenario, stop)
+        else:
+            await run_agents(settings, stop)
 
     run_until_signalled(service)
     return 0

@@ -10,9 +10,16 @@ Variable                        Meaning                                         
 ``SIM_START_HOUR``              simulated time of day at start (0-24)                      ``17``
 ``SUBSTATION_BASE_LOAD_PCT``    daily peak of the base load, % of capacity                 ``55``
 ``SUBSTATION_SEED``             seed of the base-load noise                                ``1``
+``SUBSTATION_SCENARIO``         a replay scenario (file or shipped name): its substations  unset
+                                and events instead of ``SUBSTATIONS`` and the daily
+                                curve (see ``substation_agents/scenario.py``)
+``SUBSTATION_SCENARIO_START``   epoch seconds of the scenario's time 0                     process start
 ``MQTT_*``, ``LOG_*``, ...      :class:`~grid_runtime.settings.MqttSettings`,              see there
                                 :class:`~grid_runtime.settings.GridSettings`
 ==============================  =========================================================  ==========================
+
+With ``SUBSTATION_SCENARIO`` the scenario decides the substations, the start hour, the base loads and their
+seed, and the telemetry interval (sped up by ``SIM_SPEEDUP``; ``SUBSTATION_INTERVAL_S`` overrides it).
 
 ``MQTT_USERNAME`` is ignored: each agent logs in as ``substation.<id>``. Its password is
 ``MQTT_PASSWORD`` (the same for all) or, when that is unset, derived per account from
@@ -83,6 +90,10 @@ class AgentSettings(BaseSettings):
     sim_start_hour: float = Field(17.0, ge=0, lt=24)
     substation_base_load_pct: float = Field(55.0, ge=0, le=200)
     substation_seed: int = 1
+    #: A replay scenario (path or shipped name): run its substations and play its events (see scenario.py).
+    substation_scenario: str | None = None
+    #: Epoch seconds at which the scenario's time 0 happens (default: when the process starts).
+    substation_scenario_start: float | None = Field(None, ge=0)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     grid: GridSettings = Field(default_factory=GridSettings)
 

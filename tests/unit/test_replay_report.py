@@ -72,9 +72,14 @@ def test_cli_runs_a_scenario_file_and_writes_json_and_plots(tmp_path: Path, caps
     assert (out / f"small__{DEFAULT_POLICY}.png").exists()
 
 
-def test_cli_live_mode_is_not_implemented_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--mode", "live"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_cli_live_mode_checks_its_arguments_before_starting_anything(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--mode", "live", "--scenario", "nope", "--out", str(tmp_path)]) == 2
+    assert "no scenario 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="command-delay is for --mode sim"):
+        main(["--mode", "live", "--command-delay", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(["--mode", "live", "--speedup", "0", "--out", str(tmp_path)])
 
 
 def test_cli_refuses_unknown_scenarios_and_policies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
