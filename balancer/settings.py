@@ -30,6 +30,9 @@ class BalancerSettings(BaseSettings):
     #: Every command batch says valid_until = now + lease_s; renewed every lease_s / 3. An agent that hears
     #: nothing by then drops its sessions to 0 kW.
     lease_s: float = Field(10.0, gt=0)
+    rebalance_interval_s: float = Field(1.0, gt=0)  # a substation is re-evaluated at least this often
+    queue_update_interval_s: float = Field(5.0, gt=0)  # queued EVs hear new positions/ETAs at most this often
+    poll_interval_s: float = Field(5.0, gt=0)  # polled-least-loaded's snapshot age (baseline)
     tick_interval_s: float = Field(0.5, gt=0)
     stats_interval_s: float = Field(30.0, gt=0)
     max_payload_bytes: int = Field(4096, ge=256, le=65536)

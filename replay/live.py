@@ -113,8 +113,7 @@ def balancer_env(policy: str, speedup: float, telemetry_interval_s: float, step_
     """The balancer's settings for a live run at ``speedup``: its defaults are scenario seconds, so they are
     divided by the speed-up, but never below what the wall clock allows (the agents report every
     ``telemetry_interval_s`` wall seconds, so a substation is stale only after missing several reports, and a
-    lease must outlive scheduling hiccups). Not settable here, so left in wall seconds: the timer rebalancing
-    (1 s), the queue updates (5 s) and ``polled-least-loaded``'s snapshot age (5 s)."""
+    lease must outlive scheduling hiccups)."""
     def scaled(scenario_s: float) -> float:
         return scenario_s / speedup
 
@@ -128,6 +127,9 @@ def balancer_env(policy: str, speedup: float, telemetry_interval_s: float, step_
         "BALANCER_OVERTAKE_GUARD_S": scaled(30.0),
         "BALANCER_LEASE_S": max(scaled(10.0), 2.0),
         "BALANCER_TICK_INTERVAL_S": max(scaled(step_s), 0.05),
+        "BALANCER_REBALANCE_INTERVAL_S": max(scaled(1.0), 0.05),
+        "BALANCER_QUEUE_UPDATE_INTERVAL_S": max(scaled(5.0), 0.05),
+        "BALANCER_POLL_INTERVAL_S": max(scaled(5.0), 0.05),
         "BALANCER_STATS_INTERVAL_S": 10.0,
     }
     return {k: v if isinstance(v, str) else f"{v:.6g}" for k, v in values.items()}
