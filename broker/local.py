@@ -42,6 +42,7 @@ from broker.accounts import (
     write_password_file,
 )
 from grid_protocol.topics import DEFAULT_PREFIX
+from grid_runtime.lifecycle import stop_process
 
 __all__ = [
     "BrokerStartError",
@@ -379,13 +380,7 @@ class LocalBroker:
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=timeout)
+        stop_process(proc, timeout)
         self._proc = None
         _RUNNING.discard(self)
 

@@ -24,6 +24,7 @@ from types import FrameType
 
 from broker.accounts import substation_username
 from broker.local import LocalBroker, find_free_port
+from grid_runtime.lifecycle import stop_process
 
 DEFAULT_SUBSTATIONS = "north:400,central:300,south:250"
 HAND_TEST_EV = "EV_1234"
@@ -163,13 +164,7 @@ def _shutdown(procs: list[tuple[str, subprocess.Popen[bytes]]], broker: LocalBro
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C or SIGTERM must not leave orphans
         signal.signal(sig, signal.SIG_IGN)
     for _name, proc in reversed(procs):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
     broker.stop()
 
 

@@ -33,7 +33,6 @@ import math
 import os
 import resource
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.local import LocalBroker
 from grid_protocol.topics import DEFAULT_PREFIX
+from grid_runtime.lifecycle import stop_process
 from replay.metrics import compute_metrics
 from replay.recording import Recorded, convert
 from replay.scenario import EvSpec, Scenario, generate_evs
@@ -236,14 +236,7 @@ class _Service:
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM (a clean shutdown), SIGKILL after ``timeout``; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
 
 def _service_env(broker: LocalBroker, **extra: str) -> dict[str, str]:

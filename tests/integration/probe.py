@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.local import LocalBroker
+from grid_runtime.lifecycle import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Default bound of every wait (seconds).
@@ -288,15 +288,9 @@ class Service:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
+        code = stop_process(self.proc, timeout)
         self._log.close()
-        return self.proc.returncode
+        return code
 
 
 def start_balancer(broker: LocalBroker, log_dir: Path, **env: str) -> Service:
