@@ -56,16 +56,14 @@ from grid_protocol.reasons import Reason
 from replay.metrics import Answer, EvRecord, Metrics, SubstationTrace, Trace, compute_metrics
 from replay.scenario import (
     BurstEvent,
-    CapacityEvent,
     DailyBaseLoad,
     EvSpec,
-    OfflineEvent,
-    OnlineEvent,
     PointsBaseLoad,
     Scenario,
     SubstationSpec,
     generate_evs,
 )
+from replay.timeline import grid_actions
 from substation_agents.load_curve import BaseLoad, LoadCurveParams, make_base_load
 from substation_agents.simulation import SessionEnd, SubstationSim
 
@@ -74,15 +72,15 @@ __all__ = ["DEFAULT_POLICY", "EPOCH_MIDNIGHT", "RunResult", "available_policies"
 #: 2026-01-01T00:00:00Z: midnight of day 0 of every replay.
 EPOCH_MIDNIGHT = 1_767_225_600.0
 DEFAULT_POLICY = "least-utilised"
-ALL_POLICIES = ("least-utilised", "weighted-fair", "deadline", "round-robin", "polled-least-loaded")
-BASELINE_POLICIES = ("round-robin", "polled-least-loaded")
+ALL_POLICIES = core.POLICIES
+BASELINE_POLICIES = core.BASELINES
 #: The adapter's default lease (``BALANCER_LEASE_S``): commands are valid this long unless renewed.
 LEASE_S = 10.0
 
 
 def available_policies() -> tuple[str, ...]:
-    """The policies this balancer core implements (``balancer.core.POLICIES``; the default before it)."""
-    return tuple(getattr(core, "POLICIES", (DEFAULT_POLICY,)))
+    """The policies this balancer core implements (``balancer.core.POLICIES``)."""
+    return core.POLICIES
 
 
 def make_balancer(policy: str = DEFAULT_POLICY) -> Balancer:
@@ -356,21 +354,21 @@ class _Run:
     # ------------------------------------------------------------------ scenario events
     def _schedule(self) -> list[tuple[float, int, Callable[[], None], str | None]]:
         """Scenario events as (time, order, action, plot label), in time order."""
+        # The same timing the live agents apply (replay.timeline), so sim and live mean the same scenario.
         out: list[tuple[float, int, Callable[[], None], str | None]] = []
-        for i, event in enumerate(self.sc.events):
-            if isinstance(event, OfflineEvent):
-                out.append((event.at, i, partial(self._offline, event.substation), f"{event.substation} offline"))
-            elif isinstance(event, OnlineEvent):
-                out.append((event.at, i, partial(self._online, event.substation), f"{event.substation} online"))
-            elif isinstance(event, CapacityEvent):
-                nominal = self.sc.capacity_kw(event.substation)
-                new = event.capacity_kw if event.capacity_kw is not None else nominal * (event.capacity_pct or 0) / 100
-                if event.notice_s > 0:
-                    out.append((event.at - event.notice_s, i, partial(self._announce, event.substation, new), None))
-                out.append((event.at, i, partial(self._capacity, event.substation, new),
-                            f"{event.substation} capacity {new:g} kW"))
-            elif isinstance(event, BurstEvent):
-                out.append((event.at, i, lambda: None, f"burst of {event.count}"))
+        for i, action in enumerate(grid_actions(self.sc)):
+            if action.kind == "offline":
+                act: Callable[[], None] = partial(self._offline, action.substation)
+            elif action.kind == "online":
+                act = partial(self._online, action.substation)
+            else:
+                kw = action.capacity_kw
+                assert kw is not None  # grid_actions sets it for every announce and capacity action
+                act = partial(self._announce if action.kind == "announce" else self._capacity, action.substation, kw)
+            out.append((action.at, i, act, action.label))
+        n = len(out)
+        for j, event in enumerate(e for e in self.sc.events if isinstance(e, BurstEvent)):
+            out.append((event.at, n + j, lambda: None, f"burst of {event.count}"))  # the EVs' business: a label
         out.sort(key=lambda x: (x[0], x[1]))
         return out
 
