@@ -61,7 +61,7 @@ __all__ = [
     "SubstationAgent",
     "agent_mqtt_settings",
     "build_agent",
-    "decode_commands",
+    "decode_batch",
     "offline_will",
     "run_agents",
 ]
@@ -118,10 +118,6 @@ def decode_batch(payload: bytes) -> SessionCommands:
     command = decode(payload, SessionCommand)
     return SessionCommands(ts=command.ts, commands=[command])
 
-
-def decode_commands(payload: bytes) -> list[SessionCommand]:
-    """The commands of a command-topic payload, in the order to apply them (see :func:`decode_batch`)."""
-    return decode_batch(payload).commands
 
 
 def agent_mqtt_settings(mqtt: MqttSettings, substation_id: str) -> MqttSettings:
