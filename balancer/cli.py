@@ -12,12 +12,15 @@ import gc
 import sys
 from collections.abc import Sequence
 
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
+from balancer import metrics
 from balancer.service import build
 from balancer.settings import BalancerSettings
 from grid_runtime.lifecycle import run_until_signalled
 from grid_runtime.logs import configure_logging, get_logger
+from grid_runtime.metrics import serve_metrics, stop_metrics
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
              username=settings.mqtt.username, client=settings.mqtt_client,
              safety_margin_pct=settings.safety_margin_pct, stale_after_s=settings.stale_after_s)
     service = build(settings)
+    metrics.register(service, REGISTRY)
+    try:
+        metrics_server = serve_metrics(settings.grid.metrics, "balancer")
+    except OSError as exc:
+        log.error("metrics_port_unavailable", error=str(exc))
+        return 2
     # Everything alive now (modules, classes, settings) lives as long as the process: keep it out of
     # every later GC pass, so collections scan only what the balancer allocates while it runs.
     gc.collect()
@@ -49,5 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         await service.run(stop)
 
     run_until_signalled(run)
+    stop_metrics(metrics_server)
     log.info("balancer_stopped")
     return 0

@@ -14,12 +14,18 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
+from time import perf_counter
+
+import msgspec
 
 from balancer.core import Balancer, CoreConfig, Effect, ToEv
+from balancer.core.views import queue_state, substation_state
 from balancer.settings import BalancerSettings
 from grid_protocol import (
     BalancerStatus,
     ChargeRequest,
+    ControlCommand,
+    ControlResult,
     ErrorReport,
     PayloadError,
     Reason,
@@ -35,7 +41,7 @@ from grid_protocol import (
     encode,
     is_valid_id,
 )
-from grid_protocol.messages import MAX_COMMANDS_PER_MESSAGE
+from grid_protocol.messages import MAX_COMMANDS_PER_MESSAGE, SubstationState
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import InMessage, Transport, Will, make_transport
 
@@ -86,9 +92,14 @@ class BalancerService:
             TopicKind.SUBSTATION_STATUS: self._on_status,
             TopicKind.SUBSTATION_SESSION: self._on_session_event,
         }
+        #: what was last published per retained state topic: (comparable key, when)
+        self._state_sent: dict[str, tuple[bytes, float]] = {}
+        #: called with the seconds each EV request or release took to decide and publish (metrics)
+        self.observe_decision: Callable[[float], None] | None = None
         transport.set_handler(self.handle)
         for kind in self._handlers:
             transport.subscribe(self.topics.filter(kind), 1)
+        transport.subscribe(self.topics.balancer_control(), 1)
         transport.on_connect(self._announce)
 
     @staticmethod
@@ -108,6 +119,9 @@ class BalancerService:
             self.counters["ignored_topic"] += 1
             return
         kind, id_ = parsed
+        if kind == TopicKind.BALANCER_CONTROL:
+            self._on_control(msg, self.clock())
+            return
         handler = self._handlers.get(kind)
         if handler is None or id_ is None:
             return
@@ -116,7 +130,13 @@ class BalancerService:
             self.counters[f"bad_payload:{kind}:invalid_topic_id"] += 1
             log.warning("invalid_topic_id", topic=msg.topic[:200])
             return
-        handler(id_, msg, self.clock())
+        observe = self.observe_decision
+        if observe is not None and (kind == TopicKind.EV_REQUEST or kind == TopicKind.EV_RELEASE):
+            started = perf_counter()
+            handler(id_, msg, self.clock())
+            observe(perf_counter() - started)
+        else:
+            handler(id_, msg, self.clock())
 
     def _bad_payload(self, kind: TopicKind, id_: str, err: PayloadError) -> None:
         self.counters[f"bad_payload:{kind}:{err.reason}"] += 1
@@ -185,6 +205,45 @@ class BalancerService:
             return
         self._publish(self.core.on_session_event(sid, event, now))
 
+    def _on_control(self, msg: InMessage, now: float) -> None:
+        """An operator action (only the api account may publish it). Every one is answered on the result
+        topic, refusals included; the substation's new state is published at once."""
+        try:
+            command = decode(msg.payload, ControlCommand, max_bytes=self.settings.max_payload_bytes)
+        except PayloadError as err:
+            self.counters[f"bad_payload:{TopicKind.BALANCER_CONTROL}:{err.reason}"] += 1
+            log.warning("control_rejected", reason=str(err.reason), detail=err.detail)
+            return  # no action or substation to answer about: logged and counted
+        reason, detail, effects = self.core.on_control(command, now)
+        self._publish(effects)
+        sub = self.core.substations.get(command.substation_id)
+        state = substation_state(self.core, sub, now) if sub is not None else None
+        if state is not None:
+            self._send_state(self.topics.substation_state(sub.id), state, now, force=True)  # type: ignore[union-attr]
+        result = ControlResult(ok=reason is None, action=command.action, substation_id=command.substation_id,
+                               ts=now, request_id=command.request_id, reason=reason, detail=detail, state=state)
+        self.transport.publish(self.topics.balancer_control_result(), encode(result), 1)
+        log.info("control", action=command.action, substation_id=command.substation_id,
+                 capacity_kw=command.capacity_kw, ok=reason is None, reason=reason, detail=detail)
+
+    # ------------------------------------------------------------------ retained state
+    def _send_state(self, topic: str, state: SubstationState | msgspec.Struct, now: float, *,
+                    force: bool = False) -> None:
+        """Publish a retained state when it changed (ignoring its clock fields) or every 30 s."""
+        key = encode(msgspec.structs.replace(state, ts=0.0, **(
+            {"telemetry_age_s": None} if isinstance(state, SubstationState) else {})))
+        last = self._state_sent.get(topic)
+        if not force and last is not None and last[0] == key and now - last[1] < 30.0:
+            return
+        self._state_sent[topic] = (key, now)
+        self.transport.publish(topic, encode(state), 1, retain=True)
+
+    def publish_states(self, now: float) -> None:
+        """The retained view of every substation and of the queue (readers such as the API rely on it)."""
+        for sub in self.core.substations.values():
+            self._send_state(self.topics.substation_state(sub.id), substation_state(self.core, sub, now), now)
+        self._send_state(self.topics.balancer_queue(), queue_state(self.core, now), now)
+
     # ------------------------------------------------------------------ outbound
     def _publish(self, effects: list[Effect], request: InMessage | None = None) -> None:
         topics, publish = self.topics, self.transport.publish
@@ -246,12 +305,16 @@ class BalancerService:
         """Run until ``stop`` is set, then publish the offline status and disconnect."""
         conn = asyncio.create_task(self.transport.run())
         next_stats = time.monotonic() + self.settings.stats_interval_s
+        next_state = time.monotonic()
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.tick_interval_s)
                 self._publish(self.core.tick(self.clock()))
                 self._renew_leases()
+                if time.monotonic() >= next_state and self.transport.connected.is_set():
+                    next_state = time.monotonic() + self.settings.state_interval_s
+                    self.publish_states(self.clock())
                 if time.monotonic() >= next_stats:
                     next_stats += self.settings.stats_interval_s
                     self.log_stats()

@@ -34,6 +34,8 @@ class BalancerSettings(BaseSettings):
     queue_update_interval_s: float = Field(5.0, gt=0)  # queued EVs hear new positions/ETAs at most this often
     poll_interval_s: float = Field(5.0, gt=0)  # polled-least-loaded's snapshot age (baseline)
     tick_interval_s: float = Field(0.5, gt=0)
+    #: retained substation/{id}/state and balancer/queue are republished when they change, at most this often
+    state_interval_s: float = Field(1.0, gt=0)
     stats_interval_s: float = Field(30.0, gt=0)
     max_payload_bytes: int = Field(4096, ge=256, le=65536)
     #: paho is the default on the hot path (see grid_runtime.mqtt and bench/).

@@ -195,7 +195,7 @@ def _start_responder(kind: str, broker: LocalBroker, client: str, logs: Path,
                      profile: Path | None = None) -> subprocess.Popen[bytes]:
     env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), MQTT_USERNAME="balancer",
                MQTT_PASSWORD=broker.password_for("balancer"), BALANCER_MQTT_CLIENT=client, LOG_LEVEL="WARNING",
-               BALANCER_QUEUE_MAX="1000000", BALANCER_STATS_INTERVAL_S="3600")
+               BALANCER_QUEUE_MAX="1000000", BALANCER_STATS_INTERVAL_S="3600", METRICS_PORT="0")
     module = "bench.echo" if kind == "echo" else "balancer"
     log = open(logs / f"{kind}-{client}.log", "wb")  # noqa: SIM115
     cmd = [sys.executable, "-m", module]

@@ -2,7 +2,7 @@
 
 Roles (see ``broker/README.md``):
 
-* service accounts :data:`SERVICE_ACCOUNTS` (``balancer``, ``api``, ``observer``, ``loadtest``);
+* service accounts :data:`SERVICE_ACCOUNTS` (``balancer``, ``api``, ``observer``, ``recorder``, ``loadtest``);
 * one account per substation agent, username ``substation.<id>`` (:func:`substation_username`);
 * one account per EV, username == EV id.
 
@@ -60,9 +60,9 @@ __all__ = [
 
 #: Accounts of the services. ``loadtest`` is for benchmarks and tests only: it exists only when it is
 #: put in the password file (its ACL block is always rendered, harmless without a password line).
-SERVICE_ACCOUNTS: tuple[str, ...] = ("balancer", "api", "observer", "loadtest")
+SERVICE_ACCOUNTS: tuple[str, ...] = ("balancer", "api", "observer", "recorder", "loadtest")
 #: Services a deployment gets by default (the CLI without ``--service``): everything but ``loadtest``.
-DEFAULT_SERVICES: tuple[str, ...] = ("balancer", "api", "observer")
+DEFAULT_SERVICES: tuple[str, ...] = ("balancer", "api", "observer", "recorder")
 
 #: Substation agent usernames are ``substation.<id>``. ``.`` is not allowed in ids (ID_PATTERN), so a
 #: substation account can never be a valid EV id and an EV account never matches a substation block.

@@ -33,12 +33,16 @@ from pydantic import ValidationError
 
 from ev_clients import scenario as scenario_cmd
 from ev_clients.fleet import FleetRunner, RunConfig
+from ev_clients.metrics import register_fleet_metrics
 from ev_clients.settings import EvSettings
 from ev_clients.workload import RequestMix, parse_kw_mix, parse_range
-from grid_runtime.logs import configure_logging
+from grid_runtime.logs import configure_logging, get_logger
+from grid_runtime.metrics import serve_metrics, stop_metrics
 from grid_runtime.settings import MqttSettings
 
 COMMANDS = ("fleet", "loadtest", "scenario")
+
+log = get_logger("ev_fleet")
 
 
 def parse_url(url: str) -> tuple[str, int]:
@@ -184,6 +188,22 @@ async def _run(runner: FleetRunner) -> None:
         runner.interrupted = True
 
 
+def start_metrics(settings: EvSettings, runner: FleetRunner) -> Any:
+    """Register the fleet's metrics and serve ``/metrics`` (``METRICS_*``); ``None`` when disabled.
+
+    A port that cannot be bound is logged (``metrics_unavailable``) and the run goes on without ``/metrics``.
+    """
+    if not settings.grid.metrics.enabled:
+        return None
+    register_fleet_metrics(runner)
+    try:
+        return serve_metrics(settings.grid.metrics, "ev_clients")
+    except OSError as exc:
+        log.error("metrics_unavailable", host=settings.grid.metrics.host, port=settings.grid.metrics.port,
+                  error=str(exc))
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
@@ -206,7 +226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return scenario_cmd.run_cli(args, settings)
 
     runner = FleetRunner(settings, config)
-    asyncio.run(_run(runner))
+    metrics = start_metrics(settings, runner)
+    try:
+        asyncio.run(_run(runner))
+    finally:
+        stop_metrics(metrics)
     now = runner.clock()
     title = "load test" if config.mode == "loadtest" else "fleet"
     print(f"\n=== {title} summary{' (interrupted)' if runner.interrupted else ''} ===")

@@ -22,11 +22,12 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, NamedTuple, TextIO
 
 from ev_clients.ev import EvBehaviour, SimulatedEv, new_request_id
 from ev_clients.settings import EvSettings
@@ -35,6 +36,7 @@ from ev_clients.workload import EvIdPool, RequestMix, arrival_gaps, ev_ids, ramp
 from grid_protocol.reasons import Reason
 from grid_protocol.topics import Topics
 from grid_runtime.logs import get_logger
+from grid_runtime.mqtt import Transport, TransportStats
 
 log = get_logger("ev_fleet")
 
@@ -64,6 +66,51 @@ def _behaviour(settings: EvSettings, mode: Mode) -> EvBehaviour:
     )
 
 
+class ConnectionTotals(NamedTuple):
+    connected: int  # connections up right now
+    reconnects: int  # connections after each one's first, summed
+    stats: TransportStats  # traffic of every connection so far, summed
+
+
+class EvConnections:
+    """The fleet's MQTT connections, for the metrics: the open ones, and the traffic of those already closed
+    (so the fleet's connection counters never go down when an EV leaves). Changed by the event loop, read by
+    the metrics thread: both under one lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: set[Transport] = set()
+        self._closed = TransportStats()
+        self._closed_reconnects = 0
+
+    def opened(self, transport: Transport) -> None:
+        with self._lock:
+            self._open.add(transport)
+
+    def closed(self, transport: Transport) -> None:
+        with self._lock:
+            if transport in self._open:
+                self._open.discard(transport)
+                _add_stats(self._closed, transport.stats)
+                self._closed_reconnects += max(0, transport.stats.connects - 1)
+
+    def totals(self) -> ConnectionTotals:
+        with self._lock:
+            stats = dataclasses.replace(self._closed)
+            connected = 0
+            reconnects = self._closed_reconnects
+            for transport in self._open:
+                _add_stats(stats, transport.stats)
+                connected += transport.connected.is_set()
+                reconnects += max(0, transport.stats.connects - 1)
+        return ConnectionTotals(connected, reconnects, stats)
+
+
+def _add_stats(total: TransportStats, stats: TransportStats) -> None:
+    for f in dataclasses.fields(TransportStats):
+        setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
+
+
 class FleetRunner:
     """Runs a fleet or a load test against the broker in ``settings.mqtt``."""
 
@@ -82,6 +129,7 @@ class FleetRunner:
         self.interrupted = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._taken = 0  # loadtest: requests started by the workers
+        self.connections = EvConnections()
 
     # --- helpers --------------------------------------------------------------------------------
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -104,8 +152,16 @@ class FleetRunner:
         return not self.stop.is_set()
 
     def _new_ev(self, ev_id: str, rng: random.Random) -> SimulatedEv:
-        return SimulatedEv(ev_id, self.settings.mqtt, self.topics, self.stats, self.behaviour,
-                           client_kind=self.settings.client, rng=rng, stop=self.stop, clock=self.clock)
+        ev = SimulatedEv(ev_id, self.settings.mqtt, self.topics, self.stats, self.behaviour,
+                         client_kind=self.settings.client, rng=rng, stop=self.stop, clock=self.clock)
+        self.connections.opened(ev.transport)
+        return ev
+
+    async def _close(self, ev: SimulatedEv) -> None:
+        try:
+            await ev.close()
+        finally:
+            self.connections.closed(ev.transport)
 
     @staticmethod
     def _busy(record: RequestRecord) -> bool:
@@ -125,7 +181,7 @@ class FleetRunner:
                 await ev.release_stale()
                 await ev.charge(self.config.mix.make(rng, ev_id, new_request_id()))
         finally:
-            await ev.close()
+            await self._close(ev)
             pool.release(ev_id)
             freed.set()
 
@@ -174,7 +230,7 @@ class FleetRunner:
                 if self._busy(record) and not self.stop.is_set():
                     await ev.release_stale()
         finally:
-            await ev.close()
+            await self._close(ev)
 
     async def _run_loadtest(self) -> None:
         cfg = self.config

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,6 +216,8 @@ class FleetStats:
         self.connected_evs = 0
         self.connect_failures = 0
         self.arrivals_delayed = 0  # arrivals that had to wait for a free EV id
+        #: Called with each request's first-answer latency in seconds (the metrics histogram observes it).
+        self.on_first_answer: Callable[[float], None] | None = None
         self._rate_mark: tuple[float, int] | None = None
 
     # --- recording ----------------------------------------------------------------------------
@@ -235,6 +237,8 @@ class FleetStats:
             self.reasons[f"{status}:{fields['reason']}"] += 1
         if not was_answered and record.first_answer_s is not None:
             self.first_answer.add(record.first_answer_s)
+            if self.on_first_answer is not None:
+                self.on_first_answer(record.first_answer_s)
         if not was_assigned and record.assigned_s is not None:
             self.to_assigned.add(record.assigned_s)
         self._track_live(previous, status)
@@ -254,6 +258,15 @@ class FleetStats:
     @property
     def answered(self) -> int:
         return len(self.first_answer)
+
+    def sent_and_retries(self) -> tuple[int, int]:
+        """Requests sent, and re-sends of requests not answered yet (publishes after each one's first)."""
+        sent = retries = 0
+        for r in list(self.records):  # a copy: the metrics read this from their own thread
+            if r.attempts > 0:
+                sent += 1
+                retries += r.attempts - 1
+        return sent, retries
 
     def unanswered(self) -> list[RequestRecord]:
         return [r for r in self.records if r.attempts > 0 and not r.answered]

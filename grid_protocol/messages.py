@@ -191,3 +191,119 @@ class ErrorReport(msgspec.Struct, kw_only=True):
     detail: Detail
     topic: str
     ts: Timestamp
+
+
+# --------------------------------------------------------------------------- balancer state (retained)
+#: A substation's retained state lists at most this many sessions (``sessions_total`` says how many run):
+#: 150 worst-case entries (longest ids) are about 49 KB, below the broker's 64 KiB message limit.
+MAX_STATE_SESSIONS = 150
+#: The retained queue state lists the first this many waiting requests (``length`` counts them all); 150
+#: worst-case entries are about 55 KB.
+MAX_STATE_QUEUE_ENTRIES = 150
+#: Decode limit for the retained state topics (the broker's message_size_limit).
+MAX_STATE_PAYLOAD_BYTES = 65536
+
+Ratio = Annotated[float, Meta(ge=0, le=1_000, description="Load over capacity (1.0 = at capacity)")]
+
+
+class SessionView(msgspec.Struct, kw_only=True):
+    """One running session as the balancer sees it (an element of :class:`SubstationState`)."""
+
+    session_id: SessionId
+    ev_id: Id
+    request_id: RequestId | None
+    granted_kw: Kw
+    requested_kw: Kw
+    min_kw: Kw
+    priority: Priority
+    started_at: Timestamp
+    #: when the session should end at its current grant; null when open-ended
+    expected_end: Timestamp | None = None
+
+
+class SubstationState(msgspec.Struct, kw_only=True):
+    """Balancer -> all, retained on ``substation/{substation_id}/state``: the balancer's view of one substation.
+
+    Published when it changes, at most once per ``BALANCER_STATE_INTERVAL_S`` per substation, so
+    readers (the API, dashboards) learn the whole grid from retained messages after a restart.
+    ``capacity_kw`` is what the balancer plans with: the reported capacity, lowered by the operator's
+    ``capacity_limit_kw`` when one is set. ``reserved_kw`` is what it granted and telemetry does not show yet.
+    """
+
+    substation_id: Id
+    ts: Timestamp
+    online: bool
+    stale: bool
+    draining: bool
+    capacity_kw: Kw
+    reported_capacity_kw: Kw | None
+    capacity_limit_kw: Kw | None
+    limit_kw: Kw
+    load_kw: Kw | None
+    base_load_kw: Kw | None
+    granted_kw: Kw
+    reserved_kw: Kw
+    headroom_kw: Kw
+    utilisation: Ratio
+    telemetry_age_s: Annotated[float, Meta(ge=0)] | None
+    sessions_total: Annotated[int, Meta(ge=0)]
+    sessions: Annotated[list[SessionView], Meta(max_length=MAX_STATE_SESSIONS)]
+    sessions_truncated: bool = False
+
+
+class QueueEntry(msgspec.Struct, kw_only=True):
+    """A waiting request (an element of :class:`QueueState`)."""
+
+    ev_id: Id
+    request_id: RequestId | None
+    position: Annotated[int, Meta(ge=1)]
+    requested_kw: Kw
+    min_kw: Kw
+    priority: Priority
+    waiting_since: Timestamp
+    eta_s: Annotated[float, Meta(ge=0)] | None = None
+
+
+class QueueState(msgspec.Struct, kw_only=True):
+    """Balancer -> all, retained on ``balancer/queue``: the waiting line, in order (the first
+    :data:`MAX_STATE_QUEUE_ENTRIES`), published when it changes, at most once per ``BALANCER_STATE_INTERVAL_S``."""
+
+    ts: Timestamp
+    length: Annotated[int, Meta(ge=0)]
+    entries: Annotated[list[QueueEntry], Meta(max_length=MAX_STATE_QUEUE_ENTRIES)]
+    truncated: bool = False
+
+
+ControlAction = Literal["drain", "undrain", "set_capacity"]
+
+
+class ControlCommand(msgspec.Struct, kw_only=True):
+    """Operator -> balancer on ``balancer/control``: act on one substation.
+
+    * ``drain``: no new sessions go there; running ones finish (they are not moved).
+    * ``undrain``: it takes new sessions again.
+    * ``set_capacity``: plan with at most ``capacity_kw`` there (sessions are reduced or moved at once
+      when it is lower than what runs); ``capacity_kw: null`` removes the operator's limit.
+
+    Only the ``api`` account may publish it (broker ACL). The balancer answers every command with a
+    :class:`ControlResult` on ``balancer/control/result`` carrying the same ``request_id``.
+    """
+
+    action: ControlAction
+    substation_id: Id
+    capacity_kw: Annotated[float, Meta(gt=0, le=1_000_000)] | None = None
+    request_id: RequestId | None = None
+    ts: Timestamp | None = None
+
+
+class ControlResult(msgspec.Struct, kw_only=True):
+    """Balancer -> all on ``balancer/control/result``: the outcome of a :class:`ControlCommand`."""
+
+    ok: bool
+    action: ControlAction
+    substation_id: Id
+    ts: Timestamp
+    request_id: RequestId | None = None
+    reason: Reason | None = None
+    detail: Detail | None = None
+    state: SubstationState | None = None

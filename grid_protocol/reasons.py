@@ -33,3 +33,6 @@ class Reason(StrEnum):
     NO_HEADROOM = "no_headroom"
     UNKNOWN_SESSION = "unknown_session"
     STALE_TELEMETRY = "stale_telemetry"
+    # Operator control (ControlResult).
+    UNKNOWN_SUBSTATION = "unknown_substation"
+    DRAINING = "draining"

@@ -25,7 +25,11 @@ class TopicKind(StrEnum):
     EV_REQUEST = "ev_request"
     EV_RELEASE = "ev_release"
     EV_ASSIGNMENT = "ev_assignment"
+    SUBSTATION_STATE = "substation_state"
     BALANCER_STATUS = "balancer_status"
+    BALANCER_QUEUE = "balancer_queue"
+    BALANCER_CONTROL = "balancer_control"
+    BALANCER_CONTROL_RESULT = "balancer_control_result"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,10 @@ CHANNELS: dict[TopicKind, Channel] = {
                 1, False, m.SessionEvent, "Session lifecycle events: started, ended (with the reason)."),
         Channel(TopicKind.SUBSTATION_ERROR, "substation/{id}/error", "balancer", "that substation agent, operators",
                 1, False, m.ErrorReport, "A payload from this substation was refused; says why."),
+        Channel(TopicKind.SUBSTATION_STATE, "substation/{id}/state", "balancer", "api, dashboards, operators",
+                1, True, m.SubstationState,
+                "Retained: the balancer's view of the substation (capacity, load, reservations, headroom, "
+                "draining, sessions). Published on change, at most once per second per substation."),
         Channel(TopicKind.EV_REQUEST, "ev/{id}/request", "EV", "balancer",
                 1, False, m.ChargeRequest, "A charge request. Retry with the same request_id until answered."),
         Channel(TopicKind.EV_RELEASE, "ev/{id}/release", "EV", "balancer",
@@ -68,12 +76,22 @@ CHANNELS: dict[TopicKind, Channel] = {
                 "revoked, completed, cancelled."),
         Channel(TopicKind.BALANCER_STATUS, "balancer/status", "balancer (will: broker)", "everyone",
                 1, True, m.BalancerStatus, "Retained online/offline state of the balancer."),
+        Channel(TopicKind.BALANCER_QUEUE, "balancer/queue", "balancer", "api, dashboards, operators",
+                1, True, m.QueueState,
+                "Retained: the waiting line in order. Published on change, at most once per second."),
+        Channel(TopicKind.BALANCER_CONTROL, "balancer/control", "api (operators)", "balancer",
+                1, False, m.ControlCommand,
+                "Operator actions: drain, undrain, set_capacity. Only the api account may publish them."),
+        Channel(TopicKind.BALANCER_CONTROL_RESULT, "balancer/control/result", "balancer", "api, operators",
+                1, False, m.ControlResult,
+                "The outcome of every control message, with its request_id (ok, or why not)."),
     )
 }
 
 _BY_TAIL: dict[tuple[str, str], TopicKind] = {
     (c.template.split("/")[0], c.template.split("/")[2]): c.kind for c in CHANNELS.values() if "{id}" in c.template
 }
+_FIXED: dict[str, TopicKind] = {c.template: c.kind for c in CHANNELS.values() if "{id}" not in c.template}
 
 
 class Topics:
@@ -121,8 +139,20 @@ class Topics:
     def assignment(self, ev_id: str) -> str:
         return self.topic(TopicKind.EV_ASSIGNMENT, ev_id)
 
+    def substation_state(self, substation_id: str) -> str:
+        return self.topic(TopicKind.SUBSTATION_STATE, substation_id)
+
     def balancer_status(self) -> str:
         return self.topic(TopicKind.BALANCER_STATUS)
+
+    def balancer_queue(self) -> str:
+        return self.topic(TopicKind.BALANCER_QUEUE)
+
+    def balancer_control(self) -> str:
+        return self.topic(TopicKind.BALANCER_CONTROL)
+
+    def balancer_control_result(self) -> str:
+        return self.topic(TopicKind.BALANCER_CONTROL_RESULT)
 
     def reply_root(self) -> str:
         """MQTT 5 response topics are honoured only below this root (see docs/protocol.md)."""
@@ -141,10 +171,12 @@ class Topics:
         """
         if not topic.startswith(self.prefix) or topic[self._plen - 1 : self._plen] != "/":
             return None
-        parts = topic[self._plen :].split("/")
+        rest = topic[self._plen :]
+        fixed = _FIXED.get(rest)
+        if fixed is not None:
+            return (fixed, None)
+        parts = rest.split("/")
         if len(parts) == 3:
             kind = _BY_TAIL.get((parts[0], parts[2]))
             return (kind, parts[1]) if kind is not None else None
-        if parts == ["balancer", "status"]:
-            return (TopicKind.BALANCER_STATUS, None)
         return None

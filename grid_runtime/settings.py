@@ -30,6 +30,18 @@ class MqttSettings(BaseSettings):
     session_expiry_s: int = Field(3600, ge=0)
 
 
+class MetricsSettings(BaseSettings):
+    """``METRICS_*``: where a service serves Prometheus ``/metrics``."""
+
+    model_config = SettingsConfigDict(env_prefix="METRICS_", extra="ignore")
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    #: None: the service's own default port (balancer 9101, agents 9102, EV fleet 9103, recorder 9104);
+    #: 0: any free port (tests), logged as ``metrics_listening``.
+    port: int | None = Field(None, ge=0, le=65535)
+
+
 class GridSettings(BaseSettings):
     """``GRID_*`` and ``LOG_*`` variables common to all services."""
 
@@ -40,3 +52,4 @@ class GridSettings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     #: Append logs to this file instead of stderr (``gridlb run`` keeps the terminal for the fleet's live line).
     log_file: str | None = None
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)

@@ -1,1 +1,2 @@
-"""Telemetry recorder, Prometheus and Grafana parts. A placeholder until its own issue: see README."""
+"""Monitoring: the telemetry recorder (``monitoring.recorder``: MQTT -> InfluxDB, see docs/recorder.md).
+Prometheus and Grafana parts follow in their own issues; see the README."""

@@ -83,7 +83,7 @@ STOP_TIMEOUT_S = 10.0
 #: After its last departure an EV may still need this long to release (retries are bounded).
 FLEET_SLACK_S = 60.0
 #: Environment variables the services read: a service sees only what the run sets.
-_SERVICE_ENV_PREFIXES = ("MQTT_", "EV_", "SUBSTATION", "SIM_", "BALANCER_", "GRID_", "LOG_")
+_SERVICE_ENV_PREFIXES = ("MQTT_", "EV_", "SUBSTATION", "SIM_", "BALANCER_", "GRID_", "LOG_", "METRICS_", "API_")
 
 
 class LiveError(RuntimeError):
@@ -241,7 +241,8 @@ class _Service:
 
 def _service_env(broker: LocalBroker, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SERVICE_ENV_PREFIXES)}
-    env.update(MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), LOG_FORMAT="json", LOG_LEVEL="INFO",
+    # METRICS_PORT=0: each service's /metrics on a free port, never a fixed one another run may hold.
+    env.update(MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), LOG_FORMAT="json", LOG_LEVEL="INFO", METRICS_PORT="0",
                PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
                                                                 if p))
     env.update(extra)

@@ -32,8 +32,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from broker.accounts import substation_username
 from grid_protocol.codec import PayloadError, decode, encode
@@ -96,15 +97,24 @@ class SimClock:
 
 @dataclass(slots=True)
 class AgentStats:
+    """What an agent did since it started (read by ``substation_agents.metrics`` at scrape time)."""
+
     connects: int = 0
     telemetry_sent: int = 0
-    commands: int = 0
+    commands: int = 0  # command-topic messages (batches) received
     bad_commands: int = 0
     ignored_commands: int = 0
     sessions_started: int = 0
     sessions_ended: int = 0
     error_reports: int = 0
     lease_lapses: int = 0
+    #: Commands that changed the substation, by command (``start``/``update``/``stop``).
+    applied: Counter[str] = field(default_factory=Counter)
+    #: Commands that changed nothing, by outcome (``duplicate_start``, ``unknown_session``, ...).
+    ignored: Counter[str] = field(default_factory=Counter)
+    #: Messages refused (``bad_commands``), by reason (a :class:`~grid_protocol.reasons.Reason`,
+    #: ``retained_command``, or ``handler_error`` when handling raised).
+    refused: Counter[str] = field(default_factory=Counter)
 
 
 def decode_batch(payload: bytes) -> SessionCommands:
@@ -229,10 +239,12 @@ class SubstationAgent:
                 self._on_balancer_status(msg)
         except Exception:
             self.stats.bad_commands += 1
+            self.stats.refused["handler_error"] += 1
             log.exception("message_handling_failed", substation_id=self.id, topic=msg.topic)
 
     def _bad_command(self, reason: str, detail: str) -> None:
         self.stats.bad_commands += 1
+        self.stats.refused[str(reason)] += 1
         n = self.stats.bad_commands
         if n <= _BAD_LOG_FIRST or n % 100 == 0:
             log.warning("command_refused", substation_id=self.id, reason=reason, detail=detail[:200],
@@ -262,6 +274,10 @@ class SubstationAgent:
         result = self.sim.apply(command, self._last_sim)
         log.debug("command", substation_id=self.id, command=command.command, session_id=command.session_id,
                   ev_id=command.ev_id, granted_kw=command.granted_kw, outcome=result.outcome)
+        if result.changed:
+            self.stats.applied[command.command] += 1
+        else:
+            self.stats.ignored[result.outcome] += 1
         if result.outcome == "started":
             self.stats.sessions_started += 1
             event = SessionEvent(event="started", session_id=command.session_id, ev_id=command.ev_id,
@@ -365,8 +381,12 @@ def build_agent(spec: SubstationSpec, settings: AgentSettings, clock: SimClock, 
                            tick_offset_s=tick_offset_s)
 
 
-async def run_agents(settings: AgentSettings, stop: asyncio.Event) -> None:
-    """Run one agent per configured substation until ``stop`` is set."""
+async def run_agents(settings: AgentSettings, stop: asyncio.Event, *,
+                     on_built: Callable[[Mapping[str, SubstationAgent]], None] | None = None) -> None:
+    """Run one agent per configured substation until ``stop`` is set.
+
+    ``on_built`` receives the agents by substation id once they exist (the metrics collectors read them).
+    """
     clock = SimClock(settings.sim_start_hour * 3600.0, settings.sim_speedup)
     n = len(settings.substations)
     # Spread the agents' ticks over the interval so many agents do not publish in one burst.
@@ -382,4 +402,6 @@ async def run_agents(settings: AgentSettings, stop: asyncio.Event) -> None:
     for agent in agents:
         log.info("agent_starting", substation_id=agent.id, capacity_kw=agent.sim.capacity_kw,
                  username=substation_username(agent.id), base_load_kw=round(agent.sim.base_load_kw, 1))
+    if on_built is not None:
+        on_built({agent.id: agent for agent in agents})
     await asyncio.gather(*(agent.run(stop) for agent in agents))

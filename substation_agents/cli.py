@@ -9,17 +9,39 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
 from grid_runtime.lifecycle import run_until_signalled
-from grid_runtime.logs import configure_logging
+from grid_runtime.logs import configure_logging, get_logger
+from grid_runtime.metrics import serve_metrics, stop_metrics
 from replay.scenario import Scenario, ScenarioError, load_scenario
 from substation_agents import settings as settings_module
-from substation_agents.agent import run_agents
+from substation_agents.agent import SubstationAgent, run_agents
+from substation_agents.metrics import register_agent_metrics
 from substation_agents.scenario import run_scenario_agents
 from substation_agents.settings import AgentSettings
+
+log = get_logger("substation_agents")
+
+
+def start_metrics(settings: AgentSettings, agents: Callable[[], Mapping[str, SubstationAgent]]) -> Any:
+    """Register the agents' collectors and serve ``/metrics`` (``METRICS_*``); ``None`` when disabled.
+
+    A port that cannot be bound is logged (``metrics_unavailable``) and the agents run without ``/metrics``:
+    the simulation matters more than its metrics.
+    """
+    if not settings.grid.metrics.enabled:
+        return None
+    register_agent_metrics(agents)
+    try:
+        return serve_metrics(settings.grid.metrics, "substation_agents")
+    except OSError as exc:
+        log.error("metrics_unavailable", host=settings.grid.metrics.host, port=settings.grid.metrics.port,
+                  error=str(exc))
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,11 +67,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     configure_logging(settings.grid.log_level, settings.grid.log_format, settings.grid.log_file)
 
+    live: dict[str, SubstationAgent] = {}
+    metrics = start_metrics(settings, lambda: live)
+
     async def service(stop: asyncio.Event) -> None:
         if scenario is not None:
-            await run_scenario_agents(settings, scenario, stop)
+            await run_scenario_agents(settings, scenario, stop, on_built=live.update)
         else:
-            await run_agents(settings, stop)
+            await run_agents(settings, stop, on_built=live.update)
 
-    run_until_signalled(service)
+    try:
+        run_until_signalled(service)
+    finally:
+        stop_metrics(metrics)
     return 0

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -235,8 +235,12 @@ async def _play(actions: list[GridAction], agents: Mapping[str, ScenarioAgent], 
         agents[action.substation].apply_action(action)
 
 
-async def run_scenario_agents(settings: AgentSettings, scenario: Scenario, stop: asyncio.Event) -> None:
-    """Run one agent per substation of ``scenario`` and play its events until ``stop`` is set."""
+async def run_scenario_agents(settings: AgentSettings, scenario: Scenario, stop: asyncio.Event, *,
+                              on_built: Callable[[Mapping[str, SubstationAgent]], None] | None = None) -> None:
+    """Run one agent per substation of ``scenario`` and play its events until ``stop`` is set.
+
+    ``on_built`` receives the agents by substation id once they exist (the metrics collectors read them).
+    """
     speedup = settings.sim_speedup
     timebase = Timebase(settings.substation_scenario_start or time.time(), speedup)
     clock = SimClock(scenario.start_hour * 3600.0 + timebase.scenario(time.time()), speedup)
@@ -253,6 +257,8 @@ async def run_scenario_agents(settings: AgentSettings, scenario: Scenario, stop:
     for agent in agents.values():
         log.info("agent_starting", substation_id=agent.id, capacity_kw=agent.sim.capacity_kw,
                  username=substation_username(agent.id), base_load_kw=round(agent.sim.base_load_kw, 1))
+    if on_built is not None:
+        on_built(agents)
     player = asyncio.create_task(_play(grid_actions(scenario), agents, timebase, stop), name="scenario-events")
     try:
         await asyncio.gather(*(agent.run(stop) for agent in agents.values()))

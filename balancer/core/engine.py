@@ -15,7 +15,7 @@ in between. Guarantees (see docs/balancing.md and the tests):
 from __future__ import annotations
 
 import itertools
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +50,7 @@ from grid_protocol.messages import (
     Assignment,
     AssignmentStatus,
     ChargeRequest,
+    ControlCommand,
     Release,
     SessionCommand,
     SessionEvent,
@@ -125,6 +126,8 @@ class Balancer:
         self._requeued: list[str] = []  # revoked in this step, waiting for a queued notice
         #: decisions and events by outcome/reason, for the adapter's metrics and logs
         self.counters: Counter[str] = Counter()
+        #: how long requests placed from the queue waited (seconds); the adapter drains it into a histogram
+        self.queue_waits: deque[float] = deque(maxlen=10_000)
 
     # ------------------------------------------------------------------ helpers
     def _answer(self, req: PendingRequest, status: AssignmentStatus, now: float, *, session: Session | None = None,
@@ -136,17 +139,17 @@ class Balancer:
             granted_kw=w_to_kw(session.granted_w) if session else None,
             session_id=session.session_id if session else None,
             reason=reason, detail=detail, position=position,
-            eta_s=self._eta_s(position, now, ends) if position is not None else None,
+            eta_s=self.eta_s(position, now, ends) if position is not None else None,
         )
 
-    def _expected_ends(self) -> list[float]:
+    def expected_ends(self) -> list[float]:
         return sorted(e for s in self._sessions.values() if (e := s.expected_end()) is not None)
 
-    def _eta_s(self, position: int, now: float, ends: list[float] | None = None) -> float | None:
+    def eta_s(self, position: int, now: float, ends: list[float] | None = None) -> float | None:
         """Rough wait for the ``position``-th in line: the position-th earliest expected end of a running
         session (each end frees room for about one session). None when too few ends are known.
-        ``ends`` (from _expected_ends) lets a pass over the whole queue sort them once."""
-        ends = self._expected_ends() if ends is None else ends
+        ``ends`` (from expected_ends) lets a pass over the whole queue sort them once."""
+        ends = self.expected_ends() if ends is None else ends
         if position > len(ends):
             return None
         return round(max(0.0, ends[position - 1] - now), 1)
@@ -365,7 +368,7 @@ class Balancer:
         enough frees. One that fits nowhere even when empty (capacity was cut) holds nothing back."""
         margin = self.config.safety_margin_pct
         return now - req.received_at >= self.config.overtake_guard_s and any(
-            req.min_w <= sub.limit_w(margin) for sub in self.substations.values())
+            req.min_w <= sub.limit_w(margin) for sub in self.substations.values() if not sub.draining)
 
     def _head_reserved(self, now: float) -> bool:
         """The head has waited past the overtake guard: capacity is held for it."""
@@ -386,6 +389,7 @@ class Balancer:
             placed = self._place(req, now) if req.min_w <= room else None
             if placed is not None:
                 self.queue.remove(req.ev_id)
+                self.queue_waits.append(now - req.received_at)
                 effects += placed[1] + self._start_effects(placed[0], now, in_reply=req.ev_id == replying_to)
                 room = self._max_headroom_w(now)
                 continue
@@ -533,7 +537,12 @@ class Balancer:
             self.counters["telemetry_out_of_order"] += 1
             return []
         sub.last_seq = msg.seq
-        sub.capacity_w = kw_to_w_down(msg.capacity_kw)
+        if (sub.last_telemetry_at is not None and sub.reported_capacity_w > 0
+                and sub.load_w > sub.reported_capacity_w):  # overloaded since the previous sample
+            sub.overload_s += min(now - sub.last_telemetry_at, self.config.stale_after_s)
+        sub.reported_capacity_w = kw_to_w_down(msg.capacity_kw)
+        sub.apply_capacity()
+        sub.stale = False
         sub.base_load_w = kw_to_w_up(msg.base_load_kw)
         sub.load_w = kw_to_w_up(msg.load_kw)
         sub.ev_load_w = kw_to_w_up(msg.ev_load_kw)
@@ -624,6 +633,10 @@ class Balancer:
         effects: list[Effect] = []
         cfg = self.config
         for sub in self.substations.values():
+            if not sub.stale and sub.last_telemetry_at is not None and not sub.is_fresh(now, cfg.stale_after_s):
+                sub.stale = True
+                sub.stale_transitions += 1
+                self.counters["stale_telemetry"] += 1
             # Never heard from: silence counts from when we first learned of it (say, from a session
             # announced to a restarted balancer before the substation's first telemetry).
             heard = sub.last_telemetry_at if sub.last_telemetry_at is not None else sub.known_since
@@ -654,7 +667,7 @@ class Balancer:
     def _queue_updates(self, now: float) -> list[Effect]:
         """Tell queued EVs whose place in line or estimated wait moved (at most every queue_update_interval_s)."""
         effects: list[Effect] = []
-        ends = self._expected_ends()
+        ends = self.expected_ends()
         for position, req in enumerate(self.queue.items(), start=1):
             state = self._evs[req.ev_id]
             old = state.answer
@@ -681,6 +694,32 @@ class Balancer:
 
     def on_session_event(self, substation_id: str, msg: SessionEvent, now: float) -> list[Effect]:
         return self._coalesce(self._on_session_event(substation_id, msg, now))
+
+    def on_control(self, msg: ControlCommand, now: float) -> tuple[Reason | None, str, list[Effect]]:
+        """An operator action on one substation. Returns (None if done else the reason it was refused, a
+        detail, effects). Lowering the capacity below what runs reduces or moves sessions at once."""
+        sub = self.substations.get(msg.substation_id)
+        if sub is None:
+            return Reason.UNKNOWN_SUBSTATION, f"substation {msg.substation_id!r} has never been heard of", []
+        self.counters[f"control:{msg.action}"] += 1
+        effects: list[Effect] = []
+        if msg.action == "drain":
+            sub.draining = True
+            detail = "no new sessions; running sessions finish"
+        elif msg.action == "undrain":
+            sub.draining = False
+            effects = self._serve_queue(now)
+            detail = "takes new sessions again"
+        else:
+            sub.capacity_limit_w = None if msg.capacity_kw is None else kw_to_w_down(msg.capacity_kw)
+            sub.apply_capacity()
+            effects = self._reduce(sub, now)
+            effects += self._serve_queue(now)
+            effects += self._raise(sub, now)
+            effects += self._requeue_notices(now)
+            detail = ("operator limit removed" if msg.capacity_kw is None
+                      else f"planning with at most {msg.capacity_kw:g} kW")
+        return None, detail, self._coalesce(effects)
 
     def tick(self, now: float) -> list[Effect]:
         """Periodic work: rebalancing, lost substations, queue updates, expiry of old answers."""
@@ -741,6 +780,9 @@ class Balancer:
 
     def open_requests(self) -> int:
         return len(self._evs)
+
+    def session_count(self) -> int:
+        return len(self._sessions)
 
     def ev_state(self, ev_id: str) -> Assignment | None:
         state = self._evs.get(ev_id)

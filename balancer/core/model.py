@@ -93,7 +93,10 @@ class Substation:
     """
 
     id: str
-    capacity_w: int = 0
+    capacity_w: int = 0  # what the balancer plans with: reported, lowered by the operator's limit
+    reported_capacity_w: int = 0  # as the agent last reported it
+    capacity_limit_w: int | None = None  # operator's limit (balancer/control set_capacity)
+    draining: bool = False  # operator: no new sessions here; running ones finish
     base_load_w: int = 0
     load_w: int = 0  # measured total, as last reported
     ev_load_w: int = 0
@@ -110,6 +113,18 @@ class Substation:
     #: granted_w when the last telemetry arrived: its measured load contains at most these grants, so
     #: load_w - granted_at_telemetry_w is load we do not control (grants made since are not in it yet).
     granted_at_telemetry_w: int = 0
+    overload_s: float = 0.0  # time measured load was above the reported capacity (between telemetry samples)
+    stale: bool = False  # telemetry went stale and has not come back (for counting transitions)
+    stale_transitions: int = 0
+
+    def apply_capacity(self) -> None:
+        """Plan with the reported capacity, or the operator's limit when that is lower."""
+        limit = self.capacity_limit_w
+        self.capacity_w = self.reported_capacity_w if limit is None else min(self.reported_capacity_w, limit)
+
+    def reserved_w(self) -> int:
+        """Grants made since the last telemetry: committed, but not visible in the measured load yet."""
+        return max(0, self.granted_w - self.granted_at_telemetry_w)
 
     def uncontrolled_w(self) -> int:
         """Non-EV load, or more when the measurement shows load we did not grant (never less)."""
@@ -132,8 +147,9 @@ class Substation:
         return self.last_telemetry_at is not None and now - self.last_telemetry_at <= stale_after_s
 
     def is_available(self, now: float, stale_after_s: float) -> bool:
-        """May receive new sessions: not offline, not lost, telemetry fresh."""
-        return self.status != "offline" and not self.lost and self.is_fresh(now, stale_after_s)
+        """May receive new sessions: not offline, not lost, not draining, telemetry fresh."""
+        return (self.status != "offline" and not self.lost and not self.draining
+                and self.is_fresh(now, stale_after_s))
 
     def headroom_w(self, now: float, margin_pct: float, stale_after_s: float) -> int:
         if not self.is_available(now, stale_after_s):

@@ -78,4 +78,5 @@ def fair_placement(substations: Iterable[Substation], requested_w: int, min_w: i
 
 def baseline_candidates(substations: Iterable[Substation]) -> list[Substation]:
     """What a naive balancer would place on: every substation not reported offline, in id order."""
-    return sorted((s for s in substations if s.status != "offline" and s.capacity_w > 0), key=lambda s: s.id)
+    return sorted((s for s in substations if s.status != "offline" and not s.draining and s.capacity_w > 0),
+                  key=lambda s: s.id)

@@ -33,7 +33,8 @@ TIMEOUT = 5.0
 #: of messages a wake-up (and predicate run) per message slows a burst down 2-3x (measured).
 _POLL_S = 0.005
 #: Environment variables the services read: a test's service sees only what the test sets.
-SERVICE_ENV_PREFIXES = ("MQTT_", "EV_", "SUBSTATION", "SIM_", "BALANCER_", "GRID_", "LOG_")
+SERVICE_ENV_PREFIXES = ("MQTT_", "EV_", "SUBSTATION", "SIM_", "BALANCER_", "GRID_", "LOG_", "METRICS_", "API_",
+                        "INFLUX_", "RECORDER_")
 
 
 class Received(NamedTuple):
@@ -264,7 +265,9 @@ def service_env(broker: LocalBroker, **env: str) -> dict[str, str]:
     """The environment of a service under test: this machine's, minus every variable the services read,
     plus the test broker's address and ``env``."""
     full = {k: v for k, v in os.environ.items() if not k.startswith(SERVICE_ENV_PREFIXES)}
+    # METRICS_PORT=0: /metrics on a free port (tests that scrape it set their own).
     full.update(MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), LOG_FORMAT="text", PYTHONUNBUFFERED="1",
+                METRICS_PORT="0",
                 PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     full.update(env)
     return full

@@ -214,9 +214,13 @@ def test_observer_is_read_only(broker: LocalBroker, peers: Callable[..., Probe])
         assert rc is not None and rc.value == NOT_AUTHORIZED, topic
     api = peers(broker, "api")
     assert api.try_publish(f"{P}/ev/EV_0001/request") == 0  # api may submit on behalf of an EV; also the barrier
-    assert api.try_publish(f"{P}/balancer/control/limits") == 0
-    assert observer.wait_for_topic(f"{P}/balancer/control/limits")
-    assert observer.topics() == [f"{P}/ev/EV_0001/request", f"{P}/balancer/control/limits"]
+    assert api.try_publish(f"{P}/balancer/control") == 0
+    assert observer.wait_for_topic(f"{P}/balancer/control")
+    assert observer.topics() == [f"{P}/ev/EV_0001/request", f"{P}/balancer/control"]
+    # Only the balancer answers control messages: the api cannot forge a result (or anything else below).
+    for topic in (f"{P}/balancer/control/result", f"{P}/balancer/control/x", f"{P}/balancer/status"):
+        rc = api.try_publish(topic)
+        assert rc is not None and rc.value == NOT_AUTHORIZED, topic
     rc = api.try_publish(f"{P}/ev/EV_0001/assignment")
     assert rc is not None and rc.value == NOT_AUTHORIZED
 

@@ -208,12 +208,13 @@ def test_render_acl_contents() -> None:
         f"topic read {p}/substation/+/telemetry", f"topic read {p}/substation/+/status",
         f"topic read {p}/substation/+/session",
         f"topic write {p}/ev/+/assignment", f"topic write {p}/substation/+/command",
-        f"topic write {p}/substation/+/error", f"topic write {p}/reply/#",
+        f"topic write {p}/substation/+/error", f"topic write {p}/substation/+/state",
+        f"topic write {p}/reply/#",
         f"topic readwrite {p}/balancer/#",
     }
     assert set(block("api")) == {
         f"topic deny {p}/ev/api/#", f"topic read {p}/#", f"topic write {p}/ev/+/request",
-        f"topic write {p}/ev/+/release", f"topic write {p}/balancer/control/#",
+        f"topic write {p}/ev/+/release", f"topic write {p}/balancer/control",
     }
     assert set(block("observer")) == {f"topic deny {p}/ev/observer/#", f"topic read {p}/#"}
     assert set(block("loadtest")) == {

@@ -442,7 +442,7 @@ def test_every_kind_round_trips_with_custom_prefix() -> None:
     topics = Topics("/site-7/grid/v2/")
     assert topics.prefix == "site-7/grid/v2"
     for kind, channel in CHANNELS.items():
-        id_ = None if kind == TopicKind.BALANCER_STATUS else "X_1-y"
+        id_ = "X_1-y" if "{id}" in channel.template else None
         topic = topics.topic(kind, id_)
         assert topic.startswith("site-7/grid/v2/")
         assert topics.parse(topic) == (kind, id_)
@@ -458,8 +458,18 @@ def test_filters_match_every_id_of_one_kind() -> None:
     assert T.reply_root() == "grid/v1/reply/"
 
 
-def test_retained_channels_are_the_status_ones() -> None:
-    assert {k for k, c in CHANNELS.items() if c.retain} == {TopicKind.SUBSTATION_STATUS, TopicKind.BALANCER_STATUS}
+def test_retained_channels_are_the_status_and_state_ones() -> None:
+    assert {k for k, c in CHANNELS.items() if c.retain} == {
+        TopicKind.SUBSTATION_STATUS, TopicKind.BALANCER_STATUS, TopicKind.SUBSTATION_STATE, TopicKind.BALANCER_QUEUE}
+
+
+def test_balancer_state_and_control_topics() -> None:
+    assert T.substation_state("A") == "grid/v1/substation/A/state"
+    assert T.parse("grid/v1/substation/A/state") == (TopicKind.SUBSTATION_STATE, "A")
+    assert T.parse(T.balancer_queue()) == (TopicKind.BALANCER_QUEUE, None)
+    assert T.parse(T.balancer_control()) == (TopicKind.BALANCER_CONTROL, None)
+    assert T.parse(T.balancer_control_result()) == (TopicKind.BALANCER_CONTROL_RESULT, None)
+    assert T.parse("grid/v1/balancer/control/other") is None
 
 
 INVALID_IDS = [

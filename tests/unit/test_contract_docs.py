@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 import grid_protocol
-from broker.accounts import render_acl
+from broker.accounts import SERVICE_ACCOUNTS, render_acl
 from grid_protocol import CHANNELS, PayloadError, Reason, TopicKind, Topics, decode
 from grid_protocol.ids import ID_PATTERN
 from grid_protocol.messages import AssignmentStatus
@@ -338,8 +338,7 @@ def test_protocol_md_topic_table_matches_channels() -> None:
 
 # --- the ACL columns against the rendered broker ACL ---------------------------------------------
 
-ACCOUNTS = {"EV": "EV_1234", "substation.<id>": "substation.north", "balancer": "balancer", "api": "api",
-            "observer": "observer", "loadtest": "loadtest"}
+ACCOUNTS = {"EV": "EV_1234", "substation.<id>": "substation.north", **{name: name for name in SERVICE_ACCOUNTS}}
 OWN_ID = {"EV": "EV_1234", "substation.<id>": "north"}
 OTHER_ID = {"ev": "EV_9999", "substation": "south"}
 

@@ -1,0 +1,60 @@
+"""The balancer's retained state messages, built from the model (pure: time is passed in).
+
+Readers such as the API learn the whole grid from these retained messages, so a restarted reader
+(or several replicas) needs nothing from the balancer's memory.
+"""
+
+from __future__ import annotations
+
+from balancer.core.engine import Balancer
+from balancer.core.model import Substation, w_to_kw
+from grid_protocol.messages import (
+    MAX_STATE_QUEUE_ENTRIES,
+    MAX_STATE_SESSIONS,
+    QueueEntry,
+    QueueState,
+    SessionView,
+    SubstationState,
+)
+
+
+def substation_state(balancer: Balancer, sub: Substation, now: float) -> SubstationState:
+    cfg = balancer.config
+    sessions = sorted(sub.sessions.values(), key=lambda s: (s.started_at, s.session_id))
+    views = [
+        SessionView(session_id=s.session_id, ev_id=s.request.ev_id, request_id=s.request.request_id,
+                    granted_kw=w_to_kw(s.granted_w), requested_kw=w_to_kw(s.request.requested_w),
+                    min_kw=w_to_kw(s.request.min_w), priority=s.request.priority, started_at=s.started_at,
+                    expected_end=s.expected_end())
+        for s in sessions[:MAX_STATE_SESSIONS]
+    ]
+    heard = sub.last_telemetry_at
+    fresh = sub.is_fresh(now, cfg.stale_after_s)
+    return SubstationState(
+        substation_id=sub.id, ts=now,
+        online=sub.status != "offline" and not sub.lost and heard is not None,
+        stale=not fresh, draining=sub.draining,
+        capacity_kw=w_to_kw(sub.capacity_w),
+        reported_capacity_kw=w_to_kw(sub.reported_capacity_w) if heard is not None else None,
+        capacity_limit_kw=w_to_kw(sub.capacity_limit_w) if sub.capacity_limit_w is not None else None,
+        limit_kw=w_to_kw(max(0, sub.limit_w(cfg.safety_margin_pct))),
+        load_kw=w_to_kw(sub.load_w) if heard is not None else None,
+        base_load_kw=w_to_kw(sub.base_load_w) if heard is not None else None,
+        granted_kw=w_to_kw(sub.granted_w), reserved_kw=w_to_kw(sub.reserved_w()),
+        headroom_kw=w_to_kw(sub.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s)),
+        utilisation=round(min(1000.0, sub.used_w() / sub.capacity_w), 4) if sub.capacity_w > 0 else 0.0,
+        telemetry_age_s=round(max(0.0, now - heard), 3) if heard is not None else None,
+        sessions_total=len(sessions), sessions=views, sessions_truncated=len(sessions) > MAX_STATE_SESSIONS,
+    )
+
+
+def queue_state(balancer: Balancer, now: float) -> QueueState:
+    items = balancer.queue.items()
+    ends = balancer.expected_ends()
+    entries = [
+        QueueEntry(ev_id=req.ev_id, request_id=req.request_id, position=position,
+                   requested_kw=w_to_kw(req.requested_w), min_kw=w_to_kw(req.min_w), priority=req.priority,
+                   waiting_since=req.received_at, eta_s=balancer.eta_s(position, now, ends))
+        for position, req in enumerate(items[:MAX_STATE_QUEUE_ENTRIES], start=1)
+    ]
+    return QueueState(ts=now, length=len(items), entries=entries, truncated=len(items) > MAX_STATE_QUEUE_ENTRIES)

@@ -1,0 +1,126 @@
+"""Prometheus metrics of the balancer, read from the core and the adapter at scrape time.
+
+Gauges and counters come from state the balancer keeps anyway (a custom collector), so the hot path
+pays nothing for them; the decision-latency histogram costs one observation per request or release,
+and queue waits are drained from the core into a histogram at scrape time.
+Names follow Prometheus conventions: watts and seconds, ``_total`` for counters, labels bounded by
+the number of substations, outcomes and reasons (never EV ids). docs/observability.md lists them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from grid_runtime.metrics import MqttCollector
+
+if TYPE_CHECKING:
+    from balancer.service import BalancerService
+
+#: From 50 microseconds (a decision in memory) to 1 s (a stalled loop).
+LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25, 1.0)
+#: From placed at once to hours in line.
+WAIT_BUCKETS = (0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+
+
+def _outcome_reason(key: str) -> tuple[str, str]:
+    outcome, _, reason = key.partition(":")
+    return outcome, reason
+
+
+class BalancerCollector(Collector):
+    """Per-substation state, decisions, queue and payload errors, straight from the balancer's memory."""
+
+    def __init__(self, service: BalancerService, queue_wait: Histogram) -> None:
+        self._service = service
+        self._queue_wait = queue_wait
+
+    def collect(self) -> Iterable[Any]:
+        service = self._service
+        core = service.core
+        cfg = core.config
+        now = service.clock()
+        waits = core.queue_waits
+        while waits:
+            self._queue_wait.observe(waits.popleft())
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=["substation"])
+
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=["substation"])
+
+        per_sub: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "capacity": gauge("gridlb_substation_capacity_watts",
+                              "Capacity the balancer plans with (reported, or the operator's lower limit)"),
+            "reported": gauge("gridlb_substation_reported_capacity_watts", "Capacity as the agent reports it"),
+            "limit": gauge("gridlb_substation_limit_watts", "Capacity less the safety margin: grants stay below"),
+            "load": gauge("gridlb_substation_load_watts", "Measured load from the last telemetry"),
+            "headroom": gauge("gridlb_substation_headroom_watts",
+                              "Room for new sessions (0 when offline, stale, lost or draining)"),
+            "reserved": gauge("gridlb_substation_reserved_watts",
+                              "Granted since the last telemetry: committed, not yet visible in the load"),
+            "granted": gauge("gridlb_substation_granted_watts", "Sum of the grants of its sessions"),
+            "sessions": gauge("gridlb_substation_active_sessions", "Sessions the balancer placed there"),
+            "online": gauge("gridlb_substation_online", "1 when online and heard from, else 0"),
+            "stale": gauge("gridlb_substation_stale", "1 when its telemetry is older than stale_after_s"),
+            "draining": gauge("gridlb_substation_draining", "1 while an operator drains it"),
+            "utilisation": gauge("gridlb_substation_utilisation_ratio",
+                                 "(uncontrolled load + grants) / capacity"),
+            "age": gauge("gridlb_substation_telemetry_age_seconds", "Seconds since its last telemetry"),
+            "overload": counter("gridlb_substation_overload_seconds",
+                                "Seconds its measured load was above its reported capacity"),
+            "stale_total": counter("gridlb_stale_telemetry",
+                                   "Times its telemetry went stale (no sample for stale_after_s)"),
+        }
+        for sub in sorted(core.substations.values(), key=lambda s: s.id):
+            heard = sub.last_telemetry_at
+            values = {
+                "capacity": sub.capacity_w, "reported": sub.reported_capacity_w,
+                "limit": max(0, sub.limit_w(cfg.safety_margin_pct)), "load": sub.load_w,
+                "headroom": sub.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s),
+                "reserved": sub.reserved_w(), "granted": sub.granted_w, "sessions": len(sub.sessions),
+                "online": int(sub.status != "offline" and not sub.lost and heard is not None),
+                "stale": int(not sub.is_fresh(now, cfg.stale_after_s)), "draining": int(sub.draining),
+                "utilisation": sub.used_w() / sub.capacity_w if sub.capacity_w > 0 else 0.0,
+                "age": max(0.0, now - heard) if heard is not None else float("nan"),
+                "overload": sub.overload_s, "stale_total": sub.stale_transitions,
+            }
+            for key, family in per_sub.items():
+                family.add_metric([sub.id], float(values[key]))
+        yield from per_sub.values()
+
+        decisions = CounterMetricFamily("gridlb_decisions", "Balancer decisions and session events by outcome "
+                                        "and reason (assigned, queued, rejected, updated, revoked, completed, "
+                                        "cancelled, ...)", labels=["outcome", "reason"])
+        for key, count in sorted(core.counters.items()):
+            decisions.add_metric(list(_outcome_reason(key)), float(count))
+        yield decisions
+
+        rejected = CounterMetricFamily("gridlb_rejected_payloads", "Payloads refused at the boundary, by topic "
+                                       "kind and reason", labels=["kind", "reason"])
+        for key, count in sorted(service.counters.items()):
+            if key.startswith("bad_payload:"):
+                _, kind, reason = key.split(":", 2)
+                rejected.add_metric([kind, reason], float(count))
+        yield rejected
+
+        yield GaugeMetricFamily("gridlb_queue_length", "Requests waiting for power", value=len(core.queue))
+        yield GaugeMetricFamily("gridlb_sessions", "Running sessions on all substations", value=core.session_count())
+        yield GaugeMetricFamily("gridlb_open_requests", "EVs with an open request (queued or charging)",
+                                value=core.open_requests())
+
+
+def register(service: BalancerService, registry: CollectorRegistry) -> None:
+    """Register the balancer's metrics in ``registry`` and hook the decision-latency histogram."""
+    latency = Histogram("gridlb_decision_latency_seconds", "Time to decide and publish the answers to one EV "
+                        "request or release", buckets=LATENCY_BUCKETS, registry=registry)
+    queue_wait = Histogram("gridlb_queue_wait_seconds", "How long requests placed from the queue waited",
+                           buckets=WAIT_BUCKETS, registry=registry)
+    service.observe_decision = latency.observe
+    registry.register(BalancerCollector(service, queue_wait))
+    registry.register(MqttCollector(lambda: {"balancer": service.transport}))

@@ -1,0 +1,173 @@
+"""Operator control (drain, undrain, capacity limit), the retained state views and the metrics the core keeps
+(overload-seconds, stale transitions, queue waits). Pure core: no broker, the clock is passed in."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from balancer.core.views import queue_state, substation_state
+from grid_protocol import ControlCommand, QueueState, Reason, SubstationState, decode, encode
+from grid_protocol.messages import MAX_STATE_SESSIONS
+from tests.unit.test_core_table import Harness, answer, answers, assert_healthy, commands
+
+
+def control(h: Harness, action: str, sid: str, capacity_kw: float | None = None):  # type: ignore[no-untyped-def]
+    return h.b.on_control(ControlCommand(action=action, substation_id=sid, capacity_kw=capacity_kw),  # type: ignore[arg-type]
+                          h.now)
+
+
+def test_drained_substation_gets_no_new_sessions_and_running_ones_continue() -> None:
+    h = Harness()
+    h.tel("A")
+    h.tel("B")
+    assert answer(h.req("EV_1", 10), "EV_1").substation_id == "A"  # tie on utilisation: first id
+    reason, _, effects = control(h, "drain", "A")
+    assert reason is None and effects == []
+    for i in range(2, 6):
+        assert answer(h.req(f"EV_{i}", 10), f"EV_{i}").substation_id == "B"
+    assert h.session("EV_1").substation_id == "A"  # still running where it was
+    assert substation_state(h.b, h.b.substations["A"], h.now).headroom_kw == 0
+    assert_healthy(h)
+
+
+def test_drain_of_the_only_substation_queues_and_undrain_serves_the_queue() -> None:
+    h = Harness()
+    h.tel("A")
+    control(h, "drain", "A")
+    assert answer(h.req("EV_1", 10), "EV_1").status == "queued"
+    reason, _, effects = control(h, "undrain", "A")
+    assert reason is None
+    assert answer(effects, "EV_1").status == "assigned"
+    assert [c.command for _, c in commands(effects)] == ["start"]
+
+
+def test_set_capacity_below_what_runs_reduces_at_once_and_clearing_it_restores() -> None:
+    h = Harness()
+    h.tel("A", capacity_kw=100)  # limit 90 kW
+    h.req("EV_1", 40)
+    h.req("EV_2", 40)
+    reason, detail, effects = control(h, "set_capacity", "A", 50)  # limit 45 kW
+    assert reason is None and "50" in detail
+    assert h.b.substations["A"].capacity_w == 50_000
+    assert sum(h.sessions_on("A").values()) <= 45_000
+    assert {c.reason for _, c in commands(effects, "update")} == {Reason.CAPACITY_REDUCED}
+    state = substation_state(h.b, h.b.substations["A"], h.now)
+    assert (state.capacity_kw, state.reported_capacity_kw, state.capacity_limit_kw) == (50.0, 100.0, 50.0)
+    h.tel("A")  # the agent still reports 100 kW: the operator's limit stays
+    assert h.b.substations["A"].capacity_w == 50_000
+    reason, _, _ = control(h, "set_capacity", "A", None)
+    assert reason is None and h.b.substations["A"].capacity_w == 100_000
+    h.advance(11)  # past the hold time: grants rise again
+    h.tel("A")
+    effects = h.tick()
+    assert sum(h.sessions_on("A").values()) == 80_000, effects
+    assert_healthy(h)
+
+
+def test_capacity_limit_below_every_minimum_revokes_and_requeues() -> None:
+    h = Harness()
+    h.tel("A", capacity_kw=100)
+    h.tel("B", capacity_kw=100)
+    h.req("EV_1", 20, min_kw=20)
+    _, _, effects = control(h, "set_capacity", "A", 10)
+    revoked = [a for a in answers(effects) if a.status == "revoked"]
+    assert [a.ev_id for a in revoked] == ["EV_1"]
+    assert h.session("EV_1").substation_id == "B"  # re-placed elsewhere at once
+    assert_healthy(h)
+
+
+def test_control_of_an_unknown_substation_is_refused() -> None:
+    h = Harness()
+    reason, detail, effects = control(h, "drain", "nowhere")
+    assert reason == Reason.UNKNOWN_SUBSTATION and "nowhere" in detail and effects == []
+    assert "nowhere" not in h.b.substations
+
+
+def test_substation_state_round_trips_and_reports_reservations() -> None:
+    h = Harness()
+    h.tel("A", capacity_kw=100, base_kw=20)
+    h.req("EV_1", 11)
+    h.advance(2)
+    state = substation_state(h.b, h.b.substations["A"], h.now)
+    assert decode(encode(state), SubstationState) == state
+    assert (state.granted_kw, state.reserved_kw, state.load_kw) == (11.0, 11.0, 20.0)
+    assert state.headroom_kw == 90 - 20 - 11
+    assert state.utilisation == pytest.approx(31 / 100)
+    assert state.telemetry_age_s == 2.0 and not state.stale and state.online
+    assert [s.ev_id for s in state.sessions] == ["EV_1"] and state.sessions_total == 1
+    h.tel("A", load_kw=31)  # the grant shows in the measurement now
+    assert substation_state(h.b, h.b.substations["A"], h.now).reserved_kw == 0
+    h.advance(6)
+    assert substation_state(h.b, h.b.substations["A"], h.now).stale
+
+
+def test_substation_state_lists_at_most_the_limit_and_fits_the_broker() -> None:
+    h = Harness()
+    h.tel("A", capacity_kw=100_000)
+    for i in range(MAX_STATE_SESSIONS + 20):
+        h.req(f"EV_{'x' * 50}{i:05d}", 1.5, rid="r" * 100 + str(i))
+    state = substation_state(h.b, h.b.substations["A"], h.now)
+    assert state.sessions_total == MAX_STATE_SESSIONS + 20 and len(state.sessions) == MAX_STATE_SESSIONS
+    assert state.sessions_truncated
+    assert len(encode(state)) < 65536
+
+
+def test_queue_state_lists_the_line_in_order() -> None:
+    h = Harness()
+    h.tel("A", capacity_kw=10)  # limit 9 kW
+    h.req("EV_1", 9, min_kw=9)
+    h.req("EV_2", 5, min_kw=5)
+    h.req("EV_3", 5, min_kw=5, priority=3)
+    q = queue_state(h.b, h.now)
+    assert decode(encode(q), QueueState) == q
+    assert (q.length, [e.ev_id for e in q.entries], [e.position for e in q.entries]) == (2, ["EV_3", "EV_2"], [1, 2])
+    assert q.entries[0].priority == 3 and q.entries[0].requested_kw == 5.0
+
+
+def test_queue_waits_are_recorded_when_a_queued_request_is_placed() -> None:
+    h = Harness()
+    h.tel("A", capacity_kw=10)
+    h.req("EV_1", 9, min_kw=9)
+    h.req("EV_2", 5, min_kw=5)
+    h.advance(42)
+    h.tel("A")
+    h.release("EV_1")
+    assert list(h.b.queue_waits) == [42.0]
+
+
+def test_overload_seconds_and_stale_transitions_are_counted() -> None:
+    h = Harness()
+    h.tel("A", capacity_kw=100, base_kw=10)
+    h.advance(1)
+    h.tel("A", load_kw=120)  # overloaded from here ...
+    h.advance(2)
+    h.tel("A", load_kw=50)  # ... to here: 2 s
+    h.advance(1)
+    h.tel("A", load_kw=50)
+    sub = h.b.substations["A"]
+    assert sub.overload_s == pytest.approx(2.0)
+    h.advance(6)
+    h.tick()
+    h.tick()
+    assert (sub.stale, sub.stale_transitions) == (True, 1)
+    h.tel("A")
+    h.advance(6)
+    h.tick()
+    assert sub.stale_transitions == 2
+    assert h.b.counters["stale_telemetry"] == 2
+
+
+def test_views_are_plain_msgspec_structs() -> None:
+    h = Harness()
+    h.tel("A")
+    assert isinstance(substation_state(h.b, h.b.substations["A"], h.now), msgspec.Struct)
+
+
+def test_worst_case_queue_state_fits_the_broker_limit() -> None:
+    from grid_protocol import QueueEntry
+    from grid_protocol.messages import MAX_STATE_QUEUE_ENTRIES
+    entry = QueueEntry(ev_id="E" * 64, request_id="r" * 128, position=99_999, requested_kw=999.123456789,
+                       min_kw=999.123456789, priority=9, waiting_since=1767225602.123456, eta_s=123456.7)
+    state = QueueState(ts=1767225602.123456, length=10**6, entries=[entry] * MAX_STATE_QUEUE_ENTRIES, truncated=True)
+    assert len(encode(state)) < 65536

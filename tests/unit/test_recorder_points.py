@@ -1,0 +1,156 @@
+"""monitoring.recorder.points: every recorded message kind -> points of the schema, and line protocol."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from grid_protocol.codec import decode
+from grid_protocol.messages import MAX_STATE_PAYLOAD_BYTES
+from grid_protocol.topics import TopicKind
+from monitoring.recorder.points import TRANSLATIONS, IdMismatch, Point, SchemaError, make_point, to_points
+from monitoring.recorder.schema import BY_SOURCE, SCHEMA, FieldType
+
+TS = 1_700_000_000.1234
+TS_MS = 1_700_000_000_123
+
+
+def points(kind: TopicKind, id_: str | None, body: dict[str, Any], now: float = 5.0) -> list[Point]:
+    model, _ = TRANSLATIONS[kind]
+    message = decode(json.dumps(body).encode(), model, max_bytes=MAX_STATE_PAYLOAD_BYTES)
+    return to_points(kind, id_, message, now)
+
+
+def one(kind: TopicKind, id_: str | None, body: dict[str, Any], now: float = 5.0) -> Point:
+    [p] = points(kind, id_, body, now)
+    return p
+
+
+STATE = {"substation_id": "A", "ts": TS, "online": True, "stale": False, "draining": True, "capacity_kw": 400.0,
+         "reported_capacity_kw": 500.0, "capacity_limit_kw": 400.0, "limit_kw": 380.0, "load_kw": 120.5,
+         "base_load_kw": 98.5, "granted_kw": 44.0, "reserved_kw": 22.0, "headroom_kw": 213.5, "utilisation": 0.4375,
+         "telemetry_age_s": 0.4, "sessions_total": 2, "sessions": [
+             {"session_id": "b-1", "ev_id": "EV_1", "request_id": "r1", "granted_kw": 22.0, "requested_kw": 22.0,
+              "min_kw": 1.4, "priority": 0, "started_at": TS - 10, "expected_end": None}]}
+QUEUE = {"ts": TS, "length": 3, "truncated": False, "entries": [
+    {"ev_id": "EV_7", "request_id": "r7", "position": 1, "requested_kw": 11.0, "min_kw": 11.0, "priority": 0,
+     "waiting_since": TS - 5, "eta_s": 42.0}]}
+SAMPLES: dict[TopicKind, tuple[str | None, dict[str, Any]]] = {
+    TopicKind.SUBSTATION_TELEMETRY: ("A", {"substation_id": "A", "ts": TS, "seq": 7, "capacity_kw": 400,
+                                           "load_kw": 150.5, "base_load_kw": 128.5, "ev_load_kw": 22,
+                                           "active_sessions": 1}),
+    TopicKind.SUBSTATION_STATUS: ("A", {"state": "online", "substation_id": "A", "ts": TS, "capacity_kw": 400}),
+    TopicKind.SUBSTATION_STATE: ("A", STATE),
+    TopicKind.BALANCER_QUEUE: (None, QUEUE),
+    TopicKind.EV_ASSIGNMENT: ("EV_1", {"request_id": "r1", "ev_id": "EV_1", "status": "assigned", "ts": TS,
+                                       "substation_id": "A", "granted_kw": 22, "session_id": "b-1", "reason": None,
+                                       "detail": None, "position": None, "eta_s": None}),
+    TopicKind.SUBSTATION_SESSION: ("A", {"event": "ended", "session_id": "b-1", "ev_id": "EV_1", "ts": TS,
+                                         "substation_id": "A", "reason": "energy_delivered",
+                                         "energy_delivered_kwh": 10.25, "granted_kw": 22}),
+}
+
+
+def test_every_recorded_kind_has_a_sample_and_a_measurement() -> None:
+    assert set(SAMPLES) == set(TRANSLATIONS) == set(BY_SOURCE)
+
+
+@pytest.mark.parametrize("kind", list(SAMPLES))
+def test_points_match_the_schema_exactly(kind: TopicKind) -> None:
+    id_, body = SAMPLES[kind]
+    for p in points(kind, id_, body):
+        spec = SCHEMA[p.measurement]
+        assert spec.source is kind
+        assert {k for k, _ in p.tags} <= set(spec.tags)
+        assert [k for k, _ in p.tags] == sorted(k for k, _ in p.tags)
+        for name, value in p.fields:
+            expected = {FieldType.FLOAT: float, FieldType.INTEGER: int, FieldType.STRING: str}[spec.fields[name]]
+            assert type(value) is expected, (name, value)
+        assert p.ts_ms == TS_MS
+
+
+def test_telemetry() -> None:
+    id_, body = SAMPLES[TopicKind.SUBSTATION_TELEMETRY]
+    p = one(TopicKind.SUBSTATION_TELEMETRY, id_, body)
+    assert p.measurement == "substation_telemetry" and p.tags == (("substation_id", "A"),)
+    assert dict(p.fields) == {"capacity_kw": 400.0, "load_kw": 150.5, "base_load_kw": 128.5, "ev_load_kw": 22.0,
+                              "active_sessions": 1, "seq": 7}
+
+
+def test_status_online_offline_and_missing_ts_uses_receive_time() -> None:
+    p = one(TopicKind.SUBSTATION_STATUS, "A", {"state": "online", "ts": TS, "capacity_kw": 400})
+    assert (p.tag("state"), p.field("online"), p.field("capacity_kw")) == ("online", 1, 400.0)
+    last_will = one(TopicKind.SUBSTATION_STATUS, "B", {"state": "offline"}, now=12.5)
+    assert last_will.tags == (("state", "offline"), ("substation_id", "B"))
+    assert dict(last_will.fields) == {"online": 0} and last_will.ts_ms == 12_500
+
+
+def test_substation_state_flags_are_integers_and_missing_telemetry_fields_are_left_out() -> None:
+    p = one(TopicKind.SUBSTATION_STATE, "A", STATE)
+    f = dict(p.fields)
+    assert (f["draining"], f["online"], f["stale"], f["sessions_total"]) == (1, 1, 0, 2)
+    assert (f["headroom_kw"], f["reserved_kw"], f["granted_kw"], f["utilisation"]) == (213.5, 22.0, 44.0, 0.4375)
+    no_telemetry = {**STATE, "load_kw": None, "base_load_kw": None, "telemetry_age_s": None, "online": False}
+    f = dict(one(TopicKind.SUBSTATION_STATE, "A", no_telemetry).fields)
+    assert "load_kw" not in f and "base_load_kw" not in f and "telemetry_age_s" not in f and f["online"] == 0
+
+
+def test_queue_state() -> None:
+    p = one(TopicKind.BALANCER_QUEUE, None, QUEUE)
+    assert p.measurement == "balancer_queue" and p.tags == ()
+    assert dict(p.fields) == {"length": 3, "head_eta_s": 42.0}
+    empty = one(TopicKind.BALANCER_QUEUE, None, {"ts": TS, "length": 0, "entries": []})
+    assert dict(empty.fields) == {"length": 0}
+
+
+@pytest.mark.parametrize(("extra", "tags", "fields"), [
+    ({"status": "assigned", "substation_id": "A", "granted_kw": 22},
+     {"ev_id": "EV_1", "status": "assigned", "substation_id": "A"}, {"granted_kw": 22.0}),
+    ({"status": "queued", "position": 4, "eta_s": 90.5, "reason": "no_headroom"},
+     {"ev_id": "EV_1", "status": "queued", "reason": "no_headroom"},
+     {"granted_kw": 0.0, "position": 4, "eta_s": 90.5}),
+    ({"status": "rejected", "reason": "exceeds_capacity", "detail": "too big"},
+     {"ev_id": "EV_1", "status": "rejected", "reason": "exceeds_capacity"}, {"granted_kw": 0.0}),
+])
+def test_assignments(extra: dict[str, Any], tags: dict[str, str], fields: dict[str, Any]) -> None:
+    p = one(TopicKind.EV_ASSIGNMENT, "EV_1", {"request_id": "r1", "ev_id": "EV_1", "ts": TS, **extra})
+    assert dict(p.tags) == tags and dict(p.fields) == fields
+
+
+def test_session_events() -> None:
+    started = one(TopicKind.SUBSTATION_SESSION, "A", {"event": "started", "session_id": "b-1", "ev_id": "EV_1",
+                                                      "ts": TS, "granted_kw": 11})
+    assert dict(started.tags) == {"substation_id": "A", "ev_id": "EV_1", "event": "started"}
+    assert dict(started.fields) == {"session_id": "b-1", "granted_kw": 11.0}
+    ended = one(TopicKind.SUBSTATION_SESSION, *SAMPLES[TopicKind.SUBSTATION_SESSION])
+    assert ended.tag("reason") == "energy_delivered" and ended.field("energy_delivered_kwh") == 10.25
+
+
+@pytest.mark.parametrize(("kind", "id_", "body"), [
+    (TopicKind.SUBSTATION_TELEMETRY, "B", SAMPLES[TopicKind.SUBSTATION_TELEMETRY][1]),
+    (TopicKind.EV_ASSIGNMENT, "EV_2", SAMPLES[TopicKind.EV_ASSIGNMENT][1]),
+    (TopicKind.SUBSTATION_STATE, "B", STATE),
+])
+def test_body_id_must_match_topic_id(kind: TopicKind, id_: str, body: dict[str, Any]) -> None:
+    with pytest.raises(IdMismatch):
+        points(kind, id_, body)
+
+
+def test_make_point_refuses_what_is_not_in_the_schema() -> None:
+    with pytest.raises(SchemaError):
+        make_point("nope", TS, {}, {"x": 1.0})
+    with pytest.raises(SchemaError):
+        make_point("substation_telemetry", TS, {"ev_id": "EV_1"}, {"load_kw": 1.0})
+    with pytest.raises(SchemaError):
+        make_point("substation_telemetry", TS, {}, {"load_kw": None})
+
+
+def test_line_protocol_types_and_escaping() -> None:
+    p = make_point("ev_assignment", TS, {"ev_id": "EV_1", "status": "rejected", "reason": 'a b,c=d\\"'},
+                   {"granted_kw": 0, "position": 2})
+    assert p.to_line() == ('ev_assignment,ev_id=EV_1,reason=a\\ b\\,c\\=d\\\\"'
+                           f',status=rejected granted_kw=0.0,position=2i {TS_MS}')
+    s = make_point("session_event", TS, {"ev_id": "EV_1"}, {"session_id": 'x"y\\z\n'})
+    assert s.to_line() == f'session_event,ev_id=EV_1 session_id="x\\"y\\\\z\\n" {TS_MS}'
