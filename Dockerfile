@@ -1,0 +1,24 @@
+# One image for every Python service of docker-compose.yml (balancer, substation agents, EV fleet,
+# recorder, API, and the one-shot account generator); the compose service picks the command.
+FROM python:3.11.10-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+# .dockerignore keeps the virtualenv, tests, run data and caches out of the build context.
+COPY . /app
+# Installs the dependencies and the packages. Commands run from /app, so `python -m <package>` finds
+# the source here first (every package, package data included).
+RUN pip install /app \
+ && useradd --system --uid 10001 --user-group --no-create-home --home-dir /app --shell /usr/sbin/nologin gridlb
+
+# Non-root. The one-shot "mqtt-accounts" service overrides this (user: "0:0") to hand the password
+# file to the broker's user.
+USER gridlb:gridlb
+
+# /metrics: balancer 9101, substation agents 9102, EV fleet 9103, recorder 9104; API (and its /metrics) 8000
+EXPOSE 9101 9102 9103 9104 8000
+CMD ["python", "-m", "balancer"]

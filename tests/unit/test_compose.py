@@ -1,0 +1,315 @@
+"""docker-compose.yml, the Dockerfile and the files they mount, checked without a Docker engine.
+
+Parsed with PyYAML (merge keys resolved): every service is there, images are pinned, long-running
+services have healthchecks and start after what they need is healthy, mounted host paths exist, every
+``${VAR}`` is defined in ``.env.example``, Prometheus scrapes the compose services on their metrics
+ports, Grafana's provisioning matches the dashboards, the rendered Mosquitto config matches the
+project's template, and the account generator of the compose stack produces a password file and ACL
+a real Mosquitto accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+from broker.accounts import derive_password
+from broker.local import find_free_port, find_mosquitto, render_config
+from grid_runtime.lifecycle import stop_process
+from grid_runtime.metrics import DEFAULT_PORTS
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+DOCKERFILE = ROOT / "Dockerfile"
+PROMETHEUS = ROOT / "monitoring" / "prometheus" / "prometheus.yml"
+GRAFANA = ROOT / "monitoring" / "grafana"
+MOSQUITTO_CONF = ROOT / "broker" / "compose" / "mosquitto.conf"
+INIT_ACCOUNTS = ROOT / "broker" / "compose" / "init-accounts.sh"
+
+#: Python services of the stack and their Prometheus job (monitoring/prometheus/prometheus.yml).
+PYTHON_SERVICES = {"balancer": "balancer", "substation-agents": "substation_agents", "ev-fleet": "ev_clients",
+                   "recorder": "recorder", "api": "api"}
+SERVICES = {*PYTHON_SERVICES, "mqtt-accounts", "mosquitto", "influxdb", "prometheus", "grafana"}
+_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?:[:?-][^}]*)?\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    return doc
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    result: dict[str, dict[str, Any]] = compose["services"]
+    return result
+
+
+def _env_example() -> dict[str, str]:
+    values = {}
+    for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep and re.fullmatch(r"[A-Z_][A-Z0-9_]*", key), f".env.example: bad line {line!r}"
+            values[key] = value
+    return values
+
+
+def _variables(text: str) -> set[str]:
+    """Variables a compose file (or Grafana provisioning file) interpolates; ``$$`` is a literal ``$``.
+    Comment lines are not interpolated."""
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    return {a or b for a, b in _VAR.findall(code.replace("$$", ""))}
+
+
+def _long_running(service: dict[str, Any]) -> bool:
+    return service.get("restart") != "no"
+
+
+def test_every_service_is_defined(services: dict[str, dict[str, Any]]) -> None:
+    assert set(services) == SERVICES
+
+
+def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        image = service.get("image")
+        assert image, f"{name}: no image"
+        repo, _, tag = image.rpartition(":")
+        assert repo and "/" not in tag, f"{name}: image {image!r} has no tag"
+        assert tag != "latest" and re.search(r"\d+\.\d+", tag), f"{name}: image {image!r} is not pinned to a version"
+
+
+def test_python_services_share_one_non_root_image(services: dict[str, dict[str, Any]]) -> None:
+    python = {name for name, s in services.items() if "build" in s}
+    assert python == {*PYTHON_SERVICES, "mqtt-accounts"}
+    assert {services[name]["build"] for name in python} == {"."}
+    assert len({services[name]["image"] for name in python}) == 1
+    dockerfile = DOCKERFILE.read_text(encoding="utf-8")
+    assert re.search(r"^FROM python:3\.11\.\d+-slim(-\w+)?$", dockerfile, re.M), "base image python:3.11.x-slim"
+    assert re.search(r"^RUN pip install /app", dockerfile, re.M)
+    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    assert (ROOT / ".dockerignore").is_file()
+    ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
+    assert {".venv", ".git", ".env", ".run"} <= set(ignored)
+    # only the one-shot account generator runs as root (it hands the password file to the broker's user)
+    assert {name for name in python if "user" in services[name]} == {"mqtt-accounts"}
+
+
+def test_long_running_services_have_healthchecks(services: dict[str, dict[str, Any]]) -> None:
+    assert [name for name, s in services.items() if not _long_running(s)] == ["mqtt-accounts"]
+    for name, service in services.items():
+        if _long_running(service):
+            check = service.get("healthcheck")
+            assert check and not check.get("disable"), f"{name}: no healthcheck"
+            assert check["test"][0] in {"CMD", "CMD-SHELL"} and len(check["test"]) > 1, name
+            for key in ("interval", "timeout", "retries"):
+                assert key in check, f"{name}: healthcheck without {key}"
+
+
+def test_depends_on_waits_for_healthy_services(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        depends = service.get("depends_on", {})
+        assert isinstance(depends, dict), f"{name}: depends_on must use the long form with a condition"
+        for dep, spec in depends.items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            condition = spec["condition"]
+            if _long_running(services[dep]):
+                assert condition == "service_healthy", f"{name} -> {dep}: {condition}"
+                assert "healthcheck" in services[dep]
+            else:
+                assert condition == "service_completed_successfully", f"{name} -> {dep}: {condition}"
+    assert services["mosquitto"]["depends_on"] == {"mqtt-accounts": {"condition": "service_completed_successfully"}}
+    for name in PYTHON_SERVICES:
+        assert "mosquitto" in services[name]["depends_on"] or "balancer" in services[name]["depends_on"], name
+    assert set(services["recorder"]["depends_on"]) >= {"mosquitto", "influxdb"}
+    assert set(services["grafana"]["depends_on"]) == {"prometheus", "influxdb"}
+
+
+def test_only_the_fleet_is_optional(services: dict[str, dict[str, Any]]) -> None:
+    assert {name: s["profiles"] for name, s in services.items() if "profiles" in s} == {"ev-fleet": ["fleet"]}
+
+
+def test_mounted_host_paths_exist_and_volumes_are_declared(compose: dict[str, Any]) -> None:
+    declared = set(compose.get("volumes") or {})
+    used = set()
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith((".", "/")):
+                assert (ROOT / source).resolve().exists(), f"{name}: {source} does not exist in the repository"
+                assert (ROOT / source).resolve().is_relative_to(ROOT), f"{name}: {source} is outside the repository"
+            else:
+                used.add(source)
+    assert used == declared
+
+
+def test_ports_are_published_on_loopback_only(services: dict[str, dict[str, Any]]) -> None:
+    published = {name: s["ports"] for name, s in services.items() if "ports" in s}
+    assert set(published) == {"mosquitto", "api", "influxdb", "prometheus", "grafana"}
+    for name, ports in published.items():
+        for port in ports:
+            assert str(port).startswith("127.0.0.1:"), f"{name}: {port} is not bound to 127.0.0.1"
+
+
+def test_every_variable_is_in_env_example_and_every_example_is_used() -> None:
+    used = _variables(COMPOSE_FILE.read_text(encoding="utf-8"))
+    defined = _env_example()
+    assert used - set(defined) == set(), "variables docker-compose.yml uses but .env.example does not define"
+    assert set(defined) - used == set(), ".env.example variables docker-compose.yml never uses"
+    secrets = {k: v for k, v in defined.items() if re.search(r"PASSWORD|SECRET|TOKEN", k)}
+    assert secrets and all(v.startswith("change-me") for v in secrets.values()), secrets
+    assert len(defined["INFLUXDB_ADMIN_PASSWORD"]) >= 8  # InfluxDB's setup refuses shorter ones
+    assert ".env" in (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
+
+
+def test_secrets_are_required_not_defaulted() -> None:
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    for match in re.finditer(r"\$\{([A-Z_]*(?:PASSWORD|SECRET|TOKEN))(.?)", text):
+        assert match[2] == ":", f"${{{match[1]}}} must be written ${{{match[1]}:?...}} (no silent default)"
+
+
+def test_python_services_serve_metrics_on_all_interfaces(services: dict[str, dict[str, Any]]) -> None:
+    for name in PYTHON_SERVICES:
+        env = services[name]["environment"]
+        assert env["MQTT_HOST"] == "mosquitto" and env["MQTT_PORT"] == "1883", name
+        if name == "api":
+            assert env["API_HOST"] == "0.0.0.0"
+        else:
+            assert env["METRICS_HOST"] == "0.0.0.0", name
+            assert int(env["METRICS_PORT"]) == DEFAULT_PORTS[PYTHON_SERVICES[name]], name
+
+
+def test_prometheus_targets_are_the_compose_services_and_their_metrics_ports(
+        services: dict[str, dict[str, Any]]) -> None:
+    config = yaml.safe_load(PROMETHEUS.read_text(encoding="utf-8"))
+    scraped = {}
+    for job in config["scrape_configs"]:
+        targets = [t for static in job["static_configs"] for t in static["targets"]]
+        assert len(targets) == 1, job
+        host, _, port = targets[0].rpartition(":")
+        scraped[job["job_name"]] = (host, int(port))
+    expected = {}
+    for name, job in PYTHON_SERVICES.items():
+        env = services[name]["environment"]
+        expected[job] = (name, int(env["API_PORT"] if name == "api" else env["METRICS_PORT"]))
+    assert scraped == expected
+    mount = next(v for v in services["prometheus"]["volumes"] if v.startswith("./monitoring/prometheus:"))
+    assert mount.split(":")[1] == "/etc/prometheus"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
+
+
+def test_grafana_provisioning_matches_the_dashboards_and_its_environment(services: dict[str, dict[str, Any]]) -> None:
+    grafana = services["grafana"]
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in grafana["volumes"]}
+    assert mounts["./monitoring/grafana/provisioning"] == "/etc/grafana/provisioning"
+    datasources_file = GRAFANA / "provisioning" / "datasources" / "datasources.yml"
+    datasources = yaml.safe_load(datasources_file.read_text(encoding="utf-8"))["datasources"]
+    uids = {ds["uid"]: ds["type"] for ds in datasources}
+    assert uids == {"prometheus": "prometheus", "influxdb": "influxdb"}
+    influx = next(ds for ds in datasources if ds["type"] == "influxdb")
+    assert influx["jsonData"]["version"] == "Flux"
+    # every ${VAR} of the provisioning file is set in the grafana container
+    assert _variables(datasources_file.read_text(encoding="utf-8")) <= set(grafana["environment"])
+    providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "dashboards.yml").read_text())["providers"]
+    assert [p["options"]["path"] for p in providers] == [mounts["./monitoring/grafana/dashboards"]]
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (GRAFANA / "dashboards" / Path(home).name).is_file()
+    # the dashboards refer to the provisioned datasources only, by uid; uids and titles are unique
+    dashboards = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((GRAFANA / "dashboards").glob("*.json"))]
+    assert len(dashboards) == 4
+    assert len({d["uid"] for d in dashboards}) == len({d["title"] for d in dashboards}) == 4
+    for doc in dashboards:
+        ids = [p["id"] for p in doc["panels"]]
+        assert len(ids) == len(set(ids)), doc["title"]
+        for panel in doc["panels"]:
+            refs = [panel.get("datasource")] + [t.get("datasource") for t in panel.get("targets", [])]
+            for ref in filter(None, refs):
+                assert uids.get(ref["uid"]) == ref["type"], f"{doc['title']}: {panel['title']}: {ref}"
+
+
+def test_mosquitto_config_is_the_rendered_project_template(services: dict[str, dict[str, Any]]) -> None:
+    rendered = render_config(port=1883, bind_address="0.0.0.0", data_dir="/mosquitto/data/",
+                             passwd_file="/mosquitto/auth/passwd", acl_file="/mosquitto/auth/acl",
+                             log_file="/mosquitto/log/mosquitto.log", run_user="mosquitto")
+    text = MOSQUITTO_CONF.read_text(encoding="utf-8")
+    assert text.endswith(rendered), "broker/compose/mosquitto.conf is stale: re-render it (see its header)"
+    volumes = services["mosquitto"]["volumes"]
+    assert "./broker/compose/mosquitto.conf:/mosquitto/config/mosquitto.conf:ro" in volumes
+    assert "mosquitto-auth:/mosquitto/auth:ro" in volumes
+    assert "mosquitto-auth:/mosquitto/auth" in services["mqtt-accounts"]["volumes"]
+    assert services["mqtt-accounts"]["command"] == ["sh", "/app/broker/compose/init-accounts.sh"]
+
+
+def _connack(port: int, username: str, password: str) -> int:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=username, protocol=mqtt.MQTTv311)
+    client.username_pw_set(username, password)
+    result: list[int] = []
+    client.on_connect = lambda _c, _u, _f, rc, _p: result.append(rc.value)
+    client.connect("127.0.0.1", port, keepalive=10)
+    client.loop_start()
+    deadline = time.monotonic() + 5.0
+    while not result and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.disconnect()
+    client.loop_stop()
+    assert result, f"no CONNACK for {username}"
+    return result[0]
+
+
+@pytest.mark.integration
+def test_compose_account_generator_makes_accounts_a_real_mosquitto_accepts(
+        tmp_path: Path, services: dict[str, dict[str, Any]]) -> None:
+    example = _env_example()
+    init_env = services["mqtt-accounts"]["environment"]
+    env = {k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG"}}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # python of this venv
+    env["PYTHONPATH"] = str(ROOT)
+    for key in init_env:  # what compose would pass, with the values of .env.example
+        env[key] = example[key]
+    env.update(MQTT_AUTH_DIR=str(tmp_path / "auth"), MQTT_BROKER_UID=str(os.getuid()))
+    done = subprocess.run(["sh", str(INIT_ACCOUNTS)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    substations = [item.split(":")[0] for item in example["SUBSTATIONS"].split(",")]
+    users = [line.split(":")[0] for line in (tmp_path / "auth" / "passwd").read_text().splitlines()]
+    assert users[:3] == ["balancer", "api", "observer"]
+    last_ev = f"EV_{int(example['EV_COUNT']):04d}"
+    assert set(users) >= {f"substation.{sid}" for sid in substations} | {"EV_0001", last_ev}
+    assert "loadtest" not in users
+
+    port = find_free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(render_config(port=port, data_dir=tmp_path / "data", passwd_file=tmp_path / "auth" / "passwd",
+                                  acl_file=tmp_path / "auth" / "acl", log_file=tmp_path / "mosquitto.log"))
+    (tmp_path / "data").mkdir()
+    proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        log = tmp_path / "mosquitto.log"
+        deadline = time.monotonic() + 5.0
+        while not (log.exists() and b" running" in log.read_bytes()):
+            assert proc.poll() is None and time.monotonic() < deadline, f"mosquitto did not start: {log}"
+            time.sleep(0.01)
+        secret = example["MQTT_ACCOUNT_SECRET"]
+        assert _connack(port, "balancer", example["BALANCER_MQTT_PASSWORD"]) == 0
+        assert _connack(port, "observer", example["OBSERVER_MQTT_PASSWORD"]) == 0
+        sub = f"substation.{substations[0]}"
+        assert _connack(port, sub, derive_password(secret, sub)) == 0
+        assert _connack(port, "EV_0001", derive_password(secret, "EV_0001")) == 0
+        assert _connack(port, "balancer", "wrong") != 0
+    finally:
+        stop_process(proc, 5.0)
