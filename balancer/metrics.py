@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 #: From 50 microseconds (a decision in memory) to 1 s (a stalled loop).
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25, 1.0)
+#: The outcomes of gridlb_decisions_total (the Assignment statuses); other core counters are events.
+DECISION_OUTCOMES = frozenset({"assigned", "queued", "rejected", "updated", "revoked", "completed", "cancelled"})
 #: From placed at once to hours in line.
 WAIT_BUCKETS = (0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 
@@ -45,8 +47,11 @@ class BalancerCollector(Collector):
         cfg = core.config
         now = service.clock()
         waits = core.queue_waits
-        while waits:
-            self._queue_wait.observe(waits.popleft())
+        while True:  # popleft is atomic; two concurrent scrapes (Prometheus + a healthcheck) may drain together
+            try:
+                self._queue_wait.observe(waits.popleft())
+            except IndexError:
+                break
 
         def gauge(name: str, doc: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, labels=["substation"])
@@ -94,12 +99,18 @@ class BalancerCollector(Collector):
                 family.add_metric([sub.id], float(values[key]))
         yield from per_sub.values()
 
-        decisions = CounterMetricFamily("gridlb_decisions", "Balancer decisions and session events by outcome "
-                                        "and reason (assigned, queued, rejected, updated, revoked, completed, "
-                                        "cancelled, ...)", labels=["outcome", "reason"])
+        decisions = CounterMetricFamily("gridlb_decisions", "Answers the balancer gave, by outcome (assigned, "
+                                        "queued, rejected, updated, revoked, completed, cancelled) and reason",
+                                        labels=["outcome", "reason"])
+        events = CounterMetricFamily("gridlb_balancer_events", "Other things the balancer noticed or did: "
+                                     "duplicates, adoptions, substations offline/lost/stale, operator actions",
+                                     labels=["event", "detail"])
         for key, count in sorted(core.counters.items()):
-            decisions.add_metric(list(_outcome_reason(key)), float(count))
+            outcome, reason = _outcome_reason(key)
+            family = decisions if outcome in DECISION_OUTCOMES else events
+            family.add_metric([outcome, reason], float(count))
         yield decisions
+        yield events
 
         rejected = CounterMetricFamily("gridlb_rejected_payloads", "Payloads refused at the boundary, by topic "
                                        "kind and reason", labels=["kind", "reason"])

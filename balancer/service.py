@@ -41,7 +41,7 @@ from grid_protocol import (
     encode,
     is_valid_id,
 )
-from grid_protocol.messages import MAX_COMMANDS_PER_MESSAGE, SubstationState
+from grid_protocol.messages import MAX_COMMANDS_PER_MESSAGE, QueueState, SubstationState
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import InMessage, Transport, Will, make_transport
 
@@ -230,8 +230,13 @@ class BalancerService:
     def _send_state(self, topic: str, state: SubstationState | msgspec.Struct, now: float, *,
                     force: bool = False) -> None:
         """Publish a retained state when it changed (ignoring its clock fields) or every 30 s."""
-        key = encode(msgspec.structs.replace(state, ts=0.0, **(
-            {"telemetry_age_s": None} if isinstance(state, SubstationState) else {})))
+        if isinstance(state, SubstationState):
+            key = encode(msgspec.structs.replace(state, ts=0.0, telemetry_age_s=None))
+        elif isinstance(state, QueueState):  # ETAs count down every second: only a move of a minute is news
+            key = encode(msgspec.structs.replace(state, ts=0.0, entries=[
+                msgspec.structs.replace(e, eta_s=None if e.eta_s is None else e.eta_s // 60) for e in state.entries]))
+        else:
+            key = encode(msgspec.structs.replace(state, ts=0.0))
         last = self._state_sent.get(topic)
         if not force and last is not None and last[0] == key and now - last[1] < 30.0:
             return

@@ -2,7 +2,8 @@
 
 Roles (see ``broker/README.md``):
 
-* service accounts :data:`SERVICE_ACCOUNTS` (``balancer``, ``api``, ``observer``, ``recorder``, ``loadtest``);
+* service accounts :data:`SERVICE_ACCOUNTS` (``balancer``, ``api``, ``observer``, ``recorder``, ``healthcheck``,
+  ``loadtest``);
 * one account per substation agent, username ``substation.<id>`` (:func:`substation_username`);
 * one account per EV, username == EV id.
 
@@ -60,7 +61,7 @@ __all__ = [
 
 #: Accounts of the services. ``loadtest`` is for benchmarks and tests only: it exists only when it is
 #: put in the password file (its ACL block is always rendered, harmless without a password line).
-SERVICE_ACCOUNTS: tuple[str, ...] = ("balancer", "api", "observer", "recorder", "loadtest")
+SERVICE_ACCOUNTS: tuple[str, ...] = ("balancer", "api", "observer", "recorder", "healthcheck", "loadtest")
 #: Services a deployment gets by default (the CLI without ``--service``): everything but ``loadtest``.
 DEFAULT_SERVICES: tuple[str, ...] = ("balancer", "api", "observer", "recorder")
 

@@ -1,8 +1,10 @@
 """``gridlb run``: the whole system on this machine, started the way a user would start each part.
 
 A private Mosquitto (project config, fresh accounts, loopback only) plus ``python -m balancer``,
-``python -m substation_agents`` and, in the foreground, ``python -m ev_clients fleet`` with its
-live summary. Service logs go to ``.run/logs/``; credentials for hand testing to
+``python -m substation_agents``, the status API and live page (``python -m api``), the telemetry
+recorder when a time-series server is configured (``INFLUX_URL``), and, in the foreground,
+``python -m ev_clients fleet`` with its live summary. Every service serves Prometheus ``/metrics``.
+Service logs go to ``.run/logs/``; credentials for hand testing (and the API's operator token) to
 ``.run/credentials.env``. Ctrl-C stops the fleet (which prints its summary), then the services
 in reverse order, then the broker.
 """
@@ -19,12 +21,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from types import FrameType
 
 from broker.accounts import substation_username
 from broker.local import LocalBroker, find_free_port
 from grid_runtime.lifecycle import stop_process
+from grid_runtime.metrics import DEFAULT_PORTS
 
 DEFAULT_SUBSTATIONS = "north:400,central:300,south:250"
 HAND_TEST_EV = "EV_1234"
@@ -39,6 +43,11 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _pick_port(preferred: int) -> int:
+    """``preferred`` when it is free on 127.0.0.1 (0: any), else a free one."""
+    return preferred if preferred and _port_free(preferred) else find_free_port()
+
+
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gridlb run", description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, default=Path(".run"))
@@ -50,10 +59,15 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--speedup", type=float, default=60.0, help="simulated seconds per real second")
     p.add_argument("--no-fleet", action="store_true", help="start everything but the EV fleet (hand testing)")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0 = until Ctrl-C)")
+    p.add_argument("--api-port", type=int, default=int(os.environ.get("API_PORT", "8000")),
+                   help="status API and live page on 127.0.0.1 (taken: a free one is used)")
+    p.add_argument("--influx-url", default=os.environ.get("INFLUX_URL"),
+                   help="record telemetry to this InfluxDB v2 write endpoint (INFLUX_TOKEN/ORG/BUCKET from the "
+                        "environment); default: INFLUX_URL, unset = no recorder")
     return p.parse_args(argv)
 
 
-def _write_credentials(path: Path, broker: LocalBroker, ev_ids: list[str]) -> None:
+def _write_credentials(path: Path, broker: LocalBroker, api_url: str, api_token: str) -> None:
     lines = [
         "# Written by `gridlb run` for hand testing; the broker listens on 127.0.0.1 only.",
         f"export MQTT_HOST={broker.host}",
@@ -61,8 +75,11 @@ def _write_credentials(path: Path, broker: LocalBroker, ev_ids: list[str]) -> No
         f"export OBSERVER_PASSWORD={shlex.quote(broker.password_for('observer'))}",
         f"export BALANCER_PASSWORD={shlex.quote(broker.password_for('balancer'))}",
         f"export LOADTEST_PASSWORD={shlex.quote(broker.password_for('loadtest'))}",
+        f"export RECORDER_PASSWORD={shlex.quote(broker.password_for('recorder'))}",
         f"export {HAND_TEST_EV}_PASSWORD={shlex.quote(broker.password_for(HAND_TEST_EV))}",
         f"export MQTT_ACCOUNT_SECRET={shlex.quote(broker.secret)}",
+        f"export API_URL={api_url}",
+        f"export API_TOKEN={shlex.quote(api_token)}",
     ]
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)
@@ -110,11 +127,19 @@ def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, 
          ev_ids: list[str], procs: list[tuple[str, subprocess.Popen[bytes]]]) -> int:
     """Start everything (appending to ``procs``) and wait until the end; the caller stops what was started."""
     broker.start()
-    _write_credentials(work / "credentials.env", broker, ev_ids)
+    api_port = _pick_port(args.api_port)
+    api_url = f"http://127.0.0.1:{api_port}"
+    api_token = secrets.token_urlsafe(24)
+    _write_credentials(work / "credentials.env", broker, api_url, api_token)
     base_env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), LOG_FORMAT="json",
-                    PYTHONUNBUFFERED="1")
-    base_env.pop("MQTT_USERNAME", None)
-    base_env.pop("MQTT_PASSWORD", None)
+                    PYTHONUNBUFFERED="1", METRICS_HOST="127.0.0.1")
+    for name in ("MQTT_USERNAME", "MQTT_PASSWORD", "METRICS_PORT", "API_HOST", "API_PORT", "API_TOKEN"):
+        base_env.pop(name, None)
+    metrics: dict[str, int] = {}
+
+    def metrics_env(service: str, env: dict[str, str]) -> dict[str, str]:
+        metrics[service] = _pick_port(DEFAULT_PORTS[service])
+        return dict(env, METRICS_PORT=str(metrics[service]))
 
     def spawn(name: str, module: str, env: dict[str, str], *extra: str, foreground: bool = False) -> None:
         cmd = [sys.executable, "-m", module, *extra]
@@ -127,17 +152,26 @@ def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, 
                 proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append((name, proc))
 
-    spawn("balancer", "balancer", dict(base_env, MQTT_USERNAME="balancer",
-                                       MQTT_PASSWORD=broker.password_for("balancer")))
-    spawn("substations", "substation_agents", dict(base_env, MQTT_ACCOUNT_SECRET=broker.secret,
-                                                   SUBSTATIONS=args.substations, SIM_SPEEDUP=str(args.speedup)))
-    time.sleep(1.0)
-    _print_banner(work, broker, substations)
+    spawn("balancer", "balancer", metrics_env("balancer", dict(
+        base_env, MQTT_USERNAME="balancer", MQTT_PASSWORD=broker.password_for("balancer"))))
+    spawn("substations", "substation_agents", metrics_env("substation_agents", dict(
+        base_env, MQTT_ACCOUNT_SECRET=broker.secret, SUBSTATIONS=args.substations, SIM_SPEEDUP=str(args.speedup))))
+    spawn("api", "api", dict(base_env, MQTT_USERNAME="api", MQTT_PASSWORD=broker.password_for("api"),
+                             API_HOST="127.0.0.1", API_PORT=str(api_port), API_TOKEN=api_token))
+    if args.influx_url:
+        spawn("recorder", "monitoring.recorder", metrics_env("recorder", dict(
+            base_env, MQTT_USERNAME="recorder", MQTT_PASSWORD=broker.password_for("recorder"),
+            INFLUX_URL=args.influx_url)))
+    if not args.no_fleet:
+        metrics_env("ev_clients", base_env)  # reserve its port now, for the banner
+    _wait_http(f"{api_url}/health", timeout=15.0)
+    _print_banner(work, broker, substations, api_url, metrics, args.influx_url)
 
     fleet: subprocess.Popen[bytes] | None = None
     if not args.no_fleet:
         fleet_env = dict(base_env, MQTT_ACCOUNT_SECRET=broker.secret, EV_COUNT=str(args.evs),
-                         EV_ARRIVAL_RATE=str(args.rate), EV_SPEEDUP=str(args.speedup))
+                         EV_ARRIVAL_RATE=str(args.rate), EV_SPEEDUP=str(args.speedup),
+                         METRICS_PORT=str(metrics["ev_clients"]))
         spawn("ev_fleet", "ev_clients", fleet_env, "fleet", foreground=True)
         fleet = procs[-1][1]
     try:
@@ -168,18 +202,43 @@ def _shutdown(procs: list[tuple[str, subprocess.Popen[bytes]]], broker: LocalBro
     broker.stop()
 
 
-def _print_banner(work: Path, broker: LocalBroker, substations: list[str]) -> None:
+def _wait_http(url: str, timeout: float) -> bool:
+    """Poll ``url`` until it answers 200 (bounded); the banner should not promise a page that is not up yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
+            if resp.status == 200:
+                return True
+        time.sleep(0.2)
+    return False
+
+
+def _print_banner(work: Path, broker: LocalBroker, substations: list[str], api_url: str,
+                  metrics: dict[str, int], influx_url: str | None) -> None:
     creds = work / "credentials.env"
+    scrape = "\n".join(f"              http://127.0.0.1:{port}/metrics  ({service})"
+                       for service, port in metrics.items())
+    first = substations[0] if substations else "north"
+    recorder = (f"recording to {influx_url} (log {work / 'logs' / 'recorder.log'})" if influx_url
+                else "off (set INFLUX_URL to record telemetry to InfluxDB / VictoriaMetrics)")
     print(f"""
 Smart Grid Load Balancer is running locally.
+  live page   {api_url}/   (status API: {api_url}/status, OpenAPI docs: {api_url}/docs)
   broker      mqtt://{broker.host}:{broker.port}  (private Mosquitto, log {broker.log_file})
   substations {', '.join(substations)}  (accounts {', '.join(substation_username(s) for s in substations)})
+  metrics     {api_url}/metrics  (api)
+{scrape}
+  recorder    {recorder}
   logs        {work / 'logs'}/
-  credentials {creds}
+  credentials {creds}  (MQTT passwords, API_TOKEN for operator actions)
 
 Watch everything (another terminal):
   source {creds}
   mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -u observer -P "$OBSERVER_PASSWORD" -t 'grid/v1/#' -v
+Ask the API:
+  curl -s {api_url}/status
+  source {creds}
+  curl -s -X POST -H "Authorization: Bearer $API_TOKEN" {api_url}/substations/{first}/drain
 Ask for power by hand:
   mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -u {HAND_TEST_EV} -P "${HAND_TEST_EV}_PASSWORD" -q 1 \\
     -t grid/v1/ev/{HAND_TEST_EV}/request -m '{{"ev_id": "{HAND_TEST_EV}", "requested_kw": 22, "duration_minutes": 120}}'

@@ -389,7 +389,7 @@ class Balancer:
             placed = self._place(req, now) if req.min_w <= room else None
             if placed is not None:
                 self.queue.remove(req.ev_id)
-                self.queue_waits.append(now - req.received_at)
+                self.queue_waits.append(max(0.0, now - req.received_at))  # (the wall clock may step back)
                 effects += placed[1] + self._start_effects(placed[0], now, in_reply=req.ev_id == replying_to)
                 room = self._max_headroom_w(now)
                 continue
@@ -539,7 +539,7 @@ class Balancer:
         sub.last_seq = msg.seq
         if (sub.last_telemetry_at is not None and sub.reported_capacity_w > 0
                 and sub.load_w > sub.reported_capacity_w):  # overloaded since the previous sample
-            sub.overload_s += min(now - sub.last_telemetry_at, self.config.stale_after_s)
+            sub.overload_s += max(0.0, min(now - sub.last_telemetry_at, self.config.stale_after_s))
         sub.reported_capacity_w = kw_to_w_down(msg.capacity_kw)
         sub.apply_capacity()
         sub.stale = False

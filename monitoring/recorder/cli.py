@@ -55,7 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("recorder_starting", host=settings.mqtt.host, port=settings.mqtt.port,
              username=settings.mqtt.username, influx_url=settings.influx.url)
     service = build(settings)
-    handle = serve_metrics(settings.grid.metrics, "recorder")
+    try:
+        handle = serve_metrics(settings.grid.metrics, "recorder")
+    except OSError as exc:  # a busy port must not cost the history: record without /metrics
+        log.error("metrics_unavailable", error=str(exc))
+        handle = None
 
     async def run(stop: asyncio.Event) -> None:
         await service.run(stop)

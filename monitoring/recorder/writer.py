@@ -49,10 +49,13 @@ def backoff_delays(min_s: float, max_s: float) -> Iterator[float]:
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Network errors, timeouts, 5xx, 408 and 429 are worth retrying; other HTTP 4xx answers are not."""
+    """Network errors, timeouts, 5xx, 401/403/404 (configuration), 408 and 429 are worth retrying; other
+    HTTP 4xx answers (the data itself was refused) are not."""
     status = getattr(exc, "status", None)
     if isinstance(status, int) and 400 <= status < 500:
-        return status in (408, 429)
+        # 401/403/404 are configuration (token, org, bucket), not the data: retry (loudly logged) until an
+        # operator fixes it rather than dropping valid points; the bounded buffer still caps memory.
+        return status in (401, 403, 404, 408, 429)
     return True
 
 

@@ -123,7 +123,8 @@ def test_state_is_retained_control_acts_and_metrics_show_it(running, broker: Loc
     assert metrics[("gridlb_decisions_total", (("outcome", "assigned"), ("reason", "")))] == 2
     assert metrics[("gridlb_decision_latency_seconds_count", ())] >= 2
     assert metrics[("gridlb_mqtt_connected", (("client", "balancer"),))] == 1
-    assert metrics[("gridlb_decisions_total", (("outcome", "control"), ("reason", "drain")))] == 1
+    assert metrics[("gridlb_balancer_events_total", (("detail", "drain"), ("event", "control")))] == 1
+    assert not [k for k in metrics if k[0] == "gridlb_decisions_total" and dict(k[1])["outcome"] == "control"]
     ev.close()
     ev2.close()
     api.close()

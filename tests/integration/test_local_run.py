@@ -10,9 +10,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
+from tsdb import VictoriaMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -66,12 +69,21 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_gridlb_run_stops_everything_on_sigterm(tmp_path: Path) -> None:
-    """``kill <pid>`` (systemd, CI timeouts) must stop the services and the broker, not orphan them."""
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def test_gridlb_run_serves_api_metrics_records_and_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    """The run also serves the API/live page and /metrics, records into the configured time-series server,
+    and ``kill <pid>`` (systemd, CI timeouts) stops every service and the broker, orphaning none."""
     work = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    vm = VictoriaMetrics(tmp_path / "vm").start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "API_", "METRICS_", "INFLUX_"))}
+    env.update(PYTHONPATH=str(ROOT), INFLUX_URL=vm.url)
     proc = subprocess.Popen([sys.executable, "-m", "gridlb", "run", "--work-dir", str(work), "--port", "0",
-                             "--no-fleet"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--no-fleet", "--api-port", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     children: list[int] = []
     try:
         assert proc.stdout is not None
@@ -85,7 +97,34 @@ def test_gridlb_run_stops_everything_on_sigterm(tmp_path: Path) -> None:
         assert b"Ctrl-C stops everything" in banner, banner.decode(errors="replace")
         port = int(re.search(rb"mqtt://127\.0\.0\.1:(\d+)", banner).group(1))  # type: ignore[union-attr]
         children = _children(proc.pid)
-        assert len(children) == 3, children  # mosquitto, balancer, substation agents
+        assert len(children) == 5, children  # mosquitto, balancer, substation agents, api, recorder
+
+        text = banner.decode()
+        api_url = re.search(r"live page\s+(http://127\.0\.0\.1:\d+)/", text).group(1)  # type: ignore[union-attr]
+        metrics_urls = dict((name, url) for url, name in re.findall(r"(http://127\.0\.0\.1:\d+/metrics)\s+\((\w+)\)",
+                                                                     text))
+        assert set(metrics_urls) == {"api", "balancer", "substation_agents", "recorder"}, text
+        deadline = time.monotonic() + 20
+        while True:  # the agents' first telemetry reaches the API through the balancer's retained state
+            status = _get_json(f"{api_url}/status")
+            if len(status["substations"]) == 3 and all(sub.get("capacity_kw") for sub in status["substations"]):
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.3)
+        with urllib.request.urlopen(f"{api_url}/", timeout=5) as resp:
+            assert b"<html" in resp.read().lower()
+        deadline = time.monotonic() + 20
+        while True:  # the balancer's view, from the agents' telemetry
+            with urllib.request.urlopen(metrics_urls["balancer"], timeout=5) as resp:
+                body = resp.read()
+            if b'gridlb_substation_capacity_watts{substation="north"} 400000.0' in body:
+                break
+            assert time.monotonic() < deadline, body.decode()[-3000:]
+            time.sleep(0.3)
+        # The recorder writes the agents' telemetry into the configured server.
+        series = vm.wait_export('{__name__="substation_telemetry_capacity_kw"}',
+                                lambda found: len(found) == 3, timeout=30)
+        assert {s["metric"]["substation_id"] for s in series} == {"north", "central", "south"}
 
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=40)
@@ -95,6 +134,8 @@ def test_gridlb_run_stops_everything_on_sigterm(tmp_path: Path) -> None:
             pass
         balancer_log = (work / "logs" / "balancer.log").read_text()
         assert "balancer_stopped" in balancer_log
+        assert "Traceback" not in (work / "logs" / "api.log").read_text()
+        assert "Traceback" not in (work / "logs" / "recorder.log").read_text()
         assert "agent_stopped" in (work / "logs" / "substations.log").read_text()
     finally:
         if proc.poll() is None:
@@ -103,3 +144,4 @@ def test_gridlb_run_stops_everything_on_sigterm(tmp_path: Path) -> None:
         for pid in children:  # without the fix they outlive gridlb: do not leave them running
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        vm.stop()

@@ -307,6 +307,8 @@ def test_compose_account_generator_makes_accounts_a_real_mosquitto_accepts(
         secret = example["MQTT_ACCOUNT_SECRET"]
         assert _connack(port, "balancer", example["BALANCER_MQTT_PASSWORD"]) == 0
         assert _connack(port, "observer", example["OBSERVER_MQTT_PASSWORD"]) == 0
+        assert _connack(port, "recorder", example["RECORDER_MQTT_PASSWORD"]) == 0
+        assert _connack(port, "healthcheck", example["HEALTHCHECK_MQTT_PASSWORD"]) == 0
         sub = f"substation.{substations[0]}"
         assert _connack(port, sub, derive_password(secret, sub)) == 0
         assert _connack(port, "EV_0001", derive_password(secret, "EV_0001")) == 0

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import msgspec
 import pytest
 
 from balancer.core.views import queue_state, substation_state
@@ -156,12 +155,6 @@ def test_overload_seconds_and_stale_transitions_are_counted() -> None:
     h.tick()
     assert sub.stale_transitions == 2
     assert h.b.counters["stale_telemetry"] == 2
-
-
-def test_views_are_plain_msgspec_structs() -> None:
-    h = Harness()
-    h.tel("A")
-    assert isinstance(substation_state(h.b, h.b.substations["A"], h.now), msgspec.Struct)
 
 
 def test_worst_case_queue_state_fits_the_broker_limit() -> None:

@@ -65,8 +65,8 @@ def test_backoff_schedule_doubles_and_is_capped() -> None:
 
 @pytest.mark.parametrize(("exc", "retry"), [
     (ApiException(status=503), True), (ApiException(status=500), True), (ApiException(status=429), True),
-    (ApiException(status=408), True), (ApiException(status=400), False), (ApiException(status=401), False),
-    (ApiException(status=404), False), (NewConnectionError(None, "refused"), True),  # type: ignore[arg-type]
+    (ApiException(status=408), True), (ApiException(status=400), False), (ApiException(status=401), True),
+    (ApiException(status=404), True), (ApiException(status=413), False), (NewConnectionError(None, "refused"), True),  # type: ignore[arg-type]
     (ConnectionRefusedError(), True), (TimeoutError(), True),
 ])
 def test_what_is_retried(exc: Exception, retry: bool) -> None:

@@ -1,0 +1,97 @@
+"""The FastAPI application: :func:`create_app` wires settings, state store, MQTT bridge, live hub and metrics.
+
+The store and bridge exist from construction on (routes answer even before the broker is reached);
+the lifespan connects to the broker and starts the live hub, and closes both on shutdown.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
+
+from api import VERSION, problems
+from api.context import AppContext
+from api.live import LiveHub
+from api.metrics import ApiMetrics, MetricsMiddleware
+from api.mqtt_bridge import Bridge
+from api.problems import PROBLEM_MEDIA_TYPE
+from api.routes import charge, live, metrics, operator, status
+from api.settings import ApiSettings
+from api.state import StateStore
+from grid_runtime.logs import get_logger
+from grid_runtime.mqtt import Transport
+
+log = get_logger("api")
+
+DESCRIPTION = """
+Status API and live page of the Smart Grid Load Balancer. Everything shown is learnt from MQTT (the
+balancer's retained substation and queue state, retained statuses, live telemetry and assignments), so
+replicas agree and a restarted API answers at once. `POST /charge`, `DELETE /sessions/{id}` and the
+operator actions go to the balancer over MQTT and return its answer. Errors are RFC 9457 problem details
+(`application/problem+json`). Guide with curl examples: `docs/api.md`.
+"""
+
+
+def create_app(settings: ApiSettings | None = None, *, transport: Transport | None = None,
+               clock: Callable[[], float] = time.time) -> FastAPI:
+    settings = settings or ApiSettings()
+    store = StateStore(stale_after_s=settings.stale_after_s, recent_assignments=settings.recent_assignments,
+                       ev_memory=settings.ev_memory, started_at=clock())
+    bridge = Bridge(settings, store, transport, clock)
+    hub = LiveHub(store, lambda: bridge.connected, interval_s=settings.sse_interval_s,
+                  queue_size=settings.sse_queue_size, max_clients=settings.sse_max_clients, clock=clock)
+    bridge.add_listener(hub.changed)
+    ctx = AppContext(settings, store, bridge, hub, ApiMetrics(bridge.transport, store, hub, clock), clock)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await bridge.start()
+        hub.start()
+        log.info("api_started", mqtt_host=settings.mqtt.host, mqtt_port=settings.mqtt.port,
+                 operator_actions=settings.token is not None)
+        try:
+            yield
+        finally:
+            await hub.stop()
+            await bridge.stop()
+            log.info("api_stopped")
+
+    app = FastAPI(title="Smart Grid Load Balancer API", version=VERSION, description=DESCRIPTION.strip(),
+                  lifespan=lifespan, redirect_slashes=False)
+    app.state.ctx = ctx
+    problems.install(app)
+    app.add_middleware(MetricsMiddleware, metrics=lambda: ctx.metrics)
+    for module in (status, charge, operator, live, metrics):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=live.STATIC_DIR), name="static")
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, with every error response as ``application/problem+json`` ProblemDetails."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    ref = {"$ref": "#/components/schemas/ProblemDetails"}
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            if not isinstance(operation, dict):
+                continue
+            responses = operation.setdefault("responses", {})
+            for code, response in responses.items():
+                if code.isdigit() and int(code) >= 400:
+                    if code == "422":
+                        response["description"] = "Invalid request (problem details list the errors)"
+                    response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": ref}}
+    components = schema.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    app.openapi_schema = schema
+    return schema

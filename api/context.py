@@ -1,0 +1,34 @@
+"""What the routes share: settings, the state store, the MQTT bridge, the live hub and the metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from api.live import LiveHub
+from api.metrics import ApiMetrics
+from api.mqtt_bridge import Bridge
+from api.settings import ApiSettings
+from api.state import StateStore
+
+
+@dataclass
+class AppContext:
+    settings: ApiSettings
+    store: StateStore
+    bridge: Bridge
+    hub: LiveHub
+    metrics: ApiMetrics
+    clock: Callable[[], float] = time.time
+    started_monotonic: float = field(default_factory=time.monotonic)
+
+    def now(self) -> float:
+        return self.clock()
+
+
+def get_ctx(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx

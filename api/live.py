@@ -1,0 +1,107 @@
+"""The live page's feed: one snapshot of the overview per update, fanned out to Server-Sent Events clients.
+
+Every event is a complete snapshot, so a slow client can lose old ones without losing anything: each
+client has a small bounded queue and the oldest snapshot is dropped when it is full. Snapshots are made
+at most once per ``API_SSE_INTERVAL_S`` (when something changed, and every few seconds regardless, so
+ages and staleness keep moving), never per message: a busy grid costs the page nothing extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from api.state import StateStore
+
+#: A snapshot is sent at least this often even when nothing changed (ages, staleness).
+REFRESH_S = 2.0
+#: Queue entries and latest assignments on the page.
+PAGE_ROWS = 20
+
+
+class TooManyClients(Exception):
+    pass
+
+
+class LiveHub:
+    def __init__(self, store: StateStore, connected: Callable[[], bool], *, interval_s: float = 0.5,
+                 queue_size: int = 8, max_clients: int = 100, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.connected = connected
+        self.interval_s = interval_s
+        self.queue_size = queue_size
+        self.max_clients = max_clients
+        self.clock = clock
+        self.clients: set[asyncio.Queue[str | None]] = set()
+        self.sent = 0
+        self.dropped = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.store.overview(self.clock(), connected=self.connected(), queue_limit=PAGE_ROWS,
+                                   assignments_limit=PAGE_ROWS)
+
+    def snapshot_json(self) -> str:
+        return json.dumps(self.snapshot(), separators=(",", ":"))
+
+    def changed(self) -> None:
+        """The store changed (called for every MQTT message: only sets a flag)."""
+        self._wake.set()
+
+    def add_client(self) -> asyncio.Queue[str | None]:
+        if len(self.clients) >= self.max_clients:
+            raise TooManyClients(f"{len(self.clients)} live clients already")
+        queue: asyncio.Queue[str | None] = asyncio.Queue(self.queue_size)
+        queue.put_nowait(self.snapshot_json())
+        self.clients.add(queue)
+        return queue
+
+    def remove_client(self, queue: asyncio.Queue[str | None]) -> None:
+        self.clients.discard(queue)
+
+    def _offer(self, queue: asyncio.Queue[str | None], item: str | None) -> None:
+        if queue.full():
+            with contextlib.suppress(asyncio.QueueEmpty):
+                queue.get_nowait()
+                self.dropped += 1
+        queue.put_nowait(item)
+
+    def broadcast(self) -> None:
+        if not self.clients:
+            return
+        payload = self.snapshot_json()
+        for queue in list(self.clients):
+            self._offer(queue, payload)
+        self.sent += 1
+
+    async def run(self) -> None:
+        last_version = -1
+        last_connected: bool | None = None
+        last_sent = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), REFRESH_S)
+            self._wake.clear()
+            now = time.monotonic()
+            connected = self.connected()
+            if (self.store.version != last_version or connected != last_connected
+                    or now - last_sent >= REFRESH_S):
+                last_version, last_connected, last_sent = self.store.version, connected, now
+                self.broadcast()
+            await asyncio.sleep(self.interval_s)  # at most one snapshot per interval
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="api-live-hub")
+
+    async def stop(self) -> None:
+        for queue in list(self.clients):
+            self._offer(queue, None)  # tells the stream to end
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,96 @@
+"""The original HTTP interface: ask for power (``POST /charge``) and stop a session (``DELETE /sessions/{id}``).
+
+Both go to the balancer over MQTT, exactly as an EV would, and wait (bounded) for its answer.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from api.context import AppContext, get_ctx
+from api.mqtt_bridge import NotConnected, new_request_id
+from api.problems import Problem
+from api.routes.common import SessionIdPath, problems
+from api.schemas import Assignment, ChargeIn, ReleaseOutcome
+from broker.accounts import SERVICE_ACCOUNTS
+from grid_protocol.messages import ChargeRequest
+
+router = APIRouter(tags=["charging"])
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+
+#: Rejections the request itself caused (fix it, do not retry as is) answer 422; the rest 409.
+_UNPROCESSABLE = {"exceeds_capacity", "invalid_field", "malformed_json", "duplicate_key", "id_mismatch",
+                  "payload_too_large", "reserved_id"}
+
+
+def _not_connected(exc: NotConnected) -> Problem:
+    return Problem(503, f"{exc}; try again shortly", type_="broker-unavailable", headers={"Retry-After": "2"})
+
+
+@router.post(
+    "/charge", response_model=Assignment, summary="Ask for power for an EV (the balancer's answer)",
+    status_code=200,
+    responses={
+        200: {"description": "assigned (or the latest state of an earlier request with the same request_id: "
+                             "updated, completed, cancelled, revoked)"},
+        202: {"model": Assignment, "description": "queued: no headroom now; position and eta_s say where it "
+                                                  "stands; it is assigned automatically later"},
+        **problems(409, 422, 503, 504),
+    },
+)
+async def charge(body: ChargeIn, ctx: Ctx) -> Any:
+    if body.ev_id in SERVICE_ACCOUNTS:
+        raise Problem(422, f"{body.ev_id!r} is a service account name, not an EV id", type_="validation")
+    request_id = body.request_id or new_request_id()
+    request = ChargeRequest(
+        requested_kw=body.requested_kw, request_id=request_id, ev_id=body.ev_id,
+        duration_minutes=body.duration_minutes, energy_kwh=body.energy_kwh, min_kw=body.min_kw,
+        priority=body.priority, departure=body.departure)
+    try:
+        answer = await ctx.bridge.charge(request, ctx.settings.request_timeout_s)
+    except NotConnected as exc:
+        ctx.metrics.answers.labels("charge", "not_connected").inc()
+        raise _not_connected(exc) from None
+    if answer is None:
+        ctx.metrics.answers.labels("charge", "timeout").inc()
+        raise Problem(504, f"no answer from the balancer within {ctx.settings.request_timeout_s:g} s; retry with "
+                           f"the same request_id to get its answer without opening a second request",
+                      type_="balancer-timeout", request_id=request_id, ev_id=body.ev_id)
+    ctx.metrics.answers.labels("charge", answer.status).inc()
+    data = msgspec.structs.asdict(answer)
+    if answer.status == "rejected":
+        status = 422 if answer.reason in _UNPROCESSABLE else 409
+        raise Problem(status, f"rejected by the balancer: {answer.reason}"
+                              + (f" ({answer.detail})" if answer.detail else ""),
+                      type_=f"rejected-{answer.reason}" if answer.reason else "rejected",
+                      title="Rejected by the balancer", reason=answer.reason, answer=data)
+    return JSONResponse(data, status_code=202 if answer.status == "queued" else 200)
+
+
+@router.delete(
+    "/sessions/{session_id}", response_model=ReleaseOutcome, summary="End a running session (the EV releases it)",
+    responses=problems(404, 503, 504),
+)
+async def end_session(session_id: SessionIdPath, ctx: Ctx) -> dict[str, Any]:
+    session = ctx.store.find_session(session_id)
+    if session is None:
+        raise Problem(404, f"no running session {session_id!r}", type_="not-found")
+    ev_id, request_id = session["ev_id"], session["request_id"]
+    try:
+        answer = await ctx.bridge.release(ev_id, session_id, request_id, ctx.settings.request_timeout_s)
+    except NotConnected as exc:
+        raise _not_connected(exc) from None
+    if answer is None:
+        ctx.metrics.answers.labels("release", "timeout").inc()
+        raise Problem(504, f"no answer from the balancer within {ctx.settings.request_timeout_s:g} s",
+                      type_="balancer-timeout", session_id=session_id, ev_id=ev_id)
+    ctx.metrics.answers.labels("release", answer.status).inc()
+    if answer.status == "rejected":
+        raise Problem(404, f"session {session_id!r} is not running any more ({answer.reason})", type_="not-found",
+                      reason=answer.reason)
+    return {"session_id": session_id, "ev_id": ev_id, "substation_id": session["substation_id"],
+            "answer": msgspec.structs.asdict(answer)}

@@ -1,0 +1,62 @@
+"""The live page (``GET /``, files under ``/static``) and its Server-Sent Events feed (``GET /events``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse
+from sse_starlette.sse import EventSourceResponse
+
+from api.context import AppContext, get_ctx
+from api.live import TooManyClients
+from api.problems import Problem
+from api.routes.common import problems
+
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+router = APIRouter(tags=["live page"])
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+
+
+@router.get("/", response_class=FileResponse, summary="The live page (HTML)",
+            responses={200: {"content": {"text/html": {}}, "description": "the page"}})
+async def index() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8",
+                        headers={"Cache-Control": "no-cache"})
+
+
+@router.get(
+    "/events", summary="Live feed (Server-Sent Events): a `snapshot` event with the /status document now and "
+                       "whenever it changes (at most every API_SSE_INTERVAL_S)",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                     "description": "event: snapshot / data: {...same shape as GET /status...}"},
+               **problems(503)},
+)
+async def events(request: Request, ctx: Ctx) -> EventSourceResponse:
+    hub = ctx.hub
+    try:
+        queue = hub.add_client()
+    except TooManyClients as exc:
+        raise Problem(503, f"too many live clients ({exc})", type_="too-many-clients",
+                      headers={"Retry-After": "10"}) from None
+
+    async def stream() -> AsyncIterator[dict[str, Any]]:
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), 5.0)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if item is None:
+                    return
+                yield {"event": "snapshot", "data": item}
+        finally:
+            hub.remove_client(queue)
+
+    return EventSourceResponse(stream(), ping=15, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

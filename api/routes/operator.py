@@ -1,0 +1,84 @@
+"""Operator actions (bearer token ``API_TOKEN``): drain, undrain, change a substation's capacity.
+
+They go to the balancer as :class:`~grid_protocol.messages.ControlCommand` on ``balancer/control`` and
+answer with its :class:`~grid_protocol.messages.ControlResult`; the API never changes state itself.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api.context import AppContext, get_ctx
+from api.mqtt_bridge import NotConnected
+from api.problems import Problem
+from api.routes.common import SubstationId, problems
+from api.schemas import CapacityIn, ControlOutcome
+from grid_protocol.messages import ControlAction, ControlCommand
+
+_bearer = HTTPBearer(auto_error=False, description="API_TOKEN from the API's configuration",
+                     bearerFormat="opaque token")
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+
+
+def require_operator(ctx: Ctx,
+                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    token = ctx.settings.token
+    if token is None or not token.get_secret_value():
+        raise Problem(503, "operator actions disabled: set API_TOKEN", type_="operator-disabled")
+    if credentials is None:
+        raise Problem(401, "operator actions need 'Authorization: Bearer <API_TOKEN>'", type_="unauthorized",
+                      headers={"WWW-Authenticate": 'Bearer realm="gridlb"'})
+    if not hmac.compare_digest(credentials.credentials.encode(), token.get_secret_value().encode()):
+        raise Problem(401, "wrong bearer token", type_="unauthorized",
+                      headers={"WWW-Authenticate": 'Bearer realm="gridlb", error="invalid_token"'})
+
+
+router = APIRouter(tags=["operator"], dependencies=[Depends(require_operator)],
+                   responses=problems(401, 404, 409, 503, 504))
+
+
+async def _control(ctx: AppContext, action: ControlAction, substation_id: str,
+                   capacity_kw: float | None = None) -> dict[str, Any]:
+    command = ControlCommand(action=action, substation_id=substation_id, capacity_kw=capacity_kw)
+    try:
+        result = await ctx.bridge.control(command, ctx.settings.request_timeout_s)
+    except NotConnected as exc:
+        raise Problem(503, f"{exc}; try again shortly", type_="broker-unavailable",
+                      headers={"Retry-After": "2"}) from None
+    if result is None:
+        ctx.metrics.answers.labels(action, "timeout").inc()
+        raise Problem(504, f"no answer from the balancer within {ctx.settings.request_timeout_s:g} s",
+                      type_="balancer-timeout", action=action, substation_id=substation_id)
+    ctx.metrics.answers.labels(action, "ok" if result.ok else (result.reason or "refused")).inc()
+    if not result.ok:
+        status = 404 if result.reason == "unknown_substation" else 409
+        raise Problem(status, f"{action} {substation_id!r} refused by the balancer: {result.reason}"
+                              + (f" ({result.detail})" if result.detail else ""),
+                      type_="not-found" if status == 404 else f"control-{result.reason or 'refused'}",
+                      reason=result.reason, action=action, substation_id=substation_id)
+    return {"ok": result.ok, "action": result.action, "substation_id": result.substation_id,
+            "request_id": result.request_id, "ts": result.ts, "reason": result.reason, "detail": result.detail,
+            "substation": ctx.store.substation_view(substation_id, ctx.now())}
+
+
+@router.post("/substations/{substation_id}/drain", response_model=ControlOutcome,
+             summary="Drain: no new sessions there; running ones finish")
+async def drain(substation_id: SubstationId, ctx: Ctx) -> dict[str, Any]:
+    return await _control(ctx, "drain", substation_id)
+
+
+@router.post("/substations/{substation_id}/undrain", response_model=ControlOutcome,
+             summary="Undrain: the substation takes new sessions again")
+async def undrain(substation_id: SubstationId, ctx: Ctx) -> dict[str, Any]:
+    return await _control(ctx, "undrain", substation_id)
+
+
+@router.put("/substations/{substation_id}/capacity", response_model=ControlOutcome,
+            summary="Limit the capacity the balancer plans with (null removes the limit)",
+            responses=problems(422))
+async def set_capacity(substation_id: SubstationId, body: CapacityIn, ctx: Ctx) -> dict[str, Any]:
+    return await _control(ctx, "set_capacity", substation_id, body.capacity_kw)

@@ -1,0 +1,89 @@
+"""Read-only views: health, readiness, overview, substations, sessions, EVs, queue."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+
+from api import VERSION
+from api.context import AppContext, get_ctx
+from api.problems import Problem, problem_response
+from api.routes.common import EvId, SubstationId, problems
+from api.schemas import ID_PATTERN, Ev, Health, Queue, Ready, SessionPage, SessionStatus, Status, Substation
+
+router = APIRouter()
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+
+
+@router.get("/health", response_model=Health, tags=["health"], summary="Liveness: the process answers")
+async def health(ctx: Ctx) -> dict[str, object]:
+    return {"status": "ok", "version": VERSION, "uptime_s": round(time.monotonic() - ctx.started_monotonic, 3)}
+
+
+@router.get("/ready", response_model=Ready, tags=["health"],
+            summary="Readiness: connected to the broker and holding fresh substation data",
+            responses=problems(503))
+async def ready(ctx: Ctx) -> object:
+    result = ctx.store.readiness(ctx.now(), connected=ctx.bridge.connected,
+                                 max_age_s=ctx.settings.ready_max_age_s)
+    if not result["ready"]:
+        failing = [k for k in ("mqtt_connected", "substation_data") if not result["checks"][k]]
+        return problem_response(503, f"not ready: {', '.join(failing)}", instance="/ready", type_="not-ready",
+                                ready=False, checks=result["checks"])
+    return result
+
+
+@router.get("/status", response_model=Status, tags=["status"],
+            summary="Overview: substations, totals, queue, balancer, latest assignments")
+async def status(ctx: Ctx) -> dict[str, object]:
+    return ctx.store.overview(ctx.now(), connected=ctx.bridge.connected)
+
+
+@router.get("/substations", response_model=list[Substation], tags=["status"], summary="Every known substation")
+async def substations(ctx: Ctx) -> list[dict[str, object]]:
+    return ctx.store.substation_views(ctx.now())
+
+
+@router.get("/substations/{substation_id}", response_model=Substation, tags=["status"],
+            summary="One substation", responses=problems(404))
+async def substation(substation_id: SubstationId, ctx: Ctx) -> dict[str, object]:
+    view = ctx.store.substation_view(substation_id, ctx.now())
+    if view is None:
+        raise Problem(404, f"no substation {substation_id!r}", type_="not-found")
+    return view
+
+
+@router.get("/sessions", response_model=SessionPage, tags=["status"],
+            summary="Running sessions (from the balancer's retained state), filtered and paginated")
+async def sessions(
+    ctx: Ctx,
+    substation_id: Annotated[str | None, Query(pattern=ID_PATTERN, description="only this substation")] = None,
+    status: Annotated[SessionStatus | None, Query(description="charging, reduced or paused")] = None,
+    ev_id: Annotated[str | None, Query(pattern=ID_PATTERN, description="only this EV")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> dict[str, object]:
+    rows = ctx.store.sessions(substation_id=substation_id, status=status, ev_id=ev_id)
+    page = rows[offset:offset + limit]
+    nxt = offset + limit if offset + limit < len(rows) else None
+    return {"total": len(rows), "limit": limit, "offset": offset, "next_offset": nxt,
+            "truncated": ctx.store.sessions_truncated(), "items": page}
+
+
+@router.get("/evs/{ev_id}", response_model=Ev, tags=["status"], responses=problems(404),
+            summary="An EV's current session, queue place and latest answer")
+async def ev(ev_id: EvId, ctx: Ctx) -> dict[str, object]:
+    view = ctx.store.ev_view(ev_id, ctx.now())
+    if view is None:
+        raise Problem(404, f"nothing known about EV {ev_id!r} (no session, not queued, no answer seen)",
+                      type_="not-found")
+    return view
+
+
+@router.get("/queue", response_model=Queue, tags=["status"], summary="The waiting line, in order")
+async def queue(ctx: Ctx) -> dict[str, object]:
+    return ctx.store.queue_view(ctx.now())
+
+

@@ -1,0 +1,40 @@
+"""API configuration: ``API_*`` plus the shared ``MQTT_*`` / ``GRID_*`` / ``LOG_*`` variables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from grid_runtime.settings import GridSettings, MqttSettings
+
+
+class ApiSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="API_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    #: Bearer token of the operator endpoints (drain, undrain, capacity). Unset: they answer 503.
+    token: SecretStr | None = None
+    #: How long POST /charge, DELETE /sessions/{id} and operator actions wait for the balancer's answer.
+    request_timeout_s: float = Field(5.0, gt=0, le=120)
+    #: A substation with no telemetry (or balancer state) for this long is shown stale.
+    stale_after_s: float = Field(5.0, gt=0)
+    #: /ready needs some substation data (state or telemetry) at most this old.
+    ready_max_age_s: float = Field(10.0, gt=0)
+    #: The live page gets at most one update per this interval (a full snapshot when anything changed).
+    sse_interval_s: float = Field(0.5, ge=0.05, le=10)
+    #: Snapshots waiting per live-page client; a slow client loses the oldest (each one is complete).
+    sse_queue_size: int = Field(8, ge=1, le=1000)
+    #: Concurrent live-page clients; more get 503.
+    sse_max_clients: int = Field(100, ge=1, le=10_000)
+    #: Latest assignments kept for the live page and /status.
+    recent_assignments: int = Field(50, ge=1, le=1000)
+    #: EVs whose latest answer is remembered for GET /evs/{ev_id} (least recently updated dropped first).
+    ev_memory: int = Field(20_000, ge=100, le=1_000_000)
+    #: MQTT client library (``aiomqtt`` is the idiomatic asyncio one; the API is not on the hot path).
+    mqtt_client: Literal["aiomqtt", "paho"] = "aiomqtt"
+
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    grid: GridSettings = Field(default_factory=GridSettings)

@@ -1,0 +1,371 @@
+"""What the API knows about the grid: a pure store fed with decoded MQTT messages.
+
+No I/O and no clock: every method that needs the time takes ``now`` (Unix epoch seconds), so the
+store is tested with hand-made messages. The MQTT adapter (:mod:`api.mqtt_bridge`) decodes payloads
+and calls the ``on_*`` methods; the routes call the query methods, which return plain JSON-ready dicts
+(the response models in :mod:`api.schemas` describe them).
+
+Sources, by trust:
+
+* ``substation/{id}/state`` (retained, balancer): capacity, load, grants, headroom, draining, sessions.
+* ``substation/{id}/status`` (retained, agent / its last will): online or offline.
+* ``substation/{id}/telemetry`` (live): freshness (and load/capacity before the balancer published a state).
+* ``balancer/status`` and ``balancer/queue`` (retained).
+* ``ev/{id}/assignment`` (live): the latest answers, for the live page and ``GET /evs/{ev_id}``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from grid_protocol.messages import (
+    Assignment,
+    BalancerStatus,
+    ControlResult,
+    QueueState,
+    SessionEvent,
+    SessionView,
+    SubstationState,
+    SubstationStatus,
+    Telemetry,
+)
+
+#: Granted this close to requested counts as "charging" at full power.
+_KW_EPS = 1e-3
+SESSION_STATUSES = ("charging", "reduced", "paused")
+
+
+def _r(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+@dataclass(slots=True)
+class SubstationEntry:
+    id: str
+    state: SubstationState | None = None
+    status: SubstationStatus | None = None
+    telemetry: Telemetry | None = None
+    #: when the API received the latest telemetry (its own clock: the agent's may be off)
+    telemetry_at: float | None = None
+
+    def known(self) -> bool:
+        return self.state is not None or self.status is not None or self.telemetry is not None
+
+
+def session_status(s: SessionView) -> str:
+    if s.granted_kw <= _KW_EPS:
+        return "paused"
+    if s.granted_kw + _KW_EPS < s.requested_kw:
+        return "reduced"
+    return "charging"
+
+
+def _session_dict(substation_id: str, s: SessionView) -> dict[str, Any]:
+    return {
+        "session_id": s.session_id, "ev_id": s.ev_id, "substation_id": substation_id,
+        "request_id": s.request_id, "status": session_status(s), "granted_kw": s.granted_kw,
+        "requested_kw": s.requested_kw, "min_kw": s.min_kw, "priority": s.priority,
+        "started_at": s.started_at, "expected_end": s.expected_end,
+    }
+
+
+def _assignment_dict(a: Assignment) -> dict[str, Any]:
+    return msgspec.structs.asdict(a)
+
+
+class StateStore:
+    """The API's view of the grid, rebuilt from retained messages after a restart."""
+
+    def __init__(self, *, stale_after_s: float = 5.0, recent_assignments: int = 50, ev_memory: int = 20_000,
+                 started_at: float = 0.0) -> None:
+        self.stale_after_s = stale_after_s
+        self.started_at = started_at
+        self.substations: dict[str, SubstationEntry] = {}
+        self.balancer: BalancerStatus | None = None
+        self.queue_state: QueueState | None = None
+        self.recent: deque[Assignment] = deque(maxlen=recent_assignments)
+        self._ev_memory = ev_memory
+        self._evs: OrderedDict[str, Assignment] = OrderedDict()
+        #: the latest answer that was not a rejection: a rejection leaves what the EV has open as it was
+        self._open: OrderedDict[str, Assignment] = OrderedDict()
+        self.last_message_at: float | None = None
+        #: bumped on every change; the live page sends a snapshot when it moved
+        self.version = 0
+        #: payloads refused, by ``kind:reason``
+        self.decode_errors: Counter[str] = Counter()
+        self.messages: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ inbound
+    def _touch(self, kind: str, now: float) -> None:
+        self.version += 1
+        self.last_message_at = now
+        self.messages[kind] += 1
+
+    def _entry(self, sid: str) -> SubstationEntry:
+        entry = self.substations.get(sid)
+        if entry is None:
+            entry = self.substations[sid] = SubstationEntry(sid)
+        return entry
+
+    def _forget_if_empty(self, sid: str) -> None:
+        entry = self.substations.get(sid)
+        if entry is not None and not entry.known():
+            del self.substations[sid]
+
+    def on_substation_state(self, sid: str, msg: SubstationState | None, now: float) -> None:
+        """``None``: the retained state was cleared (an empty retained message)."""
+        if msg is None:
+            if sid in self.substations:
+                self.substations[sid].state = None
+                self._forget_if_empty(sid)
+        else:
+            entry = self._entry(sid)
+            if entry.state is not None and msg.ts < entry.state.ts:
+                return  # older than what we have (a control result's snapshot can overtake)
+            entry.state = msg
+        self._touch("substation_state", now)
+
+    def on_substation_status(self, sid: str, msg: SubstationStatus | None, now: float) -> None:
+        if msg is None:
+            if sid in self.substations:
+                self.substations[sid].status = None
+                self._forget_if_empty(sid)
+        else:
+            self._entry(sid).status = msg
+        self._touch("substation_status", now)
+
+    def on_telemetry(self, sid: str, msg: Telemetry, now: float) -> None:
+        entry = self._entry(sid)
+        entry.telemetry = msg
+        entry.telemetry_at = now
+        self._touch("telemetry", now)
+
+    def on_session_event(self, sid: str, msg: SessionEvent, now: float) -> None:
+        # Sessions are read from the balancer's state; events only make the page refresh sooner.
+        self._touch("session_event", now)
+
+    def on_balancer_status(self, msg: BalancerStatus | None, now: float) -> None:
+        self.balancer = msg
+        self._touch("balancer_status", now)
+
+    def on_queue(self, msg: QueueState | None, now: float) -> None:
+        if msg is not None and self.queue_state is not None and msg.ts < self.queue_state.ts:
+            return
+        self.queue_state = msg
+        self._touch("queue", now)
+
+    def on_assignment(self, msg: Assignment, now: float) -> None:
+        self.recent.append(msg)
+        for memory in (self._evs, self._open) if msg.status != "rejected" else (self._evs,):
+            memory[msg.ev_id] = msg
+            memory.move_to_end(msg.ev_id)
+            while len(memory) > self._ev_memory:
+                memory.popitem(last=False)
+        self._touch("assignment", now)
+
+    def on_control_result(self, msg: ControlResult, now: float) -> None:
+        if msg.state is not None:
+            self.on_substation_state(msg.substation_id, msg.state, now)
+
+    def decode_error(self, kind: str, reason: str) -> None:
+        self.decode_errors[f"{kind}:{reason}"] += 1
+
+    # ------------------------------------------------------------------ derived values
+    def telemetry_age(self, entry: SubstationEntry, now: float) -> float | None:
+        """Seconds since the substation's latest measurement: our own receipt of telemetry if we had one,
+        else the balancer's figure carried forward from when it published its state."""
+        ages: list[float] = []
+        if entry.telemetry_at is not None:
+            ages.append(max(0.0, now - entry.telemetry_at))
+        state = entry.state
+        if state is not None and state.telemetry_age_s is not None:
+            ages.append(state.telemetry_age_s + max(0.0, now - state.ts))
+        return min(ages) if ages else None
+
+    def substation_view(self, sid: str, now: float) -> dict[str, Any] | None:
+        entry = self.substations.get(sid)
+        if entry is None or not entry.known():
+            return None
+        state, status, tele = entry.state, entry.status, entry.telemetry
+        age = self.telemetry_age(entry, now)
+        offline_by_status = status is not None and status.state == "offline"
+        # The balancer's "offline" counts unless the agent announced itself online since.
+        offline_by_state = (state is not None and not state.online
+                            and (status is None or (status.ts or 0) <= state.ts))
+        online = not (offline_by_status or offline_by_state)
+        stale = age is None or age > self.stale_after_s
+        if (state is not None and state.stale and not stale
+                and (entry.telemetry_at is None or entry.telemetry_at <= state.ts)):
+            stale = True  # the balancer says so and we have heard nothing newer
+        view: dict[str, Any] = {
+            "substation_id": sid, "online": online, "stale": stale,
+            "draining": bool(state.draining) if state is not None else False,
+            "source": "balancer" if state is not None else "telemetry" if tele is not None else "status",
+            "telemetry_age_s": _r(age, 2), "state_ts": state.ts if state is not None else None,
+        }
+        if state is not None:
+            view.update(
+                capacity_kw=state.capacity_kw, reported_capacity_kw=state.reported_capacity_kw,
+                capacity_limit_kw=state.capacity_limit_kw, limit_kw=state.limit_kw, load_kw=state.load_kw,
+                base_load_kw=state.base_load_kw, granted_kw=state.granted_kw, reserved_kw=state.reserved_kw,
+                headroom_kw=state.headroom_kw, utilisation=state.utilisation, sessions_total=state.sessions_total,
+            )
+        else:
+            capacity = tele.capacity_kw if tele is not None else (status.capacity_kw if status is not None else None)
+            load = tele.load_kw if tele is not None else None
+            view.update(
+                capacity_kw=capacity, reported_capacity_kw=capacity, capacity_limit_kw=None, limit_kw=None,
+                load_kw=load, base_load_kw=tele.base_load_kw if tele is not None else None, granted_kw=None,
+                reserved_kw=None, headroom_kw=None,
+                utilisation=_r(load / capacity, 4) if load is not None and capacity else None,
+                sessions_total=tele.active_sessions if tele is not None else 0,
+            )
+        capacity_kw, load_kw = view["capacity_kw"], view["load_kw"]
+        overloaded = bool(capacity_kw and load_kw is not None and load_kw > capacity_kw + _KW_EPS)
+        view["overloaded"] = overloaded
+        view["condition"] = ("offline" if not online else "stale" if stale else "overloaded" if overloaded
+                             else "draining" if view["draining"] else "ok")
+        return view
+
+    def substation_views(self, now: float) -> list[dict[str, Any]]:
+        out = []
+        for sid in sorted(self.substations):
+            view = self.substation_view(sid, now)
+            if view is not None:
+                out.append(view)
+        return out
+
+    def balancer_view(self, now: float) -> dict[str, Any]:
+        b = self.balancer
+        if b is None:
+            return {"state": "unknown", "ts": None, "version": None, "age_s": None}
+        return {"state": b.state, "ts": b.ts, "version": b.version,
+                "age_s": _r(max(0.0, now - b.ts), 2) if b.ts is not None else None}
+
+    def sessions(self, *, substation_id: str | None = None, status: str | None = None,
+                 ev_id: str | None = None) -> list[dict[str, Any]]:
+        """Running sessions as the balancer last published them, by substation then start time."""
+        out: list[dict[str, Any]] = []
+        for sid in sorted(self.substations):
+            if substation_id is not None and sid != substation_id:
+                continue
+            state = self.substations[sid].state
+            if state is None:
+                continue
+            for s in sorted(state.sessions, key=lambda s: (s.started_at, s.session_id)):
+                if ev_id is not None and s.ev_id != ev_id:
+                    continue
+                if status is not None and session_status(s) != status:
+                    continue
+                out.append(_session_dict(sid, s))
+        return out
+
+    def sessions_truncated(self) -> bool:
+        return any(e.state is not None and e.state.sessions_truncated for e in self.substations.values())
+
+    def find_session(self, session_id: str) -> dict[str, Any] | None:
+        for sid in sorted(self.substations):
+            state = self.substations[sid].state
+            if state is None:
+                continue
+            for s in state.sessions:
+                if s.session_id == session_id:
+                    return _session_dict(sid, s)
+        return None
+
+    def queue_view(self, now: float, limit: int | None = None) -> dict[str, Any]:
+        q = self.queue_state
+        if q is None:
+            return {"known": False, "ts": None, "length": 0, "truncated": False, "entries": []}
+        entries = q.entries if limit is None else q.entries[:limit]
+        return {"known": True, "ts": q.ts, "length": q.length,
+                "truncated": q.truncated or len(entries) < q.length,
+                "entries": [msgspec.structs.asdict(e) for e in entries]}
+
+    def ev_view(self, ev_id: str, now: float) -> dict[str, Any] | None:
+        """An EV's current session, queue place and latest answer; ``None`` when nothing is known of it."""
+        sessions = self.sessions(ev_id=ev_id)
+        session = sessions[0] if sessions else None
+        entry = None
+        if self.queue_state is not None:
+            entry = next((msgspec.structs.asdict(e) for e in self.queue_state.entries if e.ev_id == ev_id), None)
+        last = self._evs.get(ev_id)
+        if session is None and entry is None and last is None:
+            return None
+        current = self._open.get(ev_id)
+        # The retained states are published at most once a second; a newer answer wins over them.
+        sub_state = self.substations[session["substation_id"]].state if session is not None else None
+        state_ts = sub_state.ts if sub_state is not None else None
+        queue_ts = self.queue_state.ts if self.queue_state is not None else None
+        if (current is not None and session is not None and current.status in ("completed", "cancelled", "revoked")
+                and current.session_id == session["session_id"] and state_ts is not None and current.ts >= state_ts):
+            session = None
+        if (current is not None and entry is not None and current.status in ("assigned", "cancelled")
+                and current.request_id == entry["request_id"] and queue_ts is not None and current.ts >= queue_ts):
+            entry = None
+        if session is not None:
+            state = "charging"
+        elif entry is not None:
+            state = "queued"
+        elif current is not None and current.status in ("assigned", "updated", "queued"):
+            state = "charging" if current.status != "queued" else "queued"  # not in the retained state yet
+        else:
+            state = "idle"
+        return {"ev_id": ev_id, "state": state, "session": session, "queue_entry": entry,
+                "last_answer": _assignment_dict(last) if last is not None else None}
+
+    def recent_assignments(self, limit: int) -> list[dict[str, Any]]:
+        items = list(self.recent)[-limit:]
+        items.reverse()  # newest first
+        return [_assignment_dict(a) for a in items]
+
+    def totals(self, views: list[dict[str, Any]]) -> dict[str, Any]:
+        def total(key: str, rows: list[dict[str, Any]]) -> float:
+            return round(sum(v[key] or 0.0 for v in rows), 3)
+
+        usable = [v for v in views if v["online"] and not v["stale"]]
+        capacity = total("capacity_kw", views)
+        load = total("load_kw", views)
+        return {
+            "substations": len(views), "online": sum(1 for v in views if v["online"]),
+            "offline": sum(1 for v in views if not v["online"]),
+            "stale": sum(1 for v in views if v["online"] and v["stale"]),
+            "draining": sum(1 for v in views if v["draining"]),
+            "overloaded": sum(1 for v in views if v["overloaded"]),
+            "capacity_kw": capacity, "usable_capacity_kw": total("capacity_kw", usable), "load_kw": load,
+            "granted_kw": total("granted_kw", views), "headroom_kw": total("headroom_kw", usable),
+            "utilisation": round(load / capacity, 4) if capacity > 0 else None,
+            "sessions": sum(int(v["sessions_total"] or 0) for v in views),
+            "queue_length": self.queue_state.length if self.queue_state is not None else 0,
+        }
+
+    def overview(self, now: float, *, connected: bool, queue_limit: int = 10,
+                 assignments_limit: int = 10) -> dict[str, Any]:
+        views = self.substation_views(now)
+        return {
+            "ts": now, "mqtt_connected": connected, "balancer": self.balancer_view(now),
+            "totals": self.totals(views), "substations": views,
+            "queue": self.queue_view(now, queue_limit),
+            "latest_assignments": self.recent_assignments(assignments_limit),
+        }
+
+    def readiness(self, now: float, *, connected: bool, max_age_s: float) -> dict[str, Any]:
+        """Ready: connected to the broker and holding fresh substation data (a state or telemetry)."""
+        freshest: float | None = None
+        for entry in self.substations.values():
+            age = self.telemetry_age(entry, now)
+            if age is not None and (freshest is None or age < freshest):
+                freshest = age
+        fresh = freshest is not None and freshest <= max_age_s
+        checks = {
+            "mqtt_connected": connected,
+            "substation_data": fresh,
+            "substations_known": sum(1 for e in self.substations.values() if e.known()),
+            "freshest_data_age_s": _r(freshest, 2),
+            "balancer": self.balancer_view(now)["state"],
+        }
+        return {"ready": connected and fresh, "checks": checks}

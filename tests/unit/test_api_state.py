@@ -1,0 +1,217 @@
+"""The API's state store, fed with hand-made contract messages (no broker, no clock)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from api.state import StateStore
+from grid_protocol.messages import (
+    Assignment,
+    BalancerStatus,
+    ControlResult,
+    QueueEntry,
+    QueueState,
+    SessionView,
+    SubstationState,
+    SubstationStatus,
+    Telemetry,
+)
+
+T0 = 1_767_225_600.0
+
+
+def session(sid: str, ev: str, granted: float, requested: float = 22.0, started: float = T0) -> SessionView:
+    return SessionView(session_id=sid, ev_id=ev, request_id=f"r-{ev}", granted_kw=granted, requested_kw=requested,
+                       min_kw=1.4, priority=0, started_at=started, expected_end=started + 3600)
+
+
+def state(sid: str, ts: float = T0, **kw: Any) -> SubstationState:
+    sessions = kw.pop("sessions", [])
+    fields: dict[str, Any] = dict(
+        substation_id=sid, ts=ts, online=True, stale=False, draining=False, capacity_kw=400.0,
+        reported_capacity_kw=400.0, capacity_limit_kw=None, limit_kw=380.0, load_kw=200.0, base_load_kw=156.0,
+        granted_kw=sum(s.granted_kw for s in sessions), reserved_kw=0.0, headroom_kw=180.0, utilisation=0.5,
+        telemetry_age_s=0.2, sessions_total=len(sessions), sessions=sessions)
+    fields.update(kw)
+    return SubstationState(**fields)
+
+
+def tele(sid: str, ts: float = T0, load: float = 100.0, capacity: float = 300.0) -> Telemetry:
+    return Telemetry(substation_id=sid, ts=ts, seq=1, capacity_kw=capacity, load_kw=load, base_load_kw=load,
+                     ev_load_kw=0.0, active_sessions=0)
+
+
+def answer(ev: str, status: str = "assigned", ts: float = T0, **kw: Any) -> Assignment:
+    return Assignment(request_id=kw.pop("request_id", f"r-{ev}"), ev_id=ev, status=status, ts=ts, **kw)  # type: ignore[arg-type]
+
+
+def test_substation_view_from_the_balancers_state_with_derived_condition() -> None:
+    store = StateStore(stale_after_s=5.0)
+    store.on_substation_state("north", state("north", sessions=[session("s1", "EV_1", 22.0)]), T0)
+    view = store.substation_view("north", T0 + 1)
+    assert view is not None
+    assert (view["capacity_kw"], view["load_kw"], view["headroom_kw"], view["sessions_total"]) == (400, 200, 180, 1)
+    assert view["online"] and not view["stale"] and not view["overloaded"]
+    assert view["condition"] == "ok" and view["source"] == "balancer"
+    assert view["telemetry_age_s"] == 1.2  # the balancer's 0.2 s carried forward by 1 s
+    # Nothing heard for longer than stale_after_s: stale.
+    assert store.substation_view("north", T0 + 10)["condition"] == "stale"  # type: ignore[index]
+    # Fresh telemetry keeps it fresh even when the balancer has not republished its state.
+    store.on_telemetry("north", tele("north"), T0 + 9)
+    assert store.substation_view("north", T0 + 10)["condition"] == "ok"  # type: ignore[index]
+
+
+def test_condition_order_offline_stale_overloaded_draining() -> None:
+    store = StateStore(stale_after_s=5.0)
+    store.on_substation_state("a", state("a", draining=True), T0)
+    assert store.substation_view("a", T0)["condition"] == "draining"  # type: ignore[index]
+    store.on_substation_state("a", state("a", ts=T0 + 1, draining=True, load_kw=420.0), T0 + 1)
+    view = store.substation_view("a", T0 + 1)
+    assert view is not None and view["overloaded"] and view["condition"] == "overloaded"
+    store.on_substation_state("a", state("a", ts=T0 + 2, stale=True), T0 + 2)
+    assert store.substation_view("a", T0 + 2)["condition"] == "stale"  # type: ignore[index]
+    store.on_substation_status("a", SubstationStatus(state="offline", substation_id="a"), T0 + 3)
+    assert store.substation_view("a", T0 + 3)["condition"] == "offline"  # type: ignore[index]
+    # The agent is back: online again (the balancer's state said online all along).
+    store.on_substation_status("a", SubstationStatus(state="online", substation_id="a", ts=T0 + 4), T0 + 4)
+    store.on_telemetry("a", tele("a"), T0 + 4)
+    assert store.substation_view("a", T0 + 4)["online"]  # type: ignore[index]
+
+
+def test_balancer_says_offline_unless_the_agent_announced_itself_since() -> None:
+    store = StateStore()
+    store.on_substation_status("a", SubstationStatus(state="online", ts=T0), T0)
+    store.on_substation_state("a", state("a", ts=T0 + 1, online=False), T0 + 1)
+    assert not store.substation_view("a", T0 + 1)["online"]  # type: ignore[index]
+    store.on_substation_status("a", SubstationStatus(state="online", ts=T0 + 2), T0 + 2)
+    assert store.substation_view("a", T0 + 2)["online"]  # type: ignore[index]
+
+
+def test_telemetry_only_substation_and_cleared_retained_messages() -> None:
+    store = StateStore()
+    store.on_telemetry("south", tele("south", load=150.0, capacity=300.0), T0)
+    view = store.substation_view("south", T0)
+    assert view is not None and view["source"] == "telemetry"
+    assert (view["capacity_kw"], view["load_kw"], view["utilisation"], view["headroom_kw"]) == (300, 150, 0.5, None)
+    store.on_substation_state("x", state("x"), T0)
+    assert store.substation_view("x", T0) is not None
+    store.on_substation_state("x", None, T0)  # empty retained message: cleared
+    assert store.substation_view("x", T0) is None
+    assert [v["substation_id"] for v in store.substation_views(T0)] == ["south"]
+
+
+def test_an_older_state_never_replaces_a_newer_one() -> None:
+    store = StateStore()
+    store.on_substation_state("a", state("a", ts=T0 + 5, load_kw=300.0), T0 + 5)
+    store.on_substation_state("a", state("a", ts=T0 + 1, load_kw=100.0), T0 + 6)
+    assert store.substation_view("a", T0 + 6)["load_kw"] == 300.0  # type: ignore[index]
+    # A control result carries the state after the action.
+    result = ControlResult(ok=True, action="drain", substation_id="a", ts=T0 + 7,
+                           state=state("a", ts=T0 + 7, draining=True))
+    store.on_control_result(result, T0 + 7)
+    assert store.substation_view("a", T0 + 7)["draining"]  # type: ignore[index]
+
+
+def test_sessions_status_filters_and_lookup() -> None:
+    store = StateStore()
+    store.on_substation_state("A", state("A", sessions=[session("s2", "EV_2", 11.0, started=T0 + 1),
+                                                        session("s1", "EV_1", 22.0)]), T0)
+    store.on_substation_state("B", state("B", sessions=[session("s3", "EV_3", 0.0)], sessions_truncated=True), T0)
+    rows = store.sessions()
+    assert [r["session_id"] for r in rows] == ["s1", "s2", "s3"]
+    assert [r["status"] for r in rows] == ["charging", "reduced", "paused"]
+    assert [r["session_id"] for r in store.sessions(substation_id="A", status="reduced")] == ["s2"]
+    assert [r["session_id"] for r in store.sessions(ev_id="EV_3")] == ["s3"]
+    assert store.sessions(substation_id="C") == []
+    assert store.sessions_truncated()
+    found = store.find_session("s3")
+    assert found is not None and found["substation_id"] == "B" and found["ev_id"] == "EV_3"
+    assert store.find_session("nope") is None
+
+
+def test_ev_view_session_queue_and_latest_answer() -> None:
+    store = StateStore(ev_memory=100)
+    store.on_substation_state("A", state("A", sessions=[session("s1", "EV_1", 22.0)]), T0)
+    store.on_queue(QueueState(ts=T0, length=1, entries=[QueueEntry(
+        ev_id="EV_2", request_id="r-2", position=1, requested_kw=11, min_kw=1.4, priority=0,
+        waiting_since=T0)]), T0)
+    store.on_assignment(answer("EV_1", session_id="s1", substation_id="A", granted_kw=22.0), T0)
+    store.on_assignment(answer("EV_3", "completed", reason="released"), T0)
+    one = store.ev_view("EV_1", T0)
+    assert one is not None and one["state"] == "charging" and one["session"]["session_id"] == "s1"
+    assert one["last_answer"]["status"] == "assigned"
+    two = store.ev_view("EV_2", T0)
+    assert two is not None and two["state"] == "queued" and two["queue_entry"]["position"] == 1
+    three = store.ev_view("EV_3", T0)
+    assert three is not None and three["state"] == "idle" and three["session"] is None
+    assert store.ev_view("EV_9", T0) is None
+
+
+def test_remembered_evs_and_recent_answers_are_bounded() -> None:
+    store = StateStore(ev_memory=100, recent_assignments=5)
+    for i in range(250):
+        store.on_assignment(answer(f"EV_{i}", ts=T0 + i), T0 + i)
+    assert store.ev_view("EV_0", T0) is None
+    assert store.ev_view("EV_249", T0) is not None
+    recent = store.recent_assignments(10)
+    assert [a["ev_id"] for a in recent] == [f"EV_{i}" for i in (249, 248, 247, 246, 245)]
+
+
+def test_queue_view_totals_and_overview() -> None:
+    store = StateStore()
+    assert store.queue_view(T0) == {"known": False, "ts": None, "length": 0, "truncated": False, "entries": []}
+    entries = [QueueEntry(ev_id=f"EV_{i}", request_id=None, position=i, requested_kw=11, min_kw=1.4, priority=0,
+                          waiting_since=T0) for i in range(1, 4)]
+    store.on_queue(QueueState(ts=T0, length=250, entries=entries, truncated=True), T0)
+    q = store.queue_view(T0, limit=2)
+    assert q["known"] and q["length"] == 250 and q["truncated"] and len(q["entries"]) == 2
+    store.on_substation_state("A", state("A", load_kw=100.0, capacity_kw=200.0, headroom_kw=90.0), T0)
+    store.on_substation_state("B", state("B", load_kw=300.0, capacity_kw=200.0, headroom_kw=0.0), T0)
+    store.on_substation_status("C", SubstationStatus(state="offline", substation_id="C"), T0)
+    store.on_balancer_status(BalancerStatus(state="online", ts=T0 - 3, version="0.1.0"), T0)
+    ov = store.overview(T0, connected=True)
+    t = ov["totals"]
+    assert (t["substations"], t["online"], t["offline"], t["overloaded"]) == (3, 2, 1, 1)
+    assert (t["capacity_kw"], t["load_kw"], t["utilisation"], t["queue_length"]) == (400.0, 400.0, 1.0, 250)
+    assert ov["balancer"] == {"state": "online", "ts": T0 - 3, "version": "0.1.0", "age_s": 3.0}
+    assert [s["substation_id"] for s in ov["substations"]] == ["A", "B", "C"]
+    store.on_balancer_status(None, T0)
+    assert store.overview(T0, connected=False)["balancer"]["state"] == "unknown"
+
+
+def test_readiness_needs_the_broker_and_fresh_substation_data() -> None:
+    store = StateStore()
+    r = store.readiness(T0, connected=True, max_age_s=10)
+    assert not r["ready"] and not r["checks"]["substation_data"]
+    store.on_telemetry("A", tele("A"), T0)
+    assert store.readiness(T0 + 1, connected=True, max_age_s=10)["ready"]
+    assert not store.readiness(T0 + 1, connected=False, max_age_s=10)["ready"]
+    assert not store.readiness(T0 + 11, connected=True, max_age_s=10)["ready"]
+
+
+def test_every_change_moves_the_version() -> None:
+    store = StateStore()
+    v = store.version
+    store.on_telemetry("A", tele("A"), T0)
+    store.on_assignment(answer("EV_1"), T0)
+    store.on_queue(QueueState(ts=T0, length=0, entries=[]), T0)
+    assert store.version == v + 3
+    store.decode_error("substation_state", "invalid_field")
+    assert store.decode_errors == {"substation_state:invalid_field": 1}
+
+
+def test_a_newer_answer_wins_over_the_retained_state_published_before_it() -> None:
+    store = StateStore()
+    store.on_assignment(answer("EV_1", session_id="s1", substation_id="A", granted_kw=22.0, ts=T0), T0)
+    view = store.ev_view("EV_1", T0)
+    assert view is not None and view["state"] == "charging" and view["session"] is None  # state not published yet
+    store.on_assignment(answer("EV_1", "rejected", ts=T0 + 0.1, request_id="r-2", reason="ev_busy"), T0 + 0.1)
+    assert store.ev_view("EV_1", T0 + 0.1)["state"] == "charging"  # type: ignore[index]
+    store.on_substation_state("A", state("A", ts=T0 + 0.5, sessions=[session("s1", "EV_1", 22.0)]), T0 + 0.5)
+    assert store.ev_view("EV_1", T0 + 0.5)["session"]["session_id"] == "s1"  # type: ignore[index]
+    store.on_assignment(answer("EV_1", "rejected", ts=T0 + 0.7, request_id="r-2", reason="ev_busy"), T0 + 0.7)
+    view = store.ev_view("EV_1", T0 + 0.7)
+    assert view is not None and view["state"] == "charging" and view["last_answer"]["reason"] == "ev_busy"
+    store.on_assignment(answer("EV_1", "completed", ts=T0 + 1, session_id="s1", reason="released"), T0 + 1)
+    view = store.ev_view("EV_1", T0 + 1)
+    assert view is not None and view["state"] == "idle" and view["session"] is None

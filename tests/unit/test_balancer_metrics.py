@@ -1,0 +1,118 @@
+"""The balancer's Prometheus collector and its retained-state publishing, over the real service with an in-memory
+transport and a hand-held clock (no broker): the values are the core's, in watts and seconds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from balancer import metrics
+from balancer.service import BalancerService
+from balancer.settings import BalancerSettings
+from tests.unit.test_substation_agent_unit import FakeTransport
+
+T0 = 1_767_225_600.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def setup() -> tuple[BalancerService, FakeTransport, Clock, CollectorRegistry]:
+    transport = FakeTransport()
+    clock = Clock()
+    service = BalancerService(BalancerSettings(safety_margin_pct=10, stale_after_s=5), transport,  # type: ignore[arg-type]
+                              clock=clock)
+    registry = CollectorRegistry()
+    metrics.register(service, registry)
+    return service, transport, clock, registry
+
+
+def telemetry(transport: FakeTransport, sid: str, seq: int, capacity: float, load: float) -> None:
+    transport.deliver(f"grid/v1/substation/{sid}/telemetry", json.dumps({
+        "substation_id": sid, "ts": T0, "seq": seq, "capacity_kw": capacity, "load_kw": load,
+        "base_load_kw": load, "ev_load_kw": 0, "active_sessions": 0}).encode())
+
+
+def request(transport: FakeTransport, ev: str, kw: float, min_kw: float | None = None) -> None:
+    body = {"request_id": f"r-{ev}", "requested_kw": kw, "duration_minutes": 60}
+    if min_kw is not None:
+        body["min_kw"] = min_kw
+    transport.deliver(f"grid/v1/ev/{ev}/request", json.dumps(body).encode())
+
+
+def test_per_substation_gauges_are_the_cores_numbers_in_watts(setup) -> None:  # type: ignore[no-untyped-def]
+    _service, transport, clock, registry = setup
+    telemetry(transport, "A", 0, 100, 20)
+    request(transport, "EV_1", 11)
+    clock.now += 2
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("gridlb_substation_capacity_watts", substation="A") == 100_000
+    assert value("gridlb_substation_limit_watts", substation="A") == 90_000
+    assert value("gridlb_substation_load_watts", substation="A") == 20_000
+    assert value("gridlb_substation_granted_watts", substation="A") == 11_000
+    assert value("gridlb_substation_reserved_watts", substation="A") == 11_000  # not in telemetry yet
+    assert value("gridlb_substation_headroom_watts", substation="A") == 90_000 - 20_000 - 11_000
+    assert value("gridlb_substation_utilisation_ratio", substation="A") == pytest.approx(0.31)
+    assert value("gridlb_substation_telemetry_age_seconds", substation="A") == 2.0
+    assert value("gridlb_substation_active_sessions", substation="A") == 1
+    assert value("gridlb_substation_online", substation="A") == 1
+    assert value("gridlb_substation_stale", substation="A") == 0
+    assert value("gridlb_decisions_total", outcome="assigned", reason="") == 1
+    assert value("gridlb_sessions") == 1 and value("gridlb_queue_length") == 0
+    assert value("gridlb_decision_latency_seconds_count") == 1
+    clock.now += 4  # 6 s without telemetry: stale, no headroom
+    assert value("gridlb_substation_stale", substation="A") == 1
+    assert value("gridlb_substation_headroom_watts", substation="A") == 0
+
+
+def test_overload_seconds_stale_transitions_queue_waits_and_bad_payloads(setup) -> None:  # type: ignore[no-untyped-def]
+    service, transport, clock, registry = setup
+    telemetry(transport, "A", 0, 100, 120)  # overloaded ...
+    clock.now += 3
+    telemetry(transport, "A", 1, 100, 50)  # ... for 3 s
+    request(transport, "EV_1", 40, min_kw=40)
+    request(transport, "EV_2", 40, min_kw=40)  # 50 + 40 + 40 > 90: queued
+    clock.now += 7
+    service.core.tick(clock.now)  # stale now
+    telemetry(transport, "A", 2, 100, 10)  # room again: EV_2 placed after 7 s in line
+    transport.deliver("grid/v1/ev/EV_3/request", b'{"requested_kw": "lots"}')
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("gridlb_substation_overload_seconds_total", substation="A") == 3.0
+    assert value("gridlb_stale_telemetry_total", substation="A") == 1
+    assert value("gridlb_queue_wait_seconds_count") == 1
+    assert value("gridlb_queue_wait_seconds_sum") == 7.0
+    assert value("gridlb_queue_wait_seconds_count") == 1  # drained once, not observed twice
+    assert value("gridlb_rejected_payloads_total", kind="ev_request", reason="invalid_field") == 1
+    assert value("gridlb_balancer_events_total", event="stale_telemetry", detail="") == 1
+    assert value("gridlb_mqtt_connected", client="balancer") == 0
+
+
+def test_retained_state_is_published_on_change_only(setup) -> None:  # type: ignore[no-untyped-def]
+    service, transport, clock, _ = setup
+    telemetry(transport, "A", 0, 100, 20)
+    service.publish_states(clock.now)
+    states = [p for p in transport.sent if p.topic == "grid/v1/substation/A/state"]
+    assert len(states) == 1 and states[0].retain and states[0].qos == 1
+    clock.now += 1
+    service.publish_states(clock.now)  # only the clock moved: nothing new
+    assert len([p for p in transport.sent if p.topic == "grid/v1/substation/A/state"]) == 1
+    request(transport, "EV_1", 11)
+    service.publish_states(clock.now)
+    states = [json.loads(p.payload) for p in transport.sent if p.topic == "grid/v1/substation/A/state"]
+    assert len(states) == 2 and states[-1]["sessions"][0]["ev_id"] == "EV_1"
+    queue = [p for p in transport.sent if p.topic == "grid/v1/balancer/queue"]
+    assert len(queue) == 1 and queue[0].retain
