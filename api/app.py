@@ -67,6 +67,8 @@ def create_app(settings: ApiSettings | None = None, *, transport: Transport | No
     app.state.ctx = ctx
     problems.install(app)
     app.add_middleware(MetricsMiddleware, metrics=lambda: ctx.metrics)
+    if "*" not in settings.allowed_hosts:
+        app.add_middleware(problems.HostCheckMiddleware, allowed=settings.allowed_hosts)
     for module in (status, charge, operator, live, metrics):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=live.STATIC_DIR), name="static")

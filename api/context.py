@@ -29,6 +29,6 @@ class AppContext:
         return self.clock()
 
 
-def get_ctx(request: Request) -> AppContext:
+async def get_ctx(request: Request) -> AppContext:  # async: no threadpool hop per request
     ctx: AppContext = request.app.state.ctx
     return ctx

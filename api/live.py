@@ -16,6 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from api.state import StateStore
+from grid_runtime.logs import get_logger
+
+log = get_logger("api.live")
 
 #: A snapshot is sent at least this often even when nothing changed (ages, staleness).
 REFRESH_S = 2.0
@@ -35,6 +38,7 @@ class LiveHub:
         self.interval_s = interval_s
         self.queue_size = queue_size
         self.max_clients = max_clients
+        self.broadcast_errors = 0
         self.clock = clock
         self.clients: set[asyncio.Queue[str | None]] = set()
         self.sent = 0
@@ -92,8 +96,15 @@ class LiveHub:
             if (self.store.version != last_version or connected != last_connected
                     or now - last_sent >= REFRESH_S):
                 last_version, last_connected, last_sent = self.store.version, connected, now
-                self.broadcast()
+                try:
+                    self.broadcast()
+                except Exception:  # a page frozen on "live" would be worse than a logged error and a retry
+                    self.broadcast_errors += 1
+                    log.exception("live_broadcast_failed")
             await asyncio.sleep(self.interval_s)  # at most one snapshot per interval
+
+    def full(self) -> bool:
+        return len(self.clients) >= self.max_clients
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="api-live-hub")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -62,6 +63,14 @@ _CLEARABLE = {TopicKind.SUBSTATION_STATE, TopicKind.SUBSTATION_STATUS, TopicKind
 
 class NotConnected(Exception):
     """The API is not connected to the broker: nothing can be sent to the balancer."""
+
+    problem_type = "broker-unavailable"
+
+
+class BalancerOffline(NotConnected):
+    """The balancer's retained status says offline (a graceful stop or its last will): nobody would answer."""
+
+    problem_type = "balancer-unavailable"
 
 
 @dataclass(slots=True)
@@ -197,11 +206,15 @@ class Bridge:
         """Register a waiter, publish, and wait at most ``timeout`` s. ``None`` on timeout."""
         if not self.connected:
             raise NotConnected("not connected to the MQTT broker")
+        if self.store.balancer is not None and self.store.balancer.state == "offline":
+            raise BalancerOffline("the balancer is offline (its retained status)")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(predicate, future)
         self._waiters.setdefault(key, []).append(waiter)
         try:
-            self.transport.publish(topic, payload, 1)
+            # Sent now or never, and void after the timeout: the caller gets a 504 and may retry with the same
+            # request_id; a late copy must not open a session or apply an operator action nobody waits for.
+            self.transport.publish(topic, payload, 1, expiry_s=max(1, math.ceil(timeout)))
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             return None
@@ -235,6 +248,18 @@ class Bridge:
 
         result: Assignment | None = await self._publish_and_wait(
             f"ev:{ev_id}", matches, self.topics.release(ev_id), encode(release), timeout)
+        return result
+
+    async def withdraw(self, ev_id: str, timeout: float) -> Assignment | None:
+        """Release whatever the EV has open (a queued request or a running session); the answer is its
+        ``cancelled``/``completed``, or ``rejected`` (``nothing_to_release``)."""
+
+        def matches(a: Assignment) -> bool:
+            return a.status in ("completed", "cancelled") or (
+                a.status == "rejected" and a.reason == "nothing_to_release")
+
+        result: Assignment | None = await self._publish_and_wait(
+            f"ev:{ev_id}", matches, self.topics.release(ev_id), encode(Release(ev_id=ev_id)), timeout)
         return result
 
     async def control(self, command: ControlCommand, timeout: float) -> ControlResult | None:

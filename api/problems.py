@@ -15,6 +15,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from grid_runtime.logs import get_logger
 
@@ -110,3 +111,23 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(Exception, _on_unexpected)
+
+
+class HostCheckMiddleware:
+    """Answer 400 (a problem, like every error) to requests whose ``Host`` is not an allowed name: a page on
+    another site resolved to 127.0.0.1 (DNS rebinding) must not reach the API. Pure ASGI: streams pass through."""
+
+    def __init__(self, app: ASGIApp, allowed: list[str]) -> None:
+        self.app = app
+        self.allowed = {h.lower() for h in allowed}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name.lower() not in self.allowed:
+                response = problem_response(400, f"host {host[:100]!r} is not served here (API_ALLOWED_HOSTS)",
+                                            instance=scope.get("path"), type_="invalid-host")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -269,6 +269,15 @@ class ControlOutcome(BaseModel):
     substation: Substation | None = Field(description="the substation after the action")
 
 
+class WithdrawOutcome(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "ev_id": "EV_0999", "answer": _ASSIGNMENT_EXAMPLE | {"status": "cancelled", "reason": "released",
+                                                             "substation_id": None, "granted_kw": None,
+                                                             "session_id": None}}]})
+    ev_id: str
+    answer: Assignment = Field(description="the balancer's cancelled (queued request) or completed (session) answer")
+
+
 class ReleaseOutcome(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "session_id": "9f1c0e2a-17", "ev_id": "EV_1234", "substation_id": "south",

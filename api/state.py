@@ -168,7 +168,7 @@ class StateStore:
         self._touch("assignment", now)
 
     def on_control_result(self, msg: ControlResult, now: float) -> None:
-        if msg.state is not None:
+        if msg.state is not None and msg.state.substation_id == msg.substation_id:
             self.on_substation_state(msg.substation_id, msg.state, now)
 
     def decode_error(self, kind: str, reason: str) -> None:
@@ -268,6 +268,8 @@ class StateStore:
         return any(e.state is not None and e.state.sessions_truncated for e in self.substations.values())
 
     def find_session(self, session_id: str) -> dict[str, Any] | None:
+        """A running session by id: from the retained states, else from a live answer that is newer than its
+        substation's state (placed within the last second, or beyond the states' first 150 sessions)."""
         for sid in sorted(self.substations):
             state = self.substations[sid].state
             if state is None:
@@ -275,7 +277,24 @@ class StateStore:
             for s in state.sessions:
                 if s.session_id == session_id:
                     return _session_dict(sid, s)
+        for answer in list(self._open.values()):
+            if answer.session_id == session_id and self._open_answer_current(answer):
+                return {"session_id": session_id, "ev_id": answer.ev_id, "substation_id": answer.substation_id,
+                        "request_id": answer.request_id}
         return None
+
+    def _open_answer_current(self, answer: Assignment) -> bool:
+        """An ``assigned``/``updated``/``queued`` answer not (yet) in the retained state still describes the EV
+        unless a retained state newer than it (and complete) leaves it out: then it ended while we did not look
+        (an answer missed during a reconnect, or a balancer restart that forgot the request)."""
+        if answer.status == "queued":
+            q = self.queue_state
+            return q is None or q.truncated or q.ts <= answer.ts
+        if answer.status not in ("assigned", "updated") or answer.substation_id is None:
+            return False
+        entry = self.substations.get(answer.substation_id)
+        state = entry.state if entry is not None else None
+        return state is None or state.sessions_truncated or state.ts <= answer.ts
 
     def queue_view(self, now: float, limit: int | None = None) -> dict[str, Any]:
         q = self.queue_state
@@ -311,7 +330,7 @@ class StateStore:
             state = "charging"
         elif entry is not None:
             state = "queued"
-        elif current is not None and current.status in ("assigned", "updated", "queued"):
+        elif current is not None and self._open_answer_current(current):
             state = "charging" if current.status != "queued" else "queued"  # not in the retained state yet
         else:
             state = "idle"

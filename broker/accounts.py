@@ -65,6 +65,16 @@ SERVICE_ACCOUNTS: tuple[str, ...] = ("balancer", "api", "observer", "recorder", 
 #: Services a deployment gets by default (the CLI without ``--service``): everything but ``loadtest``.
 DEFAULT_SERVICES: tuple[str, ...] = ("balancer", "api", "observer", "recorder")
 
+#: Further API replicas log in as ``api.<name>`` (the broker allows one connection per account), with the
+#: ``api`` account's rights. ``.`` is not allowed in ids, so these never collide with EV accounts.
+API_REPLICA_PREFIX = "api."
+_API_REPLICA_RE = re.compile(r"api\.[A-Za-z0-9_-]{1,32}")
+
+
+def is_api_replica(name: str) -> bool:
+    return _API_REPLICA_RE.fullmatch(name) is not None
+
+
 #: Substation agent usernames are ``substation.<id>``. ``.`` is not allowed in ids (ID_PATTERN), so a
 #: substation account can never be a valid EV id and an EV account never matches a substation block.
 SUBSTATION_PREFIX = "substation."
@@ -106,7 +116,8 @@ def validate_username(name: str, role: Role) -> str:
     * ``"ev"``: the EV id itself; must match :data:`grid_protocol.ids.ID_PATTERN` and must not be a
       service account name (an EV called ``balancer`` would log in as the balancer);
     * ``"substation"``: ``substation.<id>`` with ``<id>`` matching ID_PATTERN;
-    * ``"service"``: one of :data:`SERVICE_ACCOUNTS` (only those have ACL blocks).
+    * ``"service"``: one of :data:`SERVICE_ACCOUNTS` (only those have ACL blocks), or an API replica
+      ``api.<name>`` (it gets its own copy of the ``api`` block).
     """
     if not isinstance(name, str) or not name:
         raise ValueError("username must be a non-empty string")
@@ -129,8 +140,9 @@ def validate_username(name: str, role: Role) -> str:
             raise ValueError(f"substation username {name!r} must be '{SUBSTATION_PREFIX}<id>' ({ID_PATTERN})")
         return name
     if role == SERVICE_ROLE:
-        if name not in SERVICE_ACCOUNTS:
-            raise ValueError(f"unknown service account {name!r}; expected one of {SERVICE_ACCOUNTS}")
+        if name not in SERVICE_ACCOUNTS and not is_api_replica(name):
+            raise ValueError(f"unknown service account {name!r}; expected one of {SERVICE_ACCOUNTS} "
+                             f"or an API replica '{API_REPLICA_PREFIX}<name>'")
         return name
     raise ValueError(f"unknown role {role!r}")
 
@@ -257,6 +269,17 @@ def _acl_template() -> Template:
     return Template(resources.files("broker").joinpath("acl.in").read_text(encoding="utf-8"))
 
 
+def _api_block(prefix: str, user: str) -> str:
+    return (
+        f"user {user}\n"
+        f"topic deny {prefix}/ev/{user}/#\n"
+        f"topic read {prefix}/#\n"
+        f"topic write {prefix}/ev/+/request\n"
+        f"topic write {prefix}/ev/+/release\n"
+        f"topic write {prefix}/balancer/control\n"
+    )
+
+
 def _substation_block(prefix: str, substation_id: str) -> str:
     user = substation_username(substation_id)
     base = f"{prefix}/substation/{substation_id}"
@@ -271,22 +294,28 @@ def _substation_block(prefix: str, substation_id: str) -> str:
     )
 
 
-def render_acl(prefix: str, substation_ids: Iterable[str]) -> str:
-    """The ACL file for ``prefix``: service roles, EV patterns and one block per substation."""
+def render_acl(prefix: str, substation_ids: Iterable[str], api_replicas: Iterable[str] = ()) -> str:
+    """The ACL file for ``prefix``: service roles, EV patterns, one block per substation, and one API block
+    for ``api`` and each replica account ``api.<name>`` in ``api_replicas``."""
     prefix = validate_prefix(prefix)
     ids = list(substation_ids)
     if len(set(ids)) != len(ids):
         raise ValueError("duplicate substation ids")
+    replicas = [validate_username(name, SERVICE_ROLE) for name in api_replicas if name != "api"]
+    if any(not is_api_replica(name) for name in replicas):
+        raise ValueError(f"API replica accounts are named '{API_REPLICA_PREFIX}<name>': {replicas}")
     blocks = "\n".join(_substation_block(prefix, sid) for sid in ids)
     return _acl_template().substitute(
         prefix=prefix,
+        api_blocks="\n".join(_api_block(prefix, user) for user in ["api", *dict.fromkeys(replicas)]),
         substation_blocks=blocks if blocks else "# (no substation accounts)\n",
     )
 
 
-def write_acl(path: str | os.PathLike[str], prefix: str, substation_ids: Iterable[str]) -> Path:
+def write_acl(path: str | os.PathLike[str], prefix: str, substation_ids: Iterable[str],
+              api_replicas: Iterable[str] = ()) -> Path:
     """Write :func:`render_acl` to ``path`` (mode 0600: it lists every account)."""
-    return _write_private(Path(path), render_acl(prefix, substation_ids))
+    return _write_private(Path(path), render_acl(prefix, substation_ids, api_replicas))
 
 
 # --- CLI ------------------------------------------------------------------------------------------
@@ -353,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         accounts = build_accounts(secret or "unused", substations, ev_ids, service_passwords)
         prefix = validate_prefix(args.prefix)
         passwd = write_password_file(args.out / "passwd", accounts)
-        acl = write_acl(args.out / "acl", prefix, substations)
+        acl = write_acl(args.out / "acl", prefix, substations,
+                        [name for name in service_passwords if is_api_replica(name)])
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

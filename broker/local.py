@@ -36,6 +36,7 @@ from broker.accounts import (
     Account,
     build_accounts,
     derive_password,
+    is_api_replica,
     substation_username,
     validate_prefix,
     write_acl,
@@ -306,7 +307,8 @@ class LocalBroker:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         write_password_file(self.passwd_file, self.accounts)
-        write_acl(self.acl_file, self.prefix, self.substation_ids)
+        write_acl(self.acl_file, self.prefix, self.substation_ids,
+                  [name for name in self._service_passwords if is_api_replica(name)])
         self._files_written = True
 
     def _write_config(self) -> None:

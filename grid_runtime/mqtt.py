@@ -71,6 +71,7 @@ class TransportStats:
     outbox_dropped: int = 0
     oversized_refused: int = 0
     backlogged: int = 0  # publishes that waited for a free packet id (broker stalled)
+    expired_dropped: int = 0  # publishes with an expiry not sent: disconnected (they are never queued)
 
 
 Handler = Callable[[InMessage], None]
@@ -86,9 +87,26 @@ class Transport(Protocol):
     def subscribe(self, topic_filter: str, qos: int = 1) -> None: ...
     def on_connect(self, callback: Callable[[], None]) -> None: ...
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                correlation_data: bytes | None = None) -> None: ...
+                correlation_data: bytes | None = None, expiry_s: int | None = None) -> None:
+        """Publish, or queue until the next connection. With ``expiry_s`` the message is worth nothing later
+        (a request someone waits for with a timeout): it is sent now or never (not queued, not re-sent after
+        a reconnect by this transport) and carries the MQTT 5 Message Expiry Interval, so the broker drops it
+        too if no subscriber takes it in time (say, a balancer that is down)."""
+        ...
+
     async def run(self) -> None: ...
     async def close(self, timeout: float = 2.0) -> None: ...
+
+
+def _publish_props(corr: bytes | None, expiry_s: int | None) -> Properties | None:
+    if corr is None and expiry_s is None:
+        return None
+    props = Properties(PacketTypes.PUBLISH)
+    if corr is not None:
+        props.CorrelationData = corr
+    if expiry_s is not None:
+        props.MessageExpiryInterval = max(1, expiry_s)
+    return props
 
 
 def _password(settings: MqttSettings) -> str | None:
@@ -293,8 +311,18 @@ class PahoTransport(_Base):
             self.stats.published += 1
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                correlation_data: bytes | None = None) -> None:
+                correlation_data: bytes | None = None, expiry_s: int | None = None) -> None:
         if self._too_large(topic, payload):
+            return
+        if expiry_s is not None:
+            if not self.connected.is_set():
+                self.stats.expired_dropped += 1
+                return
+            info = self._client.publish(topic, payload, qos, retain, _publish_props(correlation_data, expiry_s))
+            if info.rc == paho.MQTT_ERR_SUCCESS:
+                self.stats.published += 1
+            else:  # (no packet id free, or the link just dropped: the waiting caller times out)
+                self.stats.expired_dropped += 1
             return
         if self.connected.is_set():
             self._publish_now(topic, payload, qos, retain, correlation_data)
@@ -396,20 +424,20 @@ class AiomqttTransport(_Base):
         self._outbox.extendleft(reversed(lost))
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                correlation_data: bytes | None = None) -> None:
+                correlation_data: bytes | None = None, expiry_s: int | None = None) -> None:
         if self._too_large(topic, payload):
             return
         client = self._client
         if client is None or not self.connected.is_set():
-            self._queue_offline((topic, payload, qos, retain, correlation_data))
+            if expiry_s is not None:
+                self.stats.expired_dropped += 1
+            else:
+                self._queue_offline((topic, payload, qos, retain, correlation_data))
             return
-        props = None
-        if correlation_data is not None:
-            props = Properties(PacketTypes.PUBLISH)
-            props.CorrelationData = correlation_data
+        props = _publish_props(correlation_data, expiry_s)
         self.stats.published += 1
         task = self._spawn(client.publish(topic, payload, qos=qos, retain=retain, properties=props))
-        if qos > 0:
+        if qos > 0 and expiry_s is None:  # (an expiring message is never re-sent after a reconnect)
             self._inflight[task] = (topic, payload, qos, retain, correlation_data)
 
     def _make_client(self) -> aiomqtt.Client:

@@ -81,8 +81,12 @@ def _write_credentials(path: Path, broker: LocalBroker, api_url: str, api_token:
         f"export API_URL={api_url}",
         f"export API_TOKEN={shlex.quote(api_token)}",
     ]
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o600)
+    # Created 0600 from the start: it holds passwords and the operator token (never world-readable, not even
+    # for a moment between writing and chmod).
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,14 +161,16 @@ def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, 
     spawn("substations", "substation_agents", metrics_env("substation_agents", dict(
         base_env, MQTT_ACCOUNT_SECRET=broker.secret, SUBSTATIONS=args.substations, SIM_SPEEDUP=str(args.speedup))))
     spawn("api", "api", dict(base_env, MQTT_USERNAME="api", MQTT_PASSWORD=broker.password_for("api"),
-                             API_HOST="127.0.0.1", API_PORT=str(api_port), API_TOKEN=api_token))
+                             API_HOST="127.0.0.1", API_PORT=str(api_port), API_TOKEN=api_token,
+                             API_ALLOWED_HOSTS='["127.0.0.1", "localhost"]'))
     if args.influx_url:
         spawn("recorder", "monitoring.recorder", metrics_env("recorder", dict(
             base_env, MQTT_USERNAME="recorder", MQTT_PASSWORD=broker.password_for("recorder"),
             INFLUX_URL=args.influx_url)))
     if not args.no_fleet:
         metrics_env("ev_clients", base_env)  # reserve its port now, for the banner
-    _wait_http(f"{api_url}/health", timeout=15.0)
+    if not _wait_http(f"{api_url}/health", timeout=15.0):
+        print(f"warning: the API did not answer on {api_url} within 15 s; see {logs / 'api.log'}", flush=True)
     _print_banner(work, broker, substations, api_url, metrics, args.influx_url)
 
     fleet: subprocess.Popen[bytes] | None = None

@@ -1,4 +1,5 @@
-"""The original HTTP interface: ask for power (``POST /charge``) and stop a session (``DELETE /sessions/{id}``).
+"""The original HTTP interface: ask for power (``POST /charge``), stop a session (``DELETE /sessions/{id}``) and
+withdraw whatever an EV has open, queued or running (``DELETE /evs/{ev_id}/request``).
 
 Both go to the balancer over MQTT, exactly as an EV would, and wait (bounded) for its answer.
 """
@@ -14,8 +15,8 @@ from fastapi.responses import JSONResponse
 from api.context import AppContext, get_ctx
 from api.mqtt_bridge import NotConnected, new_request_id
 from api.problems import Problem
-from api.routes.common import SessionIdPath, problems
-from api.schemas import Assignment, ChargeIn, ReleaseOutcome
+from api.routes.common import EvId, SessionIdPath, problems
+from api.schemas import Assignment, ChargeIn, ReleaseOutcome, WithdrawOutcome
 from broker.accounts import SERVICE_ACCOUNTS
 from grid_protocol.messages import ChargeRequest
 
@@ -28,7 +29,7 @@ _UNPROCESSABLE = {"exceeds_capacity", "invalid_field", "malformed_json", "duplic
 
 
 def _not_connected(exc: NotConnected) -> Problem:
-    return Problem(503, f"{exc}; try again shortly", type_="broker-unavailable", headers={"Retry-After": "2"})
+    return Problem(503, f"{exc}; try again shortly", type_=exc.problem_type, headers={"Retry-After": "2"})
 
 
 @router.post(
@@ -94,3 +95,26 @@ async def end_session(session_id: SessionIdPath, ctx: Ctx) -> dict[str, Any]:
                       reason=answer.reason)
     return {"session_id": session_id, "ev_id": ev_id, "substation_id": session["substation_id"],
             "answer": msgspec.structs.asdict(answer)}
+
+
+@router.delete(
+    "/evs/{ev_id}/request", response_model=WithdrawOutcome,
+    summary="Withdraw what the EV has open: its queued request, or stop its running session",
+    responses=problems(404, 503, 504),
+)
+async def withdraw(ev_id: EvId, ctx: Ctx) -> dict[str, Any]:
+    if ev_id in SERVICE_ACCOUNTS:
+        raise Problem(422, f"{ev_id!r} is a service account name, not an EV id", type_="validation")
+    try:
+        answer = await ctx.bridge.withdraw(ev_id, ctx.settings.request_timeout_s)
+    except NotConnected as exc:
+        raise _not_connected(exc) from None
+    if answer is None:
+        ctx.metrics.answers.labels("withdraw", "timeout").inc()
+        raise Problem(504, f"no answer from the balancer within {ctx.settings.request_timeout_s:g} s",
+                      type_="balancer-timeout", ev_id=ev_id)
+    ctx.metrics.answers.labels("withdraw", answer.status).inc()
+    if answer.status == "rejected":
+        raise Problem(404, f"{ev_id} has no queued request or running session", type_="not-found",
+                      reason=answer.reason)
+    return {"ev_id": ev_id, "answer": msgspec.structs.asdict(answer)}

@@ -38,13 +38,17 @@ async def index() -> FileResponse:
 )
 async def events(request: Request, ctx: Ctx) -> EventSourceResponse:
     hub = ctx.hub
-    try:
-        queue = hub.add_client()
-    except TooManyClients as exc:
-        raise Problem(503, f"too many live clients ({exc})", type_="too-many-clients",
-                      headers={"Retry-After": "10"}) from None
+    if hub.full():
+        raise Problem(503, f"too many live clients ({hub.max_clients})", type_="too-many-clients",
+                      headers={"Retry-After": "10"})
 
     async def stream() -> AsyncIterator[dict[str, Any]]:
+        # Registered here, not before the response starts: a request cancelled before its stream runs must not
+        # keep a client slot (the finally below only runs once the generator has started).
+        try:
+            queue = hub.add_client()
+        except TooManyClients:
+            return
         try:
             while True:
                 try:

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.context import AppContext, get_ctx
-from api.mqtt_bridge import NotConnected
+from api.mqtt_bridge import NotConnected, new_request_id
 from api.problems import Problem
 from api.routes.common import SubstationId, problems
 from api.schemas import CapacityIn, ControlOutcome
@@ -24,7 +24,7 @@ _bearer = HTTPBearer(auto_error=False, description="API_TOKEN from the API's con
 Ctx = Annotated[AppContext, Depends(get_ctx)]
 
 
-def require_operator(ctx: Ctx,
+async def require_operator(ctx: Ctx,
                      credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     token = ctx.settings.token
     if token is None or not token.get_secret_value():
@@ -43,16 +43,18 @@ router = APIRouter(tags=["operator"], dependencies=[Depends(require_operator)],
 
 async def _control(ctx: AppContext, action: ControlAction, substation_id: str,
                    capacity_kw: float | None = None) -> dict[str, Any]:
-    command = ControlCommand(action=action, substation_id=substation_id, capacity_kw=capacity_kw)
+    command = ControlCommand(action=action, substation_id=substation_id, capacity_kw=capacity_kw,
+                             request_id=new_request_id())
     try:
         result = await ctx.bridge.control(command, ctx.settings.request_timeout_s)
     except NotConnected as exc:
-        raise Problem(503, f"{exc}; try again shortly", type_="broker-unavailable",
-                      headers={"Retry-After": "2"}) from None
+        raise Problem(503, f"{exc}; try again shortly", type_=exc.problem_type,
+                      headers={"Retry-After": "2"}, request_id=command.request_id) from None
     if result is None:
         ctx.metrics.answers.labels(action, "timeout").inc()
         raise Problem(504, f"no answer from the balancer within {ctx.settings.request_timeout_s:g} s",
-                      type_="balancer-timeout", action=action, substation_id=substation_id)
+                      type_="balancer-timeout", action=action, substation_id=substation_id,
+                      request_id=command.request_id)
     ctx.metrics.answers.labels(action, "ok" if result.ok else (result.reason or "refused")).inc()
     if not result.ok:
         status = 404 if result.reason == "unknown_substation" else 409

@@ -21,6 +21,7 @@ import httpx
 import pytest
 from probe import Probe, Service, start_balancer, telemetry
 
+from broker.accounts import SERVICE_ACCOUNTS
 from broker.local import LocalBroker, find_free_port
 
 pytestmark = pytest.mark.integration
@@ -276,13 +277,54 @@ def test_every_endpoint_during_a_live_run_and_a_restarted_api_answers_from_retai
     assert all(s["source"] == "balancer" for s in status["substations"])
     assert api2.http.get("/sessions").json()["total"] == sessions_before
     assert api2.http.get("/queue").json()["entries"][0]["ev_id"] == "EV_0020"
+    # Withdraw the queued request; a second withdraw finds nothing.
+    r = api2.http.delete("/evs/EV_0020/request")
+    assert r.status_code == 200 and r.json()["answer"]["status"] == "cancelled", r.text
+    problem(api2.http.delete("/evs/EV_0020/request"), 404)
+    wait_for(lambda: api2.http.get("/queue").json()["length"] == 0, 5, "the queue to empty")
     assert status["balancer"]["state"] == "online"
     assert balancer.stop() == 0
     stopper.remove(balancer.stop)
     wait_for(lambda: api2.http.get("/status").json()["balancer"]["state"] == "offline", 5, "balancer offline")
+
+    # The balancer says it is offline: nothing is sent, 503 at once.
+    t0 = time.monotonic()
+    assert problem(charge(api2.http, "EV_0150", 11), 503)["type"].endswith("balancer-unavailable")
+    assert time.monotonic() - t0 < 1
+
+    # (A charge that times out is void: its MQTT message expires with the wait, so a balancer that comes back
+    # later never acts on it; tests/integration/test_mqtt_transport.py checks that expiry against the broker.)
     assert api2.stop() == 0
     stopper.remove(api2.stop)
     check_log(api2.service)
+
+
+def test_two_replicas_with_their_own_accounts_serve_the_same_grid_side_by_side(
+        make_broker: Callable[..., LocalBroker], tmp_path: Path, stopper: list[Callable[[], Any]]) -> None:
+    """Replicas log in as ``api`` and ``api.<name>`` (one connection per account): neither replaces the other,
+    both learn the grid from retained state, and a charge through either one reaches the same balancer."""
+    broker = make_broker(services=(*SERVICE_ACCOUNTS, "api.2"))
+    subs = Substations(broker, A=(400.0, 100.0)).__enter__()
+    stopper.append(lambda: subs.__exit__())
+    balancer = start_balancer(broker, tmp_path, BALANCER_STATE_INTERVAL_S="0.2")
+    stopper.append(balancer.stop)
+    first = start_api(broker, tmp_path)
+    stopper.append(first.stop)
+    second = start_api(broker, tmp_path, MQTT_USERNAME="api.2", MQTT_PASSWORD=broker.password_for("api.2"))
+    stopper.append(second.stop)
+    for api in (first, second):
+        wait_for(lambda api=api: api.http.get("/ready").status_code == 200, 10, "both replicas ready")  # type: ignore[misc]
+    r = charge(second.http, "EV_0001", 11)
+    assert r.status_code == 200 and r.json()["status"] == "assigned", r.text
+    session_id = r.json()["session_id"]
+    wait_for(lambda: any(x["session_id"] == session_id for x in first.http.get("/sessions").json()["items"]),
+             5, "the session on the other replica")
+    time.sleep(1.0)  # had one replaced the other, the broker would have dropped a connection by now
+    for api in (first, second):  # (Prometheus tells the replicas apart by their instance label)
+        text = api.http.get("/metrics").text
+        assert 'gridlb_mqtt_connected{client="api"} 1.0' in text, text[-2000:]
+        assert 'gridlb_mqtt_reconnects_total{client="api"} 0.0' in text
+        check_log(api.service)
 
 
 # ------------------------------------------------------------------------------------------------ schemathesis

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -154,3 +155,31 @@ def test_paho_waits_for_packet_ids_when_the_broker_stalls_instead_of_dropping(br
     got = [int(p) for p in _payloads(watch)]
     assert got == list(range(total))  # all of them, in order, once
     watch.close()
+
+
+@pytest.mark.parametrize("kind", ["paho", "aiomqtt"])
+def test_a_message_with_an_expiry_is_sent_now_or_never(broker: LocalBroker, kind: str) -> None:
+    """``expiry_s``: not kept while disconnected, and the broker drops it for a persistent-session subscriber that
+    is away longer than the expiry (a balancer that was down must not act on a request nobody waits for now);
+    a plain publish is kept and delivered when that subscriber comes back."""
+    away = Probe(broker, "observer", TOPIC, clean_start=False, session_expiry=300)
+    away.close()  # offline, its session (and QoS 1 subscription) kept by the broker
+    cls = PahoTransport if kind == "paho" else AiomqttTransport
+    transport = cls(_settings(broker))
+    transport.publish(TOPIC, b"never", expiry_s=5)  # not connected yet: dropped, counted
+
+    async def body() -> None:
+        transport.publish(TOPIC, b"expires", expiry_s=1)
+        transport.publish(TOPIC, b"kept")
+        await asyncio.sleep(0.3)  # (both reach the broker)
+
+    asyncio.run(_with_transport(transport, body))
+    assert transport.stats.expired_dropped == 1
+    time.sleep(1.6)  # past the expiry while the subscriber is away
+    back = Probe(broker, "observer", clean_start=False, session_expiry=300)  # resumes the session
+    try:
+        assert back.wait_until(lambda: len(back.on(TOPIC)) >= 1, 5.0)
+        time.sleep(0.3)
+        assert [m.payload for m in back.on(TOPIC)] == [b"kept"]
+    finally:
+        back.close()

@@ -43,6 +43,7 @@ class FakeTransport:
         self.handler: Handler = lambda _m: None
         self.subscriptions: dict[str, int] = {}
         self.published: list[tuple[str, bytes]] = []
+        self.expiries: list[int | None] = []
         self.responder: Responder | None = None
         self._stop: asyncio.Event | None = None
 
@@ -56,8 +57,9 @@ class FakeTransport:
         pass
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                correlation_data: bytes | None = None) -> None:
+                correlation_data: bytes | None = None, expiry_s: int | None = None) -> None:
         self.published.append((topic, payload))
+        self.expiries.append(expiry_s)
         self.stats.published += 1
         if self.responder is not None:
             loop = asyncio.get_running_loop()
@@ -247,6 +249,8 @@ def test_charge_times_out_with_504_and_the_request_id_to_retry(fake: FakeTranspo
         assert p["request_id"].startswith("api-") and p["type"] == "urn:gridlb:problem:balancer-timeout"
         metrics = client.get("/metrics").text
         assert 'gridlb_api_balancer_answers_total{operation="charge",outcome="timeout"} 1.0' in metrics
+        # The request expires with the wait: a late copy (balancer back, link re-established) is void.
+        assert fake.expiries == [1]
 
 
 def test_not_connected_is_503(fake: FakeTransport) -> None:
@@ -387,3 +391,15 @@ def test_live_hub_sends_snapshots_drops_the_oldest_for_slow_clients_and_forgets_
         await hub.stop()
 
     asyncio.run(scenario())
+
+
+def test_only_allowed_host_names_are_served_when_configured(fake: FakeTransport) -> None:
+    """DNS rebinding: a page elsewhere resolved to 127.0.0.1 sends its own Host; it gets a problem, not the API."""
+    with make_client(fake, allowed_hosts=["127.0.0.1", "localhost"]) as client:
+        assert client.get("/health", headers={"Host": "127.0.0.1:8000"}).status_code == 200
+        assert client.get("/health", headers={"Host": "localhost"}).status_code == 200
+        p = assert_problem(client.post("/charge", headers={"Host": "evil.example:8000"},
+                                       json={"ev_id": "EV_1", "requested_kw": 7, "energy_kwh": 10}), 400)
+        assert p["type"].endswith("invalid-host")
+        assert fake.published == []
+

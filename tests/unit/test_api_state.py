@@ -215,3 +215,31 @@ def test_a_newer_answer_wins_over_the_retained_state_published_before_it() -> No
     store.on_assignment(answer("EV_1", "completed", ts=T0 + 1, session_id="s1", reason="released"), T0 + 1)
     view = store.ev_view("EV_1", T0 + 1)
     assert view is not None and view["state"] == "idle" and view["session"] is None
+
+
+def test_an_open_answer_a_newer_complete_state_leaves_out_has_ended() -> None:
+    """A final answer missed (reconnect, balancer restart): the newer retained state decides, not the old answer."""
+    store = StateStore()
+    store.on_assignment(answer("EV_1", session_id="s1", substation_id="A", granted_kw=22.0, ts=T0), T0)
+    store.on_assignment(answer("EV_2", "queued", ts=T0, position=1), T0)
+    assert store.ev_view("EV_1", T0)["state"] == "charging"  # type: ignore[index]
+    assert store.ev_view("EV_2", T0)["state"] == "queued"  # type: ignore[index]
+    store.on_substation_state("A", state("A", ts=T0 + 600), T0 + 600)  # no sessions
+    store.on_queue(QueueState(ts=T0 + 600, length=0, entries=[]), T0 + 600)
+    assert store.ev_view("EV_1", T0 + 600)["state"] == "idle"  # type: ignore[index]
+    assert store.ev_view("EV_2", T0 + 600)["state"] == "idle"  # type: ignore[index]
+    assert store.find_session("s1") is None
+    # A truncated state (over 150 sessions) cannot tell: the answer stands.
+    store.on_substation_state("A", state("A", ts=T0 + 700, sessions_truncated=True), T0 + 700)
+    assert store.ev_view("EV_1", T0 + 700)["state"] == "charging"  # type: ignore[index]
+
+
+def test_a_session_placed_since_the_last_state_can_be_found_from_its_answer() -> None:
+    store = StateStore()
+    store.on_substation_state("A", state("A", ts=T0), T0)
+    store.on_assignment(answer("EV_1", session_id="s9", substation_id="A", granted_kw=11.0, ts=T0 + 0.3), T0 + 0.3)
+    found = store.find_session("s9")
+    assert found is not None
+    assert (found["ev_id"], found["substation_id"], found["request_id"]) == ("EV_1", "A", "r-EV_1")
+    store.on_assignment(answer("EV_1", "completed", ts=T0 + 0.5, session_id="s9", substation_id="A"), T0 + 0.5)
+    assert store.find_session("s9") is None

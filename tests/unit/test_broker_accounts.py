@@ -370,3 +370,20 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypa
     monkeypatch.setenv("MQTT_ACCOUNT_SECRET", "from-env")
     assert accounts.main(["--out", str(tmp_path), "--evs", "EV_1", "--show-passwords"]) == 0
     assert derive_password("from-env", "EV_1") in capsys.readouterr().out
+
+
+def test_api_replica_accounts_get_their_own_copy_of_the_api_block() -> None:
+    from broker.accounts import is_api_replica, render_acl, validate_username
+    acl = render_acl("grid/v1", ["A"], ["api.2", "api.eu-west"])
+    for user in ("api", "api.2", "api.eu-west"):
+        block = acl.split(f"\nuser {user}\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        assert block == [f"topic deny grid/v1/ev/{user}/#", "topic read grid/v1/#", "topic write grid/v1/ev/+/request",
+                         "topic write grid/v1/ev/+/release", "topic write grid/v1/balancer/control"]
+    assert render_acl("grid/v1", ["A"]).count("\nuser api") == 1
+    assert validate_username("api.2", "service") == "api.2" and is_api_replica("api.2")
+    assert not is_api_replica("api-2")  # a valid EV id: never a replica
+    for bad in ("api.", "api.a/b", "api.+", "apix.2"):
+        with pytest.raises(ValueError):
+            validate_username(bad, "service")
+    with pytest.raises(ValueError):
+        render_acl("grid/v1", ["A"], ["observer"])
