@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,8 +142,12 @@ class Balancer:
             eta_s=self.eta_s(position, now, ends) if position is not None else None,
         )
 
+    def session_ends(self) -> Iterator[float]:
+        """Expected ends of the running sessions, unordered."""
+        return (e for s in self._sessions.values() if (e := s.expected_end()) is not None)
+
     def expected_ends(self) -> list[float]:
-        return sorted(e for s in self._sessions.values() if (e := s.expected_end()) is not None)
+        return sorted(self.session_ends())
 
     def eta_s(self, position: int, now: float, ends: list[float] | None = None) -> float | None:
         """Rough wait for the ``position``-th in line: the position-th earliest expected end of a running

@@ -61,3 +61,7 @@ class RequestQueue:
 
     def items(self) -> list[PendingRequest]:
         return [self._by_ev[k[2]] for k in self._keys]
+
+    def first(self, n: int) -> list[PendingRequest]:
+        """The first ``n`` in line (without copying the whole queue)."""
+        return [self._by_ev[k[2]] for k in self._keys[:n]]
