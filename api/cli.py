@@ -9,26 +9,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from collections.abc import Sequence
 
 import uvicorn
-from pydantic import ValidationError
 
 from api.app import create_app
 from api.settings import ApiSettings
 from grid_runtime.lifecycle import run_until_signalled
 from grid_runtime.logs import configure_logging, get_logger
+from grid_runtime.settings import load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m api", description=__doc__.split("\n\n")[0] + " "
                                      + __doc__.split("\n\n")[1].replace("\n", " "))
     parser.parse_args(argv)
-    try:
-        settings = ApiSettings()
-    except ValidationError as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+    settings = load_settings(ApiSettings)
+    if settings is None:
         return 2
     configure_logging(settings.grid.log_level, settings.grid.log_format, settings.grid.log_file)
     log = get_logger("api")

@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import sys
 from collections.abc import Sequence
 
 from prometheus_client import REGISTRY
-from pydantic import ValidationError
 
 from balancer import metrics
 from balancer.service import build
@@ -21,6 +19,7 @@ from balancer.settings import BalancerSettings
 from grid_runtime.lifecycle import run_until_signalled
 from grid_runtime.logs import configure_logging, get_logger
 from grid_runtime.metrics import serve_metrics, stop_metrics
+from grid_runtime.settings import load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,10 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "LOG_*); see the README.",
     )
     parser.parse_args(argv)
-    try:
-        settings = BalancerSettings()
-    except ValidationError as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+    settings = load_settings(BalancerSettings)
+    if settings is None:
         return 2
     configure_logging(settings.grid.log_level, settings.grid.log_format, settings.grid.log_file)
     log = get_logger("balancer")
@@ -44,11 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              safety_margin_pct=settings.safety_margin_pct, stale_after_s=settings.stale_after_s)
     service = build(settings)
     metrics.register(service, REGISTRY)
-    try:
-        metrics_server = serve_metrics(settings.grid.metrics, "balancer")
-    except OSError as exc:
-        log.error("metrics_port_unavailable", error=str(exc))
-        return 2
+    metrics_server = serve_metrics(settings.grid.metrics, "balancer")
     # Everything alive now (modules, classes, settings) lives as long as the process: keep it out of
     # every later GC pass, so collections scan only what the balancer allocates while it runs.
     gc.collect()

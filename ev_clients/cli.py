@@ -189,19 +189,12 @@ async def _run(runner: FleetRunner) -> None:
 
 
 def start_metrics(settings: EvSettings, runner: FleetRunner) -> Any:
-    """Register the fleet's metrics and serve ``/metrics`` (``METRICS_*``); ``None`` when disabled.
-
-    A port that cannot be bound is logged (``metrics_unavailable``) and the run goes on without ``/metrics``.
-    """
+    """Register the fleet's metrics and serve ``/metrics`` (``METRICS_*``); ``None`` when disabled or the port
+    is taken (logged: the run goes on without ``/metrics``)."""
     if not settings.grid.metrics.enabled:
         return None
     register_fleet_metrics(runner)
-    try:
-        return serve_metrics(settings.grid.metrics, "ev_clients")
-    except OSError as exc:
-        log.error("metrics_unavailable", host=settings.grid.metrics.host, port=settings.grid.metrics.port,
-                  error=str(exc))
-        return None
+    return serve_metrics(settings.grid.metrics, "ev_clients")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

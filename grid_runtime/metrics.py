@@ -28,14 +28,20 @@ DEFAULT_PORTS = {"balancer": 9101, "substation_agents": 9102, "ev_clients": 9103
 
 def serve_metrics(settings: MetricsSettings, service: str,
                   registry: CollectorRegistry = REGISTRY) -> tuple[Any, Any] | None:
-    """Serve ``registry`` on ``http://host:port/metrics`` from a daemon thread; returns (server, thread).
+    """Serve ``registry`` on ``http://host:port/metrics`` from a daemon thread; returns (server, thread), or
+    ``None`` when disabled or the port cannot be bound: that is logged (``metrics_unavailable``) and the
+    service runs on without ``/metrics`` (balancing matters more than watching it; the alert on ``up`` tells).
 
     A scrape costs the service a few hundred microseconds of GIL time, once per scrape interval.
     """
     if not settings.enabled:
         return None
     port = DEFAULT_PORTS[service] if settings.port is None else settings.port
-    server, thread = start_http_server(port, addr=settings.host, registry=registry)
+    try:
+        server, thread = start_http_server(port, addr=settings.host, registry=registry)
+    except OSError as exc:
+        log.error("metrics_unavailable", service=service, host=settings.host, port=port, error=str(exc))
+        return None
     log.info("metrics_listening", service=service, url=f"http://{settings.host}:{server.server_port}/metrics")
     return server, thread
 

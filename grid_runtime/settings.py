@@ -6,9 +6,10 @@ in tests and in docker compose.
 
 from __future__ import annotations
 
-from typing import Literal
+import sys
+from typing import Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -53,3 +54,16 @@ class GridSettings(BaseSettings):
     #: Append logs to this file instead of stderr (``gridlb run`` keeps the terminal for the fleet's live line).
     log_file: str | None = None
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+
+_S = TypeVar("_S", bound=BaseSettings)
+
+
+def load_settings(cls: type[_S]) -> _S | None:
+    """``cls()`` from the environment; on a bad value print what is wrong to stderr and return ``None`` (the
+    service's CLI then exits 2), so a misconfigured service says why instead of a traceback."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        return None

@@ -12,11 +12,10 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pydantic import ValidationError
-
 from grid_runtime.lifecycle import run_until_signalled
 from grid_runtime.logs import configure_logging, get_logger
 from grid_runtime.metrics import serve_metrics, stop_metrics
+from grid_runtime.settings import load_settings
 from replay.scenario import Scenario, ScenarioError, load_scenario
 from substation_agents import settings as settings_module
 from substation_agents.agent import SubstationAgent, run_agents
@@ -28,20 +27,12 @@ log = get_logger("substation_agents")
 
 
 def start_metrics(settings: AgentSettings, agents: Callable[[], Mapping[str, SubstationAgent]]) -> Any:
-    """Register the agents' collectors and serve ``/metrics`` (``METRICS_*``); ``None`` when disabled.
-
-    A port that cannot be bound is logged (``metrics_unavailable``) and the agents run without ``/metrics``:
-    the simulation matters more than its metrics.
-    """
+    """Register the agents' collectors and serve ``/metrics`` (``METRICS_*``); ``None`` when disabled or the
+    port is taken (logged: the agents run on without ``/metrics``)."""
     if not settings.grid.metrics.enabled:
         return None
     register_agent_metrics(agents)
-    try:
-        return serve_metrics(settings.grid.metrics, "substation_agents")
-    except OSError as exc:
-        log.error("metrics_unavailable", host=settings.grid.metrics.host, port=settings.grid.metrics.port,
-                  error=str(exc))
-        return None
+    return serve_metrics(settings.grid.metrics, "substation_agents")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,10 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.parse_args(argv)
-    try:
-        settings = AgentSettings()
-    except ValidationError as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+    settings = load_settings(AgentSettings)
+    if settings is None:
         return 2
     scenario: Scenario | None = None
     if settings.substation_scenario:

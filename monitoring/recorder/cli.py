@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from collections.abc import Sequence
 
 from prometheus_client import REGISTRY, CollectorRegistry
-from pydantic import ValidationError
 
 from grid_runtime.lifecycle import run_until_signalled
 from grid_runtime.logs import configure_logging, get_logger
 from grid_runtime.metrics import MqttCollector, serve_metrics, stop_metrics
 from grid_runtime.mqtt import make_transport
+from grid_runtime.settings import load_settings
 from monitoring.recorder import settings as settings_module
 from monitoring.recorder.influx import InfluxSink
 from monitoring.recorder.metrics import RecorderCollector, RecorderStats, latency_histogram
@@ -45,21 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog=settings_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.parse_args(argv)
-    try:
-        settings = RecorderSettings()
-    except ValidationError as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+    settings = load_settings(RecorderSettings)
+    if settings is None:
         return 2
     configure_logging(settings.grid.log_level, settings.grid.log_format, settings.grid.log_file)
     log = get_logger("recorder")
     log.info("recorder_starting", host=settings.mqtt.host, port=settings.mqtt.port,
              username=settings.mqtt.username, influx_url=settings.influx.url)
     service = build(settings)
-    try:
-        handle = serve_metrics(settings.grid.metrics, "recorder")
-    except OSError as exc:  # a busy port must not cost the history: record without /metrics
-        log.error("metrics_unavailable", error=str(exc))
-        handle = None
+    handle = serve_metrics(settings.grid.metrics, "recorder")
 
     async def run(stop: asyncio.Event) -> None:
         await service.run(stop)
