@@ -285,8 +285,9 @@ class ControlCommand(msgspec.Struct, kw_only=True):
     * ``set_capacity``: plan with at most ``capacity_kw`` there (sessions are reduced or moved at once
       when it is lower than what runs); ``capacity_kw: null`` removes the operator's limit.
 
-    Only the ``api`` account may publish it (broker ACL). The balancer answers every command with a
-    :class:`ControlResult` on ``balancer/control/result`` carrying the same ``request_id``.
+    Among clients only the ``api`` account (and its replicas ``api.<name>``) may publish it (broker ACL). The
+    balancer answers every command with a :class:`ControlResult` on ``balancer/control/result`` carrying the same
+    ``request_id``.
     """
 
     action: ControlAction

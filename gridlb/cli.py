@@ -11,7 +11,8 @@ from collections.abc import Callable
 USAGE = """usage: gridlb <command> [args]
 
 commands:
-  run           the whole system locally: broker, balancer, 3 substation agents, EV fleet
+  run           the whole system locally: broker, balancer, 3 substation agents, API + live page,
+                recorder (with INFLUX_URL), EV fleet
   balancer      the balancer (python -m balancer)
   substations   substation agents (python -m substation_agents)
   evs           the EV fleet / load tester (python -m ev_clients)

@@ -27,6 +27,7 @@ from types import FrameType
 
 from broker.accounts import substation_username
 from broker.local import LocalBroker, find_free_port
+from grid_protocol.topics import DEFAULT_PREFIX, Topics
 from grid_runtime.lifecycle import stop_process
 from grid_runtime.metrics import DEFAULT_PORTS
 
@@ -100,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         ev_ids.append(HAND_TEST_EV)
     port = args.port if args.port and _port_free(args.port) else find_free_port()
 
-    broker = LocalBroker(work / "broker", port=port, substation_ids=substations, ev_ids=ev_ids,
+    # The ACL is rendered for the services' prefix (GRID_TOPIC_PREFIX, which they read from this environment).
+    prefix = Topics(os.environ.get("GRID_TOPIC_PREFIX") or DEFAULT_PREFIX).prefix
+    broker = LocalBroker(work / "broker", port=port, prefix=prefix, substation_ids=substations, ev_ids=ev_ids,
                          secret=secrets.token_hex(16))
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     # SIGTERM (kill, systemd, a CI timeout) stops everything like Ctrl-C does. Without this handler Python
@@ -225,6 +228,7 @@ def _print_banner(work: Path, broker: LocalBroker, substations: list[str], api_u
     scrape = "\n".join(f"              http://127.0.0.1:{port}/metrics  ({service})"
                        for service, port in metrics.items())
     first = substations[0] if substations else "north"
+    topics = Topics(broker.prefix)
     recorder = (f"recording to {influx_url} (log {work / 'logs' / 'recorder.log'})" if influx_url
                 else "off (set INFLUX_URL to record telemetry to InfluxDB / VictoriaMetrics)")
     print(f"""
@@ -235,19 +239,21 @@ Smart Grid Load Balancer is running locally.
   metrics     {api_url}/metrics  (api)
 {scrape}
   recorder    {recorder}
+  dashboards  Grafana and Prometheus come with docker compose (README: "Metrics, alerts and Grafana")
   logs        {work / 'logs'}/
   credentials {creds}  (MQTT passwords, API_TOKEN for operator actions)
 
 Watch everything (another terminal):
   source {creds}
-  mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -u observer -P "$OBSERVER_PASSWORD" -t 'grid/v1/#' -v
+  mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -u observer -P "$OBSERVER_PASSWORD" -t '{topics.prefix}/#' -v
 Ask the API:
   curl -s {api_url}/status
   source {creds}
-  curl -s -X POST -H "Authorization: Bearer $API_TOKEN" {api_url}/substations/{first}/drain
+  curl -s -X POST -H "Authorization: Bearer $API_TOKEN" {api_url}/substations/{first}/drain     # and back:
+  curl -s -X POST -H "Authorization: Bearer $API_TOKEN" {api_url}/substations/{first}/undrain
 Ask for power by hand:
   mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -u {HAND_TEST_EV} -P "${HAND_TEST_EV}_PASSWORD" -q 1 \\
-    -t grid/v1/ev/{HAND_TEST_EV}/request -m '{{"ev_id": "{HAND_TEST_EV}", "requested_kw": 22, "duration_minutes": 120}}'
+    -t {topics.request(HAND_TEST_EV)} -m '{{"ev_id": "{HAND_TEST_EV}", "requested_kw": 22, "duration_minutes": 120}}'
 Ctrl-C stops everything.
 """, flush=True)
 

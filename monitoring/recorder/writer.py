@@ -4,7 +4,8 @@ Why this shape: the InfluxDB client's synchronous write API is simple and has no
 point's fate is ours to count. It runs in a worker thread (``asyncio.to_thread``) so the MQTT side keeps
 reading while a write waits on the network. A failed batch is retried with capped exponential back-off and
 held meanwhile (new points keep arriving in the bounded buffer); a batch the database refuses as invalid
-(HTTP 4xx other than 408/429) is dropped and counted, since sending it again cannot help.
+(HTTP 4xx other than 401/403/404/408/429) is dropped and counted, since sending it again cannot help;
+401/403/404 are configuration (token, org, bucket) and are retried until an operator fixes it.
 """
 
 from __future__ import annotations
