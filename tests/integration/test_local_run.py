@@ -23,7 +23,8 @@ pytestmark = pytest.mark.integration
 
 def test_gridlb_run_starts_everything_balances_evs_and_stops_cleanly(tmp_path: Path) -> None:
     work = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # A topic prefix of the user's own: the run renders the broker's ACL for it, like the services use it.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GRID_TOPIC_PREFIX="site-7/grid/v1")
     proc = subprocess.run(
         [sys.executable, "-m", "gridlb", "run", "--work-dir", str(work), "--port", "0", "--duration", "12",
          "--evs", "30", "--rate", "4", "--speedup", "600"],
@@ -32,6 +33,7 @@ def test_gridlb_run_starts_everything_balances_evs_and_stops_cleanly(tmp_path: P
     assert proc.returncode == 0, out[-3000:]
     # Where to look, as the README promises.
     assert "mqtt://127.0.0.1:" in out and "credentials" in out and "mosquitto_sub" in out
+    assert "-t 'site-7/grid/v1/#'" in out and "site-7/grid/v1/ev/EV_1234/request" in out
     creds = (work / "credentials.env").read_text()
     assert "MQTT_PORT=" in creds and "EV_1234_PASSWORD=" in creds and "OBSERVER_PASSWORD=" in creds
     assert oct((work / "credentials.env").stat().st_mode & 0o777) == "0o600"
