@@ -213,7 +213,10 @@ class BalancerService:
         except PayloadError as err:
             self.counters[f"bad_payload:{TopicKind.BALANCER_CONTROL}:{err.reason}"] += 1
             log.warning("control_rejected", reason=str(err.reason), detail=err.detail)
-            return  # no action or substation to answer about: logged and counted
+            refused = ControlResult(ok=False, action=None, substation_id=None, ts=now,
+                                    request_id=_request_id_hint(msg.payload), reason=err.reason, detail=err.detail)
+            self.transport.publish(self.topics.balancer_control_result(), encode(refused), 1)
+            return
         reason, detail, effects = self.core.on_control(command, now)
         self._publish(effects)
         sub = self.core.substations.get(command.substation_id)

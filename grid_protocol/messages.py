@@ -298,11 +298,13 @@ class ControlCommand(msgspec.Struct, kw_only=True):
 
 
 class ControlResult(msgspec.Struct, kw_only=True):
-    """Balancer -> all on ``balancer/control/result``: the outcome of a :class:`ControlCommand`."""
+    """Balancer -> all on ``balancer/control/result``: the outcome of a :class:`ControlCommand`. A command that
+    could not be read is answered too (``ok: false``, its ``request_id`` when it can still be found in the
+    payload); then ``action`` and ``substation_id`` may be null."""
 
     ok: bool
-    action: ControlAction
-    substation_id: Id
+    action: ControlAction | None
+    substation_id: Id | None
     ts: Timestamp
     request_id: RequestId | None = None
     reason: Reason | None = None

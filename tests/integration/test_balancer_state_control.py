@@ -104,8 +104,12 @@ def test_state_is_retained_control_acts_and_metrics_show_it(running, broker: Loc
     second = ev2.wait_for(lambda m: True, what="answer")[0].json()
     assert second["status"] == "assigned" and second["substation_id"] == sid
 
-    # A bad control payload is counted, not fatal.
-    api.publish(f"{P}/balancer/control", b'{"action": "explode", "substation_id": "A"}')
+    # A bad control payload is answered (with its request_id), counted, and not fatal.
+    api.publish(f"{P}/balancer/control", b'{"action": "explode", "substation_id": "A", "request_id": "op-4"}')
+    refused = watch.wait_one(lambda m: m.topic == f"{P}/balancer/control/result" and b"op-4" in m.payload,
+                             what="the refusal").json()
+    assert (refused["ok"], refused["reason"], refused["action"]) == (False, "invalid_field", None)
+    assert "action" in refused["detail"]
 
     deadline = time.monotonic() + 10
     while True:
