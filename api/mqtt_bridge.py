@@ -37,6 +37,7 @@ from grid_protocol.messages import (
 )
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import InMessage, Transport, make_transport
+from grid_runtime.ratelimit import RateLimitedLog
 
 log = get_logger("api.mqtt")
 
@@ -88,6 +89,7 @@ class Bridge:
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
+        self._refusal_log = RateLimitedLog(log.warning, interval_s=10.0)
         self.clock = clock
         self.topics = Topics(settings.grid.grid_topic_prefix)
         if transport is None:
@@ -155,8 +157,10 @@ class Bridge:
             callback()
 
     def _refused(self, kind: TopicKind, reason: str, detail: str) -> None:
+        """Counted every time; logged at most every 10 s per kind and reason (a misbehaving publisher must not
+        flood the log), each line saying how many it stands for."""
         self.store.decode_error(str(kind), reason)
-        log.warning("api_payload_refused", kind=str(kind), reason=reason, detail=detail)
+        self._refusal_log((kind, reason), "api_payload_refused", kind=str(kind), reason=reason, detail=detail)
 
     def _apply(self, kind: TopicKind, id_: str | None, value: Any, now: float) -> None:
         store = self.store

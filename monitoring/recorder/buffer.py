@@ -11,9 +11,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from grid_runtime.logs import get_logger
+from grid_runtime.ratelimit import RateLimitedLog
 from monitoring.recorder.metrics import RecorderStats
 from monitoring.recorder.points import Point
-from monitoring.recorder.ratelimit import RateLimitedLog
 
 log = get_logger("recorder.buffer")
 

@@ -19,10 +19,10 @@ from grid_protocol.reasons import Reason
 from grid_protocol.topics import TopicKind, Topics
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import InMessage, Transport
+from grid_runtime.ratelimit import RateLimitedLog
 from monitoring.recorder.buffer import PointBuffer
 from monitoring.recorder.metrics import RecorderStats
 from monitoring.recorder.points import TRANSLATIONS, IdMismatch, to_points
-from monitoring.recorder.ratelimit import RateLimitedLog
 from monitoring.recorder.settings import RecorderSettings
 from monitoring.recorder.writer import Observer, Sink, Writer, WriterConfig
 

@@ -201,6 +201,10 @@ def test_bad_payloads_are_counted_never_raised(client: TestClient, fake: FakeTra
     assert 'gridlb_api_payloads_refused_total{kind="substation_state",reason="malformed_json"} 1.0' in metrics
     assert 'gridlb_api_payloads_refused_total{kind="substation_telemetry",reason="id_mismatch"} 1.0' in metrics
     assert 'gridlb_api_payloads_refused_total{kind="ev_assignment",reason="invalid_field"} 1.0' in metrics
+    for _ in range(100):  # a flood: every one counted, the log not flooded (one line per kind and reason)
+        feed(client, fake, "grid/v1/substation/A/state", b"{not json")
+    metrics = client.get("/metrics").text
+    assert 'gridlb_api_payloads_refused_total{kind="substation_state",reason="malformed_json"} 101.0' in metrics
 
 
 # ---------------------------------------------------------------------------------------------- charge

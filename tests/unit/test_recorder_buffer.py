@@ -6,10 +6,10 @@ import logging
 
 import pytest
 
+from grid_runtime.ratelimit import RateLimitedLog
 from monitoring.recorder.buffer import PointBuffer
 from monitoring.recorder.metrics import RecorderStats
 from monitoring.recorder.points import Point, make_point
-from monitoring.recorder.ratelimit import RateLimitedLog
 
 
 def pts(*seqs: int) -> list[Point]:
