@@ -189,7 +189,8 @@ def test_health_ready_and_reads_from_fed_messages(client: TestClient, fake: Fake
     assert client.get("/queue").json()["known"] is False
 
 
-def test_bad_payloads_are_counted_never_raised(client: TestClient, fake: FakeTransport) -> None:
+def test_bad_payloads_are_counted_never_raised(client: TestClient, fake: FakeTransport,
+                                              caplog: pytest.LogCaptureFixture) -> None:
     feed(client, fake, "grid/v1/substation/A/state", b"{not json")
     feed(client, fake, "grid/v1/substation/A/telemetry", {"substation_id": "B", "ts": 1, "seq": 1,
                                                           "capacity_kw": 1, "load_kw": 0, "base_load_kw": 0,
@@ -201,8 +202,11 @@ def test_bad_payloads_are_counted_never_raised(client: TestClient, fake: FakeTra
     assert 'gridlb_api_payloads_refused_total{kind="substation_state",reason="malformed_json"} 1.0' in metrics
     assert 'gridlb_api_payloads_refused_total{kind="substation_telemetry",reason="id_mismatch"} 1.0' in metrics
     assert 'gridlb_api_payloads_refused_total{kind="ev_assignment",reason="invalid_field"} 1.0' in metrics
+    assert [r for r in caplog.records if "api_payload_refused" in r.getMessage()]  # the first ones are logged
+    caplog.clear()
     for _ in range(100):  # a flood: every one counted, the log not flooded (one line per kind and reason)
         feed(client, fake, "grid/v1/substation/A/state", b"{not json")
+    assert [r for r in caplog.records if "api_payload_refused" in r.getMessage()] == []  # within 10 s of the first
     metrics = client.get("/metrics").text
     assert 'gridlb_api_payloads_refused_total{kind="substation_state",reason="malformed_json"} 101.0' in metrics
 
