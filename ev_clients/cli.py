@@ -100,7 +100,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-kw-pct", type=float, default=20.0, metavar="PCT",
                    help="share of requests naming a minimum power, 25 or 50 %% of requested (default %(default)s)")
     g = parser.add_argument_group("output")
-    g.add_argument("--save", metavar="FILE.json", help="write summary + per-request records as JSON")
+    g.add_argument("--save", metavar="FILE.json",
+                   help="write summary + per-request records as JSON (an open-ended fleet: the last "
+                        "EV_KEEP_RECORDS records)")
     g.add_argument("--report-every", type=_non_negative, metavar="S",
                    help="live line interval (default 1 s on a TTY, 5 s otherwise; 0 = off)")
     g.add_argument("--run-for", type=_non_negative, metavar="S", help="stop gracefully after S seconds")
@@ -119,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--evs", type=_positive_int, metavar="N", help="distinct EV ids (EV_COUNT, 20)")
     fleet.add_argument("--rate", type=float, metavar="PER_S", help="arrivals per second (EV_ARRIVAL_RATE, 1)")
     fleet.add_argument("--arrivals", choices=("poisson", "fixed"), help="arrival process (EV_ARRIVAL_MODE)")
+    fleet.add_argument("--keep-records", type=_positive_int, metavar="N",
+                       help="without --requests: keep only the last N request records and latency samples "
+                            "for the summary and --save (EV_KEEP_RECORDS, 10000); counts stay exact")
     load = sub.add_parser("loadtest", help="closed loop: C workers send N requests back to back")
     _common(load)
     load.add_argument("--concurrent", type=_positive_int, default=10, metavar="C",
@@ -134,7 +139,8 @@ def _settings(args: argparse.Namespace) -> EvSettings:
     for flag, key in (("evs", "count"), ("rate", "arrival_rate"), ("arrivals", "arrival_mode"),
                       ("speedup", "speedup"), ("retry_after", "retry_after_s"), ("max_attempts", "max_attempts"),
                       ("timeout", "timeout_s"), ("id_prefix", "id_prefix"),
-                      ("release_early_pct", "release_early_pct"), ("client", "client"), ("seed", "seed")):
+                      ("release_early_pct", "release_early_pct"), ("client", "client"), ("seed", "seed"),
+                      ("keep_records", "keep_records")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
@@ -233,9 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"saved {path}")
     code = runner.exit_code()
     if code:
-        unanswered = runner.stats.unanswered()
+        unanswered = runner.stats.unanswered_count
         if unanswered:
-            print(f"FAIL: {len(unanswered)} request(s) never answered", file=sys.stderr)
+            print(f"FAIL: {unanswered} request(s) never answered", file=sys.stderr)
         else:
             print(f"FAIL: only {runner.stats.sent} of {config.requests} requests were sent", file=sys.stderr)
     return code

@@ -124,7 +124,10 @@ class FleetRunner:
         self.behaviour = _behaviour(settings, config.mode)
         self.rng = random.Random(settings.seed)
         total = config.requests
-        self.stats = FleetStats(mode=config.mode, total=total, started_at=clock())
+        # A finite run keeps every record (exact summary and --save); an open-ended fleet runs for days, so it
+        # keeps only the most recent ``keep_records`` of them (counts stay exact, memory stays bounded).
+        keep = None if config.mode == "loadtest" or total is not None else settings.keep_records
+        self.stats = FleetStats(mode=config.mode, total=total, started_at=clock(), keep_records=keep)
         self.stop = asyncio.Event()
         self.interrupted = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -329,7 +332,7 @@ class FleetRunner:
     def exit_code(self) -> int:
         """0 when every request sent was answered (and, for a load test, all were sent); 1 otherwise."""
         s = self.stats
-        if s.unanswered():
+        if s.unanswered_count:
             return 1
         if self.config.mode == "loadtest" and not self.interrupted and s.sent < (self.config.requests or 0):
             return 1
@@ -351,7 +354,8 @@ class FleetRunner:
         return self.stats.report(self.clock(), config=config, exit_code=self.exit_code())
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write summary + per-request records as JSON (atomically: temp file, then rename)."""
+        """Write summary + per-request records as JSON (atomically: temp file, then rename); an open-ended
+        fleet saves only its most recent records, see :meth:`FleetStats.report`."""
         target = Path(path)
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_text(json.dumps(self.report(), indent=2) + "\n", encoding="utf-8")

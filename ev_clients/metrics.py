@@ -1,7 +1,8 @@
 """Prometheus metrics of the EV fleet / load tester (``/metrics``, default port 9103).
 
-Counts and gauges are read at scrape time from the run's :class:`~ev_clients.stats.FleetStats` and its
-:class:`~ev_clients.fleet.EvConnections`; only the latency histogram is observed as answers arrive. No
+Counts and gauges are read at scrape time from the running counters of the run's
+:class:`~ev_clients.stats.FleetStats` (a scrape costs the same after days of a fleet: no record is walked) and
+its :class:`~ev_clients.fleet.EvConnections`; only the latency histogram is observed as answers arrive. No
 metric has a per-EV label: the fleet's connections are aggregated under ``client="ev_fleet"``.
 
 ==============================================  =========  ========================================================
@@ -55,7 +56,7 @@ class FleetCollector(Collector):
 
     def collect(self) -> Iterable[Any]:
         stats = self._stats()
-        sent, retries = stats.sent_and_retries()
+        sent, retries = stats.sent_and_retries()  # running counters, O(1)
         answers = dict(stats.status_events)  # a copy: the event loop adds statuses meanwhile
         yield CounterMetricFamily("gridlb_ev_requests", "Charge requests sent (each once, however often re-sent)",
                                   value=float(sent))

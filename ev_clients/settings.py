@@ -14,6 +14,9 @@
 ``EV_RELEASE_EARLY_PCT``   share of charging EVs that leave before ``completed`` (a Release), default 10
 ``EV_CLIENT``              MQTT library: ``aiomqtt`` (default) or ``paho``
 ``EV_SEED``                random seed (unset: different every run)
+``EV_KEEP_RECORDS``        an open-ended fleet (no ``--requests``) keeps only the last N request records
+                           and latency samples (percentiles then describe the last N answers; counts stay
+                           exact), default 10000. Finite runs keep everything.
 =========================  =======================================================================
 
 Broker address and credentials come from ``MQTT_*`` (:class:`~grid_runtime.settings.MqttSettings`):
@@ -49,6 +52,7 @@ class EvSettings(BaseSettings):
     release_early_pct: float = Field(10.0, ge=0, le=100)
     client: Literal["aiomqtt", "paho"] = "aiomqtt"
     seed: int | None = None
+    keep_records: int = Field(10_000, ge=1, le=10_000_000)
 
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     grid: GridSettings = Field(default_factory=GridSettings)

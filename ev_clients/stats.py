@@ -1,9 +1,17 @@
 """Measurements of an EV fleet or load test: pure data, no I/O, time passed in.
 
 * :func:`percentile` is exact (nearest rank on the sorted sample, no interpolation);
-* :class:`LatencyRecorder` keeps every sample (a load test has thousands, not millions);
+* :class:`LatencyRecorder` keeps every sample, or only the most recent ``window`` of them;
 * :class:`RequestRecord` is one charge request as the EV saw it: each answer, the latencies;
 * :class:`FleetStats` aggregates records into counts, percentiles, throughput and the JSON summary.
+
+Bounded memory: a finite run (a load test, a fleet with ``--requests``, a scenario) keeps every record and
+every latency sample, so its summary and saved file are exact. An open-ended fleet runs for days, so its
+:class:`FleetStats` is made with ``keep_records=N`` (``EV_KEEP_RECORDS``): it keeps the ``N`` most recently
+created records and the ``N`` most recent samples of each latency. Every count (requests sent, retries,
+answers by status, final status, outcomes, ...) is a running counter updated where the event happens (a
+record's ``attempts``/``released``/``outcome`` report their changes to the stats that created it), so counts
+stay exact and neither the summary nor a ``/metrics`` scrape walks the records.
 
 Latencies are differences of ``time.monotonic()`` values taken by the caller; they are reported in
 milliseconds.
@@ -12,7 +20,7 @@ milliseconds.
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,49 +48,86 @@ def percentile(sorted_values: Sequence[float], p: float) -> float | None:
 
 
 class LatencyRecorder:
-    """All samples of one latency (seconds); percentiles and summary in milliseconds."""
+    """Samples of one latency (seconds); percentiles and summary in milliseconds.
 
-    __slots__ = ("_samples", "_sorted")
+    Without ``window`` every sample is kept and everything is exact. With ``window=N`` only the ``N`` most
+    recent samples are kept: ``count``, ``min``, ``mean`` and ``max`` still cover every sample ever added,
+    the percentiles describe the most recent ``N`` (a sliding window: what the system does *now*).
+    ``len()`` is the number of samples ever added, :attr:`kept` the number the percentiles are taken from.
+    """
 
-    def __init__(self, samples: Iterable[float] = ()) -> None:
-        self._samples: list[float] = []
-        self._sorted = True
+    __slots__ = ("_count", "_max", "_min", "_samples", "_sorted", "_sum", "window")
+
+    def __init__(self, samples: Iterable[float] = (), *, window: int | None = None) -> None:
+        if window is not None and window < 1:
+            raise ValueError(f"latency window must be >= 1, got {window}")
+        self.window = window
+        self._samples: deque[float] | list[float] = [] if window is None else deque(maxlen=window)
+        self._sorted: list[float] | None = None  # a sorted copy (windowed) or the list itself (sorted in place)
+        self._count = 0
+        self._sum = 0.0
+        self._min = math.inf
+        self._max = -math.inf
         for s in samples:
             self.add(s)
 
     def add(self, seconds: float) -> None:
         if not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"latency must be a finite non-negative number, got {seconds!r}")
-        if self._samples and seconds < self._samples[-1]:
-            self._sorted = False
-        self._samples.append(seconds)
+        samples = self._samples
+        if self._sorted is not None and (self.window is not None or (samples and seconds < samples[-1])):
+            self._sorted = None
+        samples.append(seconds)
+        self._count += 1
+        self._sum += seconds
+        self._min = min(self._min, seconds)
+        self._max = max(self._max, seconds)
 
     def __len__(self) -> int:
+        """Samples ever added (not only the kept ones)."""
+        return self._count
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def kept(self) -> int:
+        """Samples kept: the ones the percentiles are taken from."""
         return len(self._samples)
 
-    def _ordered(self) -> list[float]:
-        if not self._sorted:
-            self._samples.sort()
-            self._sorted = True
-        return self._samples
+    def _ordered(self) -> Sequence[float]:
+        if self._sorted is None:
+            if isinstance(self._samples, list):
+                self._samples.sort()  # exact mode: sort in place, no copy
+                self._sorted = self._samples
+            else:
+                self._sorted = sorted(self._samples)
+        return self._sorted
 
     def percentile(self, p: float) -> float | None:
-        """Nearest-rank percentile in seconds (``None`` without samples)."""
+        """Nearest-rank percentile in seconds (``None`` without samples); of the window when there is one."""
         return percentile(self._ordered(), p)
 
     def summary(self) -> dict[str, Any]:
-        """``count``, ``min/mean/max`` and ``p50/p95/p99`` in milliseconds (``None`` when empty)."""
+        """``count``, ``min/mean/max`` (all samples) and ``p50/p95/p99`` in milliseconds (``None`` when empty).
+
+        A windowed recorder adds ``window``: how many of the most recent samples the percentiles describe.
+        """
         values = self._ordered()
-        out: dict[str, Any] = {"count": len(values)}
+        n = self._count
+        out: dict[str, Any] = {"count": n}
 
         def ms(v: float | None) -> float | None:
             return None if v is None else round(v * 1000, 3)
 
-        out["min_ms"] = ms(values[0]) if values else None
-        out["mean_ms"] = ms(sum(values) / len(values)) if values else None
+        out["min_ms"] = ms(self._min) if n else None
+        out["mean_ms"] = ms(self._sum / n) if n else None
         for p in PERCENTILES:
             out[f"p{p:g}_ms"] = ms(percentile(values, p))
-        out["max_ms"] = ms(values[-1]) if values else None
+        out["max_ms"] = ms(self._max) if n else None
+        if self.window is not None:
+            out["window"] = len(values)
         return out
 
 
@@ -119,7 +164,6 @@ class RequestRecord:
     duration_minutes: float | None = None
     priority: int = 0
     sent_at: float | None = None  # monotonic time of the first publish
-    attempts: int = 0  # publishes of the request (1 = answered without a retry)
     polls: int = 0  # re-sends while waiting in the queue or for ``completed`` (state queries)
     events: list[AnswerEvent] = field(default_factory=list)
     duplicates: int = 0  # repeated answers (from retries or redelivery), ignored
@@ -128,8 +172,53 @@ class RequestRecord:
     substation_id: str | None = None
     granted_kw: float | None = None  # first grant
     session_id: str | None = None
-    released: bool = False  # the EV sent a Release for this request
-    outcome: str | None = None  # why the EV stopped: see ``RequestRecord.finish``
+    # ``attempts``, ``released`` and ``outcome`` are properties over these: a change is reported to the stats
+    # that created the record (its running counters), see :meth:`FleetStats.new_record`.
+    _attempts: int = field(default=0, init=False)  # publishes of the request (1 = answered without a retry)
+    _released: bool = field(default=False, init=False)  # the EV sent a Release for this request
+    _outcome: str | None = field(default=None, init=False)  # why the EV stopped (set by the EV)
+    _stats: FleetStats | None = field(default=None, init=False, repr=False, compare=False)
+    _pending: bool = field(default=False, init=False, repr=False, compare=False)  # counted as unanswered
+
+    @property
+    def attempts(self) -> int:
+        """Publishes of the request (1 = answered without a retry)."""
+        return self._attempts
+
+    @attempts.setter
+    def attempts(self, value: int) -> None:
+        before = self._tally()
+        self._attempts = value
+        self._changed(before)
+
+    @property
+    def released(self) -> bool:
+        """The EV sent a Release for this request."""
+        return self._released
+
+    @released.setter
+    def released(self, value: bool) -> None:
+        before = self._tally()
+        self._released = value
+        self._changed(before)
+
+    @property
+    def outcome(self) -> str | None:
+        """Why the EV stopped following the request (``completed``, ``released_early``, ``unanswered``, ...)."""
+        return self._outcome
+
+    @outcome.setter
+    def outcome(self, value: str | None) -> None:
+        before = self._tally()
+        self._outcome = value
+        self._changed(before)
+
+    def _tally(self) -> _Tally | None:
+        return _Tally.of(self) if self._stats is not None else None
+
+    def _changed(self, before: _Tally | None) -> None:
+        if self._stats is not None and before is not None:
+            self._stats._record_changed(self, before)
 
     @property
     def answered(self) -> bool:
@@ -198,17 +287,72 @@ class RequestRecord:
         }
 
 
-class FleetStats:
-    """Everything a fleet or load test measured. All times are monotonic seconds passed in."""
+@dataclass(frozen=True, slots=True)
+class _Tally:
+    """What one record adds to the running counters of :class:`FleetStats`."""
 
-    def __init__(self, *, mode: str, total: int | None = None, started_at: float = 0.0) -> None:
+    attempts: int
+    sent: int  # 1 once published
+    retries: int  # publishes after the first
+    retried: int  # 1 when published more than once
+    released: int
+    final_status: str | None  # counted for sent records only
+    outcome: str | None
+
+    @classmethod
+    def of(cls, r: RequestRecord) -> _Tally:
+        a = r._attempts
+        return cls(a, int(a > 0), max(0, a - 1), int(a > 1), int(r._released),
+                   r.final_status if a > 0 else None, r._outcome)
+
+
+def _bump(counter: Counter[str], key: str | None, delta: int) -> None:
+    if key is None or delta == 0:
+        return
+    value = counter[key] + delta
+    if value:
+        counter[key] = value
+    else:
+        del counter[key]
+
+
+class FleetStats:
+    """Everything a fleet or load test measured. All times are monotonic seconds passed in.
+
+    ``keep_records=None`` (a finite run) keeps every record and latency sample: exact. ``keep_records=N`` (an
+    open-ended fleet) keeps the ``N`` most recently created records, the latency percentiles of the ``N`` most
+    recent answers, and the ids of at most ``N`` unanswered requests (the most recent); every count is exact
+    either way (running counters, see the module docstring).
+    """
+
+    def __init__(self, *, mode: str, total: int | None = None, started_at: float = 0.0,
+                 keep_records: int | None = None) -> None:
+        if keep_records is not None and keep_records < 1:
+            raise ValueError(f"keep_records must be >= 1 (or None: keep all), got {keep_records}")
         self.mode = mode
         self.total = total  # requests planned (None: open-ended fleet)
         self.started_at = started_at
         self.ended_at: float | None = None
-        self.records: list[RequestRecord] = []
-        self.first_answer = LatencyRecorder()
-        self.to_assigned = LatencyRecorder()
+        self.keep_records = keep_records  # None: every record is kept
+        #: The records kept: all of them, or the ``keep_records`` most recently created.
+        self.records: deque[RequestRecord] = deque(maxlen=keep_records)
+        self.records_created = 0  # records ever created (kept or not)
+        self.first_answer = LatencyRecorder(window=keep_records)
+        self.to_assigned = LatencyRecorder(window=keep_records)
+        # running counters (see _record_changed); read by the metrics thread, so each only ever moves the way
+        # its record field moves (requests and retries never go down)
+        self.sent = 0  # requests published at least once
+        self.retries = 0  # publishes of a request after its first
+        self.retried_requests = 0  # requests published more than once
+        self.total_attempts = 0
+        self.released_by_ev = 0
+        self.duplicate_answers = 0
+        self.unanswered_count = 0  # sent, no answer (yet)
+        self._final: Counter[str] = Counter()  # final status of every sent request
+        self.outcomes: Counter[str] = Counter()  # why each EV stopped following its request
+        #: id() -> record of the requests counted in ``unanswered_count``, oldest first; when bounded, trimmed
+        #: to the newest ``keep_records`` whenever it holds twice that many
+        self._unanswered: dict[int, RequestRecord] = {}
         self.status_events: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
         self.active_sessions = 0  # EVs charging right now (assigned, not yet completed)
@@ -222,16 +366,65 @@ class FleetStats:
 
     # --- recording ----------------------------------------------------------------------------
     def new_record(self, record: RequestRecord) -> RequestRecord:
-        self.records.append(record)
+        """Keep ``record`` (dropping the oldest kept one when bounded) and count it from now on: later changes
+        of its ``attempts``/``released``/``outcome`` and answers through :meth:`on_answer` update the counters."""
+        if record._stats is not None and record._stats is not self:
+            raise ValueError("the record already belongs to another FleetStats")
+        if record._stats is None:
+            record._stats = self
+            self.records_created += 1
+            self._record_changed(record, _Tally(0, 0, 0, 0, 0, None, None))
+            self.records.append(record)
         return record
+
+    def _record_changed(self, record: RequestRecord, before: _Tally) -> None:
+        """Apply what changed in ``record`` since ``before`` to the running counters. Each counter gets one
+        in-place add, so a scrape from another thread never sees a counter step back and forth."""
+        after = _Tally.of(record)
+        if after != before:
+            if after.sent != before.sent:
+                self.sent += after.sent - before.sent
+            if after.retries != before.retries:
+                self.retries += after.retries - before.retries
+            if after.retried != before.retried:
+                self.retried_requests += after.retried - before.retried
+            if after.attempts != before.attempts:
+                self.total_attempts += after.attempts - before.attempts
+            if after.released != before.released:
+                self.released_by_ev += after.released - before.released
+            if after.final_status != before.final_status:
+                _bump(self._final, after.final_status, 1)
+                _bump(self._final, before.final_status, -1)
+            if after.outcome != before.outcome:
+                _bump(self.outcomes, after.outcome, 1)
+                _bump(self.outcomes, before.outcome, -1)
+        pending = record._attempts > 0 and not record.answered
+        if pending != record._pending:
+            record._pending = pending
+            if pending:
+                self.unanswered_count += 1
+                self._unanswered[id(record)] = record
+                keep = self.keep_records
+                if keep is not None and len(self._unanswered) > 2 * keep:
+                    # amortised: trim to the newest ``keep`` only when twice that many; trimming one at a time
+                    # would let every request in flight push out an old never-answered one
+                    for key in list(self._unanswered)[:-keep]:
+                        del self._unanswered[key]
+            else:
+                self.unanswered_count -= 1
+                self._unanswered.pop(id(record), None)
 
     def on_answer(self, record: RequestRecord, now: float, status: str, **fields: Any) -> bool:
         """Record one answer for ``record``; updates latencies and live counters. ``False``: a duplicate."""
         was_answered = record.answered
         was_assigned = record.assigned_s is not None
         previous = record.final_status
+        before = _Tally.of(record)
         if not record.record_answer(now, status, **fields):
+            self.duplicate_answers += 1
             return False
+        if record._stats is self:
+            self._record_changed(record, before)
         self.status_events[status] += 1
         if fields.get("reason"):
             self.reasons[f"{status}:{fields['reason']}"] += 1
@@ -250,29 +443,25 @@ class FleetStats:
         self.active_sessions += int(charging_after) - int(charging_before)
         self.queued_now += int(status == "queued") - int(previous == "queued")
 
-    # --- derived ------------------------------------------------------------------------------
-    @property
-    def sent(self) -> int:
-        return sum(1 for r in self.records if r.attempts > 0)
-
+    # --- derived (from the running counters: nothing here walks the records) -------------------
     @property
     def answered(self) -> int:
-        return len(self.first_answer)
+        """Requests answered (first answers, all of them, also when the latency window is bounded)."""
+        return self.first_answer.count
 
     def sent_and_retries(self) -> tuple[int, int]:
         """Requests sent, and re-sends of requests not answered yet (publishes after each one's first)."""
-        sent = retries = 0
-        for r in list(self.records):  # a copy: the metrics read this from their own thread
-            if r.attempts > 0:
-                sent += 1
-                retries += r.attempts - 1
-        return sent, retries
+        return self.sent, self.retries
 
     def unanswered(self) -> list[RequestRecord]:
-        return [r for r in self.records if r.attempts > 0 and not r.answered]
+        """Requests sent and not answered (yet), oldest first; when bounded, at most the ``keep_records``
+        most recent of them (:attr:`unanswered_count` is the exact number)."""
+        records = list(self._unanswered.values())
+        return records if self.keep_records is None else records[-self.keep_records:]
 
     def final_counts(self) -> Counter[str]:
-        return Counter(r.final_status for r in self.records if r.attempts > 0)
+        """Sent requests by their last status heard (``unanswered`` without an answer)."""
+        return Counter(self._final)
 
     def elapsed(self, now: float) -> float:
         end = self.ended_at if self.ended_at is not None else now
@@ -301,7 +490,7 @@ class FleetStats:
             "requests_planned": self.total,
             "requests_sent": self.sent,
             "requests_answered": self.answered,
-            "requests_unanswered": len(unanswered),
+            "requests_unanswered": self.unanswered_count,
             "unanswered_request_ids": [f"{r.ev_id}/{r.request_id}" for r in unanswered],
             "elapsed_s": round(elapsed, 3),
             "throughput_rps": round(self.answered / elapsed, 3) if elapsed > 0 else 0.0,
@@ -310,17 +499,27 @@ class FleetStats:
             "status_events": dict(sorted(self.status_events.items())),
             "final_status": dict(sorted(self.final_counts().items())),
             "reasons": dict(sorted(self.reasons.items())),
-            "retried_requests": sum(1 for r in self.records if r.attempts > 1),
-            "total_attempts": sum(r.attempts for r in self.records),
-            "duplicate_answers": sum(r.duplicates for r in self.records),
-            "released_by_ev": sum(1 for r in self.records if r.released),
+            "outcomes": dict(sorted(self.outcomes.items())),
+            "retried_requests": self.retried_requests,
+            "total_attempts": self.total_attempts,
+            "duplicate_answers": self.duplicate_answers,
+            "released_by_ev": self.released_by_ev,
             "active_sessions": self.active_sessions,
             "connect_failures": self.connect_failures,
             "arrivals_delayed": self.arrivals_delayed,
+            # what ``requests`` of the saved file holds: every record (limit None) or the most recent ones
+            "records_limit": self.keep_records,
+            "records_kept": len(self.records),
+            "records_dropped": self.records_created - len(self.records),
         }
 
     def report(self, now: float, **extra: Any) -> dict[str, Any]:
-        """Summary plus every request record: what ``--save`` writes."""
+        """Summary plus the request records that were sent: what ``--save`` writes.
+
+        Exact (every record) unless the stats are bounded (``keep_records``, an open-ended fleet): then
+        ``requests`` holds the sent ones among the ``keep_records`` most recently created records (oldest
+        first; a long charge that started earlier may be missing), and ``summary.records_dropped`` says how
+        many older records were let go. The summary's counts always cover the whole run."""
         doc: dict[str, Any] = {"summary": self.summary(now)}
         doc.update(extra)
         requests = []
@@ -358,16 +557,23 @@ class FleetStats:
                            ("request -> assigned", "latency_to_assigned")):
             lat = s[key]
             if lat["count"]:
+                window = lat.get("window")
+                of_last = f" (p of last {window})" if window is not None and window < lat["count"] else ""
                 rows.append((label, f"n={lat['count']} p50={lat['p50_ms']:.2f} p95={lat['p95_ms']:.2f} "
-                                    f"p99={lat['p99_ms']:.2f} max={lat['max_ms']:.2f} ms"))
+                                    f"p99={lat['p99_ms']:.2f} max={lat['max_ms']:.2f} ms{of_last}"))
             else:
                 rows.append((label, "n=0"))
         rows.append(("answers by status", ", ".join(f"{k}={v}" for k, v in s["status_events"].items()) or "-"))
         rows.append(("final status", ", ".join(f"{k}={v}" for k, v in s["final_status"].items()) or "-"))
         if s["reasons"]:
             rows.append(("reasons", ", ".join(f"{k}={v}" for k, v in s["reasons"].items())))
+        if s["records_dropped"]:
+            rows.append(("records kept", f"last {s['records_kept']} (older {s['records_dropped']} counted, "
+                                         f"not kept: EV_KEEP_RECORDS)"))
         width = max(len(r[0]) for r in rows)
         lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
         if s["unanswered_request_ids"]:
-            lines.append("never answered: " + " ".join(s["unanswered_request_ids"]))
+            ids = s["unanswered_request_ids"]
+            more = s["requests_unanswered"] - len(ids)
+            lines.append("never answered: " + " ".join(ids) + (f" (and {more} older)" if more > 0 else ""))
         return "\n".join(lines)

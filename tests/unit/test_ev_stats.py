@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+import tracemalloc
 
 import pytest
 
-from ev_clients.cli import build_parser, main, parse_url
+from ev_clients.cli import _settings, build_parser, main, parse_url
+from ev_clients.fleet import FleetRunner, RunConfig
 from ev_clients.settings import EvSettings
 from ev_clients.stats import FleetStats, LatencyRecorder, RequestRecord, percentile
 from ev_clients.workload import (
@@ -154,6 +156,186 @@ def test_summary_counts_unanswered_and_json_shape() -> None:
     assert "answered 3/4" in stats.live_line(11.0)
     table = stats.table(12.0)
     assert "never answered: EV_0004/lost" in table and "p99=3.00" in table
+
+
+# --- bounded memory for open-ended fleets, exact finite runs -----------------------------------
+
+
+def _simulate(stats: FleetStats, n: int, *, start: int = 0) -> None:
+    """``n`` requests driven the way ``SimulatedEv`` drives them. Request ``i``: first answer after
+    ``(i % 997 + 1)`` ms; every 10th is re-sent once; every 50th is never answered; every 7th is queued
+    before it is assigned; every 20th is released early by the EV (``completed`` after the Release)."""
+    for i in range(start, start + n):
+        r = stats.new_record(RequestRecord(ev_id=f"EV_{i % 20 + 1:04d}", request_id=f"r{i}", requested_kw=11.0))
+        t = float(i)
+        r.sent_at = t
+        r.attempts += 1
+        if i % 10 == 0:
+            r.attempts += 1
+        if i % 50 == 0:
+            r.outcome = "unanswered"
+            r.released = True
+            continue
+        first = t + (i % 997 + 1) / 1000
+        if i % 7 == 0:
+            stats.on_answer(r, first, "queued", reason="no_headroom", position=1)
+            stats.on_answer(r, first, "queued", reason="no_headroom", position=1)  # a retry's duplicate
+            stats.on_answer(r, first + 0.5, "assigned", substation_id="A", granted_kw=11.0)
+        else:
+            stats.on_answer(r, first, "assigned", substation_id="A", granted_kw=11.0)
+        if i % 20 == 0:
+            r.released = True
+            stats.on_answer(r, t + 2.0, "completed", reason="released", substation_id="A", granted_kw=11.0)
+            r.outcome = "released_early"
+        else:
+            stats.on_answer(r, t + 3.0, "completed", reason="energy_delivered", substation_id="A", granted_kw=11.0)
+            r.outcome = r.final_status
+
+
+def _expected(n: int) -> dict[str, object]:
+    lost = sum(1 for i in range(n) if i % 50 == 0)
+    queued = sum(1 for i in range(n) if i % 50 and i % 7 == 0)
+    early = sum(1 for i in range(n) if i % 50 and i % 20 == 0)
+    answered = n - lost
+    return {
+        "requests_sent": n, "requests_answered": answered, "requests_unanswered": lost,
+        "retried_requests": (n + 9) // 10, "total_attempts": n + (n + 9) // 10, "duplicate_answers": queued,
+        "released_by_ev": lost + early,
+        "status_events": {"assigned": answered, "completed": answered, "queued": queued},
+        "final_status": {"completed": answered, "unanswered": lost},
+        "outcomes": {"completed": answered - early, "released_early": early, "unanswered": lost},
+        "reasons": {"completed:energy_delivered": answered - early, "completed:released": early,
+                    "queued:no_headroom": queued},
+    }
+
+
+def test_open_ended_fleet_keeps_a_bounded_window_and_exact_counts() -> None:
+    runner = FleetRunner(EvSettings(keep_records=800), RunConfig(mode="fleet"))  # no --requests: open-ended
+    stats = runner.stats
+    assert stats.keep_records == 800
+    n = 50_000
+    _simulate(stats, n)
+    # memory: the window, not the run
+    assert len(stats.records) == 800
+    assert stats.first_answer.kept == 800 and stats.to_assigned.kept == 800
+    assert [r.request_id for r in stats.records] == [f"r{i}" for i in range(n - 800, n)]
+    # counts: exact over the whole run
+    stats.ended_at = float(n)
+    s = stats.summary(now=float(n))
+    for key, value in _expected(n).items():
+        assert s[key] == value, key
+    assert stats.sent_and_retries() == (n, (n + 9) // 10)
+    assert s["records_limit"] == 800 and s["records_kept"] == 800 and s["records_dropped"] == n - 800
+    # the ids of unanswered requests: the most recent ones, at most the window (the count is exact)
+    lost_ids = [f"EV_{i % 20 + 1:04d}/r{i}" for i in range(0, n, 50)]
+    assert len(lost_ids) == s["requests_unanswered"] == 1000
+    assert s["unanswered_request_ids"] == lost_ids[-800:]
+    assert "(and 200 older)" in stats.table(float(n))
+    # latencies: count/min/mean/max over every answer, percentiles over the last 800 first answers
+    lat = s["latency_first_answer"]
+    firsts = [(i % 997 + 1) / 800 for i in range(n) if i % 50]
+    assert lat["count"] == len(firsts) and lat["window"] == 800
+    assert lat["min_ms"] == 1.0 and lat["max_ms"] == 997.0
+    assert lat["mean_ms"] == pytest.approx(round(sum(firsts) / len(firsts) * 800, 3), abs=0.002)
+    recent = sorted(firsts[-800:])
+    for p in (50, 95, 99):
+        assert lat[f"p{p}_ms"] == round(percentile(recent, p) * 800, 3)  # type: ignore[operator]
+    # what --save writes: the kept records, said so in the summary
+    report = stats.report(now=float(n))
+    assert len(report["requests"]) == 800 and report["requests"][-1]["request_id"] == f"r{n - 1}"
+    table = stats.table(float(n))
+    assert f"n={len(firsts)}" in table and "(p of last 800)" in table and f"older {n - 800} counted" in table
+
+
+def test_open_ended_fleet_memory_does_not_grow_with_the_run() -> None:
+    stats = FleetStats(mode="fleet", keep_records=500)
+    _simulate(stats, 2_000)  # the window is full from here on
+    tracemalloc.start()
+    try:
+        _simulate(stats, 20_000, start=2_000)
+        grown, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(stats.records) == 500 and stats.first_answer.kept == 500 and stats.to_assigned.kept == 500
+    assert stats.sent == 22_000 and stats.status_events["completed"] == 22_000 - 440
+    # keeping every record would add about 13 MB here (about 600 bytes each); what is left is the window, the
+    # never-answered requests kept for their ids (440 here, at most 2 x 500) and allocator noise
+    assert grown < 1_500_000, grown
+
+
+def test_a_record_changed_after_it_left_the_window_is_still_counted() -> None:
+    stats = FleetStats(mode="fleet", keep_records=2)
+    long = stats.new_record(RequestRecord(ev_id="EV_0001", request_id="long", requested_kw=11.0))
+    long.sent_at = 0.0
+    long.attempts = 1
+    stats.on_answer(long, 0.01, "assigned", substation_id="A", granted_kw=11.0)
+    _simulate(stats, 5, start=1)  # pushes "long" out of the window
+    assert long not in stats.records
+    stats.on_answer(long, 9.0, "completed", reason="energy_delivered", substation_id="A", granted_kw=11.0)
+    long.outcome = "completed"
+    assert stats.final_counts() == {"completed": 6}
+    assert stats.outcomes == {"completed": 6} and stats.active_sessions == 0
+
+
+def test_record_counted_from_new_record_on_and_belongs_to_one_stats() -> None:
+    a, b = FleetStats(mode="fleet"), FleetStats(mode="fleet")
+    r = RequestRecord(ev_id="EV_0001", request_id="r", requested_kw=7.4)
+    r.attempts = 3  # before it is added: counted when it is
+    assert a.new_record(r) is r and a.new_record(r) is r  # twice: counted once
+    assert (a.sent, a.retries, a.retried_requests, a.total_attempts, a.unanswered_count) == (1, 2, 1, 3, 1)
+    assert len(a.records) == 1 and a.unanswered() == [r]
+    with pytest.raises(ValueError):
+        b.new_record(r)
+    with pytest.raises(ValueError):
+        FleetStats(mode="fleet", keep_records=0)
+
+
+def test_finite_runs_keep_every_record_and_exact_percentiles() -> None:
+    settings = EvSettings(keep_records=100)  # ignored: the run is finite
+    for config in (RunConfig(mode="loadtest", requests=3000), RunConfig(mode="fleet", requests=3000)):
+        stats = FleetRunner(settings, config).stats
+        assert stats.keep_records is None
+        n = 3000
+        _simulate(stats, n)
+        assert len(stats.records) == n and stats.first_answer.kept == stats.first_answer.count
+        s = stats.summary(now=float(n))
+        for key, value in _expected(n).items():
+            assert s[key] == value, key
+        firsts = sorted((i % 997 + 1) / 1000 for i in range(n) if i % 50)
+        lat = s["latency_first_answer"]
+        assert "window" not in lat and lat["count"] == len(firsts)
+        for p in (50, 95, 99):
+            assert lat[f"p{p}_ms"] == round(percentile(firsts, p) * 1000, 3)  # type: ignore[operator]
+        assert s["records_limit"] is None and s["records_dropped"] == 0
+        assert s["unanswered_request_ids"] == [f"EV_{i % 20 + 1:04d}/r{i}" for i in range(0, n, 50)]
+        report = stats.report(now=float(n))
+        assert [r["request_id"] for r in report["requests"]] == [f"r{i}" for i in range(n)]
+        assert "p of last" not in stats.table(float(n))
+
+
+def test_latency_window_keeps_the_most_recent_samples() -> None:
+    rec = LatencyRecorder(window=3)
+    for ms in (5, 1, 4, 2, 3):
+        rec.add(ms / 1000)
+        assert rec.kept <= 3
+    assert len(rec) == rec.count == 5 and rec.kept == 3
+    assert rec.percentile(50) == 0.003 and rec.percentile(100) == 0.004  # of 4, 2, 3
+    rec.add(0.0005)  # window 2, 3, 0.5: the cached order is refreshed
+    assert rec.percentile(1) == 0.0005 and rec.percentile(100) == 0.003
+    assert rec.summary() == {"count": 6, "min_ms": 0.5, "mean_ms": 2.583, "p50_ms": 2.0, "p95_ms": 3.0,
+                             "p99_ms": 3.0, "max_ms": 5.0, "window": 3}
+    assert LatencyRecorder(window=2).summary()["window"] == 0
+    with pytest.raises(ValueError):
+        LatencyRecorder(window=0)
+
+
+def test_keep_records_setting_and_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert EvSettings().keep_records == 10_000
+    monkeypatch.setenv("EV_KEEP_RECORDS", "250")
+    assert EvSettings().keep_records == 250
+    args = build_parser().parse_args(["fleet", "--keep-records", "42"])
+    assert _settings(args).keep_records == 42
+    assert FleetRunner(_settings(args), RunConfig(mode="fleet")).stats.keep_records == 42
 
 
 # --- request generation ----------------------------------------------------------------------

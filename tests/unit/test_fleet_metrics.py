@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -107,3 +108,77 @@ def test_connections_are_aggregated_under_one_client_label() -> None:
     text = generate_latest(registry).decode()
     assert 'client="EV_' not in text  # no per-EV label anywhere
     assert text.count("gridlb_mqtt_connected{") == 1
+
+
+class NoWalking:
+    """Stands in for the records (and the unanswered ones): any walk over them fails the test."""
+
+    def __iter__(self) -> Any:
+        raise AssertionError("a scrape walked the records")
+
+    def __len__(self) -> int:
+        raise AssertionError("a scrape walked the records")
+
+    def values(self) -> Any:
+        raise AssertionError("a scrape walked the records")
+
+
+def test_open_ended_fleet_scrape_reads_counters_not_records() -> None:
+    runner = FleetRunner(EvSettings(keep_records=5), RunConfig(mode="fleet"))  # open-ended: bounded window
+    registry = CollectorRegistry()
+    register_fleet_metrics(runner, registry)
+    stats = runner.stats
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    n = 1000
+    for i in range(n):
+        r = request(runner, f"r{i}", attempts=1 + (i % 4 == 0), sent_at=float(i))
+        if i % 100 == 99:
+            continue  # never answered
+        stats.on_answer(r, i + 0.001, "queued" if i % 2 else "assigned", substation_id="A", granted_kw=11.0)
+        stats.on_answer(r, i + 0.001, "queued" if i % 2 else "assigned", substation_id="A", granted_kw=11.0)  # dup
+        if i % 2:
+            stats.on_answer(r, i + 0.5, "assigned", substation_id="A", granted_kw=11.0)
+        if i < n - 10:  # the last ones are still charging
+            stats.on_answer(r, i + 0.9, "completed", reason="energy_delivered")
+    assert len(stats.records) == 5 and stats.first_answer.kept == 5  # bounded ...
+
+    stats.records = NoWalking()  # type: ignore[assignment]
+    stats._unanswered = NoWalking()  # type: ignore[assignment]
+    answered = n - n // 100
+    charging = 9  # 990 ... 998 (999 was never answered)
+    assert value("gridlb_ev_requests_total") == n  # ... the counters are not
+    assert value("gridlb_ev_retries_total") == n // 4
+    assert value("gridlb_ev_answers_total", status="assigned") == answered
+    assert value("gridlb_ev_answers_total", status="queued") == answered // 2 - 5  # odd i, 99 ... 999 excepted
+    assert value("gridlb_ev_answers_total", status="completed") == answered - charging
+    assert value("gridlb_ev_active_sessions") == charging
+    assert value("gridlb_ev_queued_requests") == 0
+    assert value("gridlb_ev_answer_latency_seconds_count") == answered  # every first answer, not the window
+    assert value("gridlb_ev_answer_latency_seconds_bucket", le="0.0025") == answered
+    # the rest of the live view reads counters too
+    assert stats.sent_and_retries() == (n, n // 4)
+    assert stats.unanswered_count == n // 100 and stats.answered == answered
+    assert "answered 990/1000" in stats.live_line(float(n))
+
+
+def test_counters_seen_by_a_scrape_never_go_down_while_a_request_changes() -> None:
+    runner, registry = runner_with_registry()
+    stats = runner.stats
+    record = request(runner, "r", attempts=0)
+    seen: list[tuple[int, int]] = []
+    original = stats._record_changed
+
+    def spying(rec: RequestRecord, before: Any) -> None:
+        original(rec, before)
+        seen.append(stats.sent_and_retries())
+
+    stats._record_changed = spying  # type: ignore[method-assign]
+    for _ in range(4):
+        record.attempts += 1
+    stats.on_answer(record, 101.0, "assigned", substation_id="A", granted_kw=11.0)
+    record.outcome = "completed"
+    assert seen == sorted(seen) and seen[-1] == (1, 3)
+    assert registry.get_sample_value("gridlb_ev_retries_total") == 3
