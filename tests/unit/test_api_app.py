@@ -411,3 +411,17 @@ def test_only_allowed_host_names_are_served_when_configured(fake: FakeTransport)
         assert p["type"].endswith("invalid-host")
         assert fake.published == []
 
+
+
+def test_api_models_that_mirror_the_contract_have_its_fields() -> None:
+    """The API describes MQTT payloads it passes through (answers, queue entries) with pydantic models for
+    OpenAPI; they must not drift from the contract's msgspec models (one definition, checked here)."""
+    import msgspec
+
+    from api import schemas
+    from grid_protocol import messages
+
+    for api_model, contract in ((schemas.Assignment, messages.Assignment), (schemas.QueueEntry, messages.QueueEntry)):
+        assert list(api_model.model_fields) == [f.name for f in msgspec.structs.fields(contract)], api_model
+    # POST /charge takes the original HTTP body plus every optional field of the MQTT request.
+    assert {f.name for f in msgspec.structs.fields(messages.ChargeRequest)} <= set(schemas.ChargeIn.model_fields)
