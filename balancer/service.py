@@ -220,9 +220,10 @@ class BalancerService:
         reason, detail, effects = self.core.on_control(command, now)
         self._publish(effects)
         sub = self.core.substations.get(command.substation_id)
-        state = substation_state(self.core, sub, now) if sub is not None else None
-        if state is not None:
-            self._send_state(self.topics.substation_state(sub.id), state, now, force=True)  # type: ignore[union-attr]
+        state = None
+        if sub is not None:  # its new state at once, not at the next periodic publish
+            state = substation_state(self.core, sub, now)
+            self._send_state(self.topics.substation_state(sub.id), state, now, force=True)
         result = ControlResult(ok=reason is None, action=command.action, substation_id=command.substation_id,
                                ts=now, request_id=command.request_id, reason=reason, detail=detail, state=state)
         self.transport.publish(self.topics.balancer_control_result(), encode(result), 1)
