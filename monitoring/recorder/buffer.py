@@ -56,7 +56,4 @@ class PointBuffer:
 
     def flush_drop_log(self) -> None:
         """Log drops that the rate limit held back (called at shutdown so no count goes unlogged)."""
-        pending = self._drop_log.pending("buffer_full")
-        if pending:
-            log.warning("buffer_full_dropping_oldest", count=pending, max_points=self.max_points,
-                        dropped_total=self.stats.points_dropped["buffer_full"])
+        self._drop_log.flush("buffer_full")
