@@ -16,7 +16,7 @@ import uvicorn
 from api.app import create_app
 from api.settings import ApiSettings
 from grid_runtime.lifecycle import run_until_signalled
-from grid_runtime.logs import configure_logging, get_logger
+from grid_runtime.logs import get_logger
 from grid_runtime.settings import load_settings
 
 
@@ -27,7 +27,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(ApiSettings)
     if settings is None:
         return 2
-    configure_logging(settings.grid.log_level, settings.grid.log_format, settings.grid.log_file)
     log = get_logger("api")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,

@@ -17,7 +17,7 @@ from balancer import metrics
 from balancer.service import build
 from balancer.settings import BalancerSettings
 from grid_runtime.lifecycle import run_until_signalled
-from grid_runtime.logs import configure_logging, get_logger
+from grid_runtime.logs import get_logger
 from grid_runtime.metrics import serve_metrics, stop_metrics
 from grid_runtime.settings import load_settings
 
@@ -34,7 +34,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(BalancerSettings)
     if settings is None:
         return 2
-    configure_logging(settings.grid.log_level, settings.grid.log_format, settings.grid.log_file)
     log = get_logger("balancer")
     log.info("balancer_starting", host=settings.mqtt.host, port=settings.mqtt.port,
              username=settings.mqtt.username, client=settings.mqtt_client,

@@ -7,10 +7,12 @@ in tests and in docker compose.
 from __future__ import annotations
 
 import sys
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from grid_runtime.logs import configure_logging
 
 
 class MqttSettings(BaseSettings):
@@ -56,14 +58,24 @@ class GridSettings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
 
-_S = TypeVar("_S", bound=BaseSettings)
+class _ServiceSettings(Protocol):
+    grid: GridSettings
+
+
+_S = TypeVar("_S", bound=_ServiceSettings)
 
 
 def load_settings(cls: type[_S]) -> _S | None:
-    """``cls()`` from the environment; on a bad value print what is wrong to stderr and return ``None`` (the
-    service's CLI then exits 2), so a misconfigured service says why instead of a traceback."""
+    """A service's settings from the environment, with its logging configured from them (``LOG_*``).
+
+    On a bad value print what is wrong to stderr and return ``None`` (the service's CLI then exits 2), so a
+    misconfigured service says why instead of a traceback.
+    """
     try:
-        return cls()
+        settings = cls()
     except ValidationError as exc:
         print(f"invalid configuration:\n{exc}", file=sys.stderr)
         return None
+    grid = settings.grid
+    configure_logging(grid.log_level, grid.log_format, grid.log_file)
+    return settings

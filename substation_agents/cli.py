@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from grid_runtime.lifecycle import run_until_signalled
-from grid_runtime.logs import configure_logging, get_logger
+from grid_runtime.logs import get_logger
 from grid_runtime.metrics import serve_metrics, stop_metrics
 from grid_runtime.settings import load_settings
 from replay.scenario import Scenario, ScenarioError, load_scenario
@@ -54,7 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ScenarioError as exc:
             print(f"invalid configuration: SUBSTATION_SCENARIO: {exc}", file=sys.stderr)
             return 2
-    configure_logging(settings.grid.log_level, settings.grid.log_format, settings.grid.log_file)
 
     live: dict[str, SubstationAgent] = {}
     metrics = start_metrics(settings, lambda: live)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from grid_runtime.lifecycle import run_until_signalled
-from grid_runtime.logs import configure_logging, get_logger
+from grid_runtime.logs import get_logger
 from grid_runtime.metrics import MqttCollector, serve_metrics, stop_metrics
 from grid_runtime.mqtt import make_transport
 from grid_runtime.settings import load_settings
@@ -47,7 +47,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(RecorderSettings)
     if settings is None:
         return 2
-    configure_logging(settings.grid.log_level, settings.grid.log_format, settings.grid.log_file)
     log = get_logger("recorder")
     log.info("recorder_starting", host=settings.mqtt.host, port=settings.mqtt.port,
              username=settings.mqtt.username, influx_url=settings.influx.url)
