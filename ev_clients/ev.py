@@ -13,7 +13,9 @@ The EV subscribes to its assignment topic before it publishes anything, then for
 3. every answer is recorded in a :class:`~ev_clients.stats.RequestRecord` with monotonic timestamps
    taken when the message arrives (first-answer latency, time to ``assigned``).
 
-Answers for other request ids (an earlier visit of the same EV id, duplicates) are ignored.
+Answers for other request ids (an earlier visit of the same EV id, duplicates) are ignored. An EV releases only
+requests it sent itself, always naming the ``request_id``: whatever else holds its EV id (a session opened
+through the API, another run) is never ended by it (:class:`OwnRequests`, :meth:`SimulatedEv.release_own`).
 """
 
 from __future__ import annotations
@@ -66,14 +68,44 @@ class EvBehaviour:
         return self.poll_after_s if self.poll_after_s is not None else max(4 * self.retry_after_s, 1.0)
 
 
+class OwnRequests:
+    """Request ids this run sent per EV id whose end it has not heard (unanswered, a release nobody confirmed):
+    the only requests the run may release later. Shared by every visit of an EV id, so a later visit can close
+    what an earlier one left open, and nothing else. Bounded: the newest ``keep`` per EV id (the balancer keeps
+    at most one open request per EV, so older unconfirmed ones are closed already)."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self._open: dict[str, dict[str, None]] = {}
+
+    def sent(self, ev_id: str, request_id: str) -> None:
+        ids = self._open.setdefault(ev_id, {})
+        ids[request_id] = None
+        while len(ids) > self.keep:
+            del ids[next(iter(ids))]
+
+    def ended(self, ev_id: str, request_id: str) -> None:
+        ids = self._open.get(ev_id)
+        if ids is not None:
+            ids.pop(request_id, None)
+            if not ids:
+                del self._open[ev_id]
+
+    def open(self, ev_id: str) -> list[str]:
+        """Oldest first."""
+        return list(self._open.get(ev_id, ()))
+
+
 class SimulatedEv:
     """An EV with its own transport (client id == username == ``ev_id``)."""
 
     def __init__(self, ev_id: str, mqtt: MqttSettings, topics: Topics, stats: FleetStats,
                  behaviour: EvBehaviour | None = None, *, client_kind: str = "aiomqtt",
                  rng: random.Random | None = None, stop: asyncio.Event | None = None,
-                 clock: Callable[[], float] = time.monotonic, transport: Transport | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, transport: Transport | None = None,
+                 own: OwnRequests | None = None) -> None:
         self.ev_id = ev_id
+        self.own = own if own is not None else OwnRequests()
         self.topics = topics
         self.stats = stats
         self.behaviour = behaviour or EvBehaviour()
@@ -91,7 +123,6 @@ class SimulatedEv:
         self._current: str | None = None
         self._session: str | None = None  # session id of the current request, once assigned
         self._inbox: asyncio.Queue[tuple[float, Assignment]] = asyncio.Queue()
-        self._other_closed = asyncio.Event()
         self._run_task: asyncio.Task[None] | None = None
         self.invalid_messages = 0
         self.ignored_messages = 0
@@ -151,8 +182,6 @@ class SimulatedEv:
             answer.request_id = self._current
         if answer.request_id is None or answer.request_id != self._current:
             self.ignored_messages += 1
-            if answer.status in TERMINAL_STATUSES:
-                self._other_closed.set()
             return
         self._inbox.put_nowait((received, answer))
 
@@ -192,10 +221,8 @@ class SimulatedEv:
             ev_id=self.ev_id, request_id=request.request_id, requested_kw=request.requested_kw,
             energy_kwh=request.energy_kwh, duration_minutes=request.duration_minutes, priority=request.priority,
         ))
-        self._current = request.request_id
-        self._session = None
-        while not self._inbox.empty():
-            self._inbox.get_nowait()
+        self._follow_only(request.request_id)
+        self.own.sent(self.ev_id, request.request_id)
         payload = encode(request)
         try:
             if not await self._first_answer(record, payload):
@@ -214,8 +241,17 @@ class SimulatedEv:
         finally:
             if record.outcome is None:
                 record.outcome = record.final_status
+            if record.finished:
+                self.own.ended(self.ev_id, record.request_id)
             self._current = None
             self._session = None
+
+    def _follow_only(self, request_id: str) -> None:
+        """From now on only answers for ``request_id`` reach the inbox (older ones are dropped)."""
+        self._current = request_id
+        self._session = None
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
 
     async def _first_answer(self, record: RequestRecord, payload: bytes) -> bool:
         b = self.behaviour
@@ -356,12 +392,25 @@ class SimulatedEv:
         log.warning("ev_release_unanswered", ev_id=self.ev_id, request_id=record.request_id)
         record.outcome = "release_unanswered"
 
-    async def release_stale(self) -> bool:
-        """Release whatever an earlier visit of this EV id left open (after an ``ev_busy`` rejection)."""
-        self._other_closed.clear()
-        self.transport.publish(self._release_topic, encode(Release(ev_id=self.ev_id)), 1)
+    async def release_own(self) -> int:
+        """After an ``ev_busy`` answer: release the requests this run sent for this EV id and never saw end,
+        each by its ``request_id`` (never a bare release, which would end whatever the EV id holds, including
+        a session someone else opened for it). Returns how many it closed; 0 means the EV id is held by a
+        request this run did not make, which it leaves alone."""
+        closed = 0
         try:
-            await asyncio.wait_for(self._other_closed.wait(), self.behaviour.retry_after_s)
-        except TimeoutError:
-            return False
-        return True
+            for request_id in self.own.open(self.ev_id):
+                self._follow_only(request_id)
+                self.transport.publish(self._release_topic, encode(Release(request_id=request_id,
+                                                                           ev_id=self.ev_id)), 1)
+                deadline = self.clock() + self.behaviour.retry_after_s
+                while (got := await self._next(deadline - self.clock())) is not None:
+                    answer = got[1]
+                    if answer.status in TERMINAL_STATUSES:  # closed now, or already (nothing_to_release)
+                        self.own.ended(self.ev_id, request_id)
+                        closed += answer.status != "rejected"
+                        break
+        finally:
+            self._current = None
+            self._session = None
+        return closed

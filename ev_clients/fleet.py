@@ -10,6 +10,10 @@
   releases at once and sends the next request; after ``queued`` it waits for ``assigned`` (at most
   ``timeout_s``, then it releases).
 
+Either releases only requests it sent itself (by ``request_id``): after an ``ev_busy`` answer it closes what
+it left open for that EV id, if anything, and otherwise leaves the EV id's holder alone (a session opened
+through the API, another run) and logs ``ev_id_held_elsewhere``; that EV's requests are answered ``ev_busy``.
+
 A live line reports progress; :meth:`FleetRunner.run` returns the :class:`~ev_clients.stats.FleetStats`.
 """
 
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TextIO
 
-from ev_clients.ev import EvBehaviour, SimulatedEv, new_request_id
+from ev_clients.ev import EvBehaviour, OwnRequests, SimulatedEv, new_request_id
 from ev_clients.settings import EvSettings
 from ev_clients.stats import FleetStats, RequestRecord
 from ev_clients.workload import EvIdPool, RequestMix, arrival_gaps, ev_ids, ramp_offsets, split_evenly
@@ -133,6 +137,8 @@ class FleetRunner:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._taken = 0  # loadtest: requests started by the workers
         self.connections = EvConnections()
+        self.own = OwnRequests()  # requests this run sent and never saw end: the only ones it may release
+        self._held_elsewhere: set[str] = set()  # EV ids already reported as held by someone else
 
     # --- helpers --------------------------------------------------------------------------------
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -156,9 +162,21 @@ class FleetRunner:
 
     def _new_ev(self, ev_id: str, rng: random.Random) -> SimulatedEv:
         ev = SimulatedEv(ev_id, self.settings.mqtt, self.topics, self.stats, self.behaviour,
-                         client_kind=self.settings.client, rng=rng, stop=self.stop, clock=self.clock)
+                         client_kind=self.settings.client, rng=rng, stop=self.stop, clock=self.clock,
+                         own=self.own)
         self.connections.opened(ev.transport)
         return ev
+
+    async def _after_busy(self, ev: SimulatedEv, record: RequestRecord) -> bool:
+        """``ev_busy``: close what this run left open for the EV id (``True``: try again). Anything else holding
+        it is not ours to end: say so once per EV id and leave it."""
+        if await ev.release_own():
+            return True
+        if ev.ev_id not in self._held_elsewhere:
+            self._held_elsewhere.add(ev.ev_id)
+            log.warning("ev_id_held_elsewhere", ev_id=ev.ev_id, request_id=record.request_id,
+                        hint="a request this run did not send holds the EV id (answered ev_busy); left alone")
+        return False
 
     async def _close(self, ev: SimulatedEv) -> None:
         try:
@@ -179,9 +197,8 @@ class FleetRunner:
         try:
             await ev.start()
             record = await ev.charge(self.config.mix.make(rng, ev_id, new_request_id()))
-            if self._busy(record) and not self.stop.is_set():
-                # An earlier visit of this id left a request open (say, a killed run): clear it, try once more.
-                await ev.release_stale()
+            if self._busy(record) and not self.stop.is_set() and await self._after_busy(ev, record):
+                # An earlier visit of this id in this run left a request open: closed now, try once more.
                 await ev.charge(self.config.mix.make(rng, ev_id, new_request_id()))
         finally:
             await self._close(ev)
@@ -231,7 +248,7 @@ class FleetRunner:
                 self._taken += 1
                 record = await ev.charge(self.config.mix.make(rng, ev_id, new_request_id()))
                 if self._busy(record) and not self.stop.is_set():
-                    await ev.release_stale()
+                    await self._after_busy(ev, record)
         finally:
             await self._close(ev)
 

@@ -244,3 +244,52 @@ def test_sigterm_releases_everything_and_saves(broker: LocalBroker, procs: Procs
         else:
             assert r["final_status"] == "cancelled"
     assert doc["summary"]["active_sessions"] == 0
+
+
+def test_loadtest_never_ends_a_session_someone_else_opened_for_its_ev_id(
+        broker: LocalBroker, procs: Procs, tmp_path: Path) -> None:
+    """Someone else (here the ``api`` account, publishing exactly what ``POST /charge`` publishes) holds a long
+    session for EV_0001. A load test whose worker uses EV_0001 gets ``ev_busy`` for each of its requests and
+    must leave that session alone: it may release only requests it sent itself."""
+    procs.agents(broker, "A:100,B:100")
+    procs.balancer(broker)
+    wait_online(broker, ["A", "B"], balancer=True)
+    topics = Topics()
+    watch = Probe(broker, "observer", "grid/v1/#")
+    try:
+        with Probe(broker, "api") as api:
+            held = {"request_id": "someone-else-1", "ev_id": "EV_0001", "requested_kw": 11,
+                    "duration_minutes": 10080}  # a week: still charging long after the load test
+            api.publish(topics.request("EV_0001"), held)
+            first = watch.wait_one(lambda m: m.topic == topics.assignment("EV_0001")
+                                   and m.json()["request_id"] == "someone-else-1", what="the session")
+            assert first.json()["status"] == "assigned", first.json()
+            session_id = first.json()["session_id"]
+
+            out = tmp_path / "loadtest.json"
+            result = run_ev_clients(broker, ["loadtest", "--requests", "6", "--concurrent", "2", "--ramp-up", "0",
+                                             "--retry-after", "1", "--url", f"mqtt://{broker.host}:{broker.port}",
+                                             "--save", str(out), "--seed", "7"], timeout=40)
+            assert result.returncode == 0, _explain(result, procs)
+            records = json.loads(out.read_text())["requests"]
+            mine = [r for r in records if r["ev_id"] == "EV_0001"]
+            assert len(mine) == 3 and all(r["final_status"] == "rejected" for r in mine), mine
+            assert {r["events"][-1]["reason"] for r in mine} == {"ev_busy"}
+            others = [r for r in records if r["ev_id"] == "EV_0002"]
+            assert len(others) == 3 and all(r["final_status"] == "completed" for r in others), others
+
+            # Nothing the load test sent names or covers the held request; no stop reached its agent.
+            releases = [m.json() for m in watch.on(topics.release("EV_0001"))]
+            assert all(r.get("request_id") not in (None, "someone-else-1") for r in releases), releases
+            stops = [c for m in watch.messages if m.topic.endswith("/command") for c in m.json()["commands"]
+                     if c["session_id"] == session_id and c["command"] == "stop"]
+            assert stops == [], stops
+            # The balancer still holds it: the same request again is answered with its current state.
+            since = time.monotonic()
+            api.publish(topics.request("EV_0001"), held)
+            again = watch.wait_one(lambda m: m.topic == topics.assignment("EV_0001")
+                                   and m.json()["request_id"] == "someone-else-1", since=since)
+            assert (again.json()["status"], again.json()["session_id"]) == ("assigned", session_id), again.json()
+    finally:
+        watch.close()
+    assert "ev_id_held_elsewhere" in result.stderr + result.stdout, result.stderr[-2000:]

@@ -256,3 +256,77 @@ def test_release_early_probability(pct: float) -> None:
     else:
         assert record.outcome == "completed" and record.events[-1].reason == "energy_delivered"
         assert fake.releases() == []
+
+
+class OneOpenRequest:
+    """A scripted balancer that keeps one open request per EV, like the real one: another request is
+    ``ev_busy``; a release must match the open request (a bare one matches anything); ``lose_releases``
+    drops releases on the way (the EV's release goes unconfirmed, the request stays open)."""
+
+    def __init__(self, held: str | None = None) -> None:
+        self.open = held
+        self.lose_releases = False
+
+    def __call__(self, kind: str, msg: Any, fake: FakeTransport) -> None:
+        if kind == "request":
+            if self.open is None or self.open == msg.request_id:
+                self.open = msg.request_id
+                fake.send(request_id=msg.request_id, status="assigned", substation_id="A", granted_kw=11.0,
+                          session_id=f"s-{msg.request_id}")
+            else:
+                fake.send(request_id=msg.request_id, status="rejected", reason="ev_busy")
+        elif self.lose_releases:
+            return
+        elif msg.request_id in (None, self.open) and self.open is not None:
+            closed, self.open = self.open, None
+            fake.send(request_id=closed, status="completed", substation_id="A", granted_kw=11.0,
+                      session_id=f"s-{closed}", reason="released")
+        else:
+            fake.send(request_id=msg.request_id, status="rejected", reason="nothing_to_release")
+
+
+def test_release_own_never_touches_a_request_someone_else_holds() -> None:
+    async def scenario() -> tuple[RequestRecord, int, FakeTransport, OneOpenRequest]:
+        balancer = OneOpenRequest(held="someone-else")
+        fake = FakeTransport(balancer)
+        ev = SimulatedEv(EV, MqttSettings(), TOPICS, FleetStats(mode="loadtest", started_at=time.monotonic()),
+                         _behaviour(release_at_once=True), transport=fake, rng=random.Random(1))
+        await ev.start()
+        record = await ev.charge(_request("r1"))
+        closed = await ev.release_own()
+        await ev.close()
+        return record, closed, fake, balancer
+
+    record, closed, fake, balancer = asyncio.run(scenario())
+    assert record.final_status == "rejected" and record.events[-1].reason == "ev_busy"
+    assert closed == 0 and fake.releases() == [] and balancer.open == "someone-else"
+
+
+def test_release_own_closes_what_this_run_left_open_by_its_request_id() -> None:
+    """r1's release goes unanswered (the balancer still holds r1); r2 then gets ``ev_busy``: the EV releases
+    r1 by its id and the next request is assigned. No release ever goes out without a request_id."""
+    async def scenario() -> tuple[list[RequestRecord], list[int], FakeTransport, OneOpenRequest]:
+        balancer = OneOpenRequest()
+        fake = FakeTransport(balancer)
+        ev = SimulatedEv(EV, MqttSettings(), TOPICS, FleetStats(mode="loadtest", started_at=time.monotonic()),
+                         _behaviour(release_at_once=True, max_attempts=2), transport=fake, rng=random.Random(1))
+        await ev.start()
+        balancer.lose_releases = True
+        records = [await ev.charge(_request("r1"))]
+        balancer.lose_releases = False
+        assert ev.own.open(EV) == ["r1"]
+        records.append(await ev.charge(_request("r2")))
+        closed = [await ev.release_own()]
+        records.append(await ev.charge(_request("r3")))
+        closed.append(await ev.release_own())
+        await ev.close()
+        return records, closed, fake, balancer
+
+    records, closed, fake, balancer = asyncio.run(scenario())
+    assert records[0].outcome == "release_unanswered"
+    assert records[1].events[-1].reason == "ev_busy"
+    assert closed == [1, 0]
+    assert records[2].statuses == ["assigned", "completed"]
+    assert all(r.request_id is not None for r in fake.releases()), fake.releases()
+    assert [r.request_id for r in fake.releases()] == ["r1", "r1", "r1", "r3"]  # 2 lost, r1 by release_own, r3
+    assert balancer.open is None
