@@ -24,8 +24,10 @@ from api.problems import PROBLEM_MEDIA_TYPE
 from api.routes import charge, live, metrics, operator, status
 from api.settings import ApiSettings
 from api.state import StateStore
+from api.tokens import TokenStore
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import Transport
+from grid_runtime.ratelimit import RateLimitedLog
 
 log = get_logger("api")
 
@@ -40,21 +42,24 @@ operator actions go to the balancer over MQTT and return its answer. Errors are 
 
 def create_app(settings: ApiSettings | None = None, *, transport: Transport | None = None,
                clock: Callable[[], float] = time.time) -> FastAPI:
+    """The app; raises :class:`~api.tokens.TokenFileError` when ``API_TOKENS_FILE`` cannot be used."""
     settings = settings or ApiSettings()
+    tokens = TokenStore(settings.token, settings.tokens_file)
     store = StateStore(stale_after_s=settings.stale_after_s, recent_assignments=settings.recent_assignments,
                        ev_memory=settings.ev_memory, started_at=clock())
     bridge = Bridge(settings, store, transport, clock)
     hub = LiveHub(store, lambda: bridge.connected, interval_s=settings.sse_interval_s,
                   queue_size=settings.sse_queue_size, max_clients=settings.sse_max_clients, clock=clock)
     bridge.add_listener(hub.changed)
-    ctx = AppContext(settings, store, bridge, hub, ApiMetrics(bridge.transport, store, hub, clock), clock)
+    ctx = AppContext(settings, store, bridge, hub, ApiMetrics(bridge.transport, store, hub, clock), tokens,
+                     RateLimitedLog(log.warning, interval_s=10.0), clock)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await bridge.start()
         hub.start()
         log.info("api_started", mqtt_host=settings.mqtt.host, mqtt_port=settings.mqtt.port,
-                 operator_actions=settings.token is not None)
+                 tokens=len(tokens), operator_actions=tokens.has_operator, public_reads=settings.public_reads)
         try:
             yield
         finally:
@@ -72,12 +77,13 @@ def create_app(settings: ApiSettings | None = None, *, transport: Transport | No
     for module in (status, charge, operator, live, metrics):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=live.STATIC_DIR), name="static")
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app, public_reads=settings.public_reads)  # type: ignore[method-assign]
     return app
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema, with every error response as ``application/problem+json`` ProblemDetails."""
+def _openapi(app: FastAPI, *, public_reads: bool) -> dict[str, Any]:
+    """FastAPI's schema, with every error response as ``application/problem+json`` ProblemDetails, and each
+    operation's security as the roles it accepts (no token needed for reads while ``API_PUBLIC_READS`` is on)."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
@@ -86,12 +92,23 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         for operation in path_item.values():
             if not isinstance(operation, dict):
                 continue
+            if "security" in operation:
+                security: list[dict[str, list[str]]] = []
+                for requirement in operation["security"]:  # a router's and a route's dependency: listed twice
+                    if requirement not in security:
+                        security.append(requirement)
+                if public_reads and {"viewer": []} in security:
+                    security.insert(0, {})  # optional: anyone may read
+                operation["security"] = security
             responses = operation.setdefault("responses", {})
             for code, response in responses.items():
                 if code.isdigit() and int(code) >= 400:
                     if code == "422":
                         response["description"] = "Invalid request (problem details list the errors)"
                     response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": ref}}
+    schemes = schema.get("components", {}).get("securitySchemes", {})
+    order = ("operator", "ev", "viewer")  # the Authorize dialog of /docs lists them so
+    schema.get("components", {})["securitySchemes"] = dict(sorted(schemes.items(), key=lambda kv: order.index(kv[0])))
     components = schema.get("components", {}).get("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)

@@ -1,20 +1,23 @@
 """``python -m api``: serve the API and live page with uvicorn until SIGINT/SIGTERM.
 
 Configured by environment variables only: ``API_HOST`` / ``API_PORT`` (default 127.0.0.1:8000),
-``API_TOKEN`` (operator actions), ``API_REQUEST_TIMEOUT_S`` and the ``MQTT_*`` / ``GRID_*`` / ``LOG_*``
-variables of the other services (``MQTT_USERNAME`` defaults to ``api``).
+``API_TOKEN`` (the operator's token), ``API_TOKENS_FILE`` (scoped tokens, hashes only), ``API_PUBLIC_READS``,
+``API_REQUEST_TIMEOUT_S`` and the ``MQTT_*`` / ``GRID_*`` / ``LOG_*`` variables of the other services
+(``MQTT_USERNAME`` defaults to ``api``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from collections.abc import Sequence
 
 import uvicorn
 
 from api.app import create_app
 from api.settings import ApiSettings
+from api.tokens import TokenFileError
 from grid_runtime.lifecycle import run_until_signalled
 from grid_runtime.logs import get_logger
 from grid_runtime.settings import load_settings
@@ -28,7 +31,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings is None:
         return 2
     log = get_logger("api")
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except TokenFileError as exc:
+        print(f"invalid configuration: {exc}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=3, server_header=False)
     server = uvicorn.Server(config)

@@ -1,4 +1,4 @@
-"""What the routes share: settings, the state store, the MQTT bridge, the live hub and the metrics."""
+"""What the routes share: settings, the state store, the MQTT bridge, the live hub, the metrics and the tokens."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from api.metrics import ApiMetrics
 from api.mqtt_bridge import Bridge
 from api.settings import ApiSettings
 from api.state import StateStore
+from api.tokens import TokenStore
+from grid_runtime.ratelimit import RateLimitedLog
 
 
 @dataclass
@@ -22,6 +24,9 @@ class AppContext:
     bridge: Bridge
     hub: LiveHub
     metrics: ApiMetrics
+    tokens: TokenStore
+    #: refused credentials: logged at most every 10 s per reason (a guessing client must not flood the log)
+    auth_log: RateLimitedLog
     clock: Callable[[], float] = time.time
     started_monotonic: float = field(default_factory=time.monotonic)
 

@@ -36,6 +36,11 @@ class ApiMetrics:
                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.answers = Counter("gridlb_api_balancer_answers", "Answers awaited from the balancer, by outcome",
                                ["operation", "outcome"], registry=self.registry)
+        self.auth_refused = Counter("gridlb_api_auth_refused", "Requests refused for their credentials: "
+                                    "missing_token, invalid_token (401), forbidden (403), not_configured (503)",
+                                    ["reason"], registry=self.registry)
+        for reason in ("missing_token", "invalid_token", "forbidden", "not_configured"):
+            self.auth_refused.labels(reason)
         self.registry.register(MqttCollector(lambda: {"api": transport}))
         self.registry.register(_StateCollector(store, hub, clock))
 

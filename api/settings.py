@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
@@ -15,8 +16,17 @@ class ApiSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    #: Bearer token of the operator endpoints (drain, undrain, capacity). Unset: they answer 503.
+    #: The operator's bearer token: every route, including drain, undrain and capacity. Unset, and no operator in
+    #: ``tokens_file``: operator actions answer 503.
     token: SecretStr | None = None
+    #: JSON file of scoped tokens, stored as SHA-256 hashes (api/tokens.py): EVs and charge-point backends that
+    #: act only for their own EV ids, viewers (reads), more operators. Re-read when it changes.
+    tokens_file: Path | None = None
+    #: Reads (status, substations, sessions, EVs, queue, live feed) without a token. Off by default: they show
+    #: which EV charges where and when (personal data) and how loaded each substation is; a deployment opens
+    #: them deliberately (a control-room network), ``./gridctl run`` opens them on loopback for hand testing.
+    #: /health, /ready, /metrics and the page itself are always open (probes, scrapers; no EV data).
+    public_reads: bool = False
     #: How long POST /charge, DELETE /sessions/{id} and operator actions wait for the balancer's answer.
     request_timeout_s: float = Field(5.0, gt=0, le=120)
     #: A substation with no telemetry (or balancer state) for this long is shown stale.

@@ -1,7 +1,9 @@
 """The original HTTP interface: ask for power (``POST /charge``), stop a session (``DELETE /sessions/{id}``) and
 withdraw whatever an EV has open, queued or running (``DELETE /evs/{ev_id}/request``).
 
-Both go to the balancer over MQTT, exactly as an EV would, and wait (bounded) for its answer.
+All go to the balancer over MQTT, exactly as an EV would, and wait (bounded) for its answer. Each needs a
+principal that may act for the EV (an operator, or an EV token covering that EV id), checked before anything is
+published (:mod:`api.security`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import msgspec
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from api.context import AppContext, get_ctx
@@ -17,6 +19,7 @@ from api.mqtt_bridge import NotConnected, new_request_id
 from api.problems import Problem
 from api.routes.common import EvId, SessionIdPath, problems
 from api.schemas import Assignment, ChargeIn, ReleaseOutcome, WithdrawOutcome
+from api.security import Writer, audit, ensure_may_act_for
 from broker.accounts import SERVICE_ACCOUNTS
 from grid_protocol.messages import ChargeRequest
 
@@ -40,19 +43,21 @@ def _not_connected(exc: NotConnected) -> Problem:
                              "updated, completed, cancelled, revoked)"},
         202: {"model": Assignment, "description": "queued: no headroom now; position and eta_s say where it "
                                                   "stands; it is assigned automatically later"},
-        **problems(409, 422, 503, 504),
+        **problems(401, 403, 409, 422, 503, 504),
     },
 )
-async def charge(body: ChargeIn, ctx: Ctx) -> Any:
+async def charge(body: ChargeIn, ctx: Ctx, principal: Writer, request: Request) -> Any:
+    ensure_may_act_for(ctx, request, principal, body.ev_id)
     if body.ev_id in SERVICE_ACCOUNTS:
         raise Problem(422, f"{body.ev_id!r} is a service account name, not an EV id", type_="validation")
     request_id = body.request_id or new_request_id()
-    request = ChargeRequest(
+    message = ChargeRequest(
         requested_kw=body.requested_kw, request_id=request_id, ev_id=body.ev_id,
         duration_minutes=body.duration_minutes, energy_kwh=body.energy_kwh, min_kw=body.min_kw,
         priority=body.priority, departure=body.departure)
+    audit(principal, "charge", ev_id=body.ev_id, request_id=request_id)
     try:
-        answer = await ctx.bridge.charge(request, ctx.settings.request_timeout_s)
+        answer = await ctx.bridge.charge(message, ctx.settings.request_timeout_s)
     except NotConnected as exc:
         ctx.metrics.answers.labels("charge", "not_connected").inc()
         raise _not_connected(exc) from None
@@ -74,13 +79,15 @@ async def charge(body: ChargeIn, ctx: Ctx) -> Any:
 
 @router.delete(
     "/sessions/{session_id}", response_model=ReleaseOutcome, summary="End a running session (the EV releases it)",
-    responses=problems(404, 503, 504),
+    responses=problems(401, 403, 404, 503, 504),
 )
-async def end_session(session_id: SessionIdPath, ctx: Ctx) -> dict[str, Any]:
+async def end_session(session_id: SessionIdPath, ctx: Ctx, principal: Writer, request: Request) -> dict[str, Any]:
     session = ctx.store.find_session(session_id)
     if session is None:
         raise Problem(404, f"no running session {session_id!r}", type_="not-found")
     ev_id, request_id = session["ev_id"], session["request_id"]
+    ensure_may_act_for(ctx, request, principal, ev_id)  # the session's EV, from the retained state
+    audit(principal, "end_session", ev_id=ev_id, session_id=session_id)
     try:
         answer = await ctx.bridge.release(ev_id, session_id, request_id, ctx.settings.request_timeout_s)
     except NotConnected as exc:
@@ -100,11 +107,13 @@ async def end_session(session_id: SessionIdPath, ctx: Ctx) -> dict[str, Any]:
 @router.delete(
     "/evs/{ev_id}/request", response_model=WithdrawOutcome,
     summary="Withdraw what the EV has open: its queued request, or stop its running session",
-    responses=problems(404, 503, 504),
+    responses=problems(401, 403, 404, 422, 503, 504),
 )
-async def withdraw(ev_id: EvId, ctx: Ctx) -> dict[str, Any]:
+async def withdraw(ev_id: EvId, ctx: Ctx, principal: Writer, request: Request) -> dict[str, Any]:
+    ensure_may_act_for(ctx, request, principal, ev_id)
     if ev_id in SERVICE_ACCOUNTS:
         raise Problem(422, f"{ev_id!r} is a service account name, not an EV id", type_="validation")
+    audit(principal, "withdraw", ev_id=ev_id)
     try:
         answer = await ctx.bridge.withdraw(ev_id, ctx.settings.request_timeout_s)
     except NotConnected as exc:

@@ -10,9 +10,10 @@ from api.problems import PROBLEM_MEDIA_TYPE
 from api.schemas import ID_PATTERN, ProblemDetails
 
 _DESCRIPTIONS = {
-    400: "Bad request", 401: "Missing or wrong bearer token", 404: "Not found",
+    400: "Bad request", 401: "Missing or wrong bearer token (reads: only while API_PUBLIC_READS is off)",
+    403: "The token's role or EV ids do not cover this request", 404: "Not found",
     409: "The balancer refused", 422: "Invalid request (problem details list the errors)",
-    503: "Not available (not connected to the broker, operator actions disabled, ...)",
+    503: "Not available (not connected to the broker, no tokens configured for it, ...)",
     504: "The balancer did not answer in time (API_REQUEST_TIMEOUT_S)",
 }
 

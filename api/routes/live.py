@@ -15,6 +15,7 @@ from api.context import AppContext, get_ctx
 from api.live import TooManyClients
 from api.problems import Problem
 from api.routes.common import problems
+from api.security import require_grid_reader
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 router = APIRouter(tags=["live page"])
@@ -34,7 +35,8 @@ async def index() -> FileResponse:
     response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                      "description": "event: snapshot / data: {...same shape as GET /status...}"},
-               **problems(503)},
+               **problems(401, 403, 503)},
+    dependencies=[Depends(require_grid_reader)],
 )
 async def events(request: Request, ctx: Ctx) -> EventSourceResponse:
     hub = ctx.hub

@@ -1,4 +1,5 @@
-"""Operator actions (bearer token ``API_TOKEN``): drain, undrain, change a substation's capacity.
+"""Operator actions (an operator token: ``API_TOKEN`` or an operator of ``API_TOKENS_FILE``): drain, undrain,
+change a substation's capacity.
 
 They go to the balancer as :class:`~grid_protocol.messages.ControlCommand` on ``balancer/control`` and
 answer with its :class:`~grid_protocol.messages.ControlResult`; the API never changes state itself.
@@ -6,45 +7,31 @@ answer with its :class:`~grid_protocol.messages.ControlResult`; the API never ch
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.context import AppContext, get_ctx
 from api.mqtt_bridge import NotConnected, new_request_id
 from api.problems import Problem
 from api.routes.common import SubstationId, problems
 from api.schemas import CapacityIn, ControlOutcome
+from api.security import Operator, audit, require_operator
+from api.tokens import Principal
 from grid_protocol.messages import ControlAction, ControlCommand
 
-_bearer = HTTPBearer(auto_error=False, description="API_TOKEN from the API's configuration",
-                     bearerFormat="opaque token")
 Ctx = Annotated[AppContext, Depends(get_ctx)]
-
-
-async def require_operator(ctx: Ctx,
-                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    token = ctx.settings.token
-    if token is None or not token.get_secret_value():
-        raise Problem(503, "operator actions disabled: set API_TOKEN", type_="operator-disabled")
-    if credentials is None:
-        raise Problem(401, "operator actions need 'Authorization: Bearer <API_TOKEN>'", type_="unauthorized",
-                      headers={"WWW-Authenticate": 'Bearer realm="gridlb"'})
-    if not hmac.compare_digest(credentials.credentials.encode(), token.get_secret_value().encode()):
-        raise Problem(401, "wrong bearer token", type_="unauthorized",
-                      headers={"WWW-Authenticate": 'Bearer realm="gridlb", error="invalid_token"'})
-
-
+#: Operators only, for every route of this router (more operator endpoints: add them here, or give a route of
+#: another router ``dependencies=[Depends(require_operator)]`` or a parameter ``operator: Operator``).
 router = APIRouter(tags=["operator"], dependencies=[Depends(require_operator)],
-                   responses=problems(401, 404, 409, 503, 504))
+                   responses=problems(401, 403, 404, 409, 503, 504))
 
 
-async def _control(ctx: AppContext, action: ControlAction, substation_id: str,
+async def _control(ctx: AppContext, operator: Principal, action: ControlAction, substation_id: str,
                    capacity_kw: float | None = None) -> dict[str, Any]:
     command = ControlCommand(action=action, substation_id=substation_id, capacity_kw=capacity_kw,
                              request_id=new_request_id())
+    audit(operator, action, substation_id=substation_id, capacity_kw=capacity_kw, request_id=command.request_id)
     try:
         result = await ctx.bridge.control(command, ctx.settings.request_timeout_s)
     except NotConnected as exc:
@@ -69,18 +56,19 @@ async def _control(ctx: AppContext, action: ControlAction, substation_id: str,
 
 @router.post("/substations/{substation_id}/drain", response_model=ControlOutcome,
              summary="Drain: no new sessions there; running ones finish")
-async def drain(substation_id: SubstationId, ctx: Ctx) -> dict[str, Any]:
-    return await _control(ctx, "drain", substation_id)
+async def drain(substation_id: SubstationId, ctx: Ctx, operator: Operator) -> dict[str, Any]:
+    return await _control(ctx, operator, "drain", substation_id)
 
 
 @router.post("/substations/{substation_id}/undrain", response_model=ControlOutcome,
              summary="Undrain: the substation takes new sessions again")
-async def undrain(substation_id: SubstationId, ctx: Ctx) -> dict[str, Any]:
-    return await _control(ctx, "undrain", substation_id)
+async def undrain(substation_id: SubstationId, ctx: Ctx, operator: Operator) -> dict[str, Any]:
+    return await _control(ctx, operator, "undrain", substation_id)
 
 
 @router.put("/substations/{substation_id}/capacity", response_model=ControlOutcome,
             summary="Limit the capacity the balancer plans with (null removes the limit)",
             responses=problems(422))
-async def set_capacity(substation_id: SubstationId, body: CapacityIn, ctx: Ctx) -> dict[str, Any]:
-    return await _control(ctx, "set_capacity", substation_id, body.capacity_kw)
+async def set_capacity(substation_id: SubstationId, body: CapacityIn, ctx: Ctx,
+                       operator: Operator) -> dict[str, Any]:
+    return await _control(ctx, operator, "set_capacity", substation_id, body.capacity_kw)

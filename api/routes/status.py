@@ -1,20 +1,28 @@
-"""Read-only views: health, readiness, overview, substations, sessions, EVs, queue."""
+"""Read-only views: health, readiness, overview, substations, sessions, EVs, queue.
+
+Health and readiness are always open; the rest need a token while ``API_PUBLIC_READS`` is off (api/security.py):
+grid-wide views a viewer or operator, an EV's own views (``/evs/{ev_id}``, ``/sessions?ev_id=``) its EV token.
+"""
 
 from __future__ import annotations
 
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 
 from api import VERSION
 from api.context import AppContext, get_ctx
 from api.problems import Problem, problem_response
 from api.routes.common import EvId, SubstationId, problems
 from api.schemas import ID_PATTERN, Ev, Health, Queue, Ready, SessionPage, SessionStatus, Status, Substation
+from api.security import EvReader, ensure_may_read, require_grid_reader
 
 router = APIRouter()
 Ctx = Annotated[AppContext, Depends(get_ctx)]
+#: Grid-wide reads: open while API_PUBLIC_READS is on, else a viewer or operator token.
+_GRID = [Depends(require_grid_reader)]
+_READS = problems(401, 403)
 
 
 @router.get("/health", response_model=Health, tags=["health"], summary="Liveness: the process answers")
@@ -35,19 +43,20 @@ async def ready(ctx: Ctx) -> object:
     return result
 
 
-@router.get("/status", response_model=Status, tags=["status"],
+@router.get("/status", response_model=Status, tags=["status"], responses=_READS, dependencies=_GRID,
             summary="Overview: substations, totals, queue, balancer, latest assignments")
 async def status(ctx: Ctx) -> dict[str, object]:
     return ctx.store.overview(ctx.now(), connected=ctx.bridge.connected)
 
 
-@router.get("/substations", response_model=list[Substation], tags=["status"], summary="Every known substation")
+@router.get("/substations", response_model=list[Substation], tags=["status"], responses=_READS, dependencies=_GRID,
+            summary="Every known substation")
 async def substations(ctx: Ctx) -> list[dict[str, object]]:
     return ctx.store.substation_views(ctx.now())
 
 
 @router.get("/substations/{substation_id}", response_model=Substation, tags=["status"],
-            summary="One substation", responses=problems(404))
+            summary="One substation", responses=problems(401, 403, 404), dependencies=_GRID)
 async def substation(substation_id: SubstationId, ctx: Ctx) -> dict[str, object]:
     view = ctx.store.substation_view(substation_id, ctx.now())
     if view is None:
@@ -55,16 +64,19 @@ async def substation(substation_id: SubstationId, ctx: Ctx) -> dict[str, object]
     return view
 
 
-@router.get("/sessions", response_model=SessionPage, tags=["status"],
+@router.get("/sessions", response_model=SessionPage, tags=["status"], responses=_READS,
             summary="Running sessions (from the balancer's retained state), filtered and paginated")
 async def sessions(
     ctx: Ctx,
+    reader: EvReader,
+    request: Request,
     substation_id: Annotated[str | None, Query(pattern=ID_PATTERN, description="only this substation")] = None,
     status: Annotated[SessionStatus | None, Query(description="charging, reduced or paused")] = None,
     ev_id: Annotated[str | None, Query(pattern=ID_PATTERN, description="only this EV")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> dict[str, object]:
+    ensure_may_read(ctx, request, reader, ev_id)
     rows = ctx.store.sessions(substation_id=substation_id, status=status, ev_id=ev_id)
     page = rows[offset:offset + limit]
     nxt = offset + limit if offset + limit < len(rows) else None
@@ -72,9 +84,10 @@ async def sessions(
             "truncated": ctx.store.sessions_truncated(), "items": page}
 
 
-@router.get("/evs/{ev_id}", response_model=Ev, tags=["status"], responses=problems(404),
+@router.get("/evs/{ev_id}", response_model=Ev, tags=["status"], responses=problems(401, 403, 404),
             summary="An EV's current session, queue place and latest answer")
-async def ev(ev_id: EvId, ctx: Ctx) -> dict[str, object]:
+async def ev(ev_id: EvId, ctx: Ctx, reader: EvReader, request: Request) -> dict[str, object]:
+    ensure_may_read(ctx, request, reader, ev_id)
     view = ctx.store.ev_view(ev_id, ctx.now())
     if view is None:
         raise Problem(404, f"nothing known about EV {ev_id!r} (no session, not queued, no answer seen)",
@@ -82,7 +95,8 @@ async def ev(ev_id: EvId, ctx: Ctx) -> dict[str, object]:
     return view
 
 
-@router.get("/queue", response_model=Queue, tags=["status"], summary="The waiting line, in order")
+@router.get("/queue", response_model=Queue, tags=["status"], responses=_READS, dependencies=_GRID,
+            summary="The waiting line, in order")
 async def queue(ctx: Ctx) -> dict[str, object]:
     return ctx.store.queue_view(ctx.now())
 

@@ -31,6 +31,7 @@ from grid_protocol.messages import (
 from grid_runtime.mqtt import Handler, InMessage, TransportStats
 
 TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}  # the operator's (API_TOKEN)
 Responder = Callable[[str, bytes], list[tuple[str, bytes]]]
 
 
@@ -110,7 +111,9 @@ def make_client(fake: FakeTransport, **settings: Any) -> TestClient:
 
 @pytest.fixture
 def client(fake: FakeTransport) -> Iterator[TestClient]:
-    with make_client(fake, token=TOKEN) as c:
+    """Reads open (API_PUBLIC_READS), writes with ``AUTH``: the tests of what routes do. Who may call them:
+    the auth tests below (default settings: reads closed)."""
+    with make_client(fake, token=TOKEN, public_reads=True) as c:
         assert c.portal is not None
         yield c
 
@@ -144,10 +147,11 @@ def test_unknown_route_wrong_method_and_validation_are_problem_details(client: T
     assert "GET" in r.headers["allow"]
     body = assert_problem(client.get("/substations/bad$id"), 422)
     assert body["errors"][0]["loc"] == ["path", "substation_id"]
-    body = assert_problem(client.post("/charge", json={"ev_id": "EV_1", "requested_kw": -1}), 422)
+    body = assert_problem(client.post("/charge", json={"ev_id": "EV_1", "requested_kw": -1}, headers=AUTH), 422)
     assert {tuple(e["loc"]) for e in body["errors"]} >= {("body", "requested_kw")}
-    assert_problem(client.post("/charge", content=b"{not json", headers={"content-type": "application/json"}), 422)
-    body = assert_problem(client.post("/charge", json={"ev_id": "EV_1", "requested_kw": 5}), 422)
+    assert_problem(client.post("/charge", content=b"{not json", headers={"content-type": "application/json"} | AUTH),
+                   422)
+    body = assert_problem(client.post("/charge", json={"ev_id": "EV_1", "requested_kw": 5}, headers=AUTH), 422)
     assert "duration_minutes or energy_kwh" in body["detail"]
     assert_problem(client.get("/sessions", params={"limit": 0}), 422)
 
@@ -229,7 +233,7 @@ def balancer_answering(status: str, **extra: Any) -> Responder:
 def test_charge_assigned_queued_rejected(client: TestClient, fake: FakeTransport) -> None:
     body = {"ev_id": "EV_1234", "requested_kw": 22, "duration_minutes": 120}
     fake.responder = balancer_answering("assigned", substation_id="A", granted_kw=22.0, session_id="s-9")
-    r = client.post("/charge", json=body)
+    r = client.post("/charge", json=body, headers=AUTH)
     assert r.status_code == 200 and r.json()["status"] == "assigned" and r.json()["session_id"] == "s-9"
     topic, payload = fake.published[-1]
     assert topic == "grid/v1/ev/EV_1234/request"
@@ -237,22 +241,23 @@ def test_charge_assigned_queued_rejected(client: TestClient, fake: FakeTransport
     assert sent["ev_id"] == "EV_1234" and sent["request_id"].startswith("api-") and sent["duration_minutes"] == 120
 
     fake.responder = balancer_answering("queued", position=3, reason="no_headroom")
-    r = client.post("/charge", json=body | {"request_id": "mine-1"})
+    r = client.post("/charge", json=body | {"request_id": "mine-1"}, headers=AUTH)
     assert r.status_code == 202 and r.json()["position"] == 3 and r.json()["request_id"] == "mine-1"
 
     fake.responder = balancer_answering("rejected", reason="ev_busy", detail="already charging")
-    p = assert_problem(client.post("/charge", json=body), 409)
+    p = assert_problem(client.post("/charge", json=body, headers=AUTH), 409)
     assert p["reason"] == "ev_busy" and p["answer"]["status"] == "rejected"
     fake.responder = balancer_answering("rejected", reason="exceeds_capacity")
-    p = assert_problem(client.post("/charge", json=body), 422)
+    p = assert_problem(client.post("/charge", json=body, headers=AUTH), 422)
     assert p["type"] == "urn:gridlb:problem:rejected-exceeds_capacity"
-    assert_problem(client.post("/charge", json=body | {"ev_id": "balancer"}), 422)
+    assert_problem(client.post("/charge", json=body | {"ev_id": "balancer"}, headers=AUTH), 422)
 
 
 def test_charge_times_out_with_504_and_the_request_id_to_retry(fake: FakeTransport) -> None:
-    with make_client(fake, request_timeout_s=0.2) as client:
+    with make_client(fake, token=TOKEN, request_timeout_s=0.2) as client:
         t0 = time.monotonic()
-        p = assert_problem(client.post("/charge", json={"ev_id": "EV_1", "requested_kw": 7, "energy_kwh": 10}), 504)
+        p = assert_problem(client.post("/charge", json={"ev_id": "EV_1", "requested_kw": 7, "energy_kwh": 10},
+                                       headers=AUTH), 504)
         assert time.monotonic() - t0 < 2
         assert p["request_id"].startswith("api-") and p["type"] == "urn:gridlb:problem:balancer-timeout"
         metrics = client.get("/metrics").text
@@ -262,8 +267,9 @@ def test_charge_times_out_with_504_and_the_request_id_to_retry(fake: FakeTranspo
 
 
 def test_not_connected_is_503(fake: FakeTransport) -> None:
-    client = make_client(fake)  # no lifespan: the transport never ran
-    p = assert_problem(client.post("/charge", json={"ev_id": "EV_1", "requested_kw": 7, "energy_kwh": 10}), 503)
+    client = make_client(fake, token=TOKEN)  # no lifespan: the transport never ran
+    p = assert_problem(client.post("/charge", json={"ev_id": "EV_1", "requested_kw": 7, "energy_kwh": 10},
+                                   headers=AUTH), 503)
     assert p["type"] == "urn:gridlb:problem:broker-unavailable"
 
 
@@ -280,13 +286,13 @@ def test_delete_session_publishes_a_release_and_returns_the_completed_answer(
         return [("grid/v1/ev/EV_0007/assignment", encode(done))]
 
     fake.responder = respond
-    r = client.delete("/sessions/s-1")
+    r = client.delete("/sessions/s-1", headers=AUTH)
     assert r.status_code == 200, r.text
     assert r.json()["answer"]["status"] == "completed" and r.json()["substation_id"] == "B"
     topic, payload = fake.published[-1]
     assert topic == "grid/v1/ev/EV_0007/release"
     assert json.loads(payload) == {"request_id": "r7", "session_id": "s-1", "ev_id": "EV_0007"}
-    assert_problem(client.delete("/sessions/unknown-1"), 404)
+    assert_problem(client.delete("/sessions/unknown-1", headers=AUTH), 404)
 
 
 # ---------------------------------------------------------------------------------------------- operator
@@ -313,7 +319,7 @@ def test_operator_actions_need_the_bearer_token(client: TestClient, fake: FakeTr
     assert 'error="invalid_token"' in r.headers["www-authenticate"]
     assert not any(t.endswith("/control") for t, _ in fake.published)
 
-    auth = {"Authorization": f"Bearer {TOKEN}"}
+    auth = AUTH
     r = client.post("/substations/A/drain", headers=auth)
     assert r.status_code == 200, r.text
     assert r.json()["ok"] and r.json()["substation"]["draining"] and r.json()["substation"]["condition"] == "draining"
@@ -337,10 +343,13 @@ def test_operator_actions_need_the_bearer_token(client: TestClient, fake: FakeTr
         assert_problem(quick.post("/substations/A/drain", headers=auth), 504)
 
 
-def test_operator_actions_disabled_without_a_configured_token(fake: FakeTransport) -> None:
+def test_writes_disabled_without_configured_tokens(fake: FakeTransport) -> None:
     with make_client(fake) as client:
         p = assert_problem(client.post("/substations/A/drain", headers={"Authorization": "Bearer x"}), 503)
-        assert p["detail"] == "operator actions disabled: set API_TOKEN"
+        assert p["type"].endswith("operator-disabled") and "set API_TOKEN" in p["detail"]
+        p = assert_problem(client.post("/charge", json={"ev_id": "EV_1", "requested_kw": 7, "energy_kwh": 10}), 503)
+        assert p["type"].endswith("writes-disabled") and "API_TOKENS_FILE" in p["detail"]
+        assert fake.published == []
 
 
 # ---------------------------------------------------------------------------------------------- metrics, schema
@@ -368,7 +377,18 @@ def test_openapi_errors_are_problem_details_and_bodies_have_examples(client: Tes
     assert "HTTPValidationError" not in components
     for name in ("ChargeIn", "CapacityIn", "Assignment", "Substation", "ProblemDetails", "ControlOutcome"):
         assert components[name].get("examples"), name
-    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    schemes = schema["components"]["securitySchemes"]
+    assert list(schemes) == ["operator", "ev", "viewer"]
+    assert all(s["type"] == "http" and s["scheme"] == "bearer" for s in schemes.values())
+    security = {(m.upper(), path): op.get("security") for path, item in schema["paths"].items()
+                for m, op in item.items()}
+    assert security["POST", "/charge"] == [{"ev": []}, {"operator": []}]
+    assert security["DELETE", "/sessions/{session_id}"] == [{"ev": []}, {"operator": []}]
+    assert security["POST", "/substations/{substation_id}/drain"] == [{"operator": []}]
+    # this client opens reads: a token is optional ({}) there
+    assert security["GET", "/status"] == [{}, {"viewer": []}, {"operator": []}]
+    assert security["GET", "/evs/{ev_id}"] == [{}, {"viewer": []}, {"ev": []}, {"operator": []}]
+    assert security["GET", "/health"] is None and security["GET", "/metrics"] is None
     assert client.get("/").headers["content-type"].startswith("text/html")
     assert "EventSource" in client.get("/static/app.js").text
 
@@ -403,10 +423,10 @@ def test_live_hub_sends_snapshots_drops_the_oldest_for_slow_clients_and_forgets_
 
 def test_only_allowed_host_names_are_served_when_configured(fake: FakeTransport) -> None:
     """DNS rebinding: a page elsewhere resolved to 127.0.0.1 sends its own Host; it gets a problem, not the API."""
-    with make_client(fake, allowed_hosts=["127.0.0.1", "localhost"]) as client:
+    with make_client(fake, allowed_hosts=["127.0.0.1", "localhost"], token=TOKEN, public_reads=True) as client:
         assert client.get("/health", headers={"Host": "127.0.0.1:8000"}).status_code == 200
         assert client.get("/health", headers={"Host": "localhost"}).status_code == 200
-        p = assert_problem(client.post("/charge", headers={"Host": "evil.example:8000"},
+        p = assert_problem(client.post("/charge", headers={"Host": "evil.example:8000"} | AUTH,
                                        json={"ev_id": "EV_1", "requested_kw": 7, "energy_kwh": 10}), 400)
         assert p["type"].endswith("invalid-host")
         assert fake.published == []
