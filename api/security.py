@@ -70,6 +70,10 @@ def _authenticate(ctx: AppContext, request: Request, credentials: Creds, what: s
     return principal
 
 
+def _a(role: str) -> str:
+    return ("an " if role[0] in "aeiou" else "a ") + role
+
+
 def _forbidden(ctx: AppContext, request: Request, principal: Principal, detail: str) -> Problem:
     return _refuse(ctx, request, 403, "forbidden", detail, principal=principal, type_="forbidden",
                    www=f'{REALM}, error="insufficient_scope"')
@@ -85,7 +89,7 @@ async def require_operator(ctx: Ctx, request: Request,
     principal = _authenticate(ctx, request, credentials, "operator actions")
     if not principal.is_operator:
         raise _forbidden(ctx, request, principal,
-                         f"operator actions need an operator token; {principal.name!r} is {principal.role}")
+                         f"operator actions need an operator token; {principal.name!r} is {_a(principal.role)} token")
     return principal
 
 
@@ -98,7 +102,8 @@ async def require_writer(ctx: Ctx, request: Request, ev: Annotated[Creds, Depend
                       type_="writes-disabled")
     principal = _authenticate(ctx, request, ev or operator, "writes")
     if principal.role not in ("operator", "ev"):
-        raise _forbidden(ctx, request, principal, f"{principal.name!r} is a {principal.role} token: it may only read")
+        raise _forbidden(ctx, request, principal,
+                         f"{principal.name!r} is {_a(principal.role)} token: it may only read")
     return principal
 
 

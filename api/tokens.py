@@ -98,8 +98,8 @@ class Principal:
             return self.role
         parts = sorted(self.ev_ids)[:5] + (["…"] if len(self.ev_ids) > 5 else [])
         if self.ev_pattern is not None:
-            parts.append(f"/{self.ev_pattern.pattern}/")
-        return "EV " + ", ".join(parts)
+            parts.append(f"ids matching /{self.ev_pattern.pattern}/")
+        return ", ".join(parts)
 
 
 class TokenEntry(BaseModel):

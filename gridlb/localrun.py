@@ -4,9 +4,11 @@ A private Mosquitto (project config, fresh accounts, loopback only) plus ``pytho
 ``python -m substation_agents``, the status API and live page (``python -m api``), the telemetry
 recorder when a time-series server is configured (``INFLUX_URL``), and, in the foreground,
 ``python -m ev_clients fleet`` with its live summary. Every service serves Prometheus ``/metrics``.
-Service logs go to ``.run/logs/``; credentials for hand testing (and the API's operator token) to
-``.run/credentials.env``. Ctrl-C stops the fleet (which prints its summary), then the services
-in reverse order, then the broker.
+Service logs go to ``.run/logs/``; credentials for hand testing (MQTT passwords and the API's tokens: the
+operator's, one for the hand-test EV only, a viewer's) to ``.run/credentials.env``; the API gets only their
+hashes (``.run/api-tokens.json``). Reads are open on this loopback-only run (``API_PUBLIC_READS`` from the
+environment, default true). Ctrl-C stops the fleet (which prints its summary), then the services in reverse
+order, then the broker.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
+from api.tokens import TokenEntry, TokenFile, hash_token, new_token, write_token_file
 from broker.accounts import substation_username
 from broker.local import LocalBroker, find_free_port
 from grid_protocol.topics import DEFAULT_PREFIX, Topics
@@ -68,7 +71,21 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _write_credentials(path: Path, broker: LocalBroker, api_url: str, api_token: str) -> None:
+class ApiTokens:
+    """Fresh tokens for hand testing: the operator's (``API_TOKEN``), one that acts for the hand-test EV only
+    and a viewer's. The API gets their hashes in a token file; the tokens go to credentials.env."""
+
+    def __init__(self) -> None:
+        self.operator, self.ev, self.viewer = new_token(), new_token(), new_token()
+
+    def write_file(self, path: Path) -> Path:
+        write_token_file(path, TokenFile(tokens=[
+            TokenEntry(name=f"hand-test-{HAND_TEST_EV}", role="ev", ev_ids=[HAND_TEST_EV], sha256=hash_token(self.ev)),
+            TokenEntry(name="hand-test-viewer", role="viewer", sha256=hash_token(self.viewer))]))
+        return path
+
+
+def _write_credentials(path: Path, broker: LocalBroker, api_url: str, tokens: ApiTokens) -> None:
     lines = [
         "# Written by `gridlb run` for hand testing; the broker listens on 127.0.0.1 only.",
         f"export MQTT_HOST={broker.host}",
@@ -80,9 +97,13 @@ def _write_credentials(path: Path, broker: LocalBroker, api_url: str, api_token:
         f"export {HAND_TEST_EV}_PASSWORD={shlex.quote(broker.password_for(HAND_TEST_EV))}",
         f"export MQTT_ACCOUNT_SECRET={shlex.quote(broker.secret)}",
         f"export API_URL={api_url}",
-        f"export API_TOKEN={shlex.quote(api_token)}",
+        "# HTTP API bearer tokens: the operator's (every route), one that acts for "
+        f"{HAND_TEST_EV} only, a viewer's (reads)",
+        f"export API_TOKEN={shlex.quote(tokens.operator)}",
+        f"export API_EV_TOKEN={shlex.quote(tokens.ev)}",
+        f"export API_VIEWER_TOKEN={shlex.quote(tokens.viewer)}",
     ]
-    # Created 0600 from the start: it holds passwords and the operator token (never world-readable, not even
+    # Created 0600 from the start: it holds passwords and the API tokens (never world-readable, not even
     # for a moment between writing and chmod).
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -136,11 +157,14 @@ def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, 
     broker.start()
     api_port = _pick_port(args.api_port)
     api_url = f"http://127.0.0.1:{api_port}"
-    api_token = secrets.token_urlsafe(24)
-    _write_credentials(work / "credentials.env", broker, api_url, api_token)
+    tokens = ApiTokens()
+    tokens_file = tokens.write_file(work / "api-tokens.json")
+    _write_credentials(work / "credentials.env", broker, api_url, tokens)
+    public_reads = os.environ.get("API_PUBLIC_READS", "true")
     base_env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), LOG_FORMAT="json",
                     PYTHONUNBUFFERED="1", METRICS_HOST="127.0.0.1")
-    for name in ("MQTT_USERNAME", "MQTT_PASSWORD", "METRICS_PORT", "API_HOST", "API_PORT", "API_TOKEN"):
+    for name in ("MQTT_USERNAME", "MQTT_PASSWORD", "METRICS_PORT", "API_HOST", "API_PORT", "API_TOKEN",
+                 "API_TOKENS_FILE", "API_PUBLIC_READS"):
         base_env.pop(name, None)
     metrics: dict[str, int] = {}
 
@@ -164,7 +188,8 @@ def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, 
     spawn("substations", "substation_agents", metrics_env("substation_agents", dict(
         base_env, MQTT_ACCOUNT_SECRET=broker.secret, SUBSTATIONS=args.substations, SIM_SPEEDUP=str(args.speedup))))
     spawn("api", "api", dict(base_env, MQTT_USERNAME="api", MQTT_PASSWORD=broker.password_for("api"),
-                             API_HOST="127.0.0.1", API_PORT=str(api_port), API_TOKEN=api_token,
+                             API_HOST="127.0.0.1", API_PORT=str(api_port), API_TOKEN=tokens.operator,
+                             API_TOKENS_FILE=str(tokens_file), API_PUBLIC_READS=public_reads,
                              API_ALLOWED_HOSTS='["127.0.0.1", "localhost"]'))
     if args.influx_url:
         spawn("recorder", "monitoring.recorder", metrics_env("recorder", dict(
@@ -174,7 +199,7 @@ def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, 
         metrics_env("ev_clients", base_env)  # reserve its port now, for the banner
     if not _wait_http(f"{api_url}/health", timeout=15.0):
         print(f"warning: the API did not answer on {api_url} within 15 s; see {logs / 'api.log'}", flush=True)
-    _print_banner(work, broker, substations, api_url, metrics, args.influx_url)
+    _print_banner(work, broker, substations, api_url, metrics, args.influx_url, public_reads)
 
     fleet: subprocess.Popen[bytes] | None = None
     if not args.no_fleet:
@@ -223,7 +248,7 @@ def _wait_http(url: str, timeout: float) -> bool:
 
 
 def _print_banner(work: Path, broker: LocalBroker, substations: list[str], api_url: str,
-                  metrics: dict[str, int], influx_url: str | None) -> None:
+                  metrics: dict[str, int], influx_url: str | None, public_reads: str = "true") -> None:
     creds = work / "credentials.env"
     scrape = "\n".join(f"              http://127.0.0.1:{port}/metrics  ({service})"
                        for service, port in metrics.items())
@@ -231,6 +256,10 @@ def _print_banner(work: Path, broker: LocalBroker, substations: list[str], api_u
     topics = Topics(broker.prefix)
     recorder = (f"recording to {influx_url} (log {work / 'logs' / 'recorder.log'})" if influx_url
                 else "off (set INFLUX_URL to record telemetry to InfluxDB / VictoriaMetrics)")
+    reads_open = public_reads.strip().lower() in ("1", "true", "yes", "on")
+    read = "" if reads_open else ' -H "Authorization: Bearer $API_VIEWER_TOKEN"'
+    reads = ("reads open (loopback only; API_PUBLIC_READS=false closes them)" if reads_open
+             else "reads need $API_VIEWER_TOKEN (API_PUBLIC_READS=false)")
     print(f"""
 Smart Grid Load Balancer is running locally.
   live page   {api_url}/   (status API: {api_url}/status, OpenAPI docs: {api_url}/docs)
@@ -241,15 +270,20 @@ Smart Grid Load Balancer is running locally.
   recorder    {recorder}
   dashboards  Grafana and Prometheus come with docker compose (README: "Metrics, alerts and Grafana")
   logs        {work / 'logs'}/
-  credentials {creds}  (MQTT passwords, API_TOKEN for operator actions)
+  credentials {creds}  (MQTT passwords; API bearer tokens: API_TOKEN operator,
+              API_EV_TOKEN acts for {HAND_TEST_EV} only, API_VIEWER_TOKEN reads)
+  API access  every write needs a token; {reads}
 
 Watch everything (another terminal):
   source {creds}
   mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -u observer -P "$OBSERVER_PASSWORD" -t '{topics.prefix}/#' -v
-Ask the API:
-  curl -s {api_url}/status
+Ask the API (every write needs a token):
   source {creds}
-  curl -s -X POST -H "Authorization: Bearer $API_TOKEN" {api_url}/substations/{first}/drain     # and back:
+  curl -s{read} {api_url}/status
+  curl -s -X POST -H "Authorization: Bearer $API_EV_TOKEN" -H 'Content-Type: application/json' {api_url}/charge \\
+    -d '{{"ev_id": "{HAND_TEST_EV}", "requested_kw": 22, "duration_minutes": 120}}'   # {HAND_TEST_EV}'s own token
+  curl -s -X DELETE -H "Authorization: Bearer $API_EV_TOKEN" {api_url}/evs/{HAND_TEST_EV}/request   # and stop it
+  curl -s -X POST -H "Authorization: Bearer $API_TOKEN" {api_url}/substations/{first}/drain     # operator; back:
   curl -s -X POST -H "Authorization: Bearer $API_TOKEN" {api_url}/substations/{first}/undrain
 Ask for power by hand:
   mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -u {HAND_TEST_EV} -P "${HAND_TEST_EV}_PASSWORD" -q 1 \\

@@ -1,5 +1,7 @@
 // Live page: renders the /status snapshot the API pushes over Server-Sent Events (GET /events).
 // No build step, no dependencies. Falls back to polling /status where EventSource is missing.
+// With API_PUBLIC_READS off, reads need a bearer token: the page asks for one, keeps it in sessionStorage and
+// reads the feed with fetch() (EventSource cannot send an Authorization header).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -138,12 +140,80 @@ function render(snap) {
   document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
 }
 
-function poll() {
-  fetch("/status").then((r) => r.json()).then(render).catch(() => setBadge($("feed-badge"), "offline", "feed: API unreachable"))
-    .finally(() => setTimeout(poll, 2000));
+const TOKEN_KEY = "gridlb.token";
+const token = () => sessionStorage.getItem(TOKEN_KEY) || "";
+const authHeaders = () => (token() ? { Authorization: `Bearer ${token()}` } : {});
+
+function askForToken(message) {
+  if (message) sessionStorage.removeItem(TOKEN_KEY);
+  $("login").hidden = false;
+  $("login-error").textContent = message || "";
+  setBadge($("feed-badge"), "unknown", "feed: needs a token");
+  $("token").focus();
 }
 
-function connect() {
+function poll() {
+  fetch("/status", { headers: authHeaders() }).then((r) => {
+    if (r.status === 401 || r.status === 403) { askForToken("this token may not read the grid"); return null; }
+    return r.json().then(render);
+  }).catch(() => setBadge($("feed-badge"), "offline", "feed: API unreachable"))
+    .finally(() => { if ($("login").hidden) setTimeout(poll, 2000); });
+}
+
+function onEventBlock(block) {
+  let name = "message";
+  const data = [];
+  for (const line of block.split("\n")) {
+    if (line.startsWith("event:")) name = line.slice(6).trim();
+    else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+  }
+  if (name === "snapshot" && data.length) render(JSON.parse(data.join("\n")));
+}
+
+// The feed with a token: fetch() streaming, parsed as Server-Sent Events; reconnects like EventSource does.
+async function streamWithToken() {
+  try {
+    const resp = await fetch("/events", { headers: { ...authHeaders(), Accept: "text/event-stream" }, cache: "no-store" });
+    if (resp.status === 401 || resp.status === 403) { askForToken("this token may not read the grid"); return; }
+    if (!resp.ok || !resp.body) throw new Error(`feed answered ${resp.status}`);
+    const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer = (buffer + value).replace(/\r\n/g, "\n");
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        try { onEventBlock(buffer.slice(0, cut)); } catch (err) { console.error("bad snapshot", err); }
+        buffer = buffer.slice(cut + 2);
+      }
+    }
+  } catch (err) {
+    console.warn("feed interrupted", err);
+  }
+  setBadge($("feed-badge"), "offline", "feed: reconnecting…");
+  setTimeout(streamWithToken, 2000);
+}
+
+async function connect() {
+  let probe;
+  try {
+    probe = await fetch("/status", { headers: authHeaders(), cache: "no-store" });
+  } catch (err) {
+    setBadge($("feed-badge"), "offline", "feed: API unreachable");
+    setTimeout(connect, 2000);
+    return;
+  }
+  if (probe.status === 401 || probe.status === 403) {
+    askForToken(token() ? "this token may not read the grid" : "");
+    return;
+  }
+  $("login").hidden = true;
+  if (probe.ok) render(await probe.json());
+  if (token()) {
+    if (window.ReadableStream && window.TextDecoderStream) streamWithToken(); else poll();
+    return;
+  }
   if (!("EventSource" in window)) { poll(); return; }
   const source = new EventSource("/events");
   source.addEventListener("snapshot", (ev) => {
@@ -152,4 +222,14 @@ function connect() {
   source.onerror = () => setBadge($("feed-badge"), "offline", "feed: reconnecting…");
 }
 
-document.addEventListener("DOMContentLoaded", connect);
+document.addEventListener("DOMContentLoaded", () => {
+  $("login").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const value = $("token").value.trim();
+    if (!value) return;
+    sessionStorage.setItem(TOKEN_KEY, value);
+    $("token").value = "";
+    connect();
+  });
+  connect();
+});

@@ -2,7 +2,8 @@
 ``python -m api`` as subprocesses, substations played over MQTT by the ``loadtest`` account.
 
 Covers every endpoint against a live run, the 504 without a balancer, a restarted API learning the grid
-from retained messages, schemathesis against the OpenAPI schema, and the live page in headless Chromium.
+from retained messages, who may call what (tokens checked before anything reaches the broker), schemathesis
+against the OpenAPI schema, and the live page in headless Chromium (reads open, and reads behind a token).
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ import httpx
 import pytest
 from probe import Probe, Service, start_balancer, telemetry
 
+from api.tokens import TokenEntry, TokenFile, hash_token, write_token_file
 from broker.accounts import SERVICE_ACCOUNTS
 from broker.local import LocalBroker, find_free_port
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "operator-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+#: Scoped tokens of the token file every test API gets: an EV (EV_0001 only) and a viewer.
+EV_TOKEN = "ev-0001-test-token"
+VIEWER_TOKEN = "viewer-test-token"
 ROOT = Path(__file__).resolve().parents[2]
 #: The screenshot goes next to the test's other artifacts; LIVE_PAGE_SCREENSHOT=docs/img/live-page.png refreshes
 #: the one the docs show (a test run must not dirty the working tree).
@@ -52,30 +58,42 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
 class Api:
     service: Service
     url: str
-    http: httpx.Client
+    http: httpx.Client  # sends the operator's token
+    anon: httpx.Client  # sends none
 
     def stop(self) -> int:
         self.http.close()
+        self.anon.close()
         return self.service.stop()
+
+
+def tokens_file(path: Path) -> Path:
+    if not path.exists():
+        write_token_file(path, TokenFile(tokens=[
+            TokenEntry(name="ev-0001", role="ev", ev_ids=["EV_0001"], sha256=hash_token(EV_TOKEN)),
+            TokenEntry(name="wall", role="viewer", sha256=hash_token(VIEWER_TOKEN))]))
+    return path
 
 
 def start_api(broker: LocalBroker, log_dir: Path, **env: str) -> Api:
     port = find_free_port()
     settings = {"MQTT_USERNAME": "api", "MQTT_PASSWORD": broker.password_for("api"), "API_PORT": str(port),
-                "API_TOKEN": TOKEN, "API_REQUEST_TIMEOUT_S": "3", "API_STALE_AFTER_S": "2",
-                "API_SSE_INTERVAL_S": "0.2"}
+                "API_TOKEN": TOKEN, "API_TOKENS_FILE": str(tokens_file(log_dir / "api-tokens.json")),
+                "API_REQUEST_TIMEOUT_S": "3", "API_STALE_AFTER_S": "2", "API_SSE_INTERVAL_S": "0.2"}
     settings.update(env)
     service = Service("api", broker, log_dir, **settings)
     url = f"http://127.0.0.1:{port}"
-    http = httpx.Client(base_url=url, timeout=10)
+    http = httpx.Client(base_url=url, timeout=10, headers=AUTH)
+    anon = httpx.Client(base_url=url, timeout=10)
     try:
         wait_for(lambda: http.get("/health").status_code == 200, 20, "the API to serve /health")
         wait_for(lambda: "API listening on" in service.log(), 5, "the URL in the log")
     except AssertionError as exc:
         http.close()
+        anon.close()
         service.stop()
         raise AssertionError(f"{exc}\n{service.log()[-3000:]}") from None
-    return Api(service, url, http)
+    return Api(service, url, http, anon)
 
 
 class Substations:
@@ -210,11 +228,11 @@ def test_every_endpoint_during_a_live_run_and_a_restarted_api_answers_from_retai
     problem(http.delete(f"/sessions/{target['session_id']}"), 404)
 
     # Operator actions: token required; drain keeps new sessions off; capacity limit and its removal.
-    r = http.post("/substations/A/drain")
+    r = api.anon.post("/substations/A/drain")
     problem(r, 401)
     assert r.headers["www-authenticate"].startswith("Bearer")
-    problem(http.post("/substations/A/drain", headers={"Authorization": "Bearer nope"}), 401)
-    auth = {"Authorization": f"Bearer {TOKEN}"}
+    problem(api.anon.post("/substations/A/drain", headers={"Authorization": "Bearer nope"}), 401)
+    auth = AUTH
     for sid in "AB":
         r = http.post(f"/substations/{sid}/drain", headers=auth)
         assert r.status_code == 200, r.text
@@ -423,7 +441,7 @@ def test_live_page_shows_the_substations_and_follows_the_grid(broker: LocalBroke
     stopper.append(lambda: subs.__exit__())
     balancer = start_balancer(broker, tmp_path, BALANCER_STALE_AFTER_S="2", BALANCER_STATE_INTERVAL_S="0.2")
     stopper.append(balancer.stop)
-    api = start_api(broker, tmp_path)
+    api = start_api(broker, tmp_path, API_PUBLIC_READS="true")  # as under ./gridctl run: EventSource, no token
     stopper.append(api.stop)
     wait_for(lambda: len(api.http.get("/substations").json()) == 4, 15, "four substations")
 
@@ -466,8 +484,7 @@ def test_live_page_shows_the_substations_and_follows_the_grid(broker: LocalBroke
         wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "#assignments li .st.assigned"), 5, "assignments")
 
         # Colours: an operator drains one, one goes silent (stale), one is overloaded by its base load.
-        assert api.http.post("/substations/central/drain",
-                             headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert api.http.post("/substations/central/drain").status_code == 200
         subs.silent.add("east")
         subs.subs["south"][1] = 270.0
         for i in range(13, 16):
@@ -486,4 +503,126 @@ def test_live_page_shows_the_substations_and_follows_the_grid(broker: LocalBroke
         assert screenshot.stat().st_size > 10_000  # a real rendering, not an empty page
         logs = [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"]
         assert not logs, logs
+    check_log(api.service)
+
+
+def test_live_page_behind_a_token_asks_for_one_and_then_follows_the_grid(
+        broker: LocalBroker, tmp_path: Path, stopper: list[Callable[[], Any]]) -> None:
+    """Reads closed (the default): the page asks for a token, refuses an EV token (it may not read the grid),
+    and with a viewer token reads the feed with fetch() (an EventSource cannot send the header)."""
+    from browser import chromium
+    from selenium.webdriver.common.by import By
+
+    subs = Substations(broker, north=(400.0, 100.0), south=(250.0, 50.0)).__enter__()
+    stopper.append(lambda: subs.__exit__())
+    balancer = start_balancer(broker, tmp_path, BALANCER_STATE_INTERVAL_S="0.2")
+    stopper.append(balancer.stop)
+    api = start_api(broker, tmp_path)
+    stopper.append(api.stop)
+    wait_for(lambda: len(api.http.get("/substations").json()) == 2, 15, "two substations")
+    problem(api.anon.get("/status"), 401)
+
+    with chromium(tmp_path / "chromium-profile") as driver:
+        driver.get(api.url + "/")
+        form = driver.find_element(By.ID, "login")
+        wait_for(lambda: form.is_displayed(), 10, "the token form")
+        assert driver.find_elements(By.CSS_SELECTOR, ".sub") == []
+
+        def log_in(token: str) -> None:
+            box = driver.find_element(By.ID, "token")
+            box.clear()
+            box.send_keys(token)
+            driver.find_element(By.CSS_SELECTOR, "#login button").click()
+
+        log_in(EV_TOKEN)
+        wait_for(lambda: "may not read" in driver.find_element(By.ID, "login-error").text, 10, "the refusal")
+        log_in(VIEWER_TOKEN)
+        wait_for(lambda: not form.is_displayed(), 10, "the form to go")
+        wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, ".sub")) == 2, 10, "two bars")
+        wait_for(lambda: "feed: live" in driver.find_element(By.ID, "feed-badge").text, 10, "the live feed")
+        # The feed follows the grid: a charge appears in the latest assignments without a reload.
+        r = api.http.post("/charge", json={"ev_id": "EV_0007", "requested_kw": 11, "duration_minutes": 60})
+        assert r.status_code == 200, r.text
+        wait_for(lambda: "EV_0007" in driver.find_element(By.ID, "assignments").text, 10, "the new assignment")
+        streams = wait_for(lambda: api.http.get("/metrics").text.count("gridlb_api_sse_clients 1.0"), 5,
+                           "the page's stream counted as a live client")
+        assert streams == 1
+        logs = [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"
+                and "401" not in entry.get("message", "") and "403" not in entry.get("message", "")]
+        assert not logs, logs  # (the refused requests before logging in are logged by Chromium itself)
+    check_log(api.service)
+
+
+# ------------------------------------------------------------------------------------------------ who may call
+def test_tokens_are_checked_before_anything_reaches_the_broker(
+        broker: LocalBroker, tmp_path: Path, stopper: list[Callable[[], Any]]) -> None:
+    """The real API with the operator's token and a token file: an EV token charges and ends its own EV's
+    session; every refused write (no token, a wrong one, another EV, a viewer, an operator action by an EV)
+    is a 401/403 problem and publishes nothing, as an observer of the whole prefix sees; a changed token file
+    takes effect without a restart."""
+    subs = Substations(broker, A=(400.0, 100.0)).__enter__()
+    stopper.append(lambda: subs.__exit__())
+    balancer = start_balancer(broker, tmp_path, BALANCER_STATE_INTERVAL_S="0.2")
+    stopper.append(balancer.stop)
+    api = start_api(broker, tmp_path)
+    stopper.append(api.stop)
+    wait_for(lambda: api.http.get("/ready").status_code == 200, 15, "ready")
+    ev = {"Authorization": f"Bearer {EV_TOKEN}"}
+    viewer = {"Authorization": f"Bearer {VIEWER_TOKEN}"}
+    wrong = {"Authorization": "Bearer not-a-token"}
+    body = {"requested_kw": 11, "duration_minutes": 120}
+
+    # Another EV's session, opened by the operator.
+    r = api.http.post("/charge", json={"ev_id": "EV_0002", **body})
+    assert r.status_code == 200, r.text
+    other = r.json()["session_id"]
+    wait_for(lambda: api.http.get("/sessions").json()["total"] == 1, 5, "the session in the state")
+
+    with Probe(broker, "observer", "grid/v1/ev/#", "grid/v1/balancer/control") as watch:
+        time.sleep(0.3)
+        refused = [
+            (api.anon.post("/charge", json={"ev_id": "EV_0001", **body}), 401),
+            (api.anon.post("/charge", json={"ev_id": "EV_0001", **body}, headers=wrong), 401),
+            (api.anon.post("/charge", json={"ev_id": "EV_0002", **body}, headers=ev), 403),
+            (api.anon.post("/charge", json={"ev_id": "EV_0001", **body}, headers=viewer), 403),
+            (api.anon.delete(f"/sessions/{other}"), 401),
+            (api.anon.delete(f"/sessions/{other}", headers=ev), 403),
+            (api.anon.delete("/evs/EV_0002/request", headers=ev), 403),
+            (api.anon.post("/substations/A/drain", headers=ev), 403),
+            (api.anon.put("/substations/A/capacity", json={"capacity_kw": 10}, headers=viewer), 403),
+            (api.anon.get("/sessions"), 401),
+            (api.anon.get("/sessions", headers=ev), 403),
+            (api.anon.get("/evs/EV_0002", headers=ev), 403),
+        ]
+        for response, status in refused:
+            p = problem(response, status)
+            assert p["type"] == ("urn:gridlb:problem:unauthorized" if status == 401 else "urn:gridlb:problem:forbidden")
+            assert response.headers["www-authenticate"].startswith('Bearer realm="gridlb"')
+        time.sleep(0.5)
+        assert watch.messages == [], [m.topic for m in watch.messages]  # nothing reached the broker
+
+        # The EV token for its own EV: charge, read its own EV, end its session.
+        r = api.anon.post("/charge", json={"ev_id": "EV_0001", **body}, headers=ev)
+        assert r.status_code == 200 and r.json()["status"] == "assigned", r.text
+        mine = r.json()["session_id"]
+        assert api.anon.get("/evs/EV_0001", headers=ev).json()["state"] == "charging"
+        r = api.anon.delete(f"/sessions/{mine}", headers=ev)
+        assert r.status_code == 200 and r.json()["answer"]["status"] == "completed", r.text
+        assert {m.topic for m in watch.messages} >= {"grid/v1/ev/EV_0001/request", "grid/v1/ev/EV_0001/release"}
+        assert not [m for m in watch.messages if "/EV_0002/" in m.topic or m.topic.endswith("/control")]
+    # The other EV's session is untouched.
+    wait_for(lambda: [s["session_id"] for s in api.http.get("/sessions").json()["items"]] == [other], 5,
+             "only the other EV's session left")
+
+    # A token added to the file works at once; the removed one stops working (no restart).
+    path = tmp_path / "api-tokens.json"
+    write_token_file(path, TokenFile(tokens=[
+        TokenEntry(name="ev-0002", role="ev", ev_ids=["EV_0002"], sha256=hash_token("new-ev-token"))]))
+    wait_for(lambda: api.anon.get("/evs/EV_0002", headers={"Authorization": "Bearer new-ev-token"}).status_code
+             == 200, 5, "the new token")
+    problem(api.anon.get("/evs/EV_0001", headers=ev), 401)
+    metrics = api.http.get("/metrics").text
+    assert 'gridlb_api_auth_refused_total{reason="forbidden"}' in metrics
+    log = api.service.log()
+    assert "api_write" in log and "ev-0001" in log and EV_TOKEN not in log
     check_log(api.service)

@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tsdb import VictoriaMetrics
+
+from api.tokens import hash_token
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -36,7 +40,15 @@ def test_gridlb_run_starts_everything_balances_evs_and_stops_cleanly(tmp_path: P
     assert "-t 'site-7/grid/v1/#'" in out and "site-7/grid/v1/ev/EV_1234/request" in out
     creds = (work / "credentials.env").read_text()
     assert "MQTT_PORT=" in creds and "EV_1234_PASSWORD=" in creds and "OBSERVER_PASSWORD=" in creds
+    for name in ("API_TOKEN", "API_EV_TOKEN", "API_VIEWER_TOKEN"):
+        assert f"export {name}=" in creds, name
+        assert f"${name}" in out or name == "API_VIEWER_TOKEN", f"the banner shows how to use {name}"
     assert oct((work / "credentials.env").stat().st_mode & 0o777) == "0o600"
+    # The API got the scoped tokens' hashes, never the tokens.
+    tokens = _credentials(work)
+    token_file = (work / "api-tokens.json").read_text()
+    assert tokens["API_EV_TOKEN"] not in token_file and hash_token(tokens["API_EV_TOKEN"]) in token_file
+    assert oct((work / "api-tokens.json").stat().st_mode & 0o777) == "0o600"
     # The fleet's final summary: requests were sent and every one was answered.
     assert "fleet summary" in out, out[-3000:]
     sent, answered = next(line for line in out.splitlines() if "requests sent / answered" in line).split()[-3::2]
@@ -74,6 +86,27 @@ def _alive(pid: int) -> bool:
 def _get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as resp:
         return json.loads(resp.read())
+
+
+def _credentials(work: Path) -> dict[str, str]:
+    """credentials.env as the shell would read it."""
+    values = {}
+    for line in (work / "credentials.env").read_text().splitlines():
+        if line.startswith("export "):
+            name, _, value = line[len("export "):].partition("=")
+            values[name] = shlex.split(value)[0] if value else ""
+    return values
+
+
+def _request(method: str, url: str, token: str | None = None, body: Any = None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 def test_gridlb_run_serves_api_metrics_records_and_stops_everything_on_sigterm(tmp_path: Path) -> None:
@@ -115,6 +148,18 @@ def test_gridlb_run_serves_api_metrics_records_and_stops_everything_on_sigterm(t
             time.sleep(0.3)
         with urllib.request.urlopen(f"{api_url}/", timeout=5) as resp:
             assert b"<html" in resp.read().lower()
+        # Hand testing as the banner shows it: the EV token acts for EV_1234 only, writes need a token.
+        tokens = _credentials(work)
+        charge = {"ev_id": "EV_1234", "requested_kw": 11, "duration_minutes": 120}
+        assert _request("POST", f"{api_url}/charge", None, charge)[0] == 401
+        assert _request("POST", f"{api_url}/charge", tokens["API_EV_TOKEN"], charge | {"ev_id": "EV_0001"})[0] == 403
+        assert _request("POST", f"{api_url}/substations/north/drain", tokens["API_VIEWER_TOKEN"])[0] == 403
+        status, answer = _request("POST", f"{api_url}/charge", tokens["API_EV_TOKEN"], charge)
+        assert status == 200 and answer["status"] == "assigned", answer
+        status, answer = _request("DELETE", f"{api_url}/evs/EV_1234/request", tokens["API_EV_TOKEN"])
+        assert status == 200 and answer["answer"]["status"] == "completed", answer
+        assert _request("POST", f"{api_url}/substations/north/drain", tokens["API_TOKEN"])[0] == 200
+        assert "API_EV_TOKEN" in text and "API_VIEWER_TOKEN" in text
         deadline = time.monotonic() + 20
         while True:  # the balancer's view, from the agents' telemetry
             with urllib.request.urlopen(metrics_urls["balancer"], timeout=5) as resp:

@@ -140,7 +140,7 @@ def test_cli_adds_lists_and_removes(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert token not in path.read_text()
     assert main(["list", str(path)]) == 0
     listing = capsys.readouterr().out
-    assert "EV_1234\tev\tEV EV_1234" in listing and "cp\tev\tEV /CP_[0-9]{4}/" in listing
+    assert "EV_1234\tev\tEV_1234" in listing and "cp\tev\tids matching /CP_[0-9]{4}/" in listing
     assert main(["add", str(path), "--name", "bad", "--role", "ev"]) == 2  # no scope
     assert "ev_ids or ev_pattern" in capsys.readouterr().err
     assert main(["remove", str(path), "--name", "EV_1234"]) == 0
