@@ -44,7 +44,7 @@ class ApiSettings(BaseSettings):
     #: EVs whose latest answer is remembered for GET /evs/{ev_id} (least recently updated dropped first).
     ev_memory: int = Field(20_000, ge=100, le=1_000_000)
     #: Host names the API answers to (``["*"]``: any). The local run allows only loopback names, so a web page
-    #: cannot reach the unauthenticated POST /charge through DNS rebinding; in compose add the service name.
+    #: cannot read its open reads through DNS rebinding; in compose add the service name.
     allowed_hosts: list[str] = Field(default_factory=lambda: ["*"])
     #: MQTT client library (``aiomqtt`` is the idiomatic asyncio one; the API is not on the hot path).
     mqtt_client: Literal["aiomqtt", "paho"] = "aiomqtt"

@@ -146,3 +146,18 @@ def test_cli_adds_lists_and_removes(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["remove", str(path), "--name", "EV_1234"]) == 0
     assert main(["remove", str(path), "--name", "EV_1234"]) == 1
     assert TokenStore(None, path).authenticate(token) is None
+
+
+def test_the_api_refuses_to_start_with_a_token_file_it_cannot_use(tmp_path: Path) -> None:
+    """``python -m api`` with a broken API_TOKENS_FILE says why and exits 2 before it listens."""
+    import subprocess
+    import sys
+
+    bad = write(tmp_path / "t.json", {"tokens": [{"name": "a", "role": "ev", "sha256": H("a")}]})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("API_", "MQTT_"))}
+    env.update(API_TOKENS_FILE=str(bad), API_PORT="0", MQTT_PORT="1", PYTHONPATH=str(Path(__file__).parents[2]))
+    result = subprocess.run([sys.executable, "-m", "api"], env=env, capture_output=True, text=True, timeout=30,
+                            cwd=Path(__file__).parents[2], check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "invalid configuration" in result.stderr and "needs ev_ids or ev_pattern" in result.stderr
+    assert "Traceback" not in result.stderr and "listening" not in result.stdout
