@@ -12,7 +12,8 @@
 
 Either releases only requests it sent itself (by ``request_id``): after an ``ev_busy`` answer it closes what
 it left open for that EV id, if anything, and otherwise leaves the EV id's holder alone (a session opened
-through the API, another run) and logs ``ev_id_held_elsewhere``; that EV's requests are answered ``ev_busy``.
+through the API, another run) and logs ``ev_id_held_elsewhere``: a fleet lets that id sit out ``timeout_s``
+before it arrives again, a load-test worker (one fixed EV id) keeps sending and is answered ``ev_busy``.
 
 A live line reports progress; :meth:`FleetRunner.run` returns the :class:`~ev_clients.stats.FleetStats`.
 """
@@ -191,19 +192,31 @@ class FleetRunner:
 
     # --- fleet --------------------------------------------------------------------------------
     async def _visit(self, ev_id: str, pool: EvIdPool, freed: asyncio.Event, seed: int) -> None:
-        """One EV arrives, charges once and leaves."""
+        """One EV arrives, charges once and leaves. An EV id someone else holds sits out ``timeout_s`` before it
+        may arrive again (the pool hands out the lowest free id: it would otherwise take most arrivals)."""
         rng = random.Random(seed)
         ev = self._new_ev(ev_id, rng)
+        held_elsewhere = False
         try:
             await ev.start()
             record = await ev.charge(self.config.mix.make(rng, ev_id, new_request_id()))
-            if self._busy(record) and not self.stop.is_set() and await self._after_busy(ev, record):
-                # An earlier visit of this id in this run left a request open: closed now, try once more.
-                await ev.charge(self.config.mix.make(rng, ev_id, new_request_id()))
+            if self._busy(record) and not self.stop.is_set():
+                if await self._after_busy(ev, record):
+                    # An earlier visit of this id in this run left a request open: closed now, try once more.
+                    await ev.charge(self.config.mix.make(rng, ev_id, new_request_id()))
+                else:
+                    held_elsewhere = True
         finally:
             await self._close(ev)
-            pool.release(ev_id)
-            freed.set()
+
+            def free() -> None:
+                pool.release(ev_id)
+                freed.set()
+
+            if held_elsewhere and not self.stop.is_set():
+                asyncio.get_running_loop().call_later(self.behaviour.timeout_s, free)
+            else:
+                free()
 
     async def _run_fleet(self) -> None:
         s = self.settings

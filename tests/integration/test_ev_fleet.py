@@ -246,11 +246,13 @@ def test_sigterm_releases_everything_and_saves(broker: LocalBroker, procs: Procs
     assert doc["summary"]["active_sessions"] == 0
 
 
-def test_loadtest_never_ends_a_session_someone_else_opened_for_its_ev_id(
-        broker: LocalBroker, procs: Procs, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["loadtest", "fleet"])
+def test_the_fleet_never_ends_a_session_someone_else_opened_for_its_ev_id(
+        broker: LocalBroker, procs: Procs, tmp_path: Path, mode: str) -> None:
     """Someone else (here the ``api`` account, publishing exactly what ``POST /charge`` publishes) holds a long
-    session for EV_0001. A load test whose worker uses EV_0001 gets ``ev_busy`` for each of its requests and
-    must leave that session alone: it may release only requests it sent itself."""
+    session for EV_0001. A load test whose worker uses EV_0001 gets ``ev_busy`` for each of its requests, a fleet
+    gets it once and lets EV_0001 sit out; both must leave that session alone: they may release only requests
+    they sent themselves."""
     procs.agents(broker, "A:100,B:100")
     procs.balancer(broker)
     wait_online(broker, ["A", "B"], balancer=True)
@@ -266,15 +268,21 @@ def test_loadtest_never_ends_a_session_someone_else_opened_for_its_ev_id(
             assert first.json()["status"] == "assigned", first.json()
             session_id = first.json()["session_id"]
 
-            out = tmp_path / "loadtest.json"
-            result = run_ev_clients(broker, ["loadtest", "--requests", "6", "--concurrent", "2", "--ramp-up", "0",
-                                             "--retry-after", "1", "--url", f"mqtt://{broker.host}:{broker.port}",
-                                             "--save", str(out), "--seed", "7"], timeout=40)
+            out = tmp_path / f"{mode}.json"
+            common = ["--retry-after", "1", "--url", f"mqtt://{broker.host}:{broker.port}", "--save", str(out),
+                      "--seed", "7"]
+            if mode == "loadtest":
+                args = ["loadtest", "--requests", "6", "--concurrent", "2", "--ramp-up", "0", *common]
+            else:  # EV ids are handed out lowest first: EV_0001 arrives first, then sits out (--timeout 60)
+                args = ["fleet", "--evs", "2", "--requests", "4", "--rate", "20", "--arrivals", "fixed",
+                        "--speedup", "1000", "--energy-kwh", "1-2", "--duration-pct", "0", "--release-early-pct",
+                        "0", "--timeout", "60", *common]
+            result = run_ev_clients(broker, args, timeout=40)
             assert result.returncode == 0, _explain(result, procs)
             records = json.loads(out.read_text())["requests"]
             mine = [r for r in records if r["ev_id"] == "EV_0001"]
-            assert len(mine) == 3 and all(r["final_status"] == "rejected" for r in mine), mine
-            assert {r["events"][-1]["reason"] for r in mine} == {"ev_busy"}
+            assert len(mine) == (3 if mode == "loadtest" else 1), mine
+            assert all(r["final_status"] == "rejected" and r["events"][-1]["reason"] == "ev_busy" for r in mine)
             others = [r for r in records if r["ev_id"] == "EV_0002"]
             assert len(others) == 3 and all(r["final_status"] == "completed" for r in others), others
 
