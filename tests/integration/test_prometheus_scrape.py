@@ -95,7 +95,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         prometheus = PrometheusServer(work / "prometheus", {job: [f"127.0.0.1:{port}"] for job, port in ports.items()},
                                       interval="1s", rule_files=[ALERTS]).start()
         _send_refused_requests(broker, f"http://127.0.0.1:{ports['balancer']}/metrics")
-        _get(f"http://127.0.0.1:{ports['api']}/status", timeout=15.0)  # one API request for its request metrics
+        _get(f"http://127.0.0.1:{ports['api']}/health", timeout=15.0)  # an API request for its request metrics
         yield Scenario(broker, prometheus, services)
     finally:
         if prometheus is not None:
