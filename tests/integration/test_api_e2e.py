@@ -161,6 +161,8 @@ def test_every_endpoint_during_a_live_run_and_a_restarted_api_answers_from_retai
 
     # No balancer, no substations yet: alive, not ready, and a charge request times out with a clear 504.
     assert http.get("/health").json()["status"] == "ok"
+    # (the HTTP server answers before the MQTT connection is up; on a busy machine that takes a moment)
+    wait_for(lambda: http.get("/ready").json()["checks"]["mqtt_connected"], 10, "the API's broker connection")
     body = problem(http.get("/ready"), 503)
     assert body["checks"]["mqtt_connected"] is True and body["checks"]["substation_data"] is False
     t0 = time.monotonic()
