@@ -263,9 +263,10 @@ def test_the_fleet_never_ends_a_session_someone_else_opened_for_its_ev_id(
             held = {"request_id": "someone-else-1", "ev_id": "EV_0001", "requested_kw": 11,
                     "duration_minutes": 10080}  # a week: still charging long after the load test
             api.publish(topics.request("EV_0001"), held)
+            # (queued first when the balancer has not seen the agents' telemetry yet: assigned once it has)
             first = watch.wait_one(lambda m: m.topic == topics.assignment("EV_0001")
-                                   and m.json()["request_id"] == "someone-else-1", what="the session")
-            assert first.json()["status"] == "assigned", first.json()
+                                   and m.json()["request_id"] == "someone-else-1"
+                                   and m.json()["status"] == "assigned", timeout=15, what="the session")
             session_id = first.json()["session_id"]
 
             out = tmp_path / f"{mode}.json"
