@@ -18,9 +18,11 @@ from time import perf_counter
 
 import msgspec
 
+from balancer.admission import Admission
 from balancer.core import Balancer, CoreConfig, Effect, ToEv
 from balancer.core.views import queue_state, substation_state
 from balancer.settings import BalancerSettings
+from balancer.startup import StartupGate
 from grid_protocol import (
     BalancerStatus,
     ChargeRequest,
@@ -44,9 +46,12 @@ from grid_protocol import (
 from grid_protocol.messages import MAX_COMMANDS_PER_MESSAGE, QueueState, SubstationState
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import InMessage, Transport, Will, make_transport
+from grid_runtime.ratelimit import RateLimitedLog
 
 log = get_logger("balancer")
 VERSION = "0.1.0"
+#: Input that acts on the grid: held after a start until the grid is known (balancer/startup.py).
+_ACTS_ON_GRID = frozenset({TopicKind.EV_REQUEST, TopicKind.EV_RELEASE, TopicKind.BALANCER_CONTROL})
 _REQUEST_ID_RE = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
 
 
@@ -64,6 +69,8 @@ class BalancerService:
         self.clock = clock
         self.topics = Topics(settings.grid.grid_topic_prefix)
         boot = os.urandom(4).hex()
+        #: new with every start: agents answer it with their inventory (SubstationStatus.announced_for)
+        self.instance = boot
         seq = iter(range(1, 1 << 62))
         self.core = Balancer(
             CoreConfig(
@@ -74,6 +81,8 @@ class BalancerService:
                 allow_baselines=settings.allow_baselines, hysteresis_kw=settings.hysteresis_kw,
                 min_hold_s=settings.min_hold_s, rebalance_interval_s=settings.rebalance_interval_s,
                 queue_update_interval_s=settings.queue_update_interval_s, poll_interval_s=settings.poll_interval_s,
+                # An agent that reconnects within its lease keeps its sessions: hold them that long.
+                offline_grace_s=settings.lease_s,
             ),
             new_session_id=lambda: f"{boot}-{next(seq)}",
             new_request_id=lambda: f"auto-{boot}-{next(seq)}",
@@ -96,10 +105,20 @@ class BalancerService:
         self._state_sent: dict[str, tuple[bytes, float]] = {}
         #: called with the seconds each EV request or release took to decide and publish (metrics)
         self.observe_decision: Callable[[float], None] | None = None
+        #: input that acts on the grid waits here until the grid is known (see balancer/startup.py)
+        self.startup: StartupGate[InMessage] = StartupGate(time.monotonic(), settings.startup_wait_s,
+                                                            settings.startup_buffer_max)
+        self._ev_admission = Admission(settings.ev_rate_per_s, settings.ev_burst)
+        self._shed_log = RateLimitedLog(log.warning, interval_s=10.0)
+        self._telemetry_admission = Admission(settings.telemetry_rate_per_s, settings.telemetry_burst)
         transport.set_handler(self.handle)
         for kind in self._handlers:
-            transport.subscribe(self.topics.filter(kind), 1)
+            # Retain as published: a request or release sent with the retain flag is seen as such and refused
+            # (a retained request would be replayed to every future balancer, D4).
+            rap = kind in (TopicKind.EV_REQUEST, TopicKind.EV_RELEASE)
+            transport.subscribe(self.topics.filter(kind), 1, retain_as_published=rap)
         transport.subscribe(self.topics.balancer_control(), 1)
+        transport.subscribe(self.topics.balancer_status(), 1)  # our own status echo closes the retained snapshot
         transport.on_connect(self._announce)
 
     @staticmethod
@@ -107,10 +126,13 @@ class BalancerService:
         return Will(topics.balancer_status(), encode(BalancerStatus(state="offline")), qos=1, retain=True)
 
     def _announce(self) -> None:
-        status = BalancerStatus(state="online", ts=self.clock(), version=VERSION,
+        """On every connect: say online (agents answer with their inventory) and republish the retained view
+        (a broker that crashed may have lost what it held since its last save)."""
+        status = BalancerStatus(state="online", ts=self.clock(), version=VERSION, instance=self.instance,
                                 safety_margin_pct=self.settings.safety_margin_pct,
                                 stale_after_s=self.settings.stale_after_s)
         self.transport.publish(self.topics.balancer_status(), encode(status), qos=1, retain=True)
+        self._state_sent.clear()
 
     # ------------------------------------------------------------------ inbound
     def handle(self, msg: InMessage) -> None:
@@ -119,16 +141,34 @@ class BalancerService:
             self.counters["ignored_topic"] += 1
             return
         kind, id_ = parsed
+        if kind == TopicKind.BALANCER_STATUS:
+            self._on_balancer_status(msg)
+            return
+        if id_ is not None and not is_valid_id(id_):
+            # No valid id, so no topic to answer on: log and count only.
+            self.counters[f"bad_payload:{kind}:invalid_topic_id"] += 1
+            log.warning("invalid_topic_id", topic=msg.topic[:200])
+            return
+        if not self._admitted(kind, id_, msg):
+            return
+        if not self.startup.is_open and kind in _ACTS_ON_GRID:
+            self._open_when_ready()
+        if not self.startup.is_open and kind in _ACTS_ON_GRID:
+            if not self.startup.hold(msg):
+                self._refuse(kind, id_, msg, Reason.STARTING,
+                             "the balancer is starting and learning the grid; send it again in a few seconds")
+            return
+        self._dispatch(kind, id_, msg)
+
+    def _dispatch(self, kind: TopicKind, id_: str | None, msg: InMessage) -> None:
         if kind == TopicKind.BALANCER_CONTROL:
             self._on_control(msg, self.clock())
             return
         handler = self._handlers.get(kind)
         if handler is None or id_ is None:
             return
-        if not is_valid_id(id_):
-            # No valid id, so no topic to answer on: log and count only.
-            self.counters[f"bad_payload:{kind}:invalid_topic_id"] += 1
-            log.warning("invalid_topic_id", topic=msg.topic[:200])
+        if msg.retain and kind in (TopicKind.EV_REQUEST, TopicKind.EV_RELEASE):
+            self._on_retained(kind, id_, msg)
             return
         observe = self.observe_decision
         if observe is not None and (kind == TopicKind.EV_REQUEST or kind == TopicKind.EV_RELEASE):
@@ -137,6 +177,83 @@ class BalancerService:
             observe(perf_counter() - started)
         else:
             handler(id_, msg, self.clock())
+
+    # ------------------------------------------------------------------ admission and startup
+    def _admitted(self, kind: TopicKind, id_: str | None, msg: InMessage) -> bool:
+        """Per-sender budget (balancer/admission.py): the excess is shed before it costs a decode."""
+        if id_ is None:
+            return True
+        if kind in (TopicKind.EV_REQUEST, TopicKind.EV_RELEASE):
+            admission = self._ev_admission
+        elif kind == TopicKind.SUBSTATION_TELEMETRY:
+            admission = self._telemetry_admission
+        else:
+            return True  # status and session events: bounded by the sessions a substation runs
+        now = time.monotonic()
+        if admission.admit(id_, now):
+            return True
+        self.counters[f"bad_payload:{kind}:{Reason.RATE_LIMITED}"] += 1
+        self._shed_log(kind, "input_shed", kind=str(kind), reason=str(Reason.RATE_LIMITED), last_id=id_)
+        shed = admission.notice_due(id_, now)
+        if shed:
+            self._refuse(kind, id_, msg, Reason.RATE_LIMITED,
+                         f"{shed} message(s) shed: more than {admission.rate:g} per second (bursts of "
+                         f"{admission.burst:g}) from {id_}; send less often")
+        return False
+
+    def _refuse(self, kind: TopicKind, id_: str | None, msg: InMessage, reason: Reason, detail: str) -> None:
+        """Answer a message that is not acted on: to the EV, to the substation, or to the operator."""
+        now = self.clock()
+        if kind in (TopicKind.EV_REQUEST, TopicKind.EV_RELEASE) and id_ is not None:
+            self._publish([self.core.reject(id_, _request_id_hint(msg.payload), reason, detail, now)], msg)
+        elif kind == TopicKind.BALANCER_CONTROL:
+            refused = ControlResult(ok=False, action=None, substation_id=None, ts=now,
+                                    request_id=_request_id_hint(msg.payload), reason=reason, detail=detail)
+            self.transport.publish(self.topics.balancer_control_result(), encode(refused), 1)
+        elif id_ is not None:
+            report = ErrorReport(reason=reason, detail=detail, topic=msg.topic, ts=now)
+            self.transport.publish(self.topics.substation_error(id_), encode(report), qos=1)
+
+    def _on_retained(self, kind: TopicKind, ev_id: str, msg: InMessage) -> None:
+        """A request or release with the retain flag (D4): refused, and the retained copy cleared at once, so no
+        future balancer replays it (Mosquitto's ACL cannot forbid the flag itself)."""
+        if not msg.payload:
+            return  # a retained message being cleared (our own clear, echoed)
+        self.counters[f"bad_payload:{kind}:{Reason.RETAINED}"] += 1
+        log.warning("retained_input_refused", kind=str(kind), ev_id=ev_id)
+        self.transport.publish(msg.topic, b"", 1, retain=True)
+        self._refuse(kind, ev_id, msg, Reason.RETAINED,
+                     "requests and releases must not be retained (a retained one would be replayed later); "
+                     "publish it again without the retain flag")
+
+    def _on_balancer_status(self, msg: InMessage) -> None:
+        if not msg.payload:
+            return
+        try:
+            status = decode(msg.payload, BalancerStatus, max_bytes=self.settings.max_payload_bytes)
+        except PayloadError:
+            return
+        if status.instance == self.instance:
+            if status.state == "online" and not self.startup.snapshot_complete:
+                self.startup.own_status_seen()
+                self._open_when_ready()
+        elif status.state == "online" and not msg.retain:
+            log.error("another_balancer_online", instance=status.instance, ours=self.instance,
+                      hint="one balancer per broker account: two would double-book the grid")
+
+    def _open_when_ready(self) -> None:
+        """Act on the held input, in order, once the grid is known (or the wait is over)."""
+        gate = self.startup
+        if gate.is_open or not gate.ready(time.monotonic()):
+            return
+        held = len(gate.held)
+        for msg in gate.release(time.monotonic()):
+            parsed = self.topics.parse(msg.topic)
+            if parsed is not None:
+                self._dispatch(parsed[0], parsed[1], msg)
+        log.info("startup_complete", waited_s=round(time.monotonic() - gate.started_at, 3), held=held,
+                 inventoried=len(gate.inventoried), missing=sorted(gate.missing())[:20], timed_out=gate.timed_out,
+                 sessions=self.core.session_count())
 
     def _bad_payload(self, kind: TopicKind, id_: str, err: PayloadError) -> None:
         self.counters[f"bad_payload:{kind}:{err.reason}"] += 1
@@ -192,8 +309,13 @@ class BalancerService:
         except PayloadError as err:
             self._substation_error(TopicKind.SUBSTATION_STATUS, sid, msg, err, now)
             return
-        log.info("substation_status", substation_id=sid, state=status.state)
-        self._publish(self.core.on_status(sid, status.state, now))
+        inventory = status.announced_for is not None and status.announced_for == self.instance
+        log.info("substation_status", substation_id=sid, state=status.state, inventory=inventory,
+                 sessions=status.sessions, retained=msg.retain)
+        self._publish(self.core.on_status(sid, status.state, now, inventory=inventory))
+        if not self.startup.is_open:
+            self.startup.substation_status(sid, status.state == "online", inventory)
+            self._open_when_ready()
 
     def _on_session_event(self, sid: str, msg: InMessage, now: float) -> None:
         try:
@@ -261,7 +383,7 @@ class BalancerService:
                 payload = encode(effect.message)
                 publish(topics.assignment(effect.ev_id), payload, 1)
                 if effect.in_reply and request is not None and request.response_topic:
-                    self._respond(request, payload)
+                    self._respond(request, payload, effect.ev_id)
                 if effect.message.status == "rejected":
                     log.info("request_rejected", ev_id=effect.ev_id, request_id=effect.message.request_id,
                              reason=effect.message.reason)
@@ -301,11 +423,15 @@ class BalancerService:
                 self.transport.publish(self.topics.command(sid), encode(batch), 1)
                 self._lease_sent[sid] = now
 
-    def _respond(self, request: InMessage, payload: bytes) -> None:
+    def _respond(self, request: InMessage, payload: bytes, ev_id: str) -> None:
+        """MQTT 5 reply, only below the sender's own reply root (D5): the request came on ``ev/{ev_id}/…``, which
+        only that EV's account (or the API acting for it) may publish, so ``reply/{ev_id}/`` is its own. Whatever
+        the ACL lets a reader see, the balancer never delivers into another account's replies."""
         topic = request.response_topic or ""
-        if not topic.startswith(self._reply_root) or "+" in topic or "#" in topic:
+        root = f"{self._reply_root}{ev_id}/"
+        if not topic.startswith(root) or len(topic) == len(root) or "+" in topic or "#" in topic:
             self.counters["response_topic_refused"] += 1
-            log.warning("response_topic_refused", topic=topic[:200], allowed_root=self._reply_root)
+            log.warning("response_topic_refused", topic=topic[:200], allowed_root=root)
             return
         self.transport.publish(topic, payload, 1, correlation_data=request.correlation_data)
 
@@ -315,12 +441,18 @@ class BalancerService:
         conn = asyncio.create_task(self.transport.run())
         next_stats = time.monotonic() + self.settings.stats_interval_s
         next_state = time.monotonic()
+        next_sweep = time.monotonic()
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.tick_interval_s)
+                self._open_when_ready()
                 self._publish(self.core.tick(self.clock()))
                 self._renew_leases()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + 5.0
+                    self._ev_admission.sweep(time.monotonic())
+                    self._telemetry_admission.sweep(time.monotonic())
                 if time.monotonic() >= next_state and self.transport.connected.is_set():
                     next_state = time.monotonic() + self.settings.state_interval_s
                     self.publish_states(self.clock())

@@ -38,6 +38,18 @@ class BalancerSettings(BaseSettings):
     state_interval_s: float = Field(1.0, gt=0)
     stats_interval_s: float = Field(30.0, gt=0)
     max_payload_bytes: int = Field(4096, ge=256, le=65536)
+    #: After a start, EV and operator input waits (in order) until the grid is known: every substation that was
+    #: online has re-announced its sessions to this instance, or this long has passed (see balancer/startup.py).
+    startup_wait_s: float = Field(5.0, ge=0)
+    #: Input held during the startup wait; beyond, a request is refused with reason "starting" (retry later).
+    startup_buffer_max: int = Field(5000, ge=0)
+    #: Per-EV budget on its request/release topics, and per-substation budget on its telemetry topic: messages
+    #: per second on average, bursts of ..._burst; the excess is shed unread, counted and answered (rate_limited)
+    #: at most once a second per sender. A real EV sends a few messages a minute; a real agent one a second.
+    ev_rate_per_s: float = Field(20.0, gt=0)
+    ev_burst: float = Field(40.0, ge=1)
+    telemetry_rate_per_s: float = Field(10.0, gt=0)
+    telemetry_burst: float = Field(20.0, ge=1)
     #: paho is the default on the hot path (see grid_runtime.mqtt and bench/).
     mqtt_client: Literal["paho", "aiomqtt"] = "paho"
 

@@ -397,12 +397,14 @@ class LocalBroker:
         self._proc = None
         _RUNNING.discard(self)
 
-    def restart(self, *, crash: bool = False) -> LocalBroker:
-        """Stop (or with ``crash=True`` kill) and start again on the same port with the same data dir."""
+    def restart(self, *, crash: bool = False, down_s: float = 0.0) -> LocalBroker:
+        """Stop (or with ``crash=True`` kill), stay down ``down_s`` seconds and start again on the same port with
+        the same data dir."""
         if crash:
             self.kill()
         else:
             self.stop()
+        time.sleep(down_s)
         self._port_fixed = True  # clients reconnect to the same address
         return self.start()
 

@@ -20,6 +20,7 @@ _STRICT_REQUEST_ID = REQUEST_ID_PATTERN + r"(?!\n)"
 Id = Annotated[str, Meta(pattern=_STRICT_ID, description="EV or substation id, ^[A-Za-z0-9_-]{1,64}$")]
 RequestId = Annotated[str, Meta(pattern=_STRICT_REQUEST_ID, description="Client-chosen request id")]
 SessionId = Annotated[str, Meta(pattern=_STRICT_REQUEST_ID, description="Balancer-issued session id")]
+InstanceId = Annotated[str, Meta(pattern=_STRICT_ID, description="A balancer process's start id")]
 Kw = Annotated[float, Meta(ge=0, le=1_000_000, description="Power in kW")]
 RequestKw = Annotated[float, Meta(gt=0, le=1_000, description="Requested power in kW")]
 Kwh = Annotated[float, Meta(gt=0, le=10_000, description="Energy in kWh")]
@@ -100,12 +101,20 @@ class Telemetry(msgspec.Struct, kw_only=True):
 
 
 class SubstationStatus(msgspec.Struct, kw_only=True):
-    """Retained on ``substation/{substation_id}/status``; the last will carries ``offline``."""
+    """Retained on ``substation/{substation_id}/status``; the last will carries ``offline``.
+
+    An agent that sees the balancer's ``online`` status re-announces every session it runs (``running``
+    events) and then publishes ``online`` with ``announced_for`` = that balancer's ``instance`` and the number
+    of ``sessions`` it announced: the balancer then knows the agent's whole inventory (a restarted balancer
+    waits for it before acting on queued input; any balancer drops sessions the agent no longer has).
+    """
 
     state: Literal["online", "offline"]
     substation_id: Id | None = None
     ts: Timestamp | None = None
     capacity_kw: Annotated[float, Meta(gt=0, le=1_000_000)] | None = None
+    announced_for: InstanceId | None = None
+    sessions: Annotated[int, Meta(ge=0)] | None = None
 
 
 class SessionCommand(msgspec.Struct, kw_only=True):
@@ -175,9 +184,14 @@ class SessionEvent(msgspec.Struct, kw_only=True):
 
 
 class BalancerStatus(msgspec.Struct, kw_only=True):
-    """Retained on ``balancer/status``; the balancer's last will carries ``offline``."""
+    """Retained on ``balancer/status``; the balancer's last will carries ``offline``.
+
+    ``instance`` is new with every start of the balancer process: agents answer it with their inventory
+    (see :class:`SubstationStatus`).
+    """
 
     state: Literal["online", "offline"]
+    instance: InstanceId | None = None
     ts: Timestamp | None = None
     version: str | None = None
     safety_margin_pct: float | None = None

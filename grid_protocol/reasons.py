@@ -14,6 +14,9 @@ class Reason(StrEnum):
     INVALID_FIELD = "invalid_field"
     ID_MISMATCH = "id_mismatch"
     RESERVED_ID = "reserved_id"
+    RETAINED = "retained"  # a request or release published with the retain flag (it would be replayed later)
+    RATE_LIMITED = "rate_limited"  # more messages from one EV or substation than its share: the excess is shed
+    STARTING = "starting"  # the balancer is learning the grid after a restart and its input buffer is full
     # Request-level decisions.
     EV_BUSY = "ev_busy"
     QUEUE_FULL = "queue_full"
@@ -32,7 +35,14 @@ class Reason(StrEnum):
     PARTIAL_GRANT = "partial_grant"
     NO_HEADROOM = "no_headroom"
     UNKNOWN_SESSION = "unknown_session"
+    SESSION_LOST = "session_lost"  # the substation no longer runs a session the balancer gave it (it restarted)
     STALE_TELEMETRY = "stale_telemetry"
     # Operator control (ControlResult).
     UNKNOWN_SUBSTATION = "unknown_substation"
     DRAINING = "draining"
+
+
+#: An agent's ``ended`` event with one of these reasons completes the EV's request: it got what it came for, or
+#: it left. Any other reason (``substation_offline``, ``stopped_by_agent``, ...) means the session could not
+#: continue: the balancer puts the request back in the queue (``revoked``, then ``queued``), never ``completed``.
+FINAL_END_REASONS: frozenset[str] = frozenset({Reason.ENERGY_DELIVERED, Reason.DURATION_ELAPSED, Reason.RELEASED})

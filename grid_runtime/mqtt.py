@@ -29,6 +29,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from grid_runtime.logs import get_logger
 from grid_runtime.settings import MqttSettings
@@ -84,7 +85,11 @@ class Transport(Protocol):
     connected: asyncio.Event
 
     def set_handler(self, handler: Handler) -> None: ...
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None: ...
+    def subscribe(self, topic_filter: str, qos: int = 1, *, retain_as_published: bool = False) -> None:
+        """Subscribe now and after every reconnect. ``retain_as_published`` (MQTT 5): live messages keep the
+        retain flag their publisher set (without it only replayed retained messages carry it)."""
+        ...
+
     def on_connect(self, callback: Callable[[], None]) -> None: ...
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 correlation_data: bytes | None = None, expiry_s: int | None = None) -> None:
@@ -129,13 +134,18 @@ class _Base:
         self.stats = TransportStats()
         self.connected = asyncio.Event()
         self._handler: Handler = lambda _m: None
-        self._subs: dict[str, int] = {}
+        self._subs: dict[str, SubscribeOptions] = {}
         self._connect_callbacks: list[Callable[[], None]] = []
         self._outbox: deque[tuple[str, bytes, int, bool, bytes | None]] = deque()
         self._closing = False
 
     def set_handler(self, handler: Handler) -> None:
         self._handler = handler
+
+    def _remember(self, topic_filter: str, qos: int, retain_as_published: bool) -> SubscribeOptions:
+        options = SubscribeOptions(qos=qos, retainAsPublished=retain_as_published)
+        self._subs[topic_filter] = options
+        return options
 
     def on_connect(self, callback: Callable[[], None]) -> None:
         self._connect_callbacks.append(callback)
@@ -233,7 +243,7 @@ class PahoTransport(_Base):
             return
         log.info("mqtt_connected", client_id=self.client_id, host=self.settings.host, port=self.settings.port)
         if self._subs:
-            client.subscribe([(f, q) for f, q in self._subs.items()])
+            client.subscribe(list(self._subs.items()))
         # paho re-sends the QoS 1 messages that were in flight when the connection broke only after this
         # callback returns. The outbox holds newer messages: publish them after those, or they overtake
         # them (an EV would hear ``completed`` before ``assigned``). ``connected`` stays clear until then,
@@ -269,10 +279,10 @@ class PahoTransport(_Base):
         self._dispatch(InMessage(topic, payload, message.qos, bool(message.retain), response_topic, corr))
 
     # --- public API ------------------------------------------------------------------------
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        self._subs[topic_filter] = qos
+    def subscribe(self, topic_filter: str, qos: int = 1, *, retain_as_published: bool = False) -> None:
+        options = self._remember(topic_filter, qos, retain_as_published)
         if self.connected.is_set():
-            self._client.subscribe(topic_filter, qos)
+            self._client.subscribe(topic_filter, options=options)
 
     def _publish_now(self, topic: str, payload: bytes, qos: int, retain: bool, corr: bytes | None) -> None:
         props = None
@@ -393,10 +403,10 @@ class AiomqttTransport(_Base):
         self._inflight: dict[asyncio.Task[None], tuple[str, bytes, int, bool, bytes | None]] = {}
         self._run_task: asyncio.Task[None] | None = None
 
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        self._subs[topic_filter] = qos
+    def subscribe(self, topic_filter: str, qos: int = 1, *, retain_as_published: bool = False) -> None:
+        options = self._remember(topic_filter, qos, retain_as_published)
         if self._client is not None and self.connected.is_set():
-            self._spawn(self._client.subscribe(topic_filter, qos))
+            self._spawn(self._client.subscribe(topic_filter, options=options))
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
@@ -466,9 +476,9 @@ class AiomqttTransport(_Base):
                     self._client = client
                     # subscribe() may add filters while we wait for a SUBACK: loop until none is left out.
                     done: set[str] = set()
-                    while todo := [(f, q) for f, q in self._subs.items() if f not in done]:
-                        for f, q in todo:
-                            await client.subscribe(f, q)
+                    while todo := [(f, o) for f, o in self._subs.items() if f not in done]:
+                        for f, options in todo:
+                            await client.subscribe(f, options=options)
                             done.add(f)
                     log.info("mqtt_connected", client_id=self.client_id, host=self.settings.host,
                              port=self.settings.port)

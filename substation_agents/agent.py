@@ -16,15 +16,17 @@ Protocol duties (the contract in ``grid_protocol.topics.CHANNELS``):
   energy delivered when a session finishes or is stopped;
 * graceful shutdown: retained ``offline`` status, then disconnect.
 
-A lost connection is treated as the end of every session: the broker publishes the ``offline``
-will, on which the balancer revokes this substation's sessions and re-queues their EVs without
-sending stop commands. So on a *re*connect the agent ends its sessions itself (reason
-``substation_offline``) instead of charging EVs the balancer may already have placed elsewhere.
-For the same reason the connection uses a clean start and no session expiry: commands queued by the
-broker while we were away are stale by construction, and a reconnect that resumes the old session
-takes it over *without* publishing the will (measured with Mosquitto 2.0.11: clean_start=False with
-session expiry 3600 -> no will; clean_start=True, or expiry 0 -> will published), so the balancer
-would keep sessions that this agent then drops.
+A lost connection does not end the sessions: a broker restart or a network blip is routine, and the EVs keep
+charging through it as long as the balancer's lease (``valid_until`` of its command batches) holds; past the
+lease the agent pauses them at 0 kW (``check_lease``) until a new batch renews it. On every connect the agent
+learns whether a balancer is online (its retained status) and, if so, re-announces every session it runs
+(``running`` events) and then publishes its ``online`` status with ``announced_for`` = that balancer's
+``instance``: the balancer keeps what was announced, stops what it had revoked meanwhile, and drops what the agent
+no longer has. The status is published only after that announcement, so the balancer never places new sessions
+here before it knows the agent's inventory (no balancer online: the plain status after
+:data:`STATUS_WAIT_S`). The connection uses a clean start and no session expiry: commands queued by the broker
+while we were away are stale by construction. A clean shutdown ends the sessions (``substation_offline``: the
+balancer re-queues their EVs) before the ``offline`` status.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ _QOS_COMMAND = CHANNELS[TopicKind.SUBSTATION_COMMAND].qos
 _QOS_ERROR = CHANNELS[TopicKind.SUBSTATION_ERROR].qos
 #: Bad commands are logged individually up to this many, then every 100th (a flood must not flood the log).
 _BAD_LOG_FIRST = 10
+#: After a connect, how long to wait for the balancer's retained status before announcing ``online`` without an
+#: inventory (no balancer has ever been online on this broker).
+STATUS_WAIT_S = 1.0
 
 
 class SimClock:
@@ -156,6 +161,7 @@ class SubstationAgent:
         self.stats = AgentStats()
         self.seq = 0
         self.lease_until: float | None = None  # from the balancer's command batches (valid_until)
+        self._online_sent = False  # the online status of the current connection has been published
         self._last_sim = sim.now_sim
         self._command_topic = topics.command(self.id)
         self._error_topic = topics.substation_error(self.id)
@@ -170,10 +176,13 @@ class SubstationAgent:
         transport.on_connect(self._on_connected)
 
     # ------------------------------------------------------------------ publishing
-    def _publish_status(self, state: str) -> None:
+    def _publish_status(self, state: str, announced_for: str | None = None) -> None:
         status = SubstationStatus(state="online" if state == "online" else "offline", substation_id=self.id,
-                                  ts=self._wall(), capacity_kw=self.sim.capacity_kw)
+                                  ts=self._wall(), capacity_kw=self.sim.capacity_kw, announced_for=announced_for,
+                                  sessions=len(self.sim.sessions) if state == "online" else None)
         self.transport.publish(self._status_topic, encode(status), qos=_QOS_STATUS, retain=True)
+        if state == "online":
+            self._online_sent = True
 
     def _publish_ended(self, end: SessionEnd) -> None:
         self.stats.sessions_ended += 1
@@ -218,14 +227,22 @@ class SubstationAgent:
             self._publish_ended(end)
 
     def _on_connected(self) -> None:
+        """(Re)connected: keep the sessions (the lease decides whether they draw power), and say ``online`` once the
+        balancer has heard what runs here (see the module doc), or after STATUS_WAIT_S without a balancer."""
         self.stats.connects += 1
-        if self.stats.connects > 1 and self.sim.sessions:
-            self.advance()
-            ends = self.sim.stop_all(Reason.SUBSTATION_OFFLINE, self._last_sim)
-            log.warning("sessions_dropped_after_reconnect", substation_id=self.id, sessions=len(ends))
-            for end in ends:
-                self._publish_ended(end)
-        self._publish_status("online")
+        self._online_sent = False
+        if self.stats.connects > 1:
+            log.info("reconnected_keeping_sessions", substation_id=self.id, sessions=len(self.sim.sessions),
+                     paused=self.sim.paused, lease_until=self.lease_until)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # driven by hand (unit tests): the balancer's status, or _online_without_balancer(), says it
+        loop.call_later(STATUS_WAIT_S, self._online_without_balancer)
+
+    def _online_without_balancer(self) -> None:
+        if not self._online_sent and self.transport.connected.is_set():
+            self._publish_status("online")
 
     # ------------------------------------------------------------------ incoming
     def handle(self, msg: InMessage) -> None:
@@ -293,7 +310,8 @@ class SubstationAgent:
                             session_id=command.session_id, ev_id=command.ev_id, outcome=result.outcome)
 
     def _on_balancer_status(self, msg: InMessage) -> None:
-        """The balancer (re)started: tell it which sessions run here, so it adopts them."""
+        """A balancer is (still, or newly) online: tell it every session that runs here, then close the inventory
+        with the online status (``announced_for``), so it adopts what it does not know and drops what is gone."""
         if not msg.payload:
             return
         try:
@@ -301,7 +319,9 @@ class SubstationAgent:
         except PayloadError as exc:
             log.warning("balancer_status_unreadable", substation_id=self.id, reason=exc.reason)
             return
-        if status.state != "online" or not self.sim.sessions:
+        if status.state != "online":
+            if not self._online_sent:
+                self._publish_status("online")
             return
         self.advance()
         now = self._wall()
@@ -312,7 +332,9 @@ class SubstationAgent:
                 min_kw=session.min_kw, priority=session.priority, energy_kwh=session.energy_left_kwh,
                 duration_minutes=session.minutes_left, energy_delivered_kwh=round(session.delivered_kwh, 6))
             self.transport.publish(self._session_topic, encode(event), qos=_QOS_SESSION)
-        log.info("sessions_announced", substation_id=self.id, sessions=len(self.sim.sessions))
+        self._publish_status("online", announced_for=status.instance)
+        log.info("sessions_announced", substation_id=self.id, sessions=len(self.sim.sessions),
+                 balancer_instance=status.instance)
 
     def _on_error_report(self, msg: InMessage) -> None:
         self.stats.error_reports += 1
@@ -355,9 +377,13 @@ class SubstationAgent:
             raise RuntimeError(f"MQTT transport of substation {self.id} stopped unexpectedly")
 
     async def _shutdown(self, conn: asyncio.Task[None], timeout: float) -> None:
+        """A clean stop ends the sessions (they cannot go on without this agent; the balancer re-queues their EVs),
+        then says ``offline`` and disconnects."""
         was_connected = self.transport.connected.is_set()
         if was_connected:
             self.advance()
+            for end in self.sim.stop_all(Reason.SUBSTATION_OFFLINE, self._last_sim):
+                self._publish_ended(end)
             self._publish_status("offline")
         await self.transport.close(timeout)
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -56,7 +56,7 @@ from grid_protocol.messages import (
     SessionEvent,
     Telemetry,
 )
-from grid_protocol.reasons import Reason
+from grid_protocol.reasons import FINAL_END_REASONS, Reason
 
 
 @dataclass(slots=True)
@@ -81,6 +81,10 @@ class CoreConfig:
     rebalance_interval_s: float = 1.0
     poll_interval_s: float = 5.0  # polled-least-loaded's snapshot age
     queue_update_interval_s: float = 5.0  # queued EVs hear new positions/ETAs at most this often
+    #: An offline substation (its last will, or a clean shutdown) keeps its sessions this long before they are
+    #: revoked and re-queued: an agent that reconnects within its lease (the service sets this to the lease)
+    #: keeps charging, and nothing is placed twice meanwhile (the power stays counted). 0: revoke at once.
+    offline_grace_s: float = 10.0
 
 
 class _EvState(msgspec.Struct, gc=False):
@@ -559,15 +563,42 @@ class Balancer:
         effects += self._raise(sub, now)
         return effects + self._requeue_notices(now)
 
-    def _on_status(self, substation_id: str, state: str, now: float) -> list[Effect]:
+    def _on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False) -> list[Effect]:
+        """``inventory``: this ``online`` status closes the agent's re-announcement to this balancer (every
+        session it runs was announced just before): sessions it did not announce are gone there."""
         sub = self.substation(substation_id, now)
-        sub.status = state
+        effects = self._reconcile(sub, now) if inventory and state == "online" else []
+        sub.announced.clear()  # a status closes (or, offline, breaks off) the agent's announcement
         if state == "online":
+            sub.status = state
+            sub.offline_since = None
             sub.last_seq = -1  # the agent may have restarted and counts from 0 again
-            return self._serve_queue(now)  # back with fresh telemetry: it has headroom again
-        self.counters["substation_offline"] += 1
-        return self._revoke_all(sub, now, Reason.SUBSTATION_OFFLINE, f"substation {substation_id} went offline",
-                                stop_agent=False)
+            return effects + self._serve_queue(now) + self._requeue_notices(now)  # back: it has headroom again
+        if sub.status != "offline":
+            self.counters["substation_offline"] += 1
+            sub.offline_since = now
+        sub.status = state
+        return self._offline_grace_over(sub, now)
+
+    def _offline_grace_over(self, sub: Substation, now: float) -> list[Effect]:
+        """Offline past the grace: its sessions are revoked and their requests re-queued (re-placed elsewhere)."""
+        since = sub.offline_since
+        if since is None or not sub.sessions or now - since < self.config.offline_grace_s:
+            return []
+        return self._revoke_all(sub, now, Reason.SUBSTATION_OFFLINE,
+                                f"substation {sub.id} went offline and did not come back within "
+                                f"{self.config.offline_grace_s:g} s", stop_agent=False)
+
+    def _reconcile(self, sub: Substation, now: float) -> list[Effect]:
+        """The agent announced its whole inventory: a session it had confirmed and no longer announces is gone
+        (the agent restarted): revoke it and re-queue its request. Unconfirmed ones may be starting right now."""
+        gone = [s for s in sub.sessions.values() if s.confirmed and s.session_id not in sub.announced]
+        effects: list[Effect] = []
+        for session in gone:
+            self.counters["session_lost"] += 1
+            effects += self._revoke(session, now, Reason.SESSION_LOST,
+                                    f"substation {sub.id} no longer runs this session", stop_agent=True)
+        return effects
 
     def _revoke_all(self, sub: Substation, now: float, reason: Reason, detail: str, *,
                     stop_agent: bool) -> list[Effect]:
@@ -593,9 +624,21 @@ class Balancer:
             return []
         if msg.event != "ended":
             session.confirmed = True
+            if msg.event == "running":
+                self.substation(substation_id, now).announced.add(msg.session_id)
             return []
-        self._remove_session(session)
         reason = msg.reason or Reason.STOPPED_BY_AGENT
+        if reason not in FINAL_END_REASONS:
+            # The session could not continue (the agent went offline, stopped it, ...): the EV did not get what it
+            # came for, so its request goes back in line, never "completed".
+            if msg.energy_delivered_kwh is not None:
+                session.delivered_wh = max(session.delivered_wh, msg.energy_delivered_kwh * 1000)
+                session.accounted_at = now
+            cause = Reason(reason) if reason in Reason._value2member_map_ else Reason.STOPPED_BY_AGENT
+            effects = self._revoke(session, now, cause, f"substation {substation_id} ended the session ({reason})",
+                                   stop_agent=False)
+            return effects + self._serve_queue(now) + self._requeue_notices(now)
+        self._remove_session(session)
         answer = self._answer(session.request, "completed", now, session=session, reason=reason)
         self._close(session.request.ev_id, answer, now)
         self.counters[f"completed:{reason}"] += 1
@@ -622,6 +665,8 @@ class Balancer:
         session = Session(msg.session_id, substation_id, req, granted_w, now, confirmed=True,
                           last_change_at=now, accounted_at=now)
         self._attach(sub, session)
+        if msg.event == "running":
+            sub.announced.add(session.session_id)
         self._evs[req.ev_id] = _EvState(req, self._answer(req, "assigned", now, session=session),
                                         session_id=session.session_id)
         self.counters["adopted"] += 1
@@ -651,6 +696,7 @@ class Balancer:
                 effects += self._revoke_all(sub, now, Reason.SUBSTATION_LOST,
                                             f"no telemetry from substation {sub.id} for {cfg.lost_after_s:g} s",
                                             stop_agent=True)
+            effects += self._offline_grace_over(sub, now)
         due = [sub for sub in self.substations.values() if now - sub.rebalanced_at >= cfg.rebalance_interval_s]
         for sub in due:
             effects += self._reduce(sub, now)
@@ -693,8 +739,8 @@ class Balancer:
     def on_telemetry(self, msg: Telemetry, now: float) -> list[Effect]:
         return self._coalesce(self._on_telemetry(msg, now))
 
-    def on_status(self, substation_id: str, state: str, now: float) -> list[Effect]:
-        return self._coalesce(self._on_status(substation_id, state, now))
+    def on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False) -> list[Effect]:
+        return self._coalesce(self._on_status(substation_id, state, now, inventory=inventory))
 
     def on_session_event(self, substation_id: str, msg: SessionEvent, now: float) -> list[Effect]:
         return self._coalesce(self._on_session_event(substation_id, msg, now))

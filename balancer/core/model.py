@@ -116,6 +116,11 @@ class Substation:
     overload_s: float = 0.0  # time measured load was above the reported capacity (between telemetry samples)
     stale: bool = False  # telemetry went stale and has not come back (for counting transitions)
     stale_transitions: int = 0
+    #: balancer clock: when its status turned offline; its sessions are kept (and counted) for the offline grace,
+    #: so a reconnect within the lease (a broker restart, a network blip) ends nothing
+    offline_since: float | None = None
+    #: sessions the agent re-announced (``running``) since its last inventory closed (a status with announced_for)
+    announced: set[str] = field(default_factory=set)
 
     def apply_capacity(self) -> None:
         """Plan with the reported capacity, or the operator's limit when that is lower."""

@@ -32,7 +32,7 @@ class FakeTransport:
     def set_handler(self, handler: Callable[[InMessage], None]) -> None:
         self.handler = handler
 
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+    def subscribe(self, topic_filter: str, qos: int = 1, *, retain_as_published: bool = False) -> None:
         pass
 
     def on_connect(self, callback: Callable[[], None]) -> None:
@@ -96,6 +96,7 @@ def setup() -> Setup:
     agents = {"A": a, "B": b}
     register_agent_metrics(lambda: agents, registry)
     ta.connect()  # B stays disconnected
+    ta.deliver(T.balancer_status(), b'{"state": "online", "instance": "i1"}')  # A answers with its online status
     return registry, agents, {"A": ta, "B": tb}, wall
 
 

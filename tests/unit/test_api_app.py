@@ -51,7 +51,7 @@ class FakeTransport:
     def set_handler(self, handler: Handler) -> None:
         self.handler = handler
 
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+    def subscribe(self, topic_filter: str, qos: int = 1, *, retain_as_published: bool = False) -> None:
         self.subscriptions[topic_filter] = qos
 
     def on_connect(self, callback: Callable[[], None]) -> None:

@@ -28,7 +28,7 @@ class Clock:
 def setup() -> tuple[BalancerService, FakeTransport, Clock, CollectorRegistry]:
     transport = FakeTransport()
     clock = Clock()
-    service = BalancerService(BalancerSettings(safety_margin_pct=10, stale_after_s=5), transport,  # type: ignore[arg-type]
+    service = BalancerService(BalancerSettings(safety_margin_pct=10, stale_after_s=5, startup_wait_s=0), transport,  # type: ignore[arg-type]
                               clock=clock)
     registry = CollectorRegistry()
     metrics.register(service, registry)

@@ -13,7 +13,9 @@ time passing (crossing the stale and lost thresholds). After every step it check
   anywhere (capacity that frees is used at once);
 * effect ordering: no ``start`` for a substation before a ``stop``/``update`` for it in the same step;
 * every effect is a valid contract message (it survives the strict codec);
-* offline or lost substations hold no sessions; grants stay within ``[min, requested]``.
+* substations offline past the grace, or lost, hold no sessions; grants stay within ``[min, requested]``;
+* an ``ended`` event completes the request only for a final reason (energy, duration, release); otherwise it is
+  re-queued; an agent's inventory drops the confirmed sessions it left out.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from grid_protocol import (
     decode,
     encode,
 )
+from grid_protocol.reasons import FINAL_END_REASONS
 
 SUBS = ("A", "B", "C")
 EVS = tuple(f"EV{i}" for i in range(16))
@@ -181,15 +184,46 @@ class CoreMachine(RuleBasedStateMachine):
             self.final[(ev, rid)] = (a, self.now)
 
     @precondition(lambda self: bool(self.b._sessions))
-    @rule(data=st.data(), reason=st.sampled_from([Reason.ENERGY_DELIVERED, Reason.DURATION_ELAPSED, None]))
+    @rule(data=st.data(), reason=st.sampled_from([Reason.ENERGY_DELIVERED, Reason.DURATION_ELAPSED, Reason.RELEASED,
+                                                  Reason.SUBSTATION_OFFLINE, Reason.STOPPED_BY_AGENT, "other", None]))
     def session_ended(self, data: st.DataObject, reason: str | None) -> None:
         session_id = data.draw(st.sampled_from(sorted(self.b._sessions)))
         s = self.b._sessions[session_id]
         ev = s.request.ev_id
         msg = SessionEvent(event="ended", session_id=session_id, ev_id=ev, ts=self.now, reason=reason)
-        effects = self._apply(f"ended {session_id} ({ev})", self.b.on_session_event(s.substation_id, msg, self.now))
-        assert ev not in self.open, "the session's request must be finished"
-        assert any(isinstance(e, ToEv) and e.ev_id == ev and e.message.status == "completed" for e in effects)
+        effects = self._apply(f"ended {session_id} ({ev}, {reason})",
+                              self.b.on_session_event(s.substation_id, msg, self.now))
+        to_ev = [e.message.status for e in effects if isinstance(e, ToEv) and e.ev_id == ev]
+        if reason in FINAL_END_REASONS:
+            assert ev not in self.open, "the session's request must be finished"
+            assert "completed" in to_ev
+        else:  # the session could not continue: the EV is re-queued (maybe re-placed at once), never completed
+            assert ev in self.open and session_id not in self.b._sessions
+            assert to_ev[0] == "revoked" and "completed" not in to_ev, to_ev
+
+    @precondition(lambda self: bool(self.b._sessions))
+    @rule(data=st.data())
+    def inventory(self, data: st.DataObject) -> None:
+        """An agent (maybe restarted) re-announces the sessions it still runs, then closes its inventory: a
+        confirmed session it left out is gone there (revoked, re-queued); the announced ones stay."""
+        sid = data.draw(st.sampled_from(sorted({s.substation_id for s in self.b._sessions.values()})))
+        sub = self.b.substations[sid]
+        if sub.status == "offline":
+            return  # an agent publishes its inventory with its online status (below)
+        kept = data.draw(st.sets(st.sampled_from(sorted(sub.sessions))))
+        announced = kept | sub.announced  # (running events since its last status count too: adopt() sends them)
+        for session_id in sorted(kept):
+            s = sub.sessions[session_id]
+            msg = SessionEvent(event="running", session_id=session_id, ev_id=s.request.ev_id, ts=self.now,
+                               granted_kw=s.granted_w / 1000)
+            assert self._apply(f"running {session_id}", self.b.on_session_event(sid, msg, self.now)) == []
+        before = {k: (s.request.ev_id, s.confirmed) for k, s in sub.sessions.items()}
+        self._apply(f"inventory {sid} kept {sorted(kept)}", self.b.on_status(sid, "online", self.now, inventory=True))
+        for session_id, (ev, confirmed) in before.items():
+            if session_id in announced or not confirmed:
+                assert session_id in self.b._sessions or session_id in self.b._ended_sessions
+            else:
+                assert session_id not in self.b._sessions and ev in self.open, (session_id, ev)
 
     @precondition(lambda self: bool(self.b._sessions))
     @rule(data=st.data())
@@ -276,10 +310,16 @@ class CoreMachine(RuleBasedStateMachine):
 
     @rule(sid=st.sampled_from(SUBS), state=st.sampled_from(["online", "offline"]))
     def status(self, sid: str, state: str) -> None:
+        sub = self.b.substations[sid]
+        held = dict(sub.sessions) if sub.status != "offline" else None
         effects = self._apply(f"status {sid} {state}", self.b.on_status(sid, state, self.now))
         if state == "offline":
-            assert self.b.substations[sid].sessions == {}
+            # Its sessions are kept through the grace (an agent may reconnect within its lease) ...
+            if held is not None:
+                assert sub.sessions == held
             assert not any(isinstance(e, ToSubstation) and e.substation_id == sid for e in effects)
+            # ... and nothing new goes there meanwhile.
+            assert sub.headroom_w(self.now, CONFIG.safety_margin_pct, CONFIG.stale_after_s) == 0
 
     @rule(dt=st.sampled_from([0.5, 2.0, 4.9, 5.5, 12.0, 31.0, 4000.0]), refresh=st.sets(st.sampled_from(SUBS)))
     def time_passes(self, dt: float, refresh: set[str]) -> None:
@@ -340,7 +380,9 @@ class CoreMachine(RuleBasedStateMachine):
             assert on_subs[sid] is s and b.substations[s.substation_id].sessions[sid] is s
             assert s.request.min_w <= s.granted_w <= s.request.requested_w or s.request.requested_w == 0, s
         for sub in b.substations.values():
-            if sub.status == "offline" or sub.lost:
+            past_grace = (sub.status == "offline" and sub.offline_since is not None
+                          and self.now - sub.offline_since >= CONFIG.offline_grace_s)
+            if past_grace or sub.lost:
                 assert not sub.sessions, f"{sub.id} offline/lost but holds sessions after {self.step}"
 
     def queue_ordered_and_nothing_placeable_waits(self) -> None:

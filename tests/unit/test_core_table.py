@@ -380,7 +380,7 @@ def test_queued_head_released_lets_the_next_one_in() -> None:
 
 
 def test_substation_back_online_serves_the_queue() -> None:
-    h = Harness()
+    h = Harness(cfg(offline_grace_s=0))  # revoked at once
     h.tel("A", 100, 68)
     h.req("EV1", 22, min_kw=22)
     effects = h.status("A", "offline")
@@ -485,7 +485,7 @@ def test_redelivery_gets_the_identical_answer(state: str, status: str) -> None:
 
 
 def test_redelivery_while_queued_after_revocation_gets_latest_answer() -> None:
-    h = Harness()
+    h = Harness(cfg(offline_grace_s=0))
     h.tel("A", 100, 0)
     h.req("EV1", 22, rid="mine")
     h.status("A", "offline")
@@ -599,14 +599,25 @@ def test_stale_substation_skipped_for_a_fresh_one() -> None:
     assert (a.status, a.substation_id) == ("assigned", "B")
 
 
-def test_offline_status_revokes_sessions_and_replaces_them() -> None:
-    h = Harness()
+def test_offline_substation_keeps_its_sessions_for_the_grace_then_revokes_and_replaces_them() -> None:
+    h = Harness(cfg(offline_grace_s=10.0))
     h.tel("A", 100, 0)
     h.tel("B", 100, 68)  # room for one 22 kW session
     h.req("LOW", 22, min_kw=22, priority=0)
     h.req("HIGH", 22, min_kw=22, priority=5)
     assert set(h.sessions_on("A")) == {"LOW", "HIGH"}
-    effects = h.status("A", "offline")
+    # Offline (a last will): nothing new goes to A, but its sessions stay, counted, for the grace, since an agent
+    # that reconnects within its lease keeps charging them (a broker restart, a network blip).
+    assert h.status("A", "offline") == []
+    assert set(h.sessions_on("A")) == {"LOW", "HIGH"}
+    assert answers(h.req("MID", 30, min_kw=30)) and h.queue() == ["MID"]  # B cannot, A takes nothing
+    h.advance(9.9)
+    h.refresh("B")
+    assert answers(h.tick()) == []
+    h.advance(0.1)
+    h.refresh("B")
+    h.b.on_release("MID", Release(), h.now)
+    effects = h.tick()
     revoked = [a for a in answers(effects) if a.status == "revoked"]
     assert [(a.ev_id, a.reason, a.substation_id) for a in revoked] == [
         ("HIGH", Reason.SUBSTATION_OFFLINE, "A"), ("LOW", Reason.SUBSTATION_OFFLINE, "A")]
@@ -875,3 +886,55 @@ def test_burst_spreads_before_filling() -> None:
         assert a.substation_id is not None
         placed[a.substation_id] += 1
     assert dict(placed) == {"A": 100, "B": 100, "C": 100}, f"per-substation counts {dict(placed)}"
+
+
+def test_offline_substation_that_comes_back_within_the_grace_keeps_its_sessions() -> None:
+    h = Harness(cfg(offline_grace_s=10.0))
+    h.tel("A", 100, 0)
+    h.req("EV1", 22)
+    before = h.session("EV1").session_id
+    assert h.status("A", "offline") == []
+    h.advance(5)
+    h.refresh("A")
+    assert answers(h.status("A", "online")) == []
+    h.advance(20)
+    h.refresh("A")
+    assert answers(h.tick()) == []
+    assert h.session("EV1").session_id == before
+    assert_healthy(h)
+
+
+@pytest.mark.parametrize("reason", [Reason.SUBSTATION_OFFLINE, Reason.STOPPED_BY_AGENT, None])
+def test_session_the_agent_could_not_continue_is_requeued_never_completed(reason: str | None) -> None:
+    h = Harness()
+    h.tel("A", 100, 0)
+    h.req("EV1", 22, min_kw=22, rid="trip")
+    before = h.session("EV1").session_id
+    effects = h.end("EV1", reason)  # type: ignore[arg-type]
+    got = [(a.status, a.reason) for a in answers(effects, "EV1")]
+    # Revoked and back in line, then placed again at once in the room it left (a new session, same request).
+    assert got == [("revoked", reason or Reason.STOPPED_BY_AGENT), ("assigned", None)], got
+    assert h.b.ev_state("EV1").request_id == "trip"  # type: ignore[union-attr]
+    assert h.session("EV1").session_id != before
+    assert_healthy(h)
+
+
+def test_inventory_drops_confirmed_sessions_the_agent_no_longer_runs() -> None:
+    """A restarted agent announces what it still runs, then closes its inventory (a status with announced_for):
+    confirmed sessions it left out are revoked and re-queued; a session whose start may still be on its way is not."""
+    h = Harness()
+    h.tel("A", 200, 0)
+    for ev in ("KEPT", "LOST", "NEW"):
+        h.req(ev, 22, min_kw=22)
+    kept, lost = h.session("KEPT"), h.session("LOST")
+    h.event("A", "started", kept.session_id, "KEPT")
+    h.event("A", "started", lost.session_id, "LOST")
+    msg = SessionEvent(event="running", session_id=kept.session_id, ev_id="KEPT", ts=h.now, granted_kw=22.0)
+    assert h.b.on_session_event("A", msg, h.now) == []
+    effects = h.b.on_status("A", "online", h.now, inventory=True)
+    assert [(sid, c.command, c.ev_id) for sid, c in commands(effects, "stop")] == [("A", "stop", "LOST")]
+    assert answers(effects, "LOST")[0].status == "revoked" and answers(effects, "LOST")[0].reason == "session_lost"
+    assert answer(effects, "LOST").status == "assigned"  # re-placed at once (a new session)
+    assert {ev for ev in h.sessions_on("A")} == {"KEPT", "LOST", "NEW"}
+    assert h.session("KEPT").session_id == kept.session_id and h.session("LOST").session_id != lost.session_id
+    assert_healthy(h)

@@ -32,7 +32,7 @@ class FakeTransport:
     def set_handler(self, handler: Callable[[InMessage], None]) -> None:
         self.handler = handler
 
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+    def subscribe(self, topic_filter: str, qos: int = 1, *, retain_as_published: bool = False) -> None:
         self.subs[topic_filter] = qos
 
     def on_connect(self, callback: Callable[[], None]) -> None:

@@ -21,7 +21,7 @@ from grid_protocol.messages import (
 from grid_protocol.topics import Topics
 from grid_runtime.mqtt import InMessage, TransportStats
 from grid_runtime.settings import GridSettings, MqttSettings
-from substation_agents.agent import SimClock, SubstationAgent, agent_mqtt_settings, offline_will
+from substation_agents.agent import STATUS_WAIT_S, SimClock, SubstationAgent, agent_mqtt_settings, offline_will
 from substation_agents.settings import AgentSettings, SubstationSpec, parse_substations
 from substation_agents.simulation import SubstationSim
 
@@ -50,7 +50,7 @@ class FakeTransport:
     def set_handler(self, handler: Callable[[InMessage], None]) -> None:
         self.handler = handler
 
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+    def subscribe(self, topic_filter: str, qos: int = 1, *, retain_as_published: bool = False) -> None:
         self.subs[topic_filter] = qos
 
     def on_connect(self, callback: Callable[[], None]) -> None:
@@ -124,16 +124,37 @@ def test_subscribes_to_own_command_and_error_topics_and_the_balancer_status() ->
     assert tr.subs == {T.command("A"): 1, T.substation_error("A"): 1, T.balancer_status(): 1}
 
 
-def test_online_status_retained_on_every_connect() -> None:
-    _, tr, _ = make()
+def test_online_status_retained_on_every_connect_after_the_inventory() -> None:
+    """On every connect the online status waits for the balancer's retained status: with a balancer online it
+    closes the inventory (announced_for), without one (offline, or none after STATUS_WAIT_S) it is plain."""
+    agent, tr, _ = make()
     tr.connect()
+    assert tr.on(T.substation_status("A")) == []  # not before the balancer has heard what runs here
+    tr.deliver(T.balancer_status(), b'{"state": "online", "instance": "i1"}', retain=True)
     tr.connect()
-    statuses = tr.on(T.substation_status("A"))
-    assert len(statuses) == 2
-    for p in statuses:
+    tr.deliver(T.balancer_status(), b'{"state": "offline"}', retain=True)
+    tr.connect()
+    agent._online_without_balancer()  # (the timer a running loop would fire after STATUS_WAIT_S)
+    statuses = [decode(p.payload, SubstationStatus) for p in tr.on(T.substation_status("A"))]
+    assert [(s.state, s.announced_for, s.sessions) for s in statuses] == [
+        ("online", "i1", 0), ("online", None, 0), ("online", None, 0)]
+    for p in tr.on(T.substation_status("A")):
         assert (p.qos, p.retain) == (1, True)
-        status = decode(p.payload, SubstationStatus)
-        assert (status.state, status.substation_id, status.capacity_kw) == ("online", "A", 100.0)
+    for status in statuses:
+        assert (status.substation_id, status.capacity_kw) == ("A", 100.0)
+    agent._online_without_balancer()  # said already on this connection: not again
+    assert len(tr.on(T.substation_status("A"))) == 3
+
+
+def test_online_status_without_a_balancer_after_status_wait() -> None:
+    async def scenario() -> FakeTransport:
+        _agent, tr, _ = make()
+        tr.connect()
+        await asyncio.sleep(STATUS_WAIT_S + 0.2)
+        return tr
+
+    tr = asyncio.run(scenario())
+    assert [decode(p.payload, SubstationStatus).state for p in tr.on(T.substation_status("A"))] == ["online"]
 
 
 def test_will_is_retained_offline_status() -> None:
@@ -276,16 +297,39 @@ def test_error_report_is_logged_not_fatal() -> None:
     assert agent.stats.error_reports == 2
 
 
-def test_reconnect_ends_sessions_the_balancer_revoked() -> None:
+def test_reconnect_keeps_sessions_and_announces_them_before_the_online_status() -> None:
+    """A broker restart or a network blip ends nothing (D1): the sessions stay, the lease decides whether they
+    draw power, and the balancer hears the whole inventory before the online status that closes it."""
     agent, tr, _ = make()
     tr.connect()
     tr.deliver(T.command("A"), start("s1"))
     tr.connected.clear()
     tr.connect()
-    assert [(e.event, e.reason) for e in events(tr)] == [("started", None), ("ended", "substation_offline")]
-    assert not agent.sim.sessions
-    # The ended event goes out before the new online status.
+    assert set(agent.sim.sessions) == {"s1"}
+    tr.deliver(T.balancer_status(), b'{"state": "online", "instance": "b2"}', retain=True)
+    assert [(e.event, e.session_id) for e in events(tr)] == [("started", "s1"), ("running", "s1")]
     assert [p.topic for p in tr.sent[-2:]] == [T.session_events("A"), T.substation_status("A")]
+    status = decode(tr.sent[-1].payload, SubstationStatus)
+    assert (status.state, status.announced_for, status.sessions) == ("online", "b2", 1)
+
+
+def test_clean_stop_ends_the_sessions_before_the_offline_status() -> None:
+    """Without this agent its sessions cannot go on: they end (the balancer re-queues their EVs), then offline."""
+    async def scenario() -> FakeTransport:
+        agent, tr, _ = make()
+        agent.interval_s = 0.01
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        await asyncio.sleep(0.02)
+        tr.deliver(T.command("A"), start("s1"))
+        stop.set()
+        await asyncio.wait_for(task, 2)
+        return tr
+
+    tr = asyncio.run(scenario())
+    assert [(e.event, e.reason) for e in events(tr)] == [("started", None), ("ended", "substation_offline")]
+    last = [p.topic for p in tr.sent if p.topic != T.telemetry("A")][-2:]
+    assert last == [T.session_events("A"), T.substation_status("A")]
 
 
 def test_run_publishes_offline_on_stop() -> None:
@@ -294,7 +338,9 @@ def test_run_publishes_offline_on_stop() -> None:
         agent.interval_s = 0.01
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02)
+        tr.deliver(T.balancer_status(), b'{"state": "online", "instance": "i1"}', retain=True)
+        await asyncio.sleep(0.03)
         stop.set()
         await asyncio.wait_for(task, 2)
         return tr

@@ -1,0 +1,71 @@
+"""Per-account admission: one EV or substation cannot take the balancer's time from everyone else.
+
+Each sender (an EV id on its request/release topics, a substation id on its telemetry topic; the broker ACL
+confines an account to its own topics, so the topic id is the account) has a token bucket: ``rate`` messages per
+second on average, bursts of ``burst``. A message over the budget is shed before it is decoded (the cheapest
+possible path, so a flood is drained as fast as it arrives and does not pile up behind a valid request of another
+EV), counted, and answered at most once per ``notice_every_s`` per sender: the sender learns why, and the answers
+cannot become a flood of their own. Memory: a bucket that has refilled is the same as no bucket, so idle ones are
+swept. Pure: time is passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: float
+    noticed_at: float = float("-inf")
+    shed: int = 0  # shed since the last notice (reported in it)
+
+
+class Admission:
+    """Token buckets per key, bounded by :meth:`sweep`."""
+
+    __slots__ = ("_buckets", "burst", "notice_every_s", "rate")
+
+    def __init__(self, rate: float, burst: float, notice_every_s: float = 1.0) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self.notice_every_s = notice_every_s
+        self._buckets: dict[str, _Bucket] = {}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def admit(self, key: str, now: float) -> bool:
+        """Take one token from ``key``'s bucket; False when it has none (shed the message)."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._buckets[key] = _Bucket(self.burst - 1, now)
+            return True
+        tokens = min(self.burst, bucket.tokens + (now - bucket.at) * self.rate)
+        bucket.at = now
+        if tokens >= 1:
+            bucket.tokens = tokens - 1
+            return True
+        bucket.tokens = tokens
+        bucket.shed += 1
+        return False
+
+    def notice_due(self, key: str, now: float) -> int:
+        """After a shed message: the number shed since the last notice if one is due now (0: stay silent)."""
+        bucket = self._buckets.get(key)
+        if bucket is None or now - bucket.noticed_at < self.notice_every_s:
+            return 0
+        bucket.noticed_at = now
+        shed, bucket.shed = bucket.shed, 0
+        return shed
+
+    def sweep(self, now: float) -> None:
+        """Forget buckets that are full again (and have nothing to report): they behave as new ones."""
+        refill_s = self.burst / self.rate
+        full = [key for key, b in self._buckets.items()
+                if now - b.at >= refill_s and now - b.noticed_at >= self.notice_every_s]
+        for key in full:
+            del self._buckets[key]
