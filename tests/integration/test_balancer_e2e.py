@@ -49,7 +49,8 @@ class Grid:
 @pytest.fixture
 def grid(broker: LocalBroker, tmp_path: Path) -> Iterator[Grid]:
     watch = Probe(broker, "observer", "grid/v1/#")
-    balancer = start_balancer(broker, tmp_path, BALANCER_STALE_AFTER_S="2", BALANCER_LOST_AFTER_S="30")
+    balancer = start_balancer(broker, tmp_path, BALANCER_STALE_AFTER_S="2", BALANCER_LOST_AFTER_S="30",
+                              BALANCER_LEASE_S="3")  # (an offline substation keeps its sessions one lease)
     try:
         watch.wait_for(lambda m: m.topic == "grid/v1/balancer/status" and m.json()["state"] == "online",
                        timeout=15, what="balancer online status")
@@ -242,8 +243,14 @@ def test_offline_substation_sessions_are_revoked_and_moved(grid: Grid, tmp_path:
         agent_b = Service("substation_agents", grid.broker, tmp_path, SUBSTATIONS="B:100", **env)
         grid.watch.wait_for(lambda m: m.topic == "grid/v1/substation/B/telemetry", what="B telemetry")
         agent_a.signal(signal.SIGKILL)  # the broker publishes A's last will: offline
-        revoked = ev.wait_for(lambda m: m.json()["status"] == "revoked", what="revocation")[0].json()
-        assert (revoked["reason"], revoked["session_id"]) == ("substation_offline", first["session_id"])
+        will = grid.watch.wait_one(lambda m: m.topic == "grid/v1/substation/A/status" and b"offline" in m.payload,
+                                   what="A's last will")
+        revoked = ev.wait_one(lambda m: m.json()["status"] == "revoked", what="revocation")
+        # Kept through the offline grace (one lease, 3 s here: an agent that reconnects in time keeps charging),
+        # then revoked and moved.
+        assert revoked.at - will.at >= 2.5
+        revoked_answer = revoked.json()
+        assert (revoked_answer["reason"], revoked_answer["session_id"]) == ("substation_offline", first["session_id"])
         moved = ev.wait_for(lambda m: m.json()["status"] == "assigned", count=2)[-1].json()
         assert moved["substation_id"] == "B" and moved["request_id"] == first["request_id"]
         assert moved["session_id"] != first["session_id"]

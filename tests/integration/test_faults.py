@@ -126,3 +126,65 @@ def test_broker_kill_9_keeps_every_running_session(broker: LocalBroker, agents: 
         code = balancer.stop()
         log = balancer.log()
         assert code == 0 and "Traceback" not in log, log[-3000:]
+
+
+def test_input_sent_while_the_balancer_is_down_acts_on_the_sessions_it_re_learns(
+        broker: LocalBroker, agents: Service, tmp_path: Path) -> None:
+    """D2/D3: after a balancer kill -9, releases and re-sent requests that waited at the broker are acted on only
+    once the restarted balancer knows the running sessions again: every release stops its session, every re-sent
+    request gets its own session back, and nobody gets a second one."""
+    watch = Probe(broker, "observer", f"{P}/#")
+    first = start_balancer(broker, tmp_path)
+    second: Service | None = None
+    try:
+        watch.wait_for(status_online, timeout=15, what="balancer online")
+        for sub in ("A", "B"):
+            watch.wait_for(lambda m, sub=sub: m.topic == f"{P}/substation/{sub}/telemetry", what=f"{sub} telemetry")
+        evs = [f"EV_{i:04d}" for i in range(1, 21)]
+        before = start_sessions(broker, watch, evs)
+        leaving, staying = evs[:10], evs[10:]
+
+        first.signal(signal.SIGKILL)
+        first.stop()
+        watch.wait_for(lambda m: m.topic == f"{P}/balancer/status" and m.json()["state"] == "offline",
+                       what="balancer last will")
+        with Probe(broker, "loadtest") as fake:
+            for ev in leaving:
+                fake.publish(f"{P}/ev/{ev}/release", {})
+            for i, ev in enumerate(staying, start=len(leaving)):
+                fake.publish(f"{P}/ev/{ev}/request", request(ev, f"r{i}"))  # the same request id again
+        time.sleep(2.0)
+        watch.clear()
+        second = start_balancer(broker, tmp_path)
+
+        done = watch.wait_for(lambda m: m.topic.endswith("/assignment") and m.topic.split("/")[3] in leaving
+                              and m.json()["status"] == "completed", count=len(leaving), timeout=15,
+                              what="completed answers to the releases")
+        for m in done:
+            ev = m.topic.split("/")[3]
+            assert (m.json()["session_id"], m.json()["reason"]) == (before.sessions[ev][0], "released")
+        again = watch.wait_for(lambda m: m.topic.endswith("/assignment") and m.topic.split("/")[3] in staying,
+                               count=len(staying), timeout=15, what="answers to the re-sent requests")
+        for m in again:
+            ev = m.topic.split("/")[3]
+            a = m.json()
+            assert (a["status"], a["session_id"], a["substation_id"]) == ("assigned", *before.sessions[ev]), a
+        refused = [(m.topic, m.json()["reason"]) for m in watch.messages
+                   if m.topic.endswith("/assignment") and m.json()["status"] == "rejected"]
+        assert refused == []
+        # Every released session was stopped at its agent, nothing was started twice.
+        time.sleep(1.0)
+        commands = [c for m in watch.messages if m.topic.endswith("/command") for c in m.json()["commands"]]
+        assert sorted(c["ev_id"] for c in commands if c["command"] == "stop") == leaving
+        assert [c for c in commands if c["command"] == "start"] == []
+        for sub, ids in before.by_substation.items():
+            stays = [s for s in ids if s not in {before.sessions[ev][0] for ev in leaving}]
+            kw = last_telemetry(watch, sub, time.monotonic() - 0.5)["ev_load_kw"]
+            assert kw == pytest.approx(11.0 * len(stays)), (sub, kw)
+        assert "startup_complete" in second.log()
+    finally:
+        watch.close()
+        if second is not None:
+            code = second.stop()
+            log = second.log()
+            assert code == 0 and "Traceback" not in log, log[-3000:]

@@ -44,6 +44,8 @@ def agents(broker: LocalBroker, observer: Probe, tmp_path: Path) -> Iterator[Ser
     try:
         for sid in CAPACITY:
             observer.wait_one(on_topic(T.telemetry(sid)), what=f"telemetry of {sid}")
+            # No balancer online: each says online without an inventory after STATUS_WAIT_S.
+            observer.wait_one(on_topic(T.substation_status(sid), b'"online"'), what=f"online status of {sid}")
     except AssertionError:
         proc.stop()
         raise AssertionError(f"agents did not come up; log:\n{proc.log()}") from None
@@ -194,12 +196,14 @@ def test_sigkill_makes_the_broker_publish_the_last_will(broker: LocalBroker, obs
         assert (status.state, status.ts) == ("offline", None)
 
 
-def test_frozen_agent_is_declared_offline_after_keepalive_and_drops_sessions_on_reconnect(
+def test_frozen_agent_is_declared_offline_after_keepalive_and_keeps_its_sessions_on_reconnect(
         broker: LocalBroker, observer: Probe, balancer: Probe, agents: Service) -> None:
-    """A hung agent (socket open, no pings) is detected by keepalive; when it wakes up it reconnects,
-    ends the sessions the balancer has revoked meanwhile and announces itself online again."""
+    """A hung agent (socket open, no pings) is detected by keepalive; when it wakes up it reconnects, keeps its
+    sessions (the balancer decides their fate: it stops what it revoked meanwhile) and re-announces them to the
+    balancer that is online before its online status closes the inventory."""
+    balancer.publish(T.balancer_status(), b'{"state": "online", "instance": "b1"}', retain=True)
     balancer.publish(T.command("A"), start_command("sess-4", energy_kwh=500.0))
-    observer.wait_one(on_topic(T.session_events("A")), what="started event")
+    observer.wait_one(on_topic(T.session_events("A"), b'"started"'), what="started event")
     t0 = time.monotonic()
     agents.proc.send_signal(signal.SIGSTOP)
     try:
@@ -209,10 +213,13 @@ def test_frozen_agent_is_declared_offline_after_keepalive_and_drops_sessions_on_
         assert will.at - t0 >= 7.0
     finally:
         agents.proc.send_signal(signal.SIGCONT)
-    ended = observer.wait_one(on_topic(T.session_events("A"), b'"ended"'),
-                              since=t0, what="ended event after reconnect")
-    event = decode(ended.payload, SessionEvent)
-    assert (event.session_id, event.reason) == ("sess-4", "substation_offline")
-    observer.wait_one(on_topic(T.substation_status("A"), b'"online"'),
-                      since=will.at, what="online status after reconnect")
+    running = observer.wait_one(on_topic(T.session_events("A"), b'"running"'), since=will.at,
+                                what="re-announcement after reconnect")
+    assert decode(running.payload, SessionEvent).session_id == "sess-4"
+    online = observer.wait_one(on_topic(T.substation_status("A"), b'"online"'), since=will.at,
+                               what="online status after reconnect")
+    assert online.at >= running.at
+    status = decode(online.payload, SubstationStatus)
+    assert (status.announced_for, status.sessions) == ("b1", 1)
+    assert not any(b'"ended"' in m.payload for m in observer.on(T.session_events("A"), since=t0))
     assert retained_status(broker, "A").state == "online"
