@@ -188,3 +188,97 @@ def test_input_sent_while_the_balancer_is_down_acts_on_the_sessions_it_re_learns
             code = second.stop()
             log = second.log()
             assert code == 0 and "Traceback" not in log, log[-3000:]
+
+
+def telemetry_now(broker: LocalBroker, sub: str = "A", capacity_kw: float = 500.0) -> None:
+    with Probe(broker, "loadtest") as fake:
+        fake.publish(f"{P}/substation/{sub}/telemetry", {"substation_id": sub, "ts": time.time(), "seq": 0,
+                                                         "capacity_kw": capacity_kw, "load_kw": 10,
+                                                         "base_load_kw": 10, "ev_load_kw": 0, "active_sessions": 0},
+                     qos=1)
+
+
+def retained_on(broker: LocalBroker, topic: str) -> list[Received]:
+    """What a newcomer finds retained on ``topic`` (waits a moment: retained messages come right after SUBACK)."""
+    with Probe(broker, "recorder", topic) as late:  # (not observer: one connection per account)
+        late.wait_until(lambda: bool(late.messages), timeout=0.5)
+        return [m for m in late.messages if m.retain]
+
+
+def test_retained_requests_are_refused_and_cleared_never_replayed(broker: LocalBroker, tmp_path: Path) -> None:
+    """D4: a request with the retain flag would be replayed to every future balancer. It is refused (reason
+    ``retained``) whether the balancer sees it live or replayed at its start, and the retained copy is cleared."""
+    topic = f"{P}/ev/EV_0001/request"
+    ev = Probe(broker, "EV_0001", f"{P}/ev/EV_0001/assignment")
+    # Sent while no balancer runs: kept by the broker, replayed to the balancer when it subscribes.
+    ev.publish(topic, {"request_id": "gone", "requested_kw": 11, "duration_minutes": 600}, retain=True)
+    ev.publish(f"{P}/ev/EV_0001/release", {"request_id": "gone"}, retain=True)
+    balancer = start_balancer(broker, tmp_path)
+    watch = Probe(broker, "observer", f"{P}/#")
+    try:
+        answers = ev.wait_for(lambda m: True, count=2, timeout=15, what="refusals of the replayed messages")
+        assert [(a.json()["status"], a.json()["reason"], a.json()["request_id"]) for a in answers] == [
+            ("rejected", "retained", "gone"), ("rejected", "retained", "gone")]
+        assert retained_on(broker, topic) == [] and retained_on(broker, f"{P}/ev/EV_0001/release") == []
+        # Sent live while it runs: refused at once too (the balancer subscribes with retain-as-published).
+        ev.clear()
+        ev.publish(topic, {"request_id": "live", "requested_kw": 11, "duration_minutes": 600}, retain=True)
+        a = ev.wait_one(lambda m: True).json()
+        assert (a["status"], a["reason"], a["request_id"]) == ("rejected", "retained", "live")
+        assert retained_on(broker, topic) == []
+        # Without the flag the same request is served.
+        telemetry_now(broker)
+        ev.publish(topic, {"request_id": "live", "requested_kw": 11, "duration_minutes": 600})
+        assert ev.wait_one(lambda m: m.json()["status"] == "assigned").json()["request_id"] == "live"
+        # The refused ones started nothing: the only start is the served one's.
+        watch.wait_for(lambda m: m.topic.endswith("/command") and b'"start"' in m.payload, what="start command")
+        starts = [c for m in watch.messages if m.topic.endswith("/command") for c in m.json()["commands"]
+                  if c["command"] == "start"]
+        assert [c["request_id"] for c in starts] == ["live"]
+    finally:
+        ev.close()
+        watch.close()
+        code = balancer.stop()
+        assert code == 0 and "Traceback" not in balancer.log(), balancer.log()[-3000:]
+    # A restarted balancer finds nothing to replay.
+    again = start_balancer(broker, tmp_path)
+    try:
+        with Probe(broker, "observer", f"{P}/balancer/status") as w:
+            w.wait_for(lambda m: m.json()["state"] == "online" and not m.retain, timeout=15)
+        time.sleep(0.5)
+        assert "retained_input_refused" not in again.log()
+    finally:
+        assert again.stop() == 0
+
+
+def test_replies_go_only_below_the_senders_own_reply_root(broker: LocalBroker, tmp_path: Path) -> None:
+    """D5: an MQTT 5 response topic must lie under ``reply/{the requesting EV}/``: the balancer never delivers an
+    answer (with correlation data the sender chose) into another account's replies, whatever the ACL says."""
+    balancer = start_balancer(broker, tmp_path)
+    victim = Probe(broker, "EV_0001", f"{P}/reply/EV_0001/#")
+    api = Probe(broker, "api", f"{P}/reply/#")
+    attacker = Probe(broker, "EV_0003", f"{P}/ev/EV_0003/assignment", f"{P}/reply/EV_0003/#")
+    try:
+        with Probe(broker, "observer", f"{P}/balancer/status") as w:
+            w.wait_for(lambda m: m.json()["state"] == "online", timeout=15)
+        telemetry_now(broker)
+        for i, target in enumerate((f"{P}/reply/EV_0001/inbox", f"{P}/reply/api/x", f"{P}/reply/EV_0003")):
+            attacker.publish(f"{P}/ev/EV_0003/request", {"request_id": f"q{i}", "requested_kw": 1, "min_kw": 1,
+                                                         "energy_kwh": 1}, response_topic=target,
+                             correlation_data=b"forged")
+            attacker.wait_one(lambda m, i=i: m.topic.endswith("/assignment") and m.json()["request_id"] == f"q{i}")
+            attacker.publish(f"{P}/ev/EV_0003/release", {})
+            attacker.wait_one(lambda m: m.topic.endswith("/assignment") and m.json()["status"] == "completed")
+            attacker.clear()
+        # Its own reply root works (the barrier: this reply comes after the refused ones would have).
+        attacker.publish(f"{P}/ev/EV_0003/request", {"request_id": "own", "requested_kw": 1, "energy_kwh": 1},
+                         response_topic=f"{P}/reply/EV_0003/r", correlation_data=b"mine")
+        reply = attacker.wait_one(lambda m: m.topic == f"{P}/reply/EV_0003/r")
+        assert (reply.correlation_data, reply.json()["request_id"]) == (b"mine", "own")
+        assert victim.messages == []
+        assert [m.topic for m in api.messages] == [f"{P}/reply/EV_0003/r"]  # the api account reads everything
+        assert balancer.log().count("response_topic_refused") == 3
+    finally:
+        for p in (victim, api, attacker):
+            p.close()
+        assert balancer.stop() == 0

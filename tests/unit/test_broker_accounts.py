@@ -208,6 +208,7 @@ def test_render_acl_contents() -> None:
         f"topic read {p}/substation/+/telemetry", f"topic read {p}/substation/+/status",
         f"topic read {p}/substation/+/session",
         f"topic write {p}/ev/+/assignment", f"topic write {p}/substation/+/command",
+        f"topic write {p}/ev/+/request", f"topic write {p}/ev/+/release",  # (only to clear retained ones)
         f"topic write {p}/substation/+/error", f"topic write {p}/substation/+/state",
         f"topic write {p}/reply/#",
         f"topic readwrite {p}/balancer/#",
