@@ -6,12 +6,16 @@ second on average, bursts of ``burst``. A message over the budget is shed before
 possible path, so a flood is drained as fast as it arrives and does not pile up behind a valid request of another
 EV), counted, and answered at most once per ``notice_every_s`` per sender: the sender learns why, and the answers
 cannot become a flood of their own. Memory: a bucket that has refilled is the same as no bucket, so idle ones are
-swept. Pure: time is passed in.
+swept. A message that is refused once read (malformed, invalid, retained ...) is charged ``REFUSED_COST`` tokens:
+honest traffic spends the budget slowly, junk fast. Pure: time is passed in.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+#: What a refused message costs, in messages: a sender of junk gets a tenth of an honest sender's budget.
+REFUSED_COST = 10.0
 
 
 @dataclass(slots=True)
@@ -52,6 +56,13 @@ class Admission:
         bucket.tokens = tokens
         bucket.shed += 1
         return False
+
+    def charge(self, key: str, tokens: float) -> None:
+        """Take ``tokens`` more from ``key`` (down to ``-burst``): a message that turned out to be refused costs
+        more than one that is served, so a flood of junk runs dry long before a busy honest sender does."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.tokens = max(-self.burst, bucket.tokens - tokens)
 
     def notice_due(self, key: str, now: float) -> int:
         """After a shed message: the number shed since the last notice if one is due now (0: stay silent)."""

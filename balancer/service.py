@@ -18,7 +18,7 @@ from time import perf_counter
 
 import msgspec
 
-from balancer.admission import Admission
+from balancer.admission import REFUSED_COST, Admission
 from balancer.core import Balancer, CoreConfig, Effect, ToEv
 from balancer.core.views import queue_state, substation_state
 from balancer.settings import BalancerSettings
@@ -52,6 +52,7 @@ log = get_logger("balancer")
 VERSION = "0.1.0"
 #: Input that acts on the grid: held after a start until the grid is known (balancer/startup.py).
 _ACTS_ON_GRID = frozenset({TopicKind.EV_REQUEST, TopicKind.EV_RELEASE, TopicKind.BALANCER_CONTROL})
+_SHED_KEY = {kind: f"bad_payload:{kind}:{Reason.RATE_LIMITED}" for kind in TopicKind}
 _REQUEST_ID_RE = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
 
 
@@ -110,6 +111,7 @@ class BalancerService:
                                                             settings.startup_buffer_max)
         self._ev_admission = Admission(settings.ev_rate_per_s, settings.ev_burst)
         self._shed_log = RateLimitedLog(log.warning, interval_s=10.0)
+        self._refusal_log = RateLimitedLog(log.warning, interval_s=10.0)
         self._telemetry_admission = Admission(settings.telemetry_rate_per_s, settings.telemetry_burst)
         transport.set_handler(self.handle)
         for kind in self._handlers:
@@ -192,10 +194,12 @@ class BalancerService:
         now = time.monotonic()
         if admission.admit(id_, now):
             return True
-        self.counters[f"bad_payload:{kind}:{Reason.RATE_LIMITED}"] += 1
-        self._shed_log(kind, "input_shed", kind=str(kind), reason=str(Reason.RATE_LIMITED), last_id=id_)
+        # The cheapest path there is (a flood goes through it tens of thousands of times a second): a count, and
+        # now and then a notice to the sender and a log line that say how many.
+        self.counters[_SHED_KEY[kind]] += 1
         shed = admission.notice_due(id_, now)
         if shed:
+            self._shed_log(kind, "input_shed", n=shed, kind=str(kind), reason=str(Reason.RATE_LIMITED), last_id=id_)
             self._refuse(kind, id_, msg, Reason.RATE_LIMITED,
                          f"{shed} message(s) shed: more than {admission.rate:g} per second (bursts of "
                          f"{admission.burst:g}) from {id_}; send less often")
@@ -220,7 +224,8 @@ class BalancerService:
         if not msg.payload:
             return  # a retained message being cleared (our own clear, echoed)
         self.counters[f"bad_payload:{kind}:{Reason.RETAINED}"] += 1
-        log.warning("retained_input_refused", kind=str(kind), ev_id=ev_id)
+        self._refusal_log((kind, Reason.RETAINED), "retained_input_refused", kind=str(kind), last_id=ev_id)
+        self._ev_admission.charge(ev_id, REFUSED_COST - 1)
         self.transport.publish(msg.topic, b"", 1, retain=True)
         self._refuse(kind, ev_id, msg, Reason.RETAINED,
                      "requests and releases must not be retained (a retained one would be replayed later); "
@@ -256,8 +261,15 @@ class BalancerService:
                  sessions=self.core.session_count())
 
     def _bad_payload(self, kind: TopicKind, id_: str, err: PayloadError) -> None:
+        """Counted each, logged rate-limited (a flood of junk costs a log line per interval, with its count), and
+        charged to the sender's budget."""
         self.counters[f"bad_payload:{kind}:{err.reason}"] += 1
-        log.warning("payload_rejected", kind=str(kind), id=id_, reason=str(err.reason), detail=err.detail)
+        self._refusal_log((kind, err.reason), "payload_rejected", kind=str(kind), last_id=id_,
+                          reason=str(err.reason), detail=err.detail)
+        if kind in (TopicKind.EV_REQUEST, TopicKind.EV_RELEASE):
+            self._ev_admission.charge(id_, REFUSED_COST - 1)
+        elif kind == TopicKind.SUBSTATION_TELEMETRY:
+            self._telemetry_admission.charge(id_, REFUSED_COST - 1)
 
     def _on_request(self, ev_id: str, msg: InMessage, now: float) -> None:
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
 import ssl
 from collections import deque
@@ -39,6 +40,8 @@ log = get_logger("grid.mqtt")
 _NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 #: Messages kept while disconnected; beyond this the oldest are dropped, counted and logged.
 OUTBOX_LIMIT = 100_000
+#: Packets read per readiness callback at most (others on the loop, such as ticks, get their turn in between).
+READ_BATCH = 64
 #: The broker's ``message_size_limit``. Mosquitto answers a larger MQTT 5 publish with PUBACK 0x95,
 #: which paho 2.2 takes for a malformed packet: it reconnects and resends forever. So refuse it here.
 MAX_MESSAGE_BYTES = 65536
@@ -101,6 +104,17 @@ class Transport(Protocol):
 
     async def run(self) -> None: ...
     async def close(self, timeout: float = 2.0) -> None: ...
+
+
+def _has_data(sock: Any) -> bool:
+    """More to read now: bytes in the TLS layer's buffer, or in the socket's (a zero-timeout poll)."""
+    pending = getattr(sock, "pending", None)
+    if pending is not None and pending() > 0:
+        return True
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):  # closed meanwhile
+        return False
 
 
 def _publish_props(corr: bytes | None, expiry_s: int | None) -> Properties | None:
@@ -220,7 +234,17 @@ class PahoTransport(_Base):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
-        self._loop.add_reader(sock, client.loop_read)
+        self._loop.add_reader(sock, self._on_readable)
+
+    def _on_readable(self) -> None:
+        """Read up to READ_BATCH packets while the socket has data. paho's ``loop_read`` reads one packet per call
+        when nothing is in flight, and a round through the event loop per packet cost ~30 % of the CPU of a flood
+        of small publishes (measured: 140 -> 93 µs per 4 KB message on a loaded machine)."""
+        client, sock = self._client, self._sock
+        for _ in range(READ_BATCH):
+            client.loop_read()
+            if self._sock is not sock or not _has_data(sock):
+                return
 
     def _on_socket_close(self, _client: paho.Client, _ud: Any, sock: Any) -> None:
         if self._loop is not None:
