@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from probe import Probe, Received, Service, start_balancer
 
+from balancer.settings import BalancerSettings
 from broker.local import LocalBroker
 
 pytestmark = pytest.mark.integration
@@ -296,7 +297,8 @@ def test_a_flood_is_shed_per_sender_and_another_ev_is_still_served(broker: Local
     flooders = [f"EV_{i:04d}" for i in range(101, 105)]
     floods = [Probe(broker, ev, f"{P}/ev/{ev}/assignment") for ev in flooders]
     ev = Probe(broker, "EV_0001", f"{P}/ev/EV_0001/assignment")
-    junk = json.dumps({"requested_kw": 1, "energy_kwh": 1, "pad": "x" * 4000}).encode()
+    junk = json.dumps({"requested_kw": "lots", "pad": "x" * 4000}).encode()  # refused once read
+    budget = BalancerSettings()
     per_flooder = 5000
     try:
         with Probe(broker, "observer", f"{P}/balancer/status") as w:
@@ -327,9 +329,13 @@ def test_a_flood_is_shed_per_sender_and_another_ev_is_still_served(broker: Local
             limited = [a for a in answers if a["reason"] == "rate_limited"]
             # About one notice a second per sender (each says how many were shed), never one per message.
             assert 1 <= len(limited) <= flood_s + 3, (probe.username, len(limited), flood_s)
-            # What the budget admits is answered as usual (a burst of 40, then 20 a second), the rest is shed.
-            assert len(answers) <= 40 + 20 * flood_s + flood_s + 3, (len(answers), flood_s)
-        assert max(waits) < 2.0, waits  # before: 6.65 s behind an 80k flood; the bench measures the target
+            # What the budget admits is answered as usual (a burst, then the rate; refused ones cost more), the
+            # rest is shed: a few hundred answers at most, where each of the 5,000 messages used to get one.
+            assert len(answers) <= budget.ev_burst + budget.ev_rate_per_s * flood_s + flood_s + 3, (len(answers),
+                                                                                                     flood_s)
+            assert {a["reason"] for a in answers} <= {"invalid_field", "rate_limited"}
+        # (How long it waited is a figure for bench/flood.py, not an assertion on a shared machine.)
+        assert len(waits) == 5
         assert "input_shed" in balancer.log()
     finally:
         for p in (*floods, ev):
