@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: What a refused message costs, in messages: a sender of junk gets a tenth of an honest sender's budget.
-REFUSED_COST = 10.0
+#: What a refused message costs, in messages: a sender of junk gets a quarter of an honest sender's budget.
+REFUSED_COST = 4.0
 
 
 @dataclass(slots=True)

@@ -120,6 +120,11 @@ class BalancerCollector(Collector):
                 rejected.add_metric([kind, reason], float(count))
         yield rejected
 
+        gate = service.startup
+        yield GaugeMetricFamily("gridlb_balancer_starting", "1 while a (re)started balancer holds EV and operator "
+                                "input until the agents have re-announced their sessions", value=int(not gate.is_open))
+        yield GaugeMetricFamily("gridlb_balancer_startup_held", "Input messages held during the startup wait",
+                                value=len(gate.held))
         yield GaugeMetricFamily("gridlb_queue_length", "Requests waiting for power", value=len(core.queue))
         yield GaugeMetricFamily("gridlb_sessions", "Running sessions on all substations", value=core.session_count())
         yield GaugeMetricFamily("gridlb_open_requests", "EVs with an open request (queued or charging)",

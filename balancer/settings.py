@@ -44,7 +44,7 @@ class BalancerSettings(BaseSettings):
     #: Input held during the startup wait; beyond, a request is refused with reason "starting" (retry later).
     startup_buffer_max: int = Field(5000, ge=0)
     #: Per-EV budget on its request/release topics, and per-substation budget on its telemetry topic: messages
-    #: per second on average, bursts of ..._burst; a refused message costs 10. The excess is shed unread, counted
+    #: per second on average, bursts of ..._burst; a refused message costs 4. The excess is shed unread, counted
     #: and answered (rate_limited) at most once a second per sender. A real EV sends a few messages a minute (a
     #: load tester's worker, back to back, up to the budget); a real agent one a second.
     ev_rate_per_s: float = Field(50.0, gt=0)

@@ -672,6 +672,11 @@ class Balancer:
         self.counters["adopted"] += 1
         if sub.last_telemetry_at is None:
             return []  # capacity unknown yet: the first telemetry checks the limit (_reduce)
+        # It was running when the last telemetry was measured, so its power is in that measurement: it moves from
+        # "load we do not control" to "our grant" instead of counting twice (which revoked adopted sessions as
+        # over the limit and re-placed them as second sessions, found by bench/faults.py). Never below the
+        # reported base load (uncontrolled_w), so a session that was paused at the time costs nothing unsafe.
+        sub.granted_at_telemetry_w += granted_w
         effects = self._reduce(sub, now)
         effects += self._serve_queue(now)  # a session it revoked may fit elsewhere at once
         return effects + self._requeue_notices(now)

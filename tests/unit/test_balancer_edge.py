@@ -189,10 +189,10 @@ def test_a_flooding_ev_is_shed_and_told_once_per_second_others_are_served() -> N
         tr.deliver(f"{P}/ev/FLOOD/request", b'{"requested_kw": "lots"}')
     flood = answers(tr, "FLOOD")
     reasons = [a["reason"] for a in flood]
-    # The burst is read and refused (each costs 10 tokens: the first one empties the bucket), the rest is shed;
+    # The burst is read and refused (each costs REFUSED_COST tokens: two empty the bucket of 5), the rest is shed;
     # the sender hears it when shedding starts, then at most once a second with the count since.
-    assert reasons.count("invalid_field") == 1 and reasons.count("rate_limited") == 1
+    assert reasons.count("invalid_field") == 2 and reasons.count("rate_limited") == 1
     assert flood[-1]["detail"].startswith("1 message(s) shed: more than 10 per second")
-    assert svc.counters["bad_payload:ev_request:rate_limited"] == 999
+    assert svc.counters["bad_payload:ev_request:rate_limited"] == 998
     request(tr, "EV1", "r1")
     assert [a["status"] for a in answers(tr, "EV1")] == ["assigned"]

@@ -938,3 +938,17 @@ def test_inventory_drops_confirmed_sessions_the_agent_no_longer_runs() -> None:
     assert {ev for ev in h.sessions_on("A")} == {"KEPT", "LOST", "NEW"}
     assert h.session("KEPT").session_id == kept.session_id and h.session("LOST").session_id != lost.session_id
     assert_healthy(h)
+
+
+def test_adopted_sessions_already_in_the_measured_load_do_not_count_twice() -> None:
+    """After a restart the first telemetry shows the load of sessions the balancer has not re-learnt yet; adopting
+    them moves that load from uncontrolled to granted. Counted twice, the substation looked over its limit and the
+    newest adopted sessions were revoked and placed again (second sessions)."""
+    h = Harness()
+    h.tel("A", 100, 10, load_kw=10 + 10 * 7.4)  # base 10 kW + ten running 7.4 kW sessions the balancer forgot
+    for i in range(10):
+        msg = SessionEvent(event="running", session_id=f"old-{i}", ev_id=f"EV{i}", ts=h.now, granted_kw=7.4)
+        assert h.b.on_session_event("A", msg, h.now) == []
+    assert len(h.sessions_on("A")) == 10 and h.b.counters["adopted"] == 10
+    assert h.b.substations["A"].used_w() == 10_000 + 74_000
+    assert_healthy(h)
