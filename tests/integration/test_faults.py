@@ -317,7 +317,7 @@ def test_a_flood_is_shed_per_sender_and_another_ev_is_still_served(broker: Local
             waits.append(a.at - sent)
             assert a.json()["status"] == "assigned"
             ev.publish(f"{P}/ev/EV_0001/release", {})
-            ev.wait_one(lambda m: m.json()["status"] == "completed" and m.at > a.at, timeout=10)
+            ev.wait_one(lambda m, a=a: m.json()["status"] == "completed" and m.at > a.at, timeout=10)
             ev.clear()
             time.sleep(0.2)
         for probe in floods:  # every flood message reached the broker

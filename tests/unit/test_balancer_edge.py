@@ -138,7 +138,7 @@ def test_input_is_held_until_the_agents_have_inventoried_then_acted_on_in_order(
 
 
 def test_a_full_startup_buffer_refuses_with_reason_starting() -> None:
-    svc, tr = service(startup_wait_s=30, startup_buffer_max=1)
+    _svc, tr = service(startup_wait_s=30, startup_buffer_max=1)
     tr.deliver(f"{P}/substation/A/status", b'{"state": "online"}', retain=True)
     request(tr, "EV1", "r1")
     request(tr, "EV2", "r2")
