@@ -7,18 +7,31 @@ Examples::
     python -m replay --scenario my_grid.yaml --out /tmp/replay --seed 7 --no-plots
     python -m replay --mode live --scenario substation_loss --policy least-utilised   # real broker + services
     python -m replay --mode live --scenario evening_peak --policy round-robin --speedup 300 --duration 1h
+    python -m replay --sessions ../shared/benchmarks/acn-caltech-2019-03/sessions.csv --limit-kw 10,20,30,40,50,60
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from replay.benchmark import (
+    DEFAULT_MARGIN_PCT,
+    BenchRun,
+    PublishedError,
+    benchmark_json,
+    find_published,
+    format_benchmark,
+    run_benchmark,
+)
 from replay.report import format_table, plot_overview, plot_run, write_json
 from replay.scenario import Scenario, ScenarioError, load_scenario, parse_duration, shipped_scenarios
+from replay.sessions import SessionFileError, load_sessions
 from replay.sim import ALL_POLICIES, BASELINE_POLICIES, RunResult, available_policies, run
 from replay.timeline import shorten
 
@@ -75,7 +88,39 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on-overload", action="store_true",
                    help="exit 1 when a policy other than the baselines overloads a substation")
     p.add_argument("--list", action="store_true", help="list the shipped scenarios and the policies, then exit")
+    bench = p.add_argument_group("session benchmark", "real charging sessions from a CSV file, one site, "
+                                 "several limits, beside the offline optimum and the published figures "
+                                 "(docs/balancing.md)")
+    bench.add_argument("--sessions", metavar="CSV", default=None,
+                       help="session file (session_id,station_id,arrival_min,departure_min,requested_kwh,max_kw); "
+                            "a relative path is tried from the current directory, then from the repository")
+    bench.add_argument("--limit-kw", type=_limits, default=None, metavar="KW[,KW...]",
+                       help="site limits to run (default: those of the data set's published results)")
+    bench.add_argument("--margin-pct", type=float, default=DEFAULT_MARGIN_PCT, metavar="PCT",
+                       help=f"the balancer's safety margin; capacity = limit / (1 - margin) "
+                            f"(default {DEFAULT_MARGIN_PCT:g})")
+    bench.add_argument("--step", type=_positive, default=1.0, metavar="S",
+                       help="simulation step and telemetry interval in seconds (default 1, the balancer's real "
+                            "cadence; 5 is about 5x faster, see docs/balancing.md)")
+    bench.add_argument("--jobs", type=int, default=1, metavar="N", help="runs in N processes at once (default 1)")
     return p
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError("must be a finite number > 0")
+    return value
+
+
+def _limits(text: str) -> list[float]:
+    limits = [_positive(part.strip()) for part in text.split(",") if part.strip()]
+    if not limits:
+        raise argparse.ArgumentTypeError("give one or more limits in kW, e.g. 10,20,30")
+    return limits
 
 
 def _policies(arg: str) -> list[str]:
@@ -96,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("scenarios:", ", ".join(shipped_scenarios()))
         print("policies: ", ", ".join(available_policies()))
         return 0
+    if args.sessions is not None:
+        return _sessions(args)
     if args.command_delay < 0:
         raise SystemExit("--command-delay must be >= 0")
     if args.mode == "live" and args.command_delay:
@@ -183,3 +230,53 @@ def _live(args: argparse.Namespace, scenarios: list[Scenario], policies: list[st
         print("overload with: " + ", ".join(f"{r.scenario}/{r.policy}" for r in unsafe), file=sys.stderr)
         return 1
     return 1 if lost else 0
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    """``--sessions``: the session benchmark (every policy x every limit, the optimum, the published figures)."""
+    clashing = [flag for flag, used in (("--mode live", args.mode == "live"), ("--scenario", args.scenario != "all"),
+                                        ("--duration", args.duration is not None), ("--seed", args.seed is not None),
+                                        ("--command-delay", args.command_delay != 0.0)) if used]
+    if clashing:
+        raise SystemExit(f"--sessions runs the session benchmark in sim mode; it takes no {', '.join(clashing)}")
+    if args.jobs < 1:
+        raise SystemExit("--jobs must be >= 1")
+    if not 0 <= args.margin_pct < 100:
+        raise SystemExit("--margin-pct must be in [0, 100)")
+    try:
+        sessions = load_sessions(args.sessions)
+        published = find_published(sessions.sha256)
+    except (SessionFileError, PublishedError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    limits = args.limit_kw or (published.limits if published is not None else None)
+    if not limits:
+        raise SystemExit(f"--limit-kw is needed: no published results are known for {sessions.source}")
+    policies = _policies(args.policy)
+    out: Path = args.out or DEFAULT_OUT
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{sessions.name}: {len(sessions.rows)} sessions, {sessions.requested_kwh:,.1f} kWh requested; "
+          f"{len(limits)} limit(s) x {len(policies)} policies, {args.step:g} s steps, margin {args.margin_pct:g} %"
+          + ("" if published is None else f"; published: {published.name}"), file=sys.stderr)
+
+    def progress(run: BenchRun) -> None:
+        print(f"  {run.limit_kw:g} kW x {run.policy}: {run.delivered_pct:.2f} % delivered, "
+              f"{run.simulated_s / 86_400:.1f} days simulated in {run.cpu_s:.1f} s CPU", file=sys.stderr, flush=True)
+
+    results = run_benchmark(sessions, limits, policies, margin_pct=args.margin_pct, step_s=args.step,
+                            jobs=args.jobs, published=published, progress=progress)
+    print(format_benchmark(results, published))
+    if published is not None:
+        print(f"\npublished: {published.source} (uncontrolled, ignoring the limit: {published.uncontrolled_pct:g} %)")
+    else:
+        print("\nno published results are known for this file (matched by SHA-256)")
+    path = out / f"bench_{sessions.name}.json"
+    doc = benchmark_json(sessions, results, published, margin_pct=args.margin_pct, step_s=args.step)
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+    unsafe = [f"{r.limit_kw:g} kW/{r.policy}" for lim in results for r in lim.runs
+              if r.policy not in BASELINE_POLICIES and r.over_limit_s > 0]
+    if args.fail_on_overload and unsafe:
+        print("over the limit with: " + ", ".join(unsafe), file=sys.stderr)
+        return 1
+    return 0

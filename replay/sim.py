@@ -35,7 +35,7 @@ import math
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -83,14 +83,18 @@ def available_policies() -> tuple[str, ...]:
     return core.POLICIES
 
 
-def make_balancer(policy: str = DEFAULT_POLICY) -> Balancer:
-    """A balancer with default settings and ``policy``; baselines are allowed (this is a replay)."""
+def make_balancer(policy: str = DEFAULT_POLICY, core: Mapping[str, Any] | None = None) -> Balancer:
+    """A balancer with default settings and ``policy``; baselines are allowed (this is a replay).
+    ``core`` overrides other ``CoreConfig`` fields (e.g. ``safety_margin_pct``); unknown names are an error."""
     names = {f.name for f in dataclasses.fields(CoreConfig)}
+    unknown = sorted(set(core or {}) - names)
+    if unknown:
+        raise ValueError(f"unknown CoreConfig field(s): {', '.join(unknown)}")
     if "policy" not in names:
         if policy != DEFAULT_POLICY:
             raise ValueError(f"policy {policy!r} is not implemented by this balancer core yet")
-        return Balancer(CoreConfig())
-    kwargs: dict[str, Any] = {"policy": policy}
+        return Balancer(CoreConfig(**(core or {})))
+    kwargs: dict[str, Any] = {**(core or {}), "policy": policy}
     if "allow_baselines" in names:
         kwargs["allow_baselines"] = True
     return Balancer(CoreConfig(**kwargs))
@@ -151,14 +155,14 @@ def _points(load: PointsBaseLoad) -> Callable[[float], float]:
 
 class _Run:
     def __init__(self, scenario: Scenario, policy: str, seed: int, command_delay_s: float,
-                 lease_s: float = LEASE_S) -> None:
+                 lease_s: float = LEASE_S, core: Mapping[str, Any] | None = None) -> None:
         self.sc = scenario
         self.policy = policy
         self.seed = seed
         self.delay = command_delay_s
         self.lease_s = lease_s
         self.epoch0 = EPOCH_MIDNIGHT + scenario.start_hour * 3600.0
-        self.balancer = make_balancer(policy)
+        self.balancer = make_balancer(policy, core)
         self.sims: dict[str, SubstationSim] = {}
         for spec in scenario.substations:
             self.sims[spec.id] = SubstationSim(spec.id, spec.capacity_kw, self._base_load(spec), now_sim=self.epoch0)
@@ -463,9 +467,10 @@ class _Run:
 
 
 def run(scenario: Scenario, policy: str = DEFAULT_POLICY, *, seed: int | None = None,
-        command_delay_s: float = 0.0, lease_s: float = LEASE_S) -> RunResult:
-    """Replay ``scenario`` against a fresh balancer with ``policy``; deterministic for a given seed."""
+        command_delay_s: float = 0.0, lease_s: float = LEASE_S, core: Mapping[str, Any] | None = None) -> RunResult:
+    """Replay ``scenario`` against a fresh balancer with ``policy``; deterministic for a given seed.
+    ``core``: ``CoreConfig`` fields to override (the session benchmark sets the safety margin)."""
     if command_delay_s < 0 or lease_s <= 0:
         raise ValueError("command_delay_s must be >= 0 and lease_s > 0")
-    return _Run(scenario, policy, scenario.seed if seed is None else seed, command_delay_s, lease_s).run()
+    return _Run(scenario, policy, scenario.seed if seed is None else seed, command_delay_s, lease_s, core).run()
 
