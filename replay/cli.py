@@ -22,6 +22,7 @@ from typing import Any
 
 from replay.benchmark import (
     DEFAULT_MARGIN_PCT,
+    DEFAULT_STEP_S,
     BenchRun,
     PublishedError,
     benchmark_json,
@@ -99,9 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--margin-pct", type=float, default=DEFAULT_MARGIN_PCT, metavar="PCT",
                        help=f"the balancer's safety margin; capacity = limit / (1 - margin) "
                             f"(default {DEFAULT_MARGIN_PCT:g})")
-    bench.add_argument("--step", type=_positive, default=1.0, metavar="S",
-                       help="simulation step and telemetry interval in seconds (default 1, the balancer's real "
-                            "cadence; 5 is about 5x faster, see docs/balancing.md)")
+    bench.add_argument("--step", type=_positive, default=DEFAULT_STEP_S, metavar="S",
+                       help=f"simulation step and telemetry interval in seconds (default {DEFAULT_STEP_S:g}; 1 is "
+                            "the balancer's real cadence at about 5x the CPU, see docs/balancing.md)")
     bench.add_argument("--jobs", type=int, default=1, metavar="N", help="runs in N processes at once (default 1)")
     return p
 

@@ -73,7 +73,7 @@ def test_a_solver_that_runs_out_of_time_is_an_error_not_a_number() -> None:
     rng = np.random.default_rng(3)
     n = 400
     arrival = rng.uniform(0, 200, n)
-    with pytest.raises(OptimumError, match="did not reach an optimum.*[Tt]ime limit"):
+    with pytest.raises(OptimumError, match=r"did not reach an optimum.*[Tt]ime limit"):
         optimal_delivery(arrival, arrival + rng.uniform(0.5, 10, n), rng.uniform(1, 30, n), np.full(n, 6.6), 20,
                          time_limit_s=0)
 

@@ -38,7 +38,8 @@ def test_a_good_file_loads_in_file_order() -> None:
     text = csv_text("a 1,CA-1,380,460,4.216,6.6", "b,CA-2,425,455.5,0.786,7.2")
     sessions = parse_sessions(text, "x/acn/sessions.csv")
     assert [(r.session_id, r.station_id, r.arrival_min, r.departure_min, r.requested_kwh, r.max_kw, r.line)
-            for r in sessions.rows] == [("a 1", "CA-1", 380, 460, 4.216, 6.6, 2), ("b", "CA-2", 425, 455.5, 0.786, 7.2, 3)]
+            for r in sessions.rows] == [("a 1", "CA-1", 380, 460, 4.216, 6.6, 2),
+                                        ("b", "CA-2", 425, 455.5, 0.786, 7.2, 3)]
     assert sessions.requested_kwh == pytest.approx(5.002)
     assert sessions.name == "acn"  # a file called sessions.csv is named after its folder
     assert parse_sessions(text, "x/day1.csv").name == "day1"
