@@ -1,10 +1,11 @@
-"""``python -m bench`` runs the balancer benchmark; ``python -m bench flood|faults`` the fault figures."""
+"""``python -m bench`` runs the balancer benchmark; ``python -m bench flood|faults`` the fault figures;
+``python -m bench recorder`` the recorder's throughput and the series counts."""
 
 import sys
 
-from bench import bench_balancer, faults, flood
+from bench import bench_balancer, bench_recorder, faults, flood
 
-_COMMANDS = {"flood": flood.main, "faults": faults.main}
+_COMMANDS = {"flood": flood.main, "faults": faults.main, "recorder": bench_recorder.main}
 
 if len(sys.argv) > 1 and sys.argv[1] in _COMMANDS:
     sys.exit(_COMMANDS[sys.argv[1]](sys.argv[2:]))

@@ -1,5 +1,7 @@
 """The bounded point buffer between the MQTT side (producer) and the writer (consumer).
 
+A point is one line of line protocol (``points.py`` builds it on the MQTT side, so the writer only joins).
+
 Adding never blocks and never fails: when the buffer is full the **oldest** points are dropped (while the
 database is away, the newest data is the most useful when it comes back), counted as
 ``points_dropped{reason="buffer_full"}`` and logged at most once per interval with how many went.
@@ -13,7 +15,6 @@ from collections.abc import Callable, Iterable
 from grid_runtime.logs import get_logger
 from grid_runtime.ratelimit import RateLimitedLog
 from monitoring.recorder.metrics import RecorderStats
-from monitoring.recorder.points import Point
 
 log = get_logger("recorder.buffer")
 
@@ -25,7 +26,7 @@ class PointBuffer:
             raise ValueError("max_points must be >= 1")
         self.max_points = max_points
         self.stats = stats
-        self._points: deque[Point] = deque()
+        self._points: deque[str] = deque()
         self._batch_size = batch_size
         self._on_batch_ready = on_batch_ready
         self._drop_log = RateLimitedLog(log.warning, log_interval_s)
@@ -33,7 +34,7 @@ class PointBuffer:
     def __len__(self) -> int:
         return len(self._points)
 
-    def add(self, points: Iterable[Point]) -> None:
+    def add(self, points: Iterable[str]) -> None:
         """Append ``points``; drop (and count) the oldest beyond ``max_points``."""
         before = len(self._points)
         self._points.extend(points)
@@ -49,7 +50,7 @@ class PointBuffer:
         if self._on_batch_ready is not None and len(self._points) >= self._batch_size > before:
             self._on_batch_ready()
 
-    def take(self, n: int) -> list[Point]:
+    def take(self, n: int) -> list[str]:
         """Remove and return up to ``n`` of the oldest points."""
         n = min(n, len(self._points))
         return [self._points.popleft() for _ in range(n)]

@@ -27,7 +27,8 @@ from monitoring.recorder.settings import RecorderSettings
 def build(settings: RecorderSettings, registry: CollectorRegistry | None = REGISTRY) -> RecorderService:
     """The service with its transport, sink and metrics registered on ``registry`` (None: unregistered)."""
     stats = RecorderStats()
-    transport = make_transport(settings.mqtt_client, settings.mqtt, client_id=settings.mqtt.username)
+    # A pure reader: MQTT 3.1.1, no properties to parse per message.
+    transport = make_transport(settings.mqtt_client, settings.mqtt, client_id=settings.mqtt.username, mqtt5=False)
     service = RecorderService(settings, transport, InfluxSink(settings.influx), stats, latency_histogram(registry))
     if registry is not None:
         registry.register(RecorderCollector(stats, lambda: len(service.buffer)))

@@ -2,7 +2,8 @@
 
 The client's own retries stay off (``retries=False`` is its default) and its batching write mode is not
 used: retrying, batching and counting are the writer's, so no point can be lost without being counted.
-Points are encoded to line protocol here, in the worker thread, not on the event loop.
+Points arrive as line-protocol lines (built on the MQTT side, ``points.py``) with microsecond timestamps;
+the batch is joined here, in the worker thread.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Any
 from influxdb_client import InfluxDBClient, WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS
 
-from monitoring.recorder.points import Point
 from monitoring.recorder.settings import InfluxSettings
 
 
@@ -23,9 +23,9 @@ class InfluxSink:
                                       timeout=int(settings.timeout_s * 1000), enable_gzip=settings.gzip)
         self._api = self._client.write_api(write_options=SYNCHRONOUS)
 
-    def __call__(self, batch: list[Point]) -> None:
-        body = "\n".join(p.to_line() for p in batch)
-        precision: Any = WritePrecision.MS  # a str constant; the client's stubs say WritePrecision
+    def __call__(self, batch: list[str]) -> None:
+        body = "\n".join(batch)
+        precision: Any = WritePrecision.US  # a str constant; the client's stubs say WritePrecision
         self._api.write(bucket=self.settings.bucket, org=self.settings.org, record=body,
                         write_precision=precision)
 

@@ -58,14 +58,14 @@ MEASUREMENTS: tuple[Measurement, ...] = (
     _m("balancer_queue", TopicKind.BALANCER_QUEUE, (),
        {"length": N, "head_eta_s": F},
        "Length of the balancer's waiting line (retained, on change); head_eta_s when the first has an ETA."),
-    _m("ev_assignment", TopicKind.EV_ASSIGNMENT, ("ev_id", "status", "substation_id", "reason"),
-       {"granted_kw": F, "position": N, "eta_s": F},
-       "Every answer to an EV. granted_kw is 0 when nothing is granted; position and eta_s only when "
-       "queued; tags substation_id and reason only when set."),
-    _m("session_event", TopicKind.SUBSTATION_SESSION, ("substation_id", "ev_id", "event", "reason"),
-       {"session_id": S, "granted_kw": F, "energy_delivered_kwh": F},
-       "Session started/ended/running, from the agent. session_id is a string field (VictoriaMetrics "
-       "stores it as 0); reason only on ended."),
+    _m("ev_assignment", TopicKind.EV_ASSIGNMENT, ("status", "substation_id", "reason"),
+       {"ev_id": S, "granted_kw": F, "position": N, "eta_s": F},
+       "Every answer to an EV. ev_id is a field (unbounded: never a tag); granted_kw is 0 when nothing is "
+       "granted; position and eta_s only when queued; tags substation_id and reason only when set."),
+    _m("session_event", TopicKind.SUBSTATION_SESSION, ("substation_id", "event", "reason"),
+       {"ev_id": S, "session_id": S, "granted_kw": F, "energy_delivered_kwh": F},
+       "Session started/ended/running, from the agent. ev_id and session_id are string fields (unbounded: "
+       "never tags; VictoriaMetrics stores string fields as 0); reason only on ended."),
 )
 
 SCHEMA: Mapping[str, Measurement] = MappingProxyType({m.name: m for m in MEASUREMENTS})

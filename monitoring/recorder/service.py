@@ -22,7 +22,7 @@ from grid_runtime.mqtt import InMessage, Transport
 from grid_runtime.ratelimit import RateLimitedLog
 from monitoring.recorder.buffer import PointBuffer
 from monitoring.recorder.metrics import RecorderStats
-from monitoring.recorder.points import TRANSLATIONS, IdMismatch, to_points
+from monitoring.recorder.points import TRANSLATIONS, IdMismatch, Seen, to_lines
 from monitoring.recorder.settings import RecorderSettings
 from monitoring.recorder.writer import Observer, Sink, Writer, WriterConfig
 
@@ -48,6 +48,7 @@ class RecorderService:
             backoff_min_s=settings.backoff_min_s, backoff_max_s=settings.backoff_max_s,
             shutdown_timeout_s=settings.shutdown_timeout_s), self.stats, latency)
         self._bad_log = RateLimitedLog(log.warning, settings.log_interval_s)
+        self._seen: Seen = {}  # last point per series, to keep points of one series and instant apart
         transport.set_handler(self.handle)
         for kind in TRANSLATIONS:
             transport.subscribe(self.topics.filter(kind), 1)
@@ -70,7 +71,7 @@ class RecorderService:
         model, _translate = TRANSLATIONS[kind]
         try:
             message = decode(msg.payload, model, max_bytes=_MAX_BYTES.get(kind, 4096))
-            points = to_points(kind, id_, message, self.clock())
+            points = to_lines(kind, id_, message, self.clock(), self._seen)
         except PayloadError as err:
             self._bad(kind, str(err.reason), err.detail)
             return

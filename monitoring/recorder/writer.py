@@ -20,12 +20,11 @@ from typing import Any, Protocol
 from grid_runtime.logs import get_logger
 from monitoring.recorder.buffer import PointBuffer
 from monitoring.recorder.metrics import RecorderStats
-from monitoring.recorder.points import Point
 
 log = get_logger("recorder.writer")
 
-#: A sink writes one batch synchronously (in a worker thread) and raises on failure.
-Sink = Callable[[list[Point]], None]
+#: A sink writes one batch of line-protocol lines synchronously (in a worker thread) and raises on failure.
+Sink = Callable[[list[str]], None]
 
 
 class Observer(Protocol):
@@ -126,7 +125,7 @@ class Writer:
         else:
             log.info("shutdown_flushed", points=start_len)
 
-    async def _write_batch(self, batch: list[Point], stop: asyncio.Event | None) -> bool:
+    async def _write_batch(self, batch: list[str], stop: asyncio.Event | None) -> bool:
         """Write ``batch``, retrying retryable failures: until written, refused, or (shutdown) the deadline.
 
         Returns True when the batch is settled (written or counted as rejected), False when the deadline

@@ -9,15 +9,15 @@ import pytest
 from grid_runtime.ratelimit import RateLimitedLog
 from monitoring.recorder.buffer import PointBuffer
 from monitoring.recorder.metrics import RecorderStats
-from monitoring.recorder.points import Point, make_point
+from monitoring.recorder.points import Point, make_line
 
 
-def pts(*seqs: int) -> list[Point]:
-    return [make_point("substation_telemetry", 1.0 + s, {"substation_id": "A"}, {"seq": s}) for s in seqs]
+def pts(*seqs: int) -> list[str]:
+    return [make_line("substation_telemetry", 1.0 + s, {"substation_id": "A"}, {"seq": s}) for s in seqs]
 
 
-def seqs(points: list[Point]) -> list[int]:
-    return [int(p.field("seq") or 0) for p in points]
+def seqs(points: list[str]) -> list[int]:
+    return [int(Point.parse(p).field("seq") or 0) for p in points]
 
 
 def test_full_buffer_drops_the_oldest_and_counts_them(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,4 +1,4 @@
-"""monitoring.recorder.points: every recorded message kind -> points of the schema, and line protocol."""
+"""monitoring.recorder.points: every recorded message kind -> line-protocol lines of the schema, read back."""
 
 from __future__ import annotations
 
@@ -10,21 +10,23 @@ import pytest
 from grid_protocol.codec import decode
 from grid_protocol.messages import MAX_STATE_PAYLOAD_BYTES
 from grid_protocol.topics import TopicKind
-from monitoring.recorder.points import TRANSLATIONS, IdMismatch, Point, SchemaError, make_point, to_points
+from monitoring.recorder.points import TRANSLATIONS, IdMismatch, Point, SchemaError, Seen, make_line, to_lines
 from monitoring.recorder.schema import BY_SOURCE, SCHEMA, FieldType
 
 TS = 1_700_000_000.1234
-TS_MS = 1_700_000_000_123
+TS_US = 1_700_000_000_123_400
 
 
-def points(kind: TopicKind, id_: str | None, body: dict[str, Any], now: float = 5.0) -> list[Point]:
+def points(kind: TopicKind, id_: str | None, body: dict[str, Any], now: float = 5.0,
+           seen: Seen | None = None) -> list[Point]:
     model, _ = TRANSLATIONS[kind]
     message = decode(json.dumps(body).encode(), model, max_bytes=MAX_STATE_PAYLOAD_BYTES)
-    return to_points(kind, id_, message, now)
+    lines = to_lines(kind, id_, message, now, seen)
+    return [Point.parse(line) for line in lines]
 
 
-def one(kind: TopicKind, id_: str | None, body: dict[str, Any], now: float = 5.0) -> Point:
-    [p] = points(kind, id_, body, now)
+def one(kind: TopicKind, id_: str | None, body: dict[str, Any], now: float = 5.0, seen: Seen | None = None) -> Point:
+    [p] = points(kind, id_, body, now, seen)
     return p
 
 
@@ -68,7 +70,7 @@ def test_points_match_the_schema_exactly(kind: TopicKind) -> None:
         for name, value in p.fields:
             expected = {FieldType.FLOAT: float, FieldType.INTEGER: int, FieldType.STRING: str}[spec.fields[name]]
             assert type(value) is expected, (name, value)
-        assert p.ts_ms == TS_MS
+        assert p.ts_us == TS_US
 
 
 def test_telemetry() -> None:
@@ -84,7 +86,7 @@ def test_status_online_offline_and_missing_ts_uses_receive_time() -> None:
     assert (p.tag("state"), p.field("online"), p.field("capacity_kw")) == ("online", 1, 400.0)
     last_will = one(TopicKind.SUBSTATION_STATUS, "B", {"state": "offline"}, now=12.5)
     assert last_will.tags == (("state", "offline"), ("substation_id", "B"))
-    assert dict(last_will.fields) == {"online": 0} and last_will.ts_ms == 12_500
+    assert dict(last_will.fields) == {"online": 0} and last_will.ts_us == 12_500_000
 
 
 def test_substation_state_flags_are_integers_and_missing_telemetry_fields_are_left_out() -> None:
@@ -107,12 +109,12 @@ def test_queue_state() -> None:
 
 @pytest.mark.parametrize(("extra", "tags", "fields"), [
     ({"status": "assigned", "substation_id": "A", "granted_kw": 22},
-     {"ev_id": "EV_1", "status": "assigned", "substation_id": "A"}, {"granted_kw": 22.0}),
+     {"status": "assigned", "substation_id": "A"}, {"ev_id": "EV_1", "granted_kw": 22.0}),
     ({"status": "queued", "position": 4, "eta_s": 90.5, "reason": "no_headroom"},
-     {"ev_id": "EV_1", "status": "queued", "reason": "no_headroom"},
-     {"granted_kw": 0.0, "position": 4, "eta_s": 90.5}),
+     {"status": "queued", "reason": "no_headroom"},
+     {"ev_id": "EV_1", "granted_kw": 0.0, "position": 4, "eta_s": 90.5}),
     ({"status": "rejected", "reason": "exceeds_capacity", "detail": "too big"},
-     {"ev_id": "EV_1", "status": "rejected", "reason": "exceeds_capacity"}, {"granted_kw": 0.0}),
+     {"status": "rejected", "reason": "exceeds_capacity"}, {"ev_id": "EV_1", "granted_kw": 0.0}),
 ])
 def test_assignments(extra: dict[str, Any], tags: dict[str, str], fields: dict[str, Any]) -> None:
     p = one(TopicKind.EV_ASSIGNMENT, "EV_1", {"request_id": "r1", "ev_id": "EV_1", "ts": TS, **extra})
@@ -122,8 +124,8 @@ def test_assignments(extra: dict[str, Any], tags: dict[str, str], fields: dict[s
 def test_session_events() -> None:
     started = one(TopicKind.SUBSTATION_SESSION, "A", {"event": "started", "session_id": "b-1", "ev_id": "EV_1",
                                                       "ts": TS, "granted_kw": 11})
-    assert dict(started.tags) == {"substation_id": "A", "ev_id": "EV_1", "event": "started"}
-    assert dict(started.fields) == {"session_id": "b-1", "granted_kw": 11.0}
+    assert dict(started.tags) == {"substation_id": "A", "event": "started"}
+    assert dict(started.fields) == {"ev_id": "EV_1", "session_id": "b-1", "granted_kw": 11.0}
     ended = one(TopicKind.SUBSTATION_SESSION, *SAMPLES[TopicKind.SUBSTATION_SESSION])
     assert ended.tag("reason") == "energy_delivered" and ended.field("energy_delivered_kwh") == 10.25
 
@@ -138,19 +140,47 @@ def test_body_id_must_match_topic_id(kind: TopicKind, id_: str, body: dict[str, 
         points(kind, id_, body)
 
 
-def test_make_point_refuses_what_is_not_in_the_schema() -> None:
+def test_make_line_refuses_what_is_not_in_the_schema() -> None:
     with pytest.raises(SchemaError):
-        make_point("nope", TS, {}, {"x": 1.0})
+        make_line("nope", TS, {}, {"x": 1.0})
     with pytest.raises(SchemaError):
-        make_point("substation_telemetry", TS, {"ev_id": "EV_1"}, {"load_kw": 1.0})
+        make_line("substation_telemetry", TS, {"ev_id": "EV_1"}, {"load_kw": 1.0})
     with pytest.raises(SchemaError):
-        make_point("substation_telemetry", TS, {}, {"load_kw": None})
+        make_line("substation_telemetry", TS, {}, {"load_kw": None})
+
+
+def test_no_unbounded_id_is_a_tag() -> None:
+    """Tags are what InfluxDB indexes as series: EV, session and request ids would make one series per id."""
+    unbounded = {"ev_id", "session_id", "request_id"}
+    assert all(not unbounded & set(m.tags) for m in SCHEMA.values())
+    assert {"ev_id"} <= set(SCHEMA["ev_assignment"].fields) and {"ev_id", "session_id"} <= set(
+        SCHEMA["session_event"].fields)
 
 
 def test_line_protocol_types_and_escaping() -> None:
-    p = make_point("ev_assignment", TS, {"ev_id": "EV_1", "status": "rejected", "reason": 'a b,c=d\\"'},
-                   {"granted_kw": 0, "position": 2})
-    assert p.to_line() == ('ev_assignment,ev_id=EV_1,reason=a\\ b\\,c\\=d\\\\"'
-                           f',status=rejected granted_kw=0.0,position=2i {TS_MS}')
-    s = make_point("session_event", TS, {"ev_id": "EV_1"}, {"session_id": 'x"y\\z\n'})
-    assert s.to_line() == f'session_event,ev_id=EV_1 session_id="x\\"y\\\\z\\n" {TS_MS}'
+    line = make_line("ev_assignment", TS, {"status": "rejected", "reason": 'a b,c=d\\"'},
+                     {"ev_id": "EV_1", "granted_kw": 0, "position": 2})
+    assert line == ('ev_assignment,reason=a\\ b\\,c\\=d\\\\",status=rejected '
+                    f'ev_id="EV_1",granted_kw=0.0,position=2i {TS_US}')
+    s = make_line("session_event", TS, {"event": "started"}, {"session_id": 'x"y\\z\n', "ev_id": "EV_1"})
+    assert s == f'session_event,event=started session_id="x\\"y\\\\z\\n",ev_id="EV_1" {TS_US}'
+    back = Point.parse(s)
+    assert back.fields == (("session_id", 'x"y\\z\n'), ("ev_id", "EV_1")) and back.ts_us == TS_US
+    assert Point.parse(line).tags == (("reason", 'a b,c=d\\"'), ("status", "rejected"))
+
+
+def test_points_of_one_series_and_instant_are_kept_apart_and_repeats_overwrite() -> None:
+    """InfluxDB keeps one point per series and timestamp: two EVs answered in the same instant with the same
+    status share a series now that ev_id is a field, so the second moves 1 µs later; a redelivered message
+    (same values) keeps its timestamp and overwrites its first copy, as it did with ev_id as a tag."""
+    seen: Seen = {}
+    body = {"request_id": "r1", "status": "assigned", "ts": TS, "substation_id": "A", "granted_kw": 22}
+    first = one(TopicKind.EV_ASSIGNMENT, "EV_1", {**body, "ev_id": "EV_1"}, seen=seen)
+    second = one(TopicKind.EV_ASSIGNMENT, "EV_2", {**body, "ev_id": "EV_2"}, seen=seen)
+    third = one(TopicKind.EV_ASSIGNMENT, "EV_3", {**body, "ev_id": "EV_3"}, seen=seen)
+    repeat = one(TopicKind.EV_ASSIGNMENT, "EV_3", {**body, "ev_id": "EV_3"}, seen=seen)
+    assert [p.ts_us for p in (first, second, third, repeat)] == [TS_US, TS_US + 1, TS_US + 2, TS_US + 2]
+    other = one(TopicKind.EV_ASSIGNMENT, "EV_4", {**body, "ev_id": "EV_4", "substation_id": "B"}, seen=seen)
+    later = one(TopicKind.EV_ASSIGNMENT, "EV_5", {**body, "ev_id": "EV_5", "ts": TS + 1}, seen=seen)
+    assert other.ts_us == TS_US and later.ts_us == TS_US + 1_000_000  # another series, another instant
+    assert one(TopicKind.EV_ASSIGNMENT, "EV_2", {**body, "ev_id": "EV_2"}).ts_us == TS_US  # no memory: as sent

@@ -50,9 +50,9 @@ class FakeTransport:
 
 
 @pytest.fixture
-def svc() -> tuple[RecorderService, FakeTransport, list[list[Point]]]:
+def svc() -> tuple[RecorderService, FakeTransport, list[list[str]]]:
     transport = FakeTransport()
-    written: list[list[Point]] = []
+    written: list[list[str]] = []
     settings = RecorderSettings(flush_interval_s=0.01, shutdown_timeout_s=1)
     return RecorderService(settings, transport, written.append, clock=lambda: 99.0), transport, written
 
@@ -100,8 +100,8 @@ def test_good_messages_become_points_bad_ones_are_counted_by_reason_and_never_ra
         ("substation_telemetry", "id_mismatch"): 1, ("substation_telemetry", "invalid_topic_id"): 1,
         ("substation_session", "duplicate_key"): 1, ("ev_assignment", "payload_too_large"): 1,
         ("substation_state", "invalid_field"): 1}
-    status = next(p for p in service.buffer.take(10) if p.measurement == "substation_status")
-    assert status.ts_ms == 99_000  # no ts in the last will: the receive time
+    status = next(p for p in map(Point.parse, service.buffer.take(10)) if p.measurement == "substation_status")
+    assert status.ts_us == 99_000_000  # no ts in the last will: the receive time
     assert transport.published == []  # read-only
 
 
@@ -120,7 +120,7 @@ def test_run_records_until_stopped_then_flushes(svc: Any) -> None:
         await asyncio.wait_for(task, 5)
 
     asyncio.run(scenario())
-    assert [p.field("seq") for b in written for p in b] == [0, 1, 2, 3]
+    assert [Point.parse(p).field("seq") for b in written for p in b] == [0, 1, 2, 3]
     assert service.stats.points_written == 4
 
 

@@ -13,13 +13,17 @@ from urllib3.exceptions import NewConnectionError
 
 from monitoring.recorder.buffer import PointBuffer
 from monitoring.recorder.metrics import RecorderStats
-from monitoring.recorder.points import Point, make_point
+from monitoring.recorder.points import Point, make_line
 from monitoring.recorder.writer import Writer, WriterConfig, backoff_delays, is_retryable
 
 
-def pts(n: int, start: int = 0) -> list[Point]:
-    return [make_point("substation_telemetry", 1.0, {"substation_id": "A"}, {"seq": s})
+def pts(n: int, start: int = 0) -> list[str]:
+    return [make_line("substation_telemetry", 1.0, {"substation_id": "A"}, {"seq": s})
             for s in range(start, start + n)]
+
+
+def seq(line: str) -> int:
+    return int(Point.parse(line).field("seq") or 0)
 
 
 class FakeSink:
@@ -29,11 +33,11 @@ class FakeSink:
         self.fail = fail
         self.error = error or ConnectionRefusedError("down")
         self.delay_s = delay_s
-        self.batches: list[list[Point]] = []
+        self.batches: list[list[str]] = []
         self.threads: set[int] = set()
         self.calls = 0
 
-    def __call__(self, batch: list[Point]) -> None:
+    def __call__(self, batch: list[str]) -> None:
         self.calls += 1
         self.threads.add(threading.get_ident())
         if self.delay_s:
@@ -93,7 +97,7 @@ def test_batches_by_size_and_flushes_partial_batches_on_the_interval() -> None:
 
     asyncio.run(scenario())
     assert [len(b) for b in sink.batches] == [10, 10, 5]
-    assert [p.field("seq") for b in sink.batches for p in b] == list(range(25))  # in order
+    assert [seq(p) for b in sink.batches for p in b] == list(range(25))  # in order
     assert threading.get_ident() not in sink.threads  # written from a worker thread, not the event loop
     assert (stats.write_errors, stats.points_retried, stats.dropped_total()) == (0, 0, 0)
 
@@ -166,7 +170,7 @@ def test_outage_with_a_full_buffer_keeps_the_newest_and_accounts_for_every_point
         await task
 
     asyncio.run(scenario())
-    written = [int(p.field("seq") or 0) for b in sink.batches for p in b]
+    written = [seq(p) for b in sink.batches for p in b]
     assert stats.points_queued == 200
     assert stats.points_written == len(written) == 200 - stats.points_dropped["buffer_full"]
     assert stats.points_dropped["buffer_full"] == 200 - 30 - 10  # buffer + the batch held for retry
