@@ -156,6 +156,8 @@ def frame(uid: str, title: str, description: str, variables: Iterable[Any] = ())
 
 UTIL = sub("gridlb_substation_utilisation_ratio")
 ONLINE = sub("gridlb_substation_online")
+#: Stale but online (offline ones are stale too; they are counted as offline).
+STALE_ONLINE = f"{sub('gridlb_substation_stale')} == 1 and on (substation) {ONLINE} == 1"
 
 
 def grid_overview() -> dashboard.Dashboard:
@@ -170,7 +172,7 @@ def grid_overview() -> dashboard.Dashboard:
         prom("A", f"count({UTIL})", "known"),
         prom("B", f"count({ONLINE} == 1) or vector(0)", "online"),
         prom("C", f"count({ONLINE} == 0) or vector(0)", "offline"),
-        prom("D", f"count({sub('gridlb_substation_stale')} == 1) or vector(0)", "stale"),
+        prom("D", f"count({STALE_ONLINE}) or vector(0)", "stale (online, silent)"),
         prom("E", f"count({sub('gridlb_substation_draining')} == 1) or vector(0)", "draining"),
         prom("F", f"count({sub('gridlb_substation_load_watts')} > {sub('gridlb_substation_reported_capacity_watts')})"
              " or vector(0)", "overloaded"),
@@ -247,7 +249,7 @@ def grid_overview() -> dashboard.Dashboard:
                              [prom("A", f"{ONLINE} == 0", instant=True)], w=6, h=7, sort_by="substation", desc=False))
     d = d.with_panel(listing("Stale or draining now", "Online but silent (stale) or drained by an operator. "
                              "Empty while none is.",
-                             [prom("A", f"{sub('gridlb_substation_stale')} == 1", "stale", instant=True),
+                             [prom("A", STALE_ONLINE, "stale", instant=True),
                               prom("B", f"{sub('gridlb_substation_draining')} == 1", "draining", instant=True)],
                              w=6, h=7, sort_by="substation", desc=False))
     d = d.with_panel(ranking("Overload time in range (top $topk)", "Seconds the measured load was above the "

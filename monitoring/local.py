@@ -282,6 +282,14 @@ class PrometheusServer:
         result: list[Sample] = data["result"]
         return result
 
+    def query_range(self, expr: str, seconds: float, step: str = "2s") -> list[Sample]:
+        """Range query over the last ``seconds`` (what a Grafana time-series panel runs): one series per
+        result row, ``values`` holding its samples."""
+        end = time.time()
+        data = self.api("query_range", query=expr, start=f"{end - seconds:.3f}", end=f"{end:.3f}", step=step)
+        result: list[Sample] = data["result"]
+        return result
+
     def wait_for(self, expr: str, predicate: Callable[[list[Sample]], bool] = bool,
                  timeout: float = 20.0, what: str = "") -> list[Sample]:
         """Poll ``expr`` (every 0.25 s, at most ``timeout`` s) until ``predicate(result)`` holds."""

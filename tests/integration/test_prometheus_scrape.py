@@ -252,9 +252,10 @@ def _substitute(expr: str, variables: dict[str, str] = GRAFANA_VARIABLES) -> str
     return expr
 
 
-def dashboard_queries(variables: dict[str, str] = GRAFANA_VARIABLES) -> list[tuple[str, str, str]]:
-    """(where, panel title, PromQL) of every Prometheus target and query variable, Grafana variables substituted."""
-    queries = [(f"{name}: {title}", title, _substitute(t["expr"], variables))
+def dashboard_queries(variables: dict[str, str] = GRAFANA_VARIABLES) -> list[tuple[str, str, str, bool]]:
+    """(where, panel title, PromQL, instant) of every Prometheus target and query variable (``$name`` as the
+    title, instant), Grafana variables substituted."""
+    queries = [(f"{name}: {title}", title, _substitute(t["expr"], variables), bool(t.get("instant")))
                for name, title, t in _targets("prometheus")]
     for path in DASHBOARDS:
         for var in json.loads(path.read_text(encoding="utf-8")).get("templating", {}).get("list", []):
@@ -263,7 +264,7 @@ def dashboard_queries(variables: dict[str, str] = GRAFANA_VARIABLES) -> list[tup
                 match = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", definition)
                 assert match, f"{path.name}: variable {var['name']}: unsupported query {definition!r}"
                 queries.append((f"{path.name}: ${var['name']}", f"${var['name']}",
-                                f"count by ({match[2]}) ({match[1]})"))
+                                f"count by ({match[2]}) ({match[1]})", True))
     return queries
 
 
@@ -283,8 +284,8 @@ def test_every_dashboard_promql_query_parses_and_returns_data(scenario: Scenario
     assert len(queries) >= 50, "fewer queries than the dashboards have: extraction broken?"
     errors: dict[str, str] = {}
     deadline = time.monotonic() + 30.0  # histograms need observations in the window, rates two samples
-    pending = [(where, expr) for where, _title, expr in queries]
-    may_be_empty = {where for where, title, _expr in queries if title in PROBLEM_LISTS}
+    pending = [(where, expr) for where, _title, expr, _instant in queries]
+    may_be_empty = {where for where, title, _expr, _instant in queries if title in PROBLEM_LISTS}
     while pending:
         still = []
         for where, expr in pending:
