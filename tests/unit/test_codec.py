@@ -533,3 +533,21 @@ def test_parse_returns_invalid_ids_for_the_caller_to_check() -> None:
     kind, id_ = T.parse("grid/v1/ev/a+b/request")  # type: ignore[misc]
     assert kind == TopicKind.EV_REQUEST and id_ == "a+b" and not is_valid_id(id_)
     assert T.parse("grid/v1/ev//request") == (TopicKind.EV_REQUEST, "")
+
+
+def test_canonical_payloads_skip_the_duplicate_scan_and_others_are_still_scanned(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A payload byte for byte as the encoder writes it (what every service publishes) has each key once, so
+    the duplicate scan is skipped for it; one that differs in any byte (spacing, order, a repeated key) is
+    scanned as before."""
+    import grid_protocol.codec as codec
+
+    scanned: list[bytes] = []
+    real = codec._check_duplicates
+    monkeypatch.setattr(codec, "_check_duplicates", lambda p, m: (scanned.append(p), real(p, m)))
+    canonical = encode(ChargeRequest(requested_kw=22.0, ev_id="EV_1", request_id="r1", duration_minutes=60.0))
+    assert decode(canonical, ChargeRequest).ev_id == "EV_1" and scanned == []
+    spaced = canonical.replace(b",", b", ")
+    assert decode(spaced, ChargeRequest).ev_id == "EV_1" and scanned == [spaced]
+    repeated = canonical[:-1] + b',"ev_id":"EV_2"}'
+    assert refused(repeated).reason == Reason.DUPLICATE_KEY and scanned[-1] == repeated
