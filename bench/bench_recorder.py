@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
+import contextlib
 import json
 import os
 import platform
@@ -69,7 +69,10 @@ def start_recorder(broker: LocalBroker, vm: VictoriaMetrics, logs: Path, buffer:
     port = find_free_port()
     env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), MQTT_USERNAME="recorder",
                MQTT_PASSWORD=broker.password_for("recorder"), INFLUX_URL=vm.url, METRICS_PORT=str(port),
-               RECORDER_BUFFER_MAX_POINTS=str(buffer), LOG_LEVEL="WARNING")
+               RECORDER_BUFFER_MAX_POINTS=str(buffer), LOG_LEVEL="WARNING",
+               # paused while a chunk is published: the broker must not take it for dead (1.5 x keepalive),
+               # or it drops the QoS 0 telemetry meant for it. 300 s is the most the broker allows.
+               MQTT_KEEPALIVE_S="300")
     cmd = [sys.executable, "-m", "monitoring.recorder"]
     if profile is not None:
         cmd = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "monitoring.recorder"]
@@ -112,12 +115,15 @@ def recorder_phase(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     traffic = messages(w, Topics(), now)
     chunks = [traffic[i:i + args.chunk] for i in range(0, len(traffic), args.chunk)]
     vm = VictoriaMetrics(tmp / "vm").start()
-    with LocalBroker(tmp / "broker", secret=SECRET) as broker:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(vm.stop)
+        broker = cleanup.enter_context(LocalBroker(tmp / "broker", secret=SECRET))
         proc, url = start_recorder(broker, vm, tmp, max(args.chunk, 100_000), args.profile)
         try:
             drain_s = cpu_s = publish_s = broker_cpu_s = vm_cpu_s = 0.0
             assert broker.pid is not None and vm.proc is not None
             done = 0
+            peak = 0.0
             for n, chunk in enumerate(chunks, 1):
                 os.kill(proc.pid, signal.SIGSTOP)
                 publish_s += asyncio.run(publish(broker, chunk))
@@ -132,28 +138,28 @@ def recorder_phase(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 broker_cpu_s += proc_cpu_s(broker.pid) - broker0
                 vm_cpu_s += proc_cpu_s(vm.proc.pid) - vm0
                 drain_s += elapsed
+                peak = max(peak, seen["peak_buffer"])
                 done += len(chunk)
                 print(f"  chunk {n}/{len(chunks)}: {len(chunk)} messages written in {elapsed:.2f} s "
                       f"({len(chunk) / elapsed:,.0f} points/s); written {seen['written']:.0f}/{done}", flush=True)
             rss = proc_rss_mb(proc.pid)
         finally:
+            os.kill(proc.pid, signal.SIGCONT)
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        day = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%d")
-        by_metric = vm.series_by_metric(day)
-        total_series = vm.series_count()
+        by_metric = vm.series_by_metric()
+        total_series = sum(by_metric.values())
         stored = {name: _count_samples(vm, name) for name in ("ev_assignment_granted_kw",
                                                               "substation_telemetry_load_kw")}
-    vm.stop()
     points = len(traffic)
     return {
         "workload": {"substations": w.substations, "evs": w.evs, "ticks": w.ticks, "messages": points,
                      "chunk": args.chunk},
         "points": points, "written": seen["written"], "dropped": seen["dropped"],
-        "bad_payloads": seen["bad_payloads"], "peak_buffer": seen["peak_buffer"],
+        "bad_payloads": seen["bad_payloads"], "peak_buffer": peak,
         "drain_s": round(drain_s, 3), "points_per_s": round(points / drain_s, 1),
         "cpu_s": round(cpu_s, 3), "cpu_us_per_point": round(cpu_s / points * 1e6, 2),
         "points_per_cpu_s": round(points / cpu_s, 1),
@@ -282,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="sample the recorder with py-spy while it drains (collapsed stacks, FILE.<chunk>.txt)")
     p.add_argument("--json", type=Path, default=Path("bench/results/recorder.json"))
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (servers, paused recorder) on kill too
     with tempfile.TemporaryDirectory(prefix="gridlb-bench-recorder-") as tmp:
         rec = None if args.skip_recorder else recorder_phase(args, Path(tmp))
         scr = scrape_phase(args, Path(tmp)) if args.scrape_substations else None

@@ -101,18 +101,20 @@ class VictoriaMetrics:
         body = self._get(f"/api/v1/export?{query}")
         return [json.loads(line) for line in body.splitlines() if line.strip()]
 
-    def series_count(self) -> int:
-        """Every series stored (all days), after a flush: what the storage and its index must hold."""
+    def series_by_metric(self, match: str = '{__name__=~".+"}') -> dict[str, int]:
+        """Distinct series per metric name (``<measurement>_<field>``) matching ``match``, all time, counted
+        from the series themselves (``/api/v1/series``): exact, unlike ``/api/v1/series/count`` and the
+        per-day ``/api/v1/status/tsdb``, which VictoriaMetrics documents as possibly higher than the truth."""
         self.flush()
-        count: int = json.loads(self._get("/api/v1/series/count"))["data"][0]
-        return count
-
-    def series_by_metric(self, day: str, top: int = 100) -> dict[str, int]:
-        """Series per metric name (``<measurement>_<field>``) with samples on ``day`` (``YYYY-MM-DD``, UTC)."""
-        self.flush()
-        query = urllib.parse.urlencode({"topN": str(top), "date": day})
-        data = json.loads(self._get(f"/api/v1/status/tsdb?{query}"))["data"]
-        return {row["name"]: int(row["value"]) for row in data["seriesCountByMetricName"]}
+        query = urllib.parse.urlencode({"match[]": match, "start": "0"})
+        names: dict[str, int] = {}
+        seen: set[str] = set()
+        for labels in json.loads(self._get(f"/api/v1/series?{query}", timeout=120))["data"]:
+            key = json.dumps(labels, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                names[labels["__name__"]] = names.get(labels["__name__"], 0) + 1
+        return names
 
     def wait_export(self, selector: str, done: Callable[[list[Series]], bool], timeout: float = 15.0) -> list[Series]:
         """Poll :meth:`export` until ``done(series)``; ``AssertionError`` with what was there after ``timeout``."""

@@ -185,3 +185,37 @@ def test_a_message_with_an_expiry_is_sent_now_or_never(broker: LocalBroker, kind
         assert [m.payload for m in back.on(TOPIC)] == [b"kept"]
     finally:
         back.close()
+
+
+def test_paho_as_a_311_burst_reader_gets_every_message_in_order_and_its_session_survives(broker: LocalBroker) -> None:
+    """The recorder's transport: MQTT 3.1.1 and up to 64 messages per wake-up of the loop. 3,000 QoS 1 messages
+    arrive complete and in order (several bursts: 64 per wake-up), and the persistent session keeps the QoS 1
+    messages published while it was away (clean session off), delivered after it comes back."""
+    settings = MqttSettings(host=broker.host, port=broker.port, username="observer",
+                            password=broker.password_for("observer"), keepalive_s=5)
+    got: list[bytes] = []
+
+    def reader() -> PahoTransport:
+        t = PahoTransport(settings, client_id="observer", mqtt5=False, read_burst=64)
+        t.set_handler(lambda m: got.append(m.payload))
+        t.subscribe(TOPIC, 1)
+        return t
+
+    async def scenario() -> None:
+        first = reader()
+        with Probe(broker, "balancer") as pub:
+            async def burst() -> None:
+                for i in range(3000):
+                    pub.client.publish(TOPIC, str(i).encode(), 1)
+                await _until(lambda: len(got) >= 3000, timeout=30, what="3,000 messages")
+                with pytest.raises(ValueError, match="MQTT 5"):
+                    first.publish(TOPIC, b"x", correlation_data=b"c")
+            await _with_transport(first, burst)
+            assert got == [str(i).encode() for i in range(3000)]
+            got.clear()
+            for i in range(5):  # while the reader is away: queued for its session
+                pub.publish(TOPIC, f"away {i}".encode())
+        await _with_transport(reader(), lambda: _until(lambda: len(got) >= 5, what="queued messages"))
+        assert got == [f"away {i}".encode() for i in range(5)]
+
+    asyncio.run(scenario())
