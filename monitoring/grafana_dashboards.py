@@ -77,9 +77,13 @@ class FluxQuery(cogbuilder.Builder[cogvariants.Dataquery]):
         return self._query
 
 
-def prom(ref: str, expr: str, legend: str = "__auto", *, instant: bool = False) -> prometheus.Dataquery:
+def prom(ref: str, expr: str, legend: str = "__auto", *, instant: bool = False,
+         table: bool = False) -> prometheus.Dataquery:
+    """A PromQL target: a range query (time series), or ``instant`` (the value now: rankings, tables)."""
     q = prometheus.Dataquery().ref_id(ref).expr(expr).legend_format(legend).datasource(PROM)
-    return q.instant().format(pm.PromQueryFormat.TABLE) if instant else q.range()
+    if table:
+        return q.instant().format(pm.PromQueryFormat.TABLE)
+    return q.instant() if instant else q.range()
 
 
 def flux(ref: str, *lines: str) -> FluxQuery:
@@ -114,7 +118,8 @@ def stats(title: str, description: str, unit: str, targets: Sequence[Target], *,
 
 def ranking(title: str, description: str, unit: str, targets: Sequence[Target], *, w: int = 8, h: int = 8,
             ds: dm.DataSourceRef = PROM) -> bargauge.Panel:
-    """A sorted bar per substation (or reason, status): for top-k lists read at a glance."""
+    """A sorted bar per substation (or reason, status): for top-k lists read at a glance. PromQL targets are
+    instant queries: a range query would pick its top k per step and show more than k bars."""
     return (bargauge.Panel().title(title).description(description).datasource(ds).unit(unit).span(w).height(h)
             .orientation(cm.VizOrientation.HORIZONTAL).display_mode(cm.BarGaugeDisplayMode.BASIC)
             .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
@@ -206,14 +211,14 @@ def grid_overview() -> dashboard.Dashboard:
     for i, (low, high, name) in enumerate(bands):
         conds = [f"({UTIL} >= bool {low})" if low is not None else "",
                  f"({UTIL} < bool {high})" if high is not None else ""]
-        band_targets.append(prom(chr(65 + i), f"sum({' * '.join(c for c in conds if c)})", name))
+        band_targets.append(prom(chr(65 + i), f"sum({' * '.join(c for c in conds if c)})", name, instant=True))
     d = d.with_panel(ranking("Substations by utilisation band", "How many substations are in each band now.",
                              "none", band_targets, w=8))
     d = d.with_panel(listing("Fullest now (top $topk)", "The $topk substations with the highest utilisation "
-                             "now, fullest first.", [prom("A", f"topk($topk, {UTIL})", instant=True)], w=8))
+                             "now, fullest first.", [prom("A", f"topk($topk, {UTIL})", table=True)], w=8))
     d = d.with_panel(listing("Least headroom now (online, $topk)", "Online substations with the least room "
                              "for new sessions.", [prom("A", f"bottomk($topk, {sub('gridlb_substation_headroom_watts')}"
-                                                        f" and on (substation) {ONLINE} == 1)", instant=True)],
+                                                        f" and on (substation) {ONLINE} == 1)", table=True)],
                              w=8, desc=False))
     d = d.with_row(dashboard.Row("The $topk fullest substations over the time range"))
     d = d.with_panel(graph("Load vs capacity (fullest $topk)", "Measured load and planned capacity of the $topk "
@@ -246,20 +251,20 @@ def grid_overview() -> dashboard.Dashboard:
     d = d.with_row(dashboard.Row("Substations needing attention"))
     d = d.with_panel(listing("Offline now", "Substations the balancer sees offline (status, last will or lost). "
                              "Empty while every substation is online.",
-                             [prom("A", f"{ONLINE} == 0", instant=True)], w=6, h=7, sort_by="substation", desc=False))
+                             [prom("A", f"{ONLINE} == 0", table=True)], w=6, h=7, sort_by="substation", desc=False))
     d = d.with_panel(listing("Stale or draining now", "Online but silent (stale) or drained by an operator. "
                              "Empty while none is.",
-                             [prom("A", STALE_ONLINE, "stale", instant=True),
-                              prom("B", f"{sub('gridlb_substation_draining')} == 1", "draining", instant=True)],
+                             [prom("A", STALE_ONLINE, "stale", table=True),
+                              prom("B", f"{sub('gridlb_substation_draining')} == 1", "draining", table=True)],
                              w=6, h=7, sort_by="substation", desc=False))
     d = d.with_panel(ranking("Overload time in range (top $topk)", "Seconds the measured load was above the "
                              "reported capacity, worst $topk.", "s", [
         prom("A", f"topk($topk, sum by (substation) (increase({sub('gridlb_substation_overload_seconds_total')}"
-             "[$__range])))", "{{substation}}")], w=6, h=7))
+             "[$__range])))", "{{substation}}", instant=True)], w=6, h=7))
     return d.with_panel(ranking("Went stale in range (top $topk)", "Times the telemetry went stale, worst $topk.",
                                 "none", [
         prom("A", f"topk($topk, sum by (substation) (increase({sub('gridlb_stale_telemetry_total')}[$__range])))",
-             "{{substation}}")], w=6, h=7))
+             "{{substation}}", instant=True)], w=6, h=7))
 
 
 def balancer() -> dashboard.Dashboard:
@@ -273,7 +278,7 @@ def balancer() -> dashboard.Dashboard:
         prom("A", 'sum by (outcome, reason) (rate(gridlb_decisions_total{reason!=""}[$__rate_interval]))',
              "{{outcome}}: {{reason}}")]))
     d = d.with_panel(listing("Decisions in the time range", "Answers by outcome and reason in the range.", [
-        prom("A", "sum by (outcome, reason) (increase(gridlb_decisions_total[$__range]))", instant=True)], w=12))
+        prom("A", "sum by (outcome, reason) (increase(gridlb_decisions_total[$__range]))", table=True)], w=12))
     d = d.with_panel(graph("Decision latency", "Time to decide and publish the answers to one request or "
                            "release.", "s", [
         prom("A", "histogram_quantile(0.5, sum by (le) (rate(gridlb_decision_latency_seconds_bucket"
@@ -391,11 +396,11 @@ def pipeline_health() -> dashboard.Dashboard:
         prom("A", "sum by (job) (gridlb_mqtt_connected)", "{{job}}")], w=8))
     d = d.with_panel(listing("MQTT clients disconnected now", "Service connections that are down. Empty while "
                              "every one is up.", [prom("A", 'gridlb_mqtt_connected{job!="ev_clients"} == 0',
-                                                       instant=True)], w=8, h=5, sort_by="client", desc=False))
+                                                       table=True)], w=8, h=5, sort_by="client", desc=False))
     d = d.with_panel(ranking("MQTT reconnects in range (top $topk)", "Connections lost and made again, worst "
                              "$topk clients.", "none", [
         prom("A", "topk($topk, sum by (job, client) (increase(gridlb_mqtt_reconnects_total[$__range])))",
-             "{{job}} {{client}}")]))
+             "{{job}} {{client}}", instant=True)]))
     d = d.with_panel(graph("MQTT messages per service", "Messages received and published per second.", "reqps", [
         prom("A", "sum by (job) (rate(gridlb_mqtt_messages_received_total[$__rate_interval]))", "{{job}} received"),
         prom("B", "sum by (job) (rate(gridlb_mqtt_messages_published_total[$__rate_interval]))",

@@ -58,6 +58,8 @@ def test_no_panel_draws_a_series_per_substation(name: str) -> None:
             if expr is None or not PER_SUBSTATION.search(expr) or panel["title"] in PROBLEM_LISTS:
                 continue
             assert BOUNDED.search(expr), f"{name}: {panel['title']}: unbounded per-substation query {expr!r}"
+            if re.match(r"\s*(topk|bottomk)\(", expr):  # a range query picks its k per step: more than k lines
+                assert target.get("instant") and not target.get("range"), f"{name}: {panel['title']}: {expr!r}"
             for selector in re.findall(r"(?:gridlb_substation_\w+|gridlb_agent_\w+|gridlb_stale_telemetry_total)"
                                        r"(\{[^}]*\})?", expr):
                 assert SUBSTATION_MATCHER in selector, f"{name}: {panel['title']}: {expr!r} ignores $substation"
