@@ -275,7 +275,8 @@ class PahoTransport(_Base):
             return
         log.info("mqtt_connected", client_id=self.client_id, host=self.settings.host, port=self.settings.port)
         if self._subs:
-            client.subscribe(list(self._subs.items()))
+            client.subscribe(list(self._subs.items()) if self.mqtt5
+                             else [(f, o.QoS) for f, o in self._subs.items()])  # 3.1.1: no options, QoS only
         # paho re-sends the QoS 1 messages that were in flight when the connection broke only after this
         # callback returns. The outbox holds newer messages: publish them after those, or they overtake
         # them (an EV would hear ``completed`` before ``assigned``). ``connected`` stays clear until then,
@@ -312,9 +313,14 @@ class PahoTransport(_Base):
 
     # --- public API ------------------------------------------------------------------------
     def subscribe(self, topic_filter: str, qos: int = 1, *, retain_as_published: bool = False) -> None:
+        if not self.mqtt5 and retain_as_published:
+            raise ValueError("retain as published needs MQTT 5 (this transport speaks 3.1.1)")
         options = self._remember(topic_filter, qos, retain_as_published)
         if self.connected.is_set():
-            self._client.subscribe(topic_filter, options=options)
+            if self.mqtt5:
+                self._client.subscribe(topic_filter, options=options)
+            else:
+                self._client.subscribe(topic_filter, qos)
 
     def _publish_now(self, topic: str, payload: bytes, qos: int, retain: bool, corr: bytes | None) -> None:
         props = None
