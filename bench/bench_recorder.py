@@ -203,17 +203,9 @@ def scrape_phase(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         proc = subprocess.Popen([sys.executable, "-m", "balancer"], env=env, stdout=log, stderr=subprocess.STDOUT)
         prom = PrometheusServer(tmp / "prometheus", {"balancer": [f"127.0.0.1:{metrics_port}"]}, interval="2s")
         try:
-            time.sleep(1.0)
-            topics = Topics()
-            asyncio.run(publish(broker, status_messages(w, topics, time.time())
-                                + list(telemetry_messages(w, topics, time.time()))))
             url = f"http://127.0.0.1:{metrics_port}/metrics"
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                m = scrape(url)
-                if sum(1 for (n, _l) in m if n == "gridlb_substation_capacity_watts") >= w.substations:
-                    break
-                time.sleep(0.2)
+            _wait_listening(url, proc, 30)
+            asyncio.run(_feed_until_known(broker, w, url, 90))
             t0 = time.perf_counter()
             page = _get(url)
             scrape_ms = (time.perf_counter() - t0) * 1000
@@ -234,6 +226,46 @@ def scrape_phase(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "balancer_lines": own, "per_substation_series": per_substation,
             "series_per_substation": round(per_substation / w.substations, 2), "scrape_ms": round(scrape_ms, 1),
             "scrape_bytes": len(page), "prometheus_head_series": head}
+
+
+def _wait_listening(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the balancer exited with {proc.returncode}")
+        try:
+            scrape(url)
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the balancer's /metrics did not answer in {timeout} s")
+
+
+async def _feed_until_known(broker: LocalBroker, w: Workload, url: str, timeout: float) -> None:
+    """Retained status once, then telemetry for every substation each second (as agents do; a balancer that is
+    still starting up or shedding a burst takes the next tick) until its /metrics shows them all."""
+    settings = MqttSettings(host=broker.host, port=broker.port, username="loadtest",
+                            password=broker.password_for("loadtest"))
+    transport = PahoTransport(settings, client_id="loadtest", clean_start=True)
+    task = asyncio.create_task(transport.run())
+    topics = Topics()
+    try:
+        await asyncio.wait_for(transport.connected.wait(), 10)
+        for topic, payload, qos in status_messages(w, topics, time.time()):
+            transport.publish(topic, payload, qos, retain=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            for topic, payload, qos in telemetry_messages(w, topics, time.time()):
+                transport.publish(topic, payload, qos)
+            await asyncio.sleep(1.0)
+            m = await asyncio.to_thread(scrape, url)
+            if sum(1 for (n, _l) in m if n == "gridlb_substation_capacity_watts") >= w.substations:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the balancer did not report {w.substations} substations in {timeout} s")
+    finally:
+        await transport.close(timeout=10)
+        task.cancel()
 
 
 def _get(url: str) -> str:
