@@ -8,6 +8,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
+# openssl: the one-shot "mqtt-accounts" service makes the broker's TLS certificates (broker/tls/make-certs.sh).
+RUN apt-get update && apt-get install -y --no-install-recommends openssl && rm -rf /var/lib/apt/lists/*
 # .dockerignore keeps the virtualenv, tests, run data and caches out of the build context.
 COPY . /app
 # Installs the dependencies and the packages. Commands run from /app, so `python -m <package>` finds
@@ -15,8 +17,8 @@ COPY . /app
 RUN pip install /app \
  && useradd --system --uid 10001 --user-group --no-create-home --home-dir /app --shell /usr/sbin/nologin gridlb
 
-# Non-root. The one-shot "mqtt-accounts" service overrides this (user: "0:0") to hand the password
-# file to the broker's user.
+# Non-root. The one-shot "mqtt-accounts" service overrides this (user: "0:0") to hand the broker's state file
+# and key to the broker's user.
 USER gridlb:gridlb
 
 # /metrics: balancer 9101, substation agents 9102, EV fleet 9103, recorder 9104; API (and its /metrics) 8000

@@ -358,11 +358,21 @@ class BalancerService:
         if sub is not None:  # its new state at once, not at the next periodic publish
             state = substation_state(self.core, sub, now)
             self._send_state(self.topics.substation_state(sub.id), state, now, force=True)
+        elif command.action == "forget" and reason is None:
+            self._forget(command.substation_id)
         result = ControlResult(ok=reason is None, action=command.action, substation_id=command.substation_id,
                                ts=now, request_id=command.request_id, reason=reason, detail=detail, state=state)
         self.transport.publish(self.topics.balancer_control_result(), encode(result), 1)
         log.info("control", action=command.action, substation_id=command.substation_id,
                  capacity_kw=command.capacity_kw, ok=reason is None, reason=reason, detail=detail)
+
+    def _forget(self, substation_id: str) -> None:
+        """A decommissioned substation: its retained state is cleared (readers drop it) and nothing of it is
+        kept here."""
+        topic = self.topics.substation_state(substation_id)
+        self._state_sent.pop(topic, None)
+        self._lease_sent.pop(substation_id, None)
+        self.transport.publish(topic, b"", 1, retain=True)
 
     # ------------------------------------------------------------------ retained state
     def _send_state(self, topic: str, state: SubstationState | msgspec.Struct, now: float, *,

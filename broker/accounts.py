@@ -1,38 +1,34 @@
-"""Broker accounts: usernames, Mosquitto password hashes, the password file and the ACL.
+"""Broker accounts: usernames, passwords derived from a secret, and the CLI that writes a broker's accounts.
 
-Roles (see ``broker/README.md``):
+Roles (see ``broker/README.md`` and ``broker/roles.py``):
 
 * service accounts :data:`SERVICE_ACCOUNTS` (``balancer``, ``api``, ``observer``, ``recorder``, ``healthcheck``,
-  ``loadtest``);
+  ``loadtest``, ``provisioner``);
 * one account per substation agent, username ``substation.<id>`` (:func:`substation_username`);
 * one account per EV, username == EV id.
 
-Passwords are hashed here in Mosquitto 2.0's ``$7$`` format (PBKDF2-HMAC-SHA512, 101 iterations,
-12-byte salt) so a file with hundreds of EV accounts is written in milliseconds instead of spawning
-``mosquitto_passwd`` once per account.
+The broker keeps them in its dynamic security plugin (``broker/dynsec.py``): written as its initial state file
+here, changed at runtime over its control topic (``broker/provisioning.py``) without a restart.
 
 CLI::
 
     python -m broker.accounts --out DIR [--prefix grid/v1] [--substations A,B,C]
         [--evs EV_0001,EV_0002 | --ev-count 200 --ev-prefix EV_] [--secret S]
-        [--service balancer=pw --service api ...] [--show-passwords]
+        [--service balancer=pw --service api ...] [--show-passwords] [--merge]
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import hmac
+import json
 import os
 import re
-import secrets
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from string import Template
 from typing import Literal
 
 from grid_protocol.ids import ID_PATTERN
@@ -48,22 +44,20 @@ __all__ = [
     "Role",
     "build_accounts",
     "derive_password",
-    "hash_password",
     "main",
-    "render_acl",
     "substation_username",
     "validate_prefix",
     "validate_username",
-    "verify_password",
-    "write_acl",
-    "write_password_file",
+    "write_private",
 ]
 
 #: Accounts of the services. ``loadtest`` is for benchmarks and tests only: it exists only when it is
-#: put in the password file (its ACL block is always rendered, harmless without a password line).
-SERVICE_ACCOUNTS: tuple[str, ...] = ("balancer", "api", "observer", "recorder", "healthcheck", "loadtest")
+#: created (its role always exists, harmless without an account). ``provisioner`` administers the broker's
+#: accounts at runtime (the API's operator endpoints use it).
+SERVICE_ACCOUNTS: tuple[str, ...] = ("balancer", "api", "observer", "recorder", "healthcheck", "loadtest",
+                                     "provisioner")
 #: Services a deployment gets by default (the CLI without ``--service``): everything but ``loadtest``.
-DEFAULT_SERVICES: tuple[str, ...] = ("balancer", "api", "observer", "recorder")
+DEFAULT_SERVICES: tuple[str, ...] = ("balancer", "api", "observer", "recorder", "provisioner")
 
 #: Further API replicas log in as ``api.<name>`` (the broker allows one connection per account), with the
 #: ``api`` account's rights. ``.`` is not allowed in ids, so these never collide with EV accounts.
@@ -86,15 +80,8 @@ SERVICE_ROLE: Role = "service"
 
 MAX_USERNAME_LENGTH = 64
 
-# Mosquitto 2.0 ``$7$`` password hashes (src/password_mosq.c): PBKDF2-HMAC-SHA512, 101 iterations,
-# 12-byte random salt, salt and 64-byte digest in standard base64 with padding.
-PW_SHA512_PBKDF2 = 7
-PBKDF2_ITERATIONS = 101
-SALT_LENGTH = 12
-
 _ID_RE = re.compile(ID_PATTERN)
 _FORBIDDEN_USERNAME_CHARS = frozenset("/+#\x00")
-_HASH_RE = re.compile(r"^\$7\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
 
 
 # --- usernames ------------------------------------------------------------------------------------
@@ -116,8 +103,8 @@ def validate_username(name: str, role: Role) -> str:
     * ``"ev"``: the EV id itself; must match :data:`grid_protocol.ids.ID_PATTERN` and must not be a
       service account name (an EV called ``balancer`` would log in as the balancer);
     * ``"substation"``: ``substation.<id>`` with ``<id>`` matching ID_PATTERN;
-    * ``"service"``: one of :data:`SERVICE_ACCOUNTS` (only those have ACL blocks), or an API replica
-      ``api.<name>`` (it gets its own copy of the ``api`` block).
+    * ``"service"``: one of :data:`SERVICE_ACCOUNTS` (only those have roles), or an API replica
+      ``api.<name>`` (it shares the ``api`` role).
     """
     if not isinstance(name, str) or not name:
         raise ValueError("username must be a non-empty string")
@@ -157,34 +144,6 @@ def validate_prefix(prefix: str) -> str:
 
 
 # --- passwords ------------------------------------------------------------------------------------
-
-
-def hash_password(password: str, salt: bytes | None = None) -> str:
-    """Mosquitto 2.0 password hash: ``$7$101$<base64 salt>$<base64 PBKDF2-HMAC-SHA512>``.
-
-    Same format and parameters as ``mosquitto_passwd`` (2.0): the broker verifies it directly.
-    ``salt`` (12 random bytes by default) is only for reproducible tests.
-    """
-    if salt is None:
-        salt = secrets.token_bytes(SALT_LENGTH)
-    if not salt:
-        raise ValueError("salt must not be empty")
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, PBKDF2_ITERATIONS)
-    b64 = base64.b64encode
-    return f"${PW_SHA512_PBKDF2}${PBKDF2_ITERATIONS}${b64(salt).decode()}${b64(digest).decode()}"
-
-
-def verify_password(password: str, hashed: str) -> bool:
-    """True when ``password`` matches a ``$7$`` hash (as written by us or ``mosquitto_passwd``)."""
-    match = _HASH_RE.fullmatch(hashed)
-    if match is None:
-        raise ValueError("not a Mosquitto $7$ password hash")
-    iterations, salt_b64, digest_b64 = match.groups()
-    expected = base64.b64decode(digest_b64)
-    digest = hashlib.pbkdf2_hmac(
-        "sha512", password.encode("utf-8"), base64.b64decode(salt_b64), int(iterations)
-    )
-    return hmac.compare_digest(digest, expected)
 
 
 def derive_password(secret: str, username: str) -> str:
@@ -241,17 +200,8 @@ def build_accounts(
     return accounts
 
 
-def write_password_file(path: str | os.PathLike[str], accounts: Iterable[Account]) -> Path:
-    """Write a Mosquitto password file (``user:$7$...`` lines), created with mode 0600."""
-    lines = []
-    for account in accounts:
-        if ":" in account.username:  # the file's field separator
-            raise ValueError(f"username {account.username!r} contains ':'")
-        lines.append(f"{account.username}:{hash_password(account.password)}\n")
-    return _write_private(Path(path), "".join(lines))
-
-
-def _write_private(path: Path, text: str) -> Path:
+def write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically, created mode 0600 (it holds password hashes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -260,62 +210,6 @@ def _write_private(path: Path, text: str) -> Path:
     os.chmod(tmp, 0o600)  # O_CREAT's mode is ignored when the file already existed
     os.replace(tmp, path)
     return path
-
-
-# --- ACL ------------------------------------------------------------------------------------------
-
-
-def _acl_template() -> Template:
-    return Template(resources.files("broker").joinpath("acl.in").read_text(encoding="utf-8"))
-
-
-def _api_block(prefix: str, user: str) -> str:
-    return (
-        f"user {user}\n"
-        f"topic deny {prefix}/ev/{user}/#\n"
-        f"topic read {prefix}/#\n"
-        f"topic write {prefix}/ev/+/request\n"
-        f"topic write {prefix}/ev/+/release\n"
-        f"topic write {prefix}/balancer/control\n"
-    )
-
-
-def _substation_block(prefix: str, substation_id: str) -> str:
-    user = substation_username(substation_id)
-    base = f"{prefix}/substation/{substation_id}"
-    return (
-        f"user {user}\n"
-        f"topic deny {prefix}/ev/{user}/#\n"
-        f"topic write {base}/telemetry\n"
-        f"topic write {base}/status\n"
-        f"topic write {base}/session\n"
-        f"topic read {base}/command\n"
-        f"topic read {base}/error\n"
-    )
-
-
-def render_acl(prefix: str, substation_ids: Iterable[str], api_replicas: Iterable[str] = ()) -> str:
-    """The ACL file for ``prefix``: service roles, EV patterns, one block per substation, and one API block
-    for ``api`` and each replica account ``api.<name>`` in ``api_replicas``."""
-    prefix = validate_prefix(prefix)
-    ids = list(substation_ids)
-    if len(set(ids)) != len(ids):
-        raise ValueError("duplicate substation ids")
-    replicas = [validate_username(name, SERVICE_ROLE) for name in api_replicas if name != "api"]
-    if any(not is_api_replica(name) for name in replicas):
-        raise ValueError(f"API replica accounts are named '{API_REPLICA_PREFIX}<name>': {replicas}")
-    blocks = "\n".join(_substation_block(prefix, sid) for sid in ids)
-    return _acl_template().substitute(
-        prefix=prefix,
-        api_blocks="\n".join(_api_block(prefix, user) for user in ["api", *dict.fromkeys(replicas)]),
-        substation_blocks=blocks if blocks else "# (no substation accounts)\n",
-    )
-
-
-def write_acl(path: str | os.PathLike[str], prefix: str, substation_ids: Iterable[str],
-              api_replicas: Iterable[str] = ()) -> Path:
-    """Write :func:`render_acl` to ``path`` (mode 0600: it lists every account)."""
-    return _write_private(Path(path), render_acl(prefix, substation_ids, api_replicas))
 
 
 # --- CLI ------------------------------------------------------------------------------------------
@@ -328,14 +222,14 @@ def _split_list(value: str) -> list[str]:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m broker.accounts",
-        description="Write a Mosquitto password file (DIR/passwd) and ACL (DIR/acl) for the grid accounts.",
+        description="Write the state file of Mosquitto's dynamic security plugin (DIR/dynsec.json): the grid's "
+                    "accounts, their roles and grants.",
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default %(default)s)")
     parser.add_argument("--substations", default="", help="comma-separated substation ids, e.g. A,B,C")
-    evs = parser.add_mutually_exclusive_group()
-    evs.add_argument("--evs", default=None, help="comma-separated EV ids")
-    evs.add_argument("--ev-count", type=int, default=None, help="generate N EV ids (with --ev-prefix)")
+    parser.add_argument("--evs", default=None, help="comma-separated EV ids (besides --ev-count's)")
+    parser.add_argument("--ev-count", type=int, default=None, help="generate N EV ids (with --ev-prefix)")
     parser.add_argument("--ev-prefix", default="EV_", help="prefix of generated EV ids (default %(default)s)")
     parser.add_argument(
         "--secret",
@@ -351,6 +245,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f"Repeatable. Default: {', '.join(DEFAULT_SERVICES)} (derived).",
     )
     parser.add_argument("--show-passwords", action="store_true", help="print 'username password' lines")
+    parser.add_argument("--merge", action="store_true",
+                        help="DIR/dynsec.json exists (a broker has been changing it): keep the accounts added at "
+                             "runtime, bring the shared roles up to date and set these accounts' passwords")
     return parser.parse_args(argv)
 
 
@@ -358,15 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         substations = _split_list(args.substations)
-        if args.evs is not None:
-            ev_ids = _split_list(args.evs)
-        elif args.ev_count is not None:
+        ev_ids = []
+        if args.ev_count is not None:
             if args.ev_count < 0:
                 raise ValueError("--ev-count must be >= 0")
             width = max(4, len(str(args.ev_count)))
             ev_ids = [f"{args.ev_prefix}{i:0{width}d}" for i in range(1, args.ev_count + 1)]
-        else:
-            ev_ids = []
+        if args.evs is not None:
+            ev_ids += [ev for ev in _split_list(args.evs) if ev not in ev_ids]
         secret = args.secret or os.environ.get("MQTT_ACCOUNT_SECRET") or ""
         service_specs = args.service if args.service is not None else list(DEFAULT_SERVICES)
         service_passwords: dict[str, str] = {}
@@ -381,13 +277,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("substation and EV passwords are derived: give --secret or set MQTT_ACCOUNT_SECRET")
         accounts = build_accounts(secret or "unused", substations, ev_ids, service_passwords)
         prefix = validate_prefix(args.prefix)
-        passwd = write_password_file(args.out / "passwd", accounts)
-        acl = write_acl(args.out / "acl", prefix, substations,
-                        [name for name in service_passwords if is_api_replica(name)])
-    except ValueError as exc:
+        from broker import dynsec  # (it imports this module)
+
+        path = args.out / "dynsec.json"
+        merged = args.merge and path.exists()
+        if merged:
+            config = dynsec.merge_config(json.loads(path.read_text(encoding="utf-8")), prefix, accounts)
+        else:
+            config = dynsec.render_config(prefix, accounts)
+        dynsec.write_config(path, config)
+    except (ValueError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {passwd} ({len(accounts)} accounts) and {acl} (prefix {prefix})")
+    kept = len(config["clients"]) - len(accounts)
+    print(f"wrote {path} ({len(accounts)} accounts{f', {kept} more kept' if merged else ''}; prefix {prefix})")
     print(f"  services:    {', '.join(service_passwords) or '-'}")
     print(f"  substations: {len(substations)} ({', '.join(substation_username(s) for s in substations[:5])}"
           f"{', ...' if len(substations) > 5 else ''})")

@@ -1,9 +1,9 @@
 """A private Mosquitto for local runs, tests and benchmarks.
 
-:class:`LocalBroker` writes the password file, ACL and ``mosquitto.conf`` (rendered from
-``broker/mosquitto.conf.in``) into a work directory, starts ``mosquitto -c`` on a loopback port and
-waits until it accepts connections. It never touches a system broker: the port is chosen free
-(``port=0``) or given explicitly.
+:class:`LocalBroker` writes the dynamic security plugin's state file (every account, role and grant;
+``broker/dynsec.py``) and ``mosquitto.conf`` (rendered from ``broker/mosquitto.conf.in``) into a work directory,
+starts ``mosquitto -c`` on a loopback port and waits until it accepts connections. It never touches a system
+broker: the port is chosen free (``port=0``) or given explicitly.
 
 CLI::
 
@@ -31,16 +31,14 @@ from string import Template
 from types import FrameType, TracebackType
 from weakref import WeakSet
 
+from broker import dynsec
 from broker.accounts import (
     SERVICE_ACCOUNTS,
     Account,
     build_accounts,
     derive_password,
-    is_api_replica,
     substation_username,
     validate_prefix,
-    write_acl,
-    write_password_file,
 )
 from grid_protocol.topics import DEFAULT_PREFIX
 from grid_runtime.lifecycle import stop_process
@@ -48,6 +46,7 @@ from grid_runtime.lifecycle import stop_process
 __all__ = [
     "BrokerStartError",
     "LocalBroker",
+    "find_dynsec_plugin",
     "find_free_port",
     "find_mosquitto",
     "render_config",
@@ -59,6 +58,12 @@ TLS_CERT_FILE = "server.crt"
 TLS_KEY_FILE = "server.key"
 
 _FALLBACK_BINARIES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
+#: Where the dynamic security plugin is installed: Debian/Ubuntu (multiarch dirs), the eclipse-mosquitto image.
+_DYNSEC_PLUGINS = ("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+                   "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+                   "/usr/lib/mosquitto_dynamic_security.so", "/usr/local/lib/mosquitto_dynamic_security.so")
+#: Its path inside the eclipse-mosquitto image (docker compose).
+IMAGE_DYNSEC_PLUGIN = "/usr/lib/mosquitto_dynamic_security.so"
 
 
 #: Brokers started by this process and not yet stopped: stopped at interpreter exit so a script that
@@ -86,6 +91,17 @@ def find_mosquitto() -> str:
     raise FileNotFoundError(
         "mosquitto binary not found (looked at $MOSQUITTO_BIN, PATH, /usr/sbin/mosquitto); "
         "install Mosquitto 2.0 (Debian: apt-get install mosquitto)"
+    )
+
+
+def find_dynsec_plugin() -> str:
+    """Path of ``mosquitto_dynamic_security.so`` (``$MOSQUITTO_DYNSEC_PLUGIN``, then where packages put it)."""
+    for candidate in (os.environ.get("MOSQUITTO_DYNSEC_PLUGIN"), *_DYNSEC_PLUGINS):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(
+        "mosquitto_dynamic_security.so not found (looked at $MOSQUITTO_DYNSEC_PLUGIN and "
+        f"{', '.join(_DYNSEC_PLUGINS)}); it comes with Mosquitto 2.0 (Debian: apt-get install mosquitto)"
     )
 
 
@@ -122,19 +138,21 @@ def render_config(
     *,
     port: int,
     data_dir: str | os.PathLike[str],
-    passwd_file: str | os.PathLike[str],
-    acl_file: str | os.PathLike[str],
-    log_file: str | os.PathLike[str],
+    dynsec_file: str | os.PathLike[str],
+    log_file: str | os.PathLike[str] | None,
     bind_address: str = "127.0.0.1",
     tls_dir: str | os.PathLike[str] | None = None,
     tls_port: int | None = None,
     run_user: str | None = None,
+    dynsec_plugin: str | None = None,
 ) -> str:
     """Render ``broker/mosquitto.conf.in``.
 
-    ``tls_dir`` + ``tls_port`` add a TLS listener using ``ca.crt``/``server.crt``/``server.key`` from
-    ``tls_dir``. ``run_user`` defaults to the current user (Mosquitto started as root drops privileges
-    to it; see the template).
+    ``dynsec_file`` is the dynamic security plugin's state file (:func:`broker.dynsec.render_config`);
+    ``dynsec_plugin`` the plugin's path (default: :func:`find_dynsec_plugin`). ``log_file=None`` logs to stdout
+    (docker compose). ``tls_dir`` + ``tls_port`` add a TLS listener using ``ca.crt``/``server.crt``/``server.key``
+    from ``tls_dir``. ``run_user`` defaults to the current user (Mosquitto started as root drops privileges to it;
+    see the template).
     """
     if not 1 <= int(port) <= 65535:
         raise ValueError(f"port {port} out of range")
@@ -156,9 +174,9 @@ def render_config(
         bind_address=bind_address,
         tls_block=tls_block,
         data_dir=_conf_value("data_dir", data),
-        passwd_file=_conf_value("passwd_file", str(passwd_file)),
-        acl_file=_conf_value("acl_file", str(acl_file)),
-        log_file=_conf_value("log_file", str(log_file)),
+        dynsec_plugin=_conf_value("dynsec_plugin", dynsec_plugin or find_dynsec_plugin()),
+        dynsec_file=_conf_value("dynsec_file", str(dynsec_file)),
+        log_dest="stdout" if log_file is None else f"file {_conf_value('log_file', str(log_file))}",
     )
 
 
@@ -211,10 +229,12 @@ class LocalBroker:
             client.username_pw_set("EV_0001", broker.password_for("EV_0001"))
             client.connect(broker.host, broker.port)
 
-    Accounts: ``services`` (default all of :data:`SERVICE_ACCOUNTS`, including ``loadtest``) with the
-    passwords in ``service_passwords`` or else derived from ``secret``; ``substation.<id>`` for each
-    substation id and one account per EV id, derived from ``secret``
-    (:func:`broker.accounts.derive_password`).
+    Accounts: ``services`` (default all of :data:`SERVICE_ACCOUNTS`, including ``loadtest`` and
+    ``provisioner``) with the passwords in ``service_passwords`` or else derived from ``secret``;
+    ``substation.<id>`` for each substation id and one account per EV id, derived from ``secret``
+    (:func:`broker.accounts.derive_password`). They are written to the dynamic security plugin's state file at
+    the first start; what changes at runtime (accounts added or removed over its control topic) is the broker's
+    to keep, across :meth:`restart` too.
 
     ``port=0`` picks a free port at the first start; :meth:`restart` keeps port and data dir, so
     persistent sessions and retained messages survive it. ``tls_dir`` (certificates from
@@ -256,11 +276,11 @@ class LocalBroker:
         self.tls_port: int | None = int(tls_port) if tls_dir is not None else None
         self.start_timeout = start_timeout
         self.mosquitto_bin = mosquitto_bin or find_mosquitto()
+        self.dynsec_plugin = find_dynsec_plugin()
 
         self.data_dir = self.work_dir / "data"
         self.conf_file = self.work_dir / "mosquitto.conf"
-        self.passwd_file = self.work_dir / "passwd"
-        self.acl_file = self.work_dir / "acl"
+        self.dynsec_file = self.work_dir / "dynsec.json"
         self.log_file = self.work_dir / "mosquitto.log"
         self.stderr_file = self.work_dir / "mosquitto.stderr"
 
@@ -306,9 +326,7 @@ class LocalBroker:
     def _write_files(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        write_password_file(self.passwd_file, self.accounts)
-        write_acl(self.acl_file, self.prefix, self.substation_ids,
-                  [name for name in self._service_passwords if is_api_replica(name)])
+        dynsec.write_config(self.dynsec_file, dynsec.render_config(self.prefix, self.accounts))
         self._files_written = True
 
     def _write_config(self) -> None:
@@ -316,12 +334,12 @@ class LocalBroker:
             render_config(
                 port=self.port,
                 data_dir=self.data_dir,
-                passwd_file=self.passwd_file,
-                acl_file=self.acl_file,
+                dynsec_file=self.dynsec_file,
                 log_file=self.log_file,
                 bind_address=self.bind_address,
                 tls_dir=self.tls_dir,
                 tls_port=self.tls_port,
+                dynsec_plugin=self.dynsec_plugin,
             ),
             encoding="utf-8",
         )
@@ -451,9 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     render.add_argument("--port", type=int, default=1883)
     render.add_argument("--bind", default="0.0.0.0")
     render.add_argument("--data-dir", default="/mosquitto/data/")
-    render.add_argument("--passwd-file", default="/mosquitto/config/passwd")
-    render.add_argument("--acl-file", default="/mosquitto/config/acl")
-    render.add_argument("--log-file", default="/mosquitto/log/mosquitto.log")
+    render.add_argument("--dynsec-file", default="/mosquitto/auth/dynsec.json")
+    render.add_argument("--dynsec-plugin", default=IMAGE_DYNSEC_PLUGIN)
+    render.add_argument("--log-file", default=None, help="default: log to stdout")
     render.add_argument("--user", default="mosquitto")
     render.add_argument("--tls-dir", default=None)
     render.add_argument("--tls-port", type=int, default=None)
@@ -464,8 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             render_config(
                 port=args.port,
                 data_dir=args.data_dir,
-                passwd_file=args.passwd_file,
-                acl_file=args.acl_file,
+                dynsec_file=args.dynsec_file,
+                dynsec_plugin=args.dynsec_plugin,
                 log_file=args.log_file,
                 bind_address=args.bind,
                 tls_dir=args.tls_dir,

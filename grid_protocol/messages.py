@@ -288,7 +288,7 @@ class QueueState(msgspec.Struct, kw_only=True):
     truncated: bool = False
 
 
-ControlAction = Literal["drain", "undrain", "set_capacity"]
+ControlAction = Literal["drain", "undrain", "set_capacity", "forget"]
 
 
 class ControlCommand(msgspec.Struct, kw_only=True):
@@ -298,6 +298,10 @@ class ControlCommand(msgspec.Struct, kw_only=True):
     * ``undrain``: it takes new sessions again.
     * ``set_capacity``: plan with at most ``capacity_kw`` there (sessions are reduced or moved at once
       when it is lower than what runs); ``capacity_kw: null`` removes the operator's limit.
+    * ``forget``: the substation is decommissioned: its sessions are revoked (reason ``decommissioned``) and
+      placed elsewhere or queued, the balancer drops it and clears its retained ``state``. Sent by the API's
+      ``DELETE /substations/{id}`` after the agent's account is revoked; a substation heard of again later (a new
+      agent with the same id) is learnt afresh.
 
     Among clients only the ``api`` account (and its replicas ``api.<name>``) may publish it (broker ACL). The
     balancer answers every command with a :class:`ControlResult` on ``balancer/control/result`` carrying the same

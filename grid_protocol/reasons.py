@@ -29,6 +29,7 @@ class Reason(StrEnum):
     STOPPED_BY_AGENT = "stopped_by_agent"
     SUBSTATION_OFFLINE = "substation_offline"
     SUBSTATION_LOST = "substation_lost"
+    DECOMMISSIONED = "decommissioned"
     CAPACITY_REDUCED = "capacity_reduced"
     REBALANCED = "rebalanced"
     POWER_AVAILABLE = "power_available"

@@ -81,7 +81,7 @@ CHANNELS: dict[TopicKind, Channel] = {
                 "Retained: the waiting line in order. Published on change, at most once per second."),
         Channel(TopicKind.BALANCER_CONTROL, "balancer/control", "api (operators)", "balancer",
                 1, False, m.ControlCommand,
-                "Operator actions: drain, undrain, set_capacity. Only the api account may publish them."),
+                "Operator actions: drain, undrain, set_capacity, forget. Only the api account may publish them."),
         Channel(TopicKind.BALANCER_CONTROL_RESULT, "balancer/control/result", "balancer", "api, operators",
                 1, False, m.ControlResult,
                 "The outcome of every control message, with its request_id (ok, or why not)."),

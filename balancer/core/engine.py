@@ -566,6 +566,8 @@ class Balancer:
     def _on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False) -> list[Effect]:
         """``inventory``: this ``online`` status closes the agent's re-announcement to this balancer (every
         session it runs was announced just before): sessions it did not announce are gone there."""
+        if state != "online" and substation_id not in self.substations:
+            return []  # the retained last will of an agent we do not know (one removed long ago): nothing to do
         sub = self.substation(substation_id, now)
         effects = self._reconcile(sub, now) if inventory and state == "online" else []
         sub.announced.clear()  # a status closes (or, offline, breaks off) the agent's announcement
@@ -752,7 +754,8 @@ class Balancer:
 
     def on_control(self, msg: ControlCommand, now: float) -> tuple[Reason | None, str, list[Effect]]:
         """An operator action on one substation. Returns (None if done else the reason it was refused, a
-        detail, effects). Lowering the capacity below what runs reduces or moves sessions at once."""
+        detail, effects). Lowering the capacity below what runs reduces or moves sessions at once; ``forget``
+        (a decommissioned substation) revokes its sessions, which are placed elsewhere or queued, and drops it."""
         sub = self.substations.get(msg.substation_id)
         if sub is None:
             return Reason.UNKNOWN_SUBSTATION, f"substation {msg.substation_id!r} has never been heard of", []
@@ -765,6 +768,14 @@ class Balancer:
             sub.draining = False
             effects = self._serve_queue(now)
             detail = "takes new sessions again"
+        elif msg.action == "forget":
+            moved = len(sub.sessions)
+            sub.draining = True  # nothing new lands there while its sessions are moved
+            effects = self._revoke_all(sub, now, Reason.DECOMMISSIONED, f"substation {sub.id} was decommissioned",
+                                       stop_agent=True)
+            del self.substations[sub.id]
+            self._poll_snapshot.pop(sub.id, None)
+            detail = f"forgotten; {moved} session(s) moved elsewhere or back in the queue"
         else:
             sub.capacity_limit_w = None if msg.capacity_kw is None else kw_to_w_down(msg.capacity_kw)
             sub.apply_capacity()

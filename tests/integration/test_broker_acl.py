@@ -1,4 +1,6 @@
-"""The broker configuration proven against a real Mosquitto: authentication, ACL roles, limits, persistence, TLS.
+"""The broker configuration proven against a real Mosquitto: authentication, the roles of its dynamic security
+plugin (broker/roles.py), limits, persistence, TLS. Accounts added and removed at runtime:
+test_provisioning.py.
 
 Every check that something is *not* delivered uses a barrier: after the refused publish has been
 answered (PUBACK), a permitted message is sent to the same subscriber and awaited. The broker queues
@@ -7,6 +9,7 @@ per subscriber in order, so once the barrier has arrived a leaked message would 
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import ssl
@@ -22,7 +25,7 @@ import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 from probe import Probe
 
-from broker.accounts import verify_password
+from broker.dynsec import verify_fields
 from broker.local import LocalBroker
 
 pytestmark = pytest.mark.integration
@@ -72,16 +75,17 @@ def test_wrong_password_is_refused(broker: LocalBroker) -> None:
     assert not _refused(broker, "EV_0001", broker.password_for("EV_0001")).is_failure
 
 
-def test_python_hashes_match_mosquitto_passwd(tmp_path: Path) -> None:
-    tool = shutil.which("mosquitto_passwd")
-    assert tool, "mosquitto_passwd not found"
-    pw_file = tmp_path / "pw"
-    subprocess.run([tool, "-c", "-b", str(pw_file), "alice", "s3cret"], check=True, capture_output=True)
-    user, _, hashed = pw_file.read_text().strip().partition(":")
-    assert user == "alice"
-    assert hashed.startswith("$7$101$")
-    assert verify_password("s3cret", hashed)
-    assert not verify_password("s3cret!", hashed)
+def test_python_hashes_match_mosquitto_ctrl(tmp_path: Path) -> None:
+    """The hash form of the state file we write is the plugin's own: checked against what mosquitto_ctrl writes
+    (and every test here logs in with the hashes we write)."""
+    tool = shutil.which("mosquitto_ctrl")
+    assert tool, "mosquitto_ctrl not found"
+    path = tmp_path / "dynsec.json"
+    subprocess.run([tool, "dynsec", "init", str(path), "alice", "s3cret"], check=True, capture_output=True)
+    (client,) = json.loads(path.read_text())["clients"]
+    assert client["username"] == "alice" and client["iterations"] == 101
+    assert verify_fields("s3cret", client)
+    assert not verify_fields("s3cret!", client)
 
 
 # --- ACL: EVs -------------------------------------------------------------------------------------
@@ -90,7 +94,10 @@ def test_python_hashes_match_mosquitto_passwd(tmp_path: Path) -> None:
 def test_ev_cannot_read_another_evs_assignment(broker: LocalBroker, peers: Callable[..., Probe]) -> None:
     ev1 = peers(broker, "EV_0001")
     ev2 = peers(broker, "EV_0002")
-    ev1.subscribe("#", f"{P}/ev/EV_0002/assignment")  # accepted: the ACL is applied per delivered message
+    # Subscriptions beyond its own topics are refused outright (and deliveries are checked as well).
+    refused = ev1.subscribe("#", f"{P}/ev/EV_0002/assignment", f"{P}/ev/+/assignment", f"{P}/reply/EV_0002/#")
+    assert [rc.value for rc in refused] == [NOT_AUTHORIZED] * 4
+    assert not any(rc.is_failure for rc in ev1.subscribe(f"{P}/ev/EV_0001/assignment", f"{P}/reply/EV_0001/#"))
     ev2.subscribe(f"{P}/ev/EV_0002/assignment")
     balancer = peers(broker, "balancer")
 
@@ -150,10 +157,13 @@ def test_substation_publishes_only_its_own_reports(broker: LocalBroker, peers: C
 
 def test_substation_cannot_read_ev_assignments(broker: LocalBroker, peers: Callable[..., Probe]) -> None:
     sub_a = peers(broker, "substation.A")
-    sub_a.subscribe("#", f"{P}/ev/+/assignment")
+    refused = sub_a.subscribe("#", f"{P}/ev/+/assignment", f"{P}/substation/B/command", f"{P}/substation/+/command")
+    assert [rc.value for rc in refused] == [NOT_AUTHORIZED] * 4
+    assert not any(rc.is_failure for rc in sub_a.subscribe(f"{P}/substation/A/command", f"{P}/substation/A/error"))
     balancer = peers(broker, "balancer")
-    assert balancer.try_publish(f"{P}/ev/EV_0001/assignment") == 0
-    assert balancer.try_publish(f"{P}/substation/B/command") == 0  # another substation's command
+    for topic in (f"{P}/ev/EV_0001/assignment", f"{P}/substation/B/command"):  # (0x10: nobody may read it)
+        rc = balancer.try_publish(topic)
+        assert rc is not None and not rc.is_failure
     assert balancer.try_publish(f"{P}/substation/A/error") == 0
     assert balancer.try_publish(f"{P}/substation/A/command") == 0  # barrier
     assert sub_a.wait_for_topic(f"{P}/substation/A/command")
@@ -165,11 +175,13 @@ def test_ev_account_does_not_match_substation_rules(make_broker: Callable[..., L
     # An EV whose id equals a substation id gets nothing of that substation's rights.
     broker = make_broker(substation_ids=["A"], ev_ids=["A"])
     ev_a = peers(broker, "A")
-    ev_a.subscribe(f"{P}/substation/A/command", f"{P}/ev/A/assignment")
+    assert ev_a.subscribe(f"{P}/substation/A/command")[0].value == NOT_AUTHORIZED
+    ev_a.subscribe(f"{P}/ev/A/assignment")
     rc = ev_a.try_publish(f"{P}/substation/A/telemetry")
     assert rc is not None and rc.value == NOT_AUTHORIZED
     balancer = peers(broker, "balancer")
-    assert balancer.try_publish(f"{P}/substation/A/command") == 0
+    rc = balancer.try_publish(f"{P}/substation/A/command")
+    assert rc is not None and not rc.is_failure  # (0x10: nobody may read it)
     assert balancer.try_publish(f"{P}/ev/A/assignment") == 0  # barrier
     assert ev_a.wait_for_topic(f"{P}/ev/A/assignment")
     assert ev_a.topics() == [f"{P}/ev/A/assignment"]

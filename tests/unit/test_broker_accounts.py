@@ -1,61 +1,48 @@
-"""broker.accounts and broker.local.render_config without a broker."""
+"""broker.accounts, broker.roles, broker.dynsec and broker.local.render_config without a broker."""
 
 from __future__ import annotations
 
 import base64
+import json
 import re
 import stat
 from pathlib import Path
 
 import pytest
 
-from broker import accounts
+from broker import accounts, dynsec
 from broker.accounts import (
     SERVICE_ACCOUNTS,
-    Account,
     build_accounts,
     derive_password,
-    hash_password,
-    render_acl,
     substation_username,
     validate_username,
-    verify_password,
-    write_acl,
-    write_password_file,
 )
 from broker.local import find_free_port, render_config
+from broker.roles import DYNSEC_TOPIC, RECEIVE, SEND, SUBSCRIBE, role_acls, role_of
 
-# Written by mosquitto_passwd 2.0.11 for password "secret".
-MOSQUITTO_PASSWD_HASH = (
-    "$7$101$0cznPwzGF5FeSIT8$Yrmhc0obvJSdWhDYxK3GTqZDmY4qNT0mLyUZpNkwqIm/YXCUjj9cbgzzMuo2/35xHF27chPyd0/2xFTAOnGz3A=="
-)
-
-
-# --- hash_password --------------------------------------------------------------------------------
+# Written by `mosquitto_ctrl dynsec init FILE admin secret` (2.0.11).
+CTRL_CLIENT = {"password": "QwVPaWz79PW2EBMetwtHi5F+dDAWYJQZhAR37ja25nM1cv9rM75awoCrCmCkCR9uLSAwprFwQ9SDqHLW/MFR0g==",
+               "salt": "tLvKrWh8UjCdxq8u", "iterations": 101}
 
 
-def test_hash_password_format() -> None:
-    hashed = hash_password("pw")
-    match = re.fullmatch(r"\$7\$101\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)", hashed)
-    assert match, hashed
-    assert len(base64.b64decode(match.group(1))) == 12
-    assert len(base64.b64decode(match.group(2))) == 64  # SHA-512 digest
+# --- password hashes ------------------------------------------------------------------------------
 
 
-def test_hash_password_reproduces_mosquitto_passwd() -> None:
-    salt = base64.b64decode(MOSQUITTO_PASSWD_HASH.split("$")[3])
-    assert hash_password("secret", salt) == MOSQUITTO_PASSWD_HASH
-    assert verify_password("secret", MOSQUITTO_PASSWD_HASH)
-    assert not verify_password("Secret", MOSQUITTO_PASSWD_HASH)
+def test_hash_fields_format_and_verify() -> None:
+    fields = dynsec.hash_fields("pw")
+    assert fields["iterations"] == 101
+    assert len(base64.b64decode(fields["salt"])) == 12
+    assert len(base64.b64decode(fields["password"])) == 64  # SHA-512 digest
+    assert dynsec.verify_fields("pw", fields) and not dynsec.verify_fields("pw2", fields)
+    assert dynsec.hash_fields("pw") != fields  # random salt
 
 
-def test_hash_password_random_salt_and_verify() -> None:
-    first, second = hash_password("pw"), hash_password("pw")
-    assert first != second
-    assert verify_password("pw", first) and verify_password("pw", second)
-    assert not verify_password("pw2", first)
-    with pytest.raises(ValueError):
-        verify_password("pw", "$6$plain-crypt")
+def test_hash_fields_reproduce_mosquitto_ctrl() -> None:
+    salt = base64.b64decode(CTRL_CLIENT["salt"])
+    assert dynsec.hash_fields("secret", salt) == CTRL_CLIENT
+    assert dynsec.verify_fields("secret", CTRL_CLIENT)
+    assert not dynsec.verify_fields("Secret", CTRL_CLIENT)
 
 
 def test_hashing_hundreds_of_accounts_is_fast() -> None:
@@ -63,8 +50,8 @@ def test_hashing_hundreds_of_accounts_is_fast() -> None:
 
     t0 = time.perf_counter()
     for i in range(500):
-        hash_password(f"password-{i}")
-    assert time.perf_counter() - t0 < 2.0  # ~0.1 ms each; mosquitto_passwd would be a process each
+        dynsec.hash_fields(f"password-{i}")
+    assert time.perf_counter() - t0 < 2.0  # ~0.1 ms each
 
 
 # --- derive_password ------------------------------------------------------------------------------
@@ -165,110 +152,136 @@ def test_build_accounts_rejects(subs: list[str], evs: list[str], services: dict[
         build_accounts("s", subs, evs, services)
 
 
-def test_write_password_file(tmp_path: Path) -> None:
-    path = write_password_file(tmp_path / "sub" / "passwd", [Account("EV_0001", "a"), Account("balancer", "b")])
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    lines = path.read_text().splitlines()
-    assert [line.split(":", 1)[0] for line in lines] == ["EV_0001", "balancer"]
-    assert verify_password("a", lines[0].split(":", 1)[1])
-    assert verify_password("b", lines[1].split(":", 1)[1])
-    # Rewriting keeps the mode even if it was loosened.
-    path.chmod(0o644)
-    write_password_file(path, [Account("EV_0001", "c")])
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+# --- roles ----------------------------------------------------------------------------------------
 
 
-# --- ACL ------------------------------------------------------------------------------------------
+def _grants(rolename: str, prefix: str = "grid/v1") -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {SEND: set(), SUBSCRIBE: set(), RECEIVE: set()}
+    for acl in role_acls(prefix, rolename):
+        out[acl.acltype].add(acl.topic)
+    assert out[SUBSCRIBE] == out[RECEIVE], f"{rolename}: every read grants the subscription and the delivery"
+    return out
 
 
-def _rules(acl: str) -> list[str]:
-    return [line.strip() for line in acl.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+def test_roles_of_accounts() -> None:
+    assert [role_of(u) for u in ("balancer", "api", "api.2", "observer", "recorder", "healthcheck", "loadtest",
+                                 "provisioner", "substation.A", "EV_0001", "A")] == [
+        "balancer", "api", "api", "reader", "reader", "healthcheck", "loadtest", "provisioner", "substation.A",
+        "ev.EV_0001", "ev.A"]
 
 
-def test_render_acl_contents() -> None:
-    rules = _rules(render_acl("grid/v1", ["A", "B"]))
+def test_role_grants() -> None:
     p = "grid/v1"
-    for expected in (
-        f"pattern write {p}/ev/%u/request",
-        f"pattern write {p}/ev/%u/release",
-        f"pattern read {p}/ev/%u/assignment",
-        f"pattern read {p}/reply/%u/#",
-    ):
-        assert expected in rules
-
-    def block(user: str) -> list[str]:
-        start = rules.index(f"user {user}")
-        end = next((i for i in range(start + 1, len(rules)) if rules[i].startswith(("user ", "pattern "))),
-                   len(rules))
-        return rules[start + 1 : end]
-
-    assert set(block("balancer")) == {
-        f"topic deny {p}/ev/balancer/#",
-        f"topic read {p}/ev/+/request", f"topic read {p}/ev/+/release",
-        f"topic read {p}/substation/+/telemetry", f"topic read {p}/substation/+/status",
-        f"topic read {p}/substation/+/session",
-        f"topic write {p}/ev/+/assignment", f"topic write {p}/substation/+/command",
-        f"topic write {p}/ev/+/request", f"topic write {p}/ev/+/release",  # (only to clear retained ones)
-        f"topic write {p}/substation/+/error", f"topic write {p}/substation/+/state",
-        f"topic write {p}/reply/#",
-        f"topic readwrite {p}/balancer/#",
-    }
-    assert set(block("api")) == {
-        f"topic deny {p}/ev/api/#", f"topic read {p}/#", f"topic write {p}/ev/+/request",
-        f"topic write {p}/ev/+/release", f"topic write {p}/balancer/control",
-    }
-    assert set(block("observer")) == {f"topic deny {p}/ev/observer/#", f"topic read {p}/#"}
-    assert set(block("loadtest")) == {
-        f"topic deny {p}/ev/loadtest/#", f"topic readwrite {p}/ev/#",
-        f"topic write {p}/substation/+/telemetry", f"topic write {p}/substation/+/status",
-        f"topic write {p}/substation/+/session", f"topic read {p}/substation/+/command",
-    }
-    assert set(block("substation.A")) == {
-        f"topic deny {p}/ev/substation.A/#",
-        f"topic write {p}/substation/A/telemetry", f"topic write {p}/substation/A/status",
-        f"topic write {p}/substation/A/session", f"topic read {p}/substation/A/command",
-        f"topic read {p}/substation/A/error",
-    }
-    assert f"topic write {p}/substation/B/telemetry" in block("substation.B")
-    # Substation rights are never granted by pattern (an EV account would match it).
-    assert not any(r.startswith("pattern") and "/substation/" in r for r in rules)
-    # Every rule stays below the prefix.
-    assert all(r.split()[-1].startswith(f"{p}/") for r in rules if r.startswith(("topic", "pattern")))
+    assert _grants("balancer") == {
+        SEND: {f"{p}/ev/+/assignment", f"{p}/substation/+/command", f"{p}/substation/+/error",
+               f"{p}/substation/+/state", f"{p}/reply/#", f"{p}/balancer/#",
+               f"{p}/ev/+/request", f"{p}/ev/+/release"},  # (only to clear retained requests and releases)
+        SUBSCRIBE: {f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/substation/+/telemetry",
+                    f"{p}/substation/+/status", f"{p}/substation/+/session", f"{p}/balancer/#"},
+        RECEIVE: {f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/substation/+/telemetry",
+                  f"{p}/substation/+/status", f"{p}/substation/+/session", f"{p}/balancer/#"}}
+    api = _grants("api")
+    assert api[SEND] == {f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/balancer/control"}
+    assert api[SUBSCRIBE] == {f"{p}/#"}
+    assert _grants("reader") == {SEND: set(), SUBSCRIBE: {f"{p}/#"}, RECEIVE: {f"{p}/#"}}
+    assert _grants("healthcheck") == {SEND: set(), SUBSCRIBE: set(), RECEIVE: set()}
+    assert _grants("substation.A") == {
+        SEND: {f"{p}/substation/A/telemetry", f"{p}/substation/A/status", f"{p}/substation/A/session"},
+        SUBSCRIBE: {f"{p}/substation/A/command", f"{p}/substation/A/error", f"{p}/balancer/status"},
+        RECEIVE: {f"{p}/substation/A/command", f"{p}/substation/A/error", f"{p}/balancer/status"}}
+    assert _grants("ev.EV_1") == {
+        SEND: {f"{p}/ev/EV_1/request", f"{p}/ev/EV_1/release"},
+        SUBSCRIBE: {f"{p}/ev/EV_1/assignment", f"{p}/reply/EV_1/#", f"{p}/balancer/status"},
+        RECEIVE: {f"{p}/ev/EV_1/assignment", f"{p}/reply/EV_1/#", f"{p}/balancer/status"}}
+    prov = _grants("provisioner")
+    assert prov[SEND] == {DYNSEC_TOPIC, f"{p}/substation/+/status"}
+    assert prov[SUBSCRIBE] == {DYNSEC_TOPIC + "/response"}
+    # Everything but the plugin's control topic stays below the prefix.
+    for role in ("balancer", "api", "reader", "loadtest", "substation.A", "ev.EV_1"):
+        assert all(acl.topic.startswith(f"{p}/") for acl in role_acls(p, role)), role
 
 
-def test_render_acl_prefix_and_no_substations() -> None:
-    acl = render_acl("/site-7/grid/", [])
-    assert "pattern write site-7/grid/ev/%u/request" in acl
-    assert "user substation." not in acl
-    assert "grid/v1" not in acl
-
-
-@pytest.mark.parametrize("prefix", ["", "grid/+", "grid/#", "grid v1", "grid/%u", "a\x00"])
-def test_render_acl_rejects_bad_prefix(prefix: str) -> None:
+def test_role_grants_follow_the_prefix_and_refuse_bad_ones() -> None:
+    assert {a.topic for a in role_acls("/site-7/grid/", "substation.A")} >= {"site-7/grid/substation/A/telemetry"}
+    for prefix in ("", "grid/+", "grid/#", "grid v1", "grid/%u", "a\x00"):
+        with pytest.raises(ValueError):
+            role_acls(prefix, "balancer")
     with pytest.raises(ValueError):
-        render_acl(prefix, ["A"])
+        role_acls("grid/v1", "root")
 
 
-def test_render_acl_rejects_bad_substation_ids() -> None:
-    with pytest.raises(ValueError):
-        render_acl("grid/v1", ["A", "A"])
-    with pytest.raises(ValueError):
-        render_acl("grid/v1", ["A/B"])
+# --- the plugin's state file and commands ---------------------------------------------------------
 
 
-def test_write_acl_mode(tmp_path: Path) -> None:
-    path = write_acl(tmp_path / "acl", "grid/v1", ["A"])
+def test_render_config() -> None:
+    built = build_accounts("s", ["A"], ["EV_0001"], {"balancer": "pw-b", "api.2": "pw-a"})
+    config = dynsec.render_config("grid/v1", built)
+    assert config["defaultACLAccess"] == {"publishClientSend": False, "publishClientReceive": False,
+                                          "subscribe": False, "unsubscribe": True}
+    clients = {c["username"]: c for c in config["clients"]}
+    assert list(clients) == ["balancer", "api.2", "substation.A", "EV_0001"]
+    assert [r["rolename"] for r in clients["api.2"]["roles"]] == ["api"]
+    assert [r["rolename"] for r in clients["EV_0001"]["roles"]] == ["ev.EV_0001"]
+    assert dynsec.verify_fields("pw-b", clients["balancer"])
+    assert dynsec.verify_fields(derive_password("s", "substation.A"), clients["substation.A"])
+    roles = {r["rolename"]: r for r in config["roles"]}
+    # Every shared role exists (accounts added later use them), plus each account's own.
+    assert set(roles) == {"api", "balancer", "healthcheck", "loadtest", "provisioner", "reader", "substation.A",
+                          "ev.EV_0001"}
+    assert {a["topic"] for a in roles["substation.A"]["acls"] if a["acltype"] == SEND} == {
+        "grid/v1/substation/A/telemetry", "grid/v1/substation/A/status", "grid/v1/substation/A/session"}
+    assert all(a["allow"] is True for r in config["roles"] for a in r["acls"])
+    assert "pw-b" not in json.dumps(config)
+
+
+def test_write_config_mode(tmp_path: Path) -> None:
+    path = dynsec.write_config(tmp_path / "sub" / "dynsec.json", {"clients": []})
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert path.read_text() == render_acl("grid/v1", ["A"])
+    path.chmod(0o644)
+    dynsec.write_config(path, {"clients": []})  # rewriting keeps the mode even if it was loosened
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_merge_config_keeps_runtime_accounts_and_updates_the_rest() -> None:
+    old = dynsec.render_config("grid/v1", build_accounts("s", ["A"], [], {"balancer": "old"}))
+    # Added at runtime, and an old version's grant the current one no longer has.
+    old["clients"].append({"username": "substation.east", **dynsec.hash_fields("e"),
+                           "roles": [{"rolename": "substation.east"}]})
+    old["roles"].append({"rolename": "substation.east", "acls": []})
+    next(r for r in old["roles"] if r["rolename"] == "reader")["acls"].append(
+        {"acltype": SEND, "topic": "grid/v1/#", "allow": True, "priority": 0})
+    merged = dynsec.merge_config(old, "grid/v1", build_accounts("s", ["A", "B"], [], {"balancer": "new"}))
+    clients = {c["username"]: c for c in merged["clients"]}
+    assert list(clients) == ["balancer", "substation.A", "substation.east", "substation.B"]
+    assert dynsec.verify_fields("new", clients["balancer"]) and dynsec.verify_fields("e", clients["substation.east"])
+    roles = {r["rolename"]: r for r in merged["roles"]}
+    assert {a["acltype"] for a in roles["reader"]["acls"]} == {SUBSCRIBE, RECEIVE}
+    assert "substation.east" in roles and "substation.B" in roles
+
+
+def test_account_commands() -> None:
+    add = dynsec.add_account_commands("grid/v1", "substation.east", "pw")
+    assert [c["command"] for c in add] == ["deleteRole", "createRole", "createClient"]
+    assert add[1]["rolename"] == "substation.east" and add[1]["acls"]
+    assert add[2] == {"command": "createClient", "username": "substation.east", "password": "pw",
+                      "roles": [{"rolename": "substation.east"}]}
+    assert [c["command"] for c in dynsec.add_account_commands("grid/v1", "api.3", "pw")] == ["createClient"]
+    assert dynsec.remove_account_commands("EV_9") == [{"command": "deleteClient", "username": "EV_9"},
+                                                       {"command": "deleteRole", "rolename": "ev.EV_9"}]
+    assert dynsec.remove_account_commands("api.3") == [{"command": "deleteClient", "username": "api.3"}]
 
 
 # --- render_config --------------------------------------------------------------------------------
 
 
+def _rules(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def _conf(**overrides: object) -> str:
     kwargs: dict[str, object] = {
-        "port": 18830, "data_dir": "/w/data", "passwd_file": "/w/passwd", "acl_file": "/w/acl",
-        "log_file": "/w/mosquitto.log",
+        "port": 18830, "data_dir": "/w/data", "dynsec_file": "/w/dynsec.json", "log_file": "/w/mosquitto.log",
+        "dynsec_plugin": "/usr/lib/dynsec.so",
     }
     kwargs.update(overrides)
     return render_config(**kwargs)  # type: ignore[arg-type]
@@ -281,8 +294,8 @@ def test_render_config_contents() -> None:
         "listener 18830 127.0.0.1",
         "set_tcp_nodelay true",
         "allow_anonymous false",
-        "password_file /w/passwd",
-        "acl_file /w/acl",
+        "plugin /usr/lib/dynsec.so",
+        "plugin_opt_config_file /w/dynsec.json",
         "use_username_as_clientid true",
         "persistence true",
         "persistence_location /w/data/",
@@ -298,6 +311,7 @@ def test_render_config_contents() -> None:
     ):
         assert expected in rules, expected
     assert not any("$" in r for r in rules)  # every placeholder substituted
+    assert not any(r.startswith(("password_file", "acl_file")) for r in rules)  # the plugin holds the accounts
     assert not any(r.startswith(("cafile", "certfile", "keyfile")) for r in rules)
     assert sum(r.startswith("listener ") for r in rules) == 1
 
@@ -306,6 +320,10 @@ def test_render_config_defaults_to_current_user() -> None:
     import getpass
 
     assert f"user {getpass.getuser()}" in _rules(_conf())
+
+
+def test_render_config_logs_to_stdout_without_a_file() -> None:
+    assert "log_dest stdout" in _rules(_conf(log_file=None))
 
 
 def test_render_config_trailing_slash_kept() -> None:
@@ -346,21 +364,35 @@ def test_find_free_port() -> None:
 # --- CLI ------------------------------------------------------------------------------------------
 
 
-def test_cli_writes_files_without_printing_passwords(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = accounts.main(["--out", str(tmp_path), "--substations", "A,B", "--ev-count", "3", "--secret", "s",
-                        "--service", "balancer=topsecret", "--service", "observer"])
+def test_cli_writes_the_state_file_without_printing_passwords(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    rc = accounts.main(["--out", str(tmp_path), "--substations", "A,B", "--ev-count", "3", "--evs", "EV_1234",
+                        "--secret", "s", "--service", "balancer=topsecret", "--service", "observer"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "topsecret" not in out and derive_password("s", "EV_0001") not in out
-    users = [line.split(":", 1)[0] for line in (tmp_path / "passwd").read_text().splitlines()]
-    assert users == ["balancer", "observer", "substation.A", "substation.B", "EV_0001", "EV_0002", "EV_0003"]
-    assert (tmp_path / "acl").read_text() == render_acl("grid/v1", ["A", "B"])
+    config = json.loads((tmp_path / "dynsec.json").read_text())
+    users = [c["username"] for c in config["clients"]]
+    assert users == ["balancer", "observer", "substation.A", "substation.B", "EV_0001", "EV_0002", "EV_0003",
+                     "EV_1234"]
+
+    # --merge keeps what the broker added since, and sets the listed passwords.
+    config["clients"].append({"username": "EV_9", **dynsec.hash_fields("x"), "roles": [{"rolename": "ev.EV_9"}]})
+    dynsec.write_config(tmp_path / "dynsec.json", config)
+    rc = accounts.main(["--out", str(tmp_path), "--substations", "A", "--secret", "s", "--merge",
+                        "--service", "balancer=rotated", "--show-passwords"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "balancer rotated" in out and "more kept" in out
+    merged = {c["username"]: c for c in json.loads((tmp_path / "dynsec.json").read_text())["clients"]}
+    assert "EV_9" in merged and dynsec.verify_fields("rotated", merged["balancer"])
 
     rc = accounts.main(["--out", str(tmp_path), "--evs", "EV_9", "--secret", "s", "--show-passwords"])
     assert rc == 0
     out = capsys.readouterr().out
     assert f"EV_9 {derive_password('s', 'EV_9')}" in out
     assert f"balancer {derive_password('s', 'balancer')}" in out  # default services, derived
+    assert f"provisioner {derive_password('s', 'provisioner')}" in out
 
 
 def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -373,18 +405,12 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypa
     assert derive_password("from-env", "EV_1") in capsys.readouterr().out
 
 
-def test_api_replica_accounts_get_their_own_copy_of_the_api_block() -> None:
-    from broker.accounts import is_api_replica, render_acl, validate_username
-    acl = render_acl("grid/v1", ["A"], ["api.2", "api.eu-west"])
-    for user in ("api", "api.2", "api.eu-west"):
-        block = acl.split(f"\nuser {user}\n", 1)[1].split("\n\n", 1)[0].splitlines()
-        assert block == [f"topic deny grid/v1/ev/{user}/#", "topic read grid/v1/#", "topic write grid/v1/ev/+/request",
-                         "topic write grid/v1/ev/+/release", "topic write grid/v1/balancer/control"]
-    assert render_acl("grid/v1", ["A"]).count("\nuser api") == 1
+def test_api_replica_accounts_share_the_api_role() -> None:
+    from broker.accounts import is_api_replica
+    config = dynsec.render_config("grid/v1", build_accounts("s", [], [], {"api": "a", "api.2": "b"}))
+    assert [c["roles"] for c in config["clients"]] == [[{"rolename": "api"}], [{"rolename": "api"}]]
     assert validate_username("api.2", "service") == "api.2" and is_api_replica("api.2")
     assert not is_api_replica("api-2")  # a valid EV id: never a replica
     for bad in ("api.", "api.a/b", "api.+", "apix.2"):
         with pytest.raises(ValueError):
             validate_username(bad, "service")
-    with pytest.raises(ValueError):
-        render_acl("grid/v1", ["A"], ["observer"])

@@ -4,8 +4,8 @@ Parsed with PyYAML (merge keys resolved): every service is there, images are pin
 services have healthchecks and start after what they need is healthy, mounted host paths exist, every
 ``${VAR}`` is defined in ``.env.example``, Prometheus scrapes the compose services on their metrics
 ports, Grafana's provisioning matches the dashboards, the rendered Mosquitto config matches the
-project's template, and the account generator of the compose stack produces a password file and ACL
-a real Mosquitto accepts.
+project's template, and the account generator of the compose stack produces the dynamic security plugin's state
+file and TLS certificates a real Mosquitto accepts.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.accounts import derive_password
-from broker.local import find_free_port, find_mosquitto, render_config
+from broker.local import IMAGE_DYNSEC_PLUGIN, find_free_port, find_mosquitto, render_config
 from grid_runtime.lifecycle import stop_process
 from grid_runtime.metrics import DEFAULT_PORTS
 
@@ -243,23 +243,29 @@ def test_grafana_provisioning_matches_the_dashboards_and_its_environment(service
 
 def test_mosquitto_config_is_the_rendered_project_template(services: dict[str, dict[str, Any]]) -> None:
     rendered = render_config(port=1883, bind_address="0.0.0.0", data_dir="/mosquitto/data/",
-                             passwd_file="/mosquitto/auth/passwd", acl_file="/mosquitto/auth/acl",
-                             log_file="/mosquitto/log/mosquitto.log", run_user="mosquitto")
+                             dynsec_file="/mosquitto/auth/dynsec.json", dynsec_plugin=IMAGE_DYNSEC_PLUGIN,
+                             tls_dir="/mosquitto/certs", tls_port=8883, log_file=None, run_user="mosquitto")
     text = MOSQUITTO_CONF.read_text(encoding="utf-8")
     assert text.endswith(rendered), "broker/compose/mosquitto.conf is stale: re-render it (see its header)"
+    assert "log_dest stdout" in text  # docker compose logs mosquitto shows it
     volumes = services["mosquitto"]["volumes"]
     assert "./broker/compose/mosquitto.conf:/mosquitto/config/mosquitto.conf:ro" in volumes
-    assert "mosquitto-auth:/mosquitto/auth:ro" in volumes
+    assert "mosquitto-auth:/mosquitto/auth" in volumes  # read-write: the plugin saves runtime changes there
+    assert "mosquitto-certs:/mosquitto/certs:ro" in volumes
+    assert any(str(p).endswith(":8883") for p in services["mosquitto"]["ports"])
     assert "mosquitto-auth:/mosquitto/auth" in services["mqtt-accounts"]["volumes"]
+    assert "mosquitto-certs:/mosquitto/certs" in services["mqtt-accounts"]["volumes"]
     assert services["mqtt-accounts"]["command"] == ["sh", "/app/broker/compose/init-accounts.sh"]
 
 
-def _connack(port: int, username: str, password: str) -> int:
+def _connack(port: int, username: str, password: str, ca: Path | None = None, host: str = "127.0.0.1") -> int:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=username, protocol=mqtt.MQTTv311)
     client.username_pw_set(username, password)
+    if ca is not None:
+        client.tls_set(ca_certs=str(ca))
     result: list[int] = []
     client.on_connect = lambda _c, _u, _f, rc, _p: result.append(rc.value)
-    client.connect("127.0.0.1", port, keepalive=10)
+    client.connect(host, port, keepalive=10)
     client.loop_start()
     deadline = time.monotonic() + 5.0
     while not result and time.monotonic() < deadline:
@@ -280,21 +286,34 @@ def test_compose_account_generator_makes_accounts_a_real_mosquitto_accepts(
     env["PYTHONPATH"] = str(ROOT)
     for key in init_env:  # what compose would pass, with the values of .env.example
         env[key] = example[key]
-    env.update(MQTT_AUTH_DIR=str(tmp_path / "auth"), MQTT_BROKER_UID=str(os.getuid()))
+    env.update(MQTT_AUTH_DIR=str(tmp_path / "auth"), MQTT_CERTS_DIR=str(tmp_path / "certs"),
+               MQTT_BROKER_UID=str(os.getuid()))
     done = subprocess.run(["sh", str(INIT_ACCOUNTS)], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     substations = [item.split(":")[0] for item in example["SUBSTATIONS"].split(",")]
-    users = [line.split(":")[0] for line in (tmp_path / "auth" / "passwd").read_text().splitlines()]
+    users = [c["username"] for c in json.loads((tmp_path / "auth" / "dynsec.json").read_text())["clients"]]
     assert users[:3] == ["balancer", "api", "observer"]
     last_ev = f"EV_{int(example['EV_COUNT']):04d}"
-    assert set(users) >= {f"substation.{sid}" for sid in substations} | {"EV_0001", last_ev}
+    assert set(users) >= {f"substation.{sid}" for sid in substations} | {"EV_0001", last_ev, "provisioner"}
     assert "loadtest" not in users
+    assert {p.name for p in (tmp_path / "certs").iterdir()} == {"ca.crt", "server.crt", "server.key"}
+    # A second run (every `docker compose up`) keeps what the broker added at runtime and the certificates.
+    config = json.loads((tmp_path / "auth" / "dynsec.json").read_text())
+    config["clients"].append({**config["clients"][0], "username": "substation.east"})
+    (tmp_path / "auth" / "dynsec.json").write_text(json.dumps(config))
+    cert = (tmp_path / "certs" / "server.crt").read_bytes()
+    again = subprocess.run(["sh", str(INIT_ACCOUNTS)], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    users = [c["username"] for c in json.loads((tmp_path / "auth" / "dynsec.json").read_text())["clients"]]
+    assert "substation.east" in users and (tmp_path / "certs" / "server.crt").read_bytes() == cert
 
     port = find_free_port()
+    tls_port = find_free_port()
     conf = tmp_path / "mosquitto.conf"
-    conf.write_text(render_config(port=port, data_dir=tmp_path / "data", passwd_file=tmp_path / "auth" / "passwd",
-                                  acl_file=tmp_path / "auth" / "acl", log_file=tmp_path / "mosquitto.log"))
+    conf.write_text(render_config(port=port, data_dir=tmp_path / "data", dynsec_file=tmp_path / "auth" / "dynsec.json",
+                                  log_file=tmp_path / "mosquitto.log", tls_dir=tmp_path / "certs", tls_port=tls_port))
     (tmp_path / "data").mkdir()
     proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, cwd=tmp_path)
@@ -313,5 +332,8 @@ def test_compose_account_generator_makes_accounts_a_real_mosquitto_accepts(
         assert _connack(port, sub, derive_password(secret, sub)) == 0
         assert _connack(port, "EV_0001", derive_password(secret, "EV_0001")) == 0
         assert _connack(port, "balancer", "wrong") != 0
+        assert _connack(port, "provisioner", example["PROVISIONER_MQTT_PASSWORD"]) == 0
+        assert _connack(tls_port, "observer", example["OBSERVER_MQTT_PASSWORD"],
+                        ca=tmp_path / "certs" / "ca.crt", host="localhost") == 0
     finally:
         stop_process(proc, 5.0)

@@ -31,7 +31,8 @@ import pytest
 import yaml
 
 import grid_protocol
-from broker.accounts import SERVICE_ACCOUNTS, render_acl
+from broker.accounts import SERVICE_ACCOUNTS
+from broker.roles import RECEIVE, SEND, SUBSCRIBE, role_acls, role_of
 from grid_protocol import CHANNELS, PayloadError, Reason, TopicKind, Topics, decode
 from grid_protocol.ids import ID_PATTERN
 from grid_protocol.messages import AssignmentStatus
@@ -344,27 +345,12 @@ OTHER_ID = {"ev": "EV_9999", "substation": "south"}
 
 
 class _Acl:
-    """Just enough of Mosquitto 2.0's acl_file semantics for concrete topics: a user's deny lines first,
-    then its grants, then the pattern lines (``%u``/``%c`` = username, as use_username_as_clientid is on)."""
+    """What the broker's roles (broker/roles.py, loaded into Mosquitto's dynamic security plugin) allow an account
+    on a concrete topic: "write" needs a publishClientSend grant, "read" both a subscribePattern and a
+    publishClientReceive grant (everything else is denied by default)."""
 
-    def __init__(self, text: str) -> None:
-        self.users: dict[str, list[tuple[str, str]]] = {}
-        self.patterns: list[tuple[str, str]] = []
-        current: list[tuple[str, str]] | None = None
-        for raw in text.splitlines():
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            words = line.split()
-            if words[0] == "user":
-                current = self.users.setdefault(words[1], [])
-                continue
-            access, topic = (words[1], words[2]) if len(words) == 3 else ("readwrite", words[1])
-            if words[0] == "topic":
-                assert current is not None, f"topic line outside a user block: {line}"
-                current.append((access, topic))
-            elif words[0] == "pattern":
-                self.patterns.append((access, topic))
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
 
     @staticmethod
     def _matches(sub: str, topic: str) -> bool:
@@ -377,13 +363,10 @@ class _Acl:
         return len(s) == len(t)
 
     def allowed(self, user: str, topic: str, mode: str) -> bool:
-        for rules in (self.users.get(user, []),
-                      [(a, p.replace("%u", user).replace("%c", user)) for a, p in self.patterns]):
-            if any(a == "deny" and self._matches(p, topic) for a, p in rules):
-                return False
-            if any(a != "deny" and mode in a and self._matches(p, topic) for a, p in rules):
-                return True
-        return False
+        acls = role_acls(self.prefix, role_of(user))
+        granted = {kind for kind in (SEND, SUBSCRIBE, RECEIVE)
+                   if any(a.acltype == kind and self._matches(a.topic, topic) for a in acls)}
+        return SEND in granted if mode == "write" else {SUBSCRIBE, RECEIVE} <= granted
 
 
 def _acl_cell(acl: _Acl, channel: Channel, mode: str) -> set[tuple[str, bool]]:
@@ -409,12 +392,12 @@ def _doc_cell(cell: str) -> set[tuple[str, bool]]:
 @pytest.mark.parametrize("kind", list(CHANNELS), ids=CHANNEL_IDS)
 def test_protocol_md_acl_columns_match_broker_acl(kind: TopicKind) -> None:
     channel = CHANNELS[kind]
-    acl = _Acl(render_acl(DEFAULT_PREFIX, ["north", "south"]))
+    acl = _Acl(DEFAULT_PREFIX)
     row = _topic_table()[address_of(channel)]
     assert _doc_cell(row[5]) == _acl_cell(acl, channel, "write"), \
-        f"'May publish' of {address_of(channel)} in docs/protocol.md differs from broker/acl.in"
+        f"'May publish' of {address_of(channel)} in docs/protocol.md differs from broker/roles.py"
     assert _doc_cell(row[6]) == _acl_cell(acl, channel, "read"), \
-        f"'May subscribe' of {address_of(channel)} in docs/protocol.md differs from broker/acl.in"
+        f"'May subscribe' of {address_of(channel)} in docs/protocol.md differs from broker/roles.py"
 
 
 # ---------------------------------------------------------------------------------------------- (d)

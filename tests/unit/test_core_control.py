@@ -164,3 +164,41 @@ def test_worst_case_queue_state_fits_the_broker_limit() -> None:
                        min_kw=999.123456789, priority=9, waiting_since=1767225602.123456, eta_s=123456.7)
     state = QueueState(ts=1767225602.123456, length=10**6, entries=[entry] * MAX_STATE_QUEUE_ENTRIES, truncated=True)
     assert len(encode(state)) < 65536
+
+
+def test_forget_moves_the_sessions_and_drops_the_substation() -> None:
+    """A decommissioned substation: its sessions are revoked (the agent told to stop) and re-placed elsewhere
+    or queued; the balancer no longer knows it, so nothing is placed there and its state is not published."""
+    h = Harness()
+    h.tel("A", capacity_kw=100)
+    h.tel("B", capacity_kw=30)  # limit 28.5 kW: room for two of the three
+    control(h, "drain", "B")
+    for i in range(1, 4):
+        assert answer(h.req(f"EV_{i}", 10, min_kw=10), f"EV_{i}").substation_id == "A"
+    control(h, "undrain", "B")
+    reason, detail, effects = control(h, "forget", "A")
+    assert reason is None and "3 session(s)" in detail
+    assert "A" not in h.b.substations
+    stops = commands(effects, "stop")
+    assert {sid for sid, _ in stops} == {"A"} and {c.reason for _, c in stops} == {Reason.DECOMMISSIONED}
+    finals = {ev: answers(effects, ev)[-1] for ev in ("EV_1", "EV_2", "EV_3")}
+    assert [a.reason for ev in finals for a in answers(effects, ev) if a.status == "revoked"] == \
+        [Reason.DECOMMISSIONED] * 3
+    placed = [ev for ev, a in finals.items() if a.status == "assigned"]
+    assert len(placed) == 2 and all(finals[ev].substation_id == "B" for ev in placed)
+    assert h.queue() == [ev for ev, a in finals.items() if a.status == "queued"]
+    assert_healthy(h)
+    # Unknown now: another action names it as never heard of; an offline will of it does not bring it back.
+    assert control(h, "drain", "A")[0] == Reason.UNKNOWN_SUBSTATION
+    assert h.status("A", "offline") == [] and "A" not in h.b.substations
+    # A new agent with the same id (telemetry) is learnt afresh, not drained: the one left waiting goes there.
+    (waiting,) = h.queue()
+    effects = h.tel("A", capacity_kw=100)
+    assert h.b.substations["A"].draining is False
+    assert (answer(effects, waiting).status, answer(effects, waiting).substation_id) == ("assigned", "A")
+
+
+def test_forget_of_an_unknown_substation_is_refused() -> None:
+    h = Harness()
+    reason, _, effects = control(h, "forget", "nowhere")
+    assert reason == Reason.UNKNOWN_SUBSTATION and effects == []

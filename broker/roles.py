@@ -1,0 +1,136 @@
+"""Who may publish and subscribe what: the broker's roles, defined once.
+
+Mosquitto's dynamic security plugin holds the accounts (clients), their roles and the roles' ACLs, and changes them
+at runtime (``broker/dynsec.py``). Its 2.0 ACLs substitute no ``%u``/``%c`` (checked against 2.0.11: a role with
+``publishClientSend grid/v1/ev/%u/request`` refuses the client's own topic), so an acl_file ``pattern`` cannot be
+carried over. Instead every EV and every substation gets a role of its own naming only its own topics
+(``ev.<id>``, ``substation.<id>``); the services share fixed roles. ``.`` is not allowed in ids, so these role
+names never collide with each other or with the service roles.
+
+Each grant is explicit and everything else is refused (the plugin's default access is set to deny publishing,
+receiving and subscribing). "Read" grants both the subscription (``subscribePattern``: a filter within the
+granted one) and the delivery of each message (``publishClientReceive``), so a subscription to ``#`` is refused
+and even a permitted subscription delivers nothing outside the grant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from broker.accounts import SUBSTATION_PREFIX, is_api_replica, validate_prefix
+
+__all__ = [
+    "DYNSEC_RESPONSE_TOPIC",
+    "DYNSEC_TOPIC",
+    "SERVICE_ROLES",
+    "Acl",
+    "ev_role_name",
+    "fixed_roles",
+    "is_own_role",
+    "read",
+    "role_acls",
+    "role_of",
+    "write",
+]
+
+#: Where the plugin takes commands, and where it answers.
+DYNSEC_TOPIC = "$CONTROL/dynamic-security/v1"
+DYNSEC_RESPONSE_TOPIC = DYNSEC_TOPIC + "/response"
+
+SEND = "publishClientSend"
+RECEIVE = "publishClientReceive"
+SUBSCRIBE = "subscribePattern"
+
+#: Role of each service account (``api.<name>`` replicas share ``api``; observer and recorder share ``reader``).
+SERVICE_ROLES: dict[str, str] = {
+    "balancer": "balancer", "api": "api", "observer": "reader", "recorder": "reader",
+    "healthcheck": "healthcheck", "loadtest": "loadtest", "provisioner": "provisioner",
+}
+EV_ROLE_PREFIX = "ev."
+
+
+@dataclass(frozen=True, slots=True)
+class Acl:
+    acltype: str
+    topic: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"acltype": self.acltype, "topic": self.topic, "allow": True, "priority": 0}
+
+
+def read(*topics: str) -> list[Acl]:
+    return [acl for t in topics for acl in (Acl(SUBSCRIBE, t), Acl(RECEIVE, t))]
+
+
+def write(*topics: str) -> list[Acl]:
+    return [Acl(SEND, t) for t in topics]
+
+
+def ev_role_name(ev_id: str) -> str:
+    return EV_ROLE_PREFIX + ev_id
+
+
+def role_of(username: str) -> str:
+    """The role an account gets: its service's, or its own (``substation.<id>``, ``ev.<id>``)."""
+    if username in SERVICE_ROLES:
+        return SERVICE_ROLES[username]
+    if is_api_replica(username):
+        return SERVICE_ROLES["api"]
+    if username.startswith(SUBSTATION_PREFIX):
+        return username
+    return ev_role_name(username)
+
+
+def is_own_role(rolename: str) -> bool:
+    """A role that belongs to one account (removed with it)."""
+    return rolename.startswith((SUBSTATION_PREFIX, EV_ROLE_PREFIX))
+
+
+def role_acls(prefix: str, rolename: str) -> list[Acl]:
+    """The grants of ``rolename`` under topic prefix ``prefix``. :class:`ValueError` for an unknown role."""
+    p = validate_prefix(prefix)
+    if rolename == "balancer":
+        # Consumes requests, releases and substation reports; sends assignments, commands, error reports, its
+        # retained view of each substation and MQTT 5 replies; owns its retained status, queue and control topics.
+        return [*read(f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/substation/+/telemetry",
+                      f"{p}/substation/+/status", f"{p}/substation/+/session"),
+                *write(f"{p}/ev/+/assignment", f"{p}/substation/+/command", f"{p}/substation/+/error",
+                       f"{p}/substation/+/state", f"{p}/reply/#"),
+                # only to clear a retained request or release (an empty retained message): those would be
+                # replayed to every later balancer (the grant cannot tell an empty payload from another)
+                *write(f"{p}/ev/+/request", f"{p}/ev/+/release"),
+                *read(f"{p}/balancer/#"), *write(f"{p}/balancer/#")]
+    if rolename == "api":
+        # Sees everything under the prefix (its MQTT 5 replies too), submits requests and releases for EVs,
+        # sends operator control messages.
+        return [*read(f"{p}/#"), *write(f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/balancer/control")]
+    if rolename == "reader":  # operators, dashboards, the recorder
+        return read(f"{p}/#")
+    if rolename == "healthcheck":  # may log in and nothing else
+        return []
+    if rolename == "loadtest":  # benchmarks and tests only: plays EV fleets and substation agents at once
+        return [*read(f"{p}/ev/#"), *write(f"{p}/ev/#"),
+                *write(f"{p}/substation/+/telemetry", f"{p}/substation/+/status", f"{p}/substation/+/session"),
+                *read(f"{p}/substation/+/command", f"{p}/balancer/status")]
+    if rolename == "provisioner":
+        # Adds and removes accounts at runtime (the plugin's control topic: whoever may publish there administers
+        # the broker), and clears the retained status a removed substation's agent left behind.
+        return [*write(DYNSEC_TOPIC), *read(DYNSEC_RESPONSE_TOPIC), *write(f"{p}/substation/+/status")]
+    if rolename.startswith(SUBSTATION_PREFIX):
+        sid = rolename.removeprefix(SUBSTATION_PREFIX)
+        base = f"{p}/substation/{sid}"
+        return [*write(f"{base}/telemetry", f"{base}/status", f"{base}/session"),
+                *read(f"{base}/command", f"{base}/error", f"{p}/balancer/status")]
+    if rolename.startswith(EV_ROLE_PREFIX):
+        ev = rolename.removeprefix(EV_ROLE_PREFIX)
+        # MQTT 5 response topics: replies only below its own reply root.
+        return [*write(f"{p}/ev/{ev}/request", f"{p}/ev/{ev}/release"),
+                *read(f"{p}/ev/{ev}/assignment", f"{p}/reply/{ev}/#", f"{p}/balancer/status")]
+    raise ValueError(f"unknown role {rolename!r}")
+
+
+def fixed_roles() -> list[str]:
+    """The shared roles (every deployment has them, whether or not an account uses them yet)."""
+    return sorted(set(SERVICE_ROLES.values()))
+
