@@ -6,6 +6,7 @@ the lifespan connects to the broker and starts the live hub, and closes both on 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,12 +22,13 @@ from api.live import LiveHub
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.mqtt_bridge import Bridge
 from api.problems import PROBLEM_MEDIA_TYPE
-from api.routes import charge, live, metrics, operator, status
+from api.routes import accounts, charge, live, metrics, operator, status
 from api.settings import ApiSettings
 from api.state import StateStore
 from api.tokens import TokenStore
+from broker.provisioning import DynsecProvisioner
 from grid_runtime.logs import get_logger
-from grid_runtime.mqtt import Transport
+from grid_runtime.mqtt import Transport, make_transport
 from grid_runtime.ratelimit import RateLimitedLog
 
 log = get_logger("api")
@@ -35,14 +37,17 @@ DESCRIPTION = """
 Status API and live page of the Smart Grid Load Balancer. Everything shown is learnt from MQTT (the
 balancer's retained substation and queue state, retained statuses, live telemetry and assignments), so
 replicas agree and a restarted API answers at once. `POST /charge`, `DELETE /sessions/{id}` and the
-operator actions go to the balancer over MQTT and return its answer. Errors are RFC 9457 problem details
-(`application/problem+json`). Guide with curl examples: `docs/api.md`.
+operator actions go to the balancer over MQTT and return its answer; `POST`/`DELETE /substations` and `/evs` add
+and remove broker accounts at runtime. Errors are RFC 9457 problem details (`application/problem+json`). Guide with
+curl examples: `docs/api.md`.
 """
 
 
 def create_app(settings: ApiSettings | None = None, *, transport: Transport | None = None,
-               clock: Callable[[], float] = time.time) -> FastAPI:
-    """The app; raises :class:`~api.tokens.TokenFileError` when ``API_TOKENS_FILE`` cannot be used."""
+               clock: Callable[[], float] = time.time, provisioner_transport: Transport | None = None) -> FastAPI:
+    """The app; raises :class:`~api.tokens.TokenFileError` when ``API_TOKENS_FILE`` cannot be used.
+    ``provisioner_transport``: the provisioner's connection (default: one made from the settings when
+    ``API_PROVISIONER_PASSWORD`` is set)."""
     settings = settings or ApiSettings()
     tokens = TokenStore(settings.token, settings.tokens_file)
     store = StateStore(stale_after_s=settings.stale_after_s, recent_assignments=settings.recent_assignments,
@@ -51,19 +56,33 @@ def create_app(settings: ApiSettings | None = None, *, transport: Transport | No
     hub = LiveHub(store, lambda: bridge.connected, interval_s=settings.sse_interval_s,
                   queue_size=settings.sse_queue_size, max_clients=settings.sse_max_clients, clock=clock)
     bridge.add_listener(hub.changed)
+    if provisioner_transport is None and settings.provisioner_password is not None:
+        mqtt = settings.mqtt.model_copy(update={"username": settings.provisioner_username, "session_expiry_s": 0,
+                                                "password": settings.provisioner_password.get_secret_value()})
+        provisioner_transport = make_transport(settings.mqtt_client, mqtt, client_id=mqtt.username, clean_start=True)
+    provisioner = None
+    if provisioner_transport is not None:
+        provisioner = DynsecProvisioner(provisioner_transport, settings.grid.grid_topic_prefix,
+                                        timeout_s=settings.request_timeout_s)
     ctx = AppContext(settings, store, bridge, hub, ApiMetrics(bridge.transport, store, hub, clock), tokens,
-                     RateLimitedLog(log.warning, interval_s=10.0), clock)
+                     RateLimitedLog(log.warning, interval_s=10.0), clock, provisioner)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await bridge.start()
+        provisioning = (asyncio.create_task(provisioner_transport.run(), name="api-provisioner")
+                        if provisioner_transport is not None else None)
         hub.start()
         log.info("api_started", mqtt_host=settings.mqtt.host, mqtt_port=settings.mqtt.port,
-                 tokens=len(tokens), operator_actions=tokens.has_operator, public_reads=settings.public_reads)
+                 tokens=len(tokens), operator_actions=tokens.has_operator, public_reads=settings.public_reads,
+                 provisioning=provisioner is not None)
         try:
             yield
         finally:
             await hub.stop()
+            if provisioner_transport is not None and provisioning is not None:
+                await provisioner_transport.close()
+                provisioning.cancel()
             await bridge.stop()
             log.info("api_stopped")
 
@@ -74,7 +93,7 @@ def create_app(settings: ApiSettings | None = None, *, transport: Transport | No
     app.add_middleware(MetricsMiddleware, metrics=lambda: ctx.metrics)
     if "*" not in settings.allowed_hosts:
         app.add_middleware(problems.HostCheckMiddleware, allowed=settings.allowed_hosts)
-    for module in (status, charge, operator, live, metrics):
+    for module in (status, charge, operator, accounts, live, metrics):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=live.STATIC_DIR), name="static")
     app.openapi = lambda: _openapi(app, public_reads=settings.public_reads)  # type: ignore[method-assign]

@@ -50,9 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server.started:
             port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port
             url = f"http://{settings.host}:{port}/"
+            # (a log line, not a print: under `gridlb run` stdout goes to api.log, which is JSON lines only)
             log.info("api_listening", url=url, docs=url + "docs", mqtt_host=settings.mqtt.host,
                      mqtt_port=settings.mqtt.port)
-            print(f"API listening on {url} (live page; OpenAPI at {url}docs)", flush=True)
         await asyncio.wait({serving, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if not serving.done():
             server.should_exit = True

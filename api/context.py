@@ -1,4 +1,5 @@
-"""What the routes share: settings, the state store, the MQTT bridge, the live hub, the metrics and the tokens."""
+"""What the routes share: settings, the state store, the MQTT bridge, the live hub, the metrics, the tokens and the
+provisioner of broker accounts."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from api.mqtt_bridge import Bridge
 from api.settings import ApiSettings
 from api.state import StateStore
 from api.tokens import TokenStore
+from broker.provisioning import Provisioner
 from grid_runtime.ratelimit import RateLimitedLog
 
 
@@ -28,6 +30,8 @@ class AppContext:
     #: refused credentials: logged at most every 10 s per reason (a guessing client must not flood the log)
     auth_log: RateLimitedLog
     clock: Callable[[], float] = time.time
+    #: broker accounts at runtime; None when API_PROVISIONER_PASSWORD is unset
+    provisioner: Provisioner | None = None
     started_monotonic: float = field(default_factory=time.monotonic)
 
     def now(self) -> float:

@@ -3,7 +3,10 @@
 Every event is a complete snapshot, so a slow client can lose old ones without losing anything: each
 client has a small bounded queue and the oldest snapshot is dropped when it is full. Snapshots are made
 at most once per ``API_SSE_INTERVAL_S`` (when something changed, and every few seconds regardless, so
-ages and staleness keep moving), never per message: a busy grid costs the page nothing extra.
+ages and staleness keep moving), never per message: a busy grid costs the page nothing extra. A client that
+asked for probe noise (``/events?noise=true``) gets the variant whose latest answers include it; each variant is
+made once per update, only when some client wants it. Each cycle also notes substations whose condition changed
+(the event log).
 """
 
 from __future__ import annotations
@@ -40,33 +43,34 @@ class LiveHub:
         self.max_clients = max_clients
         self.broadcast_errors = 0
         self.clock = clock
-        self.clients: set[asyncio.Queue[str | None]] = set()
+        #: each client's queue, and whether it wants probe noise in the latest answers
+        self.clients: dict[asyncio.Queue[str | None], bool] = {}
         self.sent = 0
         self.dropped = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, noise: bool = False) -> dict[str, Any]:
         return self.store.overview(self.clock(), connected=self.connected(), queue_limit=PAGE_ROWS,
-                                   assignments_limit=PAGE_ROWS)
+                                   assignments_limit=PAGE_ROWS, noise=noise, events_limit=PAGE_ROWS)
 
-    def snapshot_json(self) -> str:
-        return json.dumps(self.snapshot(), separators=(",", ":"))
+    def snapshot_json(self, noise: bool = False) -> str:
+        return json.dumps(self.snapshot(noise), separators=(",", ":"))
 
     def changed(self) -> None:
         """The store changed (called for every MQTT message: only sets a flag)."""
         self._wake.set()
 
-    def add_client(self) -> asyncio.Queue[str | None]:
+    def add_client(self, noise: bool = False) -> asyncio.Queue[str | None]:
         if len(self.clients) >= self.max_clients:
             raise TooManyClients(f"{len(self.clients)} live clients already")
         queue: asyncio.Queue[str | None] = asyncio.Queue(self.queue_size)
-        queue.put_nowait(self.snapshot_json())
-        self.clients.add(queue)
+        queue.put_nowait(self.snapshot_json(noise))
+        self.clients[queue] = noise
         return queue
 
     def remove_client(self, queue: asyncio.Queue[str | None]) -> None:
-        self.clients.discard(queue)
+        self.clients.pop(queue, None)
 
     def _offer(self, queue: asyncio.Queue[str | None], item: str | None) -> None:
         if queue.full():
@@ -78,9 +82,11 @@ class LiveHub:
     def broadcast(self) -> None:
         if not self.clients:
             return
-        payload = self.snapshot_json()
-        for queue in list(self.clients):
-            self._offer(queue, payload)
+        payloads: dict[bool, str] = {}
+        for queue, noise in list(self.clients.items()):
+            if noise not in payloads:
+                payloads[noise] = self.snapshot_json(noise)
+            self._offer(queue, payloads[noise])
         self.sent += 1
 
     async def run(self) -> None:
@@ -92,6 +98,10 @@ class LiveHub:
                 await asyncio.wait_for(self._wake.wait(), REFRESH_S)
             self._wake.clear()
             now = time.monotonic()
+            try:
+                self.store.note_conditions(self.clock())
+            except Exception:  # the event log must never stop the feed
+                log.exception("live_conditions_failed")
             connected = self.connected()
             if (self.store.version != last_version or connected != last_connected
                     or now - last_sent >= REFRESH_S):

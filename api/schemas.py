@@ -109,20 +109,72 @@ class Substation(BaseModel):
 
 
 class Totals(BaseModel):
-    substations: int
+    """Over the substations that are online; offline ones are counted apart, decommissioned ones not at all."""
+
+    substations: int = Field(description="substations listed (online and offline)")
     online: int
     offline: int
-    stale: int
+    stale: int = Field(description="online, but no recent telemetry (no new sessions go there)")
     draining: int
     overloaded: int
-    capacity_kw: float
+    capacity_kw: float = Field(description="capacity of the online substations")
     usable_capacity_kw: float = Field(description="capacity of online, fresh substations")
-    load_kw: float
+    load_kw: float = Field(description="load of the online substations")
     granted_kw: float
     headroom_kw: float = Field(description="headroom of online, fresh substations")
-    utilisation: float | None
+    utilisation: float | None = Field(description="load_kw / capacity_kw")
     sessions: int
     queue_length: int
+    offline_capacity_kw: float = Field(description="last known capacity of offline substations (not in capacity_kw)")
+    offline_load_kw: float = Field(description="last load reported by the offline substations (not in load_kw)")
+    decommissioned: int = Field(description="substations removed recently (DELETE /substations/{id}), in no total")
+
+
+class Decommissioned(BaseModel):
+    substation_id: str
+    at: float = Field(description="when this API saw it forgotten")
+    capacity_kw: float | None = Field(description="its capacity when it was removed")
+
+
+class Event(BaseModel):
+    """One line of the operator's event log."""
+
+    id: int = Field(description="increasing; a client that has seen id N needs only the newer ones")
+    ts: float
+    kind: Literal["drain", "undrain", "capacity", "revoked", "stale", "offline", "overloaded", "recovered",
+                  "decommissioned", "account_added", "account_removed", "balancer_online", "balancer_offline"]
+    text: str
+    substation_id: str | None
+    ev_id: str | None
+    count: int = Field(description="revocations merged into this line (a burst on one substation)")
+
+
+class EventLog(BaseModel):
+    events: list[Event] = Field(description="newest first")
+
+
+class TrendSeries(BaseModel):
+    t: list[float] = Field(description="sample times (epoch seconds), oldest first")
+    load_kw: list[float | None]
+    ev_load_kw: list[float | None]
+    limit_kw: list[float | None] = Field(description="capacity less the safety margin (operator limits included)")
+
+
+class Trends(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "step_s": 10.0, "window_s": 900.0, "substations": {"north": {
+            "t": [1767225590.0, 1767225600.0], "load_kw": [250.1, 262.5], "ev_load_kw": [44.0, 66.0],
+            "limit_kw": [380.0, 380.0]}}}]})
+    step_s: float = Field(description="at most one sample per substation this often")
+    window_s: float
+    substations: dict[str, TrendSeries]
+
+
+class WhoAmI(BaseModel):
+    name: str | None = Field(description="the token's name; null without a token (open reads)")
+    role: Literal["operator", "ev", "viewer"] | None
+    may_read_grid: bool
+    may_operate: bool
 
 
 class QueueEntry(BaseModel):
@@ -171,8 +223,11 @@ class Status(BaseModel):
     balancer: BalancerInfo
     totals: Totals
     substations: list[Substation]
+    decommissioned: list[Decommissioned] = Field(description="removed recently, newest first (this API instance)")
     queue: Queue = Field(description="the first 10 waiting requests")
-    latest_assignments: list[Assignment] = Field(description="newest first, as seen by this API instance")
+    latest_assignments: list[Assignment] = Field(description="newest first, as seen by this API instance; without "
+                                                             "probe noise (nothing_to_release) unless noise=true")
+    events: list[Event] = Field(description="the event log, newest first (GET /event-log has more)")
 
 
 class Session(BaseModel):
@@ -286,3 +341,51 @@ class ReleaseOutcome(BaseModel):
     ev_id: str
     substation_id: str
     answer: Assignment = Field(description="the balancer's completed (or cancelled) answer")
+
+
+# ------------------------------------------------------------------------------------------------ accounts
+class SubstationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"substation_id": "east",
+                                                                               "capacity_kw": 300}]})
+    substation_id: Id
+    capacity_kw: float | None = Field(None, gt=0, le=1_000_000,
+                                      description="only for the agent command in the answer (the agent reports "
+                                                  "its capacity itself)")
+
+
+class EvIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"ev_id": "EV_9000"}]})
+    ev_id: Id
+
+
+class AccountCreated(BaseModel):
+    """A broker account, created now. The password is shown once: it is stored only as a hash."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "east", "username": "substation.east", "password": "Zr0t0k3n-once-only-xxxxxxxxxxxx",
+        "mqtt_url": "mqtt://127.0.0.1:1884",
+        "command": "MQTT_HOST=127.0.0.1 MQTT_PORT=1884 MQTT_PASSWORD='…' SUBSTATIONS=east:300 METRICS_PORT=0 "
+                   "python -m substation_agents"}]})
+    id: str = Field(description="the substation or EV id")
+    username: str = Field(description="its broker username (substation.<id>, or the EV id)")
+    password: str = Field(description="shown once")
+    mqtt_url: str = Field(description="the broker as clients reach it (API_MQTT_PUBLIC_URL)")
+    command: str = Field(description="how to start its agent (substations) or where it publishes (EVs)")
+
+
+class SubstationRemoved(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "substation_id": "east", "account_removed": True, "balancer": "forgotten", "sessions_moved": 2,
+        "detail": "forgotten; 2 session(s) moved elsewhere or back in the queue"}]})
+    substation_id: str
+    account_removed: bool = Field(description="false: it had no broker account (retained data cleared anyway)")
+    balancer: Literal["forgotten", "unknown"] = Field(description="unknown: the balancer had never heard of it")
+    sessions_moved: int = Field(description="its sessions when it was removed: revoked and placed elsewhere or "
+                                            "queued")
+    detail: str | None
+
+
+class EvRemoved(BaseModel):
+    ev_id: str
+    account_removed: bool
+    released: Assignment | None = Field(description="its request or session, ended first (null: nothing open)")

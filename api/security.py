@@ -148,6 +148,21 @@ def ensure_may_read(ctx: AppContext, request: Request, principal: Principal | No
                          f"token {principal.name!r} may read {principal.scope()}, not {ev_id}")
 
 
+def identify(ctx: AppContext, request: Request) -> Principal | None:
+    """The principal of the request's bearer token, ``None`` without one; 401 for a token nobody holds."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        return None
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _refuse(ctx, request, 401, "missing_token", "expected 'Authorization: Bearer <token>'", www=REALM)
+    principal = ctx.tokens.authenticate(token.strip())
+    if principal is None:
+        raise _refuse(ctx, request, 401, "invalid_token", "unknown or wrong bearer token",
+                      www=f'{REALM}, error="invalid_token"')
+    return principal
+
+
 def audit(principal: Principal, action: str, **fields: Any) -> None:
     """One log line per accepted write: who did what."""
     log.info("api_write", action=action, principal=principal.name, role=principal.role, **fields)

@@ -46,6 +46,13 @@ class ApiSettings(BaseSettings):
     #: Host names the API answers to (``["*"]``: any). The local run allows only loopback names, so a web page
     #: cannot read its open reads through DNS rebinding; in compose add the service name.
     allowed_hosts: list[str] = Field(default_factory=lambda: ["*"])
+    #: The broker account that adds and removes substation and EV accounts at runtime (POST/DELETE /substations,
+    #: /evs). Unset password: those endpoints answer 503. It administers the broker: keep it to the API.
+    provisioner_username: str = "provisioner"
+    provisioner_password: SecretStr | None = None
+    #: The broker as clients reach it, told to new accounts (default ``mqtt://MQTT_HOST:MQTT_PORT``; in compose
+    #: the API reaches ``mosquitto:1883`` while clients outside use the published port).
+    mqtt_public_url: str | None = None
     #: MQTT client library (``aiomqtt`` is the idiomatic asyncio one; the API is not on the hot path).
     mqtt_client: Literal["aiomqtt", "paho"] = "aiomqtt"
 

@@ -11,7 +11,12 @@ Sources, by trust:
 * ``substation/{id}/status`` (retained, agent / its last will): online or offline.
 * ``substation/{id}/telemetry`` (live): freshness (and load/capacity before the balancer published a state).
 * ``balancer/status`` and ``balancer/queue`` (retained).
-* ``ev/{id}/assignment`` (live): the latest answers, for the live page and ``GET /evs/{ev_id}``.
+* ``ev/{id}/assignment`` (live): the latest answers, for the live page and ``GET /evs/{ev_id}``; an answer newer
+  than its substation's retained state also corrects ``GET /sessions`` until the state catches up, so a client sees
+  its own write at once.
+* ``balancer/control/result`` (live): operator actions, for the event log; ``forget`` drops a substation.
+
+Besides: the event log (:mod:`api.events`) and the 15-minute trends (:mod:`api.trends`).
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from typing import Any
 
 import msgspec
 
+from api.events import EventLog
+from api.trends import Trends
 from grid_protocol.messages import (
     Assignment,
     BalancerStatus,
+    ChargeRequest,
     ControlResult,
     QueueState,
     SessionEvent,
@@ -37,6 +45,13 @@ from grid_protocol.messages import (
 #: Granted this close to requested counts as "charging" at full power.
 _KW_EPS = 1e-3
 SESSION_STATUSES = ("charging", "reduced", "paused")
+#: Answers that are probe noise on the live page (a fleet's "release whatever I left open" before a request): hidden
+#: from the latest answers unless asked for.
+NOISE_REASONS = frozenset({"nothing_to_release"})
+#: Answers newer than their substation's state kept for GET /sessions, and requests sent through this API.
+_FRESH_MAX = 5000
+#: Decommissioned substations listed (the latest).
+_DECOMMISSIONED_MAX = 50
 
 
 def _r(value: float | None, digits: int = 3) -> float | None:
@@ -56,12 +71,16 @@ class SubstationEntry:
         return self.state is not None or self.status is not None or self.telemetry is not None
 
 
-def session_status(s: SessionView) -> str:
-    if s.granted_kw <= _KW_EPS:
+def _status_of(granted_kw: float, requested_kw: float) -> str:
+    if granted_kw <= _KW_EPS:
         return "paused"
-    if s.granted_kw + _KW_EPS < s.requested_kw:
+    if granted_kw + _KW_EPS < requested_kw:
         return "reduced"
     return "charging"
+
+
+def session_status(s: SessionView) -> str:
+    return _status_of(s.granted_kw, s.requested_kw)
 
 
 def _session_dict(substation_id: str, s: SessionView) -> dict[str, Any]:
@@ -77,6 +96,10 @@ def _assignment_dict(a: Assignment) -> dict[str, Any]:
     return msgspec.structs.asdict(a)
 
 
+#: Answers that start, change or end a session (what GET /sessions reflects before the retained state does).
+_SESSION_ANSWERS = frozenset({"assigned", "updated", "completed", "cancelled", "revoked"})
+
+
 class StateStore:
     """The API's view of the grid, rebuilt from retained messages after a restart."""
 
@@ -87,7 +110,17 @@ class StateStore:
         self.substations: dict[str, SubstationEntry] = {}
         self.balancer: BalancerStatus | None = None
         self.queue_state: QueueState | None = None
+        #: the latest answers without probe noise (NOISE_REASONS), and with it
         self.recent: deque[Assignment] = deque(maxlen=recent_assignments)
+        self.recent_all: deque[Assignment] = deque(maxlen=recent_assignments)
+        #: per EV, its latest session answer that the retained state may not show yet (read-your-writes)
+        self._fresh: OrderedDict[str, Assignment] = OrderedDict()
+        #: requests sent through this API, by request_id: what a fresh session asked for
+        self._requests: OrderedDict[str, ChargeRequest] = OrderedDict()
+        #: substations forgotten (DELETE /substations/{id}, the balancer's forget), newest last
+        self.decommissioned: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.events = EventLog()
+        self.trends = Trends()
         self._ev_memory = ev_memory
         self._evs: OrderedDict[str, Assignment] = OrderedDict()
         #: the latest answer that was not a rejection: a rejection leaves what the EV has open as it was
@@ -127,6 +160,10 @@ class StateStore:
             if entry.state is not None and msg.ts < entry.state.ts:
                 return  # older than what we have (a control result's snapshot can overtake)
             entry.state = msg
+            self.decommissioned.pop(sid, None)  # (an agent with that id came back)
+            for ev_id, answer in list(self._fresh.items()):  # the state shows these now
+                if answer.substation_id == sid and answer.ts <= msg.ts:
+                    del self._fresh[ev_id]
         self._touch("substation_state", now)
 
     def on_substation_status(self, sid: str, msg: SubstationStatus | None, now: float) -> None:
@@ -136,12 +173,20 @@ class StateStore:
                 self._forget_if_empty(sid)
         else:
             self._entry(sid).status = msg
+            self.decommissioned.pop(sid, None)
         self._touch("substation_status", now)
 
     def on_telemetry(self, sid: str, msg: Telemetry, now: float) -> None:
         entry = self._entry(sid)
+        before = entry.telemetry
+        if before is not None and abs(before.capacity_kw - msg.capacity_kw) > _KW_EPS:
+            self.events.add(now, "capacity", f"{sid} reports a capacity of {msg.capacity_kw:g} kW "
+                                             f"(was {before.capacity_kw:g} kW)", substation_id=sid)
         entry.telemetry = msg
         entry.telemetry_at = now
+        self.decommissioned.pop(sid, None)
+        limit = entry.state.limit_kw if entry.state is not None else None
+        self.trends.sample(sid, now, msg.load_kw, msg.ev_load_kw, limit)
         self._touch("telemetry", now)
 
     def on_session_event(self, sid: str, msg: SessionEvent, now: float) -> None:
@@ -149,6 +194,9 @@ class StateStore:
         self._touch("session_event", now)
 
     def on_balancer_status(self, msg: BalancerStatus | None, now: float) -> None:
+        before = self.balancer.state if self.balancer is not None else None
+        if msg is not None and before is not None and msg.state != before:
+            self.events.add(now, f"balancer_{msg.state}", f"the balancer is {msg.state}")
         self.balancer = msg
         self._touch("balancer_status", now)
 
@@ -159,17 +207,66 @@ class StateStore:
         self._touch("queue", now)
 
     def on_assignment(self, msg: Assignment, now: float) -> None:
-        self.recent.append(msg)
+        self.recent_all.append(msg)
+        if msg.reason not in NOISE_REASONS:
+            self.recent.append(msg)
         for memory in (self._evs, self._open) if msg.status != "rejected" else (self._evs,):
             memory[msg.ev_id] = msg
             memory.move_to_end(msg.ev_id)
             while len(memory) > self._ev_memory:
                 memory.popitem(last=False)
+        if msg.session_id is not None and msg.substation_id is not None and msg.status in _SESSION_ANSWERS:
+            self._fresh[msg.ev_id] = msg
+            self._fresh.move_to_end(msg.ev_id)
+            while len(self._fresh) > _FRESH_MAX:
+                self._fresh.popitem(last=False)
+        if msg.status == "revoked":
+            self.events.revoked(now, msg.substation_id, msg.ev_id, msg.reason)
         self._touch("assignment", now)
+
+    def note_request(self, request: ChargeRequest) -> None:
+        """A request this API sent: a session placed for it shows what it asked for before the state does."""
+        if request.request_id is not None:
+            self._requests[request.request_id] = request
+            while len(self._requests) > _FRESH_MAX:
+                self._requests.popitem(last=False)
 
     def on_control_result(self, msg: ControlResult, now: float) -> None:
         if msg.state is not None and msg.state.substation_id == msg.substation_id:
             self.on_substation_state(msg.substation_id, msg.state, now)
+        sid = msg.substation_id
+        if not msg.ok or sid is None:
+            return
+        if msg.action == "drain":
+            self.events.add(now, "drain", f"{sid} drained: no new sessions there", substation_id=sid)
+        elif msg.action == "undrain":
+            self.events.add(now, "undrain", f"{sid} takes new sessions again", substation_id=sid)
+        elif msg.action == "set_capacity":
+            limit = msg.state.capacity_limit_kw if msg.state is not None else None
+            text = (f"{sid}: operator limit {limit:g} kW" if limit is not None
+                    else f"{sid}: operator limit removed")
+            self.events.add(now, "capacity", text, substation_id=sid)
+        elif msg.action == "forget":
+            self.forget_substation(sid, now, msg.detail)
+
+    def forget_substation(self, sid: str, now: float, detail: str | None = None) -> None:
+        """A decommissioned substation leaves every view and total; it is listed apart for a while."""
+        entry = self.substations.pop(sid, None)
+        if entry is None and sid in self.decommissioned:
+            return  # (this replica removed it and then saw the balancer confirm it)
+        capacity = None
+        if entry is not None:
+            capacity = (entry.state.capacity_kw if entry.state is not None
+                        else entry.telemetry.capacity_kw if entry.telemetry is not None else None)
+        self.decommissioned[sid] = {"substation_id": sid, "at": now, "capacity_kw": capacity}
+        self.decommissioned.move_to_end(sid)
+        while len(self.decommissioned) > _DECOMMISSIONED_MAX:
+            self.decommissioned.popitem(last=False)
+        self.trends.forget(sid)
+        self.events.forget(sid)
+        self.events.add(now, "decommissioned", f"{sid} decommissioned" + (f": {detail}" if detail else ""),
+                        substation_id=sid)
+        self._touch("forget", now)
 
     def decode_error(self, kind: str, reason: str) -> None:
         self.decode_errors[f"{kind}:{reason}"] += 1
@@ -248,21 +345,57 @@ class StateStore:
 
     def sessions(self, *, substation_id: str | None = None, status: str | None = None,
                  ev_id: str | None = None) -> list[dict[str, Any]]:
-        """Running sessions as the balancer last published them, by substation then start time."""
+        """Running sessions as the balancer last published them, by substation then start time, corrected by
+        answers newer than that (a session placed, changed or ended within the last second)."""
+        started, ended = self._fresh_sessions()
         out: list[dict[str, Any]] = []
         for sid in sorted(self.substations):
             if substation_id is not None and sid != substation_id:
                 continue
             state = self.substations[sid].state
-            if state is None:
-                continue
-            for s in sorted(state.sessions, key=lambda s: (s.started_at, s.session_id)):
-                if ev_id is not None and s.ev_id != ev_id:
+            rows = [] if state is None else [_session_dict(sid, s) for s in state.sessions
+                                               if s.session_id not in ended]
+            known = {row["session_id"] for row in rows}
+            for row in started.get(sid, ()):
+                if row["session_id"] in known:
+                    old = next(r for r in rows if r["session_id"] == row["session_id"])
+                    old["granted_kw"] = row["granted_kw"]
+                    old["status"] = _status_of(row["granted_kw"], old["requested_kw"])
+                else:
+                    rows.append(row)
+            for row in sorted(rows, key=lambda r: (r["started_at"], r["session_id"])):
+                if ev_id is not None and row["ev_id"] != ev_id:
                     continue
-                if status is not None and session_status(s) != status:
+                if status is not None and row["status"] != status:
                     continue
-                out.append(_session_dict(sid, s))
+                out.append(row)
         return out
+
+    def _fresh_sessions(self) -> tuple[dict[str, list[dict[str, Any]]], set[str]]:
+        """From answers newer than their substation's state: sessions started or changed since (by substation),
+        and the ids of sessions ended since."""
+        started: dict[str, list[dict[str, Any]]] = {}
+        ended: set[str] = set()
+        for answer in self._fresh.values():
+            sid, session_id = answer.substation_id, answer.session_id
+            entry = self.substations.get(sid or "")
+            if sid is None or session_id is None or entry is None:
+                continue
+            if entry.state is not None and answer.ts <= entry.state.ts:
+                continue
+            if answer.status in ("completed", "cancelled", "revoked"):
+                ended.add(session_id)
+                continue
+            granted = answer.granted_kw or 0.0
+            request = self._requests.get(answer.request_id or "")
+            requested = request.requested_kw if request is not None else granted
+            started.setdefault(sid, []).append({
+                "session_id": session_id, "ev_id": answer.ev_id, "substation_id": sid,
+                "request_id": answer.request_id, "status": _status_of(granted, requested), "granted_kw": granted,
+                "requested_kw": requested, "min_kw": request.min_kw or 0.0 if request is not None else 0.0,
+                "priority": request.priority if request is not None else 0, "started_at": answer.ts,
+                "expected_end": None})
+        return started, ended
 
     def sessions_truncated(self) -> bool:
         return any(e.state is not None and e.state.sessions_truncated for e in self.substations.values())
@@ -337,40 +470,56 @@ class StateStore:
         return {"ev_id": ev_id, "state": state, "session": session, "queue_entry": entry,
                 "last_answer": _assignment_dict(last) if last is not None else None}
 
-    def recent_assignments(self, limit: int) -> list[dict[str, Any]]:
-        items = list(self.recent)[-limit:]
+    def recent_assignments(self, limit: int, *, noise: bool = False) -> list[dict[str, Any]]:
+        """The latest answers, newest first; ``noise``: with probe noise (``nothing_to_release``)."""
+        items = list(self.recent_all if noise else self.recent)[-limit:]
         items.reverse()  # newest first
         return [_assignment_dict(a) for a in items]
 
     def totals(self, views: list[dict[str, Any]]) -> dict[str, Any]:
+        """Totals over the substations that are online: an offline one's capacity and last load are not there to
+        use, so they are counted apart (``offline_*``); decommissioned ones are in no view at all."""
+
         def total(key: str, rows: list[dict[str, Any]]) -> float:
             return round(sum(v[key] or 0.0 for v in rows), 3)
 
-        usable = [v for v in views if v["online"] and not v["stale"]]
-        capacity = total("capacity_kw", views)
-        load = total("load_kw", views)
+        online = [v for v in views if v["online"]]
+        offline = [v for v in views if not v["online"]]
+        usable = [v for v in online if not v["stale"]]
+        capacity = total("capacity_kw", online)
+        load = total("load_kw", online)
         return {
-            "substations": len(views), "online": sum(1 for v in views if v["online"]),
-            "offline": sum(1 for v in views if not v["online"]),
-            "stale": sum(1 for v in views if v["online"] and v["stale"]),
-            "draining": sum(1 for v in views if v["draining"]),
-            "overloaded": sum(1 for v in views if v["overloaded"]),
+            "substations": len(views), "online": len(online), "offline": len(offline),
+            "stale": sum(1 for v in online if v["stale"]),
+            "draining": sum(1 for v in online if v["draining"]),
+            "overloaded": sum(1 for v in online if v["overloaded"]),
             "capacity_kw": capacity, "usable_capacity_kw": total("capacity_kw", usable), "load_kw": load,
-            "granted_kw": total("granted_kw", views), "headroom_kw": total("headroom_kw", usable),
+            "granted_kw": total("granted_kw", online), "headroom_kw": total("headroom_kw", usable),
             "utilisation": round(load / capacity, 4) if capacity > 0 else None,
-            "sessions": sum(int(v["sessions_total"] or 0) for v in views),
+            "sessions": sum(int(v["sessions_total"] or 0) for v in online),
             "queue_length": self.queue_state.length if self.queue_state is not None else 0,
+            "offline_capacity_kw": total("capacity_kw", offline), "offline_load_kw": total("load_kw", offline),
+            "decommissioned": len(self.decommissioned),
         }
 
-    def overview(self, now: float, *, connected: bool, queue_limit: int = 10,
-                 assignments_limit: int = 10) -> dict[str, Any]:
+    def overview(self, now: float, *, connected: bool, queue_limit: int = 10, assignments_limit: int = 10,
+                 noise: bool = False, events_limit: int = 20) -> dict[str, Any]:
         views = self.substation_views(now)
         return {
             "ts": now, "mqtt_connected": connected, "balancer": self.balancer_view(now),
             "totals": self.totals(views), "substations": views,
+            "decommissioned": list(reversed(self.decommissioned.values())),
             "queue": self.queue_view(now, queue_limit),
-            "latest_assignments": self.recent_assignments(assignments_limit),
+            "latest_assignments": self.recent_assignments(assignments_limit, noise=noise),
+            "events": self.events.latest(events_limit),
         }
+
+    def note_conditions(self, now: float) -> None:
+        """Log substations whose condition changed (stale, offline, overloaded, and back): called periodically."""
+        before = self.events.last_id
+        self.events.conditions(now, self.substation_views(now))
+        if self.events.last_id != before:
+            self.version += 1
 
     def readiness(self, now: float, *, connected: bool, max_age_s: float) -> dict[str, Any]:
         """Ready: connected to the broker and holding fresh substation data (a state or telemetry)."""

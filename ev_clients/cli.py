@@ -232,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_metrics(metrics)
     now = runner.clock()
     title = "load test" if config.mode == "loadtest" else "fleet"
-    print(f"\n=== {title} summary{' (interrupted)' if runner.interrupted else ''} ===")
+    ended = (" (interrupted)" if runner.interrupted
+             else f" (after --run-for {config.run_for_s:g} s)" if config.run_for_s and runner.stop.is_set() else "")
+    print(f"\n=== {title} summary{ended} ===")
     print(runner.stats.table(now))
     if args.save:
         path = runner.save(args.save)

@@ -285,6 +285,8 @@ class FleetRunner:
             for _ in range(10_000_000):  # bounded; the task is cancelled at the end of the run
                 await asyncio.sleep(every)
                 line = self.stats.live_line(self.clock())
+                if self.settings.speedup != 1:  # (a 120-minute session ends after 2 real minutes at 60x)
+                    line += f" | sim time x{self.settings.speedup:g}"
                 if tty:
                     width = max(width, len(line))
                     self.out.write("\r" + line.ljust(width))
@@ -297,10 +299,11 @@ class FleetRunner:
                 self.out.flush()
 
     # --- run ----------------------------------------------------------------------------------
-    def request_stop(self) -> None:
-        """Graceful stop: no new arrivals/requests; EVs release what they hold and disconnect."""
+    def request_stop(self, *, planned: bool = False) -> None:
+        """Graceful stop: no new arrivals/requests; EVs release what they hold and disconnect. ``planned``: the
+        run's own end (``--run-for``), not an interruption."""
         if not self.stop.is_set():
-            self.interrupted = True
+            self.interrupted = not planned
             self.stop.set()
 
     def _grace(self) -> float:
@@ -337,7 +340,7 @@ class FleetRunner:
     async def _stop_after(self, seconds: float) -> None:
         if await self._sleep(seconds):
             log.info("run_for_elapsed", seconds=seconds)
-            self.request_stop()
+            self.request_stop(planned=True)
 
     async def _drain(self) -> None:
         """Wait for every EV; once stopped, at most the shutdown grace, then cancel the rest."""

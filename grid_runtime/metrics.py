@@ -29,8 +29,13 @@ DEFAULT_PORTS = {"balancer": 9101, "substation_agents": 9102, "ev_clients": 9103
 def serve_metrics(settings: MetricsSettings, service: str,
                   registry: CollectorRegistry = REGISTRY) -> tuple[Any, Any] | None:
     """Serve ``registry`` on ``http://host:port/metrics`` from a daemon thread; returns (server, thread), or
-    ``None`` when disabled or the port cannot be bound: that is logged (``metrics_unavailable``) and the
-    service runs on without ``/metrics`` (balancing matters more than watching it; the alert on ``up`` tells).
+    ``None`` when disabled or the port cannot be bound.
+
+    Without ``METRICS_PORT`` the service's default port is tried first; when that is taken (a second agent
+    process on the same machine, say) a free port is used instead and logged (``metrics_port_taken``, then
+    ``metrics_listening`` with the URL). A port given explicitly is used or nothing: when it is taken that is
+    logged (``metrics_unavailable``, saying how to choose another) and the service runs on without ``/metrics``
+    (balancing matters more than watching it; the alert on ``up`` tells).
 
     A scrape costs the service a few hundred microseconds of GIL time, once per scrape interval.
     """
@@ -40,8 +45,17 @@ def serve_metrics(settings: MetricsSettings, service: str,
     try:
         server, thread = start_http_server(port, addr=settings.host, registry=registry)
     except OSError as exc:
-        log.error("metrics_unavailable", service=service, host=settings.host, port=port, error=str(exc))
-        return None
+        if settings.port is not None:
+            log.error("metrics_unavailable", service=service, host=settings.host, port=port, error=str(exc),
+                      hint="choose another with METRICS_PORT (0 = any free port), or METRICS_ENABLED=false")
+            return None
+        log.warning("metrics_port_taken", service=service, port=port, error=str(exc),
+                    hint="serving on a free port instead; METRICS_PORT chooses one")
+        try:
+            server, thread = start_http_server(0, addr=settings.host, registry=registry)
+        except OSError as again:
+            log.error("metrics_unavailable", service=service, host=settings.host, error=str(again))
+            return None
     log.info("metrics_listening", service=service, url=f"http://{settings.host}:{server.server_port}/metrics")
     return server, thread
 

@@ -7,8 +7,12 @@ recorder when a time-series server is configured (``INFLUX_URL``), and, in the f
 Service logs go to ``.run/logs/``; credentials for hand testing (MQTT passwords and the API's tokens: the
 operator's, one for the hand-test EV only, a viewer's) to ``.run/credentials.env``; the API gets only their
 hashes (``.run/api-tokens.json``). Reads are open on this loopback-only run (``API_PUBLIC_READS`` from the
-environment, default true). Ctrl-C stops the fleet (which prints its summary), then the services in reverse
-order, then the broker.
+environment, default true). The API gets the broker's ``provisioner`` account, so substations and EVs can be
+added and removed while it runs (``python -m api.admin``). Every run starts a fresh broker (new accounts and
+passwords, nothing retained from an earlier run). The simulation runs ``--speedup`` times faster than real time
+(60 by default), which the banner and the fleet's live line say. Ctrl-C stops the fleet (which prints its summary),
+then the services in reverse order, then the broker; ``--duration`` ends the fleet's run on time (not an
+interruption) and then stops the rest the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import contextlib
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,21 +58,25 @@ def _pick_port(preferred: int) -> int:
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="gridlb run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="gridlb run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--work-dir", type=Path, default=Path(".run"))
     p.add_argument("--port", type=int, default=1884, help="broker port on 127.0.0.1 (taken: a free one is used)")
     p.add_argument("--substations", default=os.environ.get("SUBSTATIONS", DEFAULT_SUBSTATIONS),
                    help="id:capacity_kw list")
     p.add_argument("--evs", type=int, default=200, help="EV accounts and fleet size")
     p.add_argument("--rate", type=float, default=1.0, help="EV arrivals per second")
-    p.add_argument("--speedup", type=float, default=60.0, help="simulated seconds per real second")
+    p.add_argument("--speedup", type=float, default=60.0,
+                   help="simulated seconds per real second: at 60 a 120-minute session ends after 2 real minutes")
     p.add_argument("--no-fleet", action="store_true", help="start everything but the EV fleet (hand testing)")
-    p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0 = until Ctrl-C)")
+    p.add_argument("--duration", type=float, default=0,
+                   help="real seconds to run, then stop everything (0 = until Ctrl-C)")
     p.add_argument("--api-port", type=int, default=int(os.environ.get("API_PORT", "8000")),
-                   help="status API and live page on 127.0.0.1 (taken: a free one is used)")
+                   help="status API and live page on 127.0.0.1 (taken: a free one is used; default API_PORT or "
+                        "8000)")
     p.add_argument("--influx-url", default=os.environ.get("INFLUX_URL"),
                    help="record telemetry to this InfluxDB v2 write endpoint (INFLUX_TOKEN/ORG/BUCKET from the "
-                        "environment); default: INFLUX_URL, unset = no recorder")
+                        "environment; default INFLUX_URL, unset = no recorder)")
     return p.parse_args(argv)
 
 
@@ -122,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         ev_ids.append(HAND_TEST_EV)
     port = args.port if args.port and _port_free(args.port) else find_free_port()
 
-    # The ACL is rendered for the services' prefix (GRID_TOPIC_PREFIX, which they read from this environment).
+    # The grants are written for the services' prefix (GRID_TOPIC_PREFIX, which they read from this environment).
     prefix = Topics(os.environ.get("GRID_TOPIC_PREFIX") or DEFAULT_PREFIX).prefix
+    # A fresh broker every run: its accounts and passwords are new, so an earlier run's sessions and retained
+    # messages (the statuses of substations added by hand back then) would only show things that are gone.
+    shutil.rmtree(work / "broker", ignore_errors=True)
     broker = LocalBroker(work / "broker", port=port, prefix=prefix, substation_ids=substations, ev_ids=ev_ids,
                          secret=secrets.token_hex(16))
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -164,7 +176,8 @@ def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, 
     base_env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), LOG_FORMAT="json",
                     PYTHONUNBUFFERED="1", METRICS_HOST="127.0.0.1")
     for name in ("MQTT_USERNAME", "MQTT_PASSWORD", "METRICS_PORT", "API_HOST", "API_PORT", "API_TOKEN",
-                 "API_TOKENS_FILE", "API_PUBLIC_READS"):
+                 "API_TOKENS_FILE", "API_PUBLIC_READS", "API_PROVISIONER_USERNAME", "API_PROVISIONER_PASSWORD",
+                 "API_MQTT_PUBLIC_URL"):
         base_env.pop(name, None)
     metrics: dict[str, int] = {}
 
@@ -188,6 +201,7 @@ def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, 
     spawn("substations", "substation_agents", metrics_env("substation_agents", dict(
         base_env, MQTT_ACCOUNT_SECRET=broker.secret, SUBSTATIONS=args.substations, SIM_SPEEDUP=str(args.speedup))))
     spawn("api", "api", dict(base_env, MQTT_USERNAME="api", MQTT_PASSWORD=broker.password_for("api"),
+                             API_PROVISIONER_PASSWORD=broker.password_for("provisioner"),
                              API_HOST="127.0.0.1", API_PORT=str(api_port), API_TOKEN=tokens.operator,
                              API_TOKENS_FILE=str(tokens_file), API_PUBLIC_READS=public_reads,
                              API_ALLOWED_HOSTS='["127.0.0.1", "localhost"]'))
@@ -199,17 +213,20 @@ def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, 
         metrics_env("ev_clients", base_env)  # reserve its port now, for the banner
     if not _wait_http(f"{api_url}/health", timeout=15.0):
         print(f"warning: the API did not answer on {api_url} within 15 s; see {logs / 'api.log'}", flush=True)
-    _print_banner(work, broker, substations, api_url, metrics, args.influx_url, public_reads)
+    _print_banner(work, broker, substations, api_url, metrics, args.influx_url, public_reads, args.speedup)
 
     fleet: subprocess.Popen[bytes] | None = None
     if not args.no_fleet:
         fleet_env = dict(base_env, MQTT_ACCOUNT_SECRET=broker.secret, EV_COUNT=str(args.evs),
                          EV_ARRIVAL_RATE=str(args.rate), EV_SPEEDUP=str(args.speedup),
                          METRICS_PORT=str(metrics["ev_clients"]))
-        spawn("ev_fleet", "ev_clients", fleet_env, "fleet", foreground=True)
+        # With --duration the fleet ends its own run on time (its summary is a normal one, not "interrupted").
+        planned = ("--run-for", f"{args.duration:g}") if args.duration else ()
+        spawn("ev_fleet", "ev_clients", fleet_env, "fleet", *planned, foreground=True)
         fleet = procs[-1][1]
     try:
-        deadline = time.monotonic() + args.duration if args.duration else None
+        # (the fleet needs a little longer than --run-for: its EVs release and it prints its summary)
+        deadline = time.monotonic() + args.duration + (30 if fleet is not None else 0) if args.duration else None
         while deadline is None or time.monotonic() < deadline:
             dead = [(n, p.returncode) for n, p in procs if p.poll() is not None and p is not fleet]
             if dead:
@@ -218,6 +235,8 @@ def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, 
             if fleet is not None and fleet.poll() is not None:
                 break
             time.sleep(0.5)
+        if args.duration:
+            print(f"\n--duration {args.duration:g} s is over: stopping", flush=True)
     except KeyboardInterrupt:
         # The fleet got the same Ctrl-C: let it release its EVs and print its summary (a second
         # signal would cut that short), then stop the rest in order.
@@ -248,7 +267,8 @@ def _wait_http(url: str, timeout: float) -> bool:
 
 
 def _print_banner(work: Path, broker: LocalBroker, substations: list[str], api_url: str,
-                  metrics: dict[str, int], influx_url: str | None, public_reads: str = "true") -> None:
+                  metrics: dict[str, int], influx_url: str | None, public_reads: str = "true",
+                  speedup: float = 1.0) -> None:
     creds = work / "credentials.env"
     scrape = "\n".join(f"              http://127.0.0.1:{port}/metrics  ({service})"
                        for service, port in metrics.items())
@@ -260,8 +280,14 @@ def _print_banner(work: Path, broker: LocalBroker, substations: list[str], api_u
     read = "" if reads_open else ' -H "Authorization: Bearer $API_VIEWER_TOKEN"'
     reads = ("reads open (loopback only; API_PUBLIC_READS=false closes them)" if reads_open
              else "reads need $API_VIEWER_TOKEN (API_PUBLIC_READS=false)")
+    if speedup == 1:
+        clock = "real time (--speedup 1)"
+    else:
+        clock = (f"{speedup:g}x real time: one real second is {speedup:g} simulated seconds, so a 120-minute "
+                 f"session ends after {120 / speedup:.3g} real minutes (--speedup 1 for real time)")
     print(f"""
 Smart Grid Load Balancer is running locally.
+  simulation  {clock}
   live page   {api_url}/   (status API: {api_url}/status, OpenAPI docs: {api_url}/docs)
   broker      mqtt://{broker.host}:{broker.port}  (private Mosquitto, log {broker.log_file})
   substations {', '.join(substations)}  (accounts {', '.join(substation_username(s) for s in substations)})
@@ -288,6 +314,9 @@ Ask the API (every write needs a token):
 Ask for power by hand:
   mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -u {HAND_TEST_EV} -P "${HAND_TEST_EV}_PASSWORD" -q 1 \\
     -t {topics.request(HAND_TEST_EV)} -m '{{"ev_id": "{HAND_TEST_EV}", "requested_kw": 22, "duration_minutes": 120}}'
+Add a substation while it runs (a broker account is created; it prints the password once and the agent's command):
+  .venv/bin/python -m api.admin substation add east --capacity 300
+  .venv/bin/python -m api.admin substation remove east     # drain, revoke, move its sessions, forget it
 Ctrl-C stops everything.
 """, flush=True)
 

@@ -56,6 +56,7 @@ async def charge(body: ChargeIn, ctx: Ctx, principal: Writer, request: Request) 
         duration_minutes=body.duration_minutes, energy_kwh=body.energy_kwh, min_kw=body.min_kw,
         priority=body.priority, departure=body.departure)
     audit(principal, "charge", ev_id=body.ev_id, request_id=request_id)
+    ctx.store.note_request(message)  # GET /sessions shows the session before the retained state does
     try:
         answer = await ctx.bridge.charge(message, ctx.settings.request_timeout_s)
     except NotConnected as exc:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 from sse_starlette.sse import EventSourceResponse
 
@@ -38,7 +38,9 @@ async def index() -> FileResponse:
                **problems(401, 403, 503)},
     dependencies=[Depends(require_grid_reader)],
 )
-async def events(request: Request, ctx: Ctx) -> EventSourceResponse:
+async def events(request: Request, ctx: Ctx,
+                 noise: Annotated[bool, Query(description="include probe noise (nothing_to_release) in the "
+                                                          "latest answers")] = False) -> EventSourceResponse:
     hub = ctx.hub
     if hub.full():
         raise Problem(503, f"too many live clients ({hub.max_clients})", type_="too-many-clients",
@@ -48,7 +50,7 @@ async def events(request: Request, ctx: Ctx) -> EventSourceResponse:
         # Registered here, not before the response starts: a request cancelled before its stream runs must not
         # keep a client slot (the finally below only runs once the generator has started).
         try:
-            queue = hub.add_client()
+            queue = hub.add_client(noise)
         except TooManyClients:
             return
         try:

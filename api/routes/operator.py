@@ -18,7 +18,7 @@ from api.routes.common import SubstationId, problems
 from api.schemas import CapacityIn, ControlOutcome
 from api.security import Operator, audit, require_operator
 from api.tokens import Principal
-from grid_protocol.messages import ControlAction, ControlCommand
+from grid_protocol.messages import ControlAction, ControlCommand, ControlResult
 
 Ctx = Annotated[AppContext, Depends(get_ctx)]
 #: Operators only, for every route of this router (more operator endpoints: add them here, or give a route of
@@ -27,8 +27,10 @@ router = APIRouter(tags=["operator"], dependencies=[Depends(require_operator)],
                    responses=problems(401, 403, 404, 409, 503, 504))
 
 
-async def _control(ctx: AppContext, operator: Principal, action: ControlAction, substation_id: str,
-                   capacity_kw: float | None = None) -> dict[str, Any]:
+async def send_control(ctx: AppContext, operator: Principal, action: ControlAction, substation_id: str,
+                       capacity_kw: float | None = None) -> ControlResult:
+    """Send one control command and return the balancer's result (refusals included); 503 when nothing can be
+    sent, 504 when the balancer does not answer in time."""
     command = ControlCommand(action=action, substation_id=substation_id, capacity_kw=capacity_kw,
                              request_id=new_request_id())
     audit(operator, action, substation_id=substation_id, capacity_kw=capacity_kw, request_id=command.request_id)
@@ -43,6 +45,12 @@ async def _control(ctx: AppContext, operator: Principal, action: ControlAction, 
                       type_="balancer-timeout", action=action, substation_id=substation_id,
                       request_id=command.request_id)
     ctx.metrics.answers.labels(action, "ok" if result.ok else (result.reason or "refused")).inc()
+    return result
+
+
+async def _control(ctx: AppContext, operator: Principal, action: ControlAction, substation_id: str,
+                   capacity_kw: float | None = None) -> dict[str, Any]:
+    result = await send_control(ctx, operator, action, substation_id, capacity_kw)
     if not result.ok:
         status = 404 if result.reason == "unknown_substation" else 409
         raise Problem(status, f"{action} {substation_id!r} refused by the balancer: {result.reason}"

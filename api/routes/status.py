@@ -1,4 +1,5 @@
-"""Read-only views: health, readiness, overview, substations, sessions, EVs, queue.
+"""Read-only views: health, readiness, overview, substations, sessions, EVs, queue, trends, the event log, and who
+the caller is.
 
 Health and readiness are always open; the rest need a token while ``API_PUBLIC_READS`` is off (api/security.py):
 grid-wide views a viewer or operator, an EV's own views (``/evs/{ev_id}``, ``/sessions?ev_id=``) its EV token.
@@ -15,8 +16,21 @@ from api import VERSION
 from api.context import AppContext, get_ctx
 from api.problems import Problem, problem_response
 from api.routes.common import EvId, SubstationId, problems
-from api.schemas import ID_PATTERN, Ev, Health, Queue, Ready, SessionPage, SessionStatus, Status, Substation
-from api.security import EvReader, ensure_may_read, require_grid_reader
+from api.schemas import (
+    ID_PATTERN,
+    Ev,
+    EventLog,
+    Health,
+    Queue,
+    Ready,
+    SessionPage,
+    SessionStatus,
+    Status,
+    Substation,
+    Trends,
+    WhoAmI,
+)
+from api.security import EvReader, ensure_may_read, identify, require_grid_reader
 
 router = APIRouter()
 Ctx = Annotated[AppContext, Depends(get_ctx)]
@@ -45,8 +59,10 @@ async def ready(ctx: Ctx) -> object:
 
 @router.get("/status", response_model=Status, tags=["status"], responses=_READS, dependencies=_GRID,
             summary="Overview: substations, totals, queue, balancer, latest assignments")
-async def status(ctx: Ctx) -> dict[str, object]:
-    return ctx.store.overview(ctx.now(), connected=ctx.bridge.connected)
+async def status(ctx: Ctx, noise: Annotated[bool, Query(description="latest answers with probe noise "
+                                                                      "(nothing_to_release)")] = False
+                 ) -> dict[str, object]:
+    return ctx.store.overview(ctx.now(), connected=ctx.bridge.connected, noise=noise)
 
 
 @router.get("/substations", response_model=list[Substation], tags=["status"], responses=_READS, dependencies=_GRID,
@@ -101,3 +117,28 @@ async def queue(ctx: Ctx) -> dict[str, object]:
     return ctx.store.queue_view(ctx.now())
 
 
+
+
+@router.get("/trends", response_model=Trends, tags=["status"], responses=_READS, dependencies=_GRID,
+            summary="The last 15 minutes per substation: load, EV load and limit (sampled by this API)")
+async def trends(ctx: Ctx, substation_id: Annotated[list[str] | None, Query(
+        description="only these substations (repeat the parameter); default all")] = None) -> dict[str, object]:
+    return ctx.store.trends.view(ctx.now(), substation_id)
+
+
+@router.get("/event-log", response_model=EventLog, tags=["status"], responses=_READS, dependencies=_GRID,
+            summary="What changed on the grid: operator actions, capacity changes, revocations, substations "
+                    "going stale, offline or overloaded and back, decommissioning")
+async def event_log(ctx: Ctx, limit: Annotated[int, Query(ge=1, le=200)] = 100) -> dict[str, object]:
+    return {"events": ctx.store.events.latest(limit)}
+
+
+@router.get("/whoami", response_model=WhoAmI, tags=["status"], responses=problems(401),
+            summary="The caller's token: its name and role (the live page shows operator actions to operators)")
+async def whoami(ctx: Ctx, request: Request) -> dict[str, object]:
+    principal = identify(ctx, request)
+    if principal is None:
+        return {"name": None, "role": None, "may_read_grid": ctx.settings.public_reads, "may_operate": False}
+    return {"name": principal.name, "role": principal.role,
+            "may_read_grid": ctx.settings.public_reads or principal.reads_grid,
+            "may_operate": principal.is_operator}

@@ -87,7 +87,7 @@ def start_api(broker: LocalBroker, log_dir: Path, **env: str) -> Api:
     anon = httpx.Client(base_url=url, timeout=10)
     try:
         wait_for(lambda: http.get("/health").status_code == 200, 20, "the API to serve /health")
-        wait_for(lambda: "API listening on" in service.log(), 5, "the URL in the log")
+        wait_for(lambda: "api_listening" in service.log() and f":{port}/" in service.log(), 5, "the URL in the log")
     except AssertionError as exc:
         http.close()
         anon.close()

@@ -8,6 +8,7 @@ from api.state import StateStore
 from grid_protocol.messages import (
     Assignment,
     BalancerStatus,
+    ChargeRequest,
     ControlResult,
     QueueEntry,
     QueueState,
@@ -243,3 +244,106 @@ def test_a_session_placed_since_the_last_state_can_be_found_from_its_answer() ->
     assert (found["ev_id"], found["substation_id"], found["request_id"]) == ("EV_1", "A", "r-EV_1")
     store.on_assignment(answer("EV_1", "completed", ts=T0 + 0.5, session_id="s9", substation_id="A"), T0 + 0.5)
     assert store.find_session("s9") is None
+
+
+# ------------------------------------------------------------------------------------------------ issue 14
+def test_offline_substations_leave_the_totals_and_are_counted_apart() -> None:
+    """One of three offline: its capacity and its last load are not in capacity, load or utilisation."""
+    store = StateStore(stale_after_s=5.0)
+    for sid, load in (("a", 200.0), ("b", 100.0), ("c", 186.0)):
+        store.on_substation_state(sid, state(sid, load_kw=load, sessions=[session(f"s-{sid}", f"EV_{sid}", 11.0)]),
+                                  T0)
+    store.on_substation_status("c", SubstationStatus(state="offline", substation_id="c", ts=T0 + 1), T0 + 1)
+    totals = store.totals(store.substation_views(T0 + 1))
+    assert (totals["online"], totals["offline"]) == (2, 1)
+    assert (totals["capacity_kw"], totals["load_kw"], totals["utilisation"]) == (800.0, 300.0, 0.375)
+    assert (totals["offline_capacity_kw"], totals["offline_load_kw"]) == (400.0, 186.0)
+    assert totals["sessions"] == 2 and totals["granted_kw"] == 22.0
+
+
+def test_a_forgotten_substation_is_in_no_view_and_listed_apart_until_it_comes_back() -> None:
+    store = StateStore()
+    store.on_substation_state("east", state("east", capacity_kw=300.0), T0)
+    store.on_telemetry("east", tele("east"), T0)
+    store.on_control_result(ControlResult(ok=True, action="forget", substation_id="east", ts=T0 + 1,
+                                          detail="forgotten; 0 session(s) moved"), T0 + 1)
+    assert store.substation_view("east", T0 + 1) is None and store.substation_views(T0 + 1) == []
+    overview = store.overview(T0 + 1, connected=True)
+    assert overview["decommissioned"] == [{"substation_id": "east", "at": T0 + 1, "capacity_kw": 300.0}]
+    assert overview["totals"]["decommissioned"] == 1 and overview["totals"]["capacity_kw"] == 0
+    assert overview["events"][0]["kind"] == "decommissioned" and "east" in overview["events"][0]["text"]
+    # The cleared retained messages that follow change nothing; a new agent with that id brings it back.
+    store.on_substation_state("east", None, T0 + 2)
+    store.on_substation_status("east", None, T0 + 2)
+    assert store.substation_views(T0 + 2) == []
+    store.on_telemetry("east", tele("east", ts=T0 + 3), T0 + 3)
+    assert [v["substation_id"] for v in store.substation_views(T0 + 3)] == ["east"] and not store.decommissioned
+
+
+def test_a_session_shows_in_sessions_before_the_retained_state_does() -> None:
+    """Read-your-writes: an answer newer than its substation's state adds, changes or ends the session at once."""
+    store = StateStore()
+    store.on_substation_state("a", state("a", sessions=[session("s1", "EV_1", 22.0)]), T0)
+    store.note_request(ChargeRequest(requested_kw=22.0, request_id="r-EV_2", ev_id="EV_2", duration_minutes=60))
+    store.on_assignment(answer("EV_2", ts=T0 + 0.1, substation_id="a", granted_kw=11.0, session_id="s2"), T0 + 0.1)
+    rows = store.sessions()
+    assert [(r["session_id"], r["granted_kw"], r["requested_kw"], r["status"]) for r in rows] == [
+        ("s1", 22.0, 22.0, "charging"), ("s2", 11.0, 22.0, "reduced")]
+    assert store.sessions(ev_id="EV_2")[0]["substation_id"] == "a"
+    # The EV releases: gone at once; its state catching up changes nothing more.
+    store.on_assignment(answer("EV_1", "completed", ts=T0 + 0.2, substation_id="a", session_id="s1",
+                               reason="released"), T0 + 0.2)
+    assert [r["session_id"] for r in store.sessions()] == ["s2"]
+    store.on_substation_state("a", state("a", ts=T0 + 1, sessions=[session("s2", "EV_2", 11.0)]), T0 + 1)
+    assert [r["session_id"] for r in store.sessions()] == ["s2"] and store.sessions()[0]["expected_end"] is not None
+    assert not store._fresh  # the state shows them now
+
+
+def test_probe_noise_is_left_out_of_the_latest_answers_unless_asked_for() -> None:
+    store = StateStore()
+    store.on_assignment(answer("EV_1", "assigned", substation_id="a", granted_kw=11.0, session_id="s1"), T0)
+    for i in range(30):
+        store.on_assignment(answer(f"EV_{i + 2}", "rejected", ts=T0 + i, reason="nothing_to_release"), T0 + i)
+    assert [a["ev_id"] for a in store.overview(T0 + 30, connected=True)["latest_assignments"]] == ["EV_1"]
+    noisy = store.overview(T0 + 30, connected=True, noise=True, assignments_limit=5)["latest_assignments"]
+    assert [a["reason"] for a in noisy] == ["nothing_to_release"] * 5
+
+
+def test_event_log_operator_actions_capacity_revocations_and_conditions() -> None:
+    store = StateStore(stale_after_s=5.0)
+    store.on_substation_state("a", state("a"), T0)
+    store.on_telemetry("a", tele("a", capacity=400.0), T0)
+    store.note_conditions(T0)  # first sight, all well: not news
+    assert store.events.latest(10) == []
+    store.on_control_result(ControlResult(ok=True, action="drain", substation_id="a", ts=T0 + 1), T0 + 1)
+    store.on_control_result(ControlResult(ok=True, action="set_capacity", substation_id="a", ts=T0 + 2,
+                                          state=state("a", ts=T0 + 2, capacity_limit_kw=250.0)), T0 + 2)
+    store.on_control_result(ControlResult(ok=False, action="undrain", substation_id="zz", ts=T0 + 2,
+                                          reason="unknown_substation"), T0 + 2)  # refused: no event
+    store.on_telemetry("a", tele("a", ts=T0 + 3, capacity=250.0), T0 + 3)  # the agent's own schedule
+    for i in range(5):  # a burst on one substation for one reason: one line with a count
+        store.on_assignment(answer(f"EV_{i}", "revoked", ts=T0 + 3, substation_id="a", session_id=f"s{i}",
+                                   reason="substation_offline"), T0 + 3)
+    store.on_telemetry("a", tele("a", ts=T0 + 3, capacity=250.0), T0 + 3)
+    store.note_conditions(T0 + 20)  # silent for 17 s: stale
+    store.on_telemetry("a", tele("a", ts=T0 + 21, capacity=250.0), T0 + 21)
+    store.note_conditions(T0 + 21)
+    kinds = [(e["kind"], e["count"]) for e in reversed(store.events.latest(20))]
+    assert kinds == [("drain", 1), ("capacity", 1), ("capacity", 1), ("revoked", 5), ("stale", 1), ("recovered", 1)]
+    texts = [e["text"] for e in reversed(store.events.latest(20))]
+    assert "250 kW" in texts[1] and "reports a capacity of 250 kW (was 400 kW)" in texts[2]
+    assert texts[3] == "5 sessions revoked on a (substation_offline)"
+
+
+def test_trends_sample_at_most_every_step_and_keep_fifteen_minutes() -> None:
+    store = StateStore()
+    store.on_substation_state("a", state("a", limit_kw=380.0), T0)
+    for i in range(0, 1200, 2):  # telemetry every 2 s for 20 minutes
+        store.on_telemetry("a", Telemetry(substation_id="a", ts=T0 + i, seq=i, capacity_kw=400.0, load_kw=100.0 + i,
+                                          base_load_kw=90.0, ev_load_kw=10.0 + i, active_sessions=1), T0 + i)
+    view = store.trends.view(T0 + 1198)
+    series = view["substations"]["a"]
+    assert len(series["t"]) == 90 and series["t"][1] - series["t"][0] == 10.0
+    assert T0 + 1198 - series["t"][0] <= 900 and series["limit_kw"][-1] == 380.0
+    assert series["load_kw"][-1] == 100.0 + 1190 and series["ev_load_kw"][-1] == 10.0 + 1190
+    assert store.trends.view(T0, ["nowhere"])["substations"] == {}
