@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except httpx.HTTPError as exc:
         print(f"error: {args.url} did not answer: {exc}", file=sys.stderr)
         return 2
-    data = resp.json() if resp.headers.get("content-type", "").endswith("json") else {"detail": resp.text}
+    data: dict[str, Any] = (resp.json() if resp.headers.get("content-type", "").endswith("json")
+                            else {"detail": resp.text})
     if resp.status_code >= 400:
         print(f"refused ({resp.status_code}): {data.get('detail', data)}", file=sys.stderr)
         return 1
@@ -85,9 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"balancer {data['balancer']}, {data['sessions_moved']} session(s) moved"
               + (f" ({data['detail']})" if data.get("detail") else ""))
     else:
-        released = data.get("released")
+        released: dict[str, Any] | None = data.get("released")
         print(f"EV {args.id} removed: account {'revoked' if data['account_removed'] else 'did not exist'}"
-              + (f", its {released['status']} request/session ended" if released else ", nothing open"))
+              + (f", its request/session ended ({released['status']})" if released else ", nothing open"))
     return 0
 
 
