@@ -43,6 +43,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                              help="kW, for the agent command printed (the agent reports it)")
         remove = actions.add_parser("remove", help=f"take the {kind} out of service and revoke its account")
         remove.add_argument("id", help=id_help)
+        for leaf in (add, remove):  # (also after the subcommand)
+            leaf.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                              help="print the API's JSON answer")
     return parser.parse_args(argv)
 
 

@@ -92,6 +92,7 @@ async def remove_substation(substation_id: SubstationId, ctx: Ctx, operator: Ope
     provisioner = _provisioner(ctx)
     sid = substation_id
     view = ctx.store.substation_view(sid, ctx.now())
+    sessions = len(ctx.store.sessions(substation_id=sid))  # (with those placed since its last retained state)
     audit(operator, "remove_substation", substation_id=sid)
     drained = await send_control(ctx, operator, "drain", sid)  # 503/504 here: nothing changed yet
     if not drained.ok and drained.reason != "unknown_substation":
@@ -109,7 +110,7 @@ async def remove_substation(substation_id: SubstationId, ctx: Ctx, operator: Ope
     if existed:
         ctx.store.events.add(ctx.now(), "account_removed", f"account of substation {sid} revoked", substation_id=sid)
     return {"substation_id": sid, "account_removed": existed, "balancer": "forgotten" if forgotten.ok else "unknown",
-            "sessions_moved": int(view["sessions_total"] or 0) if view is not None else 0,
+            "sessions_moved": max(sessions, int(view["sessions_total"] or 0) if view is not None else 0),
             "detail": forgotten.detail if forgotten.ok else None}
 
 
