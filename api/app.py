@@ -51,7 +51,7 @@ def create_app(settings: ApiSettings | None = None, *, transport: Transport | No
     settings = settings or ApiSettings()
     tokens = TokenStore(settings.token, settings.tokens_file)
     store = StateStore(stale_after_s=settings.stale_after_s, recent_assignments=settings.recent_assignments,
-                       ev_memory=settings.ev_memory, started_at=clock())
+                       ev_memory=settings.ev_memory, started_at=clock(), trend_step_s=settings.trend_step_s)
     bridge = Bridge(settings, store, transport, clock)
     hub = LiveHub(store, lambda: bridge.connected, interval_s=settings.sse_interval_s,
                   queue_size=settings.sse_queue_size, max_clients=settings.sse_max_clients, clock=clock)

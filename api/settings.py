@@ -39,6 +39,8 @@ class ApiSettings(BaseSettings):
     sse_queue_size: int = Field(8, ge=1, le=1000)
     #: Concurrent live-page clients; more get 503.
     sse_max_clients: int = Field(100, ge=1, le=10_000)
+    #: The live page's trends: at most one sample per substation this often, 15 minutes kept (GET /trends).
+    trend_step_s: float = Field(10.0, ge=0.1, le=300)
     #: Latest assignments kept for the live page and /status.
     recent_assignments: int = Field(50, ge=1, le=1000)
     #: EVs whose latest answer is remembered for GET /evs/{ev_id} (least recently updated dropped first).

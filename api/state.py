@@ -104,7 +104,7 @@ class StateStore:
     """The API's view of the grid, rebuilt from retained messages after a restart."""
 
     def __init__(self, *, stale_after_s: float = 5.0, recent_assignments: int = 50, ev_memory: int = 20_000,
-                 started_at: float = 0.0) -> None:
+                 started_at: float = 0.0, trend_step_s: float = 10.0) -> None:
         self.stale_after_s = stale_after_s
         self.started_at = started_at
         self.substations: dict[str, SubstationEntry] = {}
@@ -120,7 +120,7 @@ class StateStore:
         #: substations forgotten (DELETE /substations/{id}, the balancer's forget), newest last
         self.decommissioned: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.events = EventLog()
-        self.trends = Trends()
+        self.trends = Trends(step_s=trend_step_s)
         self._ev_memory = ev_memory
         self._evs: OrderedDict[str, Assignment] = OrderedDict()
         #: the latest answer that was not a rejection: a rejection leaves what the EV has open as it was

@@ -10,6 +10,7 @@ Fixtures:
 * ``make_broker(**kwargs)``: factory for brokers with other accounts or options; same defaults as
   ``broker``, keyword arguments of :class:`LocalBroker` override them, ``start=False`` returns it
   unstarted. Every broker it made is stopped at teardown.
+* ``stopper``: a list of things to stop at teardown, last first (even when the test failed).
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ def make_broker(tmp_path: Path, mosquitto_bin: str) -> Iterator[BrokerFactory]:
     yield factory
     for instance in reversed(made):
         instance.stop()
+
+
+@pytest.fixture
+def stopper() -> Iterator[list[Callable[[], Any]]]:
+    todo: list[Callable[[], Any]] = []
+    yield todo
+    for stop in reversed(todo):
+        stop()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from probe import ROOT, Probe, Service, start_balancer
-from test_api_e2e import TOKEN, charge, check_log, problem, start_api, stopper, wait_for  # noqa: F401 (fixture)
+from test_api_e2e import TOKEN, charge, check_log, problem, start_api, wait_for
 
 from broker.local import LocalBroker
 

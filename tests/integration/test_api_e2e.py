@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,15 +124,6 @@ class Substations:
         self._stop.set()
         self._thread.join(5)
         self.probe.close()
-
-
-@pytest.fixture
-def stopper() -> Iterator[list[Callable[[], Any]]]:
-    """Things to stop at teardown, last first (even when the test failed)."""
-    todo: list[Callable[[], Any]] = []
-    yield todo
-    for stop in reversed(todo):
-        stop()
 
 
 def problem(r: httpx.Response, status: int) -> dict[str, Any]:
@@ -552,6 +543,97 @@ def test_live_page_behind_a_token_asks_for_one_and_then_follows_the_grid(
         logs = [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"
                 and "401" not in entry.get("message", "") and "403" not in entry.get("message", "")]
         assert not logs, logs  # (the refused requests before logging in are logged by Chromium itself)
+    check_log(api.service)
+
+
+def test_live_page_for_an_operator_trends_actions_event_log_and_probe_noise(
+        broker: LocalBroker, tmp_path: Path, stopper: list[Callable[[], Any]]) -> None:
+    """The operator's page in headless Chromium: a trend per substation that grows, operator actions behind an
+    operator token (a viewer's is refused), the event log, and probe noise shown only when asked for."""
+    from browser import chromium
+    from selenium.webdriver.common.by import By
+
+    subs = Substations(broker, north=(400.0, 150.0), south=(250.0, 80.0)).__enter__()
+    stopper.append(lambda: subs.__exit__())
+    balancer = start_balancer(broker, tmp_path, BALANCER_STALE_AFTER_S="2", BALANCER_STATE_INTERVAL_S="0.2")
+    stopper.append(balancer.stop)
+    api = start_api(broker, tmp_path, API_PUBLIC_READS="true", API_TREND_STEP_S="0.5")
+    stopper.append(api.stop)
+    wait_for(lambda: len(api.http.get("/substations").json()) == 2, 15, "two substations")
+
+    with chromium(tmp_path / "chromium-profile") as driver:
+        driver.get(api.url + "/")
+
+        def row(sid: str) -> Any:
+            return driver.find_element(By.CSS_SELECTOR, f'.sub[data-substation="{sid}"]')
+
+        def trend_points(sid: str) -> int:
+            points = row(sid).find_element(By.CSS_SELECTOR, "polyline.load").get_attribute("points") or ""
+            return len(points.split())
+
+        def events_text() -> str:
+            return str(driver.find_element(By.ID, "events").text)
+
+        wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, ".sub")) == 2, 15, "two rows")
+        # The trend grows with the feed (one sample per 0.5 s here; 10 s by default), limit drawn beside it.
+        wait_for(lambda: trend_points("north") >= 4, 15, "a trend for north")
+        assert row("north").find_element(By.CSS_SELECTOR, "polyline.lim").get_attribute("points")
+        assert api.http.get("/trends").json()["substations"]["north"]["load_kw"][-1] == 150.0
+        # No operator yet: no actions shown. A viewer's token is refused as operator; the operator's is taken.
+        ops = row("north").find_element(By.CSS_SELECTOR, ".ops")
+        assert not ops.is_displayed()
+        driver.find_element(By.ID, "operator-button").click()
+
+        def sign_in(token: str) -> None:
+            box = driver.find_element(By.ID, "operator-token")
+            box.clear()
+            box.send_keys(token)
+            driver.find_element(By.CSS_SELECTOR, "#operator-login button[type=submit]").click()
+
+        sign_in(VIEWER_TOKEN)
+        wait_for(lambda: "may not act as operator" in driver.find_element(By.ID, "operator-error").text, 10,
+                 "the viewer refused")
+        assert not ops.is_displayed()
+        sign_in(TOKEN)
+        wait_for(lambda: ops.is_displayed(), 10, "operator actions")
+        assert "operator: API_TOKEN (sign out)" in driver.find_element(By.ID, "operator-button").text
+
+        # Drain from the page: the balancer does it, the row and the event log show it.
+        row("north").find_element(By.CSS_SELECTOR, "button.drain").click()
+        wait_for(lambda: "draining" in str(row("north").get_attribute("class")), 10, "north draining")
+        wait_for(lambda: "north drained" in events_text(), 10, "the drain in the event log")
+        assert "drain north: done" in driver.find_element(By.ID, "action-result").text
+        assert api.http.get("/substations/north").json()["draining"] is True
+        # A capacity limit, and its removal.
+        cap = row("south").find_element(By.CSS_SELECTOR, ".cap-input")
+        cap.send_keys("200")
+        row("south").find_element(By.CSS_SELECTOR, 'button[data-action="set-capacity"]').click()
+        wait_for(lambda: "operator limit 200.0" in row("south").find_element(By.CSS_SELECTOR, ".nums").text, 10,
+                 "south limited")
+        wait_for(lambda: "south: operator limit 200 kW" in events_text(), 10, "the limit in the event log")
+        row("south").find_element(By.CSS_SELECTOR, 'button[data-action="clear-capacity"]').click()
+        wait_for(lambda: "operator limit removed" in events_text(), 10, "the removal in the event log")
+        row("north").find_element(By.CSS_SELECTOR, "button.drain").click()  # now labelled undrain
+        wait_for(lambda: "north takes new sessions again" in events_text(), 10, "undrain")
+        assert api.http.get("/substations/north").json()["draining"] is False
+
+        # Probe noise (nothing_to_release) stays out of the latest answers unless asked for.
+        assert charge(api.http, "EV_0002", 11).status_code == 200
+        problem(api.http.delete("/evs/EV_0050/request"), 404)  # answered rejected nothing_to_release
+        wait_for(lambda: "EV_0002" in driver.find_element(By.ID, "assignments").text, 10, "EV_0002's answer")
+        time.sleep(1.0)  # (several snapshots later)
+        assert "EV_0050" not in driver.find_element(By.ID, "assignments").text
+        driver.find_element(By.ID, "show-noise").click()
+        wait_for(lambda: "nothing_to_release" in driver.find_element(By.ID, "assignments").text, 10, "the noise")
+
+        # A substation going silent is in the log as stale (and its trend stops growing).
+        subs.silent.add("south")
+        wait_for(lambda: "south is stale" in events_text(), 15, "south stale in the event log")
+        time.sleep(0.5)
+        screenshot = tmp_path / "live-page-operator.png"
+        assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+        logs = [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"]
+        assert not logs, logs
     check_log(api.service)
 
 
