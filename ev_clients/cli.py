@@ -11,6 +11,9 @@ Examples::
     python -m ev_clients loadtest --requests 1000 --concurrent 10 --ramp-up 5 \\
         --url mqtt://127.0.0.1:1884 --save results.json
 
+    # the same through the HTTP API (POST /charge), holding each session 2 s so requests queue
+    API_TOKEN=... python -m ev_clients loadtest --requests 200 --url http://127.0.0.1:8000 --release-after 2
+
 Flags override the ``EV_*``/``MQTT_*`` environment (see :mod:`ev_clients.settings`). Exit code 0 when
 every request sent was answered, 1 when some never were (their ids are printed and saved), 2 for bad
 arguments. SIGINT/SIGTERM stop gracefully (EVs release and disconnect, the summary is printed and
@@ -23,13 +26,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from ev_clients import scenario as scenario_cmd
 from ev_clients.fleet import FleetRunner, RunConfig
@@ -49,7 +53,8 @@ def parse_url(url: str) -> tuple[str, int]:
     """``mqtt://host:port`` (or ``tcp://``, or plain ``host:port``) -> ``(host, port)``; port defaults to 1883."""
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
     if parts.scheme not in ("mqtt", "tcp"):
-        raise ValueError(f"unsupported URL scheme {parts.scheme!r} (use mqtt://host:port)")
+        raise ValueError(f"unsupported URL scheme {parts.scheme!r} (use mqtt://host:port, or for the load test "
+                         "http://host:port: the HTTP API)")
     if not parts.hostname:
         raise ValueError(f"no host in {url!r}")
     return parts.hostname, parts.port or 1883
@@ -71,7 +76,10 @@ def _non_negative(text: str) -> float:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("broker and EVs")
-    g.add_argument("--url", help="broker, mqtt://host:port (default: MQTT_HOST/MQTT_PORT)")
+    g.add_argument("--url", help="broker, mqtt://host:port (default: MQTT_HOST/MQTT_PORT); loadtest also "
+                                 "http://host:port: through the HTTP API's POST /charge (EV_API_URL)")
+    g.add_argument("--token", help="with an http:// URL: the API's bearer token (EV_API_TOKEN, else API_TOKEN): "
+                                   "the operator's, or an EV token covering the EV ids")
     g.add_argument("--client", choices=("aiomqtt", "paho"), help="MQTT library per EV (EV_CLIENT, aiomqtt)")
     g.add_argument("--id-prefix", help="EV id prefix (EV_ID_PREFIX, EV_): ids EV_0001, EV_0002, ...")
     g.add_argument("--retry-after", type=float, metavar="S",
@@ -130,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="workers, each its own EV id and connection (default %(default)s)")
     load.add_argument("--ramp-up", type=_non_negative, default=5.0, metavar="S",
                       help="start the workers evenly over S seconds (default %(default)s)")
+    load.add_argument("--release-after", type=_non_negative, metavar="S",
+                      help="hold each session S real seconds before releasing it (EV_RELEASE_AFTER_S, 0 = at "
+                           "once); longer fills the substations so requests queue")
     scenario_cmd.add_parser(sub, _positive_int)
     return parser
 
@@ -140,14 +151,23 @@ def _settings(args: argparse.Namespace) -> EvSettings:
                       ("speedup", "speedup"), ("retry_after", "retry_after_s"), ("max_attempts", "max_attempts"),
                       ("timeout", "timeout_s"), ("id_prefix", "id_prefix"),
                       ("release_early_pct", "release_early_pct"), ("client", "client"), ("seed", "seed"),
-                      ("keep_records", "keep_records")):
+                      ("keep_records", "keep_records"), ("release_after", "release_after_s"),
+                      ("token", "api_token")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
-    if args.url:
+    if args.url and urlsplit(args.url).scheme in ("http", "https"):
+        if args.command != "loadtest":
+            raise ValueError("an http:// URL drives the HTTP API: only the load test does that (the fleet and "
+                             "scenarios speak MQTT: mqtt://host:port)")
+        overrides["api_url"] = args.url.rstrip("/")
+    elif args.url:
         host, port = parse_url(args.url)
         overrides["mqtt"] = MqttSettings(host=host, port=port)
-    return EvSettings(**overrides)
+    settings = EvSettings(**overrides)
+    if settings.api_url is not None and settings.api_token is None and os.environ.get("API_TOKEN"):
+        settings = settings.model_copy(update={"api_token": SecretStr(os.environ["API_TOKEN"])})
+    return settings
 
 
 def _config(args: argparse.Namespace) -> RunConfig:

@@ -58,7 +58,8 @@ class EvBehaviour:
     timeout_s: float = 60.0  # longest wait in the queue; slack past the expected end of a charge
     speedup: float = 1.0  # the agents' SIM_SPEEDUP
     release_early_pct: float = 10.0
-    release_at_once: bool = False  # load tester: release as soon as ``assigned`` arrives
+    release_at_once: bool = False  # load tester: release as soon as ``assigned`` arrives ...
+    release_after_s: float = 0.0  # ... or this many real seconds after it (hold sessions: exercise the queue)
     connect_timeout_s: float = 10.0
     poll_after_s: float | None = None  # silence before a state query; default 4 x retry_after_s
     max_polls: int = 50
@@ -311,7 +312,7 @@ class SimulatedEv:
                     # silence is normal while charging: ask only once the charge should be over
                     poll_due = max(now + b.poll_interval, expected_end + b.retry_after_s)
                     if b.release_at_once:
-                        release_due = now
+                        release_due = now + b.release_after_s
                     elif not early_decided:
                         early_decided = True
                         if self.rng.random() * 100 < b.release_early_pct:
@@ -325,7 +326,8 @@ class SimulatedEv:
                 await self._release(record, payload)
                 return
             if release_due is not None and now >= release_due and status in CHARGING:
-                record.outcome = "released_at_once" if b.release_at_once else "released_early"
+                record.outcome = ("released_early" if not b.release_at_once else "released_at_once"
+                                  if b.release_after_s == 0 else "released_after_hold")
                 await self._release(record, payload)
                 return
             giveup = queue_deadline if status in WAITING else charge_deadline

@@ -34,7 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TextIO
 
+import httpx
+
 from ev_clients.ev import EvBehaviour, OwnRequests, SimulatedEv, new_request_id
+from ev_clients.http_ev import HttpEv, HttpRefused
 from ev_clients.settings import EvSettings
 from ev_clients.stats import FleetStats, RequestRecord
 from ev_clients.workload import EvIdPool, RequestMix, arrival_gaps, ev_ids, ramp_offsets, split_evenly
@@ -68,6 +71,7 @@ def _behaviour(settings: EvSettings, mode: Mode) -> EvBehaviour:
         speedup=settings.speedup,
         release_early_pct=settings.release_early_pct,
         release_at_once=mode == "loadtest",
+        release_after_s=settings.release_after_s,
     )
 
 
@@ -140,6 +144,9 @@ class FleetRunner:
         self.connections = EvConnections()
         self.own = OwnRequests()  # requests this run sent and never saw end: the only ones it may release
         self._held_elsewhere: set[str] = set()  # EV ids already reported as held by someone else
+        #: ``EV_API_URL``: the load test goes through the HTTP API (one connection pool for every EV)
+        self._http: httpx.AsyncClient | None = None
+        self.refused: str | None = None  # the API refused the token (the run stopped)
 
     # --- helpers --------------------------------------------------------------------------------
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -161,14 +168,16 @@ class FleetRunner:
             await asyncio.wait_for(self.stop.wait(), seconds)
         return not self.stop.is_set()
 
-    def _new_ev(self, ev_id: str, rng: random.Random) -> SimulatedEv:
+    def _new_ev(self, ev_id: str, rng: random.Random) -> SimulatedEv | HttpEv:
+        if self._http is not None:
+            return HttpEv(ev_id, self._http, self.stats, self.behaviour, stop=self.stop, clock=self.clock)
         ev = SimulatedEv(ev_id, self.settings.mqtt, self.topics, self.stats, self.behaviour,
                          client_kind=self.settings.client, rng=rng, stop=self.stop, clock=self.clock,
                          own=self.own)
         self.connections.opened(ev.transport)
         return ev
 
-    async def _after_busy(self, ev: SimulatedEv, record: RequestRecord) -> bool:
+    async def _after_busy(self, ev: SimulatedEv | HttpEv, record: RequestRecord) -> bool:
         """``ev_busy``: close what this run left open for the EV id (``True``: try again). Anything else holding
         it is not ours to end: say so once per EV id and leave it."""
         if await ev.release_own():
@@ -179,11 +188,12 @@ class FleetRunner:
                         hint="a request this run did not send holds the EV id (answered ev_busy); left alone")
         return False
 
-    async def _close(self, ev: SimulatedEv) -> None:
+    async def _close(self, ev: SimulatedEv | HttpEv) -> None:
         try:
             await ev.close()
         finally:
-            self.connections.closed(ev.transport)
+            if ev.transport is not None:
+                self.connections.closed(ev.transport)
 
     @staticmethod
     def _busy(record: RequestRecord) -> bool:
@@ -259,7 +269,14 @@ class FleetRunner:
                 if self.stop.is_set():
                     break
                 self._taken += 1
-                record = await ev.charge(self.config.mix.make(rng, ev_id, new_request_id()))
+                try:
+                    record = await ev.charge(self.config.mix.make(rng, ev_id, new_request_id()))
+                except HttpRefused as exc:  # a wrong token: no request of this run can succeed
+                    if self.refused is None:
+                        self.refused = str(exc)
+                        log.error("api_token_refused", detail=str(exc), hint="--token / EV_API_TOKEN / API_TOKEN")
+                    self.request_stop()
+                    break
                 if self._busy(record) and not self.stop.is_set():
                     await self._after_busy(ev, record)
         finally:
@@ -313,6 +330,18 @@ class FleetRunner:
         return min(b.retry_after_s * b.max_attempts, 2 * b.retry_after_s + 5.0) + 5.0
 
     async def run(self) -> FleetStats:
+        if self.settings.api_url is not None:
+            token = self.settings.api_token.get_secret_value() if self.settings.api_token else ""
+            self._http = httpx.AsyncClient(base_url=self.settings.api_url, timeout=30.0,
+                                           headers={"Authorization": f"Bearer {token}"} if token else {},
+                                           limits=httpx.Limits(max_connections=max(10, self.config.concurrent)))
+        try:
+            return await self._run()
+        finally:
+            if self._http is not None:
+                await self._http.aclose()
+
+    async def _run(self) -> FleetStats:
         self.stats.started_at = self.clock()
         reporter = asyncio.create_task(self._reporter(), name="reporter")
         timer: asyncio.Task[None] | None = None
@@ -365,7 +394,7 @@ class FleetRunner:
     def exit_code(self) -> int:
         """0 when every request sent was answered (and, for a load test, all were sent); 1 otherwise."""
         s = self.stats
-        if s.unanswered_count:
+        if s.unanswered_count or self.refused is not None:
             return 1
         if self.config.mode == "loadtest" and not self.interrupted and s.sent < (self.config.requests or 0):
             return 1
@@ -375,11 +404,12 @@ class FleetRunner:
         s = self.settings
         config: dict[str, Any] = {
             "mode": self.config.mode,
-            "broker": f"{s.mqtt.host}:{s.mqtt.port}",
-            "client": s.client,
+            "broker": f"{s.mqtt.host}:{s.mqtt.port}" if s.api_url is None else None,
+            "api": s.api_url,
+            "client": s.client if s.api_url is None else "http",
             "requests": self.config.requests,
             "interrupted": self.interrupted,
-            "ev": s.model_dump(exclude={"mqtt", "grid"}),
+            "ev": s.model_dump(mode="json", exclude={"mqtt", "grid", "api_token"}),
             "mix": dataclasses.asdict(self.config.mix),
         }
         if self.config.mode == "loadtest":

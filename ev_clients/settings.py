@@ -17,6 +17,11 @@
 ``EV_KEEP_RECORDS``        an open-ended fleet (no ``--requests``) keeps only the last N request records
                            and latency samples (percentiles then describe the last N answers; counts stay
                            exact), default 10000. Finite runs keep everything.
+``EV_RELEASE_AFTER_S``     load test: hold each session this many real seconds before releasing it
+                           (default 0: at once; longer fills the substations, so requests queue)
+``EV_API_URL``             load test through the HTTP API (``http://host:port``) instead of MQTT
+``EV_API_TOKEN``           its bearer token (default ``API_TOKEN``): the operator's, or an EV token
+                           covering the load tester's EV ids
 =========================  =======================================================================
 
 Broker address and credentials come from ``MQTT_*`` (:class:`~grid_runtime.settings.MqttSettings`):
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from grid_protocol.ids import is_valid_id
@@ -53,6 +58,9 @@ class EvSettings(BaseSettings):
     client: Literal["aiomqtt", "paho"] = "aiomqtt"
     seed: int | None = None
     keep_records: int = Field(10_000, ge=1, le=10_000_000)
+    release_after_s: float = Field(0.0, ge=0, le=86_400)
+    api_url: str | None = None
+    api_token: SecretStr | None = None
 
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     grid: GridSettings = Field(default_factory=GridSettings)

@@ -360,6 +360,8 @@ class FleetStats:
         self.connected_evs = 0
         self.connect_failures = 0
         self.arrivals_delayed = 0  # arrivals that had to wait for a free EV id
+        #: where requests were placed (their first ``assigned``): the spread the original design's users looked at
+        self.placed_on: Counter[str] = Counter()
         #: Called with each request's first-answer latency in seconds (the metrics histogram observes it).
         self.on_first_answer: Callable[[float], None] | None = None
         self._rate_mark: tuple[float, int] | None = None
@@ -434,6 +436,7 @@ class FleetStats:
                 self.on_first_answer(record.first_answer_s)
         if not was_assigned and record.assigned_s is not None:
             self.to_assigned.add(record.assigned_s)
+            self.placed_on[record.substation_id or "?"] += 1
         self._track_live(previous, status)
         return True
 
@@ -507,6 +510,7 @@ class FleetStats:
             "active_sessions": self.active_sessions,
             "connect_failures": self.connect_failures,
             "arrivals_delayed": self.arrivals_delayed,
+            "sessions_by_substation": dict(sorted(self.placed_on.items())),
             # what ``requests`` of the saved file holds: every record (limit None) or the most recent ones
             "records_limit": self.keep_records,
             "records_kept": len(self.records),
@@ -564,6 +568,11 @@ class FleetStats:
             else:
                 rows.append((label, "n=0"))
         rows.append(("answers by status", ", ".join(f"{k}={v}" for k, v in s["status_events"].items()) or "-"))
+        placed = s["sessions_by_substation"]
+        total = sum(placed.values())
+        rows.append(("sessions per substation", ", ".join(
+            f"{k}={v} ({100 * v / total:.0f} %)" for k, v in sorted(placed.items(), key=lambda kv: (-kv[1], kv[0])))
+            or "-"))
         rows.append(("final status", ", ".join(f"{k}={v}" for k, v in s["final_status"].items()) or "-"))
         if s["reasons"]:
             rows.append(("reasons", ", ".join(f"{k}={v}" for k, v in s["reasons"].items())))

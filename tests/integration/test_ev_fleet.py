@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 import time
@@ -148,6 +149,41 @@ def test_loadtest_every_request_answered(broker: LocalBroker, procs: Procs, tmp_
             assert r["statuses"][-1] == "completed" and r["released"]
     assert doc["config"]["concurrent"] == 6
     assert "p99=" in result.stdout
+
+
+def test_loadtest_through_the_http_api_holds_sessions_so_requests_queue(
+        broker: LocalBroker, procs: Procs, tmp_path: Path) -> None:
+    """``--url http://…`` drives POST /charge (the original design's flag), ``--release-after`` holds each session
+    so the substations fill and requests wait in the queue, and the summary shows where sessions went."""
+    from test_api_e2e import TOKEN, start_api
+
+    procs.agents(broker, "A:60,B:60", SIM_SPEEDUP="1", SUBSTATION_BASE_LOAD_PCT="1")
+    procs.balancer(broker)
+    wait_online(broker, ["A", "B"], balancer=True)
+    api = start_api(broker, tmp_path)
+    try:
+        out = tmp_path / "results.json"
+        args = ["loadtest", "--requests", "24", "--concurrent", "6", "--ramp-up", "0", "--kw-mix", "22:1",
+                "--min-kw-pct", "0", "--release-after", "1", "--url", api.url, "--save", str(out), "--seed", "5"]
+        refused = run_ev_clients(broker, [*args, "--token", "not-a-token"], timeout=30)
+        assert refused.returncode == 1 and "api_token_refused" in refused.stderr + refused.stdout, refused.stderr
+        result = run_ev_clients(broker, [*args, "--token", TOKEN], timeout=90)
+        assert result.returncode == 0, _explain(result, procs)
+        s = json.loads(out.read_text())["summary"]
+        assert s["requests_sent"] == 24 and s["requests_answered"] == 24 and s["requests_unanswered"] == 0
+        # 57 kW of limit each, 22 kW requests: two sessions and a partial one per substation, the rest wait.
+        assert s["status_events"]["queued"] > 0 and s["status_events"]["assigned"] == 24, s["status_events"]
+        assert s["final_status"] == {"completed": 24}
+        assert set(s["sessions_by_substation"]) == {"A", "B"} and sum(s["sessions_by_substation"].values()) == 24
+        assert s["outcomes"] == {"released_after_hold": 24}
+        spread = r"sessions per substation\s+[AB]=\d+ \(\d+ %\), [AB]=\d+ \(\d+ %\)"
+        assert re.search(spread, result.stdout), result.stdout
+        assert s["elapsed_s"] >= 4 * 1.0 * 0.9  # each worker held each of its 4 sessions 1 s
+        # The API saw every request as an EV's writes (its metrics count them).
+        metrics = api.http.get("/metrics").text
+        assert 'gridlb_api_balancer_answers_total{operation="charge",outcome="queued"}' in metrics
+    finally:
+        api.stop()
 
 
 def test_fleet_queues_then_completes_all(broker: LocalBroker, procs: Procs, tmp_path: Path) -> None:
