@@ -30,7 +30,7 @@ from replay.benchmark import (
     format_benchmark,
     run_benchmark,
 )
-from replay.report import format_table, plot_overview, plot_run, write_json
+from replay.report import format_notes, format_table, plot_overview, plot_run, write_json
 from replay.scenario import Scenario, ScenarioError, load_scenario, parse_duration, shipped_scenarios
 from replay.sessions import SessionFileError, load_sessions
 from replay.sim import ALL_POLICIES, BASELINE_POLICIES, RunResult, available_policies, run
@@ -163,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _live(args, scenarios, policies, out)
     results: list[RunResult] = []
     plots: dict[tuple[str, str], str] = {}
+    overviews = 0
     for scenario in scenarios:
         per_scenario = []
         for policy in policies:
@@ -176,15 +177,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 plots[(scenario.name, policy)] = path.name
         if not args.no_plots and len(per_scenario) > 1:
             plot_overview(per_scenario, out / f"{scenario.name}__overview.png")
+            overviews += 1
         results.extend(per_scenario)
     print(format_table(results))
+    print(format_notes(results))
     write_json(out / "results.json", results, plots)
-    print(f"\nwrote {out / 'results.json'}" + ("" if args.no_plots else f" and {len(plots)} plots to {out}"))
+    print(f"\nwrote {out / 'results.json'}" + ("" if args.no_plots else _plots_written(plots, overviews, out)))
     unsafe = [r for r in results if r.policy not in BASELINE_POLICIES and r.metrics.overload_s > 0]
     if args.fail_on_overload and unsafe:
         print("overload with: " + ", ".join(f"{r.scenario}/{r.policy}" for r in unsafe), file=sys.stderr)
         return 1
     return 0
+
+
+def _plots_written(plots: dict[tuple[str, str], str], overviews: int, out: Path) -> str:
+    overview = f" + {overviews} overview{'s' if overviews != 1 else ''}" if overviews else ""
+    return f" and {len(plots) + overviews} plots ({len(plots)} runs{overview}) to {out}"
 
 
 def _live(args: argparse.Namespace, scenarios: list[Scenario], policies: list[str], out: Path) -> int:
@@ -195,6 +203,7 @@ def _live(args: argparse.Namespace, scenarios: list[Scenario], policies: list[st
     plots: dict[tuple[str, str], str] = {}
     extra: dict[tuple[str, str], dict[str, Any]] = {}
     lost: list[str] = []
+    overviews = 0
     for scenario in scenarios:
         per_scenario = []
         for policy in policies:
@@ -218,12 +227,14 @@ def _live(args: argparse.Namespace, scenarios: list[Scenario], policies: list[st
                 plots[(scenario.name, policy)] = path.name
         if not args.no_plots and len(per_scenario) > 1:
             plot_overview(per_scenario, out / f"{scenario.name}__overview.png", note="  (live)")
+            overviews += 1
         results.extend(per_scenario)
     speedups = sorted({f"{e['live']['speedup']:g}x" for e in extra.values()})
     print(f"mode: live (real broker, balancer, agents and EV clients; speed-up {', '.join(speedups)})")
     print(format_table(results))
+    print(format_notes(results))
     write_json(out / "results.json", results, plots, mode="live", extra=extra)
-    print(f"\nwrote {out / 'results.json'}" + ("" if args.no_plots else f" and {len(plots)} plots to {out}"))
+    print(f"\nwrote {out / 'results.json'}" + ("" if args.no_plots else _plots_written(plots, overviews, out)))
     if lost:
         print("EVs not accounted for: " + "; ".join(lost), file=sys.stderr)
     unsafe = [r for r in results if r.policy not in BASELINE_POLICIES and r.metrics.overload_s > 0]

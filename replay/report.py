@@ -16,7 +16,7 @@ from typing import Any
 from replay.metrics import Metrics
 from replay.sim import RunResult
 
-__all__ = ["format_table", "plot_overview", "plot_run", "results_json", "write_json"]
+__all__ = ["COLUMN_NOTES", "format_table", "plot_overview", "plot_run", "results_json", "write_json"]
 
 #: The balancer's default safety margin, drawn as the limit line.
 LIMIT_PCT = 95.0
@@ -49,6 +49,38 @@ def _row(result: RunResult) -> list[str]:
         f"{m.energy_not_delivered_kwh:.0f}{share}", _pair(m.wait_p50_s, m.wait_p95_s),
         _pair(m.wait_queued_p50_s, m.wait_queued_p95_s), f"{_num(m.changes_mean, 1)}/{m.changes_max}",
     ]
+
+
+#: What each column means (printed under the table; definitions in replay/metrics.py).
+COLUMN_NOTES: tuple[tuple[str, str], ...] = (
+    ("EVs / served / unserved / rejected", "EVs that asked; got power at some point; waited and left with none; "
+                                           "refused outright (queue full, exceeds capacity)"),
+    ("overload s / peak over kW", "seconds any online substation's measured load was above its capacity, and "
+                                  "the worst excess (0 is the guarantee)"),
+    ("spread %", "time-weighted mean of (max - min) utilisation across online substations: how even the load is"),
+    ("Jain", "fairness of what EVs got, 1 = all the same share of what they asked for, 1/n = one got everything; "
+             "EVs that waited and left empty count as 0"),
+    ("undelivered kWh", "energy asked for and not delivered (its share of all energy asked for)"),
+    ("wait p50/p95 s", "request to first assignment, over EVs that got power; queued: only those that waited"),
+    ("changes mean/max", "how often an EV's granted power changed after its first assignment (flapping)"),
+)
+#: Why a row can look bad while the policy is right (printed when those scenarios are in the table).
+SCENARIO_NOTES: dict[str, str] = {
+    "burst_1000": "burst_1000: 1,000 EVs ask at once where the grid has room for a few dozen at a time; most wait "
+                  "and many leave before their turn (their stay is 20-60 min), so a low Jain and most energy "
+                  "undelivered measure the grid's room, not the policy: the capacity-respecting policies have "
+                  "0 overload-seconds while the baselines that ignore capacity deliver more by overloading.",
+}
+
+
+def format_notes(results: Sequence[RunResult]) -> str:
+    """The column explanations, and a note for each scenario in ``results`` that needs one."""
+    width = max(len(name) for name, _ in COLUMN_NOTES)
+    lines = ["columns:"] + [f"  {name.ljust(width)}  {text}" for name, text in COLUMN_NOTES]
+    notes = [SCENARIO_NOTES[s] for s in dict.fromkeys(r.scenario for r in results) if s in SCENARIO_NOTES]
+    if notes:
+        lines += ["notes:"] + [f"  {note}" for note in notes]
+    return "\n".join(lines)
 
 
 def format_table(results: Sequence[RunResult]) -> str:

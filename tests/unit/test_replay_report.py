@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import cache
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from replay.cli import main
-from replay.report import format_table, plot_overview, plot_run, results_json
+from replay.report import format_notes, format_table, plot_overview, plot_run, results_json
 from replay.scenario import parse_scenario
 from replay.sim import DEFAULT_POLICY, RunResult, run
 
@@ -70,6 +71,21 @@ def test_cli_runs_a_scenario_file_and_writes_json_and_plots(tmp_path: Path, caps
     doc = json.loads((out / "results.json").read_text())
     assert doc["runs"][0]["seed"] == 4
     assert (out / f"small__{DEFAULT_POLICY}.png").exists()
+
+
+def test_cli_counts_every_plot_it_writes_and_explains_the_columns(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL)
+    out = tmp_path / "out"
+    assert main(["--scenario", str(path), "--policy", f"{DEFAULT_POLICY},round-robin", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == 3 and "small__overview.png" in pngs
+    assert f"and {len(pngs)} plots (2 runs + 1 overview) to {out}" in printed
+    assert "columns:" in printed and "Jain" in printed.split("columns:")[1]
+    assert "burst_1000:" not in printed  # a scenario's note only when it is in the table
+    assert "burst_1000:" in format_notes([dataclasses.replace(result(), scenario="burst_1000")])
 
 
 def test_cli_live_mode_checks_its_arguments_before_starting_anything(tmp_path: Path,
