@@ -301,7 +301,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     remove = sub.add_parser("remove", help="remove a token by name")
     remove.add_argument("file", type=Path)
     remove.add_argument("--name", required=True)
+    from_env = sub.add_parser("from-env", help="write the file anew with tokens chosen elsewhere (docker compose: "
+                                               "from .env), each read from an environment variable")
+    from_env.add_argument("file", type=Path)
+    from_env.add_argument("--token", action="append", required=True, metavar="NAME:ROLE[:EV_ID]=VARIABLE",
+                          help="e.g. hand-test-EV_1234:ev:EV_1234=API_EV_TOKEN (repeat)")
     args = parser.parse_args(argv)
+    if args.command == "from-env":
+        return _from_env(args.file, args.token)
     try:
         current = read_token_file(args.file) if args.file.exists() else TokenFile()
         if args.command == "list":
@@ -323,6 +330,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(token)
+    return 0
+
+
+def _from_env(path: Path, specs: list[str]) -> int:
+    entries = []
+    try:
+        for spec in specs:
+            scope, sep, variable = spec.partition("=")
+            name, _, rest = scope.partition(":")
+            role, _, ev_id = rest.partition(":")
+            value = os.environ.get(variable, "") if sep else ""
+            if not value:
+                raise ValueError(f"{spec!r}: environment variable {variable or '?'} is empty or unset")
+            entries.append(TokenEntry(name=name, role=role, sha256=hash_token(value),
+                                      ev_ids=[ev_id] if ev_id else []))
+        write_token_file(path, TokenFile(tokens=entries))
+    except (TokenFileError, ValidationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({len(entries)} token hashes)")
     return 0
 
 

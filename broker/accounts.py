@@ -244,6 +244,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="service account to create; without '=PASSWORD' the password is derived from the secret. "
         f"Repeatable. Default: {', '.join(DEFAULT_SERVICES)} (derived).",
     )
+    parser.add_argument("--ev-password", action="append", default=[], metavar="EV_ID=PASSWORD",
+                        help="an EV account with its own password instead of a derived one (repeatable)")
     parser.add_argument("--show-passwords", action="store_true", help="print 'username password' lines")
     parser.add_argument("--merge", action="store_true",
                         help="DIR/dynsec.json exists (a broker has been changing it): keep the accounts added at "
@@ -276,6 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (substations or ev_ids) and not secret:
             raise ValueError("substation and EV passwords are derived: give --secret or set MQTT_ACCOUNT_SECRET")
         accounts = build_accounts(secret or "unused", substations, ev_ids, service_passwords)
+        for spec in args.ev_password:
+            ev, sep, password = spec.partition("=")
+            if not sep or not password:
+                raise ValueError(f"--ev-password {ev!r}: give EV_ID=PASSWORD")
+            account = Account(validate_username(ev, EV_ROLE), password)
+            accounts = [a for a in accounts if a.username != ev] + [account]
         prefix = validate_prefix(args.prefix)
         from broker import dynsec  # (it imports this module)
 

@@ -14,7 +14,9 @@
 #   BALANCER_MQTT_PASSWORD, API_MQTT_PASSWORD, OBSERVER_MQTT_PASSWORD, RECORDER_MQTT_PASSWORD,
 #   HEALTHCHECK_MQTT_PASSWORD, PROVISIONER_MQTT_PASSWORD  service accounts
 #   GRID_TOPIC_PREFIX      topic prefix the grants are written for
-#   MQTT_AUTH_DIR, MQTT_CERTS_DIR, MQTT_BROKER_UID  where to write, and the broker's user (tests change them)
+#   EV_1234_MQTT_PASSWORD  the README's hand-test EV
+#   API_EV_TOKEN, API_VIEWER_TOKEN  the README's hand-test API tokens (their hashes go to the API's token file)
+#   MQTT_AUTH_DIR, MQTT_CERTS_DIR, API_AUTH_DIR, MQTT_BROKER_UID  where to write, and the broker's user (tests)
 set -eu
 
 out=${MQTT_AUTH_DIR:-/mosquitto/auth}
@@ -25,6 +27,7 @@ python -m broker.accounts --out "$out" --merge \
     --prefix "${GRID_TOPIC_PREFIX:-grid/v1}" \
     --substations "$ids" \
     --ev-count "${EV_COUNT:-200}" --ev-prefix "${EV_ID_PREFIX:-EV_}" \
+    --ev-password "EV_1234=$EV_1234_MQTT_PASSWORD" \
     --service "balancer=$BALANCER_MQTT_PASSWORD" \
     --service "api=$API_MQTT_PASSWORD" \
     --service "observer=$OBSERVER_MQTT_PASSWORD" \
@@ -45,3 +48,11 @@ if [ ! -s "$certs/server.crt" ]; then
 fi
 chown "$uid:$uid" "$certs/server.key"
 chmod 0644 "$certs/ca.crt" "$certs/server.crt"
+
+# The API's scoped tokens for hand testing, as the README uses them: EV_1234's own and a viewer's (SHA-256
+# hashes only; the tokens stay in .env). Written every run, so changed tokens in .env take effect.
+api_auth=${API_AUTH_DIR:-/api-auth}
+mkdir -p "$api_auth"
+python -m api.tokens from-env "$api_auth/api-tokens.json" \
+    --token "hand-test-EV_1234:ev:EV_1234=API_EV_TOKEN" --token "hand-test-viewer:viewer=API_VIEWER_TOKEN"
+chmod 0644 "$api_auth/api-tokens.json"  # (hashes: read by the API's user)

@@ -8,6 +8,7 @@ and ignores the token, org and bucket.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
@@ -23,11 +24,23 @@ class InfluxSettings(BaseSettings):
 
     url: str = "http://127.0.0.1:8086"
     token: SecretStr = SecretStr("")
+    #: Read the token from this file instead (docker compose: a write-only token made by
+    #: ``python -m monitoring.influx_tokens``, never the admin's).
+    token_file: Path | None = None
     org: str = "gridlb"
     bucket: str = "gridlb"
     #: One HTTP write may take this long; it also bounds how long a shutdown can wait for one.
     timeout_s: float = Field(5.0, gt=0, le=300)
     gzip: bool = False
+
+    @model_validator(mode="after")
+    def _token_from_file(self) -> InfluxSettings:
+        if self.token_file is not None:
+            try:
+                self.token = SecretStr(self.token_file.read_text(encoding="utf-8").strip())
+            except OSError as exc:
+                raise ValueError(f"INFLUX_TOKEN_FILE {self.token_file}: {exc.strerror}") from None
+        return self
 
 
 class RecorderSettings(BaseSettings):

@@ -41,7 +41,9 @@ INIT_ACCOUNTS = ROOT / "broker" / "compose" / "init-accounts.sh"
 #: Python services of the stack and their Prometheus job (monitoring/prometheus/prometheus.yml).
 PYTHON_SERVICES = {"balancer": "balancer", "substation-agents": "substation_agents", "ev-fleet": "ev_clients",
                    "recorder": "recorder", "api": "api"}
-SERVICES = {*PYTHON_SERVICES, "mqtt-accounts", "mosquitto", "influxdb", "prometheus", "grafana"}
+#: One-shot services: they run to completion before what depends on them starts.
+ONE_SHOTS = {"preflight", "mqtt-accounts", "influxdb-tokens"}
+SERVICES = {*PYTHON_SERVICES, *ONE_SHOTS, "mosquitto", "influxdb", "prometheus", "grafana"}
 _VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?:[:?-][^}]*)?\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
@@ -72,6 +74,7 @@ def _variables(text: str) -> set[str]:
     """Variables a compose file (or Grafana provisioning file) interpolates; ``$$`` is a literal ``$``.
     Comment lines are not interpolated."""
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    code = re.sub(r"\$__file\{[^}]*\}", "", code)  # Grafana's file expansion, not a variable
     return {a or b for a, b in _VAR.findall(code.replace("$$", ""))}
 
 
@@ -94,7 +97,7 @@ def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
 
 def test_python_services_share_one_non_root_image(services: dict[str, dict[str, Any]]) -> None:
     python = {name for name, s in services.items() if "build" in s}
-    assert python == {*PYTHON_SERVICES, "mqtt-accounts"}
+    assert python == {*PYTHON_SERVICES, *ONE_SHOTS}
     assert {services[name]["build"] for name in python} == {"."}
     assert len({services[name]["image"] for name in python}) == 1
     dockerfile = DOCKERFILE.read_text(encoding="utf-8")
@@ -105,12 +108,12 @@ def test_python_services_share_one_non_root_image(services: dict[str, dict[str, 
     assert (ROOT / ".dockerignore").is_file()
     ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
     assert {".venv", ".git", ".env", ".run"} <= set(ignored)
-    # only the one-shot account generator runs as root (it hands the password file to the broker's user)
-    assert {name for name in python if "user" in services[name]} == {"mqtt-accounts"}
+    # only the one-shots that write into fresh volumes run as root (they hand the files to their readers)
+    assert {name for name in python if "user" in services[name]} == {"mqtt-accounts", "influxdb-tokens"}
 
 
 def test_long_running_services_have_healthchecks(services: dict[str, dict[str, Any]]) -> None:
-    assert [name for name, s in services.items() if not _long_running(s)] == ["mqtt-accounts"]
+    assert {name for name, s in services.items() if not _long_running(s)} == ONE_SHOTS
     for name, service in services.items():
         if _long_running(service):
             check = service.get("healthcheck")
@@ -135,8 +138,56 @@ def test_depends_on_waits_for_healthy_services(services: dict[str, dict[str, Any
     assert services["mosquitto"]["depends_on"] == {"mqtt-accounts": {"condition": "service_completed_successfully"}}
     for name in PYTHON_SERVICES:
         assert "mosquitto" in services[name]["depends_on"] or "balancer" in services[name]["depends_on"], name
-    assert set(services["recorder"]["depends_on"]) >= {"mosquitto", "influxdb"}
-    assert set(services["grafana"]["depends_on"]) == {"prometheus", "influxdb"}
+    assert set(services["recorder"]["depends_on"]) >= {"mosquitto", "influxdb-tokens"}
+    assert set(services["grafana"]["depends_on"]) == {"prometheus", "influxdb-tokens"}
+    assert services["influxdb-tokens"]["depends_on"] == {"influxdb": {"condition": "service_healthy"}}
+
+
+def test_nothing_starts_before_the_preflight_check(services: dict[str, dict[str, Any]]) -> None:
+    """Every service waits for preflight, directly or through what it depends on."""
+
+    def upstream(name: str) -> set[str]:
+        deps = set(services[name].get("depends_on", {}))
+        return deps.union(*(upstream(d) for d in deps)) if deps else set()
+
+    for name in set(services) - {"preflight"}:
+        assert "preflight" in upstream(name), name
+    checked = services["preflight"]["environment"]["GRIDLB_SECRETS"].split()
+    secrets = {k for k in _env_example() if re.search(r"PASSWORD|SECRET|TOKEN", k)}
+    assert set(checked) == secrets and set(checked) <= set(services["preflight"]["environment"])
+
+
+def test_preflight_refuses_the_example_secrets_and_passes_real_ones(services: dict[str, dict[str, Any]]) -> None:
+    from gridlb.preflight import main as preflight
+
+    env = {k: v for k, v in _env_example().items()}
+    env["GRIDLB_SECRETS"] = services["preflight"]["environment"]["GRIDLB_SECRETS"]
+    assert preflight([], env) == 1
+    for name in env["GRIDLB_SECRETS"].split():
+        env[name] = f"a-real-secret-for-{name.lower()}"
+    assert preflight([], env) == 0
+    assert preflight([], {**env, "API_TOKEN": "short"}) == 1
+    assert preflight([], {**env, "API_TOKEN": ""}) == 1
+
+
+def test_the_admin_token_stays_with_influxdb(services: dict[str, dict[str, Any]]) -> None:
+    """The recorder writes and Grafana reads with tokens made for that alone (monitoring.influx_tokens)."""
+    holders = {name for name, s in services.items() if any("INFLUXDB_ADMIN_TOKEN" in str(v)
+                                                         for v in s.get("environment", {}).values())}
+    assert holders == {"influxdb", "influxdb-tokens", "preflight"}
+    assert services["recorder"]["environment"]["INFLUX_TOKEN_FILE"] == "/influx-tokens/recorder.token"
+    assert "influx-tokens:/influx-tokens:ro" in services["recorder"]["volumes"]
+    assert "influx-tokens:/etc/grafana/influx-tokens:ro" in services["grafana"]["volumes"]
+    datasources = (GRAFANA / "provisioning" / "datasources" / "datasources.yml").read_text(encoding="utf-8")
+    assert "token: $__file{/etc/grafana/influx-tokens/grafana.token}" in datasources
+    from monitoring.influx_tokens import TOKENS, bucket_permissions
+
+    assert {(name, action) for name, _, action in TOKENS} == {("recorder.token", "write"), ("grafana.token", "read")}
+    (write,) = bucket_permissions("write", "org-1", "bucket-1")
+    assert (write.action, write.resource.type, write.resource.id, write.resource.org_id) == (
+        "write", "buckets", "bucket-1", "org-1")
+    with pytest.raises(ValueError):
+        bucket_permissions("write-all", "org-1", "bucket-1")
 
 
 def test_only_the_fleet_is_optional(services: dict[str, dict[str, Any]]) -> None:
@@ -287,7 +338,7 @@ def test_compose_account_generator_makes_accounts_a_real_mosquitto_accepts(
     for key in init_env:  # what compose would pass, with the values of .env.example
         env[key] = example[key]
     env.update(MQTT_AUTH_DIR=str(tmp_path / "auth"), MQTT_CERTS_DIR=str(tmp_path / "certs"),
-               MQTT_BROKER_UID=str(os.getuid()))
+               API_AUTH_DIR=str(tmp_path / "api-auth"), MQTT_BROKER_UID=str(os.getuid()))
     done = subprocess.run(["sh", str(INIT_ACCOUNTS)], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -298,6 +349,14 @@ def test_compose_account_generator_makes_accounts_a_real_mosquitto_accepts(
     assert set(users) >= {f"substation.{sid}" for sid in substations} | {"EV_0001", last_ev, "provisioner"}
     assert "loadtest" not in users
     assert {p.name for p in (tmp_path / "certs").iterdir()} == {"ca.crt", "server.crt", "server.key"}
+    # The API's token file for hand testing: hashes of the .env tokens, scoped as the README uses them.
+    from api.tokens import TokenStore
+
+    store = TokenStore(None, tmp_path / "api-auth" / "api-tokens.json")
+    ev, viewer = store.authenticate(example["API_EV_TOKEN"]), store.authenticate(example["API_VIEWER_TOKEN"])
+    assert ev is not None and ev.role == "ev" and ev.may_act_for("EV_1234") and not ev.may_act_for("EV_0001")
+    assert viewer is not None and viewer.role == "viewer"
+    assert example["API_EV_TOKEN"] not in (tmp_path / "api-auth" / "api-tokens.json").read_text()
     # A second run (every `docker compose up`) keeps what the broker added at runtime and the certificates.
     config = json.loads((tmp_path / "auth" / "dynsec.json").read_text())
     config["clients"].append({**config["clients"][0], "username": "substation.east"})
@@ -333,6 +392,7 @@ def test_compose_account_generator_makes_accounts_a_real_mosquitto_accepts(
         assert _connack(port, "EV_0001", derive_password(secret, "EV_0001")) == 0
         assert _connack(port, "balancer", "wrong") != 0
         assert _connack(port, "provisioner", example["PROVISIONER_MQTT_PASSWORD"]) == 0
+        assert _connack(port, "EV_1234", example["EV_1234_MQTT_PASSWORD"]) == 0  # the README's hand-test EV
         assert _connack(tls_port, "observer", example["OBSERVER_MQTT_PASSWORD"],
                         ca=tmp_path / "certs" / "ca.crt", host="localhost") == 0
     finally:

@@ -159,3 +159,16 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECORDER_BACKOFF_MAX_S", "0.1")
     with pytest.raises(ValidationError):
         RecorderSettings()
+
+
+def test_influx_token_from_a_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docker compose hands the recorder a write-only token as a file (INFLUX_TOKEN_FILE), never the admin's."""
+    from monitoring.recorder.settings import RecorderSettings
+
+    path = tmp_path / "recorder.token"
+    path.write_text("write-only-token\n")
+    monkeypatch.setenv("INFLUX_TOKEN_FILE", str(path))
+    assert RecorderSettings().influx.token.get_secret_value() == "write-only-token"
+    monkeypatch.setenv("INFLUX_TOKEN_FILE", str(tmp_path / "missing.token"))
+    with pytest.raises(ValidationError, match="INFLUX_TOKEN_FILE"):
+        RecorderSettings()
