@@ -49,8 +49,17 @@ def test_gridlb_run_starts_everything_balances_evs_and_stops_cleanly(tmp_path: P
     token_file = (work / "api-tokens.json").read_text()
     assert tokens["API_EV_TOKEN"] not in token_file and hash_token(tokens["API_EV_TOKEN"]) in token_file
     assert oct((work / "api-tokens.json").stat().st_mode & 0o777) == "0o600"
+    # The simulation's speed-up is said where a user looks (banner, live line); --duration is a planned end.
+    assert "600x real time" in out and "120-minute session ends after 0.2 real minutes" in out
+    assert "sim time x600" in out
+    assert "=== fleet summary (after --run-for 12 s) ===" in out and "interrupted" not in out, out[-3000:]
     # The fleet's final summary: requests were sent and every one was answered.
     assert "fleet summary" in out, out[-3000:]
+    assert re.search(r"sessions per substation\s+\w+=\d+", out)
+    # Every service log is JSON lines only (the API's too).
+    for name in ("api", "balancer", "substations"):
+        lines = [line for line in (work / "logs" / f"{name}.log").read_text().splitlines() if line.strip()]
+        assert lines and all(line.startswith("{") and json.loads(line) for line in lines), name
     sent, answered = next(line for line in out.splitlines() if "requests sent / answered" in line).split()[-3::2]
     assert int(sent) > 10 and sent == answered, out[-3000:]
     # Services logged structured JSON and stopped cleanly.
@@ -60,6 +69,14 @@ def test_gridlb_run_starts_everything_balances_evs_and_stops_cleanly(tmp_path: P
     assert "balancer_starting" in events and "balancer_stopped" in events
     assert not [e for e in balancer_log if e["level"] == "error"], balancer_log[-5:]
     assert "assigned" in json.dumps([e for e in balancer_log if e["event"] == "balancer_stats"][-1])
+
+
+def test_gridlb_run_help_shows_the_defaults() -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "gridlb", "run", "--help"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    for default in ("(default: 1884)", "(default: 200)", "(default: 60.0)", "(default: 0)"):
+        assert default in out, out
 
 
 def _children(pid: int) -> list[int]:
@@ -81,6 +98,47 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def _add_and_remove_a_substation_by_hand(work: Path, api_url: str, tokens: dict[str, str], port: int, banner: str,
+                                         tmp_path: Path) -> None:
+    """As the banner says: add a substation with python -m api.admin, start its agent by hand with the command it
+    prints (a second agents process: the default metrics port is the run's, so it takes a free one), see it in
+    the API, remove it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "API_", "METRICS_", "SUBSTATION"))}
+    env.update(PYTHONPATH=str(ROOT), API_URL=api_url, API_TOKEN=tokens["API_TOKEN"])
+    admin = [sys.executable, "-m", "api.admin"]
+    assert "python -m api.admin substation add east" in banner
+    added = subprocess.run([*admin, "substation", "add", "east", "--capacity", "300"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert added.returncode == 0, added.stderr
+    command = next(line.split(": ", 1)[1] for line in added.stdout.splitlines() if line.startswith("start its agent"))
+    agent_env = dict(env, LOG_FORMAT="json")
+    for assignment in shlex.split(command)[:-3]:  # NAME=VALUE ... python -m substation_agents
+        name, _, value = assignment.partition("=")
+        agent_env[name] = value
+    assert agent_env["MQTT_PORT"] == str(port) and agent_env["SUBSTATIONS"] == "east:300"
+    log = tmp_path / "east.log"
+    with open(log, "wb") as out:
+        agent = subprocess.Popen([sys.executable, "-m", "substation_agents"], cwd=ROOT, env=agent_env,
+                                 stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not any(s["substation_id"] == "east" and s["online"] for s in _get_json(f"{api_url}/status")
+                      ["substations"]):
+            assert time.monotonic() < deadline and agent.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.3)
+        text = log.read_text()
+        assert '"metrics_listening"' in text, text[-2000:]
+        if "(substation_agents)" in banner and ":9102/metrics" in banner:
+            assert '"metrics_port_taken"' in text  # the run's agents hold the default port
+        removed = subprocess.run([*admin, "substation", "remove", "east"], cwd=ROOT, env=env, capture_output=True,
+                                 text=True, timeout=60, check=False)
+        assert removed.returncode == 0 and "substation east removed: account revoked" in removed.stdout, removed
+        assert "east" not in {s["substation_id"] for s in _get_json(f"{api_url}/status")["substations"]}
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
 
 
 def _get_json(url: str) -> Any:
@@ -160,6 +218,7 @@ def test_gridlb_run_serves_api_metrics_records_and_stops_everything_on_sigterm(t
         assert status == 200 and answer["answer"]["status"] == "completed", answer
         assert _request("POST", f"{api_url}/substations/north/drain", tokens["API_TOKEN"])[0] == 200
         assert "API_EV_TOKEN" in text and "API_VIEWER_TOKEN" in text
+        _add_and_remove_a_substation_by_hand(work, api_url, tokens, port, text, tmp_path)
         deadline = time.monotonic() + 20
         while True:  # the balancer's view, from the agents' telemetry
             with urllib.request.urlopen(metrics_urls["balancer"], timeout=5) as resp:
@@ -170,8 +229,9 @@ def test_gridlb_run_serves_api_metrics_records_and_stops_everything_on_sigterm(t
             time.sleep(0.3)
         # The recorder writes the agents' telemetry into the configured server.
         series = vm.wait_export('{__name__="substation_telemetry_capacity_kw"}',
-                                lambda found: len(found) == 3, timeout=30)
-        assert {s["metric"]["substation_id"] for s in series} == {"north", "central", "south"}
+                                lambda found: len(found) >= 3, timeout=30)
+        # (east, added and removed by hand above, was recorded while it was there)
+        assert {s["metric"]["substation_id"] for s in series} - {"east"} == {"north", "central", "south"}
 
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=40)
