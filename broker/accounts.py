@@ -97,8 +97,9 @@ def substation_username(substation_id: str) -> str:
 def validate_username(name: str, role: Role) -> str:
     """Return ``name`` if it is an acceptable username for ``role``, else raise :class:`ValueError`.
 
-    Every role: not empty, at most 64 characters, no ``/`` (Mosquitto accepts it and the ``%u`` ACL
-    patterns then reach one topic level deeper), no ``+``/``#``/NUL, no whitespace. Then:
+    Every role: not empty, at most 64 characters, no ``/`` (Mosquitto accepts it, and the account's own grants,
+    which name its id in topics, would then reach one topic level deeper), no ``+``/``#``/NUL, no whitespace.
+    Then:
 
     * ``"ev"``: the EV id itself; must match :data:`grid_protocol.ids.ID_PATTERN` and must not be a
       service account name (an EV called ``balancer`` would log in as the balancer);
@@ -135,10 +136,10 @@ def validate_username(name: str, role: Role) -> str:
 
 
 def validate_prefix(prefix: str) -> str:
-    """Normalise a topic prefix for the ACL (no wildcards, NUL, whitespace or ``%``)."""
+    """Normalise a topic prefix for the grants (no wildcards, NUL, whitespace or ``%``)."""
     normalised = Topics(prefix).prefix  # strips '/', rejects + # NUL
     if any(ch.isspace() for ch in normalised) or "%" in normalised or not normalised.isprintable():
-        # A space would split an ACL line; '%' could form a %u/%c substitution level.
+        # A space would split a config line; '%' could form a %u/%c substitution level in an ACL.
         raise ValueError(f"invalid topic prefix {prefix!r} for the ACL")
     return normalised
 

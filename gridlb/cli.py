@@ -16,7 +16,8 @@ commands:
   balancer      the balancer (python -m balancer)
   substations   substation agents (python -m substation_agents)
   evs           the EV fleet / load tester (python -m ev_clients)
-  accounts      write a Mosquitto password file and ACL (python -m broker.accounts)
+  accounts      write a broker's accounts, roles and grants (python -m broker.accounts)
+  admin         add or remove a substation or EV while the grid runs, through the API (python -m api.admin)
   broker        a private Mosquitto with the project's config (python -m broker.local)
 """
 
@@ -42,6 +43,10 @@ def _load(command: str) -> Callable[[list[str]], int] | None:
         from broker.accounts import main as accounts_main
 
         return accounts_main
+    if command == "admin":
+        from api.admin import main as admin_main
+
+        return admin_main
     if command == "broker":
         from broker.local import main as broker_main
 
