@@ -20,6 +20,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -58,6 +59,15 @@ def _request(args: argparse.Namespace, method: str, path: str, body: dict[str, A
         return http.request(method, path, json=body)
 
 
+def _python() -> str:
+    """This interpreter, as the user would type it here (``.venv/bin/python`` from the project root)."""
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     collection = "substations" if args.kind == "substation" else "evs"
@@ -83,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.action == "add":
         print(f"{args.kind} {args.id}: account {data['username']} created on {data['mqtt_url']}")
         print(f"password (shown once): {data['password']}")
-        print(f"{'start its agent' if args.kind == 'substation' else 'it'}: {data['command']}")
+        command = str(data["command"]).replace("python -m ", f"{_python()} -m ")
+        print(f"{'start its agent' if args.kind == 'substation' else 'it'}: {command}")
     elif args.kind == "substation":
         print(f"substation {args.id} removed: account {'revoked' if data['account_removed'] else 'did not exist'}, "
               f"balancer {data['balancer']}, {data['sessions_moved']} session(s) moved"

@@ -16,6 +16,9 @@ from typing import Any
 
 #: Revocations on one substation for one reason within this many seconds are counted in one event.
 MERGE_WINDOW_S = 5.0
+#: A substation seen for the first time settles this long before its condition is news (an agent that just
+#: connected is "stale" until its first telemetry, and briefly offline in the balancer's first state).
+SETTLE_S = 5.0
 
 
 @dataclass(slots=True)
@@ -37,8 +40,10 @@ class EventLog:
     def __init__(self, size: int = 200) -> None:
         self._events: deque[Event] = deque(maxlen=size)
         self._ids = itertools.count(1)
-        #: the last condition seen per substation (ok, draining, overloaded, stale, offline)
+        #: the last condition seen per substation (ok, draining, overloaded, stale, offline), and when it was
+        #: first seen
         self._conditions: dict[str, str] = {}
+        self._first_seen: dict[str, float] = {}
 
     def add(self, now: float, kind: str, text: str, *, substation_id: str | None = None,
             ev_id: str | None = None) -> Event:
@@ -65,10 +70,13 @@ class EventLog:
         for view in views:
             sid, condition = view["substation_id"], view["condition"]
             seen.add(sid)
+            first = self._first_seen.setdefault(sid, now)
+            if now - first < SETTLE_S:
+                continue  # settling: what it is after that counts
             before = self._conditions.get(sid)
             self._conditions[sid] = condition
             if before == condition or (before is None and condition in ("ok", "draining")):
-                continue  # (a substation seen for the first time in a normal condition is not news)
+                continue  # (a substation in a normal condition when first judged is not news)
             if condition in ("stale", "offline", "overloaded"):
                 detail = {"stale": f"no telemetry for {view['telemetry_age_s']} s" if view["telemetry_age_s"]
                           is not None else "no telemetry", "offline": "its status is offline",
@@ -76,11 +84,13 @@ class EventLog:
                 self.add(now, condition, f"{sid} is {condition}: {detail}", substation_id=sid)
             elif before in ("stale", "offline", "overloaded"):
                 self.add(now, "recovered", f"{sid} is {condition} again (was {before})", substation_id=sid)
-        for sid in set(self._conditions) - seen:
-            del self._conditions[sid]  # forgotten: its removal was logged where it happened
+        for sid in set(self._first_seen) - seen:  # forgotten: its removal was logged where it happened
+            self._conditions.pop(sid, None)
+            del self._first_seen[sid]
 
     def forget(self, sid: str) -> None:
         self._conditions.pop(sid, None)
+        self._first_seen.pop(sid, None)
 
     def latest(self, limit: int) -> list[dict[str, Any]]:
         """Newest first."""

@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = (args.log_level or settings.grid.log_level).upper()
     configure_logging(level, settings.grid.log_format, settings.grid.log_file)
     if logging.getLevelName(level) != logging.DEBUG:
-        for name in ("grid.mqtt", "mqtt"):  # one connect line per EV is noise
+        for name in ("grid.mqtt", "mqtt", "httpx"):  # one connect line per EV (or HTTP request) is noise
             logging.getLogger(name).setLevel(logging.WARNING)
     if args.command == "scenario":
         return scenario_cmd.run_cli(args, settings)

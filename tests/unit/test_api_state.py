@@ -313,7 +313,9 @@ def test_event_log_operator_actions_capacity_revocations_and_conditions() -> Non
     store = StateStore(stale_after_s=5.0)
     store.on_substation_state("a", state("a"), T0)
     store.on_telemetry("a", tele("a", capacity=400.0), T0)
-    store.note_conditions(T0)  # first sight, all well: not news
+    store.note_conditions(T0)  # first sight: it settles first ...
+    store.on_telemetry("a", tele("a", ts=T0 + 0.5, capacity=400.0), T0 + 5.5)
+    store.note_conditions(T0 + 5.5)  # ... and is all well: not news
     assert store.events.latest(10) == []
     store.on_control_result(ControlResult(ok=True, action="drain", substation_id="a", ts=T0 + 1), T0 + 1)
     store.on_control_result(ControlResult(ok=True, action="set_capacity", substation_id="a", ts=T0 + 2,
@@ -333,6 +335,21 @@ def test_event_log_operator_actions_capacity_revocations_and_conditions() -> Non
     texts = [e["text"] for e in reversed(store.events.latest(20))]
     assert "250 kW" in texts[1] and "reports a capacity of 250 kW (was 400 kW)" in texts[2]
     assert texts[3] == "5 sessions revoked on a (substation_offline)"
+
+
+def test_a_new_substation_settles_before_its_condition_is_news() -> None:
+    """An agent that just connected is stale until its first telemetry: not an event, unless it stays so."""
+    store = StateStore(stale_after_s=5.0)
+    store.on_substation_status("n", SubstationStatus(state="online", substation_id="n", ts=T0), T0)
+    store.note_conditions(T0)
+    store.note_conditions(T0 + 2)
+    store.on_telemetry("n", tele("n", ts=T0 + 3), T0 + 3)
+    store.note_conditions(T0 + 6)
+    assert store.events.latest(10) == []
+    store.on_substation_status("m", SubstationStatus(state="online", substation_id="m", ts=T0), T0)
+    store.note_conditions(T0)
+    store.note_conditions(T0 + 6)  # still nothing from it after settling: that is news
+    assert [e["text"] for e in store.events.latest(10)] == ["m is stale: no telemetry"]
 
 
 def test_trends_sample_at_most_every_step_and_keep_fifteen_minutes() -> None:
