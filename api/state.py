@@ -485,6 +485,14 @@ class StateStore:
 
         online = [v for v in views if v["online"]]
         offline = [v for v in views if not v["online"]]
+        # Sessions answered since the retained states were published count already (a client's own write).
+        started, ended = self._fresh_sessions()
+        fresh = 0
+        for v in online:
+            entry = self.substations[v["substation_id"]]
+            listed = {s.session_id for s in entry.state.sessions} if entry.state is not None else set()
+            fresh += sum(1 for row in started.get(v["substation_id"], ()) if row["session_id"] not in listed)
+            fresh -= len(listed & ended)
         usable = [v for v in online if not v["stale"]]
         capacity = total("capacity_kw", online)
         load = total("load_kw", online)
@@ -496,7 +504,7 @@ class StateStore:
             "capacity_kw": capacity, "usable_capacity_kw": total("capacity_kw", usable), "load_kw": load,
             "granted_kw": total("granted_kw", online), "headroom_kw": total("headroom_kw", usable),
             "utilisation": round(load / capacity, 4) if capacity > 0 else None,
-            "sessions": sum(int(v["sessions_total"] or 0) for v in online),
+            "sessions": max(0, sum(int(v["sessions_total"] or 0) for v in online) + fresh),
             "queue_length": self.queue_state.length if self.queue_state is not None else 0,
             "offline_capacity_kw": total("capacity_kw", offline), "offline_load_kw": total("load_kw", offline),
             "decommissioned": len(self.decommissioned),

@@ -364,3 +364,16 @@ def test_trends_sample_at_most_every_step_and_keep_fifteen_minutes() -> None:
     assert T0 + 1198 - series["t"][0] <= 900 and series["limit_kw"][-1] == 380.0
     assert series["load_kw"][-1] == 100.0 + 1190 and series["ev_load_kw"][-1] == 10.0 + 1190
     assert store.trends.view(T0, ["nowhere"])["substations"] == {}
+
+
+def test_the_session_count_includes_sessions_answered_since_the_states() -> None:
+    store = StateStore()
+    store.on_substation_state("a", state("a", sessions=[session("s1", "EV_1", 22.0)]), T0)
+    assert store.totals(store.substation_views(T0))["sessions"] == 1
+    store.on_assignment(answer("EV_2", ts=T0 + 0.1, substation_id="a", granted_kw=11.0, session_id="s2"), T0 + 0.1)
+    store.on_assignment(answer("EV_1", "completed", ts=T0 + 0.2, substation_id="a", session_id="s1"), T0 + 0.2)
+    store.on_assignment(answer("EV_3", ts=T0 + 0.3, substation_id="a", granted_kw=11.0, session_id="s3"), T0 + 0.3)
+    assert store.totals(store.substation_views(T0 + 0.3))["sessions"] == 2
+    store.on_substation_state("a", state("a", ts=T0 + 1, sessions=[session("s2", "EV_2", 11.0),
+                                                                    session("s3", "EV_3", 11.0)]), T0 + 1)
+    assert store.totals(store.substation_views(T0 + 1))["sessions"] == 2
