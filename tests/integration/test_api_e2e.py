@@ -390,7 +390,8 @@ def test_openapi_schema_holds_against_the_live_api(broker: LocalBroker, tmp_path
     stopper.append(lambda: subs.__exit__())
     balancer = start_balancer(broker, tmp_path, BALANCER_STALE_AFTER_S="2", BALANCER_STATE_INTERVAL_S="0.2")
     stopper.append(balancer.stop)
-    api = start_api(broker, tmp_path)
+    # (with the provisioner: the account endpoints answer for real, not 503)
+    api = start_api(broker, tmp_path, API_PROVISIONER_PASSWORD=broker.password_for("provisioner"))
     stopper.append(api.stop)
     wait_for(lambda: api.http.get("/ready").status_code == 200, 15, "ready")
     assert charge(api.http, "EV_0001", 11).status_code == 200  # a session, so DELETE has something to find
