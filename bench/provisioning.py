@@ -1,4 +1,4 @@
-"""``python -m bench.provisioning``: what an account added or removed at runtime costs, by how many accounts the
+"""``python -m bench provisioning``: what an account added or removed at runtime costs, by how many accounts the
 broker holds.
 
 Mosquitto's dynamic security plugin rewrites its whole state file after every change, so a runtime change should
@@ -8,7 +8,7 @@ removes EV accounts one at a time through :class:`broker.provisioning.DynsecProv
 prints the wall time per change (p50 and max), the broker's CPU per change, and the state file's size. Writing the
 start file itself is timed too.
 
-    python -m bench.provisioning [--sizes 200,1000,5000,20000] [--changes 10]
+    python -m bench provisioning [--sizes 200,1000,5000,20000] [--changes 10]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ async def _changes(broker: LocalBroker, changes: int) -> tuple[list[float], list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.provisioning", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench provisioning", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="200,1000,5000,20000", help="accounts the broker holds")
     parser.add_argument("--changes", type=int, default=10, help="accounts added (then removed) per size")
     args = parser.parse_args(argv)
