@@ -54,9 +54,12 @@ EV_ROLE_PREFIX = "ev."
 class Acl:
     acltype: str
     topic: str
+    allow: bool = True
+    #: checked highest first; the first that matches decides
+    priority: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"acltype": self.acltype, "topic": self.topic, "allow": True, "priority": 0}
+        return {"acltype": self.acltype, "topic": self.topic, "allow": self.allow, "priority": self.priority}
 
 
 def read(*topics: str) -> list[Acl]:
@@ -98,8 +101,10 @@ def role_acls(prefix: str, rolename: str) -> list[Acl]:
                 *write(f"{p}/ev/+/assignment", f"{p}/substation/+/command", f"{p}/substation/+/error",
                        f"{p}/substation/+/state", f"{p}/reply/#"),
                 # only to clear a retained request or release (an empty retained message): those would be
-                # replayed to every later balancer (the grant cannot tell an empty payload from another)
+                # replayed to every later balancer (the grant cannot tell an empty payload from another) ...
                 *write(f"{p}/ev/+/request", f"{p}/ev/+/release"),
+                # ... and never as an EV of its own name (checked before the grants)
+                Acl(SEND, f"{p}/ev/balancer/#", allow=False, priority=1),
                 *read(f"{p}/balancer/#"), *write(f"{p}/balancer/#")]
     if rolename == "api":
         # Sees everything under the prefix (its MQTT 5 replies too), submits requests and releases for EVs,

@@ -158,7 +158,8 @@ def test_build_accounts_rejects(subs: list[str], evs: list[str], services: dict[
 def _grants(rolename: str, prefix: str = "grid/v1") -> dict[str, set[str]]:
     out: dict[str, set[str]] = {SEND: set(), SUBSCRIBE: set(), RECEIVE: set()}
     for acl in role_acls(prefix, rolename):
-        out[acl.acltype].add(acl.topic)
+        if acl.allow:
+            out[acl.acltype].add(acl.topic)
     assert out[SUBSCRIBE] == out[RECEIVE], f"{rolename}: every read grants the subscription and the delivery"
     return out
 
@@ -180,6 +181,9 @@ def test_role_grants() -> None:
                     f"{p}/substation/+/status", f"{p}/substation/+/session", f"{p}/balancer/#"},
         RECEIVE: {f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/substation/+/telemetry",
                   f"{p}/substation/+/status", f"{p}/substation/+/session", f"{p}/balancer/#"}}
+    denied = [a for a in role_acls(p, "balancer") if not a.allow]
+    assert [(a.acltype, a.topic, a.priority) for a in denied] == [(SEND, f"{p}/ev/balancer/#", 1)]
+    assert all(a.allow for role in ("api", "reader", "substation.A", "ev.EV_1") for a in role_acls(p, role))
     api = _grants("api")
     assert api[SEND] == {f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/balancer/control"}
     assert api[SUBSCRIBE] == {f"{p}/#"}
@@ -230,7 +234,8 @@ def test_render_config() -> None:
                           "ev.EV_0001"}
     assert {a["topic"] for a in roles["substation.A"]["acls"] if a["acltype"] == SEND} == {
         "grid/v1/substation/A/telemetry", "grid/v1/substation/A/status", "grid/v1/substation/A/session"}
-    assert all(a["allow"] is True for r in config["roles"] for a in r["acls"])
+    assert [(r["rolename"], a["topic"]) for r in config["roles"] for a in r["acls"] if not a["allow"]] == [
+        ("balancer", "grid/v1/ev/balancer/#")]  # the one deny: the balancer never writes as an EV "balancer"
     assert "pw-b" not in json.dumps(config)
 
 

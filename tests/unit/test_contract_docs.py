@@ -363,10 +363,12 @@ class _Acl:
         return len(s) == len(t)
 
     def allowed(self, user: str, topic: str, mode: str) -> bool:
-        acls = role_acls(self.prefix, role_of(user))
-        granted = {kind for kind in (SEND, SUBSCRIBE, RECEIVE)
-                   if any(a.acltype == kind and self._matches(a.topic, topic) for a in acls)}
-        return SEND in granted if mode == "write" else {SUBSCRIBE, RECEIVE} <= granted
+        acls = sorted(role_acls(self.prefix, role_of(user)), key=lambda a: -a.priority)
+
+        def decides(kind: str) -> bool:  # the first matching ACL by priority decides; none: denied
+            return next((a.allow for a in acls if a.acltype == kind and self._matches(a.topic, topic)), False)
+
+        return decides(SEND) if mode == "write" else decides(SUBSCRIBE) and decides(RECEIVE)
 
 
 def _acl_cell(acl: _Acl, channel: Channel, mode: str) -> set[tuple[str, bool]]:
