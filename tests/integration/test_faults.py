@@ -281,7 +281,9 @@ def test_replies_go_only_below_the_senders_own_reply_root(broker: LocalBroker, t
         reply = attacker.wait_one(lambda m: m.topic == f"{P}/reply/EV_0003/r")
         assert (reply.correlation_data, reply.json()["request_id"]) == (b"mine", "own")
         assert victim.messages == []
-        assert [m.topic for m in api.messages] == [f"{P}/reply/EV_0003/r"]  # the api account reads everything
+        # The api account reads everything (its copy may arrive a moment after the attacker's: wait for it).
+        assert api.wait_for_topic(f"{P}/reply/EV_0003/r")
+        assert [m.topic for m in api.messages] == [f"{P}/reply/EV_0003/r"]
         assert balancer.log().count("response_topic_refused") == 3
     finally:
         for p in (victim, api, attacker):
