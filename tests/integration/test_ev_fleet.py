@@ -173,7 +173,10 @@ def test_loadtest_through_the_http_api_holds_sessions_so_requests_queue(
         assert s["requests_sent"] == 24 and s["requests_answered"] == 24 and s["requests_unanswered"] == 0
         # 38 kW of limit each, 22 kW requests: a session and a partial one per substation, so of the six workers
         # two always wait.
-        assert s["status_events"]["queued"] > 0 and s["status_events"]["assigned"] == 24, s["status_events"]
+        # (An HTTP EV sees snapshots, not events: polling GET /evs/{id}, it may see a placed request's first
+        # answer only after an ``updated`` replaced it. Every request was placed: see sessions_by_substation.)
+        events = s["status_events"]
+        assert events["queued"] > 0 and events["assigned"] + events.get("updated", 0) >= 24, events
         assert s["final_status"] == {"completed": 24}
         assert set(s["sessions_by_substation"]) == {"A", "B"} and sum(s["sessions_by_substation"].values()) == 24
         assert s["outcomes"] == {"released_after_hold": 24}
