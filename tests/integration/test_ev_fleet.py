@@ -182,7 +182,9 @@ def test_loadtest_through_the_http_api_holds_sessions_so_requests_queue(
         assert s["outcomes"] == {"released_after_hold": 24}
         spread = r"sessions per substation\s+[AB]=\d+ \(\d+ %\), [AB]=\d+ \(\d+ %\)"
         assert re.search(spread, result.stdout), result.stdout
-        assert s["elapsed_s"] >= 24 / 4 * 1.0 * 0.9  # at most 4 sessions at a time, each held 1 s
+        # six workers, each holding every session it gets for 1 s: four rounds at the least (how many sessions
+        # run at once depends on partial grants; the queue is proven by ``queued`` above)
+        assert s["elapsed_s"] >= 24 / 6 * 1.0, s["elapsed_s"]
         # The API saw every request as an EV's writes (its metrics count them).
         metrics = api.http.get("/metrics").text
         assert 'gridlb_api_balancer_answers_total{operation="charge",outcome="queued"}' in metrics
