@@ -32,6 +32,18 @@ class Rebalancer:
         targets = self.policy.targets(sessions, available, floors, caps, now)
         return list(zip(sessions, targets, strict=True))
 
+    def _settled(self, sub: Substation, now: float) -> bool:
+        """Nothing the shares depend on moved since the last full pass: no session came, went or changed, the
+        power available moved by less than a hysteresis step, and no change held by ``min_hold_s`` is due. The
+        pass (O(sessions) there) is skipped: with every substation reporting each second, re-sharing on every
+        watt of base-load noise was the core's largest cost at scale. Deadline shares move with time: never."""
+        memo = sub.share_memo
+        if memo is None or self.policy.time_dependent or memo[0] != sub.shares_version or now >= memo[2]:
+            return False
+        cfg = self.state.config
+        moved = sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w() - memo[1]
+        return abs(moved) < kw_to_w_up(cfg.hysteresis_kw)
+
     def due(self, now: float) -> list[Substation]:
         """Substations not re-evaluated for ``rebalance_interval_s``."""
         interval = self.state.config.rebalance_interval_s
@@ -45,13 +57,18 @@ class Rebalancer:
         if (not mandatory and sub.granted_w == sub.requested_w
                 and sub.requested_w <= sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w()):
             return []  # everyone has all they asked for and it fits: no share to lower (the common case)
+        if not mandatory and self._settled(sub, now):
+            return []
         hysteresis = kw_to_w_up(cfg.hysteresis_kw)
         effects: list[Effect] = []
+        sub.hold_until = float("inf")
         for session, target in self.targets(sub, now):
             if session is skip:
                 continue
             cut = session.granted_w - target
             settled = cut >= hysteresis and now - session.last_change_at >= cfg.min_hold_s
+            if cut >= hysteresis and not settled:
+                sub.hold_until = min(sub.hold_until, session.last_change_at + cfg.min_hold_s)
             if cut > 0 and (mandatory or settled):
                 reason = Reason.CAPACITY_REDUCED if mandatory else Reason.REBALANCED
                 effects += self.book.set_grant(session, target, now, reason,
@@ -65,15 +82,22 @@ class Rebalancer:
         if (not self.policy.rebalances or not sub.sessions or sub.granted_w >= sub.requested_w
                 or not sub.is_available(now, cfg.stale_after_s)):
             return []  # (everyone already has all it asked for: nothing to raise)
+        if self._settled(sub, now):
+            return []
         hysteresis = kw_to_w_up(cfg.hysteresis_kw)
         room = sub.limit_w(cfg.safety_margin_pct) - sub.used_w()
         effects: list[Effect] = []
+        hold_until = sub.hold_until
         for session, target in sorted(self.targets(sub, now), key=lambda st: st[0].granted_w):
             rise = min(target - session.granted_w, room)
             if rise >= hysteresis and now - session.last_change_at >= cfg.min_hold_s:
                 effects += self.book.set_grant(session, session.granted_w + rise, now, Reason.POWER_AVAILABLE,
                                                "more power is available")
                 room -= rise
+            elif rise >= hysteresis:
+                hold_until = min(hold_until, session.last_change_at + cfg.min_hold_s)
+        sub.share_memo = (sub.shares_version, sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w(), hold_until)
+        sub.hold_until = float("inf")
         return effects
 
     def reduce(self, sub: Substation, now: float) -> list[Effect]:
