@@ -123,10 +123,9 @@ class Substation:
     announced: set[str] = field(default_factory=set)
     #: bumped when a session comes, goes or changes grant: the policy's shares may have moved
     shares_version: int = 0
-    #: (shares_version, limit - uncontrolled load, when a held change comes due) after the last full sharing
-    #: pass: while none of them moves (the power by less than a hysteresis step), the shares would not change
-    share_memo: tuple[int, int, float] | None = None
-    hold_until: float = float("inf")  # (the pass in progress: earliest held change)
+    #: after the last full sharing pass: (shares_version, limit - uncontrolled load, when a held change comes due,
+    #: how far that power may move before a grant would change); see balancer.core.rebalancing
+    share_memo: tuple[int, int, float, float] | None = None
 
     def apply_capacity(self) -> None:
         """Plan with the reported capacity, or the operator's limit when that is lower."""

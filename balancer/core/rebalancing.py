@@ -33,16 +33,58 @@ class Rebalancer:
         return list(zip(sessions, targets, strict=True))
 
     def _settled(self, sub: Substation, now: float) -> bool:
-        """Nothing the shares depend on moved since the last full pass: no session came, went or changed, the
-        power available moved by less than a hysteresis step, and no change held by ``min_hold_s`` is due. The
-        pass (O(sessions) there) is skipped: with every substation reporting each second, re-sharing on every
-        watt of base-load noise was the core's largest cost at scale. Deadline shares move with time: never."""
+        """A sharing pass here would change no grant: no session came, went or changed since the last full pass,
+        no held change has come due, and the power available moved less than the pass's tolerance (see
+        :meth:`_memo`). The pass (O(sessions) there) is then skipped: with every substation reporting each second,
+        re-sharing on every watt of base-load noise was the core's largest cost at scale."""
         memo = sub.share_memo
-        if memo is None or self.policy.time_dependent or memo[0] != sub.shares_version or now >= memo[2]:
+        if memo is None or memo[0] != sub.shares_version or now >= memo[2]:
             return False
+        moved = sub.limit_w(self.state.config.safety_margin_pct) - sub.uncontrolled_w() - memo[1]
+        return abs(moved) < memo[3]
+
+    def _memo(self, sub: Substation, shares: list[tuple[Session, int]],
+              now: float) -> tuple[int, int, float, float] | None:
+        """After a full pass: how far the available power may move before some grant would change.
+
+        A pass changes a grant only where |target - grant| reaches the hysteresis (and the session is not held):
+        ``slack`` is the least distance to that, less the shares' integer rounding. Water-filling sets
+        ``target_i = clamp(w_i * L, floor_i, cap_i)`` for a level ``L``, so a level move of ``slack / max w`` moves
+        no target by ``slack``; the power that move takes, up and down from the present level, is the tolerance
+        (at least ``slack`` itself: no target moves more than the total). Held sessions are left to their hold's
+        end (``hold_until``: a full pass then). Shares that move with time alone (deadline) get no memo."""
+        if self.policy.time_dependent:
+            return None
         cfg = self.state.config
-        moved = sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w() - memo[1]
-        return abs(moved) < kw_to_w_up(cfg.hysteresis_kw)
+        hysteresis = kw_to_w_up(cfg.hysteresis_kw)
+        hold_until = float("inf")
+        slack = float(hysteresis)
+        level: float | None = None
+        rows: list[tuple[float, int, int]] = []
+        max_weight = 0.0
+        for session, target in shares:
+            if now - session.last_change_at < cfg.min_hold_s:
+                hold_until = min(hold_until, session.last_change_at + cfg.min_hold_s)
+            else:
+                slack = min(slack, hysteresis - abs(target - session.granted_w))
+            floor, cap = session.request.min_w, session.request.requested_w
+            weight = self.policy.weight(session)
+            rows.append((weight, floor, cap))
+            max_weight = max(max_weight, weight)
+            if level is None and floor < target < cap:
+                level = target / weight
+        slack -= 2 * (len(shares) + 1)  # integer rounding of the shares (water_fill gives back a few watts)
+        tolerance = slack
+        if level is not None and slack > 0:
+            step = slack / max_weight
+
+            def total(at: float) -> float:
+                return sum(min(cap, max(floor, weight * at)) for weight, floor, cap in rows)
+
+            now_total = total(level)
+            tolerance = max(slack, min(total(level + step) - now_total, now_total - total(level - step)))
+        available = sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w()
+        return sub.shares_version, available, hold_until, tolerance
 
     def due(self, now: float) -> list[Substation]:
         """Substations not re-evaluated for ``rebalance_interval_s``."""
@@ -61,14 +103,11 @@ class Rebalancer:
             return []
         hysteresis = kw_to_w_up(cfg.hysteresis_kw)
         effects: list[Effect] = []
-        sub.hold_until = float("inf")
         for session, target in self.targets(sub, now):
             if session is skip:
                 continue
             cut = session.granted_w - target
             settled = cut >= hysteresis and now - session.last_change_at >= cfg.min_hold_s
-            if cut >= hysteresis and not settled:
-                sub.hold_until = min(sub.hold_until, session.last_change_at + cfg.min_hold_s)
             if cut > 0 and (mandatory or settled):
                 reason = Reason.CAPACITY_REDUCED if mandatory else Reason.REBALANCED
                 effects += self.book.set_grant(session, target, now, reason,
@@ -87,17 +126,14 @@ class Rebalancer:
         hysteresis = kw_to_w_up(cfg.hysteresis_kw)
         room = sub.limit_w(cfg.safety_margin_pct) - sub.used_w()
         effects: list[Effect] = []
-        hold_until = sub.hold_until
-        for session, target in sorted(self.targets(sub, now), key=lambda st: st[0].granted_w):
+        shares = sorted(self.targets(sub, now), key=lambda st: st[0].granted_w)
+        for session, target in shares:
             rise = min(target - session.granted_w, room)
             if rise >= hysteresis and now - session.last_change_at >= cfg.min_hold_s:
                 effects += self.book.set_grant(session, session.granted_w + rise, now, Reason.POWER_AVAILABLE,
                                                "more power is available")
                 room -= rise
-            elif rise >= hysteresis:
-                hold_until = min(hold_until, session.last_change_at + cfg.min_hold_s)
-        sub.share_memo = (sub.shares_version, sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w(), hold_until)
-        sub.hold_until = float("inf")
+        sub.share_memo = self._memo(sub, shares, now)
         return effects
 
     def reduce(self, sub: Substation, now: float) -> list[Effect]:

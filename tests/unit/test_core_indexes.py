@@ -141,3 +141,56 @@ def test_index_places_like_the_scan_on_random_grids(grid: tuple[str, list[tuple[
             b.tick(now)
         check_against_scans(b, now)
         assert not b.violations()
+
+
+SMALL_GRIDS = st.tuples(st.sampled_from(["least-utilised", "weighted-fair"]),
+                        st.lists(st.tuples(st.sampled_from(["A", "B", "C"]), st.sampled_from([30.0, 50.0, 80.0]),
+                                           st.floats(0.0, 0.5), st.just(0.0)),
+                                 min_size=1, max_size=3, unique_by=lambda t: t[0]))
+BUSY_OPS = st.lists(st.tuples(st.sampled_from(["request", "request", "release", "time", "time", "time"]),
+                              st.integers(0, 10_000), st.sampled_from([3.7, 7.4, 11.0, 22.0])),
+                    min_size=10, max_size=80)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(grid=SMALL_GRIDS, ops=BUSY_OPS, noise=st.lists(st.floats(-3.0, 3.0), min_size=1, max_size=8))
+def test_skipped_sharing_passes_would_have_changed_nothing(
+        grid: tuple[str, list[tuple[str, float, float, float]]], ops: list[tuple[str, int, float]],
+        noise: list[float]) -> None:
+    """Two cores in lockstep, one re-sharing on every pass (no memo): the same effects, always."""
+    policy, subs = grid
+    cores = [Balancer(dataclasses.replace(CoreConfig(), policy=policy)) for _ in range(2)]
+    cores[1].rebalancer._settled = lambda sub, now: False  # type: ignore[method-assign]
+    now, seq = T0, 0
+    ids = [s[0] for s in subs]
+    base = {sid: cap * share for sid, cap, share, _ in subs}
+
+    def both(call: str, *args: object) -> None:
+        out = [getattr(b, call)(*args) for b in cores]
+        assert out[0] == out[1], call
+
+    for sid, cap, _, _ in subs:
+        seq += 1
+        both("on_status", sid, "online", now)
+        both("on_telemetry", Telemetry(substation_id=sid, ts=now, seq=seq, capacity_kw=cap, load_kw=base[sid],
+                                       base_load_kw=base[sid], ev_load_kw=0.0, active_sessions=0), now)
+    evs = 0
+    for k, (op, pick, kw) in enumerate(ops):
+        if op in ("request", "drain", "undrain", "limit", "offline", "online"):
+            evs += 1
+            both("on_request", f"EV{evs}", ChargeRequest(request_id="r", requested_kw=kw, min_kw=1.4,
+                                                         duration_minutes=30 + pick % 90, priority=pick % 3), now)
+        elif op == "release" and cores[0]._evs:
+            ev = sorted(cores[0]._evs)[pick % len(cores[0]._evs)]
+            both("on_release", ev, Release(), now)
+        else:
+            now += 1 + pick % 4
+            for sid in ids:  # every substation reports, its base load wandering
+                seq += 1
+                base[sid] = max(0.0, base[sid] + noise[(k + seq) % len(noise)])
+                cap = cores[0].substations[sid].reported_capacity_w / 1000
+                granted = cores[0].substations[sid].granted_w / 1000
+                both("on_telemetry", Telemetry(substation_id=sid, ts=now, seq=seq, capacity_kw=cap,
+                                               load_kw=base[sid] + granted, base_load_kw=base[sid],
+                                               ev_load_kw=granted, active_sessions=0), now)
+            both("tick", now)

@@ -32,6 +32,10 @@ class Policy(Protocol):
         """Each session's share of ``available`` watts, within its floor and cap."""
         ...
 
+    def weight(self, session: Session) -> float:
+        """The session's weight in the water-filling shares (1 for equal shares)."""
+        ...
+
     def refile(self, substation_id: str, sub: Substation | None, now: float) -> None:
         """The substation's numbers changed (``None``: it is gone): update what the policy keeps about it."""
         ...

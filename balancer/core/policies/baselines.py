@@ -33,6 +33,9 @@ class _Baseline:
                 now: float) -> list[int]:
         return equal_share(available, floors, caps)  # (never used: baselines do not rebalance)
 
+    def weight(self, session: Session) -> float:
+        return 1.0
+
     def forget(self, substation_id: str) -> None:
         pass
 

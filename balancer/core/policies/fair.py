@@ -59,6 +59,9 @@ class _Compressible:
     def max_room_w(self, substations: Mapping[str, Substation], now: float) -> int:
         return self.index.max_room_w(substations, now)
 
+    def weight(self, session: Session) -> float:
+        return session.request.priority + 1.0
+
     def forget(self, substation_id: str) -> None:
         pass
 
@@ -69,7 +72,7 @@ class WeightedFair(_Compressible):
 
     def targets(self, sessions: Sequence[Session], available: int, floors: Sequence[int], caps: Sequence[int],
                 now: float) -> list[int]:
-        return water_fill(available, floors, caps, [s.request.priority + 1.0 for s in sessions])
+        return water_fill(available, floors, caps, [self.weight(s) for s in sessions])
 
 
 class Deadline(_Compressible):

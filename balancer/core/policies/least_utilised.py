@@ -56,5 +56,8 @@ class LeastUtilised:
                 now: float) -> list[int]:
         return equal_share(available, floors, caps)
 
+    def weight(self, session: Session) -> float:
+        return 1.0
+
     def forget(self, substation_id: str) -> None:
         pass
