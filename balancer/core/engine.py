@@ -563,12 +563,16 @@ class Balancer:
         effects += self._raise(sub, now)
         return effects + self._requeue_notices(now)
 
-    def _on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False) -> list[Effect]:
+    def _on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False,
+                   region: str | None = None) -> list[Effect]:
         """``inventory``: this ``online`` status closes the agent's re-announcement to this balancer (every
-        session it runs was announced just before): sessions it did not announce are gone there."""
+        session it runs was announced just before): sessions it did not announce are gone there. ``region``: the
+        region the status names (kept as the substation's; ``None`` leaves it as it was)."""
         if state != "online" and substation_id not in self.substations:
             return []  # the retained last will of an agent we do not know (one removed long ago): nothing to do
         sub = self.substation(substation_id, now)
+        if region is not None:
+            sub.region = region
         effects = self._reconcile(sub, now) if inventory and state == "online" else []
         sub.announced.clear()  # a status closes (or, offline, breaks off) the agent's announcement
         if state == "online":
@@ -746,8 +750,9 @@ class Balancer:
     def on_telemetry(self, msg: Telemetry, now: float) -> list[Effect]:
         return self._coalesce(self._on_telemetry(msg, now))
 
-    def on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False) -> list[Effect]:
-        return self._coalesce(self._on_status(substation_id, state, now, inventory=inventory))
+    def on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False,
+                  region: str | None = None) -> list[Effect]:
+        return self._coalesce(self._on_status(substation_id, state, now, inventory=inventory, region=region))
 
     def on_session_event(self, substation_id: str, msg: SessionEvent, now: float) -> list[Effect]:
         return self._coalesce(self._on_session_event(substation_id, msg, now))
