@@ -219,7 +219,8 @@ class StateStore:
                 self._forget_if_empty(sid)
         else:
             self._entry(sid).status = msg
-            self.decommissioned.pop(sid, None)
+            if msg.state == "online":  # (the last will of a decommissioned agent does not bring it back)
+                self.decommissioned.pop(sid, None)
         self._touch("substation_status", now)
 
     def on_telemetry(self, sid: str, msg: Telemetry, now: float) -> None:

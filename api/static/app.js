@@ -86,7 +86,7 @@ function renderRegions() {
   const have = [...select.options].slice(1).map((o) => o.value);
   if (have.join("\n") === regions.join("\n")) return;
   const current = select.value;
-  select.innerHTML = '<option value="">every region</option>' + regions.map((r) => `<option>${esc(r)}</option>`).join("");
+  select.innerHTML = '<option value="">every region</option>' + regions.map((r) => `<option value="${esc(r)}">${esc(r)}</option>`).join("");
   select.value = regions.includes(current) ? current : "";
   $("region-count").textContent = `${regions.length} region${regions.length === 1 ? "" : "s"}`;
 }
@@ -132,6 +132,9 @@ function render() {
   if (p.latest_assignments) renderAssignments(p.latest_assignments);
   renderEvents(p.events || []);
   renderMs += performance.now() - t0;
+  if (model.rows.size && !document.body.dataset.firstRenderMs) {
+    document.body.dataset.firstRenderMs = performance.now().toFixed(0);  // (since navigation start)
+  }
   document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
   document.body.dataset.seq = String(model.seq);
   document.body.dataset.renderMs = renderMs.toFixed(1);
@@ -147,6 +150,18 @@ function schedule() {
 function onSnapshot(body) {
   model.applySnapshot(body);
   schedule();
+}
+
+/** An event of the feed, as text: counted (the benchmark reads body.dataset), parsed and applied. */
+function received(kind, text) {
+  const data = document.body.dataset;
+  data.events = String(Number(data.events || 0) + 1);
+  data.feedChars = String(Number(data.feedChars || 0) + text.length);
+  if (kind === "snapshot") {
+    data.snapshots = String(Number(data.snapshots || 0) + 1);
+    data.snapshotChars = String(text.length);
+    onSnapshot(JSON.parse(text));
+  } else if (kind === "diff") onDiff(JSON.parse(text));
 }
 
 function onDiff(body) {
@@ -197,9 +212,7 @@ function onEventBlock(block) {
     if (line.startsWith("event:")) name = line.slice(6).trim();
     else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
   }
-  if (!data.length) return;
-  if (name === "snapshot") onSnapshot(JSON.parse(data.join("\n")));
-  else if (name === "diff") onDiff(JSON.parse(data.join("\n")));
+  if (data.length) received(name, data.join("\n"));
 }
 
 // The feed with a token: fetch() streaming, parsed as Server-Sent Events; reconnects like EventSource does.
@@ -239,12 +252,11 @@ function openFeed() {
   }
   if (!("EventSource" in window)) { poll(); return; }
   const source = new EventSource(feedPath());
-  source.addEventListener("snapshot", (ev) => {
-    try { onSnapshot(JSON.parse(ev.data)); } catch (err) { console.error("bad snapshot", err); }
-  });
-  source.addEventListener("diff", (ev) => {
-    try { onDiff(JSON.parse(ev.data)); } catch (err) { console.error("bad diff", err); }
-  });
+  for (const kind of ["snapshot", "diff"]) {
+    source.addEventListener(kind, (ev) => {
+      try { received(kind, ev.data); } catch (err) { console.error(`bad ${kind}`, err); }
+    });
+  }
   source.onerror = () => setBadge($("feed-badge"), "offline", "feed: reconnecting…");
   feed = source;
 }
@@ -377,7 +389,10 @@ document.addEventListener("DOMContentLoaded", () => {
     filter.region = $("f-region").value;
     schedule();
   };
-  for (const id of ["f-text", "f-condition", "f-region"]) $(id).addEventListener("input", onFilter);
+  for (const id of ["f-text", "f-condition", "f-region"]) {
+    $(id).addEventListener("input", onFilter);
+    $(id).addEventListener("change", onFilter);
+  }
   $("show-noise").addEventListener("change", openFeed);
   connect();
 });

@@ -427,3 +427,8 @@ def test_a_retained_offline_status_alone_is_a_leftover_and_shown_nowhere() -> No
     assert store.overview(T0, connected=True)["totals"]["offline"] == 0
     store.on_telemetry("old", tele("old"), T0 + 1)  # it speaks again: a substation once more
     assert [v["substation_id"] for v in store.substation_views(T0 + 1)] == ["A", "old"]
+    # Decommissioned, then its last will arrives (its account was revoked): still decommissioned, shown nowhere.
+    store.forget_substation("A", T0 + 2)
+    store.on_substation_status("A", SubstationStatus(state="offline", substation_id="A"), T0 + 3)
+    assert [v["substation_id"] for v in store.substation_views(T0 + 3)] == ["old"]
+    assert [d["substation_id"] for d in store.overview(T0 + 3, connected=True)["decommissioned"]] == ["A"]
