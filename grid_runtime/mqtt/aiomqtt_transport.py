@@ -10,8 +10,9 @@ from typing import Any, Literal
 
 import aiomqtt
 
+from grid_runtime.backoff import Backoff
 from grid_runtime.credentials import mqtt_password
-from grid_runtime.mqtt.base import TransportBase, log
+from grid_runtime.mqtt.base import RECONNECT_FIRST_S, RECONNECT_MAX_S, TransportBase, log
 from grid_runtime.mqtt.properties import connect_properties, in_message, publish_properties
 from grid_runtime.mqtt.types import OutMessage, Will
 from grid_runtime.settings import MqttSettings
@@ -98,7 +99,7 @@ class AiomqttTransport(TransportBase):
 
     async def run(self) -> None:
         self._run_task = asyncio.current_task()
-        backoff = 0.2
+        backoff = Backoff(RECONNECT_FIRST_S, RECONNECT_MAX_S)
         while not self._closing:
             try:
                 async with self._make_client() as client:
@@ -111,7 +112,7 @@ class AiomqttTransport(TransportBase):
                             done.add(f)
                     log.info("mqtt_connected", client_id=self.client_id, host=self.settings.host,
                              port=self.settings.port)
-                    backoff = 0.2
+                    backoff.reset()
                     self.connected.set()
                     while self._outbox:
                         msg = self._outbox.popleft()
@@ -127,9 +128,9 @@ class AiomqttTransport(TransportBase):
                     break
                 self._requeue_inflight()
                 self.stats.disconnects += 1
-                log.warning("mqtt_disconnected", client_id=self.client_id, error=str(exc), retry_in_s=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                log.warning("mqtt_disconnected", client_id=self.client_id, error=str(exc),
+                            retry_in_s=backoff.upcoming)
+                await asyncio.sleep(next(backoff))
 
     async def close(self, timeout: float = 2.0) -> None:
         """Wait (bounded) for pending publishes, then leave the client context: a clean DISCONNECT."""

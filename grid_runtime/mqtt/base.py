@@ -21,9 +21,14 @@ from grid_runtime.mqtt.types import (
 )
 from grid_runtime.settings import MqttSettings
 
-__all__ = ["TransportBase", "log"]
+__all__ = ["RECONNECT_FIRST_S", "RECONNECT_MAX_S", "TransportBase", "log"]
 
 log = get_logger("grid.mqtt")
+
+#: Reconnect back-off (``grid_runtime.backoff``): the first wait after a lost or refused connection, doubling up to
+#: the cap; a connection that worked starts the streak anew.
+RECONNECT_FIRST_S = 0.2
+RECONNECT_MAX_S = 10.0
 
 
 class TransportBase:

@@ -16,8 +16,9 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from grid_runtime.backoff import Backoff
 from grid_runtime.credentials import mqtt_password
-from grid_runtime.mqtt.base import TransportBase, log
+from grid_runtime.mqtt.base import RECONNECT_FIRST_S, RECONNECT_MAX_S, TransportBase, log
 from grid_runtime.mqtt.properties import connect_properties, in_message, publish_properties
 from grid_runtime.mqtt.types import OutMessage, Will
 from grid_runtime.settings import MqttSettings
@@ -228,7 +229,7 @@ class PahoTransport(TransportBase):
     async def run(self) -> None:
         """Connect and stay connected (exponential back-off) until :meth:`close`."""
         self._loop = asyncio.get_running_loop()
-        backoff = 0.2
+        backoff = Backoff(RECONNECT_FIRST_S, RECONNECT_MAX_S)
         misc = asyncio.create_task(self._misc_loop())
         try:
             while not self._closing:
@@ -244,16 +245,14 @@ class PahoTransport(TransportBase):
                         self._client.reconnect()
                 except OSError as exc:
                     log.warning("mqtt_connect_failed", host=self.settings.host, port=self.settings.port,
-                                error=str(exc), retry_in_s=backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 10.0)
+                                error=str(exc), retry_in_s=backoff.upcoming)
+                    await asyncio.sleep(next(backoff))
                     continue
                 await self._disconnected.wait()
                 if self.stats.connects:
-                    backoff = 0.2
+                    backoff.reset()
                 if not self._closing:
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 10.0)
+                    await asyncio.sleep(next(backoff))
         finally:
             misc.cancel()
 
