@@ -39,7 +39,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("recorder", "monitoring.recorder", "the telemetry recorder (MQTT -> InfluxDB)",
             "monitoring.recorder.cli:main"),
     Command("replay", "replay", "replay scenarios against the balancing policies (fast or live)", "replay.cli:main"),
-    Command("accounts", "broker.accounts", "write a broker's accounts, roles and grants"),
+    Command("accounts", "broker.accounts", "write a broker's accounts, roles and grants", "broker.accounts.cli:main"),
     Command("admin", "api.admin", "add or remove a substation or EV while the grid runs, through the API"),
     Command("broker", "broker.local", "a private Mosquitto with the project's config"),
 )
