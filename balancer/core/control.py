@@ -49,6 +49,7 @@ class OperatorControl:
                                                f"substation {sub.id} was decommissioned", stop_agent=True)
             del st.substations[sub.id]
             self.policy.forget(sub.id)
+            self.rebalancer.forget(sub.id)
             detail = f"forgotten; {moved} session(s) moved elsewhere or back in the queue"
         else:
             sub.capacity_limit_w = None if msg.capacity_kw is None else kw_to_w_down(msg.capacity_kw)

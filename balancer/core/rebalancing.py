@@ -17,20 +17,32 @@ class Rebalancer:
         self.state = state
         self.book = book
         self.policy = policy
+        self._last_targets: dict[str, tuple[tuple[int, int, float], list[tuple[Session, int]]]] = {}
 
     def targets(self, sub: Substation, now: float) -> list[tuple[Session, int]]:
-        """The policy's share of the substation's available power for each of its sessions."""
+        """The policy's share of the substation's available power for each of its sessions.
+
+        The last answer per substation is kept while its inputs (sessions and grants, power, time) are the same:
+        an event lowers grants, serves the queue, then raises them, and each step asked for the same shares."""
         cfg = self.state.config
-        sessions = list(sub.sessions.values())
         # A band of one hysteresis step below the limit: base-load noise inside it changes no grant, where
         # shares computed right at the limit would follow every watt of noise (measured: flapping).
         band = kw_to_w_up(cfg.hysteresis_kw)
-        available = max(sum(s.request.min_w for s in sessions),
-                        sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w() - band)
+        available = max(sub.floors_w, sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w() - band)
+        key = (sub.shares_version, available, now)
+        last = self._last_targets.get(sub.id)
+        if last is not None and last[0] == key:
+            return last[1]
+        sessions = list(sub.sessions.values())
         floors = [s.request.min_w for s in sessions]
         caps = [s.request.requested_w for s in sessions]
         targets = self.policy.targets(sessions, available, floors, caps, now)
-        return list(zip(sessions, targets, strict=True))
+        shares = list(zip(sessions, targets, strict=True))
+        self._last_targets[sub.id] = (key, shares)
+        return shares
+
+    def forget(self, substation_id: str) -> None:
+        self._last_targets.pop(substation_id, None)
 
     def _settled(self, sub: Substation, now: float) -> bool:
         """A sharing pass here would change no grant: no session came, went or changed since the last full pass,
