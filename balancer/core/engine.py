@@ -15,6 +15,7 @@ in between. Guarantees (see docs/balancing.md and the tests):
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,8 +23,10 @@ from typing import Any
 
 import msgspec
 
+from balancer.core import schedules
 from balancer.core.allocation import deadline_share, equal_share, water_fill
 from balancer.core.effects import Effect, ToEv, ToSubstation
+from balancer.core.limits import Schedule
 from balancer.core.model import (
     PendingRequest,
     Session,
@@ -51,7 +54,9 @@ from grid_protocol.messages import (
     AssignmentStatus,
     ChargeRequest,
     ControlCommand,
+    LimitSchedule,
     Release,
+    ScheduleState,
     SessionCommand,
     SessionEvent,
     Telemetry,
@@ -85,6 +90,9 @@ class CoreConfig:
     #: revoked and re-queued: an agent that reconnects within its lease (the service sets this to the lease)
     #: keeps charging, and nothing is placed twice meanwhile (the power stays counted). 0: revoke at once.
     offline_grace_s: float = 10.0
+    #: Limit schedules: plan with the lowest scheduled limit from now to this far ahead, so sessions have been
+    #: reduced when a limit starts (the service sets at least the lease plus a rebalance interval; see docs).
+    limit_lead_s: float = 30.0
 
 
 class _EvState(msgspec.Struct, gc=False):
@@ -132,6 +140,9 @@ class Balancer:
         self.counters: Counter[str] = Counter()
         #: how long requests placed from the queue waited (seconds); the adapter drains it into a histogram
         self.queue_waits: deque[float] = deque(maxlen=10_000)
+        #: limit schedules by substation (balancer/core/schedules.py), and those whose published view changed
+        self.schedules: dict[str, Schedule] = {}
+        self.schedule_dirty: set[str] = set()
 
     # ------------------------------------------------------------------ helpers
     def _answer(self, req: PendingRequest, status: AssignmentStatus, now: float, *, session: Session | None = None,
@@ -173,6 +184,7 @@ class Balancer:
         sub = self.substations.get(substation_id)
         if sub is None:
             sub = self.substations[substation_id] = Substation(substation_id, known_since=now)
+            schedules.attach(self, sub, now)  # a schedule re-read at start may be waiting for it
         return sub
 
     def _new_session(self, sub: Substation, req: PendingRequest, grant: int, now: float) -> Session:
@@ -238,6 +250,7 @@ class Balancer:
             targets = water_fill(available, floors, caps, [s.request.priority + 1.0 for s in sessions])
         elif self.config.policy == DEADLINE:
             needs, slack = [], []
+            horizon = schedules.horizon(self, sub, sessions, now)  # counts the power it will have (schedules)
             for s in sessions:
                 s.account(now)
                 remaining, departure = s.remaining_wh(), s.request.departure
@@ -245,7 +258,7 @@ class Balancer:
                     needs.append(0)
                     slack.append(float("inf"))
                     continue
-                left_s = max(1.0, departure - now)
+                left_s = max(1.0, horizon(departure))
                 needs.append(int(remaining * 3600 / left_s) + 1)
                 slack.append(left_s - remaining * 3600 / max(1, s.request.requested_w))
             targets = deadline_share(available, floors, caps, needs, slack)
@@ -285,9 +298,11 @@ class Balancer:
             cut = session.granted_w - target
             settled = cut >= hysteresis and now - session.last_change_at >= cfg.min_hold_s
             if cut > 0 and (mandatory or settled):
-                reason = Reason.CAPACITY_REDUCED if mandatory else Reason.REBALANCED
-                effects += self._set_grant(session, target, now, reason,
-                                           "substation limit" if mandatory else "fair share changed")
+                reason, detail = ((Reason.CAPACITY_REDUCED, "substation limit") if mandatory
+                                  else (Reason.REBALANCED, "fair share changed"))
+                if mandatory:
+                    reason, detail = schedules.cut_reason(self, sub, now) or (reason, detail)
+                effects += self._set_grant(session, target, now, reason, detail)
         return effects
 
     def _raise(self, sub: Substation, now: float) -> list[Effect]:
@@ -312,29 +327,31 @@ class Balancer:
         """Keep the substation within its limit: revoke the newest sessions while even their minimums do not
         fit, then bring grants down to their shares (at once when over the limit). Baselines never do."""
         cfg = self.config
-        if cfg.policy in BASELINES or not sub.sessions or sub.capacity_w <= 0:
+        if cfg.policy in BASELINES or not sub.sessions or sub.rated_w() <= 0:  # (capacity never reported)
             return []
         sub.rebalanced_at = now
         effects: list[Effect] = []
         available = sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w()
         floors = sub.floors_w
         if floors > available:
+            reason, detail = (schedules.cut_reason(self, sub, now)
+                              or (Reason.CAPACITY_REDUCED, "substation load rose above its limit"))
             # reversed(): among sessions placed at the same instant, the one placed last is the newest.
             for session in sorted(reversed(sub.sessions.values()), key=lambda s: s.started_at, reverse=True):
                 if floors <= available:
                     break
                 floors -= session.request.min_w
-                effects += self._revoke(session, now, Reason.CAPACITY_REDUCED,
-                                        "substation load rose above its limit", stop_agent=True)
+                effects += self._revoke(session, now, reason, detail, stop_agent=True)
         over = sub.used_w() > sub.limit_w(cfg.safety_margin_pct)
         return effects + self._decrease(sub, now, mandatory=over)
 
     def _start_effects(self, session: Session, now: float, *, in_reply: bool) -> list[Effect]:
         req = session.request
         partial = session.granted_w < req.requested_w
+        short = schedules.shortfall(self, session, now)  # told at once when scheduled limits keep it short
         answer = self._answer(req, "assigned", now, session=session,
-                              reason=Reason.PARTIAL_GRANT if partial else None,
-                              detail="less than requested is available" if partial else None)
+                              reason=Reason.LIMIT_SHORTFALL if short else Reason.PARTIAL_GRANT if partial else None,
+                              detail=short or ("less than requested is available" if partial else None))
         state = self._evs[req.ev_id]
         state.answer = answer
         state.session_id = session.session_id
@@ -472,8 +489,10 @@ class Balancer:
             arrival=next(self._arrivals), received_at=now,
             duration_minutes=msg.duration_minutes, energy_kwh=msg.energy_kwh, departure=msg.departure,
         )
-        largest = max((sub.limit_w(self.config.safety_margin_pct) for sub in self.substations.values()
-                       if sub.capacity_w > 0), default=None)
+        # (without scheduled limits: those pass, and a request that fits once they do waits for them)
+        margin = self.config.safety_margin_pct
+        largest = max((math.floor(sub.rated_w() * (1 - margin / 100)) for sub in self.substations.values()
+                       if sub.rated_w() > 0), default=None)
         if largest is not None and req.min_w > largest:
             return [self.reject(ev_id, request_id, Reason.EXCEEDS_CAPACITY,
                                 f"min_kw {w_to_kw(req.min_w):g} exceeds the largest substation limit "
@@ -494,7 +513,8 @@ class Balancer:
         # went ahead of a head that held capacity (higher priority): the hold is gone, the new head may fit.
         effects = self._serve_queue(now, replying_to=ev_id) if reserved and self.queue.head() is req else []
         if ev_id in self.queue:
-            answer = self._answer(req, "queued", now, reason=Reason.NO_HEADROOM,
+            why, detail = schedules.queue_reason(self, now)
+            answer = self._answer(req, "queued", now, reason=why, detail=detail,
                                   position=self.queue.position(ev_id))
             self._evs[ev_id].answer = answer
             self.counters["queued"] += 1
@@ -558,7 +578,8 @@ class Balancer:
         sub.last_telemetry_at = now
         sub.granted_at_telemetry_w = sub.granted_w
         sub.lost = False
-        effects = self._reduce(sub, now)
+        effects = schedules.attach(self, sub, now)  # the scheduled limit, up to date (it may have started)
+        effects += self._reduce(sub, now)
         effects += self._serve_queue(now)
         effects += self._raise(sub, now)
         return effects + self._requeue_notices(now)
@@ -686,8 +707,8 @@ class Balancer:
     # ------------------------------------------------------------------ time
     def _tick(self, now: float) -> list[Effect]:
         """Periodic work: substations silent past ``lost_after_s`` lose their sessions; old answers expire."""
-        effects: list[Effect] = []
         cfg = self.config
+        effects: list[Effect] = schedules.follow(self, now)  # scheduled limits move with time
         for sub in self.substations.values():
             if not sub.stale and sub.last_telemetry_at is not None and not sub.is_fresh(now, cfg.stale_after_s):
                 sub.stale = True
@@ -775,6 +796,7 @@ class Balancer:
                                        stop_agent=True)
             del self.substations[sub.id]
             self._poll_snapshot.pop(sub.id, None)
+            schedules.forget(self, sub.id)
             detail = f"forgotten; {moved} session(s) moved elsewhere or back in the queue"
         else:
             sub.capacity_limit_w = None if msg.capacity_kw is None else kw_to_w_down(msg.capacity_kw)
@@ -786,6 +808,16 @@ class Balancer:
             detail = ("operator limit removed" if msg.capacity_kw is None
                       else f"planning with at most {msg.capacity_kw:g} kW")
         return None, detail, self._coalesce(effects)
+
+    def on_limits(self, substation_id: str, msg: LimitSchedule,
+                  now: float) -> tuple[Reason | None, str, list[Effect]]:
+        """An operator's limit schedule for one source (see balancer/core/schedules.py): (None if done else why it
+        was refused, a detail, effects)."""
+        return schedules.on_limits(self, substation_id, msg, now)
+
+    def restore_schedule(self, state: ScheduleState, now: float) -> list[Effect]:
+        """The retained schedule a restarted balancer reads back."""
+        return self._coalesce(schedules.restore(self, state, now))
 
     def tick(self, now: float) -> list[Effect]:
         """Periodic work: rebalancing, lost substations, queue updates, expiry of old answers."""
