@@ -31,6 +31,9 @@ class BalancerSettings(BaseSettings):
     #: nothing by then drops its sessions to 0 kW.
     lease_s: float = Field(10.0, gt=0)
     rebalance_interval_s: float = Field(1.0, gt=0)  # a substation is re-evaluated at least this often
+    #: Limit schedules are planned with this far ahead, so sessions are reduced before a limit starts; the balancer
+    #: uses at least lease_s + rebalance_interval_s (a balancer that dies just then leaves nothing past the start).
+    limit_lead_s: float = Field(30.0, ge=0)
     queue_update_interval_s: float = Field(5.0, gt=0)  # queued EVs hear new positions/ETAs at most this often
     poll_interval_s: float = Field(5.0, gt=0)  # polled-least-loaded's snapshot age (baseline)
     tick_interval_s: float = Field(0.5, gt=0)
