@@ -20,8 +20,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import hashlib
-import hmac
 import json
 import os
 import re
@@ -33,6 +31,7 @@ from typing import Literal
 
 from grid_protocol.ids import ID_PATTERN
 from grid_protocol.topics import DEFAULT_PREFIX, Topics
+from grid_runtime.credentials import derive_password
 
 __all__ = [
     "EV_ROLE",
@@ -43,7 +42,6 @@ __all__ = [
     "Account",
     "Role",
     "build_accounts",
-    "derive_password",
     "main",
     "substation_username",
     "validate_prefix",
@@ -142,20 +140,6 @@ def validate_prefix(prefix: str) -> str:
         # A space would split a config line; '%' could form a %u/%c substitution level in an ACL.
         raise ValueError(f"invalid topic prefix {prefix!r} for the ACL")
     return normalised
-
-
-# --- passwords ------------------------------------------------------------------------------------
-
-
-def derive_password(secret: str, username: str) -> str:
-    """Per-account password derived from one secret: first 32 hex chars of HMAC-SHA256(secret, username).
-
-    A simulator convenience: fleets of EVs and substations log in with distinct passwords while the
-    operator keeps a single secret. Real deployments issue independent credentials.
-    """
-    if not secret:
-        raise ValueError("secret must not be empty")
-    return hmac.new(secret.encode("utf-8"), username.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
 
 
 # --- accounts -------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from grid_runtime.credentials import mqtt_password
 from grid_runtime.logs import get_logger
 from grid_runtime.settings import MqttSettings
 
@@ -128,16 +129,6 @@ def _publish_props(corr: bytes | None, expiry_s: int | None) -> Properties | Non
     return props
 
 
-def _password(settings: MqttSettings) -> str | None:
-    if settings.password is not None:
-        return settings.password
-    if settings.account_secret and settings.username:
-        from broker.accounts import derive_password
-
-        return derive_password(settings.account_secret, settings.username)
-    return None
-
-
 class _Base:
     def __init__(self, settings: MqttSettings, client_id: str | None, will: Will | None,
                  clean_start: bool) -> None:
@@ -213,7 +204,7 @@ class PahoTransport(_Base):
             c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv311,
                             clean_session=clean_start)
         if settings.username:
-            c.username_pw_set(settings.username, _password(settings))
+            c.username_pw_set(settings.username, mqtt_password(settings))
         if settings.tls_ca:
             c.tls_set(ca_certs=settings.tls_ca)
         if will is not None:
@@ -504,7 +495,7 @@ class AiomqttTransport(_Base):
             tls = ssl.create_default_context(cafile=s.tls_ca)
         clean: Literal[True, False, 3] = True if self.clean_start else False  # noqa: SIM210
         return aiomqtt.Client(
-            s.host, s.port, username=s.username, password=_password(s), identifier=self.client_id or None,
+            s.host, s.port, username=s.username, password=mqtt_password(s), identifier=self.client_id or None,
             protocol=aiomqtt.ProtocolVersion.V5, will=will, keepalive=s.keepalive_s, clean_start=clean,
             properties=props, socket_options=_NODELAY, tls_context=tls, timeout=10,
         )

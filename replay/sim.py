@@ -32,7 +32,6 @@ import dataclasses
 import heapq
 import itertools
 import math
-import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -53,19 +52,10 @@ from grid_protocol.messages import (
     SessionEvent,
 )
 from grid_protocol.reasons import Reason
+from grid_sim.scenario import BurstEvent, DailyBaseLoad, EvSpec, Scenario, SubstationSpec, generate_evs
+from grid_sim.substation import SessionEnd, SubstationSim
+from grid_sim.timeline import daily_curve, grid_actions, points_curve
 from replay.metrics import Answer, EvRecord, Metrics, SubstationTrace, Trace, compute_metrics
-from replay.scenario import (
-    BurstEvent,
-    DailyBaseLoad,
-    EvSpec,
-    PointsBaseLoad,
-    Scenario,
-    SubstationSpec,
-    generate_evs,
-)
-from replay.timeline import grid_actions
-from substation_agents.load_curve import BaseLoad, LoadCurveParams, make_base_load
-from substation_agents.simulation import SessionEnd, SubstationSim
 
 __all__ = ["DEFAULT_POLICY", "EPOCH_MIDNIGHT", "RunResult", "available_policies", "make_balancer", "run"]
 
@@ -128,31 +118,6 @@ class RunResult:
     wall_seconds: float
 
 
-def _daily(spec: SubstationSpec, load: DailyBaseLoad, seed: int) -> Callable[[float], float]:
-    if load.residential_share is None and load.noise_pct == 3.0 and load.noise_tau_s == 900.0:
-        return make_base_load(spec.id, spec.capacity_kw, load.peak_pct, seed)  # exactly what the agents run
-    rng = random.Random(f"{seed}:{spec.id}")
-    share = rng.uniform(0.55, 0.85) if load.residential_share is None else load.residential_share
-    return BaseLoad(LoadCurveParams(peak_kw=spec.capacity_kw * load.peak_pct / 100.0, residential_share=share,
-                                    noise_pct=load.noise_pct, noise_tau_s=load.noise_tau_s), rng)
-
-
-def _points(load: PointsBaseLoad) -> Callable[[float], float]:
-    times = [t for t, _ in load.points]
-    kws = [kw for _, kw in load.points]
-
-    def at(t: float) -> float:
-        if t <= times[0]:
-            return kws[0]
-        for i in range(1, len(times)):
-            if t <= times[i]:
-                f = (t - times[i - 1]) / (times[i] - times[i - 1])
-                return kws[i - 1] + f * (kws[i] - kws[i - 1])
-        return kws[-1]
-
-    return at
-
-
 class _Run:
     def __init__(self, scenario: Scenario, policy: str, seed: int, command_delay_s: float,
                  lease_s: float = LEASE_S, core: Mapping[str, Any] | None = None) -> None:
@@ -195,10 +160,10 @@ class _Run:
         """Base load as a function of the sim's (epoch) clock."""
         load = spec.base_load
         if isinstance(load, DailyBaseLoad):
-            curve = _daily(spec, load, self.seed)
+            curve = daily_curve(spec, load, self.seed)
             offset = self.sc.start_hour * 3600.0 - self.epoch0  # epoch -> seconds since midnight of day 0
             return lambda now: curve(now + offset)
-        points = _points(load)
+        points = points_curve(load)
         return lambda now: points(now - self.epoch0)
 
     # ------------------------------------------------------------------ plumbing
@@ -358,7 +323,7 @@ class _Run:
     # ------------------------------------------------------------------ scenario events
     def _schedule(self) -> list[tuple[float, int, Callable[[], None], str | None]]:
         """Scenario events as (time, order, action, plot label), in time order."""
-        # The same timing the live agents apply (replay.timeline), so sim and live mean the same scenario.
+        # The same timing the live agents apply (grid_sim.timeline), so sim and live mean the same scenario.
         out: list[tuple[float, int, Callable[[], None], str | None]] = []
         for i, action in enumerate(grid_actions(self.sc)):
             if action.kind == "offline":

@@ -54,9 +54,9 @@ from grid_protocol.topics import CHANNELS, TopicKind, Topics
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import AiomqttTransport, InMessage, Transport, Will
 from grid_runtime.settings import MqttSettings
-from substation_agents.load_curve import make_base_load
+from grid_sim.load_curve import make_base_load
+from grid_sim.substation import SessionEnd, SubstationSim
 from substation_agents.settings import AgentSettings, SubstationSpec
-from substation_agents.simulation import SessionEnd, SubstationSim
 
 __all__ = [
     "AgentStats",

@@ -12,7 +12,7 @@ Variable                        Meaning                                         
 ``SUBSTATION_SEED``             seed of the base-load noise                                ``1``
 ``SUBSTATION_SCENARIO``         a replay scenario (file or shipped name): its substations  unset
                                 and events instead of ``SUBSTATIONS`` and the daily
-                                curve (see ``substation_agents/scenario.py``)
+                                curve (see ``substation_agents/scenario_agents.py``)
 ``SUBSTATION_SCENARIO_START``   epoch seconds of the scenario's time 0                     process start
 ``MQTT_*``, ``LOG_*``, ...      :class:`~grid_runtime.settings.MqttSettings`,              see there
                                 :class:`~grid_runtime.settings.GridSettings`

@@ -14,12 +14,12 @@ from broker import accounts, dynsec
 from broker.accounts import (
     SERVICE_ACCOUNTS,
     build_accounts,
-    derive_password,
     substation_username,
     validate_username,
 )
 from broker.local import find_free_port, render_config
 from broker.roles import DYNSEC_TOPIC, RECEIVE, SEND, SUBSCRIBE, role_acls, role_of
+from grid_runtime.credentials import derive_password
 
 # Written by `mosquitto_ctrl dynsec init FILE admin secret` (2.0.11).
 CTRL_CLIENT = {"password": "QwVPaWz79PW2EBMetwtHi5F+dDAWYJQZhAR37ja25nM1cv9rM75awoCrCmCkCR9uLSAwprFwQ9SDqHLW/MFR0g==",

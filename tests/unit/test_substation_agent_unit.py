@@ -21,9 +21,9 @@ from grid_protocol.messages import (
 from grid_protocol.topics import Topics
 from grid_runtime.mqtt import InMessage, TransportStats
 from grid_runtime.settings import GridSettings, MqttSettings
+from grid_sim.substation import SubstationSim
 from substation_agents.agent import STATUS_WAIT_S, SimClock, SubstationAgent, agent_mqtt_settings, offline_will
 from substation_agents.settings import AgentSettings, SubstationSpec, parse_substations
-from substation_agents.simulation import SubstationSim
 
 T = Topics()
 WALL = 1_700_000_000.0
