@@ -40,7 +40,7 @@ class Reason(StrEnum):
     STALE_TELEMETRY = "stale_telemetry"
     # Limit schedules (DSO limits on a substation, see LimitSchedule).
     LIMIT_SCHEDULED = "limit_scheduled"  # a scheduled limit applies, or starts within the lead time: power is cut
-    LIMIT_SHORTFALL = "limit_shortfall"  # under the scheduled limits the EV cannot get its energy by its departure
+    LIMIT_SHORTFALL = "limit_shortfall"  # under the scheduled limits the EV cannot expect its energy by its departure
     SCHEDULE_FULL = "schedule_full"  # a LimitSchedule would give the substation more entries than it may hold
     # Operator control (ControlResult).
     UNKNOWN_SUBSTATION = "unknown_substation"

@@ -258,7 +258,7 @@ class Balancer:
                     needs.append(0)
                     slack.append(float("inf"))
                     continue
-                left_s = max(1.0, horizon(departure))
+                left_s = max(1.0, horizon(departure, remaining, s.request.requested_w))
                 needs.append(int(remaining * 3600 / left_s) + 1)
                 slack.append(left_s - remaining * 3600 / max(1, s.request.requested_w))
             targets = deadline_share(available, floors, caps, needs, slack)

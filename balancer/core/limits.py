@@ -185,30 +185,14 @@ def available_steps(schedule: Schedule | None, now: float, until: float, rated_w
     return steps
 
 
-def effective_seconds(steps: list[tuple[float, float, int]], until: float, other_w: int, now_w: int) -> float:
-    """Seconds up to ``until``, each weighted by the power the EVs will have then relative to what they have now
-    (capped at 1): 3 hours at half the power count as 1.5 hours. The deadline policy divides what a session still
-    needs by these, so it counts the capacity it will have, not only the capacity it has now."""
-    if now_w <= 0:
-        return 0.0
+def expected_wh(steps: list[tuple[float, float, int]], until: float, other_w: int, max_w: int, sessions: int) -> float:
+    """What one of ``sessions`` sessions can expect by ``until``: in each step its equal share of what the limit
+    leaves beside ``other_w`` (base load), at most ``max_w``."""
     total = 0.0
     for start, end, limit_w in steps:
         if start >= until:
             break
-        ratio = min(1.0, max(0, limit_w - other_w) / now_w)
-        total += (min(end, until) - start) * ratio
-    return total
-
-
-def deliverable_wh(steps: list[tuple[float, float, int]], until: float, other_w: int, max_w: int) -> float:
-    """The most one session can get by ``until``: at most ``max_w``, and never more than the limit leaves once
-    ``other_w`` (base load, the other sessions' minimums) is served. An upper bound: if even this falls short of
-    what the EV needs, the scheduled limits keep it from its energy, and it is told so."""
-    total = 0.0
-    for start, end, limit_w in steps:
-        if start >= until:
-            break
-        total += (min(end, until) - start) * max(0, min(max_w, limit_w - other_w)) / 3600
+        total += (min(end, until) - start) * min(max_w, max(0, limit_w - other_w) / max(1, sessions)) / 3600
     return total
 
 

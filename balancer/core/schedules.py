@@ -22,8 +22,7 @@ from balancer.core.limits import (
     Limit,
     Schedule,
     available_steps,
-    deliverable_wh,
-    effective_seconds,
+    expected_wh,
 )
 from balancer.core.model import Session, Substation, kw_to_w_down, w_to_kw
 from grid_protocol.messages import MAX_SCHEDULE_ENTRIES, LimitSchedule, ScheduleState
@@ -86,22 +85,40 @@ def cut_reason(b: Balancer, sub: Substation, now: float) -> tuple[Reason, str] |
     return Reason.LIMIT_SCHEDULED, f"scheduled limit on substation {sub.id} ({when}): {_describe(binding)}"
 
 
-def horizon(b: Balancer, sub: Substation, sessions: Iterable[Session], now: float) -> Callable[[float], float]:
-    """Seconds until a departure as the deadline policy should count them: weighted by the power the substation
-    will have relative to what it has now (see :func:`~balancer.core.limits.effective_seconds`)."""
+def horizon(b: Balancer, sub: Substation, sessions: Iterable[Session],
+            now: float) -> Callable[[float, float, int], float]:
+    """Seconds until a departure as the deadline policy should count them, given what the EV still needs
+    (``remaining_wh``) and its rate (``max_w``): when the limit will change before the departure, what the EV can
+    expect after the change (its equal share of the room then, at most its rate) is subtracted from what it needs,
+    and the rest must come before the change. The deadline policy divides the energy by these seconds, so it
+    counts the capacity it will have, not only the capacity it has now: an EV leaving during an evening cut is
+    given its energy before it. Never more seconds than there are (never less urgent than without a schedule)."""
     schedule = b.schedules.get(sub.id)
     if schedule is None:
-        return lambda departure: departure - now
-    until = max((d for s in sessions if (d := s.request.departure) is not None), default=now)
+        return lambda departure, _remaining_wh, _max_w: departure - now
+    listed = list(sessions)
+    until = max((d for s in listed if (d := s.request.departure) is not None), default=now)
     steps = available_steps(schedule, now, until, sub.rated_w(), b.config.safety_margin_pct)
-    other = sub.uncontrolled_w()
-    now_w = sub.limit_w(b.config.safety_margin_pct) - other
-    return lambda departure: effective_seconds(steps, departure, other, now_w)
+    other, n = sub.uncontrolled_w(), max(1, len(listed))
+
+    def left(departure: float, remaining_wh: float, max_w: int) -> float:
+        near = steps[0][1] - now
+        if len(steps) <= 1 or steps[0][1] >= departure or near <= 0 or remaining_wh <= 0:
+            return departure - now
+        later = sum((min(end, departure) - start) * min(max_w, max(0, lim - other) / n)
+                    for start, end, lim in steps[1:] if start < departure) / 3600
+        if later >= remaining_wh:
+            return departure - now
+        return min(departure - now, near * remaining_wh / (remaining_wh - later))
+
+    return left
 
 
 def shortfall(b: Balancer, session: Session, now: float) -> str | None:
     """A detail for the EV when the scheduled limits keep it from its energy by its departure (None: they do not,
-    or it gave no energy and departure)."""
+    or it gave no energy and departure). What it can expect: in each step of the limit, its equal share of the room
+    the limit leaves (beside base load), at most its rate; told only when it would get its energy without the
+    schedule and does not with it."""
     req = session.request
     remaining, departure = session.remaining_wh(), req.departure
     schedule = b.schedules.get(session.substation_id)
@@ -109,18 +126,18 @@ def shortfall(b: Balancer, session: Session, now: float) -> str | None:
         return None
     sub = b.substations[session.substation_id]
     margin = b.config.safety_margin_pct
-    other = sub.uncontrolled_w() + sub.floors_w - req.min_w
+    other, n = sub.uncontrolled_w(), max(1, len(sub.sessions))
     scheduled = available_steps(schedule, now, departure, sub.rated_w(), margin)
-    most = deliverable_wh(scheduled, departure, other, req.requested_w)
-    if most >= remaining - 1e-6:
+    expected = expected_wh(scheduled, departure, other, req.requested_w, n)
+    if expected >= remaining - 1e-6:
         return None
     unscheduled = available_steps(None, now, departure, sub.rated_w(), margin)
-    if deliverable_wh(unscheduled, departure, other, req.requested_w) < remaining - 1e-6:
+    if expected_wh(unscheduled, departure, other, req.requested_w, n) < remaining - 1e-6:
         return None  # short anyway: not the schedule's doing
     cuts = [lim for t, _, _ in scheduled if (lim := schedule.binding_at(t)) is not None]
     worst = min(cuts, key=lambda lim: lim.limit_w)
-    return (f"at most {most / 1000:.1f} of the {remaining / 1000:.1f} kWh asked for by departure "
-            f"({_at(departure)}): scheduled limit {_describe(worst)}")
+    return (f"about {expected / 1000:.1f} of the {remaining / 1000:.1f} kWh asked for can be delivered by "
+            f"departure ({_at(departure)}): scheduled limit {_describe(worst)}")
 
 
 def notify_shortfalls(b: Balancer, sub: Substation, now: float) -> list[Effect]:
