@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import time
@@ -19,7 +20,7 @@ from time import perf_counter
 import msgspec
 
 from balancer.admission import REFUSED_COST, Admission
-from balancer.core import Balancer, CoreConfig, Effect, ToEv
+from balancer.core import Balancer, Effect, ToEv
 from balancer.core.limits import schedule_state
 from balancer.core.views import queue_state, substation_state
 from balancer.settings import BalancerSettings
@@ -83,20 +84,11 @@ class BalancerService:
         self.instance = boot
         seq = iter(range(1, 1 << 62))
         self.core = Balancer(
-            CoreConfig(
-                safety_margin_pct=settings.safety_margin_pct, stale_after_s=settings.stale_after_s,
-                lost_after_s=settings.lost_after_s, queue_max=settings.queue_max,
-                default_min_kw=settings.default_min_kw, answer_ttl_s=settings.answer_ttl_s,
-                overtake_guard_s=settings.overtake_guard_s, policy=settings.policy,
-                allow_baselines=settings.allow_baselines, hysteresis_kw=settings.hysteresis_kw,
-                min_hold_s=settings.min_hold_s, rebalance_interval_s=settings.rebalance_interval_s,
-                queue_update_interval_s=settings.queue_update_interval_s, poll_interval_s=settings.poll_interval_s,
-                # An agent that reconnects within its lease keeps its sessions: hold them that long.
-                offline_grace_s=settings.lease_s,
-                # Reduced before a scheduled limit starts, early enough that a lease granted just before (a balancer
-                # that dies then) runs out before the start.
-                limit_lead_s=max(settings.limit_lead_s, settings.lease_s + settings.rebalance_interval_s),
-            ),
+            # An agent that reconnects within its lease keeps its sessions: hold them that long. Scheduled limits are
+            # planned with early enough that a lease granted just before (a balancer that dies then) runs out first.
+            dataclasses.replace(settings.core, offline_grace_s=settings.lease_s,
+                                limit_lead_s=max(settings.core.limit_lead_s,
+                                                 settings.lease_s + settings.core.rebalance_interval_s)),
             new_session_id=lambda: f"{boot}-{next(seq)}",
             new_request_id=lambda: f"auto-{boot}-{next(seq)}",
         )
@@ -149,8 +141,8 @@ class BalancerService:
         """On every connect: say online (agents answer with their inventory) and republish the retained view
         (a broker that crashed may have lost what it held since its last save)."""
         status = BalancerStatus(state="online", ts=self.clock(), version=VERSION, instance=self.instance,
-                                safety_margin_pct=self.settings.safety_margin_pct,
-                                stale_after_s=self.settings.stale_after_s)
+                                safety_margin_pct=self.settings.core.safety_margin_pct,
+                                stale_after_s=self.settings.core.stale_after_s)
         self.transport.publish(self.topics.balancer_status(), encode(status), qos=1, retain=True)
         self._state_sent.clear()
 

@@ -21,6 +21,7 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from balancer.core.model import Substation
 from grid_protocol.messages import CompositeSlot, ScheduleEntry, ScheduleState
 
 
@@ -164,6 +165,20 @@ class Schedule:
             else:
                 slots.append(Slot(a, b, binding))
         return slots
+
+
+def plan_with(sub: Substation, schedule: Schedule | None, now: float, lead_s: float) -> bool:
+    """Set the substation's scheduled limit to plan with (the lowest from now to ``lead_s`` ahead) and its
+    capacity. True when the capacity went down (its sessions must come down too)."""
+    binding = schedule.planning(now, lead_s) if schedule is not None else None
+    limit_w = binding.limit_w if binding is not None else None
+    source = binding.source if binding is not None else None
+    if (limit_w, source) == (sub.schedule_limit_w, sub.schedule_source):
+        return False
+    before = sub.capacity_w
+    sub.schedule_limit_w, sub.schedule_source = limit_w, source
+    sub.apply_capacity()
+    return sub.capacity_w < before
 
 
 def available_steps(schedule: Schedule | None, now: float, until: float, rated_w: int,
