@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from api.state import StateStore
 from grid_runtime.logs import get_logger
 
@@ -27,6 +29,8 @@ log = get_logger("api.live")
 REFRESH_S = 2.0
 #: Queue entries and latest assignments on the page.
 PAGE_ROWS = 20
+#: intervals of each limit schedule's composite the page shows
+SCHEDULE_SLOTS = 4
 
 
 class TooManyClients(Exception):
@@ -51,8 +55,13 @@ class LiveHub:
         self._task: asyncio.Task[None] | None = None
 
     def snapshot(self, noise: bool = False) -> dict[str, Any]:
-        return self.store.overview(self.clock(), connected=self.connected(), queue_limit=PAGE_ROWS,
+        snap = self.store.overview(self.clock(), connected=self.connected(), queue_limit=PAGE_ROWS,
                                    assignments_limit=PAGE_ROWS, noise=noise, events_limit=PAGE_ROWS)
+        # Limit schedules: what binds now and the next few intervals of the composite, per substation.
+        snap["schedules"] = {sid: {"limit_kw": s.limit_kw, "source": s.source,
+                                   "composite": [msgspec.to_builtins(c) for c in s.composite[:SCHEDULE_SLOTS]]}
+                             for sid, s in self.store.schedules.items()}
+        return snap
 
     def snapshot_json(self, noise: bool = False) -> str:
         return json.dumps(self.snapshot(noise), separators=(",", ":"))

@@ -83,6 +83,21 @@ function drawTrend(row, s, now) {
 }
 
 // ------------------------------------------------------------------------------------------- substations
+let schedules = {};  // substation id -> its limit schedule (what binds now, the next intervals), from the snapshot
+
+function scheduleLine(s, now) {
+  const sched = schedules[s.substation_id];
+  const binds = s.limit_source && s.limit_source !== "capacity"
+    ? ` · limit set by <b class="limit-source">${esc(s.limit_source)}</b>` : "";
+  if (!sched || !sched.composite.length) return binds;
+  const slots = sched.composite.map((c) => {
+    const on = c.start <= now && now < c.end;
+    return `<span class="slot${on ? " now" : ""}">${clock(c.start)}–${clock(c.end)} ` +
+      `<b>${fmt(c.limit_kw)}</b> kW ${esc(c.source)}</span>`;
+  }).join(", ");
+  return `${binds}<br><span class="schedule">schedule: ${slots}</span>`;
+}
+
 function subRow(s, now) {
   let row = document.querySelector(`.sub[data-substation="${CSS.escape(s.substation_id)}"]`);
   if (!row) {
@@ -145,7 +160,7 @@ function subRow(s, now) {
     `<span class="load" id="load-${esc(s.substation_id)}"><b>${fmt(load)}</b> / <b>${fmt(cap)}</b> kW</span>` +
     ` · headroom <b>${fmt(s.headroom_kw)}</b> kW<br>` +
     `EV <b>${fmt(s.granted_kw)}</b> kW in <b>${s.sessions_total}</b> session${s.sessions_total === 1 ? "" : "s"}` +
-    limited + ` · telemetry ${ago(s.telemetry_age_s)} ago`;
+    limited + ` · telemetry ${ago(s.telemetry_age_s)} ago` + scheduleLine(s, now);
   const drain = row.querySelector("button.drain");
   drain.dataset.action = s.draining ? "undrain" : "drain";
   drain.textContent = s.draining ? "undrain" : "drain";
@@ -221,6 +236,7 @@ function renderTotals(t, decommissioned) {
 }
 
 function render(snap) {
+  schedules = snap.schedules || {};
   renderTotals(snap.totals, snap.decommissioned || []);
   const b = snap.balancer;
   setBadge($("balancer-badge"), b.state, `balancer: ${b.state}${b.version ? ` ${b.version}` : ""}`);

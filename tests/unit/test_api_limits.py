@@ -101,3 +101,26 @@ def test_only_operators_may_set_limits(client: TestClient, fake: FakeTransport) 
     assert_problem(client.delete("/substations/A/limits/dso"), 401)
     assert not any(t.endswith("/limits") for t, _ in fake.published)
     assert_problem(client.get("/substations/nowhere/limits"), 404)
+
+
+def test_the_live_page_snapshot_carries_the_schedule_and_the_binding_source() -> None:
+    from api.live import SCHEDULE_SLOTS, LiveHub
+    from api.state import StateStore
+    from tests.unit.test_api_app import sub_state
+
+    core = a_core()
+    now = time.time()
+    entries = [{"start": now - 60 + 3600 * i, "end": now + 3000 + 3600 * i, "limit_kw": 200 + i} for i in range(6)]
+    msg = decode(json.dumps({"source": "dso-north", "entries": entries}).encode(), LimitSchedule)
+    assert core.on_limits("A", msg, now)[0] is None
+    store = StateStore()
+    store.on_substation_state("A", sub_state("A", capacity_kw=200.0, schedule_limit_kw=200.0,
+                                             limit_source="dso-north"), now)
+    store.on_schedule("A", schedule_state("A", core.schedules["A"], now), now)
+    snap = LiveHub(store, lambda: True).snapshot()
+    sched = snap["schedules"]["A"]
+    assert (sched["limit_kw"], sched["source"]) == (200.0, "dso-north")
+    assert len(sched["composite"]) == SCHEDULE_SLOTS and sched["composite"][0]["source"] == "dso-north"
+    assert snap["substations"][0]["limit_source"] == "dso-north"
+    store.on_schedule("A", None, now)  # cleared (the substation was forgotten)
+    assert LiveHub(store, lambda: True).snapshot()["schedules"] == {}
