@@ -447,6 +447,7 @@ class BalancerService:
             empty = ScheduleState(substation_id=sid, ts=now, limit_kw=None, source=None, entries=[], composite=[])
             self.transport.publish(self.topics.substation_schedule(sid), encode(empty), 1, retain=True)
             return empty
+        schedule.recheck_at = schedule.next_change(now) or float("inf")  # (published as of now)
         state = schedule_state(sid, schedule, now)
         self.transport.publish(self.topics.substation_schedule(sid), encode(state), 1, retain=True)
         return state
