@@ -37,7 +37,6 @@ from grid_protocol import (
     Release,
     ScheduleState,
     SessionCommand,
-    SessionCommands,
     SessionEvent,
     SubstationStatus,
     Telemetry,
@@ -47,12 +46,8 @@ from grid_protocol import (
     encode,
     is_valid_id,
 )
-from grid_protocol.messages import (
-    MAX_COMMANDS_PER_MESSAGE,
-    MAX_SCHEDULE_PAYLOAD_BYTES,
-    QueueState,
-    SubstationState,
-)
+from grid_protocol.lease import LeaseIssuer
+from grid_protocol.messages import MAX_SCHEDULE_PAYLOAD_BYTES, QueueState, SubstationState
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import InMessage, Transport, Will, make_transport
 from grid_runtime.ratelimit import RateLimitedLog
@@ -98,7 +93,7 @@ class BalancerService:
         #: agent commands decided but not yet published, per substation (see _flush_commands)
         self._commands: dict[str, list[SessionCommand]] = {}
         self._flush_scheduled = False
-        self._lease_sent: dict[str, float] = {}  # substation -> when its lease was last renewed
+        self._leases = LeaseIssuer(settings.lease_s)
         self._handlers = {
             TopicKind.EV_REQUEST: self._on_request,
             TopicKind.EV_RELEASE: self._on_release,
@@ -342,7 +337,7 @@ class BalancerService:
         inventory = status.announced_for is not None and status.announced_for == self.instance
         log.info("substation_status", substation_id=sid, state=status.state, inventory=inventory,
                  sessions=status.sessions, retained=msg.retain)
-        self._publish(self.core.on_status(sid, status.state, now, inventory=inventory))
+        self._publish(self.core.on_status(sid, status.state, now, inventory=inventory, region=status.region))
         if not self.startup.is_open:
             self.startup.substation_status(sid, status.state == "online", inventory)
             self._open_when_ready()
@@ -457,7 +452,7 @@ class BalancerService:
         kept here."""
         topic = self.topics.substation_state(substation_id)
         self._state_sent.pop(topic, None)
-        self._lease_sent.pop(substation_id, None)
+        self._leases.forget(substation_id)
         self.transport.publish(topic, b"", 1, retain=True)
         self.transport.publish(self.topics.substation_schedule(substation_id), b"", 1, retain=True)
 
@@ -518,24 +513,16 @@ class BalancerService:
         self._flush_scheduled = False
         pending, self._commands = self._commands, {}
         now = self.clock()
-        valid_until = now + self.settings.lease_s
         for sid, commands in pending.items():
             topic = self.topics.command(sid)
-            for i in range(0, len(commands), MAX_COMMANDS_PER_MESSAGE):
-                batch = SessionCommands(ts=now, commands=commands[i:i + MAX_COMMANDS_PER_MESSAGE],
-                                        valid_until=valid_until)
+            for batch in self._leases.batches(sid, commands, now):
                 self.transport.publish(topic, encode(batch), 1)
-            self._lease_sent[sid] = now
 
     def _renew_leases(self) -> None:
         """An empty batch renews the lease of every substation with sessions that has not heard from us lately."""
-        now = self.clock()
-        every = self.settings.lease_s / 3
-        for sid, sub in self.core.substations.items():
-            if sub.sessions and now - self._lease_sent.get(sid, float("-inf")) >= every:
-                batch = SessionCommands(ts=now, commands=[], valid_until=now + self.settings.lease_s)
-                self.transport.publish(self.topics.command(sid), encode(batch), 1)
-                self._lease_sent[sid] = now
+        with_sessions = [sid for sid, sub in self.core.substations.items() if sub.sessions]
+        for sid, batch in self._leases.renewals(with_sessions, self.clock()):
+            self.transport.publish(self.topics.command(sid), encode(batch), 1)
 
     def _respond(self, request: InMessage, payload: bytes, ev_id: str) -> None:
         """MQTT 5 reply, only below the sender's own reply root (D5): the request came on ``ev/{ev_id}/…``, which

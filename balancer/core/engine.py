@@ -30,6 +30,7 @@ from balancer.core.control import OperatorControl
 from balancer.core.effects import Effect, ToEv
 from balancer.core.ev_requests import EvRequests
 from balancer.core.ledger import Closed, EvState, Ledger
+from balancer.core.limit_effects import horizon
 from balancer.core.limits import Schedule
 from balancer.core.liveness import Liveness
 from balancer.core.model import Session, Substation, w_to_kw
@@ -39,7 +40,7 @@ from balancer.core.policies.fair import Deadline
 from balancer.core.queue import RequestQueue
 from balancer.core.queue_service import QueueService
 from balancer.core.rebalancing import Rebalancer
-from balancer.core.schedules import LimitFollower, horizon
+from balancer.core.schedules import LimitFollower
 from balancer.core.sessions import SessionBook
 from balancer.core.state import CoreState
 from grid_protocol.messages import (
@@ -150,8 +151,9 @@ class Balancer:
     def on_telemetry(self, msg: Telemetry, now: float) -> list[Effect]:
         return self._coalesce(self.liveness.on_telemetry(msg, now))
 
-    def on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False) -> list[Effect]:
-        return self._coalesce(self.liveness.on_status(substation_id, state, now, inventory=inventory))
+    def on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False,
+                  region: str | None = None) -> list[Effect]:
+        return self._coalesce(self.liveness.on_status(substation_id, state, now, inventory=inventory, region=region))
 
     def on_session_event(self, substation_id: str, msg: SessionEvent, now: float) -> list[Effect]:
         return self._coalesce(self.agent_events.on_session_event(substation_id, msg, now))

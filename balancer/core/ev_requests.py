@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from balancer.core import schedules
+from balancer.core import limit_effects
 from balancer.core.effects import Effect, ToEv, ToSubstation
 from balancer.core.ledger import EvState, Ledger
 from balancer.core.model import PendingRequest, kw_to_w_down, kw_to_w_up, w_to_kw
@@ -76,7 +76,7 @@ class EvRequests:
         # went ahead of a head that held capacity (higher priority): the hold is gone, the new head may fit.
         effects = self.queue_service.serve(now, replying_to=ev_id) if reserved and queue.head() is req else []
         if ev_id in queue:
-            why, detail = schedules.queue_reason(st, now)  # no_headroom, or limit_scheduled (until when)
+            why, detail = limit_effects.queue_reason(st, now)  # no_headroom, or limit_scheduled (until when)
             answer = ledger.answer(req, "queued", now, reason=why, detail=detail, position=queue.position(ev_id))
             ledger.evs[ev_id].answer = answer
             st.counters["queued"] += 1

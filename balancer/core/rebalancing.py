@@ -4,7 +4,7 @@ hysteresis and a hold time so telemetry noise does not make power flap."""
 
 from __future__ import annotations
 
-from balancer.core import schedules
+from balancer.core import limit_effects
 from balancer.core.effects import Effect
 from balancer.core.model import Session, Substation, kw_to_w_up
 from balancer.core.policies import Policy
@@ -57,7 +57,7 @@ class Rebalancer:
                 reason, detail = ((Reason.CAPACITY_REDUCED, "substation limit") if mandatory
                                   else (Reason.REBALANCED, "fair share changed"))
                 if mandatory:  # a scheduled limit that binds says so (limit_scheduled, and whose it is)
-                    reason, detail = schedules.cut_reason(self.state, sub, now) or (reason, detail)
+                    reason, detail = limit_effects.cut_reason(self.state, sub, now) or (reason, detail)
                 effects += self.book.set_grant(session, target, now, reason, detail)
         return effects
 
@@ -90,7 +90,7 @@ class Rebalancer:
         available = sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w()
         floors = sub.floors_w
         if floors > available:
-            reason, detail = (schedules.cut_reason(self.state, sub, now)
+            reason, detail = (limit_effects.cut_reason(self.state, sub, now)
                               or (Reason.CAPACITY_REDUCED, "substation load rose above its limit"))
             # reversed(): among sessions placed at the same instant, the one placed last is the newest.
             for session in sorted(reversed(sub.sessions.values()), key=lambda s: s.started_at, reverse=True):

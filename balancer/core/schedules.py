@@ -3,24 +3,24 @@ tells EVs about it. The schedule itself (entries, precedence, composite) is :mod
 
 * A substation plans with the lowest scheduled limit from now to ``limit_lead_s`` ahead, so sessions are reduced
   (reason ``limit_scheduled``) before a limit starts, never after; grants rise again once it is over.
-* The deadline policy counts the power it will have until each EV's departure (:func:`horizon`).
+* The deadline policy counts the power it will have until each EV's departure
+  (:func:`balancer.core.limit_effects.horizon`).
 * An EV that cannot get its energy by its departure because of the scheduled limits hears ``limit_shortfall``
   (when it is assigned, and when a new schedule makes it so); a request that waits because every substation that
   could take it is held down by a schedule is queued with ``limit_scheduled``.
 
-Pure: time passed in. The hooks the rest of the core calls are functions of the shared
-:class:`~balancer.core.state.CoreState`; :class:`LimitFollower` handles schedules arriving and time passing.
+Pure: time passed in. The hooks the rest of the core calls are in :mod:`balancer.core.limit_effects` (functions of the
+shared state); :class:`LimitFollower` here handles schedules arriving and time passing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from balancer.core.effects import Effect, ToEv
-from balancer.core.limits import Limit, Schedule, available_steps, expected_wh, plan_with
-from balancer.core.model import Session, Substation, kw_to_w_down, w_to_kw
+from balancer.core.limit_effects import describe, planning_entry, shortfall
+from balancer.core.limits import Limit, Schedule, plan_with
+from balancer.core.model import Substation, kw_to_w_down
 from grid_protocol.messages import MAX_SCHEDULE_ENTRIES, LimitSchedule, ScheduleState
 from grid_protocol.reasons import Reason
 
@@ -30,98 +30,6 @@ if TYPE_CHECKING:
     from balancer.core.rebalancing import Rebalancer
     from balancer.core.sessions import SessionBook
     from balancer.core.state import CoreState
-
-
-def _at(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _describe(limit: Limit) -> str:
-    return f"{w_to_kw(limit.limit_w):g} kW from {limit.source}, {_at(limit.start)} to {_at(limit.end)}"
-
-
-def planning_entry(st: CoreState, substation_id: str, now: float) -> Limit | None:
-    schedule = st.schedules.get(substation_id)
-    return schedule.planning(now, st.config.limit_lead_s) if schedule is not None else None
-
-
-def cut_reason(st: CoreState, sub: Substation, now: float) -> tuple[Reason, str] | None:
-    """Why a substation's grants must come down when the schedule is what binds (None: another limit does)."""
-    binding = planning_entry(st, sub.id, now)
-    if binding is None or sub.limit_source() != binding.source:
-        return None
-    when = "in force" if binding.start <= now else "starts within the planning lead time"
-    return Reason.LIMIT_SCHEDULED, f"scheduled limit on substation {sub.id} ({when}): {_describe(binding)}"
-
-
-def horizon(st: CoreState, sub: Substation, sessions: Iterable[Session],
-            now: float) -> Callable[[float, float, int], float]:
-    """Seconds until a departure as the deadline policy should count them, given what the EV still needs
-    (``remaining_wh``) and its rate (``max_w``): when the limit will change before the departure, what the EV can
-    expect after the change (its equal share of the room then, at most its rate) is subtracted from what it needs,
-    and the rest must come before the change. The deadline policy divides the energy by these seconds, so it
-    counts the capacity it will have, not only the capacity it has now: an EV leaving during an evening cut is
-    given its energy before it. Never more seconds than there are (never less urgent than without a schedule)."""
-    schedule = st.schedules.get(sub.id)
-    if schedule is None:
-        return lambda departure, _remaining_wh, _max_w: departure - now
-    listed = list(sessions)
-    until = max((d for s in listed if (d := s.request.departure) is not None), default=now)
-    steps = available_steps(schedule, now, until, sub.rated_w(), st.config.safety_margin_pct)
-    other, n = sub.uncontrolled_w(), max(1, len(listed))
-
-    def left(departure: float, remaining_wh: float, max_w: int) -> float:
-        near = steps[0][1] - now
-        if len(steps) <= 1 or steps[0][1] >= departure or near <= 0 or remaining_wh <= 0:
-            return departure - now
-        later = sum((min(end, departure) - start) * min(max_w, max(0, lim - other) / n)
-                    for start, end, lim in steps[1:] if start < departure) / 3600
-        if later >= remaining_wh:
-            return departure - now
-        return min(departure - now, near * remaining_wh / (remaining_wh - later))
-
-    return left
-
-
-def shortfall(st: CoreState, session: Session, now: float) -> str | None:
-    """A detail for the EV when the scheduled limits keep it from its energy by its departure (None: they do not,
-    or it gave no energy and departure). What it can expect: in each step of the limit, its equal share of the room
-    the limit leaves (beside base load), at most its rate; told only when it would get its energy without the
-    schedule and does not with it."""
-    req = session.request
-    remaining, departure = session.remaining_wh(), req.departure
-    schedule = st.schedules.get(session.substation_id)
-    if schedule is None or remaining is None or departure is None or departure <= now:
-        return None
-    sub = st.substations[session.substation_id]
-    margin = st.config.safety_margin_pct
-    other, n = sub.uncontrolled_w(), max(1, len(sub.sessions))
-    scheduled = available_steps(schedule, now, departure, sub.rated_w(), margin)
-    expected = expected_wh(scheduled, departure, other, req.requested_w, n)
-    if expected >= remaining - 1e-6:
-        return None
-    unscheduled = available_steps(None, now, departure, sub.rated_w(), margin)
-    if expected_wh(unscheduled, departure, other, req.requested_w, n) < remaining - 1e-6:
-        return None  # short anyway: not the schedule's doing
-    cuts = [lim for t, _, _ in scheduled if (lim := schedule.binding_at(t)) is not None]
-    worst = min(cuts, key=lambda lim: lim.limit_w)
-    return (f"about {expected / 1000:.1f} of the {remaining / 1000:.1f} kWh asked for can be delivered by "
-            f"departure ({_at(departure)}): scheduled limit {_describe(worst)}")
-
-
-def queue_reason(st: CoreState, now: float) -> tuple[Reason, str | None]:
-    """Why a request waits: ``limit_scheduled`` when every substation that takes new sessions is held down by its
-    schedule (the detail says until when), else ``no_headroom``."""
-    if not st.schedules:
-        return Reason.NO_HEADROOM, None
-    cfg = st.config
-    open_ = [sub for sub in st.substations.values() if sub.is_available(now, cfg.stale_after_s)]
-    bound = [entry for sub in open_ if (entry := planning_entry(st, sub.id, now)) is not None
-             and sub.limit_source() == entry.source]
-    if not open_ or len(bound) < len(open_):
-        return Reason.NO_HEADROOM, None
-    until = min(entry.end for entry in bound)
-    return Reason.LIMIT_SCHEDULED, f"every open substation is held to a scheduled limit until at least {_at(until)}"
 
 
 class LimitFollower:
@@ -204,7 +112,7 @@ class LimitFollower:
         if dropped:
             detail += f"; {dropped} already over, dropped"
         binding = planning_entry(st, substation_id, now)
-        detail += (f"; planning with {_describe(binding)}" if binding is not None
+        detail += (f"; planning with {describe(binding)}" if binding is not None
                    else "; no scheduled limit applies now")
         return None, detail, effects
 

@@ -119,8 +119,7 @@ def test_the_live_page_snapshot_carries_the_schedule_and_the_binding_source() ->
     store.on_schedule("A", schedule_state("A", core.schedules["A"], now), now)
     snap = LiveHub(store, lambda: True).snapshot()
     sched = snap["schedules"]["A"]
-    assert (sched["limit_kw"], sched["source"]) == (200.0, "dso-north")
+    assert (sched["limit_kw"], sched["source"], sched["limit_source"]) == (200.0, "dso-north", "dso-north")
     assert len(sched["composite"]) == SCHEDULE_SLOTS and sched["composite"][0]["source"] == "dso-north"
-    assert snap["substations"][0]["limit_source"] == "dso-north"
     store.on_schedule("A", None, now)  # cleared (the substation was forgotten)
     assert LiveHub(store, lambda: True).snapshot()["schedules"] == {}
