@@ -316,7 +316,7 @@ class BalancerService:
         inventory = status.announced_for is not None and status.announced_for == self.instance
         log.info("substation_status", substation_id=sid, state=status.state, inventory=inventory,
                  sessions=status.sessions, retained=msg.retain)
-        self._publish(self.core.on_status(sid, status.state, now, inventory=inventory))
+        self._publish(self.core.on_status(sid, status.state, now, inventory=inventory, region=status.region))
         if not self.startup.is_open:
             self.startup.substation_status(sid, status.state == "online", inventory)
             self._open_when_ready()

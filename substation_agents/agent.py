@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from broker.accounts import substation_username
 from grid_protocol.codec import PayloadError, decode, encode
 from grid_protocol.messages import (
+    DEFAULT_REGION,
     MAX_COMMAND_PAYLOAD_BYTES,
     BalancerStatus,
     ErrorReport,
@@ -140,8 +141,8 @@ def agent_mqtt_settings(mqtt: MqttSettings, substation_id: str) -> MqttSettings:
     return mqtt.model_copy(update={"username": substation_username(substation_id), "session_expiry_s": 0})
 
 
-def offline_will(topics: Topics, substation_id: str) -> Will:
-    payload = encode(SubstationStatus(state="offline", substation_id=substation_id))
+def offline_will(topics: Topics, substation_id: str, region: str = DEFAULT_REGION) -> Will:
+    payload = encode(SubstationStatus(state="offline", substation_id=substation_id, region=region))
     return Will(topics.substation_status(substation_id), payload, qos=_QOS_STATUS, retain=True)
 
 
@@ -149,8 +150,10 @@ class SubstationAgent:
     """Connects a :class:`SubstationSim` to the broker through a :class:`Transport`."""
 
     def __init__(self, sim: SubstationSim, transport: Transport, topics: Topics, clock: SimClock, *,
-                 interval_s: float, tick_offset_s: float = 0.0, wall: Callable[[], float] = time.time) -> None:
+                 interval_s: float, tick_offset_s: float = 0.0, wall: Callable[[], float] = time.time,
+                 region: str = DEFAULT_REGION) -> None:
         self.sim = sim
+        self.region = region
         self.transport = transport
         self.topics = topics
         self.clock = clock
@@ -178,7 +181,8 @@ class SubstationAgent:
     def _publish_status(self, state: str, announced_for: str | None = None) -> None:
         status = SubstationStatus(state="online" if state == "online" else "offline", substation_id=self.id,
                                   ts=self._wall(), capacity_kw=self.sim.capacity_kw, announced_for=announced_for,
-                                  sessions=len(self.sim.sessions) if state == "online" else None)
+                                  sessions=len(self.sim.sessions) if state == "online" else None,
+                                  region=self.region)
         self.transport.publish(self._status_topic, encode(status), qos=_QOS_STATUS, retain=True)
         if state == "online":
             self._online_sent = True
@@ -393,14 +397,15 @@ def build_agent(spec: SubstationSpec, settings: AgentSettings, clock: SimClock, 
     """An agent for ``spec`` with its own aiomqtt connection, last will and seeded base load."""
     topics = Topics(settings.grid.grid_topic_prefix)
     mqtt = agent_mqtt_settings(settings.mqtt, spec.substation_id)
-    transport = AiomqttTransport(mqtt, client_id=mqtt.username, will=offline_will(topics, spec.substation_id),
+    transport = AiomqttTransport(mqtt, client_id=mqtt.username, will=offline_will(topics, spec.substation_id,
+                                                                                      settings.substation_region),
                                  clean_start=True)
     now = clock.now()
     base = make_base_load(spec.substation_id, spec.capacity_kw, settings.substation_base_load_pct,
                           settings.substation_seed)
     sim = SubstationSim(spec.substation_id, spec.capacity_kw, base, now_sim=now)
     return SubstationAgent(sim, transport, topics, clock, interval_s=settings.substation_interval_s,
-                           tick_offset_s=tick_offset_s)
+                           tick_offset_s=tick_offset_s, region=settings.substation_region)
 
 
 async def run_agents(settings: AgentSettings, stop: asyncio.Event, *,

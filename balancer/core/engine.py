@@ -125,8 +125,9 @@ class Balancer:
     def on_telemetry(self, msg: Telemetry, now: float) -> list[Effect]:
         return self._coalesce(self.liveness.on_telemetry(msg, now))
 
-    def on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False) -> list[Effect]:
-        return self._coalesce(self.liveness.on_status(substation_id, state, now, inventory=inventory))
+    def on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False,
+                  region: str | None = None) -> list[Effect]:
+        return self._coalesce(self.liveness.on_status(substation_id, state, now, inventory=inventory, region=region))
 
     def on_session_event(self, substation_id: str, msg: SessionEvent, now: float) -> list[Effect]:
         return self._coalesce(self.agent_events.on_session_event(substation_id, msg, now))

@@ -47,13 +47,17 @@ class Liveness:
         effects += self.rebalancer.raise_(sub, now)
         return effects + self.book.requeue_notices(now)
 
-    def on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False) -> list[Effect]:
+    def on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False,
+                  region: str | None = None) -> list[Effect]:
         """``inventory``: this ``online`` status closes the agent's re-announcement to this balancer (every
-        session it runs was announced just before): sessions it did not announce are gone there."""
+        session it runs was announced just before): sessions it did not announce are gone there. ``region``: the
+        region the status names (kept as the substation's; ``None`` leaves it as it was)."""
         st = self.state
         if state != "online" and substation_id not in st.substations:
             return []  # the retained last will of an agent we do not know (one removed long ago): nothing to do
         sub = st.substation(substation_id, now)
+        if region is not None:
+            sub.region = region
         effects = self._reconcile(sub, now) if inventory and state == "online" else []
         sub.announced.clear()  # a status closes (or, offline, breaks off) the agent's announcement
         if state == "online":

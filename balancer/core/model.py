@@ -105,6 +105,7 @@ class Substation:
     requested_w: int = 0  # sum of its sessions' requests (kept incrementally, like granted_w)
     floors_w: int = 0  # sum of its sessions' minimums
     status: str | None = None  # "online" / "offline" from the retained status, None if never seen
+    region: str = "default"  # as the agent's latest status says
     last_telemetry_at: float | None = None  # balancer clock
     last_seq: int = -1
     lost: bool = False  # silent past lost_after_s: its sessions were revoked

@@ -50,7 +50,7 @@ def substation_state(balancer: Balancer, sub: Substation, now: float) -> Substat
         headroom_kw=w_to_kw(sub.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s)),
         utilisation=round(min(1000.0, sub.used_w() / sub.capacity_w), 4) if sub.capacity_w > 0 else 0.0,
         telemetry_age_s=round(max(0.0, now - heard), 3) if heard is not None else None,
-        sessions_total=total, sessions=views, sessions_truncated=total > MAX_STATE_SESSIONS,
+        sessions_total=total, sessions=views, sessions_truncated=total > MAX_STATE_SESSIONS, region=sub.region,
     )
 
 

@@ -84,3 +84,14 @@ def test_no_module_imports_round_a_circle() -> None:
         if v not in index:
             visit(v)
     assert circles == []
+
+
+def test_every_package_is_installed() -> None:
+    """``pip install .`` (the image) installs only the packages pyproject.toml lists: a new sub-package left out
+    works from the checkout and fails in the container."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for package in FLOORS if package != "bench"
+             for p in (ROOT / package).rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
