@@ -3,8 +3,6 @@ placed at once, queued, or rejected with the reason."""
 
 from __future__ import annotations
 
-import math
-
 from balancer.core import limit_effects
 from balancer.core.effects import Effect, ToEv, ToSubstation
 from balancer.core.ledger import EvState, Ledger
@@ -52,10 +50,7 @@ class EvRequests:
             arrival=next(st.arrivals), received_at=now,
             duration_minutes=msg.duration_minutes, energy_kwh=msg.energy_kwh, departure=msg.departure,
         )
-        # (without scheduled limits: those pass, and a request that fits once they do waits for them)
-        margin = st.config.safety_margin_pct
-        largest = max((math.floor(sub.rated_w() * (1 - margin / 100)) for sub in st.substations.values()
-                       if sub.rated_w() > 0), default=None)
+        largest = self.placement.largest_limit_w(now)
         if largest is not None and req.min_w > largest:
             return [ledger.reject(ev_id, request_id, Reason.EXCEEDS_CAPACITY,
                                   f"min_kw {w_to_kw(req.min_w):g} exceeds the largest substation limit "

@@ -48,7 +48,9 @@ class LimitFollower:
         """Bring the substation's planning limit up to date with its schedule (call when either changes). A lower
         limit reduces its sessions at once; a higher one lets the next rebalance raise them."""
         st = self.state
-        lowered = plan_with(sub, st.schedules.get(sub.id), now, st.config.limit_lead_s)
+        changed, lowered = plan_with(sub, st.schedules.get(sub.id), now, st.config.limit_lead_s)
+        if changed:
+            st.touch(sub)  # (the placement index files it by its capacity and headroom)
         return self.rebalancer.reduce(sub, now) if lowered and sub.last_telemetry_at is not None else []
 
     def follow(self, now: float) -> list[Effect]:
