@@ -50,6 +50,7 @@ class EvRequests:
             arrival=next(st.arrivals), received_at=now,
             duration_minutes=msg.duration_minutes, energy_kwh=msg.energy_kwh, departure=msg.departure,
         )
+        # (the rated limits, without schedules: a request that fits once a scheduled limit passes waits for it)
         largest = self.placement.largest_limit_w(now)
         if largest is not None and req.min_w > largest:
             return [ledger.reject(ev_id, request_id, Reason.EXCEEDS_CAPACITY,

@@ -167,19 +167,18 @@ class Schedule:
         return slots
 
 
-def plan_with(sub: Substation, schedule: Schedule | None, now: float, lead_s: float) -> tuple[bool, bool]:
+def plan_with(sub: Substation, schedule: Schedule | None, now: float, lead_s: float) -> bool:
     """Set the substation's scheduled limit to plan with (the lowest from now to ``lead_s`` ahead) and its
-    capacity. Returns (it changed: the core's indexes must refile the substation, the capacity went down: its
-    sessions must come down too)."""
+    capacity. True when the capacity went down (its sessions must come down too)."""
     binding = schedule.planning(now, lead_s) if schedule is not None else None
     limit_w = binding.limit_w if binding is not None else None
     source = binding.source if binding is not None else None
     if (limit_w, source) == (sub.schedule_limit_w, sub.schedule_source):
-        return False, False
+        return False
     before = sub.capacity_w
     sub.schedule_limit_w, sub.schedule_source = limit_w, source
     sub.apply_capacity()
-    return True, sub.capacity_w < before
+    return sub.capacity_w < before
 
 
 def available_steps(schedule: Schedule | None, now: float, until: float, rated_w: int,

@@ -48,9 +48,10 @@ class LimitFollower:
         """Bring the substation's planning limit up to date with its schedule (call when either changes). A lower
         limit reduces its sessions at once; a higher one lets the next rebalance raise them."""
         st = self.state
-        changed, lowered = plan_with(sub, st.schedules.get(sub.id), now, st.config.limit_lead_s)
-        if changed:
-            st.touch(sub)  # (the placement index files it by its capacity and headroom)
+        before = sub.capacity_w
+        lowered = plan_with(sub, st.schedules.get(sub.id), now, st.config.limit_lead_s)
+        if sub.capacity_w != before:
+            st.touch(sub)  # the placement index files substations by capacity
         return self.rebalancer.reduce(sub, now) if lowered and sub.last_telemetry_at is not None else []
 
     def follow(self, now: float) -> list[Effect]:
