@@ -148,7 +148,7 @@ class Event(BaseModel):
 
     id: int = Field(description="increasing; a client that has seen id N needs only the newer ones")
     ts: float
-    kind: Literal["drain", "undrain", "capacity", "revoked", "stale", "offline", "overloaded", "recovered",
+    kind: Literal["drain", "undrain", "capacity", "schedule", "revoked", "stale", "offline", "overloaded", "recovered",
                   "decommissioned", "account_added", "account_removed", "balancer_online", "balancer_offline"]
     text: str
     substation_id: str | None

@@ -105,3 +105,52 @@ def test_operator_schedule_over_mqtt_lowers_load_before_the_start_and_is_retaine
         for service in (first, second, agent):
             if service is not None:
                 assert "Traceback" not in service.log(), service.log()[-3000:]
+
+
+def test_schedule_set_over_the_api_is_shown_on_the_live_page(broker: LocalBroker, tmp_path: Path,
+                                                             stopper: list) -> None:  # type: ignore[type-arg]
+    """PUT /substations/{id}/limits/{source} with an operator token, then the page in headless Chromium shows the
+    substation's schedule (the interval in force marked) and which source binds."""
+    from browser import chromium
+    from selenium.webdriver.common.by import By
+    from test_api_e2e import Substations, start_api, wait_for
+
+    subs = Substations(broker, north=(400.0, 100.0), south=(300.0, 100.0)).__enter__()
+    stopper.append(lambda: subs.__exit__())
+    balancer = start_balancer(broker, tmp_path, BALANCER_STALE_AFTER_S="2", BALANCER_STATE_INTERVAL_S="0.2")
+    stopper.append(balancer.stop)
+    api = start_api(broker, tmp_path, API_PUBLIC_READS="true")
+    stopper.append(api.stop)
+    wait_for(lambda: len(api.http.get("/substations").json()) == 2, 15, "two substations")
+    now = time.time()
+    r = api.http.put("/substations/north/limits/dso-north", json={"entries": [
+        {"start": now - 60, "end": now + 3600, "limit_kw": 250},
+        {"start": now + 3600, "end": now + 7200, "limit_kw": 300}]})
+    assert r.status_code == 200, r.text
+    assert api.http.put("/substations/north/limits/dso-north", json={"entries": [
+        {"start": now + 10, "end": now, "limit_kw": 1}]}).status_code == 422  # end before start: never sent
+    wait_for(lambda: api.http.get("/substations/north").json()["limit_source"] == "dso-north", 10, "state")
+    got = api.http.get("/substations/north/limits").json()
+    assert [(c["limit_kw"], c["source"]) for c in got["composite"]] == [(250.0, "dso-north"), (300.0, "dso-north")]
+
+    with chromium(tmp_path / "chromium-profile") as driver:
+        driver.get(api.url + "/")
+
+        def schedule_text() -> str:
+            found = driver.find_elements(By.CSS_SELECTOR, '.sub[data-substation="north"] .schedule')
+            return str(found[0].text) if found and found[0].is_displayed() else ""
+
+        try:
+            wait_for(lambda: "dso-north" in schedule_text(), 15, "the schedule on the page")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nbrowser log: {driver.get_log('browser')}") from None
+        text = schedule_text()
+        assert "limit set by dso-north" in text and "250.0 kW" in text and "300.0 kW" in text
+        now_slot = driver.find_element(By.CSS_SELECTOR, '.sub[data-substation="north"] .schedule .slot.now')
+        assert "250.0" in now_slot.text  # the interval in force is marked
+        south = driver.find_elements(By.CSS_SELECTOR, '.sub[data-substation="south"] .schedule')
+        assert not south or not south[0].is_displayed()  # no schedule there: nothing shown
+        assert api.http.delete("/substations/north/limits/dso-north").status_code == 200
+        wait_for(lambda: schedule_text() == "", 10, "the schedule gone from the page")
+    log = api.service.log()
+    assert "Traceback" not in log, log[log.index("Traceback") - 300:][:4000]

@@ -123,3 +123,17 @@ def test_the_live_page_snapshot_carries_the_schedule_and_the_binding_source() ->
     assert len(sched["composite"]) == SCHEDULE_SLOTS and sched["composite"][0]["source"] == "dso-north"
     store.on_schedule("A", None, now)  # cleared (the substation was forgotten)
     assert LiveHub(store, lambda: True).snapshot()["schedules"] == {}
+
+
+def test_a_schedule_change_is_in_the_event_log_and_status_still_answers(client: TestClient,  # noqa: F811
+                                                                       fake: FakeTransport) -> None:  # noqa: F811
+    from tests.unit.test_api_app import sub_state
+    fake.responder = core_answering(a_core())
+    feed(client, fake, "grid/v1/substation/A/state", sub_state("A"))
+    now = time.time()
+    assert client.put("/substations/A/limits/dso", headers=AUTH,
+                      json={"entries": [{"start": now, "end": now + 60, "limit_kw": 10}]}).status_code == 200
+    kinds = [e["kind"] for e in client.get("/event-log").json()["events"]]
+    assert "schedule" in kinds
+    for query in ("", "?compact=true"):  # the event's kind is part of the documented response
+        assert client.get(f"/status{query}").status_code == 200

@@ -84,7 +84,7 @@ class Deadline(_Compressible):
     time_dependent = True  # what an EV needs by its departure grows as time passes
     #: (the substation's sessions, now) -> seconds until a departure as the policy should count them, given what
     #: the EV still needs and its rate. The engine sets one that counts the power a limit schedule will leave
-    #: (balancer/core/schedules.py ``horizon``); without one, the seconds there are.
+    #: (balancer/core/limit_effects.py ``horizon``); without one, the seconds there are.
     horizon: Callable[[Sequence[Session], float], Callable[[float, float, int], float]] = staticmethod(_seconds_left)
 
     def targets(self, sessions: Sequence[Session], available: int, floors: Sequence[int], caps: Sequence[int],
