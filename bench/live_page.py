@@ -195,15 +195,16 @@ class Stack:
             subs = self.http.get("/status").json()["substations"]
             return len(subs) == n and all(v["source"] == "balancer" for v in subs)
         wait_until(ready, timeout, f"the balancer's state of {n} substations", every_s=1.0)
+        time.sleep(3.0)  # (the burst of a first state per substation is read)
 
     def drain(self, sid: str) -> None:
-        r = self.http.post(f"/substations/{sid}/drain")
+        r = self.http.post(f"/substations/{sid}/drain", timeout=40)
         if r.status_code != 200:
             raise RuntimeError(f"drain {sid}: {r.status_code} {r.text}")
 
     def decommission(self, sid: str) -> None:
         """DELETE /substations/{id}: drained, account revoked (none here), forgotten by the balancer."""
-        r = self.http.delete(f"/substations/{sid}")
+        r = self.http.delete(f"/substations/{sid}", timeout=40)
         if r.status_code != 200 or r.json()["balancer"] != "forgotten":
             raise RuntimeError(f"decommission {sid}: {r.status_code} {r.text}")
 
