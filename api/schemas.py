@@ -10,13 +10,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+from grid_protocol.ids import ID_PATTERN, REQUEST_ID_PATTERN
+from grid_protocol.messages import AssignmentStatus
 
 Id = Annotated[str, Field(pattern=ID_PATTERN, description="EV or substation id", examples=["north"])]
 Kw = Annotated[float, Field(description="Power in kW")]
 Condition = Literal["ok", "draining", "overloaded", "stale", "offline"]
-AssignmentStatus = Literal["assigned", "queued", "rejected", "updated", "revoked", "completed", "cancelled"]
 SessionStatus = Literal["charging", "reduced", "paused"]
 
 _SUB_EXAMPLE: dict[str, Any] = {

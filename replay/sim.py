@@ -7,9 +7,9 @@ agent, EVs are plain records, and messages that would cross the broker are hande
   (the charger stops at once: the car is unplugged, whatever the balancer does);
 * ``ToSubstation`` commands reach the sims after ``command_delay_s`` (default 0), in order; a
   ``started`` session and every ended one become ``SessionEvent``\\ s for the balancer;
-* leases, as the MQTT adapter and agent do them: every command carries ``valid_until = now + lease_s``,
-  substations with sessions get an empty renewal every ``lease_s / 3``, and a sim whose lease has lapsed
-  at a telemetry instant pauses its sessions (0 kW) until the next command arrives;
+* leases, with the MQTT adapter's and the agent's own code (``grid_protocol.lease``): every command carries
+  ``valid_until = now + lease_s``, substations with sessions get an empty renewal every ``lease_s / 3``, and a
+  sim whose lease has lapsed at a telemetry instant pauses its sessions (0 kW) until the next command arrives;
 * every ``telemetry.interval_s`` each online sim is measured; the balancer gets it ``lag_s`` later;
 * offline: the sim's sessions stop, it stops reporting and the balancer gets status ``offline``;
 * capacity change: the sim's physical capacity changes at ``at``; telemetry reports a cut from
@@ -43,6 +43,7 @@ import msgspec
 
 import balancer.core as core
 from balancer.core import Balancer, CoreConfig, Effect, ToEv, ToSubstation
+from grid_protocol.lease import LeaseIssuer
 from grid_protocol.messages import (
     Assignment,
     ChargeRequest,
@@ -135,8 +136,7 @@ class _Run:
         self.physical = {s.id: s.capacity_kw for s in scenario.substations}
         self.announced = dict(self.physical)
         self.seq = dict.fromkeys(self.sims, 0)
-        self.lease_sent: dict[str, float] = {}  # balancer side: when each substation's lease was last renewed
-        self.lease_until: dict[str, float | None] = dict.fromkeys(self.sims)  # agent side
+        self.leases = LeaseIssuer(lease_s)  # the balancer's end; each sim holds the agent's
         self.t = 0.0
         self._pending: list[tuple[float, int, Callable[[], None]]] = []  # delayed deliveries (heap)
         self._order = itertools.count()
@@ -189,17 +189,14 @@ class _Run:
     def _effect(self, effect: Effect) -> None:
         if isinstance(effect, ToEv):
             self._answer(effect.ev_id, effect.message)
-        elif isinstance(effect, ToSubstation):
-            message: SessionCommand | SessionCommands = effect.message
-            batch = message if isinstance(message, SessionCommands) else SessionCommands(
-                ts=self.now, commands=[message], valid_until=self.now + self.lease_s)
-            self._send(effect.substation_id, batch)
+        elif isinstance(effect, ToSubstation):  # one batch per command: no read pass gathers them here
+            for batch in self.leases.batches(effect.substation_id, [effect.message], self.now):
+                self._send(effect.substation_id, batch)
         else:
             self.anomalies[f"unknown_effect:{type(effect).__name__}"] += 1
 
     def _send(self, sub_id: str, batch: SessionCommands) -> None:
         """Balancer -> agent, after the command delay."""
-        self.lease_sent[sub_id] = self.t
         if self.delay > 0:
             self._later(self.delay, lambda: self._command(sub_id, batch))
         else:
@@ -207,9 +204,9 @@ class _Run:
 
     def _renew_leases(self) -> None:
         """What the adapter does on its tick: an empty batch for each substation with sessions not renewed lately."""
-        for sub_id, sub in self.balancer.substations.items():
-            if sub.sessions and self.t - self.lease_sent.get(sub_id, -math.inf) >= self.lease_s / 3:
-                self._send(sub_id, SessionCommands(ts=self.now, commands=[], valid_until=self.now + self.lease_s))
+        with_sessions = [sub_id for sub_id, sub in self.balancer.substations.items() if sub.sessions]
+        for sub_id, batch in self.leases.renewals(with_sessions, self.now):
+            self._send(sub_id, batch)
 
     # ------------------------------------------------------------------ substation side
     def _command(self, sub_id: str, batch: SessionCommands) -> None:
@@ -220,20 +217,16 @@ class _Run:
         if not self.online[sub_id]:
             self.notes["commands_lost_offline"] += len(batch.commands)  # the agent is cut off
             return
-        if batch.valid_until is not None:
-            self.lease_until[sub_id] = batch.valid_until
-            if sim.paused:
-                sim.paused = False
-                self.notes["lease_resumed"] += 1
+        if sim.lease.on_batch(batch):
+            self.notes["lease_resumed"] += 1
         for command in batch.commands:
             self._apply(sim, command)
 
     def _check_lease(self, sub_id: str) -> None:
         """The agent's check at each measurement: no renewal in time, so its sessions draw nothing."""
         sim = self.sims[sub_id]
-        until = self.lease_until[sub_id]
-        if until is not None and not sim.paused and sim.sessions and self.now > until:
-            sim.paused = True
+        if sim.lease.must_pause(self.now, has_sessions=bool(sim.sessions)):
+            sim.lease.pause()
             self.notes["lease_lapsed"] += 1
 
     def _apply(self, sim: SubstationSim, command: SessionCommand) -> None:
@@ -343,7 +336,7 @@ class _Run:
 
     def _offline(self, sub_id: str) -> None:
         self.online[sub_id] = False
-        self.lease_until[sub_id] = None  # it starts clean when it comes back
+        self.sims[sub_id].lease.drop()  # it starts clean when it comes back
         for end in self.sims[sub_id].stop_all(Reason.SUBSTATION_OFFLINE, self.now):
             self._ended(sub_id, end, report=False)  # the agent is cut off: nobody hears these
         self._to_balancer(lambda: self.balancer.on_status(sub_id, "offline", self.now))

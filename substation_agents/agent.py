@@ -163,7 +163,6 @@ class SubstationAgent:
         self.id = sim.substation_id
         self.stats = AgentStats()
         self.seq = 0
-        self.lease_until: float | None = None  # from the balancer's command batches (valid_until)
         self._online_sent = False  # the online status of the current connection has been published
         self._last_sim = sim.now_sim
         self._command_topic = topics.command(self.id)
@@ -212,13 +211,13 @@ class SubstationAgent:
     def check_lease(self) -> None:
         """The balancer's lease lapsed without renewal (it died, or we lost it): draw nothing. A dead balancer
         must not leave the grid committed to power nobody is watching. The next batch resumes the sessions."""
-        if (self.lease_until is not None and not self.sim.paused and self.sim.sessions
-                and self._wall() > self.lease_until):
-            self.advance()
-            self.sim.paused = True
+        lease = self.sim.lease
+        if lease.must_pause(self._wall(), has_sessions=bool(self.sim.sessions)):
+            self.advance()  # energy up to the lapse
+            lease.pause()
             self.stats.lease_lapses += 1
             log.warning("lease_lapsed_pausing", substation_id=self.id, sessions=len(self.sim.sessions),
-                        lease_until=self.lease_until)
+                        lease_until=lease.until)
 
     def advance(self) -> None:
         """Step the simulation up to the clock's now and announce the sessions that finished."""
@@ -237,7 +236,7 @@ class SubstationAgent:
         self._online_sent = False
         if self.stats.connects > 1:
             log.info("reconnected_keeping_sessions", substation_id=self.id, sessions=len(self.sim.sessions),
-                     paused=self.sim.paused, lease_until=self.lease_until)
+                     paused=self.sim.paused, lease_until=self.sim.lease.until)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -283,11 +282,8 @@ class SubstationAgent:
             self._bad_command(exc.reason, exc.detail)
             return
         self.advance()  # account energy up to the commands before they change anything
-        if batch.valid_until is not None:
-            self.lease_until = batch.valid_until
-            if self.sim.paused:
-                self.sim.paused = False
-                log.warning("lease_renewed_resuming", substation_id=self.id, sessions=len(self.sim.sessions))
+        if self.sim.lease.on_batch(batch):
+            log.warning("lease_renewed_resuming", substation_id=self.id, sessions=len(self.sim.sessions))
         for command in batch.commands:
             self._apply(command)
 

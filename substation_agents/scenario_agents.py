@@ -150,7 +150,7 @@ class ScenarioAgent(SubstationAgent):
         self.offline = True
         self.advance()
         ends = self.sim.stop_all(Reason.SUBSTATION_OFFLINE, self._last_sim)
-        self.lease_until = None  # it starts clean when it comes back
+        self.sim.lease.drop()
         cut_connection(self.transport)
         for end in ends:
             self._publish_ended(end)  # queued: reaches the balancer after the reconnect
