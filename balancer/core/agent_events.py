@@ -94,6 +94,7 @@ class AgentEvents:
         # over the limit and re-placed them as second sessions, found by bench/faults.py). Never below the
         # reported base load (uncontrolled_w), so a session that was paused at the time costs nothing unsafe.
         sub.granted_at_telemetry_w += granted_w
+        st.touch(sub)
         effects = self.rebalancer.reduce(sub, now)
         effects += self.queue_service.serve(now)  # a session it revoked may fit elsewhere at once
         return effects + self.book.requeue_notices(now)

@@ -33,6 +33,7 @@ class OperatorControl:
         if sub is None:
             return Reason.UNKNOWN_SUBSTATION, f"substation {msg.substation_id!r} has never been heard of", []
         st.counters[f"control:{msg.action}"] += 1
+        st.touch(sub)  # (drained, undrained, forgotten or its capacity limit changed)
         effects: list[Effect] = []
         if msg.action == "drain":
             sub.draining = True
@@ -48,10 +49,12 @@ class OperatorControl:
                                                f"substation {sub.id} was decommissioned", stop_agent=True)
             del st.substations[sub.id]
             self.policy.forget(sub.id)
+            self.rebalancer.forget(sub.id)
             detail = f"forgotten; {moved} session(s) moved elsewhere or back in the queue"
         else:
             sub.capacity_limit_w = None if msg.capacity_kw is None else kw_to_w_down(msg.capacity_kw)
             sub.apply_capacity()
+            st.touch(sub)
             effects = self.rebalancer.reduce(sub, now)
             effects += self.queue_service.serve(now)
             effects += self.rebalancer.raise_(sub, now)

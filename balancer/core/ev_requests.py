@@ -49,8 +49,7 @@ class EvRequests:
             arrival=next(st.arrivals), received_at=now,
             duration_minutes=msg.duration_minutes, energy_kwh=msg.energy_kwh, departure=msg.departure,
         )
-        largest = max((sub.limit_w(st.config.safety_margin_pct) for sub in st.substations.values()
-                       if sub.capacity_w > 0), default=None)
+        largest = self.placement.largest_limit_w(now)
         if largest is not None and req.min_w > largest:
             return [ledger.reject(ev_id, request_id, Reason.EXCEEDS_CAPACITY,
                                   f"min_kw {w_to_kw(req.min_w):g} exceeds the largest substation limit "

@@ -42,6 +42,7 @@ class Liveness:
         sub.last_telemetry_at = now
         sub.granted_at_telemetry_w = sub.granted_w
         sub.lost = False
+        st.touch(sub)
         effects = self.rebalancer.reduce(sub, now)
         effects += self.queue_service.serve(now)
         effects += self.rebalancer.raise_(sub, now)
@@ -56,6 +57,7 @@ class Liveness:
         if state != "online" and substation_id not in st.substations:
             return []  # the retained last will of an agent we do not know (one removed long ago): nothing to do
         sub = st.substation(substation_id, now)
+        st.touch(sub)
         if region is not None:
             sub.region = region
         effects = self._reconcile(sub, now) if inventory and state == "online" else []
@@ -70,6 +72,7 @@ class Liveness:
             st.counters["substation_offline"] += 1
             sub.offline_since = now
         sub.status = state
+        st.touch(sub)
         return self.offline_grace_over(sub, now)
 
     def offline_grace_over(self, sub: Substation, now: float) -> list[Effect]:
@@ -118,6 +121,7 @@ class Liveness:
             silent = now - heard > cfg.lost_after_s
             if silent and not sub.lost and sub.sessions:
                 sub.lost = True
+                st.touch(sub)
                 st.counters["substation_lost"] += 1
                 effects += self.revoke_all(sub, now, Reason.SUBSTATION_LOST,
                                            f"no telemetry from substation {sub.id} for {cfg.lost_after_s:g} s",

@@ -122,6 +122,11 @@ class Substation:
     offline_since: float | None = None
     #: sessions the agent re-announced (``running``) since its last inventory closed (a status with announced_for)
     announced: set[str] = field(default_factory=set)
+    #: bumped when a session comes, goes or changes grant: the policy's shares may have moved
+    shares_version: int = 0
+    #: after the last full sharing pass: (shares_version, limit - uncontrolled load, when a held change comes due,
+    #: how far that power may move before a grant would change); see balancer.core.rebalancing
+    share_memo: tuple[int, int, float, float] | None = None
 
     def apply_capacity(self) -> None:
         """Plan with the reported capacity, or the operator's limit when that is lower."""
@@ -139,6 +144,11 @@ class Substation:
 
     def limit_w(self, margin_pct: float) -> int:
         return math.floor(self.capacity_w * (1 - margin_pct / 100))
+
+    @staticmethod
+    def limit_for(capacity_w: int, margin_pct: float) -> int:
+        """``limit_w`` of a substation of this capacity."""
+        return math.floor(capacity_w * (1 - margin_pct / 100))
 
     def committed_w(self) -> int:
         return self.base_load_w + self.granted_w

@@ -22,10 +22,10 @@ class QueueService:
     def holds_capacity(self, req: PendingRequest, now: float) -> bool:
         """``req`` (at the head) has waited past the overtake guard and some substation could take it once
         enough frees. One that fits nowhere even when empty (capacity was cut) holds nothing back."""
-        cfg = self.state.config
-        margin = cfg.safety_margin_pct
-        return now - req.received_at >= cfg.overtake_guard_s and any(
-            req.min_w <= sub.limit_w(margin) for sub in self.state.substations.values() if not sub.draining)
+        if now - req.received_at < self.state.config.overtake_guard_s:
+            return False
+        largest = self.placement.largest_limit_w(now, open_only=True)
+        return largest is not None and req.min_w <= largest
 
     def head_reserved(self, now: float) -> bool:
         """The head has waited past the overtake guard: capacity is held for it."""
@@ -41,9 +41,12 @@ class QueueService:
             return effects
         room = self.placement.max_room_w(now)
         at_head = True
-        for req in queue.items():
-            if room <= 0:
-                break
+        i = 0  # the queue's order is kept while we go: a placed request leaves it, the next takes its index
+        while i < len(queue) and room > 0:
+            smallest = queue.smallest_min_w()
+            if smallest is None or smallest > room:
+                break  # nothing waiting can run on the room there is
+            req = queue.at(i)
             placed = self.placement.place(req, now) if req.min_w <= room else None
             if placed is not None:
                 queue.remove(req.ev_id)
@@ -54,6 +57,7 @@ class QueueService:
             if at_head and self.holds_capacity(req, now):
                 break
             at_head = False
+            i += 1
         return effects
 
     def updates_due(self, now: float) -> list[Effect]:
@@ -66,8 +70,9 @@ class QueueService:
     def updates(self, now: float) -> list[Effect]:
         """Tell queued EVs whose place in line or estimated wait moved."""
         effects: list[Effect] = []
-        ends = self.state.expected_ends()
-        for position, req in enumerate(self.state.queue.items(), start=1):
+        items = self.state.queue.items()
+        ends = self.state.ends.first(len(items))
+        for position, req in enumerate(items, start=1):
             state = self.ledger.evs[req.ev_id]
             old = state.answer
             answer = self.ledger.answer(req, "queued", now, reason=old.reason, position=position, ends=ends)

@@ -27,6 +27,9 @@ class SessionBook:
         sub.requested_w += session.request.requested_w
         sub.floors_w += session.request.min_w
         self.state.sessions[session.session_id] = session
+        self.state.ends.update(session)
+        self.state.touch(sub)
+        sub.shares_version += 1
 
     def remove(self, session: Session) -> None:
         sub = self.state.substations[session.substation_id]
@@ -35,6 +38,9 @@ class SessionBook:
             sub.requested_w -= session.request.requested_w
             sub.floors_w -= session.request.min_w
         self.state.sessions.pop(session.session_id, None)
+        self.state.ends.discard(session.session_id)
+        self.state.touch(sub)
+        sub.shares_version += 1
         self.ledger.session_ended(session.session_id)
 
     def start_effects(self, session: Session, now: float, *, in_reply: bool) -> list[Effect]:
@@ -64,6 +70,9 @@ class SessionBook:
         session.granted_w = grant
         session.last_change_at = now
         session.changes += 1
+        self.state.ends.update(session)
+        self.state.touch(sub)
+        sub.shares_version += 1
         req = session.request
         answer = self.ledger.answer(req, "updated", now, session=session, reason=reason, detail=detail)
         self.ledger.evs[req.ev_id].answer = answer

@@ -7,6 +7,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 
 from balancer.core.config import CoreConfig
+from balancer.core.ends import SessionEnds
 from balancer.core.model import Session, Substation
 from balancer.core.queue import RequestQueue
 
@@ -26,26 +27,35 @@ class CoreState:
         self.counters: Counter[str] = Counter()
         #: how long requests placed from the queue waited (seconds); the adapter drains it into a histogram
         self.queue_waits: deque[float] = deque(maxlen=10_000)
+        #: expected ends of the running sessions, in order (queue ETAs)
+        self.ends = SessionEnds()
+        #: substations whose numbers changed since the placement index last looked (see Placement.refresh)
+        self.touched: set[str] = set()
+
+    def touch(self, sub: Substation) -> None:
+        """``sub``'s load, grants, capacity or availability changed: the indexes refile it before they answer."""
+        self.touched.add(sub.id)
 
     def substation(self, substation_id: str, now: float) -> Substation:
         sub = self.substations.get(substation_id)
         if sub is None:
             sub = self.substations[substation_id] = Substation(substation_id, known_since=now)
+            self.touched.add(substation_id)
         return sub
 
     # ------------------------------------------------------------------ expected ends (queue ETAs)
     def session_ends(self) -> Iterator[float]:
-        """Expected ends of the running sessions, unordered."""
-        return (e for s in self.sessions.values() if (e := s.expected_end()) is not None)
+        """Expected ends of the running sessions, earliest first."""
+        return iter(self.ends)
 
     def expected_ends(self) -> list[float]:
-        return sorted(self.session_ends())
+        return list(self.session_ends())
 
     def eta_s(self, position: int, now: float, ends: list[float] | None = None) -> float | None:
         """Rough wait for the ``position``-th in line: the position-th earliest expected end of a running
         session (each end frees room for about one session). None when too few ends are known.
-        ``ends`` (from expected_ends) lets a pass over the whole queue sort them once."""
-        ends = self.expected_ends() if ends is None else ends
-        if position > len(ends):
-            return None
-        return round(max(0.0, ends[position - 1] - now), 1)
+        ``ends`` (earliest first) lets a pass over the queue read them once."""
+        if ends is not None:
+            return round(max(0.0, ends[position - 1] - now), 1) if position <= len(ends) else None
+        end = self.ends.kth(position - 1)
+        return None if end is None else round(max(0.0, end - now), 1)

@@ -6,7 +6,6 @@ Readers such as the API learn the whole grid from these retained messages, so a 
 
 from __future__ import annotations
 
-import heapq
 from itertools import islice
 
 from balancer.core.engine import Balancer
@@ -58,8 +57,8 @@ def queue_state(balancer: Balancer, now: float) -> QueueState:
     queue = balancer.queue
     length = len(queue)
     items = queue.first(MAX_STATE_QUEUE_ENTRIES)
-    # The k-th ETA needs only the k earliest ends (not a sort of every running session's end).
-    ends = heapq.nsmallest(len(items), balancer.session_ends()) if items else []
+    # The k-th ETA needs only the k earliest ends, kept in order as sessions change (balancer.core.ends).
+    ends = balancer.state.ends.first(len(items))
     entries = [
         QueueEntry(ev_id=req.ev_id, request_id=req.request_id, position=position,
                    requested_kw=w_to_kw(req.requested_w), min_kw=w_to_kw(req.min_w), priority=req.priority,

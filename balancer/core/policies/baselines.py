@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from balancer.core.allocation import equal_share
@@ -21,19 +21,26 @@ if TYPE_CHECKING:
 
 class _Baseline:
     rebalances = False
+    time_dependent = False
 
     def __init__(self, config: CoreConfig) -> None:
         self.config = config
 
-    def max_room_w(self, substations: Collection[Substation], now: float) -> int:
-        return 1 << 40 if baseline_candidates(substations) else 0
+    def max_room_w(self, substations: Mapping[str, Substation], now: float) -> int:
+        return 1 << 40 if baseline_candidates(substations.values()) else 0
 
     def targets(self, sessions: Sequence[Session], available: int, floors: Sequence[int], caps: Sequence[int],
                 now: float) -> list[int]:
         return equal_share(available, floors, caps)  # (never used: baselines do not rebalance)
 
+    def weight(self, session: Session) -> float:
+        return 1.0
+
     def forget(self, substation_id: str) -> None:
         pass
+
+    def refile(self, substation_id: str, sub: Substation | None, now: float) -> None:
+        pass  # (the baselines scan: replays only, a few substations)
 
 
 class RoundRobin(_Baseline):
@@ -43,9 +50,9 @@ class RoundRobin(_Baseline):
         super().__init__(config)
         self._next = 0
 
-    def place(self, substations: Collection[Substation], req: PendingRequest,
+    def place(self, substations: Mapping[str, Substation], req: PendingRequest,
               now: float) -> tuple[Substation, int | None] | None:
-        candidates = baseline_candidates(substations)
+        candidates = baseline_candidates(substations.values())
         if not candidates:
             return None
         sub = candidates[self._next % len(candidates)]
@@ -61,9 +68,9 @@ class PolledLeastLoaded(_Baseline):
         self._snapshot: dict[str, int] = {}
         self._polled_at = float("-inf")
 
-    def place(self, substations: Collection[Substation], req: PendingRequest,
+    def place(self, substations: Mapping[str, Substation], req: PendingRequest,
               now: float) -> tuple[Substation, int | None] | None:
-        candidates = baseline_candidates(substations)
+        candidates = baseline_candidates(substations.values())
         if not candidates:
             return None
         # The original design's choice, on a snapshot that goes stale.

@@ -7,34 +7,60 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from balancer.core.allocation import deadline_share, water_fill
 from balancer.core.model import PendingRequest, Session, Substation
+from balancer.core.policies.index import SubstationIndex
 from balancer.core.policies.names import PolicyName
-from balancer.core.policies.scan import compressible_room_w, fair_placement
+from balancer.core.policies.scan import compressible_room_w
 
 if TYPE_CHECKING:
     from balancer.core.config import CoreConfig
 
 
 class _Compressible:
+    """Placement from a :class:`SubstationIndex` ordered by demand (base load plus what its sessions ask for)
+    within each capacity class, holding substations where squeezing makes room. ``scan.fair_placement`` is the
+    reference."""
+
     rebalances = True
 
     def __init__(self, config: CoreConfig) -> None:
         self.config = config
+        margin, stale = config.safety_margin_pct, config.stale_after_s
+        self.index = SubstationIndex(order=lambda s: (s.base_load_w + s.requested_w, s.id),
+                                     room=lambda s, now: compressible_room_w(s, now, margin, stale),
+                                     stale_after_s=stale)
 
-    def place(self, substations: Collection[Substation], req: PendingRequest,
+    def refile(self, substation_id: str, sub: Substation | None, now: float) -> None:
+        self.index.refile(substation_id, sub, now)
+
+    def place(self, substations: Mapping[str, Substation], req: PendingRequest,
               now: float) -> tuple[Substation, int | None] | None:
-        cfg = self.config
-        sub = fair_placement(substations, req.requested_w, req.min_w, now, cfg.safety_margin_pct, cfg.stale_after_s)
-        return None if sub is None else (sub, None)
+        """Where a squeezed-in session can get its minimum, the substation whose demand is lowest relative to
+        its limit: the new EV will get the most there. In a class the first with room enough is its best."""
+        margin = self.config.safety_margin_pct
+        best: tuple[float, str] | None = None
+        choice: Substation | None = None
+        for members in self.index.group_members(substations, now):
+            for sid in members:
+                if self.index.room_w(sid) < req.min_w:
+                    continue
+                sub = substations[sid]
+                demand = sub.base_load_w + sub.requested_w + req.requested_w
+                key = (demand / max(1, sub.limit_w(margin)), sid)
+                if best is None or key < best:
+                    best, choice = key, sub
+                break
+        return None if choice is None else (choice, None)
 
-    def max_room_w(self, substations: Collection[Substation], now: float) -> int:
-        cfg = self.config
-        return max((compressible_room_w(sub, now, cfg.safety_margin_pct, cfg.stale_after_s) for sub in substations),
-                   default=0)
+    def max_room_w(self, substations: Mapping[str, Substation], now: float) -> int:
+        return self.index.max_room_w(substations, now)
+
+    def weight(self, session: Session) -> float:
+        return session.request.priority + 1.0
 
     def forget(self, substation_id: str) -> None:
         pass
@@ -42,14 +68,16 @@ class _Compressible:
 
 class WeightedFair(_Compressible):
     name = PolicyName.WEIGHTED_FAIR
+    time_dependent = False
 
     def targets(self, sessions: Sequence[Session], available: int, floors: Sequence[int], caps: Sequence[int],
                 now: float) -> list[int]:
-        return water_fill(available, floors, caps, [s.request.priority + 1.0 for s in sessions])
+        return water_fill(available, floors, caps, [self.weight(s) for s in sessions])
 
 
 class Deadline(_Compressible):
     name = PolicyName.DEADLINE
+    time_dependent = True  # what an EV needs by its departure grows as time passes
 
     def targets(self, sessions: Sequence[Session], available: int, floors: Sequence[int], caps: Sequence[int],
                 now: float) -> list[int]:
