@@ -8,7 +8,8 @@
 /** Worst first: offline, stale, overloaded, draining, ok (api/state.py CONDITION_RANK). */
 export const RANK = { offline: 0, stale: 1, overloaded: 2, draining: 3, ok: 4 };
 export const CONDITIONS = Object.keys(RANK);
-const PART_NAMES = ["mqtt_connected", "balancer", "totals", "decommissioned", "queue", "latest_assignments", "events"];
+const PART_NAMES = ["mqtt_connected", "balancer", "totals", "decommissioned", "queue", "latest_assignments", "events",
+  "schedules"];
 
 /** Sort comparator: condition, then utilisation (fullest first, unknown last), then id. */
 export function worstFirst(a, b) {
