@@ -15,6 +15,7 @@ in between. Guarantees (see docs/balancing.md and the tests):
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from balancer.core.allocation import deadline_share, equal_share, water_fill
+from balancer.core.allocation import equal_share, laxity_share, water_fill
 from balancer.core.effects import Effect, ToEv, ToSubstation
 from balancer.core.model import (
     PendingRequest,
@@ -78,6 +79,13 @@ class CoreConfig:
     hysteresis_kw: float = 1.0
     #: ... nor within this long of the session's last change: noise in telemetry must not make power flap.
     min_hold_s: float = 10.0
+    #: The band kept free below the limit (and the smallest raise) is the base-load noise measured per substation:
+    #: the largest change of its uncontrolled load over one hold time (``min_hold_s``), held and decaying over
+    #: this long; until one hold time is measured, ``hysteresis_kw``.
+    noise_decay_s: float = 300.0
+    #: ``deadline`` orders sessions by laxity (time to spare at full power) rounded down to this step, so that
+    #: two sessions of almost equal laxity do not swap power back and forth as their laxities cross.
+    laxity_step_s: float = 1800.0
     rebalance_interval_s: float = 1.0
     poll_interval_s: float = 5.0  # polled-least-loaded's snapshot age
     queue_update_interval_s: float = 5.0  # queued EVs hear new positions/ETAs at most this often
@@ -204,7 +212,8 @@ class Balancer:
             session = self._new_session(sub, req, 0, now)
             target = dict((s.session_id, t) for s, t in self._targets(sub, now))[session.session_id]
             # Make room for the new session's share: squeeze the others now (they are told first).
-            reductions = self._decrease(sub, now, mandatory=True, skip=session)
+            free = sub.limit_w(cfg.safety_margin_pct) - self._band_w(sub) - sub.used_w()
+            reductions = self._decrease(sub, now, shed=target - free, skip=session)
             # Targets fit the room the squeeze made; the min() only ever guards the capacity guarantee.
             grant = max(0, min(target, sub.limit_w(cfg.safety_margin_pct) - sub.used_w()))
             session.granted_w = grant
@@ -224,31 +233,40 @@ class Balancer:
         return self._new_session(sub, req, req.requested_w, now), []
 
     # ------------------------------------------------------------------ rebalancing
+    def _band_w(self, sub: Substation) -> int:
+        """Power kept free below the limit: base-load noise inside the band changes no grant, where shares computed
+        right at the limit would follow every watt of noise (measured: flapping). Sized from the substation's own
+        measured noise (how far its uncontrolled load moved within one hold time, lately): a quiet substation
+        (base load constant, as on the ACN benchmark) keeps nothing idle, a noisy one as much as its noise."""
+        if sub.noise_w is None:
+            return kw_to_w_up(self.config.hysteresis_kw)
+        return math.ceil(sub.noise_w)
+
+    def _step_w(self, sub: Substation) -> int:
+        """The smallest change worth making without need: one hysteresis step, or the noise band when larger."""
+        return max(kw_to_w_up(self.config.hysteresis_kw), self._band_w(sub))
+
     def _targets(self, sub: Substation, now: float) -> list[tuple[Session, int]]:
         """The policy's share of the substation's available power for each of its sessions."""
         sessions = list(sub.sessions.values())
-        # A band of one hysteresis step below the limit: base-load noise inside it changes no grant, where
-        # shares computed right at the limit would follow every watt of noise (measured: flapping).
-        band = kw_to_w_up(self.config.hysteresis_kw)
         available = max(sum(s.request.min_w for s in sessions),
-                        sub.limit_w(self.config.safety_margin_pct) - sub.uncontrolled_w() - band)
+                        sub.limit_w(self.config.safety_margin_pct) - sub.uncontrolled_w() - self._band_w(sub))
         floors = [s.request.min_w for s in sessions]
         caps = [s.request.requested_w for s in sessions]
         if self.config.policy == WEIGHTED_FAIR:
             targets = water_fill(available, floors, caps, [s.request.priority + 1.0 for s in sessions])
         elif self.config.policy == DEADLINE:
-            needs, slack = [], []
+            urgency: list[tuple[float, float, int] | None] = []
+            step = self.config.laxity_step_s
             for s in sessions:
                 s.account(now)
                 remaining, departure = s.remaining_wh(), s.request.departure
                 if remaining is None or departure is None:
-                    needs.append(0)
-                    slack.append(float("inf"))
+                    urgency.append(None)
                     continue
-                left_s = max(1.0, departure - now)
-                needs.append(int(remaining * 3600 / left_s) + 1)
-                slack.append(left_s - remaining * 3600 / max(1, s.request.requested_w))
-            targets = deadline_share(available, floors, caps, needs, slack)
+                laxity = departure - now - remaining * 3600 / max(1, s.request.requested_w)
+                urgency.append((math.floor(laxity / step), departure, s.request.arrival))
+            targets = laxity_share(available, floors, caps, urgency)
         else:
             targets = equal_share(available, floors, caps)
         return list(zip(sessions, targets, strict=True))
@@ -269,40 +287,57 @@ class Balancer:
                     granted_kw=w_to_kw(grant), reason=reason)),
                 ToEv(req.ev_id, answer)]
 
-    def _decrease(self, sub: Substation, now: float, *, mandatory: bool,
-                  skip: Session | None = None) -> list[Effect]:
-        """Lower grants to the policy's targets: all of them when ``mandatory`` (over the limit, or making
-        room for a new session), otherwise only changes past the hysteresis and the hold time."""
+    def _decrease(self, sub: Substation, now: float, *, shed: int = 0, skip: Session | None = None) -> list[Effect]:
+        """Lower grants toward the policy's targets. While ``shed`` watts are still to be freed (over the limit, or
+        making room for a new session): at once, the sessions furthest above their share first, each by at least
+        a hysteresis step (or all that is left to shed) and at least down to its share: a base-load step or a
+        newcomer moves a few grants, not all. Otherwise only cuts to the share past the hysteresis and hold time."""
         cfg = self.config
-        if (not mandatory and sub.granted_w == sub.requested_w
+        if (shed <= 0 and sub.granted_w == sub.requested_w
                 and sub.requested_w <= sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w()):
             return []  # everyone has all they asked for and it fits: no share to lower (the common case)
-        hysteresis = kw_to_w_up(cfg.hysteresis_kw)
+        step = self._step_w(sub)
         effects: list[Effect] = []
-        for session, target in self._targets(sub, now):
+        for session, target in sorted(self._targets(sub, now), key=lambda st: st[1] - st[0].granted_w):
             if session is skip:
                 continue
-            cut = session.granted_w - target
-            settled = cut >= hysteresis and now - session.last_change_at >= cfg.min_hold_s
-            if cut > 0 and (mandatory or settled):
-                reason = Reason.CAPACITY_REDUCED if mandatory else Reason.REBALANCED
-                effects += self._set_grant(session, target, now, reason,
-                                           "substation limit" if mandatory else "fair share changed")
+            above = session.granted_w - target
+            if shed > 0:
+                cut = min(session.granted_w - session.request.min_w, max(above, min(step, shed)))
+                if cut > 0:
+                    effects += self._set_grant(session, session.granted_w - cut, now, Reason.CAPACITY_REDUCED,
+                                               "substation limit")
+                    shed -= cut
+                continue
+            if above <= 0:
+                break  # (sorted: nobody after this one is above its share)
+            if above >= step and now - session.last_change_at >= cfg.min_hold_s:
+                effects += self._set_grant(session, target, now, Reason.REBALANCED, "fair share changed")
         return effects
 
     def _raise(self, sub: Substation, now: float) -> list[Effect]:
-        """Raise grants toward the policy's targets, smallest first, each only as far as the room actually
-        free allows, past the hysteresis and the hold time. Baselines never change a grant."""
+        """Hand free power (beyond the noise band) to the sessions furthest below their share, past the hold time.
+        Each raise is at least one hysteresis step (or all the room left), even past the session's share (by
+        less than a step, so no later cut follows): power freed in small slices (one of 40 sessions ends: 0.03 kW
+        each) still reaches EVs, in a few changes instead of one per session. No raise is smaller than the
+        noise band: free power that noise would take back at once is left alone. Baselines never change a grant."""
         cfg = self.config
         if (cfg.policy in BASELINES or not sub.sessions or sub.granted_w >= sub.requested_w
                 or not sub.is_available(now, cfg.stale_after_s)):
             return []  # (everyone already has all it asked for: nothing to raise)
-        hysteresis = kw_to_w_up(cfg.hysteresis_kw)
-        room = sub.limit_w(cfg.safety_margin_pct) - sub.used_w()
+        band = self._band_w(sub)
+        step = self._step_w(sub)
+        smallest = max(1, band)
+        room = sub.limit_w(cfg.safety_margin_pct) - sub.used_w() - band
         effects: list[Effect] = []
-        for session, target in sorted(self._targets(sub, now), key=lambda st: st[0].granted_w):
-            rise = min(target - session.granted_w, room)
-            if rise >= hysteresis and now - session.last_change_at >= cfg.min_hold_s:
+        for session, target in sorted(self._targets(sub, now), key=lambda st: st[0].granted_w - st[1]):
+            if room < smallest:
+                break
+            below = target - session.granted_w
+            if below <= 0 or now - session.last_change_at < cfg.min_hold_s:
+                continue
+            rise = min(max(below, min(step, room)), session.request.requested_w - session.granted_w, room)
+            if rise >= smallest:
                 effects += self._set_grant(session, session.granted_w + rise, now, Reason.POWER_AVAILABLE,
                                            "more power is available")
                 room -= rise
@@ -326,8 +361,10 @@ class Balancer:
                 floors -= session.request.min_w
                 effects += self._revoke(session, now, Reason.CAPACITY_REDUCED,
                                         "substation load rose above its limit", stop_agent=True)
-        over = sub.used_w() > sub.limit_w(cfg.safety_margin_pct)
-        return effects + self._decrease(sub, now, mandatory=over)
+        limit = sub.limit_w(cfg.safety_margin_pct)
+        # Over the limit: back under it, and under the noise band too, so the next wobble does not cut again.
+        shed = sub.used_w() - (limit - self._band_w(sub)) if sub.used_w() > limit else 0
+        return effects + self._decrease(sub, now, shed=shed)
 
     def _start_effects(self, session: Session, now: float, *, in_reply: bool) -> list[Effect]:
         req = session.request
@@ -557,6 +594,7 @@ class Balancer:
         sub.reported_sessions = msg.active_sessions
         sub.last_telemetry_at = now
         sub.granted_at_telemetry_w = sub.granted_w
+        sub.observe_noise(now, max(self.config.min_hold_s, 1.0), self.config.noise_decay_s)
         sub.lost = False
         effects = self._reduce(sub, now)
         effects += self._serve_queue(now)

@@ -6,8 +6,9 @@ Real policies (never exceed a limit):
   utilised after placement; running sessions converge to an equal share as the balancer rebalances.
 - ``weighted-fair``: max-min fair shares weighted by ``priority + 1``. A waiting EV counts too: a new
   request is admitted wherever running sessions can be squeezed (toward their ``min_kw``) to make room.
-- ``deadline``: like ``weighted-fair`` for admission; power goes first to what each EV needs to finish
-  its ``energy_kwh`` by its ``departure``, most urgent first, and the rest is shared equally.
+- ``deadline``: like ``weighted-fair`` for admission; least laxity first: the EV with the least time to spare
+  (departure less the time its remaining ``energy_kwh`` takes at full power, in 30-minute steps) gets all it
+  can take, then the next; EVs that gave no departure share the rest equally.
 
 Baselines, for comparison in the replay only (they ignore capacity, as the original HTTP design did):
 
