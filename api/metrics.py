@@ -53,8 +53,13 @@ class _StateCollector(Collector):
         store, hub = self.store, self.hub
         yield GaugeMetricFamily("gridlb_api_sse_clients", "Live-page (SSE) clients connected",
                                 value=len(hub.clients))
-        yield CounterMetricFamily("gridlb_api_sse_snapshots_dropped", "Snapshots a slow live client missed",
+        yield CounterMetricFamily("gridlb_api_sse_snapshots_dropped",
+                                  "Live-feed updates a slow client missed (it got a fresh snapshot instead)",
                                   value=hub.dropped)
+        yield CounterMetricFamily("gridlb_api_sse_resyncs", "Fresh snapshots sent to live clients that fell behind",
+                                  value=hub.resyncs)
+        yield CounterMetricFamily("gridlb_api_sse_bytes", "Live-feed event data queued for clients (all clients)",
+                                  value=hub.sent_bytes)
         refused = CounterMetricFamily("gridlb_api_payloads_refused", "MQTT payloads that did not decode",
                                       labels=["kind", "reason"])
         for key, n in sorted(store.decode_errors.items()):

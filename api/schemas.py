@@ -10,18 +10,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+from grid_protocol.ids import ID_PATTERN, REQUEST_ID_PATTERN
+from grid_protocol.messages import AssignmentStatus
 
 Id = Annotated[str, Field(pattern=ID_PATTERN, description="EV or substation id", examples=["north"])]
 Kw = Annotated[float, Field(description="Power in kW")]
 Condition = Literal["ok", "draining", "overloaded", "stale", "offline"]
-AssignmentStatus = Literal["assigned", "queued", "rejected", "updated", "revoked", "completed", "cancelled"]
 SessionStatus = Literal["charging", "reduced", "paused"]
 
 _SUB_EXAMPLE: dict[str, Any] = {
-    "substation_id": "north", "online": True, "stale": False, "draining": False, "overloaded": False,
-    "condition": "ok", "source": "balancer", "telemetry_age_s": 0.4, "state_ts": 1767225600.0,
+    "substation_id": "north", "region": "default", "online": True, "stale": False, "draining": False,
+    "overloaded": False, "condition": "ok", "source": "balancer", "telemetry_age_s": 0.4,
+    "heard_at": 1767225599.6, "state_ts": 1767225600.0,
     "capacity_kw": 400.0, "reported_capacity_kw": 400.0, "capacity_limit_kw": None, "limit_kw": 380.0,
     "load_kw": 262.5, "base_load_kw": 196.5, "granted_kw": 66.0, "reserved_kw": 0.0, "headroom_kw": 117.5,
     "utilisation": 0.6563, "sessions_total": 3,
@@ -84,6 +84,7 @@ class Substation(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [_SUB_EXAMPLE]})
 
     substation_id: str
+    region: str = Field(description="the region its agent reports (SUBSTATION_REGION; 'default' when none)")
     online: bool = Field(description="false when its retained status or the balancer says offline")
     stale: bool = Field(description="no telemetry for API_STALE_AFTER_S (or the balancer says stale)")
     draining: bool = Field(description="an operator drained it: no new sessions")
@@ -93,6 +94,8 @@ class Substation(BaseModel):
     source: Literal["balancer", "telemetry", "status"] = Field(
         description="balancer: from its retained state; telemetry/status: the balancer has published none yet")
     telemetry_age_s: float | None
+    heard_at: float | None = Field(description="when its latest measurement was received (epoch s): "
+                                               "now - telemetry_age_s")
     state_ts: float | None = Field(description="when the balancer published the state")
     capacity_kw: float | None = Field(description="what the balancer plans with (reported, lowered by the "
                                                   "operator's limit)")
@@ -221,13 +224,30 @@ class Status(BaseModel):
     ts: float
     mqtt_connected: bool
     balancer: BalancerInfo
-    totals: Totals
-    substations: list[Substation]
+    totals: Totals = Field(description="over the whole grid, whatever region or limit is asked for")
+    substations: list[Substation] = Field(description="by id, or worst first with order=worst; only the region "
+                                                      "asked for; at most `limit`")
+    substations_matched: int = Field(description="substations of the region asked for (all without one), before "
+                                                 "the limit")
     decommissioned: list[Decommissioned] = Field(description="removed recently, newest first (this API instance)")
     queue: Queue = Field(description="the first 10 waiting requests")
     latest_assignments: list[Assignment] = Field(description="newest first, as seen by this API instance; without "
                                                              "probe noise (nothing_to_release) unless noise=true")
     events: list[Event] = Field(description="the event log, newest first (GET /event-log has more)")
+
+
+CompactValue = str | float | int | bool | None
+
+
+class StatusCompact(Status):
+    """``GET /status?compact=true``: each substation one array of ``fields`` (about a quarter of the bytes)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"fields": ["substation_id", "region", "..."]}]})
+
+    fields: list[str] = Field(description="the names of a compact substation's values, in order")
+    substations: list[list[CompactValue]] = Field(  # type: ignore[assignment]
+        description="one array per substation (values in the order of `fields`): kW to 0.1, utilisation to "
+                    "0.001, heard_at only while stale or offline")
 
 
 class Session(BaseModel):

@@ -30,6 +30,7 @@ import msgspec
 from api.events import EventLog
 from api.trends import Trends
 from grid_protocol.messages import (
+    DEFAULT_REGION,
     Assignment,
     BalancerStatus,
     ChargeRequest,
@@ -52,6 +53,38 @@ NOISE_REASONS = frozenset({"nothing_to_release"})
 _FRESH_MAX = 5000
 #: Decommissioned substations listed (the latest).
 _DECOMMISSIONED_MAX = 50
+#: Worst first: a substation's condition ranks first, then its utilisation (fullest first), then its id.
+CONDITION_RANK = {"offline": 0, "stale": 1, "overloaded": 2, "draining": 3, "ok": 4}
+#: The compact form of a substation (``GET /status?compact=true`` and the live feed): one array per substation,
+#: in this order. kW to 0.1, utilisation to 0.001 (what a page shows); ``heard_at`` (when its latest measurement
+#: was received) only while it is stale or offline, so a fresh substation's row changes only when its figures do.
+COMPACT_FIELDS = ("substation_id", "region", "condition", "utilisation", "load_kw", "base_load_kw", "reserved_kw",
+                  "capacity_kw", "limit_kw", "capacity_limit_kw", "granted_kw", "headroom_kw", "sessions_total",
+                  "draining", "heard_at")
+_COMPACT_KW = frozenset(f for f in COMPACT_FIELDS if f.endswith("_kw"))
+
+
+def worst_first(view: dict[str, Any]) -> tuple[int, float, str]:
+    """Sort key: offline, stale, overloaded, draining, ok; within each the fullest first (unknown last)."""
+    utilisation = view["utilisation"]
+    return (CONDITION_RANK[view["condition"]], -(utilisation if utilisation is not None else -1.0),
+            view["substation_id"])
+
+
+def compact_row(view: dict[str, Any]) -> tuple[Any, ...]:
+    """A substation view as one array of :data:`COMPACT_FIELDS` (hashable: the live feed compares rows)."""
+    out: list[Any] = []
+    for name in COMPACT_FIELDS:
+        value = view[name]
+        if value is not None:
+            if name in _COMPACT_KW:
+                value = round(value, 1)
+            elif name == "utilisation":
+                value = round(value, 3)
+            elif name == "heard_at":
+                value = round(value, 1) if view["condition"] in ("stale", "offline") else None
+        out.append(value)
+    return tuple(out)
 
 
 def _r(value: float | None, digits: int = 3) -> float | None:
@@ -69,6 +102,19 @@ class SubstationEntry:
 
     def known(self) -> bool:
         return self.state is not None or self.status is not None or self.telemetry is not None
+
+    def leftover(self) -> bool:
+        """Known only by a retained ``offline`` status (the last will of an agent the balancer has no state for,
+        and that this API has not heard telemetry from): a forgotten substation, or one of an earlier run. The
+        balancer ignores such a status too; no view shows it."""
+        return (self.state is None and self.telemetry is None and self.status is not None
+                and self.status.state == "offline")
+
+    def region(self) -> str:
+        """The region of the agent's latest status, else the one the balancer carries, else ``default``."""
+        if self.status is not None:
+            return self.status.region
+        return self.state.region if self.state is not None else DEFAULT_REGION
 
 
 def _status_of(granted_kw: float, requested_kw: float) -> str:
@@ -173,7 +219,8 @@ class StateStore:
                 self._forget_if_empty(sid)
         else:
             self._entry(sid).status = msg
-            self.decommissioned.pop(sid, None)
+            if msg.state == "online":  # (the last will of a decommissioned agent does not bring it back)
+                self.decommissioned.pop(sid, None)
         self._touch("substation_status", now)
 
     def on_telemetry(self, sid: str, msg: Telemetry, now: float) -> None:
@@ -283,6 +330,18 @@ class StateStore:
             ages.append(state.telemetry_age_s + max(0.0, now - state.ts))
         return min(ages) if ages else None
 
+    @staticmethod
+    def heard_at(entry: SubstationEntry) -> float | None:
+        """When the substation's latest measurement was received (epoch s, this API's clock): the age of
+        :meth:`telemetry_age` as a time, which stays put while nothing new arrives."""
+        times: list[float] = []
+        if entry.telemetry_at is not None:
+            times.append(entry.telemetry_at)
+        state = entry.state
+        if state is not None and state.telemetry_age_s is not None:
+            times.append(state.ts - state.telemetry_age_s)
+        return max(times) if times else None
+
     def substation_view(self, sid: str, now: float) -> dict[str, Any] | None:
         entry = self.substations.get(sid)
         if entry is None or not entry.known():
@@ -298,11 +357,13 @@ class StateStore:
         if (state is not None and state.stale and not stale
                 and (entry.telemetry_at is None or entry.telemetry_at <= state.ts)):
             stale = True  # the balancer says so and we have heard nothing newer
+        heard = self.heard_at(entry)
         view: dict[str, Any] = {
-            "substation_id": sid, "online": online, "stale": stale,
+            "substation_id": sid, "region": entry.region(), "online": online, "stale": stale,
             "draining": bool(state.draining) if state is not None else False,
             "source": "balancer" if state is not None else "telemetry" if tele is not None else "status",
-            "telemetry_age_s": _r(age, 2), "state_ts": state.ts if state is not None else None,
+            "telemetry_age_s": _r(age, 2), "heard_at": _r(heard, 3),
+            "state_ts": state.ts if state is not None else None,
         }
         if state is not None:
             view.update(
@@ -329,8 +390,11 @@ class StateStore:
         return view
 
     def substation_views(self, now: float) -> list[dict[str, Any]]:
+        """Every substation a view shows, by id: not the leftovers (:meth:`SubstationEntry.leftover`)."""
         out = []
         for sid in sorted(self.substations):
+            if self.substations[sid].leftover():
+                continue
             view = self.substation_view(sid, now)
             if view is not None:
                 out.append(view)
@@ -511,21 +575,33 @@ class StateStore:
         }
 
     def overview(self, now: float, *, connected: bool, queue_limit: int = 10, assignments_limit: int = 10,
-                 noise: bool = False, events_limit: int = 20) -> dict[str, Any]:
+                 noise: bool = False, events_limit: int = 20, order: str = "name", region: str | None = None,
+                 limit: int | None = None, compact: bool = False) -> dict[str, Any]:
+        """``order`` ``worst``: worst first (:func:`worst_first`); ``region``: only its substations; ``limit``: the
+        first so many; ``compact``: substations as arrays of :data:`COMPACT_FIELDS`. Totals stay grid-wide."""
         views = self.substation_views(now)
+        listed = views if region is None else [v for v in views if v["region"] == region]
+        if order == "worst":
+            listed = sorted(listed, key=worst_first)
+        matched = len(listed)
+        if limit is not None:
+            listed = listed[:limit]
+        subs: list[Any] = [list(compact_row(v)) for v in listed] if compact else listed
+        extra: dict[str, Any] = {"fields": list(COMPACT_FIELDS)} if compact else {}
         return {
             "ts": now, "mqtt_connected": connected, "balancer": self.balancer_view(now),
-            "totals": self.totals(views), "substations": views,
+            "totals": self.totals(views), **extra, "substations": subs, "substations_matched": matched,
             "decommissioned": list(reversed(self.decommissioned.values())),
             "queue": self.queue_view(now, queue_limit),
             "latest_assignments": self.recent_assignments(assignments_limit, noise=noise),
             "events": self.events.latest(events_limit),
         }
 
-    def note_conditions(self, now: float) -> None:
-        """Log substations whose condition changed (stale, offline, overloaded, and back): called periodically."""
+    def note_conditions(self, now: float, views: list[dict[str, Any]] | None = None) -> None:
+        """Log substations whose condition changed (stale, offline, overloaded, and back): called periodically
+        (with the views of ``now`` when the caller has them already)."""
         before = self.events.last_id
-        self.events.conditions(now, self.substation_views(now))
+        self.events.conditions(now, self.substation_views(now) if views is None else views)
         if self.events.last_id != before:
             self.version += 1
 

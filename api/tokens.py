@@ -41,8 +41,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from api.schemas import ID_PATTERN
 from broker.accounts import SERVICE_ACCOUNTS
+from grid_protocol.ids import ID_PATTERN
 from grid_runtime.logs import get_logger
 
 log = get_logger("api.tokens")

@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = get_logger("balancer")
     log.info("balancer_starting", host=settings.mqtt.host, port=settings.mqtt.port,
              username=settings.mqtt.username, client=settings.mqtt_client,
-             safety_margin_pct=settings.safety_margin_pct, stale_after_s=settings.stale_after_s)
+             safety_margin_pct=settings.core.safety_margin_pct, stale_after_s=settings.core.stale_after_s)
     service = build(settings)
     metrics.register(service, REGISTRY)
     metrics_server = serve_metrics(settings.grid.metrics, "balancer")

@@ -10,12 +10,13 @@ the number of substations, outcomes and reasons (never EV ids). docs/observabili
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from grid_protocol.messages import AssignmentStatus
 from grid_runtime.metrics import MqttCollector
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 #: From 50 microseconds (a decision in memory) to 1 s (a stalled loop).
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25, 1.0)
 #: The outcomes of gridlb_decisions_total (the Assignment statuses); other core counters are events.
-DECISION_OUTCOMES = frozenset({"assigned", "queued", "rejected", "updated", "revoked", "completed", "cancelled"})
+DECISION_OUTCOMES = frozenset(get_args(AssignmentStatus))
 #: From placed at once to hours in line.
 WAIT_BUCKETS = (0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 

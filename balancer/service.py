@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import time
@@ -19,7 +20,7 @@ from time import perf_counter
 import msgspec
 
 from balancer.admission import REFUSED_COST, Admission
-from balancer.core import Balancer, CoreConfig, Effect, ToEv
+from balancer.core import Balancer, Effect, ToEv
 from balancer.core.views import queue_state, substation_state
 from balancer.settings import BalancerSettings
 from balancer.startup import StartupGate
@@ -33,7 +34,6 @@ from grid_protocol import (
     Reason,
     Release,
     SessionCommand,
-    SessionCommands,
     SessionEvent,
     SubstationStatus,
     Telemetry,
@@ -43,7 +43,8 @@ from grid_protocol import (
     encode,
     is_valid_id,
 )
-from grid_protocol.messages import MAX_COMMANDS_PER_MESSAGE, QueueState, SubstationState
+from grid_protocol.lease import LeaseIssuer
+from grid_protocol.messages import QueueState, SubstationState
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import InMessage, Transport, Will, make_transport
 from grid_runtime.ratelimit import RateLimitedLog
@@ -74,17 +75,8 @@ class BalancerService:
         self.instance = boot
         seq = iter(range(1, 1 << 62))
         self.core = Balancer(
-            CoreConfig(
-                safety_margin_pct=settings.safety_margin_pct, stale_after_s=settings.stale_after_s,
-                lost_after_s=settings.lost_after_s, queue_max=settings.queue_max,
-                default_min_kw=settings.default_min_kw, answer_ttl_s=settings.answer_ttl_s,
-                overtake_guard_s=settings.overtake_guard_s, policy=settings.policy,
-                allow_baselines=settings.allow_baselines, hysteresis_kw=settings.hysteresis_kw,
-                min_hold_s=settings.min_hold_s, rebalance_interval_s=settings.rebalance_interval_s,
-                queue_update_interval_s=settings.queue_update_interval_s, poll_interval_s=settings.poll_interval_s,
-                # An agent that reconnects within its lease keeps its sessions: hold them that long.
-                offline_grace_s=settings.lease_s,
-            ),
+            # An agent that reconnects within its lease keeps its sessions: hold them that long.
+            dataclasses.replace(settings.core, offline_grace_s=settings.lease_s),
             new_session_id=lambda: f"{boot}-{next(seq)}",
             new_request_id=lambda: f"auto-{boot}-{next(seq)}",
         )
@@ -94,7 +86,7 @@ class BalancerService:
         #: agent commands decided but not yet published, per substation (see _flush_commands)
         self._commands: dict[str, list[SessionCommand]] = {}
         self._flush_scheduled = False
-        self._lease_sent: dict[str, float] = {}  # substation -> when its lease was last renewed
+        self._leases = LeaseIssuer(settings.lease_s)
         self._handlers = {
             TopicKind.EV_REQUEST: self._on_request,
             TopicKind.EV_RELEASE: self._on_release,
@@ -131,8 +123,8 @@ class BalancerService:
         """On every connect: say online (agents answer with their inventory) and republish the retained view
         (a broker that crashed may have lost what it held since its last save)."""
         status = BalancerStatus(state="online", ts=self.clock(), version=VERSION, instance=self.instance,
-                                safety_margin_pct=self.settings.safety_margin_pct,
-                                stale_after_s=self.settings.stale_after_s)
+                                safety_margin_pct=self.settings.core.safety_margin_pct,
+                                stale_after_s=self.settings.core.stale_after_s)
         self.transport.publish(self.topics.balancer_status(), encode(status), qos=1, retain=True)
         self._state_sent.clear()
 
@@ -324,7 +316,7 @@ class BalancerService:
         inventory = status.announced_for is not None and status.announced_for == self.instance
         log.info("substation_status", substation_id=sid, state=status.state, inventory=inventory,
                  sessions=status.sessions, retained=msg.retain)
-        self._publish(self.core.on_status(sid, status.state, now, inventory=inventory))
+        self._publish(self.core.on_status(sid, status.state, now, inventory=inventory, region=status.region))
         if not self.startup.is_open:
             self.startup.substation_status(sid, status.state == "online", inventory)
             self._open_when_ready()
@@ -371,7 +363,7 @@ class BalancerService:
         kept here."""
         topic = self.topics.substation_state(substation_id)
         self._state_sent.pop(topic, None)
-        self._lease_sent.pop(substation_id, None)
+        self._leases.forget(substation_id)
         self.transport.publish(topic, b"", 1, retain=True)
 
     # ------------------------------------------------------------------ retained state
@@ -426,24 +418,16 @@ class BalancerService:
         self._flush_scheduled = False
         pending, self._commands = self._commands, {}
         now = self.clock()
-        valid_until = now + self.settings.lease_s
         for sid, commands in pending.items():
             topic = self.topics.command(sid)
-            for i in range(0, len(commands), MAX_COMMANDS_PER_MESSAGE):
-                batch = SessionCommands(ts=now, commands=commands[i:i + MAX_COMMANDS_PER_MESSAGE],
-                                        valid_until=valid_until)
+            for batch in self._leases.batches(sid, commands, now):
                 self.transport.publish(topic, encode(batch), 1)
-            self._lease_sent[sid] = now
 
     def _renew_leases(self) -> None:
         """An empty batch renews the lease of every substation with sessions that has not heard from us lately."""
-        now = self.clock()
-        every = self.settings.lease_s / 3
-        for sid, sub in self.core.substations.items():
-            if sub.sessions and now - self._lease_sent.get(sid, float("-inf")) >= every:
-                batch = SessionCommands(ts=now, commands=[], valid_until=now + self.settings.lease_s)
-                self.transport.publish(self.topics.command(sid), encode(batch), 1)
-                self._lease_sent[sid] = now
+        with_sessions = [sid for sid, sub in self.core.substations.items() if sub.sessions]
+        for sid, batch in self._leases.renewals(with_sessions, self.clock()):
+            self.transport.publish(self.topics.command(sid), encode(batch), 1)
 
     def _respond(self, request: InMessage, payload: bytes, ev_id: str) -> None:
         """MQTT 5 reply, only below the sender's own reply root (D5): the request came on ``ev/{ev_id}/…``, which

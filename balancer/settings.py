@@ -2,37 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+import os
+from typing import Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from balancer.core.config import CoreConfig
 from grid_runtime.settings import GridSettings, MqttSettings
+
+_CORE_FIELDS = tuple(f.name for f in dataclasses.fields(CoreConfig))
+
+
+class _FlatCoreEnv(PydanticBaseSettingsSource):
+    """``BALANCER_<FIELD>`` for each field of the nested ``core`` (the names the balancer always had)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        env = {key.upper(): value for key, value in os.environ.items()}
+        core = {name: env[f"BALANCER_{name.upper()}"] for name in _CORE_FIELDS if f"BALANCER_{name.upper()}" in env}
+        return {"core": core} if core else {}
 
 
 class BalancerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BALANCER_", extra="ignore")
 
-    safety_margin_pct: float = Field(5.0, ge=0, lt=100)
-    stale_after_s: float = Field(5.0, gt=0)
-    lost_after_s: float = Field(30.0, gt=0)
-    queue_max: int = Field(10_000, ge=0)
-    default_min_kw: float = Field(1.4, gt=0)
-    answer_ttl_s: float = Field(3600.0, gt=0)
-    overtake_guard_s: float = Field(30.0, ge=0)
-    #: least-utilised | weighted-fair | deadline; the baselines round-robin and polled-least-loaded ignore
-    #: capacity and run only with BALANCER_ALLOW_BASELINES=true (for comparisons, never on a real grid).
-    policy: Literal["least-utilised", "weighted-fair", "deadline", "round-robin", "polled-least-loaded"] = (
-        "least-utilised")
-    allow_baselines: bool = False
-    hysteresis_kw: float = Field(1.0, ge=0)
-    min_hold_s: float = Field(10.0, ge=0)
+    #: The allocation core's settings (one source: ``balancer.core.CoreConfig``). Set from the flat
+    #: ``BALANCER_<FIELD>`` names (BALANCER_POLICY, BALANCER_SAFETY_MARGIN_PCT, ...) or flat keyword arguments.
+    #: Its ``offline_grace_s`` is ``lease_s`` in the service (an agent that reconnects within its lease keeps
+    #: its sessions).
+    core: CoreConfig = Field(default_factory=CoreConfig)
     #: Every command batch says valid_until = now + lease_s; renewed every lease_s / 3. An agent that hears
     #: nothing by then drops its sessions to 0 kW.
     lease_s: float = Field(10.0, gt=0)
-    rebalance_interval_s: float = Field(1.0, gt=0)  # a substation is re-evaluated at least this often
-    queue_update_interval_s: float = Field(5.0, gt=0)  # queued EVs hear new positions/ETAs at most this often
-    poll_interval_s: float = Field(5.0, gt=0)  # polled-least-loaded's snapshot age (baseline)
     tick_interval_s: float = Field(0.5, gt=0)
     #: retained substation/{id}/state and balancer/queue are republished when they change, at most this often
     state_interval_s: float = Field(1.0, gt=0)
@@ -56,3 +62,24 @@ class BalancerSettings(BaseSettings):
 
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     grid: GridSettings = Field(default_factory=GridSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _FlatCoreEnv(settings_cls), dotenv_settings, file_secret_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_core(cls, data: Any) -> Any:
+        """Flat keyword arguments (``BalancerSettings(policy=...)``) go to ``core`` too, over the environment."""
+        if not isinstance(data, dict) or not any(name in data for name in _CORE_FIELDS):
+            return data
+        data = dict(data)
+        given = data.get("core") or {}
+        core = dataclasses.asdict(given) if isinstance(given, CoreConfig) else dict(given)
+        core.update({name: data.pop(name) for name in _CORE_FIELDS if name in data})
+        data["core"] = core
+        return data

@@ -38,17 +38,11 @@ from typing import Any
 from broker.local import LocalBroker
 from grid_protocol import ChargeRequest, Telemetry, TopicKind, Topics, encode
 from grid_runtime.mqtt import InMessage, PahoTransport
+from grid_runtime.percentiles import percentiles
 from grid_runtime.settings import MqttSettings
 
 SUBSTATIONS = ("S1", "S2", "S3", "S4")
 CAPACITY_KW = 1_000_000.0  # room for every request: the benchmark measures the path, not the queue
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    k = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
-    return sorted_values[k]
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -178,9 +172,8 @@ class LoadClient:
             "lost": n - len(lat),
             "elapsed_s": round(elapsed, 3),
             "answers_per_s": round(len(lat) / elapsed, 1) if elapsed else 0.0,
-            "p50_ms": round(percentile(lat, 50) * 1000, 3),
-            "p95_ms": round(percentile(lat, 95) * 1000, 3),
-            "p99_ms": round(percentile(lat, 99) * 1000, 3),
+            **{f"p{p}_ms": None if v is None else round(v * 1000, 3)
+               for p, v in zip((50, 95, 99), percentiles(lat, (50, 95, 99)), strict=True)},
             "max_ms": round(lat[-1] * 1000, 3) if lat else None,
             "statuses": dict(self.statuses),
         }

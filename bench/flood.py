@@ -34,6 +34,7 @@ from bench.bench_balancer import proc_cpu_s, proc_rss_mb
 from broker.local import LocalBroker
 from grid_protocol import Topics
 from grid_runtime.lifecycle import stop_process
+from grid_runtime.percentiles import percentiles
 
 MEASURING_EV = "EV_M"
 SUBSTATION = "S1"
@@ -179,8 +180,8 @@ def run_once(broker: LocalBroker, args: argparse.Namespace, env: dict[str, str],
             "peak_rss_mb": round(peak, 1), "after_rss_mb": round(after_rss, 1),
             "rss_ratio": round(peak / idle_rss, 2), "balancer_cpu_s": round(cpu, 2),
             "other_ev_requests": len(during), "other_ev_statuses": dict(ev.statuses),
-            "wait_p50_ms": round(float(np.percentile(w, 50)), 1) if len(w) else None,
-            "wait_p95_ms": round(float(np.percentile(w, 95)), 1) if len(w) else None,
+            **{f"wait_p{p}_ms": None if v is None else round(v, 1)
+               for p, v in zip((50, 95), percentiles(w, (50, 95)), strict=True)},
             "wait_max_ms": round(float(w.max()), 1) if len(w) else None,
         }
     finally:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from broker.accounts import build_accounts
 from broker.local import LocalBroker
 from broker.provisioning import DynsecProvisioner
 from grid_runtime.mqtt import make_transport
+from grid_runtime.percentiles import percentile
 from grid_runtime.settings import MqttSettings
 
 
@@ -60,6 +60,12 @@ async def _changes(broker: LocalBroker, changes: int) -> tuple[list[float], list
     return adds, removes, cpu / (2 * changes)
 
 
+def _p50(values: list[float]) -> float:
+    p50 = percentile(values, 50)
+    assert p50 is not None, "no changes measured"
+    return p50
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench provisioning", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="200,1000,5000,20000", help="accounts the broker holds")
@@ -79,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 adds, removes, cpu = asyncio.run(_changes(broker, args.changes))
                 size_kb = broker.dynsec_file.stat().st_size / 1024
         print(f"{n:>9} {written * 1000:>9.0f}ms {size_kb:>8.0f} "
-              f"{statistics.median(adds) * 1000:>8.1f}/{max(adds) * 1000:<7.1f} "
-              f"{statistics.median(removes) * 1000:>9.1f}/{max(removes) * 1000:<8.1f} {cpu * 1000:>21.1f}",
+              f"{_p50(adds) * 1000:>8.1f}/{max(adds) * 1000:<7.1f} "
+              f"{_p50(removes) * 1000:>9.1f}/{max(removes) * 1000:<8.1f} {cpu * 1000:>21.1f}",
               flush=True)
     return 0
 

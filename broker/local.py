@@ -36,11 +36,11 @@ from broker.accounts import (
     SERVICE_ACCOUNTS,
     Account,
     build_accounts,
-    derive_password,
     substation_username,
     validate_prefix,
 )
 from grid_protocol.topics import DEFAULT_PREFIX
+from grid_runtime.credentials import derive_password
 from grid_runtime.lifecycle import stop_process
 
 __all__ = [
@@ -232,7 +232,7 @@ class LocalBroker:
     Accounts: ``services`` (default all of :data:`SERVICE_ACCOUNTS`, including ``loadtest`` and
     ``provisioner``) with the passwords in ``service_passwords`` or else derived from ``secret``;
     ``substation.<id>`` for each substation id and one account per EV id, derived from ``secret``
-    (:func:`broker.accounts.derive_password`). They are written to the dynamic security plugin's state file at
+    (:func:`grid_runtime.credentials.derive_password`). They are written to the dynamic security plugin's state file at
     the first start; what changes at runtime (accounts added or removed over its control topic) is the broker's
     to keep, across :meth:`restart` too.
 
@@ -512,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with broker:
         tls = f", TLS on {broker.tls_port}" if broker.tls_port else ""
         print(f"mosquitto listening on {broker.host}:{broker.port}{tls} (pid {broker.pid}); log {broker.log_file}")
-        print(f"accounts: {len(broker.accounts)}; passwords derived from the secret (broker.accounts.derive_password)")
+        print(f"accounts: {len(broker.accounts)}; passwords derived from the secret (derive_password)")
         with contextlib.suppress(KeyboardInterrupt):
             while broker.running:
                 time.sleep(0.5)

@@ -1,6 +1,7 @@
 """``python -m ev_clients [fleet|loadtest|scenario] [flags]``: a simulated EV fleet that doubles as the load tester.
 
-``scenario`` plays the EVs of a replay scenario (``ev_clients/scenario.py``; used by ``python -m replay --mode live``).
+``scenario`` plays the EVs of a replay scenario (``ev_clients/scenario_fleet.py``; used by
+``python -m replay --mode live``).
 
 Examples::
 
@@ -35,7 +36,7 @@ from urllib.parse import urlsplit
 
 from pydantic import SecretStr, ValidationError
 
-from ev_clients import scenario as scenario_cmd
+from ev_clients import scenario_fleet as scenario_cmd
 from ev_clients.fleet import FleetRunner, RunConfig
 from ev_clients.metrics import register_fleet_metrics
 from ev_clients.settings import EvSettings

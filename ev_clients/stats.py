@@ -1,6 +1,6 @@
 """Measurements of an EV fleet or load test: pure data, no I/O, time passed in.
 
-* :func:`percentile` is exact (nearest rank on the sorted sample, no interpolation);
+* percentiles are exact (nearest rank, ``grid_runtime.percentiles``: no interpolation);
 * :class:`LatencyRecorder` keeps every sample, or only the most recent ``window`` of them;
 * :class:`RequestRecord` is one charge request as the EV saw it: each answer, the latencies;
 * :class:`FleetStats` aggregates records into counts, percentiles, throughput and the JSON summary.
@@ -25,26 +25,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from grid_runtime.percentiles import percentile, percentiles
+
 #: Percentiles reported everywhere (summary, live line, saved JSON).
 PERCENTILES: tuple[float, ...] = (50.0, 95.0, 99.0)
 
 #: Statuses after which a request is finished: nothing more will be said about it.
 TERMINAL_STATUSES = frozenset({"rejected", "completed", "cancelled"})
-
-
-def percentile(sorted_values: Sequence[float], p: float) -> float | None:
-    """Nearest-rank percentile of an ascending sequence: the smallest value with at least ``p`` % of the
-    sample at or below it (``p`` in (0, 100]); ``None`` for an empty sample.
-
-    ``percentile([1, 2, 3, 4], 50) == 2``, ``percentile([1, 2, 3, 4], 51) == 3``.
-    """
-    if not 0 < p <= 100:
-        raise ValueError(f"percentile {p} is not in (0, 100]")
-    n = len(sorted_values)
-    if n == 0:
-        return None
-    rank = max(1, math.ceil(p / 100 * n - 1e-9))  # tolerance: 0.95 * 100 must stay rank 95
-    return sorted_values[min(rank, n) - 1]
 
 
 class LatencyRecorder:
@@ -56,14 +43,13 @@ class LatencyRecorder:
     ``len()`` is the number of samples ever added, :attr:`kept` the number the percentiles are taken from.
     """
 
-    __slots__ = ("_count", "_max", "_min", "_samples", "_sorted", "_sum", "window")
+    __slots__ = ("_count", "_max", "_min", "_samples", "_sum", "window")
 
     def __init__(self, samples: Iterable[float] = (), *, window: int | None = None) -> None:
         if window is not None and window < 1:
             raise ValueError(f"latency window must be >= 1, got {window}")
         self.window = window
         self._samples: deque[float] | list[float] = [] if window is None else deque(maxlen=window)
-        self._sorted: list[float] | None = None  # a sorted copy (windowed) or the list itself (sorted in place)
         self._count = 0
         self._sum = 0.0
         self._min = math.inf
@@ -74,10 +60,7 @@ class LatencyRecorder:
     def add(self, seconds: float) -> None:
         if not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"latency must be a finite non-negative number, got {seconds!r}")
-        samples = self._samples
-        if self._sorted is not None and (self.window is not None or (samples and seconds < samples[-1])):
-            self._sorted = None
-        samples.append(seconds)
+        self._samples.append(seconds)
         self._count += 1
         self._sum += seconds
         self._min = min(self._min, seconds)
@@ -96,25 +79,19 @@ class LatencyRecorder:
         """Samples kept: the ones the percentiles are taken from."""
         return len(self._samples)
 
-    def _ordered(self) -> Sequence[float]:
-        if self._sorted is None:
-            if isinstance(self._samples, list):
-                self._samples.sort()  # exact mode: sort in place, no copy
-                self._sorted = self._samples
-            else:
-                self._sorted = sorted(self._samples)
-        return self._sorted
-
     def percentile(self, p: float) -> float | None:
         """Nearest-rank percentile in seconds (``None`` without samples); of the window when there is one."""
-        return percentile(self._ordered(), p)
+        return percentile(self._samples, p)
+
+    def percentiles(self, ps: Sequence[float] = PERCENTILES) -> list[float | None]:
+        """Several percentiles at once (one pass over the samples)."""
+        return percentiles(self._samples, ps)
 
     def summary(self) -> dict[str, Any]:
         """``count``, ``min/mean/max`` (all samples) and ``p50/p95/p99`` in milliseconds (``None`` when empty).
 
         A windowed recorder adds ``window``: how many of the most recent samples the percentiles describe.
         """
-        values = self._ordered()
         n = self._count
         out: dict[str, Any] = {"count": n}
 
@@ -123,11 +100,11 @@ class LatencyRecorder:
 
         out["min_ms"] = ms(self._min) if n else None
         out["mean_ms"] = ms(self._sum / n) if n else None
-        for p in PERCENTILES:
-            out[f"p{p:g}_ms"] = ms(percentile(values, p))
+        for p, v in zip(PERCENTILES, self.percentiles(PERCENTILES), strict=True):
+            out[f"p{p:g}_ms"] = ms(v)
         out["max_ms"] = ms(self._max) if n else None
         if self.window is not None:
-            out["window"] = len(values)
+            out["window"] = len(self._samples)
         return out
 
 
@@ -540,7 +517,7 @@ class FleetStats:
         """One line: progress, statuses, percentiles, active sessions, rate."""
         total = self.total if self.total is not None else self.sent
         counts = " ".join(f"{k}={v}" for k, v in sorted(self.status_events.items())) or "-"
-        p = [self.first_answer.percentile(q) for q in PERCENTILES]
+        p = self.first_answer.percentiles(PERCENTILES)
         lat = "/".join("-" if v is None else f"{v * 1000:.1f}" for v in p)
         return (f"[{self.elapsed(now):6.1f}s] answered {self.answered}/{total} | {counts} | "
                 f"p50/p95/p99 {lat} ms | charging {self.active_sessions} queued {self.queued_now} | "

@@ -29,6 +29,9 @@ Timestamp = Annotated[float, Meta(ge=0, le=1e11, description="Unix epoch seconds
 Priority = Annotated[int, Meta(ge=0, le=9, description="0 (default) to 9 (most urgent)")]
 Reason = Annotated[str, Meta(max_length=64)]
 Detail = Annotated[str, Meta(max_length=512)]
+#: The grid region a substation belongs to (a future topic level, so the id rule applies).
+Region = Annotated[str, Meta(pattern=_STRICT_ID, description="Grid region of a substation, ^[A-Za-z0-9_-]{1,64}$")]
+DEFAULT_REGION = "default"
 
 AssignmentStatus = Literal["assigned", "queued", "rejected", "updated", "revoked", "completed", "cancelled"]
 
@@ -107,6 +110,8 @@ class SubstationStatus(msgspec.Struct, kw_only=True):
     events) and then publishes ``online`` with ``announced_for`` = that balancer's ``instance`` and the number
     of ``sessions`` it announced: the balancer then knows the agent's whole inventory (a restarted balancer
     waits for it before acting on queued input; any balancer drops sessions the agent no longer has).
+    ``region``: the grid region the agent says it belongs to (its last will says it too); absent means
+    ``default``.
     """
 
     state: Literal["online", "offline"]
@@ -115,6 +120,7 @@ class SubstationStatus(msgspec.Struct, kw_only=True):
     capacity_kw: Annotated[float, Meta(gt=0, le=1_000_000)] | None = None
     announced_for: InstanceId | None = None
     sessions: Annotated[int, Meta(ge=0)] | None = None
+    region: Region = DEFAULT_REGION
 
 
 class SessionCommand(msgspec.Struct, kw_only=True):
@@ -263,6 +269,8 @@ class SubstationState(msgspec.Struct, kw_only=True):
     sessions_total: Annotated[int, Meta(ge=0)]
     sessions: Annotated[list[SessionView], Meta(max_length=MAX_STATE_SESSIONS)]
     sessions_truncated: bool = False
+    #: the region of the agent's latest status (``default`` until one names another)
+    region: Region = DEFAULT_REGION
 
 
 class QueueEntry(msgspec.Struct, kw_only=True):

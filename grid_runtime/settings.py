@@ -27,7 +27,7 @@ class MqttSettings(BaseSettings):
     keepalive_s: int = Field(30, ge=5, le=3600)
     #: CA file for a TLS listener (``broker/tls/make-certs.sh``); unset = plain TCP.
     tls_ca: str | None = None
-    #: Secret from which simulators derive per-account passwords (``broker.accounts.derive_password``).
+    #: Secret from which simulators derive per-account passwords (``grid_runtime.credentials.derive_password``).
     account_secret: str | None = None
     #: Broker session kept this long after a disconnect so QoS 1 messages wait for us.
     session_expiry_s: int = Field(3600, ge=0)

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from grid_sim.scenario import Scenario, ScenarioError, load_scenario, parse_duration, shipped_scenarios
+from grid_sim.timeline import shorten
 from replay.benchmark import (
     DEFAULT_MARGIN_PCT,
     DEFAULT_STEP_S,
@@ -31,10 +33,8 @@ from replay.benchmark import (
     run_benchmark,
 )
 from replay.report import format_notes, format_table, plot_overview, plot_run, write_json
-from replay.scenario import Scenario, ScenarioError, load_scenario, parse_duration, shipped_scenarios
 from replay.sessions import SessionFileError, load_sessions
 from replay.sim import ALL_POLICIES, BASELINE_POLICIES, RunResult, available_policies, run
-from replay.timeline import shorten
 
 DEFAULT_OUT = Path(__file__).parent / "results"
 #: Live runs write here by default (so they never overwrite the simulation's results).

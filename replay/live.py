@@ -50,11 +50,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from broker.local import LocalBroker
 from grid_protocol.topics import DEFAULT_PREFIX
 from grid_runtime.lifecycle import stop_process
+from grid_sim.scenario import EvSpec, Scenario, generate_evs
+from grid_sim.timeline import Timebase, auto_speedup, event_labels, run_span
 from replay.metrics import compute_metrics
 from replay.recording import Recorded, convert
-from replay.scenario import EvSpec, Scenario, generate_evs
 from replay.sim import RunResult
-from replay.timeline import Timebase, auto_speedup, event_labels, run_span
 
 __all__ = [
     "DEFAULT_TARGET_WALL_S",

@@ -26,11 +26,12 @@ Definitions (every one tested with hand-computed cases in ``tests/unit/test_repl
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
+
+from grid_runtime.percentiles import percentile
 
 __all__ = [
     "Answer",
@@ -42,7 +43,6 @@ __all__ = [
     "fair_shares",
     "jain_index",
     "overload",
-    "percentile",
     "power_changes",
     "queue_waits",
     "utilisation_spread",
@@ -136,16 +136,6 @@ class Metrics:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def percentile(values: Iterable[float], p: float) -> float | None:
-    """Nearest-rank percentile: the smallest value with at least ``p`` % of the values at or below it."""
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    if not 0 < p <= 100:
-        raise ValueError(f"p must be in (0, 100], got {p}")
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 def overload(trace: Trace) -> tuple[float, float, float]:

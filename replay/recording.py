@@ -18,7 +18,7 @@ The live replay's observer records every message under the topic prefix with the
   from the balancer's ``start``/``update`` commands instead, and counted in ``notes``), and when it got all it
   asked for (an ``ended`` with ``energy_delivered``).
 
-Times are converted to scenario seconds with the run's :class:`~replay.timeline.Timebase`.
+Times are converted to scenario seconds with the run's :class:`~grid_sim.timeline.Timebase`.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from grid_protocol.messages import (
 )
 from grid_protocol.reasons import Reason
 from grid_protocol.topics import TopicKind, Topics
+from grid_sim.scenario import EvSpec, Scenario
+from grid_sim.timeline import Timebase, capacity_at, capacity_steps
 from replay.metrics import Answer, EvRecord, SubstationTrace, Trace
-from replay.scenario import EvSpec, Scenario
-from replay.timeline import Timebase, capacity_at, capacity_steps
 
 __all__ = ["TERMINAL", "LiveData", "Recorded", "build_evs", "build_trace", "convert"]
 

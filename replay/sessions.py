@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from replay.scenario import Scenario
+from grid_sim.scenario import Scenario
 
 __all__ = [
     "COLUMNS",
@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 COLUMNS = ("session_id", "station_id", "arrival_min", "departure_min", "requested_kwh", "max_kw")
-#: The scenario format's bounds for one EV (``replay.scenario.ExplicitEv``).
+#: The scenario format's bounds for one EV (``grid_sim.scenario.ExplicitEv``).
 MAX_KW = 1000.0
 MAX_ENERGY_KWH = 10_000.0
 #: Bad rows named in the error before it says "and N more".

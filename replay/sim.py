@@ -7,9 +7,9 @@ agent, EVs are plain records, and messages that would cross the broker are hande
   (the charger stops at once: the car is unplugged, whatever the balancer does);
 * ``ToSubstation`` commands reach the sims after ``command_delay_s`` (default 0), in order; a
   ``started`` session and every ended one become ``SessionEvent``\\ s for the balancer;
-* leases, as the MQTT adapter and agent do them: every command carries ``valid_until = now + lease_s``,
-  substations with sessions get an empty renewal every ``lease_s / 3``, and a sim whose lease has lapsed
-  at a telemetry instant pauses its sessions (0 kW) until the next command arrives;
+* leases, with the MQTT adapter's and the agent's own code (``grid_protocol.lease``): every command carries
+  ``valid_until = now + lease_s``, substations with sessions get an empty renewal every ``lease_s / 3``, and a
+  sim whose lease has lapsed at a telemetry instant pauses its sessions (0 kW) until the next command arrives;
 * every ``telemetry.interval_s`` each online sim is measured; the balancer gets it ``lag_s`` later;
 * offline: the sim's sessions stop, it stops reporting and the balancer gets status ``offline``;
 * capacity change: the sim's physical capacity changes at ``at``; telemetry reports a cut from
@@ -32,7 +32,6 @@ import dataclasses
 import heapq
 import itertools
 import math
-import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -44,6 +43,7 @@ import msgspec
 
 import balancer.core as core
 from balancer.core import Balancer, CoreConfig, Effect, ToEv, ToSubstation
+from grid_protocol.lease import LeaseIssuer
 from grid_protocol.messages import (
     Assignment,
     ChargeRequest,
@@ -53,19 +53,10 @@ from grid_protocol.messages import (
     SessionEvent,
 )
 from grid_protocol.reasons import Reason
+from grid_sim.scenario import BurstEvent, DailyBaseLoad, EvSpec, Scenario, SubstationSpec, generate_evs
+from grid_sim.substation import SessionEnd, SubstationSim
+from grid_sim.timeline import daily_curve, grid_actions, points_curve
 from replay.metrics import Answer, EvRecord, Metrics, SubstationTrace, Trace, compute_metrics
-from replay.scenario import (
-    BurstEvent,
-    DailyBaseLoad,
-    EvSpec,
-    PointsBaseLoad,
-    Scenario,
-    SubstationSpec,
-    generate_evs,
-)
-from replay.timeline import grid_actions
-from substation_agents.load_curve import BaseLoad, LoadCurveParams, make_base_load
-from substation_agents.simulation import SessionEnd, SubstationSim
 
 __all__ = ["DEFAULT_POLICY", "EPOCH_MIDNIGHT", "RunResult", "available_policies", "make_balancer", "run"]
 
@@ -128,31 +119,6 @@ class RunResult:
     wall_seconds: float
 
 
-def _daily(spec: SubstationSpec, load: DailyBaseLoad, seed: int) -> Callable[[float], float]:
-    if load.residential_share is None and load.noise_pct == 3.0 and load.noise_tau_s == 900.0:
-        return make_base_load(spec.id, spec.capacity_kw, load.peak_pct, seed)  # exactly what the agents run
-    rng = random.Random(f"{seed}:{spec.id}")
-    share = rng.uniform(0.55, 0.85) if load.residential_share is None else load.residential_share
-    return BaseLoad(LoadCurveParams(peak_kw=spec.capacity_kw * load.peak_pct / 100.0, residential_share=share,
-                                    noise_pct=load.noise_pct, noise_tau_s=load.noise_tau_s), rng)
-
-
-def _points(load: PointsBaseLoad) -> Callable[[float], float]:
-    times = [t for t, _ in load.points]
-    kws = [kw for _, kw in load.points]
-
-    def at(t: float) -> float:
-        if t <= times[0]:
-            return kws[0]
-        for i in range(1, len(times)):
-            if t <= times[i]:
-                f = (t - times[i - 1]) / (times[i] - times[i - 1])
-                return kws[i - 1] + f * (kws[i] - kws[i - 1])
-        return kws[-1]
-
-    return at
-
-
 class _Run:
     def __init__(self, scenario: Scenario, policy: str, seed: int, command_delay_s: float,
                  lease_s: float = LEASE_S, core: Mapping[str, Any] | None = None) -> None:
@@ -170,8 +136,7 @@ class _Run:
         self.physical = {s.id: s.capacity_kw for s in scenario.substations}
         self.announced = dict(self.physical)
         self.seq = dict.fromkeys(self.sims, 0)
-        self.lease_sent: dict[str, float] = {}  # balancer side: when each substation's lease was last renewed
-        self.lease_until: dict[str, float | None] = dict.fromkeys(self.sims)  # agent side
+        self.leases = LeaseIssuer(lease_s)  # the balancer's end; each sim holds the agent's
         self.t = 0.0
         self._pending: list[tuple[float, int, Callable[[], None]]] = []  # delayed deliveries (heap)
         self._order = itertools.count()
@@ -195,10 +160,10 @@ class _Run:
         """Base load as a function of the sim's (epoch) clock."""
         load = spec.base_load
         if isinstance(load, DailyBaseLoad):
-            curve = _daily(spec, load, self.seed)
+            curve = daily_curve(spec, load, self.seed)
             offset = self.sc.start_hour * 3600.0 - self.epoch0  # epoch -> seconds since midnight of day 0
             return lambda now: curve(now + offset)
-        points = _points(load)
+        points = points_curve(load)
         return lambda now: points(now - self.epoch0)
 
     # ------------------------------------------------------------------ plumbing
@@ -224,17 +189,14 @@ class _Run:
     def _effect(self, effect: Effect) -> None:
         if isinstance(effect, ToEv):
             self._answer(effect.ev_id, effect.message)
-        elif isinstance(effect, ToSubstation):
-            message: SessionCommand | SessionCommands = effect.message
-            batch = message if isinstance(message, SessionCommands) else SessionCommands(
-                ts=self.now, commands=[message], valid_until=self.now + self.lease_s)
-            self._send(effect.substation_id, batch)
+        elif isinstance(effect, ToSubstation):  # one batch per command: no read pass gathers them here
+            for batch in self.leases.batches(effect.substation_id, [effect.message], self.now):
+                self._send(effect.substation_id, batch)
         else:
             self.anomalies[f"unknown_effect:{type(effect).__name__}"] += 1
 
     def _send(self, sub_id: str, batch: SessionCommands) -> None:
         """Balancer -> agent, after the command delay."""
-        self.lease_sent[sub_id] = self.t
         if self.delay > 0:
             self._later(self.delay, lambda: self._command(sub_id, batch))
         else:
@@ -242,9 +204,9 @@ class _Run:
 
     def _renew_leases(self) -> None:
         """What the adapter does on its tick: an empty batch for each substation with sessions not renewed lately."""
-        for sub_id, sub in self.balancer.substations.items():
-            if sub.sessions and self.t - self.lease_sent.get(sub_id, -math.inf) >= self.lease_s / 3:
-                self._send(sub_id, SessionCommands(ts=self.now, commands=[], valid_until=self.now + self.lease_s))
+        with_sessions = [sub_id for sub_id, sub in self.balancer.substations.items() if sub.sessions]
+        for sub_id, batch in self.leases.renewals(with_sessions, self.now):
+            self._send(sub_id, batch)
 
     # ------------------------------------------------------------------ substation side
     def _command(self, sub_id: str, batch: SessionCommands) -> None:
@@ -255,20 +217,16 @@ class _Run:
         if not self.online[sub_id]:
             self.notes["commands_lost_offline"] += len(batch.commands)  # the agent is cut off
             return
-        if batch.valid_until is not None:
-            self.lease_until[sub_id] = batch.valid_until
-            if sim.paused:
-                sim.paused = False
-                self.notes["lease_resumed"] += 1
+        if sim.lease.on_batch(batch):
+            self.notes["lease_resumed"] += 1
         for command in batch.commands:
             self._apply(sim, command)
 
     def _check_lease(self, sub_id: str) -> None:
         """The agent's check at each measurement: no renewal in time, so its sessions draw nothing."""
         sim = self.sims[sub_id]
-        until = self.lease_until[sub_id]
-        if until is not None and not sim.paused and sim.sessions and self.now > until:
-            sim.paused = True
+        if sim.lease.must_pause(self.now, has_sessions=bool(sim.sessions)):
+            sim.lease.pause()
             self.notes["lease_lapsed"] += 1
 
     def _apply(self, sim: SubstationSim, command: SessionCommand) -> None:
@@ -358,7 +316,7 @@ class _Run:
     # ------------------------------------------------------------------ scenario events
     def _schedule(self) -> list[tuple[float, int, Callable[[], None], str | None]]:
         """Scenario events as (time, order, action, plot label), in time order."""
-        # The same timing the live agents apply (replay.timeline), so sim and live mean the same scenario.
+        # The same timing the live agents apply (grid_sim.timeline), so sim and live mean the same scenario.
         out: list[tuple[float, int, Callable[[], None], str | None]] = []
         for i, action in enumerate(grid_actions(self.sc)):
             if action.kind == "offline":
@@ -378,7 +336,7 @@ class _Run:
 
     def _offline(self, sub_id: str) -> None:
         self.online[sub_id] = False
-        self.lease_until[sub_id] = None  # it starts clean when it comes back
+        self.sims[sub_id].lease.drop()  # it starts clean when it comes back
         for end in self.sims[sub_id].stop_all(Reason.SUBSTATION_OFFLINE, self.now):
             self._ended(sub_id, end, report=False)  # the agent is cut off: nobody hears these
         self._to_balancer(lambda: self.balancer.on_status(sub_id, "offline", self.now))

@@ -1,5 +1,5 @@
-"""Simulated substations: base load over a simulated day, EV sessions started by the balancer, MQTT agents.
+"""MQTT agents of simulated substations: each plays a :class:`grid_sim.substation.SubstationSim` on the broker.
 
-``load_curve`` and ``simulation`` are pure domain code (simulated time passed in); ``agent`` is the MQTT
-edge; ``python -m substation_agents`` runs one agent per configured substation in one process.
+``agent`` is the MQTT edge of one substation; ``scenario_agents`` plays a replay scenario's substations;
+``python -m substation_agents`` runs one agent per configured substation in one process.
 """

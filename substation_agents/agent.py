@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from broker.accounts import substation_username
 from grid_protocol.codec import PayloadError, decode, encode
 from grid_protocol.messages import (
+    DEFAULT_REGION,
     MAX_COMMAND_PAYLOAD_BYTES,
     BalancerStatus,
     ErrorReport,
@@ -54,9 +55,9 @@ from grid_protocol.topics import CHANNELS, TopicKind, Topics
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import AiomqttTransport, InMessage, Transport, Will
 from grid_runtime.settings import MqttSettings
-from substation_agents.load_curve import make_base_load
+from grid_sim.load_curve import make_base_load
+from grid_sim.substation import SessionEnd, SubstationSim
 from substation_agents.settings import AgentSettings, SubstationSpec
-from substation_agents.simulation import SessionEnd, SubstationSim
 
 __all__ = [
     "AgentStats",
@@ -140,8 +141,8 @@ def agent_mqtt_settings(mqtt: MqttSettings, substation_id: str) -> MqttSettings:
     return mqtt.model_copy(update={"username": substation_username(substation_id), "session_expiry_s": 0})
 
 
-def offline_will(topics: Topics, substation_id: str) -> Will:
-    payload = encode(SubstationStatus(state="offline", substation_id=substation_id))
+def offline_will(topics: Topics, substation_id: str, region: str = DEFAULT_REGION) -> Will:
+    payload = encode(SubstationStatus(state="offline", substation_id=substation_id, region=region))
     return Will(topics.substation_status(substation_id), payload, qos=_QOS_STATUS, retain=True)
 
 
@@ -149,8 +150,10 @@ class SubstationAgent:
     """Connects a :class:`SubstationSim` to the broker through a :class:`Transport`."""
 
     def __init__(self, sim: SubstationSim, transport: Transport, topics: Topics, clock: SimClock, *,
-                 interval_s: float, tick_offset_s: float = 0.0, wall: Callable[[], float] = time.time) -> None:
+                 interval_s: float, tick_offset_s: float = 0.0, wall: Callable[[], float] = time.time,
+                 region: str = DEFAULT_REGION) -> None:
         self.sim = sim
+        self.region = region
         self.transport = transport
         self.topics = topics
         self.clock = clock
@@ -160,7 +163,6 @@ class SubstationAgent:
         self.id = sim.substation_id
         self.stats = AgentStats()
         self.seq = 0
-        self.lease_until: float | None = None  # from the balancer's command batches (valid_until)
         self._online_sent = False  # the online status of the current connection has been published
         self._last_sim = sim.now_sim
         self._command_topic = topics.command(self.id)
@@ -179,7 +181,8 @@ class SubstationAgent:
     def _publish_status(self, state: str, announced_for: str | None = None) -> None:
         status = SubstationStatus(state="online" if state == "online" else "offline", substation_id=self.id,
                                   ts=self._wall(), capacity_kw=self.sim.capacity_kw, announced_for=announced_for,
-                                  sessions=len(self.sim.sessions) if state == "online" else None)
+                                  sessions=len(self.sim.sessions) if state == "online" else None,
+                                  region=self.region)
         self.transport.publish(self._status_topic, encode(status), qos=_QOS_STATUS, retain=True)
         if state == "online":
             self._online_sent = True
@@ -208,13 +211,13 @@ class SubstationAgent:
     def check_lease(self) -> None:
         """The balancer's lease lapsed without renewal (it died, or we lost it): draw nothing. A dead balancer
         must not leave the grid committed to power nobody is watching. The next batch resumes the sessions."""
-        if (self.lease_until is not None and not self.sim.paused and self.sim.sessions
-                and self._wall() > self.lease_until):
-            self.advance()
-            self.sim.paused = True
+        lease = self.sim.lease
+        if lease.must_pause(self._wall(), has_sessions=bool(self.sim.sessions)):
+            self.advance()  # energy up to the lapse
+            lease.pause()
             self.stats.lease_lapses += 1
             log.warning("lease_lapsed_pausing", substation_id=self.id, sessions=len(self.sim.sessions),
-                        lease_until=self.lease_until)
+                        lease_until=lease.until)
 
     def advance(self) -> None:
         """Step the simulation up to the clock's now and announce the sessions that finished."""
@@ -233,7 +236,7 @@ class SubstationAgent:
         self._online_sent = False
         if self.stats.connects > 1:
             log.info("reconnected_keeping_sessions", substation_id=self.id, sessions=len(self.sim.sessions),
-                     paused=self.sim.paused, lease_until=self.lease_until)
+                     paused=self.sim.paused, lease_until=self.sim.lease.until)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -279,11 +282,8 @@ class SubstationAgent:
             self._bad_command(exc.reason, exc.detail)
             return
         self.advance()  # account energy up to the commands before they change anything
-        if batch.valid_until is not None:
-            self.lease_until = batch.valid_until
-            if self.sim.paused:
-                self.sim.paused = False
-                log.warning("lease_renewed_resuming", substation_id=self.id, sessions=len(self.sim.sessions))
+        if self.sim.lease.on_batch(batch):
+            log.warning("lease_renewed_resuming", substation_id=self.id, sessions=len(self.sim.sessions))
         for command in batch.commands:
             self._apply(command)
 
@@ -397,14 +397,15 @@ def build_agent(spec: SubstationSpec, settings: AgentSettings, clock: SimClock, 
     """An agent for ``spec`` with its own aiomqtt connection, last will and seeded base load."""
     topics = Topics(settings.grid.grid_topic_prefix)
     mqtt = agent_mqtt_settings(settings.mqtt, spec.substation_id)
-    transport = AiomqttTransport(mqtt, client_id=mqtt.username, will=offline_will(topics, spec.substation_id),
+    transport = AiomqttTransport(mqtt, client_id=mqtt.username, will=offline_will(topics, spec.substation_id,
+                                                                                      settings.substation_region),
                                  clean_start=True)
     now = clock.now()
     base = make_base_load(spec.substation_id, spec.capacity_kw, settings.substation_base_load_pct,
                           settings.substation_seed)
     sim = SubstationSim(spec.substation_id, spec.capacity_kw, base, now_sim=now)
     return SubstationAgent(sim, transport, topics, clock, interval_s=settings.substation_interval_s,
-                           tick_offset_s=tick_offset_s)
+                           tick_offset_s=tick_offset_s, region=settings.substation_region)
 
 
 async def run_agents(settings: AgentSettings, stop: asyncio.Event, *,

@@ -16,11 +16,11 @@ from grid_runtime.lifecycle import run_until_signalled
 from grid_runtime.logs import get_logger
 from grid_runtime.metrics import serve_metrics, stop_metrics
 from grid_runtime.settings import load_settings
-from replay.scenario import Scenario, ScenarioError, load_scenario
+from grid_sim.scenario import Scenario, ScenarioError, load_scenario
 from substation_agents import settings as settings_module
 from substation_agents.agent import SubstationAgent, run_agents
 from substation_agents.metrics import register_agent_metrics
-from substation_agents.scenario import run_scenario_agents
+from substation_agents.scenario_agents import run_scenario_agents
 from substation_agents.settings import AgentSettings
 
 log = get_logger("substation_agents")

@@ -10,9 +10,10 @@ Variable                        Meaning                                         
 ``SIM_START_HOUR``              simulated time of day at start (0-24)                      ``17``
 ``SUBSTATION_BASE_LOAD_PCT``    daily peak of the base load, % of capacity                 ``55``
 ``SUBSTATION_SEED``             seed of the base-load noise                                ``1``
+``SUBSTATION_REGION``           the grid region these agents report (status, last will)    ``default``
 ``SUBSTATION_SCENARIO``         a replay scenario (file or shipped name): its substations  unset
                                 and events instead of ``SUBSTATIONS`` and the daily
-                                curve (see ``substation_agents/scenario.py``)
+                                curve (see ``substation_agents/scenario_agents.py``)
 ``SUBSTATION_SCENARIO_START``   epoch seconds of the scenario's time 0                     process start
 ``MQTT_*``, ``LOG_*``, ...      :class:`~grid_runtime.settings.MqttSettings`,              see there
                                 :class:`~grid_runtime.settings.GridSettings`
@@ -36,6 +37,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from grid_protocol.ids import is_valid_id
+from grid_protocol.messages import DEFAULT_REGION
 from grid_runtime.settings import GridSettings, MqttSettings
 
 __all__ = ["DEFAULT_SUBSTATIONS", "AgentSettings", "SubstationSpec", "parse_substations"]
@@ -90,12 +92,21 @@ class AgentSettings(BaseSettings):
     sim_start_hour: float = Field(17.0, ge=0, lt=24)
     substation_base_load_pct: float = Field(55.0, ge=0, le=200)
     substation_seed: int = 1
+    #: The grid region every agent of this process reports in its status (and its last will).
+    substation_region: str = DEFAULT_REGION
     #: A replay scenario (path or shipped name): run its substations and play its events (see scenario.py).
     substation_scenario: str | None = None
     #: Epoch seconds at which the scenario's time 0 happens (default: when the process starts).
     substation_scenario_start: float | None = Field(None, ge=0)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     grid: GridSettings = Field(default_factory=GridSettings)
+
+    @field_validator("substation_region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        if not is_valid_id(value):
+            raise ValueError(f"{value!r}: a region must match ^[A-Za-z0-9_-]{{1,64}}$")
+        return value
 
     @field_validator("substations", mode="before")
     @classmethod

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 from fastapi import Path
 
 from api.problems import PROBLEM_MEDIA_TYPE
-from api.schemas import ID_PATTERN, ProblemDetails
+from api.schemas import ProblemDetails
+from grid_protocol.ids import ID_PATTERN
 
 _DESCRIPTIONS = {
     400: "Bad request", 401: "Missing or wrong bearer token (reads: only while API_PUBLIC_READS is off)",

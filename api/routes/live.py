@@ -30,11 +30,14 @@ async def index() -> FileResponse:
 
 
 @router.get(
-    "/events", summary="Live feed (Server-Sent Events): a `snapshot` event with the /status document now and "
-                       "whenever it changes (at most every API_SSE_INTERVAL_S)",
+    "/events", summary="Live feed (Server-Sent Events): a `snapshot` event (GET /status?compact=true&order=worst "
+                       "with `seq`), then `diff` events with what changed (at most every API_SSE_INTERVAL_S)",
     response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                     "description": "event: snapshot / data: {...same shape as GET /status...}"},
+                     "description": "event: snapshot / data: {seq, ts, fields, substations: [[...]], totals, ...}; "
+                                    "then event: diff / data: {seq: previous + 1, ts, upsert?: [[...]], "
+                                    "remove?: [id], and each other part only when it changed}. A diff whose seq "
+                                    "is not the previous + 1 means: reconnect (docs/api.md)"},
                **problems(401, 403, 503)},
     dependencies=[Depends(require_grid_reader)],
 )
@@ -63,7 +66,7 @@ async def events(request: Request, ctx: Ctx,
                     continue
                 if item is None:
                     return
-                yield {"event": "snapshot", "data": item}
+                yield {"event": item[0], "data": item[1]}
         finally:
             hub.remove_client(queue)
 

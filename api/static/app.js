@@ -1,171 +1,31 @@
-// Live page: renders the /status snapshot the API pushes over Server-Sent Events (GET /events).
-// No build step, no dependencies. Falls back to polling /status where EventSource is missing.
-// With API_PUBLIC_READS off, reads need a bearer token: the page asks for one, keeps it in sessionStorage and
-// reads the feed with fetch() (EventSource cannot send an Authorization header).
-// Per substation: a 15-minute trend (load, EV load, limit: GET /trends once, then a point per snapshot at most every
-// step_s), and, for an operator, drain/undrain and the capacity limit. An event log; probe noise hidden unless asked.
-"use strict";
+// Live page: the grid from the live feed (GET /events: a snapshot, then diffs; api/live.py), for one substation or
+// a thousand. No build step, no dependencies: ES modules. Falls back to polling /status where EventSource is
+// missing. With API_PUBLIC_READS off, reads need a bearer token: the page asks for one, keeps it in sessionStorage
+// and reads the feed with fetch() (EventSource cannot send an Authorization header).
+//
+// Modules: grid.js holds the grid (snapshot + diffs, worst-first order, the filter, regions), heatmap.js draws the
+// overview (a cell per substation), details.js the detailed rows of what is selected (parts: bar, numbers, trend,
+// operator actions; another module may register one more), trends.js the 15-minute trends. Here: the feed, the
+// filter and selection, totals, queue, latest answers, the event log, sign-in and operator actions.
 
-const $ = (id) => document.getElementById(id);
-const fmt = (v, digits = 1) => (v === null || v === undefined || Number.isNaN(v)) ? "–" : Number(v).toFixed(digits);
-const pct = (v) => (v === null || v === undefined) ? "–" : Math.round(v * 100).toString();
-const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
-const clock = (ts) => ts ? new Date(ts * 1000).toLocaleTimeString([], { hour12: false }) : "–";
-const ago = (s) => {
-  if (s === null || s === undefined) return "–";
-  s = Math.round(s);  // round once, then split: 7199.5 s is "2 h 0 min", never "1 h 60 min"
-  if (s < 60) return `${s} s`;
-  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
-  const m = Math.round(s / 60);
-  return `${Math.floor(m / 60)} h ${m % 60} min`;
-};
+import { $, ago, clock, esc, fmt, pct } from "./format.js";
+import { GridModel } from "./grid.js";
+import { dropCells, renderHeatmap } from "./heatmap.js";
+import { renderDetails } from "./details.js";
+import { appendTrends, loadTrends } from "./trends.js";
+
+/** Substations shown in detail when none is selected: the worst that match the filter. */
+const DETAIL_ROWS = 12;
+const model = new GridModel();
+const selected = new Set();
+const filter = { text: "", condition: "", region: "" };
 
 function setBadge(el, cls, text) {
   el.className = `badge ${cls}`;
   el.textContent = text;
 }
 
-// ------------------------------------------------------------------------------------------- trends
-const TREND_W = 240, TREND_H = 46;
-const trend = { step: 10, window: 900, series: new Map() };  // sid -> {t, load, ev, lim}
-
-function trendOf(sid) {
-  let tr = trend.series.get(sid);
-  if (!tr) { tr = { t: [], load: [], ev: [], lim: [] }; trend.series.set(sid, tr); }
-  return tr;
-}
-
-async function loadTrends() {
-  try {
-    const resp = await fetch("/trends", { headers: authHeaders(), cache: "no-store" });
-    if (!resp.ok) return;
-    const body = await resp.json();
-    trend.step = body.step_s;
-    trend.window = body.window_s;
-    for (const [sid, s] of Object.entries(body.substations)) {
-      trend.series.set(sid, { t: s.t.slice(), load: s.load_kw.slice(), ev: s.ev_load_kw.slice(), lim: s.limit_kw.slice() });
-    }
-  } catch (err) {
-    console.warn("trends unavailable", err);
-  }
-}
-
-function appendTrends(snap) {
-  const live = new Set();
-  for (const s of snap.substations) {
-    live.add(s.substation_id);
-    const tr = trendOf(s.substation_id);
-    const last = tr.t.length ? tr.t[tr.t.length - 1] : -Infinity;
-    if (snap.ts - last >= trend.step && s.online && !s.stale) {
-      const load = s.load_kw ?? null;
-      tr.t.push(snap.ts); tr.load.push(load);
-      tr.ev.push(load !== null && s.base_load_kw !== null && s.base_load_kw !== undefined ? Math.max(0, load - s.base_load_kw) : null);
-      tr.lim.push(s.limit_kw ?? null);
-    }
-    while (tr.t.length && snap.ts - tr.t[0] > trend.window) { tr.t.shift(); tr.load.shift(); tr.ev.shift(); tr.lim.shift(); }
-  }
-  for (const sid of [...trend.series.keys()]) if (!live.has(sid)) trend.series.delete(sid);
-}
-
-function drawTrend(row, s, now) {
-  const tr = trend.series.get(s.substation_id);
-  const svg = row.querySelector(".trend");
-  const values = tr ? [...tr.load, ...tr.lim].filter((v) => v !== null) : [];
-  const top = Math.max(s.capacity_kw || 0, ...values, 1) * 1.05;
-  const x = (t) => (((t - (now - trend.window)) / trend.window) * TREND_W).toFixed(1);
-  const y = (v) => (TREND_H - 1 - (v / top) * (TREND_H - 2)).toFixed(1);
-  for (const key of ["load", "ev", "lim"]) {
-    const pts = tr ? tr.t.map((t, i) => tr[key][i] === null ? null : `${x(t)},${y(tr[key][i])}`).filter(Boolean) : [];
-    svg.querySelector(`polyline.${key}`).setAttribute("points", pts.join(" "));
-  }
-  svg.dataset.points = tr ? String(tr.t.length) : "0";
-  svg.setAttribute("aria-label", `${s.substation_id}: last ${Math.round(trend.window / 60)} minutes, ${tr ? tr.t.length : 0} samples`);
-}
-
-// ------------------------------------------------------------------------------------------- substations
-function subRow(s, now) {
-  let row = document.querySelector(`.sub[data-substation="${CSS.escape(s.substation_id)}"]`);
-  if (!row) {
-    row = document.createElement("div");
-    row.className = "sub";
-    row.dataset.substation = s.substation_id;
-    row.innerHTML = `
-      <div class="name"><span class="sid"></span><span class="chip"></span></div>
-      <div class="track" role="img">
-        <div class="seg base"></div><div class="seg ev"></div><div class="seg reserved"></div>
-        <div class="mark lim" title="limit"></div><div class="mark cap" title="capacity"></div>
-        <span class="pct"></span>
-      </div>
-      <div class="nums"></div>
-      <svg class="trend" viewBox="0 0 ${TREND_W} ${TREND_H}" preserveAspectRatio="none" role="img">
-        <polyline class="lim"></polyline><polyline class="load"></polyline><polyline class="ev"></polyline>
-      </svg>
-      <div class="ops">
-        <button type="button" class="drain" data-action="drain"></button>
-        <label>operator limit <input type="number" class="cap-input" min="1" step="1" placeholder="kW"></label>
-        <button type="button" data-action="set-capacity">set limit</button>
-        <button type="button" data-action="clear-capacity">remove limit</button>
-      </div>`;
-    row.querySelector(".sid").textContent = s.substation_id;
-    row.querySelector(".track").id = `bar-${s.substation_id}`;
-  }
-  const cap = s.capacity_kw || 0;
-  const load = s.load_kw ?? 0;
-  const base = Math.min(s.base_load_kw ?? load, load);
-  const reserved = s.reserved_kw ?? 0;
-  const scale = Math.max(cap * 1.15, load + reserved, 1);
-  const at = (kw) => `${Math.max(0, Math.min(100, (kw / scale) * 100)).toFixed(2)}%`;
-  const seg = (cls, from, to) => {
-    const el = row.querySelector(`.seg.${cls}`);
-    el.style.left = at(from);
-    el.style.width = at(Math.max(0, to - from));
-  };
-  seg("base", 0, base);
-  seg("ev", base, load);
-  seg("reserved", load, load + reserved);
-  const capMark = row.querySelector(".mark.cap");
-  capMark.style.left = at(cap);
-  capMark.style.display = cap ? "" : "none";
-  const limMark = row.querySelector(".mark.lim");
-  limMark.style.left = at(s.limit_kw ?? 0);
-  limMark.style.display = s.limit_kw ? "" : "none";
-
-  row.className = `sub ${s.condition}`;
-  const chip = row.querySelector(".name .chip");
-  chip.className = `chip ${s.condition}`;
-  chip.textContent = s.condition;
-  const track = row.querySelector(".track");
-  track.dataset.loadKw = fmt(load);
-  track.dataset.capacityKw = fmt(cap);
-  track.setAttribute("aria-label", `${s.substation_id}: ${fmt(load)} of ${fmt(cap)} kW`);
-  row.querySelector(".pct").textContent = `${pct(s.utilisation)} %`;
-  const limited = s.capacity_limit_kw !== null && s.capacity_limit_kw !== undefined
-    ? ` · operator limit <b class="op-limit">${fmt(s.capacity_limit_kw)}</b>` : "";
-  row.querySelector(".nums").innerHTML =
-    `<span class="load" id="load-${esc(s.substation_id)}"><b>${fmt(load)}</b> / <b>${fmt(cap)}</b> kW</span>` +
-    ` · headroom <b>${fmt(s.headroom_kw)}</b> kW<br>` +
-    `EV <b>${fmt(s.granted_kw)}</b> kW in <b>${s.sessions_total}</b> session${s.sessions_total === 1 ? "" : "s"}` +
-    limited + ` · telemetry ${ago(s.telemetry_age_s)} ago`;
-  const drain = row.querySelector("button.drain");
-  drain.dataset.action = s.draining ? "undrain" : "drain";
-  drain.textContent = s.draining ? "undrain" : "drain";
-  drawTrend(row, s, now);
-  return row;
-}
-
-function renderSubstations(subs, now) {
-  const box = $("substations");
-  if (!subs.length) {
-    box.innerHTML = '<p class="empty">Waiting for substation data…</p>';
-    return;
-  }
-  box.querySelector(".empty")?.remove();
-  const rows = subs.map((s) => subRow(s, now));
-  const keep = new Set(rows);
-  for (const child of [...box.children]) if (!keep.has(child)) child.remove();
-  rows.forEach((row, i) => { if (box.children[i] !== row) box.insertBefore(row, box.children[i] || null); });
-}
-
+// ------------------------------------------------------------------------------------------- rendering
 function renderQueue(q, now) {
   $("queue-len").textContent = q.known ? `${q.length} waiting${q.truncated ? ` (first ${q.entries.length} shown)` : ""}` : "(no data yet)";
   const body = $("queue");
@@ -216,24 +76,106 @@ function renderTotals(t, decommissioned) {
   $("t-offline-card").classList.toggle("none", !t.offline);
   const gone = $("decommissioned");
   gone.hidden = !decommissioned.length;
-  gone.textContent = decommissioned.length ? "Decommissioned (in no total): " + decommissioned.map(
-    (d) => `${d.substation_id}${d.capacity_kw ? ` (${fmt(d.capacity_kw, 0)} kW)` : ""} at ${clock(d.at)}`).join(", ") : "";
+  gone.textContent = decommissioned.length ? `${decommissioned.length} decommissioned recently (not shown, in no total)` : "";
+  gone.title = decommissioned.map((d) => `${d.substation_id}${d.capacity_kw ? ` (${fmt(d.capacity_kw, 0)} kW)` : ""} at ${clock(d.at)}`).join(", ");
 }
 
-function render(snap) {
-  renderTotals(snap.totals, snap.decommissioned || []);
-  const b = snap.balancer;
-  setBadge($("balancer-badge"), b.state, `balancer: ${b.state}${b.version ? ` ${b.version}` : ""}`);
-  if (!snap.mqtt_connected) setBadge($("feed-badge"), "offline", "feed: API lost the broker");
+function renderRegions() {
+  const select = $("f-region");
+  const regions = model.regions();
+  const have = [...select.options].slice(1).map((o) => o.value);
+  if (have.join("\n") === regions.join("\n")) return;
+  const current = select.value;
+  select.innerHTML = '<option value="">every region</option>' + regions.map((r) => `<option value="${esc(r)}">${esc(r)}</option>`).join("");
+  select.value = regions.includes(current) ? current : "";
+  $("region-count").textContent = `${regions.length} region${regions.length === 1 ? "" : "s"}`;
+}
+
+/** The substations shown in detail: the selected ones, else the worst that match the filter. */
+function detailed(list) {
+  if (selected.size) return [...model.rows.values()].filter((s) => selected.has(s.substation_id))
+    .sort((a, b) => list.indexOf(a) - list.indexOf(b));
+  return list.slice(0, DETAIL_ROWS);
+}
+
+let pending = false;
+let renderMs = 0;
+
+function render() {
+  pending = false;
+  const t0 = performance.now();
+  const p = model.parts;
+  const now = model.ts;
+  if (p.totals) renderTotals(p.totals, p.decommissioned || []);
+  if (p.balancer) setBadge($("balancer-badge"), p.balancer.state, `balancer: ${p.balancer.state}${p.balancer.version ? ` ${p.balancer.version}` : ""}`);
+  if (p.mqtt_connected === false) setBadge($("feed-badge"), "offline", "feed: API lost the broker");
   else setBadge($("feed-badge"), "online", "feed: live");
-  $("updated").textContent = clock(snap.ts);
-  $("updated").dateTime = new Date(snap.ts * 1000).toISOString();
-  appendTrends(snap);
-  renderSubstations(snap.substations, snap.ts);
-  renderQueue(snap.queue, snap.ts);
-  renderAssignments(snap.latest_assignments);
-  renderEvents(snap.events || []);
+  $("updated").textContent = clock(now);
+  $("updated").dateTime = new Date(now * 1000).toISOString();
+  renderRegions();
+  const list = model.list(filter);
+  const box = $("heatmap");
+  $("shown-count").textContent = `${list.length} of ${model.rows.size} shown`;
+  for (const sid of model.changed) if (!model.rows.has(sid)) { dropCells([sid]); selected.delete(sid); }
+  model.changed.clear();
+  if (!model.rows.size) box.innerHTML = '<p class="empty">Waiting for substation data…</p>';
+  else { box.querySelector(".empty")?.remove(); renderHeatmap(box, list, selected); }
+  const shown = detailed(list);
+  $("details-what").textContent = selected.size ? `${selected.size} selected (click a cell to add or remove)`
+    : `the ${Math.min(DETAIL_ROWS, list.length)} worst that match (click cells to pick others)`;
+  $("clear-selection").hidden = !selected.size;
+  const fresh = shown.map((s) => s.substation_id);
+  loadTrends(fresh, authHeaders()).then((got) => { if (got) schedule(); });
+  appendTrends(shown, now);
+  renderDetails($("substations"), shown, { now, selected });
+  if (p.queue) renderQueue(p.queue, now);
+  if (p.latest_assignments) renderAssignments(p.latest_assignments);
+  renderEvents(p.events || []);
+  renderMs += performance.now() - t0;
+  if (model.rows.size && !document.body.dataset.firstRenderMs) {
+    document.body.dataset.firstRenderMs = performance.now().toFixed(0);  // (since navigation start)
+  }
   document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
+  document.body.dataset.seq = String(model.seq);
+  document.body.dataset.renderMs = renderMs.toFixed(1);
+}
+
+/** Render at most once per frame, however many events arrived. */
+function schedule() {
+  if (pending) return;
+  pending = true;
+  requestAnimationFrame(render);
+}
+
+function onSnapshot(body) {
+  model.applySnapshot(body);
+  schedule();
+}
+
+/** An event of the feed, as text: counted (the benchmark reads body.dataset), parsed and applied. */
+function received(kind, text) {
+  const data = document.body.dataset;
+  data.events = String(Number(data.events || 0) + 1);
+  data.feedChars = String(Number(data.feedChars || 0) + text.length);
+  if (kind === "snapshot") {
+    data.snapshots = String(Number(data.snapshots || 0) + 1);
+    data.snapshotChars = String(text.length);
+    onSnapshot(JSON.parse(text));
+  } else if (kind === "diff") onDiff(JSON.parse(text));
+}
+
+function onDiff(body) {
+  if (!model.applyDiff(body)) {  // out of sequence: start again from a snapshot
+    console.warn(`diff ${body.seq} does not follow ${model.seq}: reconnecting`);
+    openFeed();
+    return;
+  }
+  schedule();
+}
+
+/** /status in the feed's shape (polling, and the first picture before the feed connects). */
+function fromStatus(body) {
+  return { ...body, seq: null };
 }
 
 // ------------------------------------------------------------------------------------------- reading
@@ -253,10 +195,12 @@ function askForToken(message) {
   $("token").focus();
 }
 
+const STATUS_QUERY = "compact=true&order=worst";
+
 function poll() {
-  fetch(`/status${noise() ? "?noise=true" : ""}`, { headers: authHeaders() }).then((r) => {
+  fetch(`/status?${STATUS_QUERY}${noise() ? "&noise=true" : ""}`, { headers: authHeaders() }).then((r) => {
     if (r.status === 401 || r.status === 403) { askForToken("this token may not read the grid"); return null; }
-    return r.json().then(render);
+    return r.json().then((body) => onSnapshot(fromStatus(body)));
   }).catch(() => setBadge($("feed-badge"), "offline", "feed: API unreachable"))
     .finally(() => { if ($("login").hidden) setTimeout(poll, 2000); });
 }
@@ -268,7 +212,7 @@ function onEventBlock(block) {
     if (line.startsWith("event:")) name = line.slice(6).trim();
     else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
   }
-  if (name === "snapshot" && data.length) render(JSON.parse(data.join("\n")));
+  if (data.length) received(name, data.join("\n"));
 }
 
 // The feed with a token: fetch() streaming, parsed as Server-Sent Events; reconnects like EventSource does.
@@ -287,7 +231,7 @@ async function streamWithToken() {
       buffer = (buffer + value).replace(/\r\n/g, "\n");
       let cut;
       while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        try { onEventBlock(buffer.slice(0, cut)); } catch (err) { console.error("bad snapshot", err); }
+        try { onEventBlock(buffer.slice(0, cut)); } catch (err) { console.error("bad feed event", err); }
         buffer = buffer.slice(cut + 2);
       }
     }
@@ -308,17 +252,19 @@ function openFeed() {
   }
   if (!("EventSource" in window)) { poll(); return; }
   const source = new EventSource(feedPath());
-  source.addEventListener("snapshot", (ev) => {
-    try { render(JSON.parse(ev.data)); } catch (err) { console.error("bad snapshot", err); }
-  });
+  for (const kind of ["snapshot", "diff"]) {
+    source.addEventListener(kind, (ev) => {
+      try { received(kind, ev.data); } catch (err) { console.error(`bad ${kind}`, err); }
+    });
+  }
   source.onerror = () => setBadge($("feed-badge"), "offline", "feed: reconnecting…");
   feed = source;
 }
 
 async function connect() {
   let probe;
-  try {
-    probe = await fetch("/status", { headers: authHeaders(), cache: "no-store" });
+  try {  // (may this page read the grid? the feed's first event is the whole picture)
+    probe = await fetch(`/status?${STATUS_QUERY}&limit=1`, { headers: authHeaders(), cache: "no-store" });
   } catch (err) {
     setBadge($("feed-badge"), "offline", "feed: API unreachable");
     setTimeout(connect, 2000);
@@ -329,8 +275,6 @@ async function connect() {
     return;
   }
   $("login").hidden = true;
-  await loadTrends();
-  if (probe.ok) render(await probe.json());
   checkOperator();
   openFeed();
 }
@@ -430,6 +374,25 @@ document.addEventListener("DOMContentLoaded", () => {
     checkOperator();
   });
   $("substations").addEventListener("click", onSubstationClick);
+  $("heatmap").addEventListener("click", (ev) => {
+    const cell = ev.target.closest(".cell[data-substation]");
+    if (!cell) return;
+    const sid = cell.dataset.substation;
+    if (selected.has(sid)) selected.delete(sid); else selected.add(sid);
+    schedule();
+  });
+  $("filters").addEventListener("submit", (ev) => ev.preventDefault());
+  $("clear-selection").addEventListener("click", () => { selected.clear(); schedule(); });
+  const onFilter = () => {
+    filter.text = $("f-text").value;
+    filter.condition = $("f-condition").value;
+    filter.region = $("f-region").value;
+    schedule();
+  };
+  for (const id of ["f-text", "f-condition", "f-region"]) {
+    $(id).addEventListener("input", onFilter);
+    $(id).addEventListener("change", onFilter);
+  }
   $("show-noise").addEventListener("change", openFeed);
   connect();
 });

@@ -105,6 +105,7 @@ class Substation:
     requested_w: int = 0  # sum of its sessions' requests (kept incrementally, like granted_w)
     floors_w: int = 0  # sum of its sessions' minimums
     status: str | None = None  # "online" / "offline" from the retained status, None if never seen
+    region: str = "default"  # as the agent's latest status says
     last_telemetry_at: float | None = None  # balancer clock
     last_seq: int = -1
     lost: bool = False  # silent past lost_after_s: its sessions were revoked
@@ -121,6 +122,11 @@ class Substation:
     offline_since: float | None = None
     #: sessions the agent re-announced (``running``) since its last inventory closed (a status with announced_for)
     announced: set[str] = field(default_factory=set)
+    #: bumped when a session comes, goes or changes grant: the policy's shares may have moved
+    shares_version: int = 0
+    #: after the last full sharing pass: (shares_version, limit - uncontrolled load, when a held change comes due,
+    #: how far that power may move before a grant would change); see balancer.core.rebalancing
+    share_memo: tuple[int, int, float, float] | None = None
     #: base-load noise: the range (highest - lowest) of the uncontrolled load within one window (the hold time),
     #: held and decaying over time (None: no whole window measured yet); sizes the band kept free below the limit
     noise_w: float | None = None
@@ -161,6 +167,11 @@ class Substation:
 
     def limit_w(self, margin_pct: float) -> int:
         return math.floor(self.capacity_w * (1 - margin_pct / 100))
+
+    @staticmethod
+    def limit_for(capacity_w: int, margin_pct: float) -> int:
+        """``limit_w`` of a substation of this capacity."""
+        return math.floor(capacity_w * (1 - margin_pct / 100))
 
     def committed_w(self) -> int:
         return self.base_load_w + self.granted_w

@@ -1,18 +1,24 @@
-"""Bounded waiting queue ordered by priority (highest first), then arrival."""
+"""Bounded waiting queue ordered by priority (highest first), then arrival.
+
+Sorted containers (``sortedcontainers``): insert, remove, position and the n-th in line cost O(log n), so a
+long queue costs no more per request than a short one; the smallest ``min_w`` waiting is kept too, so serving
+the queue stops as soon as nothing waiting can fit.
+"""
 
 from __future__ import annotations
 
-import bisect
+from sortedcontainers import SortedList
 
 from balancer.core.model import PendingRequest
 
 
 class RequestQueue:
-    __slots__ = ("_by_ev", "_keys", "maxlen")
+    __slots__ = ("_by_ev", "_keys", "_min_ws", "maxlen")
 
     def __init__(self, maxlen: int) -> None:
         self.maxlen = maxlen
-        self._keys: list[tuple[int, int, str]] = []  # (-priority, arrival, ev_id), kept sorted
+        self._keys: SortedList = SortedList()  # (-priority, arrival, ev_id)
+        self._min_ws: SortedList = SortedList()  # every waiting request's min_w (a multiset)
         self._by_ev: dict[str, PendingRequest] = {}
 
     def __len__(self) -> int:
@@ -30,17 +36,23 @@ class RequestQueue:
         if not force and self.full():
             raise OverflowError("queue full")
         key = (*req.queue_key, req.ev_id)
-        idx = bisect.bisect_left(self._keys, key)
-        self._keys.insert(idx, key)
+        self._keys.add(key)
+        self._min_ws.add(req.min_w)
         self._by_ev[req.ev_id] = req
-        return idx + 1
+        return self._keys.bisect_left(key) + 1
 
     def head(self) -> PendingRequest | None:
         return self._by_ev[self._keys[0][2]] if self._keys else None
 
+    def at(self, index: int) -> PendingRequest:
+        """The request at 0-based ``index`` in line."""
+        return self._by_ev[self._keys[index][2]]
+
     def pop_head(self) -> PendingRequest:
         key = self._keys.pop(0)
-        return self._by_ev.pop(key[2])
+        req = self._by_ev.pop(key[2])
+        self._min_ws.remove(req.min_w)
+        return req
 
     def get(self, ev_id: str) -> PendingRequest | None:
         return self._by_ev.get(ev_id)
@@ -48,20 +60,23 @@ class RequestQueue:
     def remove(self, ev_id: str) -> PendingRequest | None:
         req = self._by_ev.pop(ev_id, None)
         if req is not None:
-            key = (*req.queue_key, ev_id)
-            idx = bisect.bisect_left(self._keys, key)
-            del self._keys[idx]
+            self._keys.remove((*req.queue_key, ev_id))
+            self._min_ws.remove(req.min_w)
         return req
 
     def position(self, ev_id: str) -> int | None:
         req = self._by_ev.get(ev_id)
         if req is None:
             return None
-        return bisect.bisect_left(self._keys, (*req.queue_key, ev_id)) + 1
+        return self._keys.bisect_left((*req.queue_key, ev_id)) + 1
+
+    def smallest_min_w(self) -> int | None:
+        """The least any waiting request can run with (None: nobody waits)."""
+        return self._min_ws[0] if self._min_ws else None
 
     def items(self) -> list[PendingRequest]:
         return [self._by_ev[k[2]] for k in self._keys]
 
     def first(self, n: int) -> list[PendingRequest]:
         """The first ``n`` in line (without copying the whole queue)."""
-        return [self._by_ev[k[2]] for k in self._keys[:n]]
+        return [self._by_ev[k[2]] for k in self._keys.islice(0, n)]

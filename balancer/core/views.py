@@ -6,7 +6,6 @@ Readers such as the API learn the whole grid from these retained messages, so a 
 
 from __future__ import annotations
 
-import heapq
 from itertools import islice
 
 from balancer.core.engine import Balancer
@@ -50,7 +49,7 @@ def substation_state(balancer: Balancer, sub: Substation, now: float) -> Substat
         headroom_kw=w_to_kw(sub.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s)),
         utilisation=round(min(1000.0, sub.used_w() / sub.capacity_w), 4) if sub.capacity_w > 0 else 0.0,
         telemetry_age_s=round(max(0.0, now - heard), 3) if heard is not None else None,
-        sessions_total=total, sessions=views, sessions_truncated=total > MAX_STATE_SESSIONS,
+        sessions_total=total, sessions=views, sessions_truncated=total > MAX_STATE_SESSIONS, region=sub.region,
     )
 
 
@@ -58,8 +57,8 @@ def queue_state(balancer: Balancer, now: float) -> QueueState:
     queue = balancer.queue
     length = len(queue)
     items = queue.first(MAX_STATE_QUEUE_ENTRIES)
-    # The k-th ETA needs only the k earliest ends (not a sort of every running session's end).
-    ends = heapq.nsmallest(len(items), balancer.session_ends()) if items else []
+    # The k-th ETA needs only the k earliest ends, kept in order as sessions change (balancer.core.ends).
+    ends = balancer.state.ends.first(len(items))
     entries = [
         QueueEntry(ev_id=req.ev_id, request_id=req.request_id, position=position,
                    requested_kw=w_to_kw(req.requested_w), min_kw=w_to_kw(req.min_w), priority=req.priority,

@@ -2,10 +2,10 @@
 
 Why this shape: the InfluxDB client's synchronous write API is simple and has no hidden queue, so every
 point's fate is ours to count. It runs in a worker thread (``asyncio.to_thread``) so the MQTT side keeps
-reading while a write waits on the network. A failed batch is retried with capped exponential back-off and
-held meanwhile (new points keep arriving in the bounded buffer); a batch the database refuses as invalid
-(HTTP 4xx other than 401/403/404/408/429) is dropped and counted, since sending it again cannot help;
-401/403/404 are configuration (token, org, bucket) and are retried until an operator fixes it.
+reading while a write waits on the network. A failed batch is retried with capped exponential back-off
+(``grid_runtime.backoff``) and held meanwhile (new points keep arriving in the bounded buffer); a batch the
+database refuses as invalid (HTTP 4xx other than 401/403/404/408/429) is dropped and counted, since sending it
+again cannot help; 401/403/404 are configuration (token, org, bucket) and are retried until an operator fixes it.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from grid_runtime.backoff import Backoff
 from grid_runtime.logs import get_logger
 from monitoring.recorder.buffer import PointBuffer
 from monitoring.recorder.metrics import RecorderStats
@@ -38,14 +39,6 @@ class WriterConfig:
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
     shutdown_timeout_s: float = 5.0
-
-
-def backoff_delays(min_s: float, max_s: float) -> Iterator[float]:
-    """``min_s, 2*min_s, 4*min_s, ...`` capped at ``max_s``, forever (a fresh iterator per failure streak)."""
-    delay = min_s
-    while True:
-        yield min(delay, max_s)
-        delay = min(delay * 2, max_s)
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -134,7 +127,7 @@ class Writer:
         write is bounded by the client's own timeout (``INFLUX_TIMEOUT_S``).
         """
         loop = asyncio.get_running_loop()
-        delays = backoff_delays(self.config.backoff_min_s, self.config.backoff_max_s)
+        delays = Backoff(self.config.backoff_min_s, self.config.backoff_max_s)  # a fresh streak per batch
         self.stats.in_flight = len(batch)
         try:
             while True:

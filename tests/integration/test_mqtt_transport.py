@@ -219,3 +219,33 @@ def test_paho_as_a_311_reader_gets_every_message_in_order_and_its_session_surviv
         assert got == [f"away {i}".encode() for i in range(5)]
 
     asyncio.run(scenario())
+
+
+def test_paho_counts_qos1_publishes_until_their_puback_and_close_waits_for_them(broker: LocalBroker) -> None:
+    """``unacked`` (what close() waits for) follows paho's own callbacks, not its private queue: a QoS 1 publish
+    counts until its PUBACK, one held across a broken link counts until it is acknowledged after the reconnect,
+    and QoS 0 never counts."""
+    with Probe(broker, "observer", TOPIC) as watch:
+        transport = PahoTransport(_settings(broker), clean_start=False)
+
+        async def body() -> None:
+            transport.publish(TOPIC, b"q0", qos=0)
+            transport.publish(TOPIC, b"q1")
+            assert transport.unacked == 1  # handed to paho, not yet acknowledged
+            await _until(lambda: transport.unacked == 0, what="the PUBACK")
+            transport.publish(TOPIC, b"held")
+            assert transport._sock is not None
+            transport._sock.shutdown(socket.SHUT_RDWR)
+            await _until(lambda: not transport.connected.is_set(), what="the broken link")
+            assert transport.unacked == 1  # paho keeps it for the next connection
+            await _until(lambda: transport.unacked == 0, what="the PUBACK after the reconnect")
+            for i in range(200):
+                transport.publish(TOPIC, b"burst-%d" % i)
+            assert transport.unacked == 200
+
+        asyncio.run(_with_transport(transport, body))  # close() waits for the burst's acknowledgements
+        assert transport.unacked == 0
+        deadline = time.monotonic() + 5.0
+        while len(_payloads(watch)) < 203 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _payloads(watch)[:3] == [b"q0", b"q1", b"held"] and len(_payloads(watch)) == 203

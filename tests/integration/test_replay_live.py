@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from grid_sim.scenario import generate_evs, load_scenario
 from replay.cli import main
 from replay.live import run_live
 from replay.recording import TERMINAL
-from replay.scenario import generate_evs, load_scenario
 
 pytestmark = pytest.mark.integration
 

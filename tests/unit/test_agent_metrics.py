@@ -14,9 +14,9 @@ from grid_protocol.codec import encode
 from grid_protocol.messages import SessionCommand, SessionCommands
 from grid_protocol.topics import Topics
 from grid_runtime.mqtt import InMessage, TransportStats
+from grid_sim.substation import SubstationSim
 from substation_agents.agent import SimClock, SubstationAgent
 from substation_agents.metrics import register_agent_metrics
-from substation_agents.simulation import SubstationSim
 
 T = Topics()
 WALL = 1_700_000_000.0

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.live import LiveHub
 from api.settings import ApiSettings
-from api.state import StateStore
+from api.state import COMPACT_FIELDS, StateStore
 from grid_protocol import encode
 from grid_protocol.messages import (
     Assignment,
@@ -182,6 +182,15 @@ def test_health_ready_and_reads_from_fed_messages(client: TestClient, fake: Fake
     status = client.get("/status").json()
     assert status["balancer"]["state"] == "online"
     assert status["substations"][0]["substation_id"] == "A" and status["totals"]["sessions"] == 1
+    assert status["substations"][0]["region"] == "default" and status["substations_matched"] == 1
+    feed(client, fake, "grid/v1/substation/B/state", sub_state("B", [], utilisation=0.2))
+    compact = client.get("/status", params={"compact": "true", "order": "worst", "limit": 1}).json()
+    fields = compact["fields"]
+    assert compact["substations_matched"] == 2 and len(compact["substations"]) == 1
+    assert compact["substations"][0][fields.index("substation_id")] == "A"  # the fuller one first
+    assert client.get("/status", params={"region": "west"}).json()["substations"] == []
+    assert_problem(client.get("/status", params={"order": "best"}), 422)
+    assert_problem(client.get("/status", params={"region": "a/b"}), 422)
     assert client.get("/substations").json()[0]["capacity_kw"] == 400
     assert client.get("/substations/A").json()["headroom_kw"] == 180
     assert_problem(client.get("/substations/Z"), 404)
@@ -394,28 +403,106 @@ def test_openapi_errors_are_problem_details_and_bodies_have_examples(client: Tes
 
 
 # ---------------------------------------------------------------------------------------------- live hub
-def test_live_hub_sends_snapshots_drops_the_oldest_for_slow_clients_and_forgets_gone_ones() -> None:
+def tele_at(sid: str, seq: int, load: float, capacity: float = 100.0) -> Telemetry:
+    return Telemetry(substation_id=sid, ts=time.time(), seq=seq, capacity_kw=capacity, load_kw=load,
+                     base_load_kw=0, ev_load_kw=load, active_sessions=0)
+
+
+def apply(held: dict[str, Any], kind: str, data: str) -> dict[str, Any]:
+    """What the page does with an event (static/grid.js), in Python: a snapshot replaces, a diff must follow."""
+    body = json.loads(data)
+    if kind == "snapshot":
+        return {**body, "rows": {r[0]: r for r in body.pop("substations")}}
+    assert body["seq"] == held["seq"] + 1, (body["seq"], held["seq"])
+    rows = dict(held["rows"])
+    rows.update({r[0]: r for r in body.pop("upsert", [])})
+    for sid in body.pop("remove", []):
+        del rows[sid]
+    return {**held, **body, "rows": rows}
+
+
+def test_live_hub_sends_a_snapshot_then_diffs_that_rebuild_it_and_resyncs_slow_clients() -> None:
+    """A client applying the diffs holds exactly what a new client's snapshot says; a quiet update carries no
+    rows; a forgotten substation is removed; a client that fell behind gets a snapshot, not a broken diff."""
     async def scenario() -> None:
         store = StateStore()
-        hub = LiveHub(store, lambda: True, interval_s=0.05, queue_size=2, max_clients=2)
+        clock = [time.time()]
+        hub = LiveHub(store, lambda: True, interval_s=0.05, queue_size=2, max_clients=3, clock=lambda: clock[0])
         q = hub.add_client()
-        first = q.get_nowait()
-        assert first is not None and json.loads(first)["totals"]["substations"] == 0  # the initial snapshot
-        hub.start()
+        kind, data = q.get_nowait()  # type: ignore[misc]
+        assert kind == "snapshot" and json.loads(data)["totals"]["substations"] == 0
+        held = apply({}, kind, data)
+        for i in range(3):
+            store.on_telemetry(f"S{i}", tele_at(f"S{i}", 1, 10.0 * (i + 1)), clock[0])
+        hub.broadcast()
+        kind, data = q.get_nowait()  # type: ignore[misc]
+        diff = json.loads(data)
+        assert kind == "diff" and len(diff["upsert"]) == 3 and diff["totals"]["substations"] == 3
+        held = apply(held, kind, data)
+        # One substation changes: the diff carries that row only (and the totals, which moved).
+        store.on_telemetry("S1", tele_at("S1", 2, 55.0), clock[0])
+        hub.broadcast()
+        kind, data = q.get_nowait()  # type: ignore[misc]
+        diff = json.loads(data)
+        assert [r[0] for r in diff["upsert"]] == ["S1"] and "queue" not in diff and "events" not in diff
+        held = apply(held, kind, data)
+        hub.broadcast()  # nothing changed: no rows, no parts
+        kind, data = q.get_nowait()  # type: ignore[misc]
+        assert set(json.loads(data)) == {"seq", "ts"} and len(data) < 60
+        held = apply(held, kind, data)
+        store.forget_substation("S0", clock[0])
+        hub.broadcast()
+        kind, data = q.get_nowait()  # type: ignore[misc]
+        diff = json.loads(data)
+        assert diff["remove"] == ["S0"] and diff["decommissioned"][0]["substation_id"] == "S0"
+        held = apply(held, kind, data)
+        fresh = apply({}, *q_first(hub.add_client()))
+        assert held["rows"] == fresh["rows"] and held["totals"] == fresh["totals"]
+        assert held["events"] == fresh["events"] and held["seq"] == fresh["seq"]
+        # Worst first in the snapshot: S2 (0.3) before S1... both ok, the fullest first.
+        assert list(fresh["rows"]) == ["S1", "S2"]
+        # A slow client: its queue overflows, it loses the diffs and gets one snapshot that is current.
         for i in range(5):
-            store.on_telemetry("A", Telemetry(substation_id="A", ts=time.time(), seq=i, capacity_kw=100,
-                                              load_kw=float(i), base_load_kw=0, ev_load_kw=float(i),
-                                              active_sessions=0), time.time())
-            hub.changed()
-            await asyncio.sleep(0.12)
-        assert q.qsize() == 2 and hub.dropped >= 1  # bounded: the oldest snapshots were dropped
-        item = q.get_nowait()
-        assert item is not None
-        hub.add_client()
+            store.on_telemetry("S2", tele_at("S2", 3 + i, 20.0 + i), clock[0])
+            hub.broadcast()
+        assert hub.resyncs >= 1 and hub.dropped >= 2
+        events = [q.get_nowait() for _ in range(q.qsize())]
+        assert events[0] is not None and events[0][0] == "snapshot"
+        again: dict[str, Any] = {}
+        for item in events:
+            assert item is not None
+            again = apply(again, *item)
+        assert again["rows"]["S2"][COMPACT_FIELDS.index("load_kw")] == 24.0
         with pytest.raises(Exception, match="live clients"):
             hub.add_client()
+            hub.add_client()
         hub.remove_client(q)
-        assert len(hub.clients) == 1
+        assert len(hub.clients) == 2
+        await hub.stop()
+
+    asyncio.run(scenario())
+
+
+def q_first(q: Any) -> tuple[str, str]:
+    item = q.get_nowait()
+    assert item is not None
+    return item  # type: ignore[no-any-return]
+
+
+def test_live_hub_runs_an_update_per_change_and_a_probe_noise_variant_of_its_own() -> None:
+    async def scenario() -> None:
+        store = StateStore()
+        hub = LiveHub(store, lambda: True, interval_s=0.05, queue_size=50, max_clients=3)
+        plain, noisy = hub.add_client(), hub.add_client(noise=True)
+        hub.start()
+        store.on_telemetry("A", tele_at("A", 1, 10.0), time.time())
+        hub.changed()
+        await asyncio.sleep(0.3)
+        got = [q_first(plain) for _ in range(plain.qsize())]
+        assert got[0][0] == "snapshot" and any("upsert" in json.loads(d) for k, d in got[1:])
+        assert noisy.qsize() >= 2 and hub.sent >= 1 and hub.sent_bytes > 0
+        hub.remove_client(noisy)
+        assert True not in hub._parts  # nobody holds the noise variant any more
         await hub.stop()
 
     asyncio.run(scenario())

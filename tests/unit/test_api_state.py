@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from api.state import StateStore
@@ -168,6 +169,7 @@ def test_queue_view_totals_and_overview() -> None:
     assert q["known"] and q["length"] == 250 and q["truncated"] and len(q["entries"]) == 2
     store.on_substation_state("A", state("A", load_kw=100.0, capacity_kw=200.0, headroom_kw=90.0), T0)
     store.on_substation_state("B", state("B", load_kw=300.0, capacity_kw=200.0, headroom_kw=0.0), T0)
+    store.on_telemetry("C", tele("C"), T0 - 1)  # (heard from, then offline: a leftover status alone is not shown)
     store.on_substation_status("C", SubstationStatus(state="offline", substation_id="C"), T0)
     store.on_balancer_status(BalancerStatus(state="online", ts=T0 - 3, version="0.1.0"), T0)
     ov = store.overview(T0, connected=True)
@@ -377,3 +379,56 @@ def test_the_session_count_includes_sessions_answered_since_the_states() -> None
     store.on_substation_state("a", state("a", ts=T0 + 1, sessions=[session("s2", "EV_2", 11.0),
                                                                     session("s3", "EV_3", 11.0)]), T0 + 1)
     assert store.totals(store.substation_views(T0 + 1))["sessions"] == 2
+
+
+# ------------------------------------------------------------------ a thousand substations (issue 15)
+def test_worst_first_region_limit_and_the_compact_form() -> None:
+    """order=worst: offline, stale, overloaded, draining, ok, then the fullest first; region and limit select,
+    totals stay grid-wide; the compact form is one array per substation, in the order of its fields."""
+    store = StateStore(stale_after_s=5.0)
+    store.on_substation_state("ok-low", state("ok-low", utilisation=0.2), T0)
+    store.on_substation_state("ok-high", state("ok-high", utilisation=0.9), T0)
+    store.on_substation_state("drained", state("drained", draining=True, utilisation=0.1), T0)
+    store.on_substation_state("over", state("over", load_kw=450.0, utilisation=1.12, region="west"), T0)
+    store.on_substation_state("stale", state("stale", stale=True, telemetry_age_s=9.0), T0)
+    store.on_substation_state("off", state("off", online=False, utilisation=0.0), T0)
+    store.on_substation_status("over", SubstationStatus(state="online", substation_id="over", ts=T0 - 5,
+                                                        region="west"), T0)
+    ov = store.overview(T0, connected=True, order="worst")
+    assert [v["substation_id"] for v in ov["substations"]] == ["off", "stale", "over", "drained", "ok-high", "ok-low"]
+    assert ov["substations_matched"] == 6
+    assert [v["substation_id"] for v in store.overview(T0, connected=True)["substations"]] == sorted(
+        ["off", "stale", "over", "drained", "ok-high", "ok-low"])
+    west = store.overview(T0, connected=True, region="west")
+    assert [v["substation_id"] for v in west["substations"]] == ["over"] and west["totals"]["substations"] == 6
+    assert [v["region"] for v in ov["substations"]] == ["default", "default", "west", "default", "default",
+                                                        "default"]
+    top = store.overview(T0, connected=True, order="worst", limit=2, compact=True)
+    assert top["substations_matched"] == 6 and len(top["substations"]) == 2
+    rows = [dict(zip(top["fields"], row, strict=True)) for row in top["substations"]]
+    assert [r["substation_id"] for r in rows] == ["off", "stale"]
+    assert rows[1]["condition"] == "stale" and rows[1]["heard_at"] == T0 - 9.0  # (known only while stale)
+    over = dict(zip(top["fields"], store.overview(T0, connected=True, order="worst", compact=True)["substations"][2],
+                    strict=True))
+    assert (over["region"], over["condition"], over["load_kw"], over["utilisation"], over["heard_at"]) == (
+        "west", "overloaded", 450.0, 1.12, None)
+    full = json.dumps(store.overview(T0, connected=True)["substations"])
+    compact = json.dumps(store.overview(T0, connected=True, compact=True)["substations"])
+    assert len(compact) < len(full) / 3
+
+
+def test_a_retained_offline_status_alone_is_a_leftover_and_shown_nowhere() -> None:
+    """The last will of an agent the balancer holds no state for (forgotten, or of an earlier run) is not a
+    substation of this grid: the page, /status and the totals leave it out (the balancer ignores it too)."""
+    store = StateStore()
+    store.on_substation_state("A", state("A"), T0)
+    store.on_substation_status("old", SubstationStatus(state="offline", substation_id="old"), T0)
+    assert [v["substation_id"] for v in store.substation_views(T0)] == ["A"]
+    assert store.overview(T0, connected=True)["totals"]["offline"] == 0
+    store.on_telemetry("old", tele("old"), T0 + 1)  # it speaks again: a substation once more
+    assert [v["substation_id"] for v in store.substation_views(T0 + 1)] == ["A", "old"]
+    # Decommissioned, then its last will arrives (its account was revoked): still decommissioned, shown nowhere.
+    store.forget_substation("A", T0 + 2)
+    store.on_substation_status("A", SubstationStatus(state="offline", substation_id="A"), T0 + 3)
+    assert [v["substation_id"] for v in store.substation_views(T0 + 3)] == ["old"]
+    assert [d["substation_id"] for d in store.overview(T0 + 3, connected=True)["decommissioned"]] == ["A"]

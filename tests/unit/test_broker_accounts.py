@@ -10,16 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from broker import accounts, dynsec
+from broker import dynsec
 from broker.accounts import (
     SERVICE_ACCOUNTS,
     build_accounts,
-    derive_password,
     substation_username,
     validate_username,
 )
+from broker.accounts import cli as accounts_cli
 from broker.local import find_free_port, render_config
 from broker.roles import DYNSEC_TOPIC, RECEIVE, SEND, SUBSCRIBE, role_acls, role_of
+from grid_runtime.credentials import derive_password
 
 # Written by `mosquitto_ctrl dynsec init FILE admin secret` (2.0.11).
 CTRL_CLIENT = {"password": "QwVPaWz79PW2EBMetwtHi5F+dDAWYJQZhAR37ja25nM1cv9rM75awoCrCmCkCR9uLSAwprFwQ9SDqHLW/MFR0g==",
@@ -371,7 +372,7 @@ def test_find_free_port() -> None:
 
 def test_cli_writes_the_state_file_without_printing_passwords(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    rc = accounts.main(["--out", str(tmp_path), "--substations", "A,B", "--ev-count", "3", "--evs", "EV_1234",
+    rc = accounts_cli.main(["--out", str(tmp_path), "--substations", "A,B", "--ev-count", "3", "--evs", "EV_1234",
                         "--secret", "s", "--service", "balancer=topsecret", "--service", "observer"])
     assert rc == 0
     out = capsys.readouterr().out
@@ -384,7 +385,7 @@ def test_cli_writes_the_state_file_without_printing_passwords(tmp_path: Path,
     # --merge keeps what the broker added since, and sets the listed passwords.
     config["clients"].append({"username": "EV_9", **dynsec.hash_fields("x"), "roles": [{"rolename": "ev.EV_9"}]})
     dynsec.write_config(tmp_path / "dynsec.json", config)
-    rc = accounts.main(["--out", str(tmp_path), "--substations", "A", "--secret", "s", "--merge",
+    rc = accounts_cli.main(["--out", str(tmp_path), "--substations", "A", "--secret", "s", "--merge",
                         "--service", "balancer=rotated", "--show-passwords"])
     assert rc == 0
     out = capsys.readouterr().out
@@ -392,7 +393,7 @@ def test_cli_writes_the_state_file_without_printing_passwords(tmp_path: Path,
     merged = {c["username"]: c for c in json.loads((tmp_path / "dynsec.json").read_text())["clients"]}
     assert "EV_9" in merged and dynsec.verify_fields("rotated", merged["balancer"])
 
-    rc = accounts.main(["--out", str(tmp_path), "--evs", "EV_9", "--secret", "s", "--show-passwords"])
+    rc = accounts_cli.main(["--out", str(tmp_path), "--evs", "EV_9", "--secret", "s", "--show-passwords"])
     assert rc == 0
     out = capsys.readouterr().out
     assert f"EV_9 {derive_password('s', 'EV_9')}" in out
@@ -402,11 +403,11 @@ def test_cli_writes_the_state_file_without_printing_passwords(tmp_path: Path,
 
 def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MQTT_ACCOUNT_SECRET", raising=False)
-    assert accounts.main(["--out", str(tmp_path), "--evs", "EV_1"]) == 2  # no secret
-    assert accounts.main(["--out", str(tmp_path), "--evs", "a/b", "--secret", "s"]) == 2
+    assert accounts_cli.main(["--out", str(tmp_path), "--evs", "EV_1"]) == 2  # no secret
+    assert accounts_cli.main(["--out", str(tmp_path), "--evs", "a/b", "--secret", "s"]) == 2
     assert "error:" in capsys.readouterr().err
     monkeypatch.setenv("MQTT_ACCOUNT_SECRET", "from-env")
-    assert accounts.main(["--out", str(tmp_path), "--evs", "EV_1", "--show-passwords"]) == 0
+    assert accounts_cli.main(["--out", str(tmp_path), "--evs", "EV_1", "--show-passwords"]) == 0
     assert derive_password("from-env", "EV_1") in capsys.readouterr().out
 
 

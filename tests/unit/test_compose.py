@@ -24,8 +24,8 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.accounts import derive_password
 from broker.local import IMAGE_DYNSEC_PLUGIN, find_free_port, find_mosquitto, render_config
+from grid_runtime.credentials import derive_password
 from grid_runtime.lifecycle import stop_process
 from grid_runtime.metrics import DEFAULT_PORTS
 

@@ -146,11 +146,11 @@ def updates(effects: list) -> list:
 def test_the_band_below_the_limit_is_the_measured_base_load_noise(swing_kw: float, band_kw: float) -> None:
     g = Grid(policy="weighted-fair")
     g.tel("A", 100, 10)
-    assert g.b._band_w(g.b.substations["A"]) == 1000  # nothing measured yet: one hysteresis step
+    assert g.b.rebalancer.band_w(g.b.substations["A"]) == 1000  # nothing measured yet: one hysteresis step
     for i in range(3):  # 15 s of telemetry, the base load swinging by swing_kw
         g.now += 5
         g.tel("A", 100, 10 + swing_kw * (i % 2))
-    assert g.b._band_w(g.b.substations["A"]) == band_kw * 1000
+    assert g.b.rebalancer.band_w(g.b.substations["A"]) == band_kw * 1000
     g.req("E", 100, min_kw=1)
     # Limit 90 kW less 10 kW of base load less the band: a quiet substation (the ACN benchmark) keeps no power
     # idle, a noisy one keeps its noise free, so the next swing moves no grant.

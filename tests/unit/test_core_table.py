@@ -952,3 +952,21 @@ def test_adopted_sessions_already_in_the_measured_load_do_not_count_twice() -> N
     assert len(h.sessions_on("A")) == 10 and h.b.counters["adopted"] == 10
     assert h.b.substations["A"].used_w() == 10_000 + 74_000
     assert_healthy(h)
+
+
+def test_a_substation_keeps_the_region_of_its_latest_status_and_its_state_carries_it() -> None:
+    """The region the agent reports (issue 15): kept from the latest status that names one, in the retained state;
+    an offline will of an unknown substation creates nothing."""
+    from balancer.core.views import substation_state
+
+    h = Harness()
+    h.tel("A", 100, 10)
+    assert substation_state(h.b, h.b.substations["A"], h.now).region == "default"
+    h.b.on_status("A", "online", h.now, region="west")
+    assert substation_state(h.b, h.b.substations["A"], h.now).region == "west"
+    h.b.on_status("A", "offline", h.now)  # (a status that names none leaves it)
+    assert h.b.substations["A"].region == "west"
+    h.b.on_status("A", "offline", h.now, region="east")
+    assert substation_state(h.b, h.b.substations["A"], h.now).region == "east"
+    h.b.on_status("Z", "offline", h.now, region="east")
+    assert "Z" not in h.b.substations

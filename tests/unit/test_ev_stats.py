@@ -11,7 +11,7 @@ import pytest
 from ev_clients.cli import _settings, build_parser, main, parse_url
 from ev_clients.fleet import FleetRunner, RunConfig
 from ev_clients.settings import EvSettings
-from ev_clients.stats import FleetStats, LatencyRecorder, RequestRecord, percentile
+from ev_clients.stats import FleetStats, LatencyRecorder, RequestRecord
 from ev_clients.workload import (
     EvIdPool,
     RequestMix,
@@ -25,37 +25,7 @@ from ev_clients.workload import (
 )
 from grid_protocol.codec import decode, encode
 from grid_protocol.messages import ChargeRequest
-
-# --- percentiles -------------------------------------------------------------------------------
-
-
-def test_percentile_nearest_rank_on_1_to_100() -> None:
-    data = [float(i) for i in range(1, 101)]
-    assert percentile(data, 50) == 50
-    assert percentile(data, 95) == 95
-    assert percentile(data, 99) == 99
-    assert percentile(data, 100) == 100
-    assert percentile(data, 0.5) == 1
-
-
-def test_percentile_small_samples() -> None:
-    assert percentile([1, 2, 3, 4], 50) == 2
-    assert percentile([1, 2, 3, 4], 51) == 3
-    assert percentile([1, 2, 3, 4], 75) == 3
-    assert percentile([1, 2, 3, 4], 76) == 4
-    assert percentile([7.0], 99) == 7.0
-    assert percentile([], 50) is None
-    # 10 values: p95 -> rank ceil(9.5) = 10, p50 -> rank 5
-    ten = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
-    assert percentile(ten, 95) == 100
-    assert percentile(ten, 50) == 50
-    assert percentile(ten, 90) == 90
-
-
-@pytest.mark.parametrize("p", [0, -1, 100.1])
-def test_percentile_rejects_out_of_range(p: float) -> None:
-    with pytest.raises(ValueError):
-        percentile([1.0], p)
+from grid_runtime.percentiles import percentile
 
 
 def test_recorder_unsorted_input_and_summary_in_ms() -> None:

@@ -14,7 +14,7 @@ from urllib3.exceptions import NewConnectionError
 from monitoring.recorder.buffer import PointBuffer
 from monitoring.recorder.metrics import RecorderStats
 from monitoring.recorder.points import Point, make_line
-from monitoring.recorder.writer import Writer, WriterConfig, backoff_delays, is_retryable
+from monitoring.recorder.writer import Writer, WriterConfig, is_retryable
 
 
 def pts(n: int, start: int = 0) -> list[str]:
@@ -58,13 +58,6 @@ def make(sink: FakeSink, max_points: int = 1000, **cfg: float) -> tuple[Writer, 
     writer = Writer(buf, sink, config, stats)
     holder.append(writer)
     return writer, buf, stats
-
-
-def test_backoff_schedule_doubles_and_is_capped() -> None:
-    gen = backoff_delays(0.5, 30.0)
-    assert [next(gen) for _ in range(9)] == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
-    gen = backoff_delays(0.3, 0.3)
-    assert [next(gen) for _ in range(3)] == [0.3, 0.3, 0.3]
 
 
 @pytest.mark.parametrize(("exc", "retry"), [

@@ -9,15 +9,11 @@ from typing import Any
 
 import pytest
 
-from ev_clients.scenario import request_for
+from ev_clients.scenario_fleet import request_for
 from grid_protocol.messages import SessionCommand
 from grid_protocol.topics import Topics
-from replay.live import balancer_env, plan_live
-from replay.metrics import compute_metrics
-from replay.recording import Recorded, convert
-from replay.scenario import generate_evs, load_scenario, parse_scenario
-from replay.sim import run
-from replay.timeline import (
+from grid_sim.scenario import generate_evs, load_scenario, parse_scenario
+from grid_sim.timeline import (
     StepSampled,
     Timebase,
     auto_speedup,
@@ -28,7 +24,11 @@ from replay.timeline import (
     scenario_base_load,
     shorten,
 )
-from substation_agents.scenario import EvBatteries
+from replay.live import balancer_env, plan_live
+from replay.metrics import compute_metrics
+from replay.recording import Recorded, convert
+from replay.sim import run
+from substation_agents.scenario_agents import EvBatteries
 
 T = Topics()
 

@@ -13,7 +13,6 @@ from replay.metrics import (
     fair_shares,
     jain_index,
     overload,
-    percentile,
     power_changes,
     queue_waits,
     utilisation_spread,
@@ -31,25 +30,6 @@ def ev(ev_id: str = "EV_1", *answers: Answer, requested_at: float = 0.0, departu
        finished_at: float | None = None) -> EvRecord:
     return EvRecord(ev_id, requested_at, departure, requested_kw, energy_kwh, answers=list(answers),
                     delivered_kwh=delivered, finished_at=finished_at)
-
-
-# ------------------------------------------------------------------------------------------ percentiles
-@pytest.mark.parametrize(("values", "p", "expected"), [
-    (list(range(1, 11)), 50, 5),    # ceil(0.5*10) = 5th smallest
-    (list(range(1, 11)), 95, 10),   # ceil(9.5) = 10th
-    (list(range(1, 11)), 10, 1),
-    (list(range(1, 21)), 95, 19),   # ceil(19) = 19th
-    ([7.0], 50, 7.0),
-    ([3, 1, 2], 100, 3),            # order of the input does not matter
-    ([], 50, None),
-])
-def test_percentile_is_nearest_rank(values: list[float], p: float, expected: float | None) -> None:
-    assert percentile(values, p) == expected
-
-
-def test_percentile_refuses_p_outside_0_100() -> None:
-    with pytest.raises(ValueError, match="p must be"):
-        percentile([1.0], 0)
 
 
 # ------------------------------------------------------------------------------------------ overload

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from grid_sim.scenario import parse_scenario
 from replay.cli import main
 from replay.report import format_notes, format_table, plot_overview, plot_run, results_json
-from replay.scenario import parse_scenario
 from replay.sim import DEFAULT_POLICY, RunResult, run
 
 SMALL = """

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from replay.scenario import (
+from grid_sim.scenario import (
     SCENARIO_DIR,
     ScenarioError,
     generate_evs,

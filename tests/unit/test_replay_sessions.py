@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from replay.scenario import ExplicitEv, PointsBaseLoad
+from grid_sim.scenario import ExplicitEv, PointsBaseLoad
 from replay.sessions import (
     COLUMNS,
     SessionFileError,

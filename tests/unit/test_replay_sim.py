@@ -13,7 +13,7 @@ from functools import cache
 import pytest
 
 from grid_protocol.messages import SessionCommand, SessionCommands
-from replay.scenario import CapacityEvent, Scenario, load_scenario, parse_scenario, shipped_scenarios
+from grid_sim.scenario import CapacityEvent, Scenario, load_scenario, parse_scenario, shipped_scenarios
 from replay.sim import ALL_POLICIES, BASELINE_POLICIES, DEFAULT_POLICY, RunResult, _Run, available_policies, run
 
 SAFE_POLICIES = tuple(p for p in ALL_POLICIES if p not in BASELINE_POLICIES)

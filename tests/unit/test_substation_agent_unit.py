@@ -21,9 +21,9 @@ from grid_protocol.messages import (
 from grid_protocol.topics import Topics
 from grid_runtime.mqtt import InMessage, TransportStats
 from grid_runtime.settings import GridSettings, MqttSettings
+from grid_sim.substation import SubstationSim
 from substation_agents.agent import STATUS_WAIT_S, SimClock, SubstationAgent, agent_mqtt_settings, offline_will
 from substation_agents.settings import AgentSettings, SubstationSpec, parse_substations
-from substation_agents.simulation import SubstationSim
 
 T = Topics()
 WALL = 1_700_000_000.0
@@ -161,6 +161,31 @@ def test_will_is_retained_offline_status() -> None:
     will = offline_will(T, "A")
     assert (will.topic, will.qos, will.retain) == (T.substation_status("A"), 1, True)
     assert decode(will.payload, SubstationStatus) == SubstationStatus(state="offline", substation_id="A")
+
+
+def test_region_is_in_every_status_and_the_will() -> None:
+    """The agent's region (SUBSTATION_REGION) is in its online status and its last will; by default 'default'."""
+    assert decode(offline_will(T, "A", "west").payload, SubstationStatus).region == "west"
+    assert decode(offline_will(T, "A").payload, SubstationStatus).region == "default"
+    mono = FakeTime()
+    clock = SimClock(17 * 3600.0, 60.0, monotonic=mono)
+    tr = FakeTransport()
+    agent = SubstationAgent(SubstationSim("A", 100.0, lambda _t: 10.0, now_sim=clock.now()), tr, T, clock,
+                            interval_s=1.0, wall=lambda: WALL, region="west")
+    tr.connect()
+    agent._online_without_balancer()
+    assert [decode(p.payload, SubstationStatus).region for p in tr.on(T.substation_status("A"))] == ["west"]
+
+
+def test_region_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SUBSTATION_REGION", raising=False)
+    assert AgentSettings().substation_region == "default"
+    monkeypatch.setenv("SUBSTATION_REGION", "north-east_2")
+    assert AgentSettings().substation_region == "north-east_2"
+    for bad in ("a/b", "", "x" * 65, "eu west"):
+        monkeypatch.setenv("SUBSTATION_REGION", bad)
+        with pytest.raises(ValueError, match="region"):
+            AgentSettings()
 
 
 def test_agent_account_and_clean_session() -> None:

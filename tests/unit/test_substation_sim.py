@@ -8,14 +8,14 @@ import random
 import pytest
 
 from grid_protocol.messages import SessionCommand
-from substation_agents.load_curve import (
+from grid_sim.load_curve import (
     BaseLoad,
     LoadCurveParams,
     daily_shape,
     expected_base_load_kw,
     make_base_load,
 )
-from substation_agents.simulation import SubstationSim
+from grid_sim.substation import SubstationSim
 
 H = 3600.0
 

@@ -1,15 +1,16 @@
-"""What a scenario means over time, for the live replay's processes (pure: a scenario in, plain data out).
+"""What a scenario means over time (pure: a scenario in, plain data out).
 
-The live replay runs the scenario in three processes (substation agents, EV fleet, orchestrator) that must
-agree on it exactly: they all load the same scenario file and use this module for
+The fast replay (``replay.sim``) and the live replay's three processes (substation agents, EV fleet,
+orchestrator) must agree on a scenario exactly: they all read it through this module.
 
 * :class:`Timebase`: scenario time (seconds from the start) <-> wall clock (epoch seconds) at a speed-up;
-* :func:`grid_actions`: the substation events as the agents apply them (offline/online, a capacity cut
-  announced ``notice_s`` early, the capacity change itself), with the same semantics as ``replay.sim``;
+* :func:`grid_actions`: the substation events as they are applied (offline/online, a capacity cut
+  announced ``notice_s`` early, the capacity change itself);
 * :func:`capacity_steps` / :func:`capacity_at`: each substation's physical capacity over time (the
   orchestrator's reference for overload);
-* :func:`scenario_base_load`: a substation's base load as a function of the agents' simulated clock
-  (seconds since midnight of day 0), from the same curves ``replay.sim`` uses;
+* :func:`daily_curve` / :func:`points_curve`: a substation's base-load curve from its scenario spec;
+  :func:`scenario_base_load`: the same on the agents' simulated clock (seconds since midnight of day 0),
+  sampled on the simulation's grid;
 * :func:`shorten` and :func:`auto_speedup`: a shorter scenario for a quick live run, and the speed-up that
   fits a run into a wall-time budget.
 """
@@ -17,17 +18,20 @@ agree on it exactly: they all load the same scenario file and use this module fo
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from replay.scenario import (
+from grid_sim.load_curve import BaseLoad, LoadCurveParams, make_base_load
+from grid_sim.scenario import (
     BurstEvent,
     CapacityEvent,
     DailyBaseLoad,
     EvSpec,
     OfflineEvent,
     OnlineEvent,
+    PointsBaseLoad,
     Scenario,
     SubstationSpec,
 )
@@ -39,8 +43,10 @@ __all__ = [
     "auto_speedup",
     "capacity_at",
     "capacity_steps",
+    "daily_curve",
     "event_labels",
     "grid_actions",
+    "points_curve",
     "run_span",
     "scenario_base_load",
     "shorten",
@@ -110,7 +116,7 @@ def grid_actions(scenario: Scenario) -> list[GridAction]:
 
 
 def event_labels(scenario: Scenario) -> list[tuple[float, str]]:
-    """(time, label) of every scenario event, for the plots (the same labels as ``replay.sim``)."""
+    """(time, label) of every scenario event, for the plots (the labels the fast replay uses too)."""
     labels = [(a.at, a.label) for a in grid_actions(scenario) if a.label is not None]
     labels += [(e.at, f"burst of {e.count}") for e in scenario.events if isinstance(e, BurstEvent)]
     return sorted(labels, key=lambda x: x[0])
@@ -163,20 +169,46 @@ class StepSampled:
 def scenario_base_load(scenario: Scenario, spec: SubstationSpec, seed: int | None = None) -> Callable[[float], float]:
     """Base load in kW as a function of simulated seconds since midnight of day 0 (the agents' ``SimClock``).
 
-    The same curves as ``replay.sim``: the daily curve of ``substation_agents.load_curve`` seeded from the
+    The curves the fast replay uses: the daily curve of ``grid_sim.load_curve`` seeded from the
     scenario's seed and the substation id, or the explicit points (whose times count from the start),
     evaluated on the simulation's grid of ``step_s`` (:class:`StepSampled`), so an agent's base load is the
     simulation's, sample for sample.
     """
-    from replay.sim import _daily, _points  # here: the EV fleet uses this module without the balancer core
-
     seed = scenario.seed if seed is None else seed
     load = spec.base_load
     start = scenario.start_hour * 3600.0
     if isinstance(load, DailyBaseLoad):
-        return StepSampled(_daily(spec, load, seed), start, scenario.step_s)
-    points = _points(load)
+        return StepSampled(daily_curve(spec, load, seed), start, scenario.step_s)
+    points = points_curve(load)
     return StepSampled(lambda sim_s: points(sim_s - start), start, scenario.step_s)
+
+
+def daily_curve(spec: SubstationSpec, load: DailyBaseLoad, seed: int) -> Callable[[float], float]:
+    """The daily curve of ``load`` for ``spec`` in kW over seconds since midnight of day 0, seeded from ``seed`` and
+    the substation id; with the default options exactly the curve the stand-alone agents run (``make_base_load``)."""
+    if load.residential_share is None and load.noise_pct == 3.0 and load.noise_tau_s == 900.0:
+        return make_base_load(spec.id, spec.capacity_kw, load.peak_pct, seed)  # exactly what the agents run
+    rng = random.Random(f"{seed}:{spec.id}")
+    share = rng.uniform(0.55, 0.85) if load.residential_share is None else load.residential_share
+    return BaseLoad(LoadCurveParams(peak_kw=spec.capacity_kw * load.peak_pct / 100.0, residential_share=share,
+                                    noise_pct=load.noise_pct, noise_tau_s=load.noise_tau_s), rng)
+
+
+def points_curve(load: PointsBaseLoad) -> Callable[[float], float]:
+    """Explicit ``(seconds from the start, kW)`` points, linearly interpolated and held flat beyond both ends."""
+    times = [t for t, _ in load.points]
+    kws = [kw for _, kw in load.points]
+
+    def at(t: float) -> float:
+        if t <= times[0]:
+            return kws[0]
+        for i in range(1, len(times)):
+            if t <= times[i]:
+                f = (t - times[i - 1]) / (times[i] - times[i - 1])
+                return kws[i - 1] + f * (kws[i] - kws[i - 1])
+        return kws[-1]
+
+    return at
 
 
 def run_span(scenario: Scenario, evs: Sequence[EvSpec]) -> float:

@@ -1,6 +1,6 @@
 """``python -m ev_clients scenario --scenario FILE --speedup N``: the EVs of a replay scenario, live.
 
-Every EV of the scenario (``replay.scenario.generate_evs``: the same EVs, ids and requests as the fast
+Every EV of the scenario (``grid_sim.scenario.generate_evs``: the same EVs, ids and requests as the fast
 simulation for the scenario's seed) gets its own MQTT connection and account (username = EV id), made a
 little before it arrives (``--lead``). At its sped-up arrival time it sends its :class:`ChargeRequest`
 (``requested_kw``, ``min_kw``, ``energy_kwh``, ``priority`` and ``departure`` as an epoch time: scenario
@@ -36,8 +36,8 @@ from grid_protocol.codec import encode
 from grid_protocol.messages import ChargeRequest, Release
 from grid_protocol.topics import Topics
 from grid_runtime.logs import get_logger
-from replay.scenario import EvSpec, Scenario, ScenarioError, generate_evs, load_scenario
-from replay.timeline import Timebase
+from grid_sim.scenario import EvSpec, Scenario, ScenarioError, generate_evs, load_scenario
+from grid_sim.timeline import Timebase
 
 __all__ = ["ScenarioEv", "ScenarioFleet", "add_parser", "request_for", "run_cli"]
 

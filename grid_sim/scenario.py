@@ -6,7 +6,7 @@ and a seed always produce the same EVs whatever the policy under test.
 
 Times (``duration_s``, ``at``, ``stay``, window bounds, ``lag_s``, ...) are seconds from the start of the
 scenario, given as numbers or as strings with units: ``"90s"``, ``"15m"``, ``"2h"``, ``"1h30m"``.
-A complete example with every option is ``replay/scenarios/README.md``.
+A complete example with every option is ``grid_sim/scenarios/README.md``.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class TelemetrySpec(_Model):
 
 
 class DailyBaseLoad(_Model):
-    """Daily residential/commercial curve of ``substation_agents.load_curve`` peaking at ``peak_pct`` of
+    """Daily residential/commercial curve of ``grid_sim.load_curve`` peaking at ``peak_pct`` of
     capacity. ``residential_share`` left out: drawn per substation from the seed (55-85 %), as the agents do."""
 
     profile: Literal["daily"]

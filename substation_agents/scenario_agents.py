@@ -44,11 +44,11 @@ from grid_protocol.reasons import Reason
 from grid_protocol.topics import CHANNELS, TopicKind, Topics
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import AiomqttTransport, Transport
-from replay.scenario import Scenario, SubstationSpec, generate_evs
-from replay.timeline import GridAction, Timebase, grid_actions, scenario_base_load
+from grid_sim.scenario import Scenario, SubstationSpec, generate_evs
+from grid_sim.substation import SessionEnd, SubstationSim
+from grid_sim.timeline import GridAction, Timebase, grid_actions, scenario_base_load
 from substation_agents.agent import SimClock, SubstationAgent, agent_mqtt_settings, offline_will
 from substation_agents.settings import AgentSettings
-from substation_agents.simulation import SessionEnd, SubstationSim
 
 __all__ = ["EvBatteries", "ScenarioAgent", "cut_connection", "run_scenario_agents", "telemetry_interval_s"]
 
@@ -150,7 +150,7 @@ class ScenarioAgent(SubstationAgent):
         self.offline = True
         self.advance()
         ends = self.sim.stop_all(Reason.SUBSTATION_OFFLINE, self._last_sim)
-        self.lease_until = None  # it starts clean when it comes back
+        self.sim.lease.drop()
         cut_connection(self.transport)
         for end in ends:
             self._publish_ended(end)  # queued: reaches the balancer after the reconnect

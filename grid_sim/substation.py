@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from grid_protocol.lease import LeaseHolder
 from grid_protocol.messages import SessionCommand, Telemetry
 from grid_protocol.reasons import Reason
 
@@ -99,10 +100,15 @@ class SubstationSim:
         self.base_load_kw = base_load(now_sim)
         self.sessions: dict[str, EvSession] = {}
         self._ended: OrderedDict[tuple[str, str, float], None] = OrderedDict()
-        #: The balancer's lease lapsed: every session draws 0 kW (and charges nothing) until it is renewed.
-        self.paused = False
+        #: The balancer's lease on these sessions (``grid_protocol.lease``): lapsed, they draw 0 kW until renewed.
+        self.lease = LeaseHolder()
 
     # ------------------------------------------------------------------ queries
+    @property
+    def paused(self) -> bool:
+        """The lease lapsed: every session draws 0 kW (and charges nothing) until a batch renews it."""
+        return self.lease.paused
+
     @property
     def ev_load_kw(self) -> float:
         return 0.0 if self.paused else sum(s.granted_kw for s in self.sessions.values())

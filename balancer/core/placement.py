@@ -1,0 +1,86 @@
+"""Placing a new session: the policy chooses the substation and grant; for the compressible policies the
+running sessions there are squeezed to their new shares first (those reductions are published before the
+new session starts, so the substation is never over its limit in between)."""
+
+from __future__ import annotations
+
+from sortedcontainers import SortedList
+
+from balancer.core.effects import Effect
+from balancer.core.model import PendingRequest, Session, Substation
+from balancer.core.policies import Policy
+from balancer.core.rebalancing import Rebalancer
+from balancer.core.sessions import SessionBook
+from balancer.core.state import CoreState
+
+
+class Placement:
+    def __init__(self, state: CoreState, book: SessionBook, rebalancer: Rebalancer, policy: Policy) -> None:
+        self.state = state
+        self.book = book
+        self.rebalancer = rebalancer
+        self.policy = policy
+        #: capacities (a multiset) of the substations with one, and of those not draining: the largest limit
+        #: a request could ever get, without a scan
+        self._capacities: SortedList = SortedList()
+        self._open_capacities: SortedList = SortedList()
+        self._filed: dict[str, tuple[int, bool]] = {}  # id -> (capacity_w, draining)
+
+    def refresh(self, now: float) -> None:
+        """Refile the substations touched since the last look (in the policy's index and the capacities)."""
+        st = self.state
+        if not st.touched:
+            return
+        touched, st.touched = st.touched, set()
+        for sid in touched:
+            sub = st.substations.get(sid)
+            self.policy.refile(sid, sub, now)
+            old = self._filed.pop(sid, None)
+            if old is not None:
+                if old[0] > 0:
+                    self._capacities.remove(old[0])
+                if not old[1]:
+                    self._open_capacities.remove(old[0])
+            if sub is not None:
+                if sub.capacity_w > 0:
+                    self._capacities.add(sub.capacity_w)
+                if not sub.draining:
+                    self._open_capacities.add(sub.capacity_w)
+                self._filed[sid] = (sub.capacity_w, sub.draining)
+
+    def largest_limit_w(self, now: float, *, open_only: bool = False) -> int | None:
+        """The largest substation limit (of those not draining with ``open_only``); None: no substation."""
+        self.refresh(now)
+        capacities = self._open_capacities if open_only else self._capacities
+        if not capacities:
+            return None
+        return Substation.limit_for(capacities[-1], self.state.config.safety_margin_pct)
+
+    def place(self, req: PendingRequest, now: float) -> tuple[Session, list[Effect]] | None:
+        """Choose a substation and a grant by the policy. Returns the new session and the reductions of
+        other sessions that must be published before it starts (compressible policies)."""
+        self.refresh(now)
+        choice = self.policy.place(self.state.substations, req, now)
+        if choice is None:
+            return None
+        sub, grant = choice
+        if grant is not None:
+            return self.book.new(sub, req, grant, now), []
+        session = self.book.new(sub, req, 0, now)
+        target = dict((s.session_id, t) for s, t in self.rebalancer.targets(sub, now))[session.session_id]
+        # Make room for the new session's share: squeeze the others now (they are told first), no more than needed.
+        free = sub.limit_w(self.state.config.safety_margin_pct) - self.rebalancer.band_w(sub) - sub.used_w()
+        reductions = self.rebalancer.decrease(sub, now, shed=target - free, skip=session)
+        # Targets fit the room the squeeze made; the min() only ever guards the capacity guarantee.
+        grant = max(0, min(target, sub.limit_w(self.state.config.safety_margin_pct) - sub.used_w()))
+        session.granted_w = grant
+        sub.granted_w += grant
+        self.state.ends.update(session)
+        self.state.touch(sub)
+        sub.shares_version += 1
+        return session, reductions
+
+    def max_room_w(self, now: float) -> int:
+        """The most a new session could get anywhere now, under the policy (0: nothing can be placed)."""
+        self.refresh(now)
+        return self.policy.max_room_w(self.state.substations, now)

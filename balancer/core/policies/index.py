@@ -1,0 +1,108 @@
+"""An index of the substations that can take a new session, kept by the policy so placement does not scan the
+grid: refiled when a substation's numbers change (its id in ``CoreState.touched``), not per request.
+
+Substations are grouped by capacity; within a group they are ordered by the policy's key, so a group's best
+candidate is its first and a placement looks at one entry per capacity class (a real grid has a handful:
+transformer sizes), not at every substation. A second order holds every substation by its room, the most
+first (the most any new session could get now). Telemetry going stale is a matter of time, not of an event:
+an entry found stale is dropped when a query meets it, and refiled by the next telemetry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+from sortedcontainers import SortedList
+
+from balancer.core.model import Substation
+
+#: a substation's order within its capacity group; the last element is its id
+OrderKey = Callable[[Substation], tuple[int, str]]
+#: what a new session could get there now (0 or less: not filed)
+Room = Callable[[Substation, float], int]
+
+
+class SubstationIndex:
+    __slots__ = ("_filed", "_groups", "_order", "_room", "_rooms", "stale_after_s")
+
+    def __init__(self, order: OrderKey, room: Room, stale_after_s: float) -> None:
+        self._order = order
+        self._room = room
+        self.stale_after_s = stale_after_s
+        self._groups: dict[int, SortedList] = {}  # capacity_w -> order keys
+        self._rooms: SortedList = SortedList()  # (-room, id)
+        self._filed: dict[str, tuple[int, tuple[int, str], int]] = {}  # id -> (capacity_w, order key, room)
+
+    def __len__(self) -> int:
+        return len(self._filed)
+
+    def refile(self, substation_id: str, sub: Substation | None, now: float) -> None:
+        """File ``sub`` at its current numbers (``None``: it is gone)."""
+        old = self._filed.pop(substation_id, None)
+        if old is not None:
+            capacity, key, room = old
+            group = self._groups[capacity]
+            group.remove(key)
+            if not group:
+                del self._groups[capacity]
+            self._rooms.remove((-room, substation_id))
+        if sub is None:
+            return
+        room = self._room(sub, now)
+        if room <= 0:
+            return
+        key = self._order(sub)
+        group = self._groups.get(sub.capacity_w)
+        if group is None:
+            group = self._groups[sub.capacity_w] = SortedList()
+        group.add(key)
+        self._rooms.add((-room, sub.id))
+        self._filed[sub.id] = (sub.capacity_w, key, room)
+
+    def room_w(self, substation_id: str) -> int:
+        return self._filed[substation_id][2]
+
+    def _fresh(self, substation_id: str, subs: Mapping[str, Substation], now: float) -> bool:
+        """Still fresh; a stale one is dropped (its next telemetry refiles it)."""
+        sub = subs.get(substation_id)
+        if sub is not None and sub.is_fresh(now, self.stale_after_s):
+            return True
+        self.refile(substation_id, None, now)
+        return False
+
+    def max_room_w(self, subs: Mapping[str, Substation], now: float) -> int:
+        while self._rooms:
+            neg_room, sid = self._rooms[0]
+            if self._fresh(sid, subs, now):
+                return -int(neg_room)
+        return 0
+
+    def group_heads(self, subs: Mapping[str, Substation], now: float) -> Iterator[str]:
+        """Each capacity group's first fresh substation."""
+        for capacity in list(self._groups):
+            while (group := self._groups.get(capacity)) is not None:
+                sid = group[0][-1]
+                if self._fresh(sid, subs, now):
+                    yield sid
+                    break
+
+    def group_members(self, subs: Mapping[str, Substation], now: float) -> Iterator[Iterator[str]]:
+        """Each capacity group's fresh substations, in order (stale ones met are dropped afterwards)."""
+        for capacity in list(self._groups):
+            group = self._groups.get(capacity)
+            if group is None:
+                continue
+            stale: list[str] = []
+            yield self._members(group, subs, now, stale)
+            for sid in stale:
+                self.refile(sid, None, now)
+
+    def _members(self, group: SortedList, subs: Mapping[str, Substation], now: float,
+                 stale: list[str]) -> Iterator[str]:
+        for key in group:
+            sid = key[-1]
+            sub = subs.get(sid)
+            if sub is not None and sub.is_fresh(now, self.stale_after_s):
+                yield sid
+            else:
+                stale.append(sid)

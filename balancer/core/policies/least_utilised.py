@@ -1,0 +1,63 @@
+"""``least-utilised``: the largest grant available now (down to ``min_kw``), then the substation least
+utilised after placement; running sessions converge to an equal share as the balancer rebalances."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from balancer.core.allocation import equal_share
+from balancer.core.model import PendingRequest, Session, Substation
+from balancer.core.policies.index import SubstationIndex
+from balancer.core.policies.names import PolicyName
+
+if TYPE_CHECKING:
+    from balancer.core.config import CoreConfig
+
+
+class LeastUtilised:
+    """Placement from a :class:`SubstationIndex` ordered by headroom within each capacity class: in a class the
+    most headroom is also the least utilisation after placement (same limit), so each class's first is its
+    best and a request looks at one substation per class. ``scan.least_utilised`` is the reference."""
+
+    name = PolicyName.LEAST_UTILISED
+    rebalances = True
+    time_dependent = False
+
+    def __init__(self, config: CoreConfig) -> None:
+        self.config = config
+        margin, stale = config.safety_margin_pct, config.stale_after_s
+        self.index = SubstationIndex(order=lambda s: (s.used_w() - s.limit_w(margin), s.id),
+                                     room=lambda s, now: s.headroom_w(now, margin, stale), stale_after_s=stale)
+
+    def refile(self, substation_id: str, sub: Substation | None, now: float) -> None:
+        self.index.refile(substation_id, sub, now)
+
+    def place(self, substations: Mapping[str, Substation], req: PendingRequest,
+              now: float) -> tuple[Substation, int | None] | None:
+        """Largest grant available (up to the request), then lowest utilisation after placement, then id."""
+        best: tuple[int, float, str] | None = None
+        choice: tuple[Substation, int | None] | None = None
+        for sid in self.index.group_heads(substations, now):
+            headroom = self.index.room_w(sid)
+            if headroom < req.min_w:
+                continue
+            sub = substations[sid]
+            grant = min(req.requested_w, headroom)
+            key = (-grant, (sub.used_w() + grant) / sub.capacity_w, sid)
+            if best is None or key < best:
+                best, choice = key, (sub, grant)
+        return choice
+
+    def max_room_w(self, substations: Mapping[str, Substation], now: float) -> int:
+        return self.index.max_room_w(substations, now)
+
+    def targets(self, sessions: Sequence[Session], available: int, floors: Sequence[int], caps: Sequence[int],
+                now: float) -> list[int]:
+        return equal_share(available, floors, caps)
+
+    def weight(self, session: Session) -> float:
+        return 1.0
+
+    def forget(self, substation_id: str) -> None:
+        pass

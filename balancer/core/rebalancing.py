@@ -1,0 +1,205 @@
+"""Keeping each substation within its limit and its sessions at the policy's shares: shed sessions whose
+minimums no longer fit, lower grants (at once when over the limit), raise them as room frees, with a
+hysteresis, a hold time and a band sized from the measured base-load noise, so that power that is free
+reaches EVs and power does not flap."""
+
+from __future__ import annotations
+
+import math
+
+from balancer.core.effects import Effect
+from balancer.core.model import Session, Substation, kw_to_w_up
+from balancer.core.policies import Policy
+from balancer.core.sessions import SessionBook
+from balancer.core.state import CoreState
+from grid_protocol.reasons import Reason
+
+
+class Rebalancer:
+    def __init__(self, state: CoreState, book: SessionBook, policy: Policy) -> None:
+        self.state = state
+        self.book = book
+        self.policy = policy
+        self._last_targets: dict[str, tuple[tuple[int, int, float], list[tuple[Session, int]]]] = {}
+
+    def band_w(self, sub: Substation) -> int:
+        """Power kept free below the limit: base-load noise inside the band changes no grant, where shares computed
+        right at the limit would follow every watt of noise (measured: flapping). Sized from the substation's own
+        measured noise (how far its uncontrolled load ranged within one hold time, lately): a quiet substation
+        (base load constant, as on the ACN benchmark) keeps nothing idle, a noisy one as much as its noise."""
+        if sub.noise_w is None:
+            return kw_to_w_up(self.state.config.hysteresis_kw)
+        return math.ceil(sub.noise_w)
+
+    def step_w(self, sub: Substation) -> int:
+        """The smallest change worth making without need: one hysteresis step, or the noise band when larger."""
+        return max(kw_to_w_up(self.state.config.hysteresis_kw), self.band_w(sub))
+
+    def _free_w(self, sub: Substation) -> int:
+        """Power for the sessions' shares: the limit less the uncontrolled load less the noise band."""
+        return sub.limit_w(self.state.config.safety_margin_pct) - sub.uncontrolled_w() - self.band_w(sub)
+
+    def targets(self, sub: Substation, now: float) -> list[tuple[Session, int]]:
+        """The policy's share of the substation's available power for each of its sessions.
+
+        The last answer per substation is kept while its inputs (sessions and grants, power, time) are the same:
+        an event lowers grants, serves the queue, then raises them, and each step asked for the same shares."""
+        available = max(sub.floors_w, self._free_w(sub))
+        key = (sub.shares_version, available, now)
+        last = self._last_targets.get(sub.id)
+        if last is not None and last[0] == key:
+            return last[1]
+        sessions = list(sub.sessions.values())
+        floors = [s.request.min_w for s in sessions]
+        caps = [s.request.requested_w for s in sessions]
+        targets = self.policy.targets(sessions, available, floors, caps, now)
+        shares = list(zip(sessions, targets, strict=True))
+        self._last_targets[sub.id] = (key, shares)
+        return shares
+
+    def forget(self, substation_id: str) -> None:
+        self._last_targets.pop(substation_id, None)
+
+    def _settled(self, sub: Substation, now: float) -> bool:
+        """A sharing pass here would change no grant: no session came, went or changed since the last full pass,
+        no held change has come due, and the power available moved less than the pass's tolerance (see
+        :meth:`_memo`). The pass (O(sessions) there) is then skipped: with every substation reporting each second,
+        re-sharing on every watt of base-load noise was the core's largest cost at scale."""
+        memo = sub.share_memo
+        if memo is None or memo[0] != sub.shares_version or now >= memo[2]:
+            return False
+        return abs(self._free_w(sub) - memo[1]) < memo[3]
+
+    def _memo(self, sub: Substation, shares: list[tuple[Session, int]],
+              now: float) -> tuple[int, int, float, float] | None:
+        """After a full pass: how far the available power may move before some grant would change.
+
+        A pass lowers a grant only where target - grant reaches the step (``step_w``), and raises one only once the
+        room beyond the band reaches the smallest raise (the band, at least 1 W), the session not held: ``slack``
+        is the least distance to either, less the shares' integer rounding. Water-filling sets
+        ``target_i = clamp(w_i * L, floor_i, cap_i)`` for a level ``L``, so a level move of ``slack / max w`` moves
+        no target by ``slack``; the power that move takes, up and down from the present level, is the tolerance
+        (at least ``slack`` itself: no target moves more than the total). Held sessions are left to their hold's
+        end (``hold_until``: a full pass then). Shares that move with time alone (deadline) get no memo."""
+        if self.policy.time_dependent:
+            return None
+        cfg = self.state.config
+        hysteresis = self.step_w(sub)
+        hold_until = float("inf")
+        room = self._free_w(sub) - sub.granted_w
+        slack = float(min(hysteresis, max(1, self.band_w(sub)) - room))
+        level: float | None = None
+        rows: list[tuple[float, int, int]] = []
+        max_weight = 0.0
+        for session, target in shares:
+            if now - session.last_change_at < cfg.min_hold_s:
+                hold_until = min(hold_until, session.last_change_at + cfg.min_hold_s)
+            else:
+                slack = min(slack, hysteresis - abs(target - session.granted_w))
+            floor, cap = session.request.min_w, session.request.requested_w
+            weight = self.policy.weight(session)
+            rows.append((weight, floor, cap))
+            max_weight = max(max_weight, weight)
+            if level is None and floor < target < cap:
+                level = target / weight
+        slack -= 2 * (len(shares) + 1)  # integer rounding of the shares (water_fill gives back a few watts)
+        tolerance = slack
+        if level is not None and slack > 0:
+            step = slack / max_weight
+
+            def total(at: float) -> float:
+                return sum(min(cap, max(floor, weight * at)) for weight, floor, cap in rows)
+
+            now_total = total(level)
+            tolerance = max(slack, min(total(level + step) - now_total, now_total - total(level - step)))
+        return sub.shares_version, self._free_w(sub), hold_until, tolerance
+
+    def due(self, now: float) -> list[Substation]:
+        """Substations not re-evaluated for ``rebalance_interval_s``."""
+        interval = self.state.config.rebalance_interval_s
+        return [sub for sub in self.state.substations.values() if now - sub.rebalanced_at >= interval]
+
+    def decrease(self, sub: Substation, now: float, *, shed: int = 0, skip: Session | None = None) -> list[Effect]:
+        """Lower grants toward the policy's targets. While ``shed`` watts are still to be freed (over the limit, or
+        making room for a new session): at once, the sessions furthest above their share first, each by at least
+        a step (or all that is left to shed) and at least down to its share: a base-load step or a newcomer moves
+        a few grants, not all. Otherwise only cuts to the share of a step or more, past the hold time."""
+        cfg = self.state.config
+        if (shed <= 0 and sub.granted_w == sub.requested_w
+                and sub.requested_w <= sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w()):
+            return []  # everyone has all they asked for and it fits: no share to lower (the common case)
+        if shed <= 0 and self._settled(sub, now):
+            return []
+        step = self.step_w(sub)
+        effects: list[Effect] = []
+        for session, target in sorted(self.targets(sub, now), key=lambda st: st[1] - st[0].granted_w):
+            if session is skip:
+                continue
+            above = session.granted_w - target
+            if shed > 0:
+                cut = min(session.granted_w - session.request.min_w, max(above, min(step, shed)))
+                if cut > 0:
+                    effects += self.book.set_grant(session, session.granted_w - cut, now, Reason.CAPACITY_REDUCED,
+                                                   "substation limit")
+                    shed -= cut
+                continue
+            if above <= 0:
+                break  # (sorted: nobody after this one is above its share)
+            if above >= step and now - session.last_change_at >= cfg.min_hold_s:
+                effects += self.book.set_grant(session, target, now, Reason.REBALANCED, "fair share changed")
+        return effects
+
+    def raise_(self, sub: Substation, now: float) -> list[Effect]:
+        """Hand free power (beyond the noise band) to the sessions furthest below their share, past the hold time.
+        Each raise is at least one step (or all the room left), even past the session's share (by less than a
+        step, so no later cut follows): power freed in small slices (one of 40 sessions ends: 0.06 kW each)
+        still reaches EVs, in a few changes instead of one per session. No raise is smaller than the noise
+        band: free power that noise would take back at once is left alone. Baselines never change a grant."""
+        cfg = self.state.config
+        if (not self.policy.rebalances or not sub.sessions or sub.granted_w >= sub.requested_w
+                or not sub.is_available(now, cfg.stale_after_s)):
+            return []  # (everyone already has all it asked for: nothing to raise)
+        if self._settled(sub, now):
+            return []
+        band = self.band_w(sub)
+        step = self.step_w(sub)
+        smallest = max(1, band)
+        room = sub.limit_w(cfg.safety_margin_pct) - sub.used_w() - band
+        effects: list[Effect] = []
+        shares = self.targets(sub, now)
+        for session, target in sorted(shares, key=lambda st: st[0].granted_w - st[1]):
+            if room < smallest:
+                break
+            below = target - session.granted_w
+            if below <= 0 or now - session.last_change_at < cfg.min_hold_s:
+                continue
+            rise = min(max(below, min(step, room)), session.request.requested_w - session.granted_w, room)
+            if rise >= smallest:
+                effects += self.book.set_grant(session, session.granted_w + rise, now, Reason.POWER_AVAILABLE,
+                                               "more power is available")
+                room -= rise
+        sub.share_memo = self._memo(sub, shares, now)
+        return effects
+
+    def reduce(self, sub: Substation, now: float) -> list[Effect]:
+        """Keep the substation within its limit: revoke the newest sessions while even their minimums do not
+        fit, then bring grants down to their shares (at once when over the limit). Baselines never do."""
+        cfg = self.state.config
+        if not self.policy.rebalances or not sub.sessions or sub.capacity_w <= 0:
+            return []
+        sub.rebalanced_at = now
+        effects: list[Effect] = []
+        available = sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w()
+        floors = sub.floors_w
+        if floors > available:
+            # reversed(): among sessions placed at the same instant, the one placed last is the newest.
+            for session in sorted(reversed(sub.sessions.values()), key=lambda s: s.started_at, reverse=True):
+                if floors <= available:
+                    break
+                floors -= session.request.min_w
+                effects += self.book.revoke(session, now, Reason.CAPACITY_REDUCED,
+                                            "substation load rose above its limit", stop_agent=True)
+        limit = sub.limit_w(cfg.safety_margin_pct)
+        # Over the limit: back under it, and under the noise band too, so the next wobble does not cut again.
+        shed = sub.used_w() - (limit - self.band_w(sub)) if sub.used_w() > limit else 0
+        return effects + self.decrease(sub, now, shed=shed)

@@ -1,0 +1,123 @@
+"""A session's life as the core records it: started, its grant changed, revoked (back in line), removed.
+Each step keeps the substation's running totals and the ledger's answer in step, and returns its messages."""
+
+from __future__ import annotations
+
+from balancer.core.effects import Effect, ToEv, ToSubstation
+from balancer.core.ledger import Ledger
+from balancer.core.model import PendingRequest, Session, Substation, w_to_kw
+from balancer.core.state import CoreState
+from grid_protocol.messages import SessionCommand
+from grid_protocol.reasons import Reason
+
+
+class SessionBook:
+    def __init__(self, state: CoreState, ledger: Ledger) -> None:
+        self.state = state
+        self.ledger = ledger
+
+    def new(self, sub: Substation, req: PendingRequest, grant: int, now: float) -> Session:
+        session = Session(self.state.new_session_id(), sub.id, req, grant, now, last_change_at=now, accounted_at=now)
+        self.attach(sub, session)
+        return session
+
+    def attach(self, sub: Substation, session: Session) -> None:
+        sub.sessions[session.session_id] = session
+        sub.granted_w += session.granted_w
+        sub.requested_w += session.request.requested_w
+        sub.floors_w += session.request.min_w
+        self.state.sessions[session.session_id] = session
+        self.state.ends.update(session)
+        self.state.touch(sub)
+        sub.shares_version += 1
+
+    def remove(self, session: Session) -> None:
+        sub = self.state.substations[session.substation_id]
+        if sub.sessions.pop(session.session_id, None) is not None:
+            sub.granted_w -= session.granted_w
+            sub.requested_w -= session.request.requested_w
+            sub.floors_w -= session.request.min_w
+        self.state.sessions.pop(session.session_id, None)
+        self.state.ends.discard(session.session_id)
+        self.state.touch(sub)
+        sub.shares_version += 1
+        self.ledger.session_ended(session.session_id)
+
+    def start_effects(self, session: Session, now: float, *, in_reply: bool) -> list[Effect]:
+        req = session.request
+        partial = session.granted_w < req.requested_w
+        answer = self.ledger.answer(req, "assigned", now, session=session,
+                                    reason=Reason.PARTIAL_GRANT if partial else None,
+                                    detail="less than requested is available" if partial else None)
+        state = self.ledger.evs[req.ev_id]
+        state.answer = answer
+        state.session_id = session.session_id
+        self.state.counters["assigned"] += 1
+        command = SessionCommand(
+            command="start", session_id=session.session_id, ev_id=req.ev_id, ts=now,
+            granted_kw=w_to_kw(session.granted_w), energy_kwh=req.energy_kwh,
+            duration_minutes=req.duration_minutes, request_id=req.request_id, min_kw=w_to_kw(req.min_w),
+            priority=req.priority,
+        )
+        # Decision order; the service batches agent commands per substation and publishes them after
+        # the EV answers of the same pass (see balancer.service).
+        return [ToSubstation(session.substation_id, command), ToEv(req.ev_id, answer, in_reply)]
+
+    def set_grant(self, session: Session, grant: int, now: float, reason: Reason, detail: str) -> list[Effect]:
+        sub = self.state.substations[session.substation_id]
+        session.account(now)
+        sub.granted_w += grant - session.granted_w
+        session.granted_w = grant
+        session.last_change_at = now
+        session.changes += 1
+        self.state.ends.update(session)
+        self.state.touch(sub)
+        sub.shares_version += 1
+        req = session.request
+        answer = self.ledger.answer(req, "updated", now, session=session, reason=reason, detail=detail)
+        self.ledger.evs[req.ev_id].answer = answer
+        self.state.counters[f"updated:{reason}"] += 1
+        return [ToSubstation(sub.id, SessionCommand(
+                    command="update", session_id=session.session_id, ev_id=req.ev_id, ts=now,
+                    granted_kw=w_to_kw(grant), reason=reason)),
+                ToEv(req.ev_id, answer)]
+
+    def revoke(self, session: Session, now: float, reason: Reason, detail: str, *,
+               stop_agent: bool) -> list[Effect]:
+        """Take a session away and put its request back in line (it was accepted: never dropped), asking
+        only for what is left of its energy and duration."""
+        session.account(now)
+        self.remove(session)
+        req = session.request
+        remaining = session.remaining_wh()
+        if remaining is not None:
+            req.energy_kwh = max(0.001, round(remaining / 1000, 6))
+        if req.duration_minutes is not None:
+            req.duration_minutes = max(0.1, req.duration_minutes - (now - session.started_at) / 60)
+        effects: list[Effect] = []
+        if stop_agent:
+            effects.append(ToSubstation(session.substation_id, SessionCommand(
+                command="stop", session_id=session.session_id, ev_id=req.ev_id, ts=now, reason=reason)))
+        revoked = self.ledger.answer(req, "revoked", now, session=session, reason=reason,
+                                     detail=detail + "; the request is back in the queue and will be re-assigned")
+        effects.append(ToEv(req.ev_id, revoked))
+        self.state.counters[f"revoked:{reason}"] += 1
+        state = self.ledger.evs[req.ev_id]
+        state.session_id = None
+        position = self.state.queue.push(req, force=True)
+        state.answer = self.ledger.answer(req, "queued", now, reason=reason, position=position)
+        self.state.requeued.append(req.ev_id)
+        return effects
+
+    def requeue_notices(self, now: float) -> list[Effect]:
+        """``queued`` (with the position) for revoked requests that did not find a new place at once."""
+        effects: list[Effect] = []
+        for ev_id in self.state.requeued:
+            state = self.ledger.evs.get(ev_id)
+            position = self.state.queue.position(ev_id)
+            if state is not None and position is not None:
+                state.answer = self.ledger.answer(state.request, "queued", now, reason=state.answer.reason,
+                                                  position=position)
+                effects.append(ToEv(ev_id, state.answer))
+        self.state.requeued.clear()
+        return effects

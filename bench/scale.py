@@ -1,0 +1,300 @@
+"""The allocation core at utility scale (issue 10): CPU per request and rebalancing CPU per second of grid time
+as the grid grows, through the pure core and through the real service path (in-memory transport).
+
+    python -m bench scale [--sizes 3x1000,100x10000,1000x100000] [--paths core,service] [--seconds 10]
+
+Each size runs in a fresh process (so its RSS is its own): S substations (capacity classes 400/630/1000 kVA,
+scaled so the grid has room for about nine in ten EVs) are told online and report telemetry; N EVs ask
+(7.4/11/22 kW, min 1.4 kW, 30-240 min) one after another, N/100 per grid-second (at least 20) so the grid fills in
+100 grid-seconds. Base load wanders as in grid_sim's load curve (AR(1) noise, 3 % of the base, 900 s correlation
+time). Figures:
+
+  fill µs/req     CPU per request while the grid fills (placement, queueing, ETAs), averaged over all N;
+  steady µs/req   CPU per request at full size: an EV releases, a new one asks (both counted, per request);
+  rebalance ms/s  CPU per second of grid time with every substation reporting at 1 Hz and the periodic tick at
+                  2 Hz, nothing else happening: "churned" in the 10 s right after the steady phase (the grants
+                  its releases and requests left to settle), "settled" 30 grid-seconds later;
+  RSS MB          the process's resident memory at full size.
+
+CPU time (``time.process_time``), not wall time: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from balancer.core import Balancer, CoreConfig
+from grid_protocol import ChargeRequest, Release, Telemetry, encode
+
+DEFAULT_SIZES = "3x1000,3x10000,3x100000,100x1000,100x10000,100x100000,1000x1000,1000x10000,1000x100000"
+CLASSES_KVA = (400, 630, 1000)
+T0 = 1_767_225_600.0
+MIN_RATE_PER_S = 20  # requests per grid-second while filling (N/100 for larger grids)
+NOISE_PCT, NOISE_TAU_S = 3.0, 900.0  # grid_sim.load_curve's defaults
+
+
+@dataclass
+class Grid:
+    ids: list[str]
+    capacity_kw: dict[str, float]
+    base_kw: dict[str, float]
+    noise: dict[str, float]
+
+
+def make_grid(substations: int, evs: int, rng: random.Random) -> Grid:
+    ids = [f"S{i:04d}" for i in range(substations)]
+    # Room for ~90 % of the EVs at ~12 kW each, in three capacity classes.
+    per_sub = evs * 12.0 * 0.9 / substations
+    mean_class = sum(CLASSES_KVA) / len(CLASSES_KVA)
+    capacity = {sid: round(per_sub * CLASSES_KVA[i % 3] / mean_class * 1.25, 1) for i, sid in enumerate(ids)}
+    base = {sid: round(capacity[sid] * 0.2, 1) for sid in ids}
+    return Grid(ids, capacity, base, dict.fromkeys(ids, 0.0))
+
+
+class CoreDriver:
+    """Feeds the pure core."""
+
+    def __init__(self) -> None:
+        self.b = Balancer(CoreConfig())
+
+    def status(self, sid: str, now: float) -> None:
+        self.b.on_status(sid, "online", now)
+
+    def telemetry(self, msg: Telemetry, now: float) -> None:
+        self.b.on_telemetry(msg, now)
+
+    def request(self, ev: str, msg: ChargeRequest, now: float) -> None:
+        self.b.on_request(ev, msg, now)
+
+    def release(self, ev: str, now: float) -> None:
+        self.b.on_release(ev, Release(), now)
+
+    def tick(self, now: float) -> None:
+        self.b.tick(now)
+
+    @property
+    def core(self) -> Balancer:
+        return self.b
+
+
+class ServiceDriver:
+    """Feeds the real BalancerService (topic parsing, decoding, admission, publishing) over an in-memory
+    transport: every published message is encoded and handed to the transport, which counts it."""
+
+    def __init__(self) -> None:
+        from balancer.service import BalancerService
+        from balancer.settings import BalancerSettings
+        from grid_protocol import Topics
+
+        self.now = T0
+        self.transport = _MemoryTransport()
+        settings = BalancerSettings(startup_wait_s=0, ev_rate_per_s=1e9, ev_burst=1e9, telemetry_rate_per_s=1e9,
+                                    telemetry_burst=1e9)
+        self.svc = BalancerService(settings, self.transport, clock=lambda: self.now)
+        self.transport.connect()
+        self.topics = Topics(settings.grid.grid_topic_prefix)
+
+    def _deliver(self, topic: str, payload: bytes, now: float) -> None:
+        from grid_runtime.mqtt import InMessage
+        self.now = now
+        self.svc.handle(InMessage(topic, payload, 1, False))
+
+    def status(self, sid: str, now: float) -> None:
+        self._deliver(self.topics.substation_status(sid),
+                      json.dumps({"state": "online", "substation_id": sid}).encode(), now)
+
+    def telemetry(self, msg: Telemetry, now: float) -> None:
+        self._deliver(self.topics.telemetry(msg.substation_id), encode(msg), now)
+
+    def request(self, ev: str, msg: ChargeRequest, now: float) -> None:
+        self._deliver(self.topics.request(ev), encode(msg), now)
+
+    def release(self, ev: str, now: float) -> None:
+        self._deliver(self.topics.release(ev), encode(Release()), now)
+
+    def tick(self, now: float) -> None:
+        self.now = now
+        self.svc._publish(self.svc.core.tick(now))
+        self.svc._flush_commands()
+        self.svc.publish_states(now)
+
+    @property
+    def core(self) -> Balancer:
+        return self.svc.core
+
+
+class _MemoryTransport:
+    """The Transport protocol in memory: subscriptions and publishes are counted, nothing is sent."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        from grid_runtime.mqtt import TransportStats
+        self.stats = TransportStats()
+        self.connected = asyncio.Event()
+        self.handler: Any = None
+        self._callbacks: list[Any] = []
+
+    def set_handler(self, handler: Any) -> None:
+        self.handler = handler
+
+    def subscribe(self, topic_filter: str, qos: int = 1, *, retain_as_published: bool = False) -> None:
+        pass
+
+    def on_connect(self, callback: Any) -> None:
+        self._callbacks.append(callback)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                correlation_data: bytes | None = None, expiry_s: int | None = None) -> None:
+        self.stats.published += 1
+
+    def connect(self) -> None:
+        self.connected.set()
+        for cb in self._callbacks:
+            cb()
+
+    async def run(self) -> None:
+        pass
+
+    async def close(self, timeout: float = 2.0) -> None:
+        pass
+
+
+_DECAY = math.exp(-1 / NOISE_TAU_S)
+_STEP = NOISE_PCT / 100 * math.sqrt(1 - _DECAY**2)
+
+
+def _telemetry(grid: Grid, sid: str, seq: int, core: Balancer, rng: random.Random, now: float) -> Telemetry:
+    sub = core.substations.get(sid)
+    granted = sub.granted_w / 1000 if sub else 0.0
+    # AR(1) noise, one step per report (1 s): the base load wanders, it does not flicker.
+    grid.noise[sid] = grid.noise[sid] * _DECAY + rng.gauss(0.0, _STEP)
+    base = grid.base_kw[sid] * (1 + grid.noise[sid])
+    return Telemetry(substation_id=sid, ts=now, seq=seq, capacity_kw=grid.capacity_kw[sid], load_kw=base + granted,
+                     base_load_kw=base, ev_load_kw=granted, active_sessions=len(sub.sessions) if sub else 0)
+
+
+def run_one(substations: int, evs: int, path: str, seconds: int, steady: int) -> dict[str, Any]:
+    rng = random.Random(1)
+    grid = make_grid(substations, evs, rng)
+    driver: CoreDriver | ServiceDriver = CoreDriver() if path == "core" else ServiceDriver()
+    core = driver.core
+    now = T0
+    seq = 0
+    for sid in grid.ids:
+        driver.status(sid, now)
+    gc.collect()
+    gc.freeze()  # as the balancer does after start-up
+    kws = (7.4, 11.0, 22.0)
+
+    def report_all(at: float) -> None:
+        nonlocal seq
+        seq += 1
+        for sid in grid.ids:
+            driver.telemetry(_telemetry(grid, sid, seq, core, rng, at), at)
+
+    report_all(now)
+    # Fill: N requests at RATE_PER_S per grid-second; every substation reports once per grid-second, the tick
+    # runs twice (as in the service) -- only the requests are timed here.
+    cpu_requests = 0.0
+    next_second = now + 1
+    rate = max(MIN_RATE_PER_S, evs / 100)
+    for i in range(evs):
+        now = T0 + i / rate
+        if now >= next_second:
+            report_all(next_second)
+            driver.tick(next_second)
+            driver.tick(next_second + 0.5)
+            next_second += 1
+        msg = ChargeRequest(request_id="r1", requested_kw=kws[i % 3], min_kw=1.4,
+                            duration_minutes=30 + (i * 7919) % 211)
+        t = time.process_time()
+        driver.request(f"EV{i:06d}", msg, now)
+        cpu_requests += time.process_time() - t
+    sessions = core.session_count()
+    queued = len(core.queue)
+    # Steady state at full size: a running EV releases, a new one asks.
+    running = [s.request.ev_id for s in core._sessions.values()]
+    rng.shuffle(running)
+    t = time.process_time()
+    for j in range(steady):
+        now += 1 / rate
+        driver.release(running[j % len(running)], now)
+        driver.request(f"N{j:06d}", ChargeRequest(request_id="r1", requested_kw=11.0, min_kw=1.4,
+                                                   duration_minutes=120), now)
+    cpu_steady = (time.process_time() - t) / (2 * steady) if steady else 0.0
+    # Rebalancing: every substation at 1 Hz, the tick at 2 Hz, for ``seconds`` of grid time, right after the churn
+    # and again once the grants it left have settled.
+    def grid_seconds(start: float, count: int) -> float:
+        t = time.process_time()
+        for k in range(count):
+            report_all(start + k)
+            driver.tick(start + k + 0.25)
+            driver.tick(start + k + 0.75)
+        return (time.process_time() - t) / count
+
+    start = float(int(now) + 1)
+    cpu_churned = grid_seconds(start, seconds)
+    grid_seconds(start + seconds, 30)
+    cpu_settled = grid_seconds(start + seconds + 30, seconds)
+    rss = _rss_mb()
+    return {"substations": substations, "evs": evs, "path": path, "sessions": sessions, "queued": queued,
+            "fill_us_per_request": round(cpu_requests / evs * 1e6, 1),
+            "steady_us_per_request": round(cpu_steady * 1e6, 1),
+            "rebalance_churned_ms_per_grid_s": round(cpu_churned * 1e3, 2),
+            "rebalance_settled_ms_per_grid_s": round(cpu_settled * 1e3, 2), "rss_mb": round(rss, 1),
+            "violations": len(core.violations())}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    import os
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="SUBSTATIONSxEVS, comma separated")
+    parser.add_argument("--paths", default="core,service", help="core, service or both")
+    parser.add_argument("--seconds", type=int, default=10, help="grid-seconds of 1 Hz telemetry to time")
+    parser.add_argument("--steady", type=int, default=2000, help="release+request pairs timed at full size")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/scale.json"))
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # SxN:path, in this process
+    args = parser.parse_args(argv)
+    if args.one:
+        size, path = args.one.split(":")
+        s, n = (int(x) for x in size.split("x"))
+        print(json.dumps(run_one(s, n, path, args.seconds, args.steady)))
+        return 0
+    rows = []
+    print(f"{'substations x EVs':>18} {'path':>8} {'sessions':>9} {'queued':>7} {'fill µs/req':>12} "
+          f"{'steady µs/req':>14} {'rebal. churned ms/s':>20} {'settled ms/s':>13} {'RSS MB':>7}", flush=True)
+    for size in args.sizes.split(","):
+        for path in args.paths.split(","):
+            out = subprocess.run([sys.executable, "-m", "bench", "scale", "--one", f"{size}:{path}",
+                                  "--seconds", str(args.seconds), "--steady", str(args.steady)],
+                                 capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                print(f"{size:>18} {path:>8} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{row['substations']:>7,} x {row['evs']:>8,} {path:>8} {row['sessions']:>9,} {row['queued']:>7,} "
+                  f"{row['fill_us_per_request']:>12,.1f} {row['steady_us_per_request']:>14,.1f} "
+                  f"{row['rebalance_churned_ms_per_grid_s']:>20,.2f} {row['rebalance_settled_ms_per_grid_s']:>13,.2f} "
+                  f"{row['rss_mb']:>7,.0f}", flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"rows": rows, "cpu": "time.process_time"},
+                                    indent=1))
+    return 0

@@ -1,0 +1,3 @@
+from broker.accounts.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""``python -m broker.accounts``: write the state file of Mosquitto's dynamic security plugin (``DIR/dynsec.json``),
+the grid's accounts, their roles and grants.
+
+::
+
+    python -m broker.accounts --out DIR [--prefix grid/v1] [--substations A,B,C]
+        [--evs EV_0001,EV_0002 | --ev-count 200 --ev-prefix EV_] [--secret S]
+        [--service balancer=pw --service api ...] [--show-passwords] [--merge]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from broker import dynsec
+from broker.accounts import (
+    DEFAULT_SERVICES,
+    EV_ROLE,
+    Account,
+    build_accounts,
+    substation_username,
+    validate_prefix,
+    validate_username,
+)
+from grid_protocol.topics import DEFAULT_PREFIX
+from grid_runtime.credentials import derive_password
+
+__all__ = ["main"]
+
+
+def _split_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m broker.accounts",
+        description="Write the state file of Mosquitto's dynamic security plugin (DIR/dynsec.json): the grid's "
+                    "accounts, their roles and grants.",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default %(default)s)")
+    parser.add_argument("--substations", default="", help="comma-separated substation ids, e.g. A,B,C")
+    parser.add_argument("--evs", default=None, help="comma-separated EV ids (besides --ev-count's)")
+    parser.add_argument("--ev-count", type=int, default=None, help="generate N EV ids (with --ev-prefix)")
+    parser.add_argument("--ev-prefix", default="EV_", help="prefix of generated EV ids (default %(default)s)")
+    parser.add_argument(
+        "--secret",
+        default=None,
+        help="secret for derived passwords (default: $MQTT_ACCOUNT_SECRET)",
+    )
+    parser.add_argument(
+        "--service",
+        action="append",
+        default=None,
+        metavar="NAME[=PASSWORD]",
+        help="service account to create; without '=PASSWORD' the password is derived from the secret. "
+        f"Repeatable. Default: {', '.join(DEFAULT_SERVICES)} (derived).",
+    )
+    parser.add_argument("--ev-password", action="append", default=[], metavar="EV_ID=PASSWORD",
+                        help="an EV account with its own password instead of a derived one (repeatable)")
+    parser.add_argument("--show-passwords", action="store_true", help="print 'username password' lines")
+    parser.add_argument("--merge", action="store_true",
+                        help="DIR/dynsec.json exists (a broker has been changing it): keep the accounts added at "
+                             "runtime, bring the shared roles up to date and set these accounts' passwords")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        substations = _split_list(args.substations)
+        ev_ids = []
+        if args.ev_count is not None:
+            if args.ev_count < 0:
+                raise ValueError("--ev-count must be >= 0")
+            width = max(4, len(str(args.ev_count)))
+            ev_ids = [f"{args.ev_prefix}{i:0{width}d}" for i in range(1, args.ev_count + 1)]
+        if args.evs is not None:
+            ev_ids += [ev for ev in _split_list(args.evs) if ev not in ev_ids]
+        secret = args.secret or os.environ.get("MQTT_ACCOUNT_SECRET") or ""
+        service_specs = args.service if args.service is not None else list(DEFAULT_SERVICES)
+        service_passwords: dict[str, str] = {}
+        for spec in service_specs:
+            name, sep, password = spec.partition("=")
+            if not sep:
+                if not secret:
+                    raise ValueError(f"service {name!r} has no password and no --secret was given")
+                password = derive_password(secret, name)
+            service_passwords[name] = password
+        if (substations or ev_ids) and not secret:
+            raise ValueError("substation and EV passwords are derived: give --secret or set MQTT_ACCOUNT_SECRET")
+        accounts = build_accounts(secret or "unused", substations, ev_ids, service_passwords)
+        for spec in args.ev_password:
+            ev, sep, password = spec.partition("=")
+            if not sep or not password:
+                raise ValueError(f"--ev-password {ev!r}: give EV_ID=PASSWORD")
+            account = Account(validate_username(ev, EV_ROLE), password)
+            accounts = [a for a in accounts if a.username != ev] + [account]
+        prefix = validate_prefix(args.prefix)
+        path = args.out / "dynsec.json"
+        merged = args.merge and path.exists()
+        if merged:
+            config = dynsec.merge_config(json.loads(path.read_text(encoding="utf-8")), prefix, accounts)
+        else:
+            config = dynsec.render_config(prefix, accounts)
+        dynsec.write_config(path, config)
+    except (ValueError, json.JSONDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    kept = len(config["clients"]) - len(accounts)
+    print(f"wrote {path} ({len(accounts)} accounts{f', {kept} more kept' if merged else ''}; prefix {prefix})")
+    print(f"  services:    {', '.join(service_passwords) or '-'}")
+    print(f"  substations: {len(substations)} ({', '.join(substation_username(s) for s in substations[:5])}"
+          f"{', ...' if len(substations) > 5 else ''})")
+    print(f"  evs:         {len(ev_ids)}{' (' + ev_ids[0] + ' .. ' + ev_ids[-1] + ')' if ev_ids else ''}")
+    if args.show_passwords:
+        for account in accounts:
+            print(f"{account.username} {account.password}")
+    return 0
+

@@ -1,0 +1,196 @@
+"""The core's indexes against their brute-force references (issue 10): placement from the policy's index makes
+the same decision as the scan of every substation, on random grids and after random operations; the kept
+order of session ends and the capacity multisets agree with recomputing them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import invariant
+
+import tests.unit.test_core_properties as props
+from balancer.core import Balancer, CoreConfig, PendingRequest
+from balancer.core.policies import COMPRESSIBLE
+from balancer.core.policies.scan import compressible_room_w, fair_placement, least_utilised
+from grid_protocol.messages import ChargeRequest, ControlCommand, Release, Telemetry
+
+PROBES = ((1, 1), (1_400, 1_400), (7_400, 1_400), (11_000, 1_400), (11_000, 11_000), (22_000, 4_000),
+          (50_000, 1_400), (120_000, 60_000))
+
+
+def probe(requested_w: int, min_w: int, now: float) -> PendingRequest:
+    return PendingRequest(ev_id="probe", request_id="p", requested_w=requested_w, min_w=min_w, priority=0,
+                          arrival=0, received_at=now, duration_minutes=None, energy_kwh=None)
+
+
+def check_against_scans(b: Balancer, now: float) -> None:
+    cfg = b.config
+    margin, stale = cfg.safety_margin_pct, cfg.stale_after_s
+    subs = b.substations
+    for requested_w, min_w in PROBES:
+        b.placement.refresh(now)
+        got = b.placement.policy.place(subs, probe(requested_w, min_w, now), now)
+        if cfg.policy in COMPRESSIBLE:
+            want_sub = fair_placement(subs.values(), requested_w, min_w, now, margin, stale)
+            assert (got[0].id if got else None) == (want_sub.id if want_sub else None), (requested_w, min_w)
+        else:
+            want = least_utilised(subs.values(), requested_w, min_w, now, margin, stale)
+            assert ((got[0].id, got[1]) if got else None) == ((want[0].id, want[1]) if want else None), (
+                requested_w, min_w)
+    if cfg.policy in COMPRESSIBLE:
+        room = max((compressible_room_w(s, now, margin, stale) for s in subs.values()), default=0)
+    else:
+        room = max((s.headroom_w(now, margin, stale) for s in subs.values()), default=0)
+    assert b.placement.max_room_w(now) == room
+    largest = max((s.limit_w(margin) for s in subs.values() if s.capacity_w > 0), default=None)
+    assert b.placement.largest_limit_w(now) == largest
+    largest_open = max((s.limit_w(margin) for s in subs.values() if not s.draining), default=None)
+    assert b.placement.largest_limit_w(now, open_only=True) == largest_open
+    # Kept ends: each running session filed at its expected end (up to float rounding; a session past its end
+    # is due now either way). The queue's smallest min_w.
+    filed = sorted(b.state.ends)
+    brute = sorted(e for s in b._sessions.values() if (e := s.expected_end()) is not None)
+    assert len(filed) == len(brute)
+    for x, y in zip(filed, brute, strict=True):
+        assert abs(x - y) < 1e-3 or (x <= now and y <= now), (x, y)
+    waiting = [r.min_w for r in b.queue.items()]
+    assert b.queue.smallest_min_w() == (min(waiting) if waiting else None)
+
+
+class IndexMachine(props.CoreMachine):
+    """The whole core property machine (requests, releases, telemetry, outages, operator actions, time), with
+    the index checked against the scans after every step."""
+
+    @invariant()
+    def indexes_agree_with_scans(self) -> None:
+        check_against_scans(self.b, self.now)
+
+
+class WeightedFairIndexMachine(IndexMachine):
+    policy = "weighted-fair"
+
+
+TestIndexMachine = IndexMachine.TestCase
+TestIndexMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
+                                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+TestWeightedFairIndexMachine = WeightedFairIndexMachine.TestCase
+TestWeightedFairIndexMachine.settings = TestIndexMachine.settings
+
+T0 = 1_700_000_000.0
+CAPACITIES = (50.0, 100.0, 100.0, 250.0, 400.0)  # a few transformer sizes: several substations per class
+
+
+@st.composite
+def grids(draw: st.DrawFn) -> tuple[str, list[tuple[str, float, float, float]]]:
+    policy = draw(st.sampled_from(["least-utilised", "weighted-fair", "deadline"]))
+    n = draw(st.integers(1, 25))
+    subs = [(f"S{i:02d}", draw(st.sampled_from(CAPACITIES)), draw(st.floats(0.0, 0.9)),
+             draw(st.sampled_from([0.0, 0.0, 0.0, 3.0, 8.0]))) for i in range(n)]  # id, kW, base share, age s
+    return policy, subs
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["request", "request", "request", "release", "telemetry", "drain",
+                                          "undrain", "offline", "online", "limit", "time"]),
+                         st.integers(0, 10_000), st.sampled_from([1.4, 3.7, 7.4, 11.0, 22.0, 50.0])),
+               max_size=60)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(grid=grids(), ops=OPS)
+def test_index_places_like_the_scan_on_random_grids(grid: tuple[str, list[tuple[str, float, float, float]]],
+                                                     ops: list[tuple[str, int, float]]) -> None:
+    policy, subs = grid
+    b = Balancer(dataclasses.replace(CoreConfig(), policy=policy))
+    now = T0
+    seq = 0
+    for sid, cap, base_share, age in subs:
+        seq += 1
+        b.on_status(sid, "online", now - age)
+        b.on_telemetry(Telemetry(substation_id=sid, ts=now - age, seq=seq, capacity_kw=cap, load_kw=cap * base_share,
+                                 base_load_kw=cap * base_share, ev_load_kw=0.0, active_sessions=0), now - age)
+    check_against_scans(b, now)
+    ids = [s[0] for s in subs]
+    evs = 0
+    for op, pick, kw in ops:
+        sid = ids[pick % len(ids)]
+        if op == "request":
+            evs += 1
+            b.on_request(f"EV{evs}", ChargeRequest(request_id="r", requested_kw=kw, duration_minutes=30 + pick % 90),
+                         now)
+        elif op == "release" and b._evs:
+            ev = sorted(b._evs)[pick % len(b._evs)]
+            b.on_release(ev, Release(), now)
+        elif op == "telemetry":
+            seq += 1
+            sub = b.substations[sid]
+            base = (pick % 90) / 100 * sub.reported_capacity_w / 1000
+            b.on_telemetry(Telemetry(substation_id=sid, ts=now, seq=seq, capacity_kw=sub.reported_capacity_w / 1000,
+                                     load_kw=base + sub.granted_w / 1000, base_load_kw=base, ev_load_kw=0.0,
+                                     active_sessions=len(sub.sessions)), now)
+        elif op in ("drain", "undrain"):
+            b.on_control(ControlCommand(substation_id=sid, action=op), now)
+        elif op == "limit":
+            b.on_control(ControlCommand(substation_id=sid, action="set_capacity",
+                                        capacity_kw=None if pick % 3 == 0 else float(pick % 300)), now)
+        elif op in ("offline", "online"):
+            b.on_status(sid, op, now)
+        else:
+            now += pick % 12
+            b.tick(now)
+        check_against_scans(b, now)
+        assert not b.violations()
+
+
+SMALL_GRIDS = st.tuples(st.sampled_from(["least-utilised", "weighted-fair"]),
+                        st.lists(st.tuples(st.sampled_from(["A", "B", "C"]), st.sampled_from([30.0, 50.0, 80.0]),
+                                           st.floats(0.0, 0.5), st.just(0.0)),
+                                 min_size=1, max_size=3, unique_by=lambda t: t[0]))
+BUSY_OPS = st.lists(st.tuples(st.sampled_from(["request", "request", "release", "time", "time", "time"]),
+                              st.integers(0, 10_000), st.sampled_from([3.7, 7.4, 11.0, 22.0])),
+                    min_size=10, max_size=80)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(grid=SMALL_GRIDS, ops=BUSY_OPS, noise=st.lists(st.floats(-3.0, 3.0), min_size=1, max_size=8))
+def test_skipped_sharing_passes_would_have_changed_nothing(
+        grid: tuple[str, list[tuple[str, float, float, float]]], ops: list[tuple[str, int, float]],
+        noise: list[float]) -> None:
+    """Two cores in lockstep, one re-sharing on every pass (no memo): the same effects, always."""
+    policy, subs = grid
+    cores = [Balancer(dataclasses.replace(CoreConfig(), policy=policy)) for _ in range(2)]
+    cores[1].rebalancer._settled = lambda sub, now: False  # type: ignore[method-assign]
+    now, seq = T0, 0
+    ids = [s[0] for s in subs]
+    base = {sid: cap * share for sid, cap, share, _ in subs}
+
+    def both(call: str, *args: object) -> None:
+        out = [getattr(b, call)(*args) for b in cores]
+        assert out[0] == out[1], call
+
+    for sid, cap, _, _ in subs:
+        seq += 1
+        both("on_status", sid, "online", now)
+        both("on_telemetry", Telemetry(substation_id=sid, ts=now, seq=seq, capacity_kw=cap, load_kw=base[sid],
+                                       base_load_kw=base[sid], ev_load_kw=0.0, active_sessions=0), now)
+    evs = 0
+    for k, (op, pick, kw) in enumerate(ops):
+        if op in ("request", "drain", "undrain", "limit", "offline", "online"):
+            evs += 1
+            both("on_request", f"EV{evs}", ChargeRequest(request_id="r", requested_kw=kw, min_kw=1.4,
+                                                         duration_minutes=30 + pick % 90, priority=pick % 3), now)
+        elif op == "release" and cores[0]._evs:
+            ev = sorted(cores[0]._evs)[pick % len(cores[0]._evs)]
+            both("on_release", ev, Release(), now)
+        else:
+            now += 1 + pick % 4
+            for sid in ids:  # every substation reports, its base load wandering
+                seq += 1
+                base[sid] = max(0.0, base[sid] + noise[(k + seq) % len(noise)])
+                cap = cores[0].substations[sid].reported_capacity_w / 1000
+                granted = cores[0].substations[sid].granted_w / 1000
+                both("on_telemetry", Telemetry(substation_id=sid, ts=now, seq=seq, capacity_kw=cap,
+                                               load_kw=base[sid] + granted, base_load_kw=base[sid],
+                                               ev_load_kw=granted, active_sessions=0), now)
+            both("tick", now)
