@@ -12,7 +12,9 @@ The mapping (:func:`sessions_scenario`) is the honest one of the benchmark's REA
 usable limit equals the site limit (capacity = limit / (1 - margin), rounded up to the watt so the
 balancer's integer-watt limit is exactly the site limit), base load 0, and every session one EV that asks
 at ``arrival_min`` for ``requested_kwh`` at up to ``max_kw``, says when it leaves (``departure`` is sent
-with the request), and leaves at ``departure_min`` whatever it got.
+with the request), and leaves at ``departure_min`` whatever it got. Its ``min_kw`` is 0: the study's EVSEs
+(ACN-Sim's basic EVSEs) take any rate from 0 to the maximum, so a plugged-in EV may wait at 0 kW (the balancer
+holds it at its smallest grant, 1 W) while others charge.
 """
 
 from __future__ import annotations
@@ -211,7 +213,8 @@ def sessions_scenario(sessions: SessionFile | Sequence[SessionRow], limit_kw: fl
                       step_s: float = 1.0, name: str | None = None) -> Scenario:
     """The benchmark's mapping: one substation ``site`` whose usable limit is ``limit_kw`` (capacity from
     :func:`capacity_for_limit`), base load 0, one EV per session (ids ``EV_00001``... in file order), asking
-    for ``requested_kwh`` at ``max_kw`` with its departure, leaving at its departure whatever it got.
+    for ``requested_kwh`` at ``max_kw`` (``min_kw`` 0: it may be paused) with its departure, leaving at its
+    departure whatever it got.
 
     Scenario time 0 is the first arrival; ``start_hour`` is its time of day (minutes from the file's origin,
     taken as midnight). Telemetry every step, without lag (the study's simulator sees its site exactly)."""
@@ -223,7 +226,7 @@ def sessions_scenario(sessions: SessionFile | Sequence[SessionRow], limit_kw: fl
     label = name or (sessions.name if isinstance(sessions, SessionFile) else "sessions")
     origin_min = min(r.arrival_min for r in rows)
     evs = [{"at": (r.arrival_min - origin_min) * 60.0, "ev_id": f"EV_{i:05d}", "requested_kw": r.max_kw,
-            "energy_kwh": r.requested_kwh, "departure": (r.departure_min - origin_min) * 60.0}
+            "min_kw": 0.0, "energy_kwh": r.requested_kwh, "departure": (r.departure_min - origin_min) * 60.0}
            for i, r in enumerate(rows, start=1)]
     last = max(r.departure_min for r in rows) - origin_min
     scenario_name = "".join(c if c.isalnum() or c in "_-" else "_" for c in f"{label}_{_limit_label(limit_kw)}")

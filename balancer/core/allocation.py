@@ -56,25 +56,26 @@ def equal_share(available: int, floors: Sequence[int], caps: Sequence[int]) -> l
     return water_fill(available, floors, caps, [1.0] * len(floors))
 
 
-def deadline_share(available: int, floors: Sequence[int], caps: Sequence[int], needs: Sequence[int],
-                   slack_s: Sequence[float]) -> list[int]:
-    """Deadline-aware: first every session's floor, then, most urgent first (least slack), what it needs to
-    finish its energy by its departure, as far as power allows; what is left is shared equally.
+def laxity_share(available: int, floors: Sequence[int], caps: Sequence[int],
+                 urgency: Sequence[tuple[float, ...] | None]) -> list[int]:
+    """Least laxity first: every session's floor, then, most urgent first (smallest ``urgency`` key), as much as
+    it can take (its cap) while power lasts; sessions without a key (no departure or energy given) share what is
+    left equally.
 
-    ``needs`` is the power needed to finish in time (0 when the EV gave no departure or energy);
-    ``slack_s`` orders urgency (time to spare at full power; smaller is more urgent).
+    Concentrating power on the least laxity (time to spare at full power) is the textbook scheduler that
+    delivers most energy by the departures (ACN-Sim's LLF); the caller rounds laxity into steps so that near
+    ties do not swap power back and forth.
     """
-    n = len(floors)
     targets = list(floors)
     room = available - sum(floors)
     if room <= 0:
         return targets
-    for i in sorted(range(n), key=lambda j: slack_s[j]):
-        want = min(caps[i], max(floors[i], needs[i])) - targets[i]
-        if want > 0:
-            give = min(want, room)
+    ranked = sorted((key, i) for i, key in enumerate(urgency) if key is not None)
+    for _, i in ranked:
+        give = min(caps[i] - targets[i], room)
+        if give > 0:
             targets[i] += give
             room -= give
             if room <= 0:
-                break
+                return targets
     return equal_share(available, targets, caps)

@@ -38,6 +38,13 @@ class CoreConfig:
     hysteresis_kw: NonNegative = 1.0
     #: ... nor within this long of the session's last change: noise in telemetry must not make power flap.
     min_hold_s: NonNegative = 10.0
+    #: The band kept free below the limit (and the smallest raise) is the base-load noise measured per substation:
+    #: the range of its uncontrolled load within one hold time (``min_hold_s``), held and decaying over this
+    #: long; until one hold time is measured, ``hysteresis_kw``.
+    noise_decay_s: Positive = 300.0
+    #: ``deadline`` orders sessions by laxity (time to spare at full power) rounded down to this step, so that
+    #: two sessions of almost equal laxity do not swap power back and forth as their laxities cross.
+    laxity_step_s: Positive = 1800.0
     rebalance_interval_s: Positive = 1.0  # a substation is re-evaluated at least this often
     poll_interval_s: Positive = 5.0  # polled-least-loaded's snapshot age (baseline)
     queue_update_interval_s: Positive = 5.0  # queued EVs hear new positions/ETAs at most this often

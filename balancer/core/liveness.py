@@ -43,6 +43,7 @@ class Liveness:
         sub.reported_sessions = msg.active_sessions
         sub.last_telemetry_at = now
         sub.granted_at_telemetry_w = sub.granted_w
+        sub.observe_noise(now, max(st.config.min_hold_s, 1.0), st.config.noise_decay_s)
         sub.lost = False
         st.touch(sub)
         effects = self.rebalancer.reduce(sub, now)

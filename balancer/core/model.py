@@ -129,7 +129,12 @@ class Substation:
     shares_version: int = 0
     #: after the last full sharing pass: (shares_version, limit - uncontrolled load, when a held change comes due,
     #: how far that power may move before a grant would change); see balancer.core.rebalancing
-    share_memo: tuple[int, int, float, float] | None = None
+    share_memo: tuple[int, int, float, float, int] | None = None
+    #: base-load noise: the range (highest - lowest) of the uncontrolled load within one window (the hold time),
+    #: held and decaying over time (None: no whole window measured yet); sizes the band kept free below the limit
+    noise_w: float | None = None
+    noise_at: float = 0.0
+    noise_window: tuple[float, int, int] | None = None  # the current window: (start, lowest W, highest W)
 
     def apply_capacity(self) -> None:
         """Plan with the reported capacity, or the operator's limit or the scheduled one when lower."""
@@ -157,6 +162,24 @@ class Substation:
         """Non-EV load, or more when the measurement shows load we did not grant (never less)."""
         return max(self.base_load_w, self.load_w - self.granted_at_telemetry_w)
     sessions: dict[str, Session] = field(default_factory=dict)
+
+    def observe_noise(self, now: float, window_s: float, decay_s: float) -> None:
+        """Take a telemetry sample's uncontrolled load into the noise estimate: how far it ranged within a window
+        of ``window_s`` (whatever the telemetry interval), as a peak-hold that decays with ``decay_s``, so one
+        jump widens the band for minutes, not for ever."""
+        x = self.uncontrolled_w()
+        window = self.noise_window
+        if window is None or now < window[0]:
+            self.noise_window = (now, x, x)
+            return
+        start, lo, hi = window[0], min(window[1], x), max(window[2], x)
+        if now - start < window_s:
+            self.noise_window = (start, lo, hi)
+            return
+        held = 0.0 if self.noise_w is None else self.noise_w * math.exp(-max(0.0, now - self.noise_at) / decay_s)
+        self.noise_w = max(float(hi - lo), held)
+        self.noise_at = now
+        self.noise_window = (now, x, x)  # the next window starts at this sample
 
     def limit_w(self, margin_pct: float) -> int:
         return math.floor(self.capacity_w * (1 - margin_pct / 100))

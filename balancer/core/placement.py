@@ -70,8 +70,9 @@ class Placement:
             return self.book.new(sub, req, grant, now), []
         session = self.book.new(sub, req, 0, now)
         target = dict((s.session_id, t) for s, t in self.rebalancer.targets(sub, now))[session.session_id]
-        # Make room for the new session's share: squeeze the others now (they are told first).
-        reductions = self.rebalancer.decrease(sub, now, mandatory=True, skip=session)
+        # Make room for the new session's share: squeeze the others now (they are told first), no more than needed.
+        free = sub.limit_w(self.state.config.safety_margin_pct) - self.rebalancer.band_w(sub) - sub.used_w()
+        reductions = self.rebalancer.decrease(sub, now, shed=target - free, skip=session)
         # Targets fit the room the squeeze made; the min() only ever guards the capacity guarantee.
         grant = max(0, min(target, sub.limit_w(self.state.config.safety_margin_pct) - sub.used_w()))
         session.granted_w = grant

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from balancer.core import Balancer, CoreConfig, Effect, ToEv, ToSubstation
-from balancer.core.model import kw_to_w_up
+from balancer.core.model import kw_to_w_down, kw_to_w_up
 from balancer.core.policy import COMPRESSIBLE, compressible_room_w, least_utilised
 from grid_protocol import (
     Assignment,
@@ -72,6 +72,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.step = ""
         self.prev_sessions: dict[str, tuple[str, str, int]] = {}  # session id -> (ev, substation, granted W)
         self.adopted: set[str] = set()
+        self.announced: dict[str, tuple[str, int]] = {}  # sessions announced in this step -> (substation, W)
 
     # ------------------------------------------------------------------ helpers
     def _apply(self, step: str, effects: list[Effect]) -> list[Effect]:
@@ -270,6 +271,7 @@ class CoreMachine(RuleBasedStateMachine):
                            granted_kw=granted, min_kw=None if min_frac is None else granted * min_frac,
                            priority=priority, request_id=rid, energy_kwh=10.0)
         was_open = ev in self.open
+        self.announced[session_id] = (sid, kw_to_w_down(granted))  # what it draws until a command says otherwise
         effects = self._apply(f"{event} (adopt?) {session_id} {ev} {granted:g} kW on {sid}",
                               self.b.on_session_event(sid, msg, self.now))
         if not was_open and ev in self.b._evs:  # adopted (possibly revoked at once to respect the limit)
@@ -342,6 +344,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.effects_ordered_and_valid()  # replays from the grants before the step: before prev_sessions moves on
         self.every_change_is_told()
         self.calls = []
+        self.announced = {}
 
     def capacity_never_exceeded(self) -> None:
         assert self.b.violations() == [], (self.step, self.b.violations())
@@ -459,6 +462,11 @@ class CoreMachine(RuleBasedStateMachine):
         running: dict[str, dict[str, int]] = {}
         for session_id, (_ev, sid, granted) in self.prev_sessions.items():
             if session_id in self.b._sessions or session_id in stopped:
+                running.setdefault(sid, {})[session_id] = granted
+        # A session announced (and adopted) in this step was drawing its power before any command: a cut of it is
+        # a reduction, not a start.
+        for session_id, (sid, granted) in self.announced.items():
+            if session_id not in self.prev_sessions and (session_id in self.b._sessions or session_id in stopped):
                 running.setdefault(sid, {})[session_id] = granted
         for effects in self.calls:
             self._one_call_ordered_and_valid(effects, running)

@@ -45,7 +45,7 @@ def test_the_benchmark_runs_end_to_end_on_a_slice(tmp_path: Path, capsys: pytest
             assert r["metrics"]["evs"] == 39 and not r["anomalies"]
             if policy == "round-robin":  # ignores the limit: it may beat the optimum only by breaking it
                 continue
-            assert r["over_limit_s"] == 0 and r["peak_over_limit"] <= 1.0
+            assert r["over_limit_s"] == 0 and r["peak_over_limit"] <= 1.0 + 1e-9  # (a float sum of whole-watt grants)
             assert 0 < r["delivered_pct"] <= optimum + 1e-6  # nothing real-time beats the offline optimum
             line = next(x for x in out.splitlines() if x.split()[:2] == [f"{lim['limit_kw']:g}", policy])
             assert f"{r['delivered_pct']:.2f}" in line and f"{optimum:.2f}" in line

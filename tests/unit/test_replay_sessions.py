@@ -140,8 +140,8 @@ def test_sessions_become_one_site_with_one_ev_each() -> None:
     assert sc.start_hour == pytest.approx(380 / 60)  # time 0 is the first arrival, at 06:20
     assert sc.name == "bench_10kW"
     assert sc.arrivals.explicit == [
-        ExplicitEv(at=0, ev_id="EV_00001", requested_kw=6.6, energy_kwh=4.2, departure=80 * 60),
-        ExplicitEv(at=45 * 60, ev_id="EV_00002", requested_kw=7.2, energy_kwh=30, departure=1120 * 60),
+        ExplicitEv(at=0, ev_id="EV_00001", requested_kw=6.6, min_kw=0, energy_kwh=4.2, departure=80 * 60),
+        ExplicitEv(at=45 * 60, ev_id="EV_00002", requested_kw=7.2, min_kw=0, energy_kwh=30, departure=1120 * 60),
     ]
     assert sessions_scenario(sessions, 12.5, margin_pct=0).name == "bench_12p5kW"
 

@@ -1,16 +1,18 @@
 """Policies that admit a request by squeezing running sessions toward their ``min_kw``:
 
 - ``weighted-fair``: max-min fair shares weighted by ``priority + 1``; a waiting EV counts too.
-- ``deadline``: admission like ``weighted-fair``; power goes first to what each EV needs to finish its
-  ``energy_kwh`` by its ``departure``, most urgent first, and the rest is shared equally.
+- ``deadline``: admission like ``weighted-fair``; least laxity first: the EV with the least time to spare
+  (departure less the time its remaining ``energy_kwh`` takes at full power, in ``laxity_step_s`` steps, then
+  the earlier departure) gets all it can take, then the next; EVs that gave no departure share the rest.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from balancer.core.allocation import deadline_share, water_fill
+from balancer.core.allocation import laxity_share, water_fill
 from balancer.core.model import PendingRequest, Session, Substation
 from balancer.core.policies.index import SubstationIndex
 from balancer.core.policies.names import PolicyName
@@ -81,7 +83,7 @@ def _seconds_left(_sessions: Sequence[Session], now: float) -> Callable[[float, 
 
 class Deadline(_Compressible):
     name = PolicyName.DEADLINE
-    time_dependent = True  # what an EV needs by its departure grows as time passes
+    time_dependent = True  # laxity falls as time passes
     #: (the substation's sessions, now) -> seconds until a departure as the policy should count them, given what
     #: the EV still needs and its rate. The engine sets one that counts the power a limit schedule will leave
     #: (balancer/core/limit_effects.py ``horizon``); without one, the seconds there are.
@@ -89,16 +91,16 @@ class Deadline(_Compressible):
 
     def targets(self, sessions: Sequence[Session], available: int, floors: Sequence[int], caps: Sequence[int],
                 now: float) -> list[int]:
-        needs, slack = [], []
+        urgency: list[tuple[float, float, int] | None] = []
+        step = self.config.laxity_step_s
         left = self.horizon(sessions, now)
         for s in sessions:
             s.account(now)
             remaining, departure = s.remaining_wh(), s.request.departure
             if remaining is None or departure is None:
-                needs.append(0)
-                slack.append(float("inf"))
+                urgency.append(None)
                 continue
             left_s = max(1.0, left(departure, remaining, s.request.requested_w))
-            needs.append(int(remaining * 3600 / left_s) + 1)
-            slack.append(left_s - remaining * 3600 / max(1, s.request.requested_w))
-        return deadline_share(available, floors, caps, needs, slack)
+            laxity = left_s - remaining * 3600 / max(1, s.request.requested_w)
+            urgency.append((math.floor(laxity / step), departure, s.request.arrival))
+        return laxity_share(available, floors, caps, urgency)
