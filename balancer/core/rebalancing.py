@@ -4,6 +4,7 @@ hysteresis and a hold time so telemetry noise does not make power flap."""
 
 from __future__ import annotations
 
+from balancer.core import limit_effects
 from balancer.core.effects import Effect
 from balancer.core.model import Session, Substation, kw_to_w_up
 from balancer.core.policies import Policy
@@ -121,9 +122,11 @@ class Rebalancer:
             cut = session.granted_w - target
             settled = cut >= hysteresis and now - session.last_change_at >= cfg.min_hold_s
             if cut > 0 and (mandatory or settled):
-                reason = Reason.CAPACITY_REDUCED if mandatory else Reason.REBALANCED
-                effects += self.book.set_grant(session, target, now, reason,
-                                               "substation limit" if mandatory else "fair share changed")
+                reason, detail = ((Reason.CAPACITY_REDUCED, "substation limit") if mandatory
+                                  else (Reason.REBALANCED, "fair share changed"))
+                if mandatory:  # a scheduled limit that binds says so (limit_scheduled, and whose it is)
+                    reason, detail = limit_effects.cut_reason(self.state, sub, now) or (reason, detail)
+                effects += self.book.set_grant(session, target, now, reason, detail)
         return effects
 
     def raise_(self, sub: Substation, now: float) -> list[Effect]:
@@ -152,19 +155,20 @@ class Rebalancer:
         """Keep the substation within its limit: revoke the newest sessions while even their minimums do not
         fit, then bring grants down to their shares (at once when over the limit). Baselines never do."""
         cfg = self.state.config
-        if not self.policy.rebalances or not sub.sessions or sub.capacity_w <= 0:
+        if not self.policy.rebalances or not sub.sessions or sub.rated_w() <= 0:  # (capacity never reported)
             return []
         sub.rebalanced_at = now
         effects: list[Effect] = []
         available = sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w()
         floors = sub.floors_w
         if floors > available:
+            reason, detail = (limit_effects.cut_reason(self.state, sub, now)
+                              or (Reason.CAPACITY_REDUCED, "substation load rose above its limit"))
             # reversed(): among sessions placed at the same instant, the one placed last is the newest.
             for session in sorted(reversed(sub.sessions.values()), key=lambda s: s.started_at, reverse=True):
                 if floors <= available:
                     break
                 floors -= session.request.min_w
-                effects += self.book.revoke(session, now, Reason.CAPACITY_REDUCED,
-                                            "substation load rose above its limit", stop_agent=True)
+                effects += self.book.revoke(session, now, reason, detail, stop_agent=True)
         over = sub.used_w() > sub.limit_w(cfg.safety_margin_pct)
         return effects + self.decrease(sub, now, mandatory=over)

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from balancer.core.allocation import deadline_share, water_fill
@@ -75,13 +75,22 @@ class WeightedFair(_Compressible):
         return water_fill(available, floors, caps, [self.weight(s) for s in sessions])
 
 
+def _seconds_left(_sessions: Sequence[Session], now: float) -> Callable[[float, float, int], float]:
+    return lambda departure, _remaining_wh, _max_w: departure - now
+
+
 class Deadline(_Compressible):
     name = PolicyName.DEADLINE
     time_dependent = True  # what an EV needs by its departure grows as time passes
+    #: (the substation's sessions, now) -> seconds until a departure as the policy should count them, given what
+    #: the EV still needs and its rate. The engine sets one that counts the power a limit schedule will leave
+    #: (balancer/core/limit_effects.py ``horizon``); without one, the seconds there are.
+    horizon: Callable[[Sequence[Session], float], Callable[[float, float, int], float]] = staticmethod(_seconds_left)
 
     def targets(self, sessions: Sequence[Session], available: int, floors: Sequence[int], caps: Sequence[int],
                 now: float) -> list[int]:
         needs, slack = [], []
+        left = self.horizon(sessions, now)
         for s in sessions:
             s.account(now)
             remaining, departure = s.remaining_wh(), s.request.departure
@@ -89,7 +98,7 @@ class Deadline(_Compressible):
                 needs.append(0)
                 slack.append(float("inf"))
                 continue
-            left_s = max(1.0, departure - now)
+            left_s = max(1.0, left(departure, remaining, s.request.requested_w))
             needs.append(int(remaining * 3600 / left_s) + 1)
             slack.append(left_s - remaining * 3600 / max(1, s.request.requested_w))
         return deadline_share(available, floors, caps, needs, slack)
