@@ -1,5 +1,4 @@
-// The grid as the live feed describes it: a snapshot, then diffs (GET /events, api/live.py). Pure: no DOM, so it
-// runs in node as well (tests/js/grid.test.mjs).
+// The grid as the live feed describes it: a snapshot, then diffs (GET /events, api/live.py). Pure: no DOM.
 //
 // A snapshot carries `fields` (the names of a compact substation row), `substations` (rows), `seq` and the other
 // parts (totals, balancer, queue, latest_assignments, events, decommissioned, mqtt_connected). A diff carries
