@@ -136,9 +136,13 @@ def test_schedule_set_over_the_api_is_shown_on_the_live_page(broker: LocalBroker
     with chromium(tmp_path / "chromium-profile") as driver:
         driver.get(api.url + "/")
 
+        def text_of(selector: str) -> str:  # read in one step in the page (rows are redrawn while we look)
+            return str(driver.execute_script(
+                "const e = document.querySelector(arguments[0]);"
+                "return e && !e.hidden && !e.closest('[hidden]') ? e.textContent : '';", selector))
+
         def schedule_text() -> str:
-            found = driver.find_elements(By.CSS_SELECTOR, '.sub[data-substation="north"] .schedule')
-            return str(found[0].text) if found and found[0].is_displayed() else ""
+            return text_of('.sub[data-substation="north"] .schedule')
 
         try:
             wait_for(lambda: "dso-north" in schedule_text(), 15, "the schedule on the page")
@@ -146,10 +150,9 @@ def test_schedule_set_over_the_api_is_shown_on_the_live_page(broker: LocalBroker
             raise AssertionError(f"{exc}\nbrowser log: {driver.get_log('browser')}") from None
         text = schedule_text()
         assert "limit set by dso-north" in text and "250.0 kW" in text and "300.0 kW" in text
-        now_slot = driver.find_element(By.CSS_SELECTOR, '.sub[data-substation="north"] .schedule .slot.now')
-        assert "250.0" in now_slot.text  # the interval in force is marked
-        south = driver.find_elements(By.CSS_SELECTOR, '.sub[data-substation="south"] .schedule')
-        assert not south or not south[0].is_displayed()  # no schedule there: nothing shown
+        assert "250.0" in text_of('.sub[data-substation="north"] .schedule .slot.now')  # the one in force, marked
+        assert driver.find_elements(By.CSS_SELECTOR, '.sub[data-substation="south"]')  # shown, ...
+        assert text_of('.sub[data-substation="south"] .schedule') == ""  # ... without a schedule: nothing
         assert api.http.delete("/substations/north/limits/dso-north").status_code == 200
         wait_for(lambda: schedule_text() == "", 10, "the schedule gone from the page")
     log = api.service.log()
