@@ -221,16 +221,18 @@ def test_ev_that_cannot_get_its_energy_before_the_cut_is_told_so() -> None:
 
 
 def test_deadline_policy_counts_the_capacity_it_will_have() -> None:
-    """Two EVs share 45 kW now; one leaves at T0+2h needing 40 kWh, the other later. A cut to 10 kW (9 with margin)
-    from T0+1h: the one leaving early must get much more before the cut than with no schedule."""
+    """Two EVs share 45 kW now (least laxity first). EV_1 needs 120 kWh by T0+6h, EV_2 20 kWh by T0+2h: without a
+    schedule EV_2 has less slack (1.5 h against 3 h) and comes first. A cut to 10 kW (9 with margin) from T0+1h to
+    T0+5h leaves EV_1 3 h of room at its rate before it leaves, less than it needs: counting the capacity it will
+    have, EV_1 comes first now, before the cut."""
     def grants(with_cut: bool) -> int:
         h = lead_harness(policy="deadline")
         h.tel("A", capacity_kw=50)
         if with_cut:
-            limits(h, "A", (H, 3 * H, 10))
-        h.b.on_request("EV_1", ChargeRequest(requested_kw=40, request_id="a", energy_kwh=40, departure=T0 + 2 * H),
+            limits(h, "A", (H, 5 * H, 10))
+        h.b.on_request("EV_1", ChargeRequest(requested_kw=40, request_id="a", energy_kwh=120, departure=T0 + 6 * H),
                        h.now)
-        h.b.on_request("EV_2", ChargeRequest(requested_kw=40, request_id="b", energy_kwh=40, departure=T0 + 8 * H),
+        h.b.on_request("EV_2", ChargeRequest(requested_kw=40, request_id="b", energy_kwh=20, departure=T0 + 2 * H),
                        h.now)
         h.advance(11)
         h.refresh()
