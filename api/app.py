@@ -22,7 +22,7 @@ from api.live import LiveHub
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.mqtt_bridge import Bridge
 from api.problems import PROBLEM_MEDIA_TYPE
-from api.routes import accounts, charge, live, metrics, operator, status
+from api.routes import accounts, charge, limits, live, metrics, operator, status
 from api.settings import ApiSettings
 from api.state import StateStore
 from api.tokens import TokenStore
@@ -93,7 +93,7 @@ def create_app(settings: ApiSettings | None = None, *, transport: Transport | No
     app.add_middleware(MetricsMiddleware, metrics=lambda: ctx.metrics)
     if "*" not in settings.allowed_hosts:
         app.add_middleware(problems.HostCheckMiddleware, allowed=settings.allowed_hosts)
-    for module in (status, charge, operator, accounts, live, metrics):
+    for module in (status, charge, operator, limits, accounts, live, metrics):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=live.STATIC_DIR), name="static")
     app.openapi = lambda: _openapi(app, public_reads=settings.public_reads)  # type: ignore[method-assign]

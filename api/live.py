@@ -33,7 +33,10 @@ REFRESH_S = 2.0
 #: Queue entries, latest assignments and events on the page.
 PAGE_ROWS = 20
 #: What a diff may carry besides the substations, each only when it changed.
-PARTS = ("mqtt_connected", "balancer", "totals", "decommissioned", "queue", "latest_assignments", "events")
+PARTS = ("mqtt_connected", "balancer", "totals", "decommissioned", "queue", "latest_assignments", "events",
+         "schedules")
+#: Intervals of each substation's limit schedule (its composite) the page shows.
+SCHEDULE_SLOTS = 4
 _CONDITION = COMPACT_FIELDS.index("condition")
 _UTILISATION = COMPACT_FIELDS.index("utilisation")
 
@@ -91,6 +94,7 @@ class LiveHub:
             "queue": store.queue_view(now, PAGE_ROWS),
             "latest_assignments": store.recent_assignments(PAGE_ROWS, noise=noise),
             "events": store.events.latest(PAGE_ROWS),
+            "schedules": store.schedule_views(SCHEDULE_SLOTS),
         }
 
     def _advance(self, now: float, views: list[dict[str, Any]]) -> dict[str, Any]:

@@ -22,14 +22,17 @@ from api.settings import ApiSettings
 from api.state import StateStore
 from grid_protocol import PayloadError, TopicKind, Topics, decode, encode, is_valid_id
 from grid_protocol.messages import (
+    MAX_SCHEDULE_PAYLOAD_BYTES,
     MAX_STATE_PAYLOAD_BYTES,
     Assignment,
     BalancerStatus,
     ChargeRequest,
     ControlCommand,
     ControlResult,
+    LimitSchedule,
     QueueState,
     Release,
+    ScheduleState,
     SessionEvent,
     SubstationState,
     SubstationStatus,
@@ -45,7 +48,7 @@ log = get_logger("api.mqtt")
 SUBSCRIPTIONS = (
     TopicKind.SUBSTATION_STATE, TopicKind.SUBSTATION_STATUS, TopicKind.SUBSTATION_TELEMETRY,
     TopicKind.SUBSTATION_SESSION, TopicKind.BALANCER_STATUS, TopicKind.BALANCER_QUEUE,
-    TopicKind.BALANCER_CONTROL_RESULT, TopicKind.EV_ASSIGNMENT,
+    TopicKind.BALANCER_CONTROL_RESULT, TopicKind.EV_ASSIGNMENT, TopicKind.SUBSTATION_SCHEDULE,
 )
 _MODELS: dict[TopicKind, tuple[type, int]] = {
     TopicKind.SUBSTATION_STATE: (SubstationState, MAX_STATE_PAYLOAD_BYTES),
@@ -56,10 +59,11 @@ _MODELS: dict[TopicKind, tuple[type, int]] = {
     TopicKind.BALANCER_QUEUE: (QueueState, MAX_STATE_PAYLOAD_BYTES),
     TopicKind.BALANCER_CONTROL_RESULT: (ControlResult, MAX_STATE_PAYLOAD_BYTES),
     TopicKind.EV_ASSIGNMENT: (Assignment, 4096),
+    TopicKind.SUBSTATION_SCHEDULE: (ScheduleState, MAX_SCHEDULE_PAYLOAD_BYTES),
 }
 #: Retained topics where an empty payload means "cleared".
 _CLEARABLE = {TopicKind.SUBSTATION_STATE, TopicKind.SUBSTATION_STATUS, TopicKind.BALANCER_STATUS,
-              TopicKind.BALANCER_QUEUE}
+              TopicKind.BALANCER_QUEUE, TopicKind.SUBSTATION_SCHEDULE}
 
 
 class NotConnected(Exception):
@@ -186,6 +190,8 @@ class Bridge:
         elif kind == TopicKind.BALANCER_CONTROL_RESULT:
             store.on_control_result(value, now)
             self._resolve(f"control:{value.request_id}", value)
+        elif kind == TopicKind.SUBSTATION_SCHEDULE:
+            store.on_schedule(sid, value, now)
         elif kind == TopicKind.EV_ASSIGNMENT:
             if value.ev_id != sid:
                 self._refused(kind, "id_mismatch", f"assignment for {value.ev_id!r} on {sid!r}'s topic")
@@ -274,4 +280,15 @@ class Bridge:
         result: ControlResult | None = await self._publish_and_wait(
             f"control:{command.request_id}", lambda _r: True, self.topics.balancer_control(), encode(command),
             timeout)
+        return result
+
+    async def limits(self, substation_id: str, schedule: LimitSchedule, timeout: float) -> ControlResult | None:
+        """Send a source's limit schedule for the substation; the answer is the balancer's ``set_limits`` result."""
+        if schedule.request_id is None:
+            schedule = msgspec.structs.replace(schedule, request_id=new_request_id())
+        if schedule.ts is None:
+            schedule = msgspec.structs.replace(schedule, ts=self.clock())
+        result: ControlResult | None = await self._publish_and_wait(
+            f"control:{schedule.request_id}", lambda _r: True, self.topics.substation_limits(substation_id),
+            encode(schedule), timeout)
         return result

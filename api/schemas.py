@@ -109,6 +109,10 @@ class Substation(BaseModel):
     headroom_kw: float | None
     utilisation: float | None = Field(description="load over capacity (1.0 = at capacity)")
     sessions_total: int
+    schedule_limit_kw: float | None = Field(None, description="the lowest scheduled limit from now to the planning "
+                                                              "lead time (GET /substations/{id}/limits)")
+    limit_source: str | None = Field(None, description="what sets capacity_kw: capacity, operator or a schedule's "
+                                                       "source")
 
 
 class Totals(BaseModel):
@@ -144,7 +148,7 @@ class Event(BaseModel):
 
     id: int = Field(description="increasing; a client that has seen id N needs only the newer ones")
     ts: float
-    kind: Literal["drain", "undrain", "capacity", "revoked", "stale", "offline", "overloaded", "recovered",
+    kind: Literal["drain", "undrain", "capacity", "schedule", "revoked", "stale", "offline", "overloaded", "recovered",
                   "decommissioned", "account_added", "account_removed", "balancer_online", "balancer_offline"]
     text: str
     substation_id: str | None
@@ -409,3 +413,60 @@ class EvRemoved(BaseModel):
     ev_id: str
     account_removed: bool
     released: Assignment | None = Field(description="its request or session, ended first (null: nothing open)")
+
+
+class LimitEntryIn(BaseModel):
+    """One limit of a source's schedule: at most ``limit_kw`` on the substation from ``start`` to ``end``."""
+
+    model_config = ConfigDict(extra="forbid")
+    start: float = Field(..., ge=0, le=1e11, description="epoch seconds (inclusive)")
+    end: float = Field(..., ge=0, le=1e11, description="epoch seconds (exclusive), after start")
+    limit_kw: float = Field(..., ge=0, le=1_000_000, description="base load and EVs together; 0: nothing")
+    priority: int = Field(0, ge=0, le=9, description="within the source, a higher one overrides a lower one")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LimitEntryIn:
+        if self.end <= self.start:
+            raise ValueError("end must be after start")
+        return self
+
+
+class LimitsIn(BaseModel):
+    """A source's whole schedule for the substation: replaces what it sent before; ``[]`` withdraws it."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"entries": [
+        {"start": 1767286800, "end": 1767297600, "limit_kw": 250}]}]})
+    entries: list[LimitEntryIn] = Field(..., max_length=100)
+
+
+class ScheduleSlot(BaseModel):
+    start: float
+    end: float
+    limit_kw: float
+    source: str
+    priority: int = 0
+
+
+class Schedule(BaseModel):
+    """A substation's limit schedule as the balancer publishes it (retained ``substation/{id}/schedule``)."""
+
+    substation_id: str
+    ts: float | None = Field(description="when the balancer took it; null: it has published none")
+    limit_kw: float | None = Field(description="the scheduled limit in force at ts")
+    source: str | None = Field(description="whose limit that is")
+    entries: list[ScheduleSlot] = Field(description="every entry not yet over, by start")
+    composite: list[ScheduleSlot] = Field(description="from ts on: where an entry applies, the lowest limit and its "
+                                                      "source")
+
+
+class LimitsOutcome(BaseModel):
+    """The balancer's answer to a schedule (``set_limits`` on ``balancer/control/result``)."""
+
+    ok: bool
+    action: Literal["set_limits"]
+    substation_id: str
+    request_id: str | None
+    ts: float
+    reason: str | None
+    detail: str | None
+    schedule: Schedule | None

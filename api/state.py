@@ -36,6 +36,7 @@ from grid_protocol.messages import (
     ChargeRequest,
     ControlResult,
     QueueState,
+    ScheduleState,
     SessionEvent,
     SessionView,
     SubstationState,
@@ -156,6 +157,8 @@ class StateStore:
         self.substations: dict[str, SubstationEntry] = {}
         self.balancer: BalancerStatus | None = None
         self.queue_state: QueueState | None = None
+        #: each substation's limit schedule (retained ``substation/{id}/schedule``)
+        self.schedules: dict[str, ScheduleState] = {}
         #: the latest answers without probe noise (NOISE_REASONS), and with it
         self.recent: deque[Assignment] = deque(maxlen=recent_assignments)
         self.recent_all: deque[Assignment] = deque(maxlen=recent_assignments)
@@ -278,6 +281,27 @@ class StateStore:
             while len(self._requests) > _FRESH_MAX:
                 self._requests.popitem(last=False)
 
+    def on_schedule(self, sid: str, msg: ScheduleState | None, now: float) -> None:
+        """``None``: the retained schedule was cleared (the substation was forgotten)."""
+        if msg is None or not msg.entries:
+            self.schedules.pop(sid, None)
+        elif msg.substation_id == sid:
+            self.schedules[sid] = msg
+        self._touch("schedule", now)
+
+    def schedule_views(self, slots: int) -> dict[str, dict[str, Any]]:
+        """Per substation with a limit schedule: the limit in force and its source, what sets the capacity the
+        balancer plans with (``limit_source``), and the first ``slots`` intervals of the composite."""
+        out: dict[str, dict[str, Any]] = {}
+        for sid, sched in self.schedules.items():
+            entry = self.substations.get(sid)
+            state = entry.state if entry is not None else None
+            out[sid] = {"limit_kw": sched.limit_kw, "source": sched.source,
+                        "limit_source": state.limit_source if state is not None else None,
+                        "composite": [{"start": c.start, "end": c.end, "limit_kw": c.limit_kw, "source": c.source}
+                                      for c in sched.composite[:slots]]}
+        return out
+
     def on_control_result(self, msg: ControlResult, now: float) -> None:
         if msg.state is not None and msg.state.substation_id == msg.substation_id:
             self.on_substation_state(msg.substation_id, msg.state, now)
@@ -295,6 +319,10 @@ class StateStore:
             self.events.add(now, "capacity", text, substation_id=sid)
         elif msg.action == "forget":
             self.forget_substation(sid, now, msg.detail)
+        elif msg.action == "set_limits":
+            if msg.schedule is not None:
+                self.on_schedule(sid, msg.schedule, now)
+            self.events.add(now, "schedule", f"{sid}: limit schedule: {msg.detail or 'changed'}", substation_id=sid)
 
     def forget_substation(self, sid: str, now: float, detail: str | None = None) -> None:
         """A decommissioned substation leaves every view and total; it is listed apart for a while."""
@@ -371,6 +399,7 @@ class StateStore:
                 capacity_limit_kw=state.capacity_limit_kw, limit_kw=state.limit_kw, load_kw=state.load_kw,
                 base_load_kw=state.base_load_kw, granted_kw=state.granted_kw, reserved_kw=state.reserved_kw,
                 headroom_kw=state.headroom_kw, utilisation=state.utilisation, sessions_total=state.sessions_total,
+                schedule_limit_kw=state.schedule_limit_kw, limit_source=state.limit_source,
             )
         else:
             capacity = tele.capacity_kw if tele is not None else (status.capacity_kw if status is not None else None)

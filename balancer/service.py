@@ -21,6 +21,7 @@ import msgspec
 
 from balancer.admission import REFUSED_COST, Admission
 from balancer.core import Balancer, Effect, ToEv
+from balancer.core.limits import schedule_state
 from balancer.core.views import queue_state, substation_state
 from balancer.settings import BalancerSettings
 from balancer.startup import StartupGate
@@ -30,9 +31,11 @@ from grid_protocol import (
     ControlCommand,
     ControlResult,
     ErrorReport,
+    LimitSchedule,
     PayloadError,
     Reason,
     Release,
+    ScheduleState,
     SessionCommand,
     SessionEvent,
     SubstationStatus,
@@ -44,7 +47,7 @@ from grid_protocol import (
     is_valid_id,
 )
 from grid_protocol.lease import LeaseIssuer
-from grid_protocol.messages import QueueState, SubstationState
+from grid_protocol.messages import MAX_SCHEDULE_PAYLOAD_BYTES, QueueState, SubstationState
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import InMessage, Transport, Will, make_transport
 from grid_runtime.ratelimit import RateLimitedLog
@@ -52,7 +55,8 @@ from grid_runtime.ratelimit import RateLimitedLog
 log = get_logger("balancer")
 VERSION = "0.1.0"
 #: Input that acts on the grid: held after a start until the grid is known (balancer/startup.py).
-_ACTS_ON_GRID = frozenset({TopicKind.EV_REQUEST, TopicKind.EV_RELEASE, TopicKind.BALANCER_CONTROL})
+_ACTS_ON_GRID = frozenset({TopicKind.EV_REQUEST, TopicKind.EV_RELEASE, TopicKind.BALANCER_CONTROL,
+                           TopicKind.SUBSTATION_LIMITS})
 _SHED_KEY = {kind: f"bad_payload:{kind}:{Reason.RATE_LIMITED}" for kind in TopicKind}
 _REQUEST_ID_RE = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
 
@@ -75,8 +79,11 @@ class BalancerService:
         self.instance = boot
         seq = iter(range(1, 1 << 62))
         self.core = Balancer(
-            # An agent that reconnects within its lease keeps its sessions: hold them that long.
-            dataclasses.replace(settings.core, offline_grace_s=settings.lease_s),
+            # An agent that reconnects within its lease keeps its sessions: hold them that long. Scheduled limits are
+            # planned with early enough that a lease granted just before (a balancer that dies then) runs out first.
+            dataclasses.replace(settings.core, offline_grace_s=settings.lease_s,
+                                limit_lead_s=max(settings.core.limit_lead_s,
+                                                 settings.lease_s + settings.core.rebalance_interval_s)),
             new_session_id=lambda: f"{boot}-{next(seq)}",
             new_request_id=lambda: f"auto-{boot}-{next(seq)}",
         )
@@ -112,6 +119,12 @@ class BalancerService:
             rap = kind in (TopicKind.EV_REQUEST, TopicKind.EV_RELEASE)
             transport.subscribe(self.topics.filter(kind), 1, retain_as_published=rap)
         transport.subscribe(self.topics.balancer_control(), 1)
+        # Operators' limit schedules (a retained one is seen as such and refused), and our own retained schedules,
+        # read back on start.
+        transport.subscribe(self.topics.filter(TopicKind.SUBSTATION_LIMITS), 1, retain_as_published=True)
+        transport.subscribe(self.topics.filter(TopicKind.SUBSTATION_SCHEDULE), 1)
+        #: substations whose schedule this process has set or read back (a later retained copy is not news)
+        self._schedules_known: set[str] = set()
         transport.subscribe(self.topics.balancer_status(), 1)  # our own status echo closes the retained snapshot
         transport.on_connect(self._announce)
 
@@ -158,6 +171,12 @@ class BalancerService:
         if kind == TopicKind.BALANCER_CONTROL:
             self._on_control(msg, self.clock())
             return
+        if kind == TopicKind.SUBSTATION_LIMITS and id_ is not None:
+            self._on_limits(id_, msg, self.clock())
+            return
+        if kind == TopicKind.SUBSTATION_SCHEDULE and id_ is not None:
+            self._on_schedule_state(id_, msg, self.clock())
+            return
         handler = self._handlers.get(kind)
         if handler is None or id_ is None:
             return
@@ -202,8 +221,10 @@ class BalancerService:
         now = self.clock()
         if kind in (TopicKind.EV_REQUEST, TopicKind.EV_RELEASE) and id_ is not None:
             self._publish([self.core.reject(id_, _request_id_hint(msg.payload), reason, detail, now)], msg)
-        elif kind == TopicKind.BALANCER_CONTROL:
-            refused = ControlResult(ok=False, action=None, substation_id=None, ts=now,
+        elif kind in (TopicKind.BALANCER_CONTROL, TopicKind.SUBSTATION_LIMITS):
+            limits = kind == TopicKind.SUBSTATION_LIMITS
+            refused = ControlResult(ok=False, action="set_limits" if limits else None,
+                                    substation_id=id_ if limits else None, ts=now,
                                     request_id=_request_id_hint(msg.payload), reason=reason, detail=detail)
             self.transport.publish(self.topics.balancer_control_result(), encode(refused), 1)
         elif id_ is not None:
@@ -358,6 +379,74 @@ class BalancerService:
         log.info("control", action=command.action, substation_id=command.substation_id,
                  capacity_kw=command.capacity_kw, ok=reason is None, reason=reason, detail=detail)
 
+    def _on_limits(self, sid: str, msg: InMessage, now: float) -> None:
+        """An operator's limit schedule for one source on one substation (only the api account may publish it).
+        Answered like a control command; the schedule and the substation's state are published at once."""
+        if msg.retain:
+            if msg.payload:  # (an empty one is our own clear, echoed)
+                self.counters[f"bad_payload:{TopicKind.SUBSTATION_LIMITS}:{Reason.RETAINED}"] += 1
+                self.transport.publish(msg.topic, b"", 1, retain=True)
+                self._refuse(TopicKind.SUBSTATION_LIMITS, sid, msg, Reason.RETAINED,
+                             "limit schedules must not be retained (a retained one would be replayed over newer "
+                             "ones); publish it again without the retain flag")
+            return
+        try:
+            schedule = decode(msg.payload, LimitSchedule, max_bytes=MAX_SCHEDULE_PAYLOAD_BYTES)
+            if schedule.substation_id is not None and schedule.substation_id != sid:
+                raise PayloadError(Reason.ID_MISMATCH, f"body substation_id {schedule.substation_id!r} differs "
+                                                       f"from the topic's {sid!r}")
+        except PayloadError as err:
+            self.counters[f"bad_payload:{TopicKind.SUBSTATION_LIMITS}:{err.reason}"] += 1
+            log.warning("limits_rejected", substation_id=sid, reason=str(err.reason), detail=err.detail)
+            self._refuse(TopicKind.SUBSTATION_LIMITS, sid, msg, err.reason, err.detail)
+            return
+        reason, detail, effects = self.core.on_limits(sid, schedule, now)
+        self._publish(effects)
+        state = None
+        if reason is None:
+            self._schedules_known.add(sid)
+            state = self._send_schedule(sid, now)
+            sub = self.core.substations.get(sid)
+            if sub is not None:
+                self._send_state(self.topics.substation_state(sid), substation_state(self.core, sub, now), now,
+                                 force=True)
+        result = ControlResult(ok=reason is None, action="set_limits", substation_id=sid, ts=now,
+                               request_id=schedule.request_id, reason=reason, detail=detail, schedule=state)
+        self.transport.publish(self.topics.balancer_control_result(), encode(result), 1)
+        log.info("limits", substation_id=sid, source=schedule.source, entries=len(schedule.entries),
+                 ok=reason is None, reason=reason, detail=detail)
+
+    def _on_schedule_state(self, sid: str, msg: InMessage, now: float) -> None:
+        """Our own retained schedule, delivered when we subscribe: a restarted balancer reads it back. Live copies
+        (our own publications, echoed) and anything for a substation whose schedule we already hold are not news."""
+        if not msg.retain or not msg.payload or sid in self._schedules_known:
+            return
+        try:
+            state = decode(msg.payload, ScheduleState, max_bytes=MAX_SCHEDULE_PAYLOAD_BYTES)
+            if state.substation_id != sid:
+                raise PayloadError(Reason.ID_MISMATCH, "body substation_id differs from the topic's")
+        except PayloadError as err:
+            self.counters[f"bad_payload:{TopicKind.SUBSTATION_SCHEDULE}:{err.reason}"] += 1
+            log.warning("schedule_unreadable", substation_id=sid, reason=str(err.reason), detail=err.detail)
+            return
+        self._schedules_known.add(sid)
+        self._publish(self.core.restore_schedule(state, now))
+        log.info("schedule_restored", substation_id=sid, entries=len(state.entries))
+
+    def _send_schedule(self, sid: str, now: float) -> ScheduleState | None:
+        """Publish a substation's schedule (retained). None when it has none left (then an empty schedule is
+        published: nothing to read back)."""
+        self.core.schedule_dirty.discard(sid)
+        schedule = self.core.schedules.get(sid)
+        if schedule is None:
+            empty = ScheduleState(substation_id=sid, ts=now, limit_kw=None, source=None, entries=[], composite=[])
+            self.transport.publish(self.topics.substation_schedule(sid), encode(empty), 1, retain=True)
+            return empty
+        schedule.recheck_at = schedule.next_change(now) or float("inf")  # (published as of now)
+        state = schedule_state(sid, schedule, now)
+        self.transport.publish(self.topics.substation_schedule(sid), encode(state), 1, retain=True)
+        return state
+
     def _forget(self, substation_id: str) -> None:
         """A decommissioned substation: its retained state is cleared (readers drop it) and nothing of it is
         kept here."""
@@ -365,6 +454,7 @@ class BalancerService:
         self._state_sent.pop(topic, None)
         self._leases.forget(substation_id)
         self.transport.publish(topic, b"", 1, retain=True)
+        self.transport.publish(self.topics.substation_schedule(substation_id), b"", 1, retain=True)
 
     # ------------------------------------------------------------------ retained state
     def _send_state(self, topic: str, state: SubstationState | msgspec.Struct, now: float, *,
@@ -387,6 +477,11 @@ class BalancerService:
         """The retained view of every substation and of the queue (readers such as the API rely on it)."""
         for sub in self.core.substations.values():
             self._send_state(self.topics.substation_state(sub.id), substation_state(self.core, sub, now), now)
+        for sid in list(self.core.schedule_dirty):  # changed, or an entry started or ended
+            if sid in self.core.substations or sid in self.core.schedules:
+                self._send_schedule(sid, now)
+            else:
+                self.core.schedule_dirty.discard(sid)
         self._send_state(self.topics.balancer_queue(), queue_state(self.core, now), now)
 
     # ------------------------------------------------------------------ outbound

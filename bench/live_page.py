@@ -1,13 +1,14 @@
 """The live page at grid scale (issue 15): time to first render, the event stream's bytes per second and the
 browser's CPU, measured in headless Chromium against a real stack.
 
-    python -m bench live-page [--substations 1000] [--regions 8] [--seconds 20] [--churn 1.0]
+    python -m bench live-page [--substations 1000] [--regions 8] [--seconds 20] [--churn 1.0] [--interval 1]
 
 A private Mosquitto, ``python -m balancer`` and ``python -m api`` (public reads, as under ``./gridctl run``);
 ``--substations`` simulated substations (:class:`SimulatedGrid`: the ``loadtest`` account plays them: a retained
-status with a region, telemetry every second) with problems made on purpose: some offline, some silent (stale),
-some overloaded, some drained and some decommissioned by an operator. ``--churn`` is the share of substations
-whose load moves every second (1.0: every one, as real agents' measured base load does; 0: a quiet grid).
+status with a region, telemetry every ``--interval`` seconds) with problems made on purpose: some offline, some
+silent (stale), some overloaded, some drained and some decommissioned by an operator (set up on a quiet grid).
+Then the loads start moving: ``--churn`` is the share of substations whose load moves on every tick (1.0: every
+one, as real agents' measured base load does; 0: a quiet grid).
 
 Then Chromium opens the page and the figures are taken over ``--seconds`` of steady state:
 
@@ -16,7 +17,8 @@ Then Chromium opens the page and the figures are taken over ``--seconds`` of ste
   feed (the whole /status per update) would have sent for as many updates;
 * the browser's CPU: CPU seconds per second of every Chromium process (``/proc``), and the renderer's main-thread
   busy time (DevTools ``Performance.getMetrics`` TaskDuration, ScriptDuration, Layout/RecalcStyle);
-* the API's and the balancer's CPU per second over the same window.
+* the API's and the balancer's CPU per second over the same window, and the telemetry the API applied;
+* the update latency: a substation's load changed, published at once, until its cell on the page shows it.
 
 The page test at 1,000 substations (tests/integration/test_live_page_at_scale.py) plays the same grid.
 """
@@ -91,6 +93,8 @@ class SimulatedGrid:
     offline: set[str] = field(default_factory=set)
     silent: set[str] = field(default_factory=set)
     overloaded: set[str] = field(default_factory=set)
+    #: loads that do not move (the latency probe's)
+    pinned: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.topics = Topics()
@@ -109,7 +113,7 @@ class SimulatedGrid:
             return CAPACITY_KW * 1.3
         share = self.share[sid]
         index = int(sid[1:])
-        if self.churn > 0 and (index * 7919 + self.seq) % 1000 < self.churn * 1000:
+        if self.churn > 0 and sid not in self.pinned and (index * 7919 + self.seq) % 1000 < self.churn * 1000:
             share += 0.02 * (((index + self.seq) % 5) - 2)  # a few kW up or down
         return round(CAPACITY_KW * share, 1)
 
@@ -195,15 +199,16 @@ class Stack:
             subs = self.http.get("/status").json()["substations"]
             return len(subs) == n and all(v["source"] == "balancer" for v in subs)
         wait_until(ready, timeout, f"the balancer's state of {n} substations", every_s=1.0)
+        time.sleep(3.0)  # (the burst of a first state per substation is read)
 
     def drain(self, sid: str) -> None:
-        r = self.http.post(f"/substations/{sid}/drain")
+        r = self.http.post(f"/substations/{sid}/drain", timeout=90)
         if r.status_code != 200:
             raise RuntimeError(f"drain {sid}: {r.status_code} {r.text}")
 
     def decommission(self, sid: str) -> None:
         """DELETE /substations/{id}: drained, account revoked (none here), forgotten by the balancer."""
-        r = self.http.delete(f"/substations/{sid}")
+        r = self.http.delete(f"/substations/{sid}", timeout=90)
         if r.status_code != 200 or r.json()["balancer"] != "forgotten":
             raise RuntimeError(f"decommission {sid}: {r.status_code} {r.text}")
 
@@ -232,7 +237,7 @@ def stack(work: Path, *, sse_interval_s: float = 0.5, stale_after_s: float = 3.0
         api = Process("api", broker, work, MQTT_USERNAME="api", MQTT_PASSWORD=broker.password_for("api"),
                       API_PORT=str(port), API_PUBLIC_READS="true", API_STALE_AFTER_S=str(stale_after_s),
                       API_TREND_STEP_S=str(trend_step_s), API_MQTT_CLIENT=api_mqtt_client,
-                      API_SSE_INTERVAL_S=str(sse_interval_s), API_TOKEN=OPERATOR_TOKEN, API_REQUEST_TIMEOUT_S="30",
+                      API_SSE_INTERVAL_S=str(sse_interval_s), API_TOKEN=OPERATOR_TOKEN, API_REQUEST_TIMEOUT_S="60",
                       API_PROVISIONER_PASSWORD=broker.password_for("provisioner"), LOG_LEVEL=log_level)
         started.append(api)
         url = f"http://127.0.0.1:{port}"
@@ -359,17 +364,22 @@ def problems(ids: list[str]) -> dict[str, list[str]]:
 
 
 def measure(n: int, regions: int, seconds: float, churn: float, sse_interval_s: float,
-            api_mqtt_client: str = "paho") -> dict[str, Any]:
+            api_mqtt_client: str = "paho", interval_s: float = 1.0) -> dict[str, Any]:
+    """The grid is set up quiet (churn 0: operator actions answered promptly), then loads start moving
+    (``churn``) before the browser opens; the figures are taken under that load."""
     with tempfile.TemporaryDirectory(prefix="bench-live-page-") as tmp, \
             stack(Path(tmp), sse_interval_s=sse_interval_s, api_mqtt_client=api_mqtt_client) as s:
         ids = substation_ids(n)
         plan = problems(ids)
-        grid = SimulatedGrid(s.broker, n, regions=regions, churn=churn, offline=set(plan["offline"]),
+        grid = SimulatedGrid(s.broker, n, regions=regions, interval_s=interval_s, offline=set(plan["offline"]),
                              overloaded=set(plan["overloaded"])).start()
         try:
             s.wait_for_grid(n)
+            actions = []
             for sid in plan["drained"]:
+                t = time.monotonic()
                 s.drain(sid)
+                actions.append(time.monotonic() - t)
             grid.silent |= set(plan["silent"])
             retire(s, grid, plan["forgotten"])
             shown = n - len(plan["forgotten"])
@@ -377,7 +387,8 @@ def measure(n: int, regions: int, seconds: float, churn: float, sse_interval_s: 
                        30, "the forgotten ones gone")
             full_status = len(s.http.get("/status").content)
             compact_status = len(s.http.get("/status", params={"compact": "true"}).content)
-            time.sleep(4.0)  # the silent ones turn stale
+            grid.churn = churn
+            time.sleep(5.0)  # the silent ones turn stale, the loads move
             with chromium(Path(tmp) / "chromium") as driver:
                 driver.execute_cdp_cmd("Performance.enable", {})
                 driver.get(s.url + "/")
@@ -399,6 +410,7 @@ def measure(n: int, regions: int, seconds: float, churn: float, sse_interval_s: 
                 api1, bal1 = s.api.cpu_s(), s.balancer.cpu_s()
                 bytes1, updates1 = s.metric("gridlb_api_sse_bytes_total"), _updates(driver)
                 tele1 = s.metric(TELEMETRY_APPLIED)
+                latencies = [_update_latency(driver, grid, sid) for sid in _quiet_ones(ids, plan)[:3]]
                 severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
         finally:
             grid.close()
@@ -406,6 +418,7 @@ def measure(n: int, regions: int, seconds: float, churn: float, sse_interval_s: 
     updates = updates1 - updates0
     return {
         "substations": n, "shown": shown, "cells": cells, "regions": regions, "churn": churn,
+        "interval_s": interval_s,
         "sse_interval_s": sse_interval_s, "api_mqtt_client": api_mqtt_client, "seconds": round(elapsed, 1),
         "telemetry_per_s": round((tele1 - tele0) / elapsed),
         "first_render_ms": round(first_render_ms), "snapshot_kb": round(snapshot_bytes / 1024, 1),
@@ -420,7 +433,28 @@ def measure(n: int, regions: int, seconds: float, churn: float, sse_interval_s: 
                                           - page0["LayoutDuration"] - page0["RecalcStyleDuration"]) / elapsed, 3),
         "api_cpu_per_s": round((api1 - api0) / elapsed, 3), "balancer_cpu_per_s": round((bal1 - bal0) / elapsed, 3),
         "browser_errors": len(severe),
+        "load_average": round(os.getloadavg()[0], 1),
+        "drain_s": [round(a, 2) for a in actions], "update_latency_s": [round(x, 2) for x in latencies],
     }
+
+
+def _quiet_ones(ids: list[str], plan: dict[str, list[str]]) -> list[str]:
+    taken = {sid for group in plan.values() for sid in group}
+    return [sid for sid in ids[500:] if sid not in taken]
+
+
+def _update_latency(driver: Any, grid: SimulatedGrid, sid: str, timeout: float = 90.0) -> float:
+    """Seconds from a substation's load changing (the next telemetry carries it) to its cell showing it."""
+    grid.pinned.add(sid)
+    grid.share[sid] = 0.987
+    t0 = time.monotonic()
+    grid.tick()  # (at once, not at the next tick: the latency of the data path, not of the agent's interval)
+    script = f"return document.querySelector('.cell[data-substation=\"{sid}\"]')?.dataset.util"
+    while time.monotonic() - t0 < timeout:
+        if driver.execute_script(script) == "0.987":
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    return float("nan")
 
 
 TELEMETRY_APPLIED = 'gridlb_api_messages_applied_total{kind="telemetry"}'
@@ -435,16 +469,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--substations", type=int, default=1000)
     parser.add_argument("--regions", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0, help="steady-state window measured")
-    parser.add_argument("--churn", type=float, default=1.0, help="share of substations whose load moves each second")
+    parser.add_argument("--churn", type=float, default=1.0, help="share of substations whose load moves each tick")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between telemetry ticks")
     parser.add_argument("--sse-interval", type=float, default=0.5, help="API_SSE_INTERVAL_S")
     parser.add_argument("--api-mqtt-client", choices=("paho", "aiomqtt"), default="paho", help="API_MQTT_CLIENT")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line as well")
     args = parser.parse_args(argv)
-    r = measure(args.substations, args.regions, args.seconds, args.churn, args.sse_interval, args.api_mqtt_client)
+    r = measure(args.substations, args.regions, args.seconds, args.churn, args.sse_interval, args.api_mqtt_client,
+                args.interval)
     print(f"live page at {r['substations']} substations ({r['shown']} shown after {r['substations'] - r['shown']} "
-          f"decommissioned, {r['regions']} regions, telemetry sent at 1 Hz each, churn {r['churn']:g}: share of "
-          f"loads moving each second), API_SSE_INTERVAL_S {r['sse_interval_s']:g}, API_MQTT_CLIENT "
-          f"{r['api_mqtt_client']}, window {r['seconds']} s")
+          f"decommissioned, {r['regions']} regions, telemetry every {r['interval_s']:g} s each, churn "
+          f"{r['churn']:g}: share of loads moving each tick), API_SSE_INTERVAL_S {r['sse_interval_s']:g}, "
+          f"API_MQTT_CLIENT {r['api_mqtt_client']}, window {r['seconds']} s")
     print(f"  telemetry applied   {r['telemetry_per_s']} messages/s by the API (what reached it: the load it ran "
           "under)")
     print(f"  first render        {r['first_render_ms']} ms from navigation start ({r['cells']} cells; "
@@ -455,7 +491,10 @@ def main(argv: list[str]) -> int:
     print(f"  browser CPU         {r['browser_cpu_per_s']} s/s all Chromium processes; page main thread: tasks "
           f"{r['page_task_per_s']} s/s, script {r['page_script_per_s']}, layout+style {r['page_layout_style_per_s']}")
     print(f"  server CPU          API {r['api_cpu_per_s']} s/s, balancer {r['balancer_cpu_per_s']} s/s")
-    print(f"  browser errors      {r['browser_errors']}")
+    print(f"  update latency      {r['update_latency_s']} s from a load change published to its cell on the page")
+    print(f"  operator actions    drain answered in {r['drain_s']} s (POST /substations/{{id}}/drain, quiet grid)")
+    print(f"  browser errors      {r['browser_errors']}; machine load average {r['load_average']} "
+          f"({os.cpu_count()} cores)")
     if args.json:
         print(json.dumps(r))
     return 0 if r["browser_errors"] == 0 and r["cells"] == r["shown"] else 1

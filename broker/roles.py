@@ -96,20 +96,23 @@ def role_acls(prefix: str, rolename: str) -> list[Acl]:
     if rolename == "balancer":
         # Consumes requests, releases and substation reports; sends assignments, commands, error reports, its
         # retained view of each substation and MQTT 5 replies; owns its retained status, queue and control topics.
+        # Reads its own retained limit schedules back when it starts.
         return [*read(f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/substation/+/telemetry",
-                      f"{p}/substation/+/status", f"{p}/substation/+/session"),
+                      f"{p}/substation/+/status", f"{p}/substation/+/session", f"{p}/substation/+/limits",
+                      f"{p}/substation/+/schedule"),
                 *write(f"{p}/ev/+/assignment", f"{p}/substation/+/command", f"{p}/substation/+/error",
-                       f"{p}/substation/+/state", f"{p}/reply/#"),
-                # only to clear a retained request or release (an empty retained message): those would be
-                # replayed to every later balancer (the grant cannot tell an empty payload from another) ...
-                *write(f"{p}/ev/+/request", f"{p}/ev/+/release"),
+                       f"{p}/substation/+/state", f"{p}/substation/+/schedule", f"{p}/reply/#"),
+                # only to clear a retained request, release or limit schedule (an empty retained message): those
+                # would be replayed to every later balancer (the grant cannot tell an empty payload from another) ...
+                *write(f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/substation/+/limits"),
                 # ... and never as an EV of its own name (checked before the grants)
                 Acl(SEND, f"{p}/ev/balancer/#", allow=False, priority=1),
                 *read(f"{p}/balancer/#"), *write(f"{p}/balancer/#")]
     if rolename == "api":
         # Sees everything under the prefix (its MQTT 5 replies too), submits requests and releases for EVs,
-        # sends operator control messages.
-        return [*read(f"{p}/#"), *write(f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/balancer/control")]
+        # sends operator control messages and limit schedules.
+        return [*read(f"{p}/#"), *write(f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/balancer/control",
+                                        f"{p}/substation/+/limits")]
     if rolename == "reader":  # operators, dashboards, the recorder
         return read(f"{p}/#")
     if rolename == "healthcheck":  # may log in and nothing else

@@ -130,6 +130,22 @@ EXAMPLES: dict[type, list[tuple[str, str, msgspec.Struct]]] = {
             ts=1767225700.0, reason=Reason.EV_BUSY,
             detail="EV already has open request '0d6f5c1e-3b7a-4c55-9a57-0f5e2d9c8b11'; release it first")),
     ],
+    messages.LimitSchedule: [
+        ("evening-cut", "The DSO limits substation north to 250 kW from 17:00 to 20:00 (UTC)", messages.LimitSchedule(
+            source="dso-north", request_id="dso-17", entries=[messages.LimitEntry(
+                start=1767286800.0, end=1767297600.0, limit_kw=250.0)])),
+        ("withdraw", "The source withdraws every limit it set", messages.LimitSchedule(source="dso-north", entries=[])),
+    ],
+    messages.ScheduleState: [
+        ("two-sources", "A DSO cut and a tighter OpenADR event inside it: the lowest binds", messages.ScheduleState(
+            substation_id="north", ts=1767283200.0, limit_kw=None, source=None,
+            entries=[messages.ScheduleEntry(start=1767286800.0, end=1767297600.0, limit_kw=250.0, source="dso-north"),
+                     messages.ScheduleEntry(start=1767290400.0, end=1767294000.0, limit_kw=180.0, source="openadr")],
+            composite=[
+                messages.CompositeSlot(start=1767286800.0, end=1767290400.0, limit_kw=250.0, source="dso-north"),
+                messages.CompositeSlot(start=1767290400.0, end=1767294000.0, limit_kw=180.0, source="openadr"),
+                messages.CompositeSlot(start=1767294000.0, end=1767297600.0, limit_kw=250.0, source="dso-north")])),
+    ],
     messages.BalancerStatus: [
         ("online", "Published (retained) on every connect", messages.BalancerStatus(
             state="online", ts=1767225600.0, version="0.1.0", safety_margin_pct=5.0, stale_after_s=5.0)),
@@ -154,6 +170,11 @@ _EXTRA_CHANNEL_TEXT: dict[TopicKind, str] = {
     "answer for it. MQTT 5 requests may name a response topic below {prefix}/reply/ (see the reply channel).",
     TopicKind.EV_RELEASE: "With neither request_id nor session_id, whatever the EV has open is released.",
     TopicKind.EV_ASSIGNMENT: "Every key is present in every message (null when not applicable).",
+    TopicKind.SUBSTATION_LIMITS: "Never retained (a retained one is refused with reason retained and cleared). "
+    "Within a source the highest priority applies; across sources the lowest limit wins. The balancer plans with "
+    "the lowest limit from now to BALANCER_LIMIT_LEAD_S ahead, so sessions are reduced before a limit starts.",
+    TopicKind.SUBSTATION_SCHEDULE: "Published on every change and whenever an entry starts or ends; cleared (empty "
+    "retained message) when the substation is forgotten.",
     TopicKind.BALANCER_STATUS: "Last will: the broker publishes the retained offline status when the balancer's "
     "connection is lost; a graceful stop publishes it too (with ts). Under the broker ACL only the balancer, api "
     "and observer accounts may read it (not EVs or substation agents).",

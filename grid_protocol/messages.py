@@ -247,7 +247,9 @@ class SubstationState(msgspec.Struct, kw_only=True):
     Published when it changes, at most once per ``BALANCER_STATE_INTERVAL_S`` per substation, so
     readers (the API, dashboards) learn the whole grid from retained messages after a restart.
     ``capacity_kw`` is what the balancer plans with: the reported capacity, lowered by the operator's
-    ``capacity_limit_kw`` when one is set. ``reserved_kw`` is what it granted and telemetry does not show yet.
+    ``capacity_limit_kw`` when one is set and by the limit schedule (``schedule_limit_kw``: the lowest limit
+    from now to the lead time ahead, so sessions are reduced before a limit starts). ``reserved_kw`` is what it
+    granted and telemetry does not show yet.
     """
 
     substation_id: Id
@@ -271,6 +273,10 @@ class SubstationState(msgspec.Struct, kw_only=True):
     sessions_truncated: bool = False
     #: the region of the agent's latest status (``default`` until one names another)
     region: Region = DEFAULT_REGION
+    #: the lowest scheduled limit from now to the planning lead time ahead (null: no entry applies)
+    schedule_limit_kw: Kw | None = None
+    #: what sets ``capacity_kw``: ``capacity`` (reported), ``operator`` (set_capacity) or a schedule's source
+    limit_source: Annotated[str, Meta(max_length=64)] | None = None
 
 
 class QueueEntry(msgspec.Struct, kw_only=True):
@@ -297,6 +303,8 @@ class QueueState(msgspec.Struct, kw_only=True):
 
 
 ControlAction = Literal["drain", "undrain", "set_capacity", "forget"]
+#: What a :class:`ControlResult` answers: a control action, or ``set_limits`` (a :class:`LimitSchedule`).
+ResultAction = Literal["drain", "undrain", "set_capacity", "forget", "set_limits"]
 
 
 class ControlCommand(msgspec.Struct, kw_only=True):
@@ -323,16 +331,105 @@ class ControlCommand(msgspec.Struct, kw_only=True):
     ts: Timestamp | None = None
 
 
+# --------------------------------------------------------------------------- limit schedules (DSO)
+#: Entries one :class:`LimitSchedule` may carry, and entries a substation's schedule may hold over every source:
+#: 400 worst-case entries of :class:`ScheduleState` (plus its composite) stay below the 64 KiB message limit.
+MAX_LIMIT_ENTRIES = 100
+MAX_SCHEDULE_ENTRIES = 100
+#: Decode limit for ``substation/{id}/limits`` and ``substation/{id}/schedule`` (the broker's message_size_limit).
+MAX_SCHEDULE_PAYLOAD_BYTES = 65536
+#: Names a limit's source may not take: the composite uses them for the substation's own limits.
+RESERVED_SOURCES = frozenset({"capacity", "operator"})
+LimitKw = Annotated[float, Meta(ge=0, le=1_000_000, description="A limit in kW (0: nothing may be drawn)")]
+Source = Annotated[str, Meta(pattern=_STRICT_ID, description="Who set the limit (e.g. a DSO feed), id rule")]
+
+
+class LimitEntry(msgspec.Struct, kw_only=True):
+    """One time-bounded limit (an element of :class:`LimitSchedule`): at most ``limit_kw`` on the substation
+    (its base load and every EV together) from ``start`` (inclusive) to ``end`` (exclusive)."""
+
+    start: Timestamp
+    end: Timestamp
+    limit_kw: LimitKw
+    #: Within one source a higher priority overrides a lower one where they overlap (OCPP's stack level);
+    #: across sources the lowest limit always wins.
+    priority: Priority = 0
+
+    def __post_init__(self) -> None:
+        if self.end <= self.start:
+            raise ValueError("end must be after start")
+
+
+class LimitSchedule(msgspec.Struct, kw_only=True):
+    """Operator -> balancer on ``substation/{substation_id}/limits``: the limits one ``source`` sets for the
+    substation (a DSO's import limits, OCPP ExternalConstraints, an OpenADR event).
+
+    It replaces every entry that source had for the substation; ``entries: []`` withdraws the source. Entries
+    already over are dropped. Answered with a :class:`ControlResult` (action ``set_limits``) on
+    ``balancer/control/result``; the effective schedule is published retained on ``substation/{id}/schedule``.
+    """
+
+    source: Source
+    entries: Annotated[list[LimitEntry], Meta(max_length=MAX_LIMIT_ENTRIES)]
+    substation_id: Id | None = None
+    request_id: RequestId | None = None
+    ts: Timestamp | None = None
+
+    def __post_init__(self) -> None:
+        if self.source in RESERVED_SOURCES:
+            raise ValueError(f"source {self.source!r} is reserved (the substation's own limits)")
+
+
+class ScheduleEntry(msgspec.Struct, kw_only=True):
+    """An entry of a substation's schedule (an element of :class:`ScheduleState`), with its source."""
+
+    start: Timestamp
+    end: Timestamp
+    limit_kw: LimitKw
+    source: Source
+    priority: Priority = 0
+
+
+class CompositeSlot(msgspec.Struct, kw_only=True):
+    """One interval of the composite schedule: the limit that applies there (the lowest) and whose it is."""
+
+    start: Timestamp
+    end: Timestamp
+    limit_kw: LimitKw
+    source: Source
+    priority: Priority = 0
+
+
+class ScheduleState(msgspec.Struct, kw_only=True):
+    """Balancer -> all, retained on ``substation/{substation_id}/schedule``: the substation's limit schedule.
+
+    ``entries``: every entry not yet over, by start (sources and priorities as received). ``composite``: from
+    ``ts`` on, the intervals where some entry applies, each with the limit that binds there (the lowest after
+    priorities within a source) and its source (OCPP's composite schedule). ``limit_kw``/``source``: what binds
+    at ``ts`` (null when no entry applies). The balancer publishes it on every change and as entries expire,
+    and re-reads it when it starts.
+    """
+
+    substation_id: Id
+    ts: Timestamp
+    limit_kw: LimitKw | None
+    source: Source | None
+    entries: Annotated[list[ScheduleEntry], Meta(max_length=MAX_SCHEDULE_ENTRIES)]
+    composite: Annotated[list[CompositeSlot], Meta(max_length=2 * MAX_SCHEDULE_ENTRIES)]
+
+
 class ControlResult(msgspec.Struct, kw_only=True):
     """Balancer -> all on ``balancer/control/result``: the outcome of a :class:`ControlCommand`. A command that
     could not be read is answered too (``ok: false``, its ``request_id`` when it can still be found in the
     payload); then ``action`` and ``substation_id`` may be null."""
 
     ok: bool
-    action: ControlAction | None
+    action: ResultAction | None
     substation_id: Id | None
     ts: Timestamp
     request_id: RequestId | None = None
     reason: Reason | None = None
     detail: Detail | None = None
     state: SubstationState | None = None
+    #: ``set_limits``: the substation's effective schedule after the change (also published retained)
+    schedule: ScheduleState | None = None

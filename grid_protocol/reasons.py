@@ -38,6 +38,10 @@ class Reason(StrEnum):
     UNKNOWN_SESSION = "unknown_session"
     SESSION_LOST = "session_lost"  # the substation no longer runs a session the balancer gave it (it restarted)
     STALE_TELEMETRY = "stale_telemetry"
+    # Limit schedules (DSO limits on a substation, see LimitSchedule).
+    LIMIT_SCHEDULED = "limit_scheduled"  # a scheduled limit applies, or starts within the lead time: power is cut
+    LIMIT_SHORTFALL = "limit_shortfall"  # under the scheduled limits the EV cannot expect its energy by its departure
+    SCHEDULE_FULL = "schedule_full"  # a LimitSchedule would give the substation more entries than it may hold
     # Operator control (ControlResult).
     UNKNOWN_SUBSTATION = "unknown_substation"
     DRAINING = "draining"

@@ -30,6 +30,8 @@ class TopicKind(StrEnum):
     BALANCER_QUEUE = "balancer_queue"
     BALANCER_CONTROL = "balancer_control"
     BALANCER_CONTROL_RESULT = "balancer_control_result"
+    SUBSTATION_LIMITS = "substation_limits"
+    SUBSTATION_SCHEDULE = "substation_schedule"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,14 @@ CHANNELS: dict[TopicKind, Channel] = {
         Channel(TopicKind.BALANCER_CONTROL_RESULT, "balancer/control/result", "balancer", "api, operators",
                 1, False, m.ControlResult,
                 "The outcome of every control message, with its request_id (ok, or why not)."),
+        Channel(TopicKind.SUBSTATION_LIMITS, "substation/{id}/limits", "api (operators)", "balancer",
+                1, False, m.LimitSchedule,
+                "Operator limit schedule (a DSO's time-bounded limits) of one source for the substation: replaces "
+                "that source's entries. Only the api account may publish it; answered on balancer/control/result."),
+        Channel(TopicKind.SUBSTATION_SCHEDULE, "substation/{id}/schedule", "balancer", "balancer, api, operators",
+                1, True, m.ScheduleState,
+                "Retained: the substation's limit schedule (every entry not yet over) and its composite (the "
+                "lowest limit and its source per interval). The balancer re-reads it on start."),
     )
 }
 
@@ -153,6 +163,12 @@ class Topics:
 
     def balancer_control_result(self) -> str:
         return self.topic(TopicKind.BALANCER_CONTROL_RESULT)
+
+    def substation_limits(self, substation_id: str) -> str:
+        return self.topic(TopicKind.SUBSTATION_LIMITS, substation_id)
+
+    def substation_schedule(self, substation_id: str) -> str:
+        return self.topic(TopicKind.SUBSTATION_SCHEDULE, substation_id)
 
     def reply_root(self) -> str:
         """MQTT 5 response topics are honoured only below this root (see docs/protocol.md)."""

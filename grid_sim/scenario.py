@@ -231,6 +231,33 @@ class CapacityEvent(_Model):
         return self
 
 
+class LimitWindow(_Model):
+    """One entry of a :class:`LimitsEvent`: at most ``limit_kw`` on the substation from ``start`` to ``end``."""
+
+    start: Seconds
+    end: Seconds
+    limit_kw: Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
+    priority: Annotated[int, Field(ge=0, le=9)] = 0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LimitWindow:
+        if self.end <= self.start:
+            raise ValueError("end must be after start")
+        return self
+
+
+class LimitsEvent(_Model):
+    """At ``at`` the grid operator (``source``, e.g. a DSO) sends the substation's limit schedule: the ``entries``
+    replace what that source sent before (the balancer's ``LimitSchedule``). The limits are the grid's: load above
+    one in force counts as overload, whatever the substation's capacity."""
+
+    type: Literal["limits"]
+    at: Seconds
+    substation: Id
+    source: Id
+    entries: Annotated[list[LimitWindow], Field(max_length=100)]
+
+
 class BurstEvent(_Model):
     """``count`` EVs ask at the same instant (drawn from ``ev``, else from the arrivals' profile)."""
 
@@ -240,7 +267,8 @@ class BurstEvent(_Model):
     ev: EvProfile | None = None
 
 
-EventSpec = Annotated[OfflineEvent | OnlineEvent | CapacityEvent | BurstEvent, Field(discriminator="type")]
+EventSpec = Annotated[OfflineEvent | OnlineEvent | CapacityEvent | LimitsEvent | BurstEvent,
+                      Field(discriminator="type")]
 
 
 class Scenario(_Model):

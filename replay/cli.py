@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from grid_sim.scenario import Scenario, ScenarioError, load_scenario, parse_duration, shipped_scenarios
+from grid_sim.scenario import LimitsEvent, Scenario, ScenarioError, load_scenario, parse_duration, shipped_scenarios
 from grid_sim.timeline import shorten
 from replay.benchmark import (
     DEFAULT_MARGIN_PCT,
@@ -35,6 +35,7 @@ from replay.benchmark import (
 from replay.report import format_notes, format_table, plot_overview, plot_run, write_json
 from replay.sessions import SessionFileError, load_sessions
 from replay.sim import ALL_POLICIES, BASELINE_POLICIES, RunResult, available_policies, run
+from replay.trace_optimum import format_optimum
 
 DEFAULT_OUT = Path(__file__).parent / "results"
 #: Live runs write here by default (so they never overwrite the simulation's results).
@@ -160,8 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: Path = args.out or (DEFAULT_LIVE_OUT if args.mode == "live" else DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
     if args.mode == "live":
+        with_limits = [sc.name for sc in scenarios if any(isinstance(e, LimitsEvent) for e in sc.events)]
+        if with_limits and args.scenario != "all":
+            raise SystemExit(f"{', '.join(with_limits)}: limit schedules (events of type limits) run in --mode sim "
+                             "only for now (tests/integration/test_limit_schedule_e2e.py sends one live)")
+        if with_limits:
+            print(f"skipping {', '.join(with_limits)} (limit schedules: --mode sim only)", file=sys.stderr)
+            scenarios = [sc for sc in scenarios if sc.name not in with_limits]
         return _live(args, scenarios, policies, out)
     results: list[RunResult] = []
+    optimum_tables: list[str] = []
     plots: dict[tuple[str, str], str] = {}
     overviews = 0
     for scenario in scenarios:
@@ -179,7 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_overview(per_scenario, out / f"{scenario.name}__overview.png")
             overviews += 1
         results.extend(per_scenario)
+        if any(isinstance(e, LimitsEvent) for e in scenario.events):  # a grid operator's limits: vs the optimum
+            optimum_tables.append(f"{scenario.name}: delivered against the offline optimum under the same "
+                                  f"time-varying limit\n{format_optimum(per_scenario, DEFAULT_MARGIN_PCT)}")
     print(format_table(results))
+    for table in optimum_tables:
+        print("\n" + table)
     print(format_notes(results))
     write_json(out / "results.json", results, plots)
     print(f"\nwrote {out / 'results.json'}" + ("" if args.no_plots else _plots_written(plots, overviews, out)))

@@ -8,8 +8,11 @@ advance (hence *offline*: an upper bound for any real-time policy)::
                 sum over i of x[i, k] <= limit * dt_k      (the site limit, in every interval)
                 0 <= x[i, k] <= max_kw_i * dt_k            (the EV's rate; x only while it is plugged in)
 
-The intervals are those between consecutive distinct arrival and departure times. Inside one the set of
-plugged-in EVs and the limit are constant, so any schedule in continuous time can be averaged over each
+``limit`` may vary in time (a DSO's evening cut, a base load that moves): given as steps ``(from_h, kW)``, the
+steps' times join the arrivals and departures as interval bounds.
+
+The intervals are those between consecutive distinct arrival and departure times (and limit steps). Inside one
+the set of plugged-in EVs and the limit are constant, so any schedule in continuous time can be averaged over each
 interval without breaking a constraint: this LP *is* the continuous-time optimum, not an approximation of
 it on a time grid (on the ACN data, whose times lie on a 5-minute grid, it equals the 5-minute LP).
 Constraints are sparse (two non-zeros per variable): a month of 954 sessions is ~20,000 variables and
@@ -37,7 +40,7 @@ class OptimumError(RuntimeError):
 class Optimum:
     """The LP's answer. ``delivered_kwh[i]``: what session ``i`` gets in the optimal schedule."""
 
-    limit_kw: float
+    limit_kw: float  # the lowest limit (the only one, unless ``limit_steps``)
     requested_kwh: float
     delivered_kwh_total: float
     delivered_kwh: NDArray[np.float64]
@@ -45,6 +48,8 @@ class Optimum:
     constraints: int
     intervals: int
     cpu_s: float
+    #: a time-varying limit: ``(from_h, kW)`` steps, the first one also before its time
+    limit_steps: tuple[tuple[float, float], ...] | None = None
 
     @property
     def delivered_share(self) -> float:
@@ -53,9 +58,11 @@ class Optimum:
 
 
 def optimal_delivery(arrival_h: Sequence[float], departure_h: Sequence[float], energy_kwh: Sequence[float],
-                     max_kw: Sequence[float], limit_kw: float, *, time_limit_s: float | None = None) -> Optimum:
+                     max_kw: Sequence[float], limit_kw: float | Sequence[tuple[float, float]], *,
+                     time_limit_s: float | None = None) -> Optimum:
     """The most energy deliverable to the sessions (hours, kWh, kW; one entry per session) under
-    ``limit_kw`` at every instant. ``time_limit_s`` bounds the solver (an :class:`OptimumError` past it).
+    ``limit_kw`` at every instant: one number, or steps ``(from_h, kW)`` in increasing time (the first applies
+    before its time too). ``time_limit_s`` bounds the solver (an :class:`OptimumError` past it).
 
     Raises ``ValueError`` for inputs no schedule can be built on (unequal lengths, non-finite numbers,
     a departure not after its arrival, negative energy, rate or limit)."""
@@ -70,8 +77,19 @@ def optimal_delivery(arrival_h: Sequence[float], departure_h: Sequence[float], e
     n = len(arrival)
     if not (len(departure) == len(energy) == len(rate) == n):
         raise ValueError("arrival_h, departure_h, energy_kwh and max_kw need one entry per session each")
-    if not math.isfinite(limit_kw) or limit_kw < 0:
-        raise ValueError(f"limit_kw must be a finite number >= 0, got {limit_kw!r}")
+    steps = [(0.0, float(limit_kw))] if isinstance(limit_kw, int | float) else [(float(a), float(k))
+                                                                                for a, k in limit_kw]
+    if not steps:
+        raise ValueError("limit_kw needs at least one step")
+    for at, kw in steps:
+        if not (math.isfinite(kw) and math.isfinite(at)) or kw < 0:
+            raise ValueError(f"limit_kw must be a finite number >= 0, got {kw!r} (from {at!r} h)")
+    step_at = np.array([a for a, _ in steps])
+    step_kw = np.array([k for _, k in steps])
+    if (np.diff(step_at) <= 0).any():
+        raise ValueError("limit steps must be in increasing time")
+    lowest = float(step_kw.min())
+    varying = None if isinstance(limit_kw, int | float) else tuple(steps)
     for name, values in (("arrival_h", arrival), ("departure_h", departure), ("energy_kwh", energy),
                          ("max_kw", rate)):
         if not np.isfinite(values).all():
@@ -81,10 +99,12 @@ def optimal_delivery(arrival_h: Sequence[float], departure_h: Sequence[float], e
     if (energy < 0).any() or (rate < 0).any():
         raise ValueError("energy_kwh and max_kw must be >= 0")
     requested = math.fsum(energy)
-    if n == 0 or limit_kw == 0 or requested == 0:
-        return Optimum(limit_kw, requested, 0.0, np.zeros(n, dtype=np.float64), 0, 0, 0, time.process_time() - started)
+    if n == 0 or float(step_kw.max()) == 0 or requested == 0:
+        return Optimum(lowest, requested, 0.0, np.zeros(n, dtype=np.float64), 0, 0, 0, time.process_time() - started,
+                       varying)
 
-    bounds = np.unique(np.concatenate([arrival, departure]))
+    inside = step_at[(step_at > arrival.min()) & (step_at < departure.max())]
+    bounds = np.unique(np.concatenate([arrival, departure, inside]))
     dt = np.diff(bounds)  # hours, all > 0 (distinct bounds)
     first = np.searchsorted(bounds, arrival)
     stop = np.searchsorted(bounds, departure)  # the session is plugged in during intervals first..stop-1
@@ -97,7 +117,9 @@ def optimal_delivery(arrival_h: Sequence[float], departure_h: Sequence[float], e
     columns = np.arange(m)
     a_ub = coo_matrix((np.ones(2 * m), (np.concatenate([session, n + interval]), np.concatenate([columns, columns]))),
                       shape=(n + len(dt), m)).tocsr()
-    b_ub = np.concatenate([energy, limit_kw * dt])
+    # the limit in each interval: the step in force at its start
+    in_force = step_kw[np.clip(np.searchsorted(step_at, bounds[:-1], side="right") - 1, 0, None)]
+    b_ub = np.concatenate([energy, in_force * dt])
     upper = rate[session] * dt[interval]
     options = {} if time_limit_s is None else {"time_limit": float(time_limit_s)}
     res = linprog(-np.ones(m), A_ub=a_ub, b_ub=b_ub, bounds=np.column_stack([np.zeros(m), upper]),
@@ -106,5 +128,5 @@ def optimal_delivery(arrival_h: Sequence[float], departure_h: Sequence[float], e
         raise OptimumError(f"HiGHS did not reach an optimum (status {res.status}): {res.message}")
     x = np.clip(res.x, 0.0, None)
     per_session = np.bincount(session, weights=x, minlength=n).astype(np.float64)
-    return Optimum(limit_kw, requested, float(per_session.sum()), per_session, m, n + len(dt), len(dt),
-                   time.process_time() - started)
+    return Optimum(lowest, requested, float(per_session.sum()), per_session, m, n + len(dt), len(dt),
+                   time.process_time() - started, varying)

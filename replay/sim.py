@@ -14,6 +14,9 @@ agent, EVs are plain records, and messages that would cross the broker are hande
 * offline: the sim's sessions stop, it stops reporting and the balancer gets status ``offline``;
 * capacity change: the sim's physical capacity changes at ``at``; telemetry reports a cut from
   ``at - notice_s`` (never a raise before it happens);
+* limit schedule (a DSO's limits): at ``at`` the balancer gets the ``LimitSchedule``; from then on the
+  substation's limit is the lowest of its capacity and the schedule's limit in force (what overload is measured
+  against), while its telemetry keeps reporting the physical capacity (the agent knows nothing of the DSO);
 * the balancer's ``tick`` runs every step (``step_s``, 1 s by default), substations are stepped and
   sampled (actual base + EV load against physical capacity) every step.
 
@@ -43,17 +46,28 @@ import msgspec
 
 import balancer.core as core
 from balancer.core import Balancer, CoreConfig, Effect, ToEv, ToSubstation
+from balancer.core.limits import Limit, Schedule
 from grid_protocol.lease import LeaseIssuer
 from grid_protocol.messages import (
     Assignment,
     ChargeRequest,
+    LimitEntry,
+    LimitSchedule,
     Release,
     SessionCommand,
     SessionCommands,
     SessionEvent,
 )
 from grid_protocol.reasons import Reason
-from grid_sim.scenario import BurstEvent, DailyBaseLoad, EvSpec, Scenario, SubstationSpec, generate_evs
+from grid_sim.scenario import (
+    BurstEvent,
+    DailyBaseLoad,
+    EvSpec,
+    LimitsEvent,
+    Scenario,
+    SubstationSpec,
+    generate_evs,
+)
 from grid_sim.substation import SessionEnd, SubstationSim
 from grid_sim.timeline import daily_curve, grid_actions, points_curve
 from replay.metrics import Answer, EvRecord, Metrics, SubstationTrace, Trace, compute_metrics
@@ -135,6 +149,8 @@ class _Run:
         self.online = dict.fromkeys(self.sims, True)
         self.physical = {s.id: s.capacity_kw for s in scenario.substations}
         self.announced = dict(self.physical)
+        #: the grid operator's limit schedules as sent so far (the same precedence as the balancer's)
+        self.grid_limits: dict[str, Schedule] = {}
         self.seq = dict.fromkeys(self.sims, 0)
         self.leases = LeaseIssuer(lease_s)  # the balancer's end; each sim holds the agent's
         self.t = 0.0
@@ -328,6 +344,11 @@ class _Run:
                 assert kw is not None  # grid_actions sets it for every announce and capacity action
                 act = partial(self._announce if action.kind == "announce" else self._capacity, action.substation, kw)
             out.append((action.at, i, act, action.label))
+        first = len(out)
+        for j, limits in enumerate(e for e in self.sc.events if isinstance(e, LimitsEvent)):
+            windows = ", ".join(f"{w.limit_kw:g} kW {w.start / 3600:g}-{w.end / 3600:g} h" for w in limits.entries)
+            out.append((limits.at, first + j, partial(self._limits, limits),
+                        f"{limits.substation}: {limits.source} {windows or 'withdrawn'}"))
         n = len(out)
         for j, event in enumerate(e for e in self.sc.events if isinstance(e, BurstEvent)):
             out.append((event.at, n + j, lambda: None, f"burst of {event.count}"))  # the EVs' business: a label
@@ -347,6 +368,28 @@ class _Run:
 
     def _announce(self, sub_id: str, kw: float) -> None:
         self.announced[sub_id] = kw
+
+    def _limits(self, event: LimitsEvent) -> None:
+        entries = [LimitEntry(start=self.epoch0 + w.start, end=self.epoch0 + w.end, limit_kw=w.limit_kw,
+                              priority=w.priority) for w in event.entries]
+        schedule = self.grid_limits.setdefault(event.substation, Schedule())
+        schedule.replace(event.source, [Limit(e.start, e.end, math.floor(e.limit_kw * 1000), event.source,
+                                              e.priority) for e in entries], self.now)
+        message = LimitSchedule(source=event.source, entries=entries, request_id=f"limits-{event.source}")
+
+        def send() -> list[Effect]:
+            reason, _detail, effects = self.balancer.on_limits(event.substation, message, self.now)
+            if reason is not None:
+                self.anomalies[f"limits_refused:{reason}"] += 1
+            return effects
+        self._to_balancer(send)
+
+    def _limit_kw(self, sub_id: str) -> float:
+        """The substation's limit now: its physical capacity, or the grid operator's lower limit in force."""
+        schedule = self.grid_limits.get(sub_id)
+        binding = schedule.binding_at(self.now) if schedule is not None else None
+        physical = self.physical[sub_id]
+        return physical if binding is None else min(physical, binding.limit_w / 1000)
 
     def _capacity(self, sub_id: str, kw: float) -> None:
         self.physical[sub_id] = kw
@@ -419,7 +462,7 @@ class _Run:
         for sub_id, sim in self.sims.items():
             online = self.online[sub_id]
             self.loads[sub_id].append(sim.base_load_kw + sim.ev_load_kw if online else 0.0)
-            self.caps[sub_id].append(self.physical[sub_id])
+            self.caps[sub_id].append(self._limit_kw(sub_id))
             self.onl[sub_id].append(online)
             self.bases[sub_id].append(sim.base_load_kw)
 

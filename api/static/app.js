@@ -12,6 +12,7 @@ import { $, ago, clock, esc, fmt, pct } from "./format.js";
 import { GridModel } from "./grid.js";
 import { dropCells, renderHeatmap } from "./heatmap.js";
 import { renderDetails } from "./details.js";
+import "./schedule.js";  // (registers the detail part that shows a substation's DSO limit schedule)
 import { appendTrends, loadTrends } from "./trends.js";
 
 /** Substations shown in detail when none is selected: the worst that match the filter. */
@@ -127,7 +128,7 @@ function render() {
   const fresh = shown.map((s) => s.substation_id);
   loadTrends(fresh, authHeaders()).then((got) => { if (got) schedule(); });
   appendTrends(shown, now);
-  renderDetails($("substations"), shown, { now, selected });
+  renderDetails($("substations"), shown, { now, selected, schedules: p.schedules || {} });
   if (p.queue) renderQueue(p.queue, now);
   if (p.latest_assignments) renderAssignments(p.latest_assignments);
   renderEvents(p.events || []);

@@ -1,5 +1,4 @@
-// The grid as the live feed describes it: a snapshot, then diffs (GET /events, api/live.py). Pure: no DOM, so it
-// runs in node as well (tests/js/grid.test.mjs).
+// The grid as the live feed describes it: a snapshot, then diffs (GET /events, api/live.py). Pure: no DOM.
 //
 // A snapshot carries `fields` (the names of a compact substation row), `substations` (rows), `seq` and the other
 // parts (totals, balancer, queue, latest_assignments, events, decommissioned, mqtt_connected). A diff carries
@@ -9,7 +8,8 @@
 /** Worst first: offline, stale, overloaded, draining, ok (api/state.py CONDITION_RANK). */
 export const RANK = { offline: 0, stale: 1, overloaded: 2, draining: 3, ok: 4 };
 export const CONDITIONS = Object.keys(RANK);
-const PART_NAMES = ["mqtt_connected", "balancer", "totals", "decommissioned", "queue", "latest_assignments", "events"];
+const PART_NAMES = ["mqtt_connected", "balancer", "totals", "decommissioned", "queue", "latest_assignments", "events",
+  "schedules"];
 
 /** Sort comparator: condition, then utilisation (fullest first, unknown last), then id. */
 export function worstFirst(a, b) {

@@ -52,6 +52,10 @@ class CoreConfig:
     #: revoked and re-queued: an agent that reconnects within its lease (the service sets this to the lease)
     #: keeps charging, and nothing is placed twice meanwhile (the power stays counted). 0: revoke at once.
     offline_grace_s: NonNegative = 10.0
+    #: Limit schedules: plan with the lowest scheduled limit from now to this far ahead, so sessions have been
+    #: reduced when a limit starts (the service uses at least the lease plus a rebalance interval: a balancer
+    #: that dies just then leaves nothing running past the start). ``BALANCER_LIMIT_LEAD_S``.
+    limit_lead_s: NonNegative = 30.0
 
     @field_validator("policy", mode="before")
     @classmethod

@@ -50,6 +50,8 @@ class OperatorControl:
             del st.substations[sub.id]
             self.policy.forget(sub.id)
             self.rebalancer.forget(sub.id)
+            st.schedules.pop(sub.id, None)  # its limit schedule goes with it
+            st.schedule_dirty.discard(sub.id)
             detail = f"forgotten; {moved} session(s) moved elsewhere or back in the queue"
         else:
             sub.capacity_limit_w = None if msg.capacity_kw is None else kw_to_w_down(msg.capacity_kw)

@@ -30,16 +30,29 @@ from balancer.core.control import OperatorControl
 from balancer.core.effects import Effect, ToEv
 from balancer.core.ev_requests import EvRequests
 from balancer.core.ledger import Closed, EvState, Ledger
+from balancer.core.limit_effects import horizon
+from balancer.core.limits import Schedule
 from balancer.core.liveness import Liveness
 from balancer.core.model import Session, Substation, w_to_kw
 from balancer.core.placement import Placement
 from balancer.core.policies import make_policy
+from balancer.core.policies.fair import Deadline
 from balancer.core.queue import RequestQueue
 from balancer.core.queue_service import QueueService
 from balancer.core.rebalancing import Rebalancer
+from balancer.core.schedules import LimitFollower
 from balancer.core.sessions import SessionBook
 from balancer.core.state import CoreState
-from grid_protocol.messages import Assignment, ChargeRequest, ControlCommand, Release, SessionEvent, Telemetry
+from grid_protocol.messages import (
+    Assignment,
+    ChargeRequest,
+    ControlCommand,
+    LimitSchedule,
+    Release,
+    ScheduleState,
+    SessionEvent,
+    Telemetry,
+)
 from grid_protocol.reasons import Reason
 
 __all__ = ["Balancer", "CoreConfig"]
@@ -69,11 +82,24 @@ class Balancer:
         self.ev_requests = EvRequests(st, self.ledger, self.book, self.placement, self.queue_service)
         self.control = OperatorControl(st, self.book, self.rebalancer, self.queue_service, self.liveness,
                                        self.policy)
+        self.limits = LimitFollower(st, self.ledger, self.book, self.rebalancer, self.queue_service)
+        if isinstance(self.policy, Deadline):  # it counts the power the substation's limit schedule will leave
+            self.policy.horizon = lambda sessions, now: horizon(
+                st, st.substations[sessions[0].substation_id], sessions, now) if sessions else (
+                lambda departure, _r, _m: departure - now)
 
     # ------------------------------------------------------------------ shared state, by its old names
     @property
     def substations(self) -> dict[str, Substation]:
         return self.state.substations
+
+    @property
+    def schedules(self) -> dict[str, Schedule]:
+        return self.state.schedules
+
+    @property
+    def schedule_dirty(self) -> set[str]:
+        return self.state.schedule_dirty
 
     @property
     def queue(self) -> RequestQueue:
@@ -137,9 +163,20 @@ class Balancer:
         refused, detail, effects = self.control.on_control(msg, now)
         return refused, detail, self._coalesce(effects)
 
+    def on_limits(self, substation_id: str, msg: LimitSchedule,
+                  now: float) -> tuple[Reason | None, str, list[Effect]]:
+        """An operator's limit schedule for one source (see :class:`balancer.core.schedules.LimitFollower`)."""
+        refused, detail, effects = self.limits.on_limits(substation_id, msg, now)
+        return refused, detail, self._coalesce(effects)
+
+    def restore_schedule(self, state: ScheduleState, now: float) -> list[Effect]:
+        """The retained schedule a restarted balancer reads back."""
+        return self._coalesce(self.limits.restore(state, now))
+
     def tick(self, now: float) -> list[Effect]:
         """Periodic work: rebalancing, lost substations, queue updates, expiry of old answers."""
-        effects = self.liveness.tick(now)
+        effects = self.limits.follow(now)  # scheduled limits move with time
+        effects += self.liveness.tick(now)
         due = self.rebalancer.due(now)
         for sub in due:
             effects += self.rebalancer.reduce(sub, now)

@@ -3,6 +3,7 @@ placed at once, queued, or rejected with the reason."""
 
 from __future__ import annotations
 
+from balancer.core import limit_effects
 from balancer.core.effects import Effect, ToEv, ToSubstation
 from balancer.core.ledger import EvState, Ledger
 from balancer.core.model import PendingRequest, kw_to_w_down, kw_to_w_up, w_to_kw
@@ -49,6 +50,7 @@ class EvRequests:
             arrival=next(st.arrivals), received_at=now,
             duration_minutes=msg.duration_minutes, energy_kwh=msg.energy_kwh, departure=msg.departure,
         )
+        # (the rated limits, without schedules: a request that fits once a scheduled limit passes waits for it)
         largest = self.placement.largest_limit_w(now)
         if largest is not None and req.min_w > largest:
             return [ledger.reject(ev_id, request_id, Reason.EXCEEDS_CAPACITY,
@@ -70,7 +72,8 @@ class EvRequests:
         # went ahead of a head that held capacity (higher priority): the hold is gone, the new head may fit.
         effects = self.queue_service.serve(now, replying_to=ev_id) if reserved and queue.head() is req else []
         if ev_id in queue:
-            answer = ledger.answer(req, "queued", now, reason=Reason.NO_HEADROOM, position=queue.position(ev_id))
+            why, detail = limit_effects.queue_reason(st, now)  # no_headroom, or limit_scheduled (until when)
+            answer = ledger.answer(req, "queued", now, reason=why, detail=detail, position=queue.position(ev_id))
             ledger.evs[ev_id].answer = answer
             st.counters["queued"] += 1
             effects.append(ToEv(ev_id, answer, in_reply=True))

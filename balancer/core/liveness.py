@@ -5,6 +5,7 @@ silent past ``lost_after_s``, their sessions are revoked and their requests re-q
 from __future__ import annotations
 
 from balancer.core.effects import Effect
+from balancer.core.limits import plan_with
 from balancer.core.model import Substation, kw_to_w_down, kw_to_w_up
 from balancer.core.queue_service import QueueService
 from balancer.core.rebalancing import Rebalancer
@@ -34,6 +35,7 @@ class Liveness:
             sub.overload_s += max(0.0, min(now - sub.last_telemetry_at, st.config.stale_after_s))
         sub.reported_capacity_w = kw_to_w_down(msg.capacity_kw)
         sub.apply_capacity()
+        plan_with(sub, st.schedules.get(sub.id), now, st.config.limit_lead_s)  # a scheduled limit may have started
         sub.stale = False
         sub.base_load_w = kw_to_w_up(msg.base_load_kw)
         sub.load_w = kw_to_w_up(msg.load_kw)

@@ -96,6 +96,9 @@ class Substation:
     capacity_w: int = 0  # what the balancer plans with: reported, lowered by the operator's limit
     reported_capacity_w: int = 0  # as the agent last reported it
     capacity_limit_w: int | None = None  # operator's limit (balancer/control set_capacity)
+    #: the limit schedule's lowest limit from now to the lead time ahead, and its source (balancer/core/limits.py)
+    schedule_limit_w: int | None = None
+    schedule_source: str | None = None
     draining: bool = False  # operator: no new sessions here; running ones finish
     base_load_w: int = 0
     load_w: int = 0  # measured total, as last reported
@@ -126,7 +129,7 @@ class Substation:
     shares_version: int = 0
     #: after the last full sharing pass: (shares_version, limit - uncontrolled load, when a held change comes due,
     #: how far that power may move before a grant would change); see balancer.core.rebalancing
-    share_memo: tuple[int, int, float, float] | None = None
+    share_memo: tuple[int, int, float, float, int] | None = None
     #: base-load noise: the range (highest - lowest) of the uncontrolled load within one window (the hold time),
     #: held and decaying over time (None: no whole window measured yet); sizes the band kept free below the limit
     noise_w: float | None = None
@@ -134,9 +137,22 @@ class Substation:
     noise_window: tuple[float, int, int] | None = None  # the current window: (start, lowest W, highest W)
 
     def apply_capacity(self) -> None:
-        """Plan with the reported capacity, or the operator's limit when that is lower."""
+        """Plan with the reported capacity, or the operator's limit or the scheduled one when lower."""
+        scheduled = self.schedule_limit_w
+        self.capacity_w = self.rated_w() if scheduled is None else min(self.rated_w(), scheduled)
+
+    def rated_w(self) -> int:
+        """The capacity without the limit schedule: reported, or the operator's limit when lower."""
         limit = self.capacity_limit_w
-        self.capacity_w = self.reported_capacity_w if limit is None else min(self.reported_capacity_w, limit)
+        return self.reported_capacity_w if limit is None else min(self.reported_capacity_w, limit)
+
+    def limit_source(self) -> str:
+        """What sets ``capacity_w``: ``capacity`` (reported), ``operator`` or the binding schedule's source."""
+        if self.schedule_limit_w is not None and self.schedule_source is not None \
+                and self.schedule_limit_w < self.rated_w():
+            return self.schedule_source
+        limit = self.capacity_limit_w
+        return "operator" if limit is not None and limit < self.reported_capacity_w else "capacity"
 
     def reserved_w(self) -> int:
         """Grants made since the last telemetry: committed, but not visible in the measured load yet."""

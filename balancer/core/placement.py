@@ -20,11 +20,11 @@ class Placement:
         self.book = book
         self.rebalancer = rebalancer
         self.policy = policy
-        #: capacities (a multiset) of the substations with one, and of those not draining: the largest limit
-        #: a request could ever get, without a scan
-        self._capacities: SortedList = SortedList()
+        #: rated capacities (a multiset, without limit schedules) of the substations with one: the largest limit a
+        #: request could ever get; capacities now of those not draining: the largest it could get now. No scan.
+        self._rated: SortedList = SortedList()
         self._open_capacities: SortedList = SortedList()
-        self._filed: dict[str, tuple[int, bool]] = {}  # id -> (capacity_w, draining)
+        self._filed: dict[str, tuple[int, int, bool]] = {}  # id -> (rated_w, capacity_w, draining)
 
     def refresh(self, now: float) -> None:
         """Refile the substations touched since the last look (in the policy's index and the capacities)."""
@@ -38,20 +38,22 @@ class Placement:
             old = self._filed.pop(sid, None)
             if old is not None:
                 if old[0] > 0:
-                    self._capacities.remove(old[0])
-                if not old[1]:
-                    self._open_capacities.remove(old[0])
+                    self._rated.remove(old[0])
+                if not old[2]:
+                    self._open_capacities.remove(old[1])
             if sub is not None:
-                if sub.capacity_w > 0:
-                    self._capacities.add(sub.capacity_w)
+                rated = sub.rated_w()
+                if rated > 0:
+                    self._rated.add(rated)
                 if not sub.draining:
                     self._open_capacities.add(sub.capacity_w)
-                self._filed[sid] = (sub.capacity_w, sub.draining)
+                self._filed[sid] = (rated, sub.capacity_w, sub.draining)
 
     def largest_limit_w(self, now: float, *, open_only: bool = False) -> int | None:
-        """The largest substation limit (of those not draining with ``open_only``); None: no substation."""
+        """The largest substation limit: rated (a limit schedule passes), or with ``open_only`` the largest now of
+        those not draining. None: no substation."""
         self.refresh(now)
-        capacities = self._open_capacities if open_only else self._capacities
+        capacities = self._open_capacities if open_only else self._rated
         if not capacities:
             return None
         return Substation.limit_for(capacities[-1], self.state.config.safety_margin_pct)

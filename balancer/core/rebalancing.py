@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from balancer.core import limit_effects
 from balancer.core.effects import Effect
 from balancer.core.model import Session, Substation, kw_to_w_up
 from balancer.core.policies import Policy
@@ -66,12 +67,12 @@ class Rebalancer:
         :meth:`_memo`). The pass (O(sessions) there) is then skipped: with every substation reporting each second,
         re-sharing on every watt of base-load noise was the core's largest cost at scale."""
         memo = sub.share_memo
-        if memo is None or memo[0] != sub.shares_version or now >= memo[2]:
-            return False
+        if memo is None or memo[0] != sub.shares_version or now >= memo[2] or memo[4] != self.band_w(sub):
+            return False  # (a new noise band moves the smallest raise and the step: the tolerance no longer holds)
         return abs(self._free_w(sub) - memo[1]) < memo[3]
 
     def _memo(self, sub: Substation, shares: list[tuple[Session, int]],
-              now: float) -> tuple[int, int, float, float] | None:
+              now: float) -> tuple[int, int, float, float, int] | None:
         """After a full pass: how far the available power may move before some grant would change.
 
         A pass lowers a grant only where target - grant reaches the step (``step_w``), and raises one only once the
@@ -87,7 +88,10 @@ class Rebalancer:
         hysteresis = self.step_w(sub)
         hold_until = float("inf")
         room = self._free_w(sub) - sub.granted_w
-        slack = float(min(hysteresis, max(1, self.band_w(sub)) - room))
+        #: free power that may come before a raise fits (room beyond the band reaching the smallest raise): a
+        #: distance in the available power itself, not in the targets (the level move below does not stretch it)
+        room_slack = max(1, self.band_w(sub)) - room
+        slack = float(min(hysteresis, room_slack))
         level: float | None = None
         rows: list[tuple[float, int, int]] = []
         max_weight = 0.0
@@ -96,6 +100,9 @@ class Rebalancer:
                 hold_until = min(hold_until, session.last_change_at + cfg.min_hold_s)
             else:
                 slack = min(slack, hysteresis - abs(target - session.granted_w))
+                if room >= max(1, self.band_w(sub)) and session.granted_w >= target:
+                    # room to raise into: a share that rises past this grant by 1 W is raised by a whole step
+                    slack = min(slack, session.granted_w - target + 1)
             floor, cap = session.request.min_w, session.request.requested_w
             weight = self.policy.weight(session)
             rows.append((weight, floor, cap))
@@ -112,7 +119,8 @@ class Rebalancer:
 
             now_total = total(level)
             tolerance = max(slack, min(total(level + step) - now_total, now_total - total(level - step)))
-        return sub.shares_version, self._free_w(sub), hold_until, tolerance
+            tolerance = min(tolerance, room_slack - 2 * (len(shares) + 1))
+        return sub.shares_version, self._free_w(sub), hold_until, tolerance, self.band_w(sub)
 
     def due(self, now: float) -> list[Substation]:
         """Substations not re-evaluated for ``rebalance_interval_s``."""
@@ -139,8 +147,10 @@ class Rebalancer:
             if shed > 0:
                 cut = min(session.granted_w - session.request.min_w, max(above, min(step, shed)))
                 if cut > 0:
-                    effects += self.book.set_grant(session, session.granted_w - cut, now, Reason.CAPACITY_REDUCED,
-                                                   "substation limit")
+                    # a scheduled limit that binds says so (limit_scheduled, and whose it is)
+                    reason, detail = (limit_effects.cut_reason(self.state, sub, now)
+                                      or (Reason.CAPACITY_REDUCED, "substation limit"))
+                    effects += self.book.set_grant(session, session.granted_w - cut, now, reason, detail)
                     shed -= cut
                 continue
             if above <= 0:
@@ -185,20 +195,21 @@ class Rebalancer:
         """Keep the substation within its limit: revoke the newest sessions while even their minimums do not
         fit, then bring grants down to their shares (at once when over the limit). Baselines never do."""
         cfg = self.state.config
-        if not self.policy.rebalances or not sub.sessions or sub.capacity_w <= 0:
+        if not self.policy.rebalances or not sub.sessions or sub.rated_w() <= 0:  # (capacity never reported)
             return []
         sub.rebalanced_at = now
         effects: list[Effect] = []
         available = sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w()
         floors = sub.floors_w
         if floors > available:
+            reason, detail = (limit_effects.cut_reason(self.state, sub, now)
+                              or (Reason.CAPACITY_REDUCED, "substation load rose above its limit"))
             # reversed(): among sessions placed at the same instant, the one placed last is the newest.
             for session in sorted(reversed(sub.sessions.values()), key=lambda s: s.started_at, reverse=True):
                 if floors <= available:
                     break
                 floors -= session.request.min_w
-                effects += self.book.revoke(session, now, Reason.CAPACITY_REDUCED,
-                                            "substation load rose above its limit", stop_agent=True)
+                effects += self.book.revoke(session, now, reason, detail, stop_agent=True)
         limit = sub.limit_w(cfg.safety_margin_pct)
         # Over the limit: back under it, and under the noise band too, so the next wobble does not cut again.
         shed = sub.used_w() - (limit - self.band_w(sub)) if sub.used_w() > limit else 0

@@ -3,6 +3,7 @@ Each step keeps the substation's running totals and the ledger's answer in step,
 
 from __future__ import annotations
 
+from balancer.core import limit_effects
 from balancer.core.effects import Effect, ToEv, ToSubstation
 from balancer.core.ledger import Ledger
 from balancer.core.model import PendingRequest, Session, Substation, w_to_kw
@@ -46,9 +47,11 @@ class SessionBook:
     def start_effects(self, session: Session, now: float, *, in_reply: bool) -> list[Effect]:
         req = session.request
         partial = session.granted_w < req.requested_w
+        short = limit_effects.shortfall(self.state, session, now)  # told at once when scheduled limits keep it short
         answer = self.ledger.answer(req, "assigned", now, session=session,
-                                    reason=Reason.PARTIAL_GRANT if partial else None,
-                                    detail="less than requested is available" if partial else None)
+                                    reason=Reason.LIMIT_SHORTFALL if short else Reason.PARTIAL_GRANT if partial
+                                    else None,
+                                    detail=short or ("less than requested is available" if partial else None))
         state = self.ledger.evs[req.ev_id]
         state.answer = answer
         state.session_id = session.session_id

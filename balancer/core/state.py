@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 from balancer.core.config import CoreConfig
 from balancer.core.ends import SessionEnds
+from balancer.core.limits import Schedule, plan_with
 from balancer.core.model import Session, Substation
 from balancer.core.queue import RequestQueue
 
@@ -31,6 +32,9 @@ class CoreState:
         self.ends = SessionEnds()
         #: substations whose numbers changed since the placement index last looked (see Placement.refresh)
         self.touched: set[str] = set()
+        #: limit schedules by substation (balancer/core/schedules.py), and those whose published view changed
+        self.schedules: dict[str, Schedule] = {}
+        self.schedule_dirty: set[str] = set()
 
     def touch(self, sub: Substation) -> None:
         """``sub``'s load, grants, capacity or availability changed: the indexes refile it before they answer."""
@@ -41,6 +45,8 @@ class CoreState:
         if sub is None:
             sub = self.substations[substation_id] = Substation(substation_id, known_since=now)
             self.touched.add(substation_id)
+            # a schedule read back at start may be waiting for it
+            plan_with(sub, self.schedules.get(substation_id), now, self.config.limit_lead_s)
         return sub
 
     # ------------------------------------------------------------------ expected ends (queue ETAs)

@@ -50,6 +50,8 @@ def substation_state(balancer: Balancer, sub: Substation, now: float) -> Substat
         utilisation=round(min(1000.0, sub.used_w() / sub.capacity_w), 4) if sub.capacity_w > 0 else 0.0,
         telemetry_age_s=round(max(0.0, now - heard), 3) if heard is not None else None,
         sessions_total=total, sessions=views, sessions_truncated=total > MAX_STATE_SESSIONS, region=sub.region,
+        schedule_limit_kw=w_to_kw(sub.schedule_limit_w) if sub.schedule_limit_w is not None else None,
+        limit_source=sub.limit_source() if heard is not None else None,
     )
 
 

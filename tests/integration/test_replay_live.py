@@ -28,7 +28,9 @@ SPEEDUP = "200"
 def test_least_utilised_live_accounts_for_every_ev_and_never_overloads(tmp_path: Path) -> None:
     scenario = load_scenario(SCENARIO)
     work = tmp_path / "run"
-    live = run_live(scenario, "least-utilised", speedup=float(SPEEDUP), work_dir=work)
+    # At 100x the 8-minute outage is 4.8 s of wall time against the balancer's lease (its offline grace) of
+    # 2 s, the floor a live run keeps: at 200x it was 2.4 s, and a loaded machine's delays ate the margin.
+    live = run_live(scenario, "least-utilised", speedup=100.0, work_dir=work)
     r, m = live.result, live.result.metrics
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((work / "logs").glob("*.log")))
     # every EV asked, was answered and its request was closed: none lost

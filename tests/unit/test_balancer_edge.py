@@ -196,3 +196,58 @@ def test_a_flooding_ev_is_shed_and_told_once_per_second_others_are_served() -> N
     assert svc.counters["bad_payload:ev_request:rate_limited"] == 998
     request(tr, "EV1", "r1")
     assert [a["status"] for a in answers(tr, "EV1")] == ["assigned"]
+
+
+# ---------------------------------------------------------------------------- limit schedules at the edge
+def results(transport: FakeTransport) -> list[dict]:
+    return [json.loads(p.payload) for p in transport.on(f"{P}/balancer/control/result")]
+
+
+def test_limit_schedules_are_answered_published_retained_and_bad_ones_refused() -> None:
+    svc, tr = service(startup_wait_s=0)
+    telemetry(tr)
+    now = svc.clock()
+    body = {"source": "dso-north", "request_id": "d1",
+            "entries": [{"start": now + 3600, "end": now + 7200, "limit_kw": 50}]}
+    tr.deliver(f"{P}/substation/A/limits", json.dumps(body).encode())
+    (ok,) = results(tr)
+    assert (ok["ok"], ok["action"], ok["substation_id"], ok["request_id"]) == (True, "set_limits", "A", "d1")
+    (published,) = tr.on(f"{P}/substation/A/schedule")
+    assert published.retain and json.loads(published.payload)["entries"][0]["source"] == "dso-north"
+    for payload, reason, retain in [
+        (json.dumps(body | {"request_id": "d2"}), "retained", True),  # would be replayed over newer schedules
+        (json.dumps(body | {"request_id": "d3", "substation_id": "B"}), "id_mismatch", False),
+        ('{"source": "dso", "request_id": "d4", "entries": [{"start": 2, "end": 1, "limit_kw": 1}]}',
+         "invalid_field", False),
+        ('{"source": "dso", "request_id": "d5", "entries": [], "source": "x"}', "duplicate_key", False),
+        ('{"source": "dso", "request_id": "d6", "entries": [}', "malformed_json", False),
+    ]:
+        tr.deliver(f"{P}/substation/A/limits", payload.encode(), retain=retain)
+        last = results(tr)[-1]
+        assert (last["ok"], last["reason"], last["action"]) == (False, reason, "set_limits"), last
+        assert last["request_id"] == json.loads(payload.replace("[}", "[]}"))["request_id"]
+    clears = [p for p in tr.on(f"{P}/substation/A/limits") if p.retain and p.payload == b""]
+    assert len(clears) == 1  # the retained one was cleared
+    tr.deliver(f"{P}/substation/A/limits", b"", retain=True)  # our own clear, echoed: nothing happens
+    assert len(results(tr)) == 6
+    assert svc.counters["bad_payload:substation_limits:invalid_field"] == 1
+    unknown = {"source": "dso", "request_id": "d7", "entries": []}
+    tr.deliver(f"{P}/substation/Q/limits", json.dumps(unknown).encode())
+    assert results(tr)[-1]["reason"] == "unknown_substation"
+
+
+def test_a_restarted_balancer_reads_its_retained_schedule_back_and_ignores_live_echoes() -> None:
+    first, tr1 = service(startup_wait_s=0)
+    telemetry(tr1)
+    now = first.clock()
+    tr1.deliver(f"{P}/substation/A/limits", json.dumps({
+        "source": "dso", "entries": [{"start": now - 1, "end": now + 3600, "limit_kw": 40}]}).encode())
+    retained = tr1.on(f"{P}/substation/A/schedule")[-1].payload
+    second, tr2 = service(startup_wait_s=30)
+    tr2.deliver(f"{P}/substation/A/schedule", retained, retain=True)  # delivered on subscribe
+    telemetry(tr2)
+    assert second.core.substations["A"].capacity_w == 40_000
+    assert second.core.substations["A"].limit_source() == "dso"
+    third, tr3 = service(startup_wait_s=0)
+    tr3.deliver(f"{P}/substation/A/schedule", retained)  # not retained: an echo of a live publication
+    assert third.core.schedules == {}

@@ -176,17 +176,20 @@ def test_role_grants() -> None:
     p = "grid/v1"
     assert _grants("balancer") == {
         SEND: {f"{p}/ev/+/assignment", f"{p}/substation/+/command", f"{p}/substation/+/error",
-               f"{p}/substation/+/state", f"{p}/reply/#", f"{p}/balancer/#",
-               f"{p}/ev/+/request", f"{p}/ev/+/release"},  # (only to clear retained requests and releases)
+               f"{p}/substation/+/state", f"{p}/substation/+/schedule", f"{p}/reply/#", f"{p}/balancer/#",
+               # (only to clear retained requests, releases and limit schedules)
+               f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/substation/+/limits"},
         SUBSCRIBE: {f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/substation/+/telemetry",
-                    f"{p}/substation/+/status", f"{p}/substation/+/session", f"{p}/balancer/#"},
+                    f"{p}/substation/+/status", f"{p}/substation/+/session", f"{p}/substation/+/limits",
+                    f"{p}/substation/+/schedule", f"{p}/balancer/#"},
         RECEIVE: {f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/substation/+/telemetry",
-                  f"{p}/substation/+/status", f"{p}/substation/+/session", f"{p}/balancer/#"}}
+                  f"{p}/substation/+/status", f"{p}/substation/+/session", f"{p}/substation/+/limits",
+                  f"{p}/substation/+/schedule", f"{p}/balancer/#"}}
     denied = [a for a in role_acls(p, "balancer") if not a.allow]
     assert [(a.acltype, a.topic, a.priority) for a in denied] == [(SEND, f"{p}/ev/balancer/#", 1)]
     assert all(a.allow for role in ("api", "reader", "substation.A", "ev.EV_1") for a in role_acls(p, role))
     api = _grants("api")
-    assert api[SEND] == {f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/balancer/control"}
+    assert api[SEND] == {f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/balancer/control", f"{p}/substation/+/limits"}
     assert api[SUBSCRIBE] == {f"{p}/#"}
     assert _grants("reader") == {SEND: set(), SUBSCRIBE: {f"{p}/#"}, RECEIVE: {f"{p}/#"}}
     assert _grants("healthcheck") == {SEND: set(), SUBSCRIBE: set(), RECEIVE: set()}

@@ -460,7 +460,15 @@ def test_filters_match_every_id_of_one_kind() -> None:
 
 def test_retained_channels_are_the_status_and_state_ones() -> None:
     assert {k for k, c in CHANNELS.items() if c.retain} == {
-        TopicKind.SUBSTATION_STATUS, TopicKind.BALANCER_STATUS, TopicKind.SUBSTATION_STATE, TopicKind.BALANCER_QUEUE}
+        TopicKind.SUBSTATION_STATUS, TopicKind.BALANCER_STATUS, TopicKind.SUBSTATION_STATE, TopicKind.BALANCER_QUEUE,
+        TopicKind.SUBSTATION_SCHEDULE}
+
+
+def test_limit_schedule_topics() -> None:
+    assert T.substation_limits("A") == "grid/v1/substation/A/limits"
+    assert T.substation_schedule("A") == "grid/v1/substation/A/schedule"
+    assert T.parse("grid/v1/substation/A/limits") == (TopicKind.SUBSTATION_LIMITS, "A")
+    assert T.parse("grid/v1/substation/A/schedule") == (TopicKind.SUBSTATION_SCHEDULE, "A")
 
 
 def test_balancer_state_and_control_topics() -> None:

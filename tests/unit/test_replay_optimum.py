@@ -108,3 +108,15 @@ def test_a_random_instance_matches_an_independent_max_flow() -> None:
                                limit_w / 1000)
         assert opt.delivered_kwh_total * 1000 == pytest.approx(expected, abs=1e-3)
         assert (opt.delivered_kwh <= np.array(energy_wh) / 1000 + 1e-9).all()
+
+
+def test_a_time_varying_limit_by_hand() -> None:
+    # One EV 0-3 h, 30 kWh at up to 10 kW; the limit is 10 kW, 2 kW from 1 h to 2 h (a DSO cut), 10 kW again:
+    # 10 + 2 + 10 = 22 kWh. Steps off the session bounds become interval bounds.
+    opt = optimal_delivery([0], [3], [30], [10], [(0, 10), (1, 2), (2, 10)])
+    assert opt.delivered_kwh_total == pytest.approx(22.0)
+    assert opt.intervals == 3 and opt.limit_kw == 2 and opt.limit_steps == ((0, 10), (1, 2), (2, 10))
+    # the first step applies before its time too; steps outside the sessions change nothing
+    assert optimal_delivery([0], [1], [30], [10], [(0.5, 4), (5, 0)]).delivered_kwh_total == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="increasing time"):
+        optimal_delivery([0], [1], [1], [1], [(1, 4), (0.5, 2)])

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from balancer.core.allocation import laxity_share, water_fill
@@ -77,20 +77,30 @@ class WeightedFair(_Compressible):
         return water_fill(available, floors, caps, [self.weight(s) for s in sessions])
 
 
+def _seconds_left(_sessions: Sequence[Session], now: float) -> Callable[[float, float, int], float]:
+    return lambda departure, _remaining_wh, _max_w: departure - now
+
+
 class Deadline(_Compressible):
     name = PolicyName.DEADLINE
     time_dependent = True  # laxity falls as time passes
+    #: (the substation's sessions, now) -> seconds until a departure as the policy should count them, given what
+    #: the EV still needs and its rate. The engine sets one that counts the power a limit schedule will leave
+    #: (balancer/core/limit_effects.py ``horizon``); without one, the seconds there are.
+    horizon: Callable[[Sequence[Session], float], Callable[[float, float, int], float]] = staticmethod(_seconds_left)
 
     def targets(self, sessions: Sequence[Session], available: int, floors: Sequence[int], caps: Sequence[int],
                 now: float) -> list[int]:
         urgency: list[tuple[float, float, int] | None] = []
         step = self.config.laxity_step_s
+        left = self.horizon(sessions, now)
         for s in sessions:
             s.account(now)
             remaining, departure = s.remaining_wh(), s.request.departure
             if remaining is None or departure is None:
                 urgency.append(None)
                 continue
-            laxity = departure - now - remaining * 3600 / max(1, s.request.requested_w)
+            left_s = max(1.0, left(departure, remaining, s.request.requested_w))
+            laxity = left_s - remaining * 3600 / max(1, s.request.requested_w)
             urgency.append((math.floor(laxity / step), departure, s.request.arrival))
         return laxity_share(available, floors, caps, urgency)
