@@ -679,7 +679,8 @@ SHED = [
     # id, telemetry change, expected grants after (ev -> kW on A), revoked evs
     pytest.param({"base_kw": 24}, {"E1": 22.0, "E2": 22.0, "E3": 22.0}, [], id="still-within-limit"),
     # Over the limit (90 kW here: 10 % margin), every session comes down to an equal share at once, of the
-    # limit less a 1 kW band (hysteresis_kw) that keeps base-load noise from moving grants again.
+    # limit less a band that keeps base-load noise from moving grants again: one hysteresis step (1 kW) until the
+    # noise has been measured over a hold time.
     pytest.param({"base_kw": 30}, {"E1": 19.666, "E2": 19.666, "E3": 19.666}, [], id="equal-share-reduction"),
     pytest.param({"base_kw": 50}, {"E1": 13.0, "E2": 13.0, "E3": 13.0}, [], id="reduced-to-equal-shares"),
     pytest.param({"base_kw": 60}, {"E1": 10.0, "E2": 10.0, "E3": 10.0}, [], id="all-at-min"),
