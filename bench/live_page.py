@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ import httpx
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bench import browser
 from bench.bench_balancer import proc_cpu_s
 from broker.accounts import SERVICE_ACCOUNTS
 from broker.local import LocalBroker, find_free_port, find_mosquitto
@@ -284,33 +284,11 @@ def wait_until(predicate: Any, timeout: float, what: str, every_s: float = 0.2) 
 
 
 # ---------------------------------------------------------------------------------------------- the browser
-CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
-CHROMEDRIVER = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
-
-
 @contextmanager
 def chromium(profile_dir: Path, width: int = 1600, height: int = 1000) -> Iterator[Any]:
-    """Headless Chromium on loopback only (no background networking, a fresh profile)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as ChromeService
-
-    browser = next((p for p in CHROMIUM if Path(p).exists()), None) or shutil.which("chromium")
-    driver_path = next((p for p in CHROMEDRIVER if Path(p).exists()), None) or shutil.which("chromedriver")
-    if not browser or not driver_path:
-        raise RuntimeError("chromium/chromium-driver missing (apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", f"--user-data-dir={profile_dir}", f"--window-size={width},{height}"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=ChromeService(executable_path=driver_path), options=options)
-    try:
-        driver.set_page_load_timeout(30)
+    """Headless Chromium on loopback only (no background networking, a fresh profile), its console kept."""
+    with browser.chromium(profile_dir, width, height, browser_log=True) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def descendants(pid: int) -> list[int]:
