@@ -390,14 +390,9 @@ class ScheduleEntry(msgspec.Struct, kw_only=True):
     priority: Priority = 0
 
 
-class CompositeSlot(msgspec.Struct, kw_only=True):
-    """One interval of the composite schedule: the limit that applies there (the lowest) and whose it is."""
-
-    start: Timestamp
-    end: Timestamp
-    limit_kw: LimitKw
-    source: Source
-    priority: Priority = 0
+class CompositeSlot(ScheduleEntry, kw_only=True):
+    """One interval of the composite schedule: the limit that applies there (the lowest) and whose it is (the
+    same fields as an entry, a different meaning)."""
 
 
 class ScheduleState(msgspec.Struct, kw_only=True):
