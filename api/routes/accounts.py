@@ -14,6 +14,7 @@ back would keep its sessions counted there.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Awaitable
 from typing import Annotated, Any
 
 import msgspec
@@ -49,6 +50,19 @@ def _failed(exc: ProvisioningError) -> Problem:
     return Problem(502, f"the broker refused: {exc}", type_="provisioning-failed")
 
 
+async def _create(ctx: AppContext, creating: Awaitable[Credentials], kind: str, id_: str, **ids: str) -> Credentials:
+    """A new account (``creating``), its refusals as problems, and the event that says it was created."""
+    try:
+        creds = await creating
+    except AccountExists:
+        raise Problem(409, f"{kind} {id_!r} has an account already (DELETE it first to issue a new one)",
+                      type_="account-exists") from None
+    except ProvisioningError as exc:
+        raise _failed(exc) from None
+    ctx.store.events.add(ctx.now(), "account_added", f"account of {kind} {id_} created", **ids)
+    return creds
+
+
 def _mqtt_url(ctx: AppContext) -> str:
     return ctx.settings.mqtt_public_url or f"mqtt://{ctx.settings.mqtt.host}:{ctx.settings.mqtt.port}"
 
@@ -71,14 +85,7 @@ async def add_substation(body: SubstationIn, ctx: Ctx, operator: Operator) -> JS
     provisioner = _provisioner(ctx)
     sid = body.substation_id
     audit(operator, "add_substation", substation_id=sid)
-    try:
-        creds = await provisioner.add_substation(sid)
-    except AccountExists:
-        raise Problem(409, f"substation {sid!r} has an account already (DELETE it first to issue a new one)",
-                      type_="account-exists") from None
-    except ProvisioningError as exc:
-        raise _failed(exc) from None
-    ctx.store.events.add(ctx.now(), "account_added", f"account of substation {sid} created", substation_id=sid)
+    creds = await _create(ctx, provisioner.add_substation(sid), "substation", sid, substation_id=sid)
     host, port = _host_port(ctx)
     capacity = f"{body.capacity_kw:g}" if body.capacity_kw is not None else "<capacity_kw>"
     command = (f"MQTT_HOST={shlex.quote(host)} MQTT_PORT={port} MQTT_PASSWORD={shlex.quote(creds.password)} "
@@ -122,14 +129,7 @@ async def add_ev(body: EvIn, ctx: Ctx, operator: Operator) -> JSONResponse:
     if ev_id in SERVICE_ACCOUNTS:
         raise Problem(422, f"{ev_id!r} is a service account name, not an EV id", type_="validation")
     audit(operator, "add_ev", ev_id=ev_id)
-    try:
-        creds = await provisioner.add_ev(ev_id)
-    except AccountExists:
-        raise Problem(409, f"EV {ev_id!r} has an account already (DELETE it first to issue a new one)",
-                      type_="account-exists") from None
-    except ProvisioningError as exc:
-        raise _failed(exc) from None
-    ctx.store.events.add(ctx.now(), "account_added", f"account of EV {ev_id} created", ev_id=ev_id)
+    creds = await _create(ctx, provisioner.add_ev(ev_id), "EV", ev_id, ev_id=ev_id)
     prefix = ctx.bridge.topics.prefix
     return _created(ctx, ev_id, creds, f"publish to {prefix}/ev/{ev_id}/request, read "
                                        f"{prefix}/ev/{ev_id}/assignment (username {ev_id})")
