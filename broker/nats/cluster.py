@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -78,12 +79,16 @@ def _utf8(value: str) -> bytes:
 
 
 def mqtt_connect_rc(host: str, port: int, username: str, password: str, client_id: str,
-                    timeout: float = 5.0) -> int:
+                    timeout: float = 5.0, ca_file: str | os.PathLike[str] | None = None) -> int:
     """CONNECT over MQTT 3.1.1 (clean session) and return the CONNACK return code (0 = accepted); OSError when
-    the node does not answer. A bare socket: no client library thread for a readiness probe."""
+    the node does not answer. A bare socket (TLS with ``ca_file``): no client library thread for a probe."""
     body = _utf8("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 30)
     body += _utf8(client_id) + _utf8(username) + _utf8(password)
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection((host, port), timeout=timeout))
+        if ca_file is not None:
+            sock = stack.enter_context(ssl.create_default_context(cafile=str(ca_file)).wrap_socket(
+                sock, server_hostname=host))
         sock.settimeout(timeout)
         sock.sendall(bytes([0x10, len(body)]) + body if len(body) < 128 else
                      bytes([0x10, (len(body) & 0x7F) | 0x80, len(body) >> 7]) + body)
@@ -191,7 +196,8 @@ class ClusterNode:
         try:
             user = self.cluster.probe_user
             rc = mqtt_connect_rc(self.host, self.port, user, self.password_for(user),
-                                 f"ready-{self.name}-{os.getpid()}-{self._probes}", timeout=3.0)
+                                 f"ready-{self.name}-{os.getpid()}-{self._probes}", timeout=3.0,
+                                 ca_file=self.cluster.ca_file)
         except OSError:
             return False
         return rc == 0

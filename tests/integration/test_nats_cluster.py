@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -18,6 +21,7 @@ from broker.nats.cluster import ClusterNode, LocalCluster, mqtt_connect_rc
 pytestmark = pytest.mark.integration
 
 P = "grid/v1"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _jsz(cluster: LocalCluster, i: int) -> dict:
@@ -89,3 +93,20 @@ def test_wrong_password_is_refused_on_every_node(nats_cluster: LocalCluster) -> 
         assert _refused(node, "EV_0001", "wrong")
         assert _refused(node, "EV_0001", nats_cluster.password_for("EV_0002"))
         assert mqtt_connect_rc(node.host, node.port, "EV_0001", nats_cluster.password_for("EV_0001"), "x") == 0
+
+
+def test_tls_listeners_with_the_project_ca(tmp_path: Path, make_cluster: Callable[..., LocalCluster]) -> None:
+    certs = tmp_path / "certs"
+    subprocess.run(["sh", str(ROOT / "broker" / "tls" / "make-certs.sh"), str(certs)], check=True,
+                   capture_output=True, timeout=30)
+    cluster = make_cluster(tls_dir=certs, ev_ids=["EV_0001"], substation_ids=[])  # ready = a TLS CONNECT worked
+    ca = str(certs / "ca.crt")
+    node = cluster.nodes[2]
+    assert mqtt_connect_rc(node.host, node.port, "EV_0001", cluster.password_for("EV_0001"), "tls", ca_file=ca) == 0
+    with pytest.raises(OSError):  # a plain client gets no MQTT answer on the TLS listener
+        mqtt_connect_rc(node.host, node.port, "EV_0001", cluster.password_for("EV_0001"), "plain", timeout=2)
+    other = tmp_path / "other"
+    subprocess.run(["sh", str(ROOT / "broker" / "tls" / "make-certs.sh"), str(other)], check=True,
+                   capture_output=True, timeout=30)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        mqtt_connect_rc(node.host, node.port, "EV_0001", "x", "stranger", ca_file=other / "ca.crt")
