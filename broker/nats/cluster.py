@@ -263,7 +263,8 @@ class LocalCluster:
             cluster.nodes[1].start()      # ... and bring it back on the same ports and data dir
 
     Accounts as :class:`broker.local.LocalBroker`'s: ``services`` with passwords from ``service_passwords`` or
-    derived from ``secret``, ``substation.<id>`` per substation, one per EV. :meth:`add_accounts` /
+    derived from ``secret``, ``substation.<id>`` per substation, one per EV (or exactly ``accounts``, when given).
+    :meth:`add_accounts` /
     :meth:`remove_accounts` rewrite the accounts file and reload every running node (SIGHUP).
     """
 
@@ -284,6 +285,7 @@ class LocalCluster:
         monitoring: bool = True,
         start_timeout: float = 30.0,
         nats_bin: str | None = None,
+        accounts: Iterable[Account] | None = None,
     ) -> None:
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
@@ -294,7 +296,8 @@ class LocalCluster:
         service_list = list(services)
         service_pw = {n: passwords.get(n) or derive_password(secret, n) for n in service_list}
         service_pw.update({n: p for n, p in passwords.items() if n not in service_pw})
-        self.accounts: list[Account] = build_accounts(secret, substation_ids, ev_ids, service_pw)
+        self.accounts: list[Account] = (list(accounts) if accounts is not None
+                                        else build_accounts(secret, substation_ids, ev_ids, service_pw))
         self._passwords = {a.username: a.password for a in self.accounts}
         #: the account the readiness probe logs in as (may log in, nothing else)
         self.probe_user = "healthcheck" if "healthcheck" in self._passwords else self.accounts[0].username
