@@ -17,8 +17,8 @@ Who may do what is not written here: every user's subject permissions are derive
   for JetStream consumer ... subscribe permission violation"). It does not open other clients' traffic: an
   MQTT client cannot subscribe ``$MQTT/sub/#`` (refused by the MQTT layer), and users are limited to MQTT
   connections (``allowed_connection_types``), so nobody reaches the subject with a plain NATS client.
-* the balancer alone may also connect as a NATS client, for its JetStream key-value buckets (region leases,
-  operator settings: ``$JS.API.>``, ``$KV.>`` and its ``_INBOX.>`` replies).
+* the balancers alone (``balancer``, ``balancer.<region>``) may also connect as NATS clients, for their
+  JetStream key-value buckets (region leases, operator settings: ``$JS.API.>``, ``$KV.>`` and its ``_INBOX.>`` replies).
 
 nats-server 2.9's config files have no ``%u``-style substitution (permission templates such as
 ``{{name()}}`` exist only for JWT/operator accounts), so every EV and every substation is a user with its own
@@ -92,7 +92,7 @@ def permissions(prefix: str, rolename: str) -> dict[str, Any]:
     for d in deny:
         if any(a.priority >= d.priority for a in allow):
             raise ValueError(f"role {rolename!r}: deny {d.topic!r} does not outrank every allow (NATS: deny wins)")
-    extra = NATS_CLIENT_GRANTS.get(rolename, {})
+    extra = _nats_client_grants(rolename)
     publish: dict[str, Any] = {"allow": _subjects(a.topic for a in allow) + extra.get("publish", [])}
     if deny:
         publish["deny"] = _subjects(d.topic for d in deny)
@@ -103,10 +103,15 @@ def permissions(prefix: str, rolename: str) -> dict[str, Any]:
             "subscribe": {"allow": [*_subjects(subscribe), MQTT_INTERNAL_SUBSCRIBE, *extra.get("subscribe", [])]}}
 
 
+def _nats_client_grants(rolename: str) -> dict[str, list[str]]:
+    """A region's balancer (role ``balancer.<region>``) may use the key-value store like the default one."""
+    return NATS_CLIENT_GRANTS.get(rolename.split(".", 1)[0], {})
+
+
 def _user(prefix: str, account: Account) -> dict[str, Any]:
     role = role_of(account.username)
     return {"user": account.username, "password": account.password, "permissions": permissions(prefix, role),
-            "allowed_connection_types": ["MQTT", "STANDARD"] if role in NATS_CLIENT_GRANTS else ["MQTT"]}
+            "allowed_connection_types": ["MQTT", "STANDARD"] if _nats_client_grants(role) else ["MQTT"]}
 
 
 def render_accounts(prefix: str, accounts: Iterable[Account]) -> str:
