@@ -192,6 +192,11 @@ def render_node(layout: ClusterLayout, index: int, store_dir: str | os.PathLike[
         "}",
         "mqtt {",
         f"  listen: {_q(f'{bind}:{node.mqtt_port}')}",
+        # Replicas of the MQTT streams (sessions, QoS 1 and retained messages). Left to itself nats-server takes
+        # the number of servers it knows when the account's first MQTT client connects: measured 2 on a
+        # 3-node cluster still forming, and then losing one of those two nodes stopped every MQTT CONNECT
+        # ("unable to persist session ... timeout") until it came back. Fixed, a node's loss keeps a quorum.
+        f"  stream_replicas: {min(3, len(layout.nodes))}",
         tls.rstrip("\n"),
         "}",
         f"include {_q(layout.accounts_file)}",

@@ -61,3 +61,4 @@ def test_node_config_routes_to_the_other_nodes(tmp_path) -> None:  # type: ignor
     assert '"nats-route://127.0.0.1:6001", "nats-route://127.0.0.1:6003"' in text
     assert "6002\"]" not in text and "http:" not in text
     assert text.count("tls {") == 2 and str(tmp_path / "ca.crt") in text
+    assert "stream_replicas: 3" in text  # not left to the number of servers known at the first MQTT login
