@@ -23,6 +23,7 @@ from balancer.admission import REFUSED_COST, Admission
 from balancer.core import Balancer, Effect, ToEv
 from balancer.core.limits import schedule_state
 from balancer.core.views import queue_state, substation_state
+from balancer.operator_store import FileStore, OperatorStore
 from balancer.settings import BalancerSettings
 from balancer.startup import StartupGate
 from grid_protocol import (
@@ -47,7 +48,7 @@ from grid_protocol import (
     is_valid_id,
 )
 from grid_protocol.lease import LeaseIssuer
-from grid_protocol.messages import MAX_SCHEDULE_PAYLOAD_BYTES, QueueState, SubstationState
+from grid_protocol.messages import DEFAULT_REGION, MAX_SCHEDULE_PAYLOAD_BYTES, QueueState, SubstationState
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import InMessage, Transport, Will, make_transport
 from grid_runtime.ratelimit import RateLimitedLog
@@ -69,8 +70,16 @@ def _request_id_hint(payload: bytes) -> str | None:
 
 class BalancerService:
     def __init__(self, settings: BalancerSettings, transport: Transport,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, store: OperatorStore | None = None,
+                 epoch: int | None = None, is_owner: Callable[[], bool] | None = None) -> None:
+        """``store``: where the operator's drains and capacity limits are kept (None: memory only). Cluster mode:
+        ``epoch`` of the region lease (stamped on every command batch) and ``is_owner``, the lease checked locally
+        (monotonic deadline) before any input is acted on and any command is published."""
         self.settings = settings
+        self.store = store
+        self.is_owner: Callable[[], bool] = is_owner or (lambda: True)
+        #: set when the lease was lost: nothing more is published, not even the offline status (the successor's)
+        self.stepped_down = False
         self.transport = transport
         self.clock = clock
         self.topics = Topics(settings.grid.grid_topic_prefix)
@@ -93,7 +102,7 @@ class BalancerService:
         #: agent commands decided but not yet published, per substation (see _flush_commands)
         self._commands: dict[str, list[SessionCommand]] = {}
         self._flush_scheduled = False
-        self._leases = LeaseIssuer(settings.lease_s)
+        self._leases = LeaseIssuer(settings.lease_s, epoch)
         self._handlers = {
             TopicKind.EV_REQUEST: self._on_request,
             TopicKind.EV_RELEASE: self._on_release,
@@ -143,6 +152,9 @@ class BalancerService:
 
     # ------------------------------------------------------------------ inbound
     def handle(self, msg: InMessage) -> None:
+        if not self.is_owner():
+            self._lost_lease("input")
+            return
         parsed = self.topics.parse(msg.topic)
         if parsed is None:
             self.counters["ignored_topic"] += 1
@@ -166,6 +178,14 @@ class BalancerService:
                              "the balancer is starting and learning the grid; send it again in a few seconds")
             return
         self._dispatch(kind, id_, msg)
+
+    def _lost_lease(self, where: str) -> None:
+        """The region lease ran out (monotonic deadline) or was lost: act on nothing, publish nothing more."""
+        self.counters[f"not_owner:{where}"] += 1
+        if not self.stepped_down:
+            self.stepped_down = True
+            log.error("region_lease_lost_stepping_down", where=where, epoch=self._leases.epoch,
+                      instance=self.instance)
 
     def _dispatch(self, kind: TopicKind, id_: str | None, msg: InMessage) -> None:
         if kind == TopicKind.BALANCER_CONTROL:
@@ -366,6 +386,7 @@ class BalancerService:
             return
         reason, detail, effects = self.core.on_control(command, now)
         self._publish(effects)
+        durable = reason is None and self.store is not None
         sub = self.core.substations.get(command.substation_id)
         state = None
         if sub is not None:  # its new state at once, not at the next periodic publish
@@ -375,7 +396,19 @@ class BalancerService:
             self._forget(command.substation_id)
         result = ControlResult(ok=reason is None, action=command.action, substation_id=command.substation_id,
                                ts=now, request_id=command.request_id, reason=reason, detail=detail, state=state)
-        self.transport.publish(self.topics.balancer_control_result(), encode(result), 1)
+
+        def answer(stored: bool = True) -> None:
+            """The result, once the operator settings are stored (a failover right after it keeps them)."""
+            if not self.is_owner():
+                return
+            out = result if stored else msgspec.structs.replace(
+                result, detail=f"{detail} (not stored: lost on a restart; see the balancer's log)")
+            self.transport.publish(self.topics.balancer_control_result(), encode(out), 1)
+
+        if durable and self.store is not None:
+            self.store.save(self.core.operator_settings(), answer)
+        else:
+            answer()
         log.info("control", action=command.action, substation_id=command.substation_id,
                  capacity_kw=command.capacity_kw, ok=reason is None, reason=reason, detail=detail)
 
@@ -512,6 +545,9 @@ class BalancerService:
         """Publish pending agent commands, one message per substation (chunked), in decision order."""
         self._flush_scheduled = False
         pending, self._commands = self._commands, {}
+        if not self.is_owner():
+            self._lost_lease("commands")
+            return
         now = self.clock()
         for sid, commands in pending.items():
             topic = self.topics.command(sid)
@@ -520,6 +556,9 @@ class BalancerService:
 
     def _renew_leases(self) -> None:
         """An empty batch renews the lease of every substation with sessions that has not heard from us lately."""
+        if not self.is_owner():
+            self._lost_lease("renewals")
+            return
         with_sessions = [sid for sid, sub in self.core.substations.items() if sub.sessions]
         for sid, batch in self._leases.renewals(with_sessions, self.clock()):
             self.transport.publish(self.topics.command(sid), encode(batch), 1)
@@ -538,7 +577,14 @@ class BalancerService:
 
     # ------------------------------------------------------------------ periodic
     async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set, then publish the offline status and disconnect."""
+        """Run until ``stop`` is set (or the region lease is lost), then publish the offline status and disconnect
+        (after a lost lease: just disconnect). The operator settings are restored before the first connect."""
+        if self.store is not None:
+            restored = await self.store.load()
+            self._publish(self.core.restore_operator(restored, self.clock()))
+            log.info("operator_settings_restored", region=self.store.region, substations=len(restored),
+                     drained=sorted(sid for sid, s in restored.items() if s.draining)[:20],
+                     limited=sorted(sid for sid, s in restored.items() if s.capacity_limit_w is not None)[:20])
         conn = asyncio.create_task(self.transport.run())
         next_stats = time.monotonic() + self.settings.stats_interval_s
         next_state = time.monotonic()
@@ -547,6 +593,10 @@ class BalancerService:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.tick_interval_s)
+                if not self.is_owner():
+                    self._lost_lease("tick")
+                if self.stepped_down:
+                    break
                 self._open_when_ready()
                 self._publish(self.core.tick(self.clock()))
                 self._renew_leases()
@@ -561,10 +611,15 @@ class BalancerService:
                     next_stats += self.settings.stats_interval_s
                     self.log_stats()
         finally:
-            self._flush_commands()
-            offline = BalancerStatus(state="offline", ts=self.clock())
-            self.transport.publish(self.topics.balancer_status(), encode(offline), qos=1, retain=True)
-            await self.transport.close()
+            if self.stepped_down or not self.is_owner():
+                await self.transport.close(0.0)  # no offline status: the region has (or gets) another owner
+            else:
+                self._flush_commands()
+                offline = BalancerStatus(state="offline", ts=self.clock())
+                self.transport.publish(self.topics.balancer_status(), encode(offline), qos=1, retain=True)
+                await self.transport.close()
+            if self.store is not None:
+                await self.store.close()
             conn.cancel()
             self.log_stats()
 
@@ -576,8 +631,10 @@ class BalancerService:
 
 
 def build(settings: BalancerSettings) -> BalancerService:
+    """Single-node mode: one owner, no lease; operator settings in ``settings.state_file``."""
     topics = Topics(settings.grid.grid_topic_prefix)
     transport = make_transport(settings.mqtt_client, settings.mqtt,
                                client_id=settings.mqtt.username or "balancer",
                                will=BalancerService.will(topics), clean_start=False)
-    return BalancerService(settings, transport)
+    store = FileStore(settings.state_file, DEFAULT_REGION) if settings.state_file else None
+    return BalancerService(settings, transport, store=store)

@@ -57,6 +57,17 @@ class BalancerSettings(BaseSettings):
     ev_burst: float = Field(100.0, ge=1)
     telemetry_rate_per_s: float = Field(10.0, gt=0)
     telemetry_burst: float = Field(20.0, ge=1)
+    #: Operator settings (drains, capacity limits) that survive a restart, in single-node mode: this JSON file
+    #: (replaced atomically on every accepted control command; "" keeps them in memory only). In cluster mode
+    #: they live in NATS KV instead (bucket ``grid_operator``). See balancer/operator_store.py.
+    state_file: str = "state/operator-settings.json"
+    #: Cluster mode: NATS servers (comma list of ``nats://host:port``). Set, each region is owned under a lease in
+    #: NATS KV (bucket ``grid_leases``, held ``lease_s``, renewed every ``lease_s / 3``; its revision is the epoch
+    #: on every command batch) and the region's MQTT session is connected only while the lease is held; a standby
+    #: process takes over when the key expires. Unset: single-node mode, one owner, no lease.
+    nats_urls: str | None = None
+    #: Replicas of the KV buckets (the cluster's size, at most 3): a lease must outlive the loss of a node.
+    nats_replicas: int = Field(1, ge=1, le=5)
     #: paho is the default on the hot path (see grid_runtime.mqtt and bench/).
     mqtt_client: Literal["paho", "aiomqtt"] = "paho"
 
