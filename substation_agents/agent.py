@@ -405,7 +405,7 @@ class SubstationAgent:
 def build_agent(spec: SubstationSpec, settings: AgentSettings, clock: SimClock, *,
                 tick_offset_s: float = 0.0) -> SubstationAgent:
     """An agent for ``spec`` with its own aiomqtt connection, last will and seeded base load."""
-    topics = Topics(settings.grid.grid_topic_prefix)
+    topics = Topics(settings.grid.grid_topic_prefix, settings.substation_region)  # its region's topics
     mqtt = agent_mqtt_settings(settings.mqtt, spec.substation_id)
     transport = AiomqttTransport(mqtt, client_id=mqtt.username, will=offline_will(topics, spec.substation_id,
                                                                                       settings.substation_region),
