@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from prometheus_client import REGISTRY
 
 from balancer import metrics
+from balancer.cluster import run_cluster
 from balancer.service import build_all
 from balancer.settings import BalancerSettings
 from grid_runtime.lifecycle import run_until_signalled
@@ -39,6 +40,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("balancer_starting", host=settings.mqtt.host, port=settings.mqtt.port,
              username=settings.mqtt.username, client=settings.mqtt_client, regions=list(settings.regions),
              safety_margin_pct=settings.core.safety_margin_pct, stale_after_s=settings.core.stale_after_s)
+    if settings.nats_urls:  # cluster mode: regions owned under leases in NATS KV, services built on takeover
+        metrics_server = serve_metrics(settings.grid.metrics, "balancer")
+
+        async def run_owners(stop: asyncio.Event) -> None:
+            await run_cluster(settings, stop)
+
+        run_until_signalled(run_owners)
+        stop_metrics(metrics_server)
+        log.info("balancer_stopped")
+        return 0
     services = build_all(settings)  # one region service each (BALANCER_REGIONS), one event loop
     metrics.register(services, REGISTRY)
     metrics_server = serve_metrics(settings.grid.metrics, "balancer")
