@@ -45,7 +45,7 @@ class NatsServer:
         self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
         self.config = self.work_dir / "nats.conf"
-        lines = [f'server_name: "{name}"', "listen: 127.0.0.1:%d" % self.port,
+        lines = [f'server_name: "{name}"', f"listen: 127.0.0.1:{self.port}",
                  f'jetstream {{ store_dir: "{self.work_dir / "js"}" }}']
         if self.mqtt_port is not None:
             lines.append(f"mqtt {{ listen: 127.0.0.1:{self.mqtt_port} }}")
