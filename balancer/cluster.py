@@ -30,17 +30,23 @@ from balancer.region_lease import LEASE_BUCKET, RegionLease
 from balancer.service import BalancerService
 from balancer.settings import BalancerSettings
 from grid_protocol import Topics
+from grid_runtime.credentials import mqtt_password
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import make_transport
 from grid_runtime.mqtt.base import TransportBase
+from grid_runtime.settings import MqttSettings
 
 __all__ = ["RegionOwner", "connect_nats", "open_buckets", "run_cluster"]
 
 log = get_logger("balancer.cluster")
 
 
-async def connect_nats(urls: str) -> Any:
-    """A NATS connection that keeps reconnecting (to any of ``urls``) for as long as the process runs."""
+async def connect_nats(urls: str, mqtt: MqttSettings | None = None) -> Any:
+    """A NATS connection that keeps reconnecting (to any of ``urls``) for as long as the process runs. It logs
+    in with the balancer's MQTT account (``mqtt``: the cluster's accounts let the balancer's user connect as a
+    NATS client for its key-value buckets; broker/nats/config.py), over TLS with ``MQTT_TLS_CA`` when set."""
+    import ssl
+
     import nats
 
     servers = [u.strip() for u in urls.split(",") if u.strip()]
@@ -54,7 +60,12 @@ async def connect_nats(urls: str) -> Any:
     async def reconnected_cb() -> None:
         log.info("nats_reconnected", url=str(nc.connected_url.netloc if nc.connected_url else None))
 
-    nc = await nats.connect(servers=servers, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
+    auth: dict[str, Any] = {}
+    if mqtt is not None and mqtt.username:
+        auth = {"user": mqtt.username, "password": mqtt_password(mqtt)}
+    if mqtt is not None and mqtt.tls_ca:
+        auth["tls"] = ssl.create_default_context(cafile=mqtt.tls_ca)
+    nc = await nats.connect(servers=servers, max_reconnect_attempts=-1, reconnect_time_wait=0.2, **auth,
                             connect_timeout=2, allow_reconnect=True, error_cb=error_cb,
                             disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb,
                             name=f"balancer-{socket.gethostname()}-{os.getpid()}")
@@ -153,7 +164,7 @@ class RegionOwner:
 async def run_cluster(settings: BalancerSettings, stop: asyncio.Event) -> list[RegionOwner]:
     """Connect to NATS, open the buckets, and run one :class:`RegionOwner` per region until ``stop``."""
     assert settings.nats_urls
-    nc = await connect_nats(settings.nats_urls)
+    nc = await connect_nats(settings.nats_urls, settings.mqtt)
     try:
         leases_kv, operator_kv = await open_buckets(nc, settings.lease_s, settings.nats_replicas)
         owners = [RegionOwner(settings, region, leases_kv, operator_kv) for region in settings.regions]

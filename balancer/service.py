@@ -367,7 +367,10 @@ class BalancerService:
         except PayloadError as err:
             self._substation_error(TopicKind.SUBSTATION_STATUS, sid, msg, err, now)
             return
-        inventory = status.announced_for is not None and status.announced_for == self.instance
+        # Only a live status closes an inventory: a retained copy is an old snapshot, which a broker hands out again
+        # on every re-subscription (this instance reconnecting, e.g. to another cluster node): taken as an
+        # inventory it would drop every session confirmed since.
+        inventory = not msg.retain and status.announced_for is not None and status.announced_for == self.instance
         self.log.info("substation_status", substation_id=sid, state=status.state, inventory=inventory,
                  sessions=status.sessions, retained=msg.retain)
         self._publish(self.core.on_status(sid, status.state, now, inventory=inventory, region=status.region))

@@ -187,6 +187,10 @@ def render_node(layout: ClusterLayout, index: int, store_dir: str | os.PathLike[
         "}",
         "mqtt {",
         f"  listen: {_q(f'{bind}:{node.mqtt_port}')}",
+        # Otherwise the MQTT streams get as many replicas as nodes are up when the first client connects (2 of 3
+        # seen here): an R2 $MQTT_sess stalls without quorum when one of its two nodes dies, and no persistent
+        # session can be resumed anywhere (the balancer's region session, issue 12).
+        f"  stream_replicas: {min(3, len(layout.nodes))}",
         tls.rstrip("\n"),
         "}",
         f"include {_q(layout.accounts_file)}",
