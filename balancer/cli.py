@@ -1,7 +1,8 @@
 """Command-line entry of the balancer (``python -m balancer`` / ``gridlb balancer``).
 
 Configured by environment variables only (``BALANCER_*``, ``MQTT_*``, ``GRID_TOPIC_PREFIX``, ``LOG_*``;
-see the README), so it runs the same way locally, in tests and under a supervisor.
+see the README), so it runs the same way locally, in tests and under a supervisor. ``BALANCER_REGIONS`` names
+the regions the process owns: one region service each, side by side in one event loop.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Sequence
 from prometheus_client import REGISTRY
 
 from balancer import metrics
-from balancer.service import build
+from balancer.cluster import run_cluster
+from balancer.service import build_all
 from balancer.settings import BalancerSettings
 from grid_runtime.lifecycle import run_until_signalled
 from grid_runtime.logs import get_logger
@@ -36,10 +38,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     log = get_logger("balancer")
     log.info("balancer_starting", host=settings.mqtt.host, port=settings.mqtt.port,
-             username=settings.mqtt.username, client=settings.mqtt_client,
+             username=settings.mqtt.username, client=settings.mqtt_client, regions=list(settings.regions),
              safety_margin_pct=settings.core.safety_margin_pct, stale_after_s=settings.core.stale_after_s)
-    service = build(settings)
-    metrics.register(service, REGISTRY)
+    if settings.nats_urls:  # cluster mode: regions owned under leases in NATS KV, services built on takeover
+        metrics_server = serve_metrics(settings.grid.metrics, "balancer")
+
+        async def run_owners(stop: asyncio.Event) -> None:
+            await run_cluster(settings, stop)
+
+        run_until_signalled(run_owners)
+        stop_metrics(metrics_server)
+        log.info("balancer_stopped")
+        return 0
+    services = build_all(settings)  # one region service each (BALANCER_REGIONS), one event loop
+    metrics.register(services, REGISTRY)
     metrics_server = serve_metrics(settings.grid.metrics, "balancer")
     # Everything alive now (modules, classes, settings) lives as long as the process: keep it out of
     # every later GC pass, so collections scan only what the balancer allocates while it runs.
@@ -47,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.freeze()
 
     async def run(stop: asyncio.Event) -> None:
-        await service.run(stop)
+        await asyncio.gather(*(service.run(stop) for service in services))
 
     run_until_signalled(run)
     stop_metrics(metrics_server)

@@ -5,18 +5,20 @@ pays nothing for them; the decision-latency histogram costs one observation per 
 and queue waits are drained from the core into a histogram at scrape time.
 Names follow Prometheus conventions: watts and seconds, ``_total`` for counters, labels bounded by
 the number of substations, outcomes and reasons (never EV ids). docs/observability.md lists them.
+Every balancer metric carries a ``region`` label (issue 12): one process may own several regions, each with
+its own core, and ``/metrics`` stays one endpoint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, get_args
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from grid_protocol.messages import AssignmentStatus
+from grid_protocol.messages import DEFAULT_REGION, AssignmentStatus
 from grid_runtime.metrics import MqttCollector
 
 if TYPE_CHECKING:
@@ -36,29 +38,19 @@ def _outcome_reason(key: str) -> tuple[str, str]:
 
 
 class BalancerCollector(Collector):
-    """Per-substation state, decisions, queue and payload errors, straight from the balancer's memory."""
+    """Per-substation state, decisions, queue and payload errors, straight from the balancers' memory (one
+    service per region, each sample labelled with its region)."""
 
-    def __init__(self, service: BalancerService, queue_wait: Histogram) -> None:
-        self._service = service
+    def __init__(self, services: Sequence[BalancerService], queue_wait: Histogram) -> None:
+        self._services = list(services)
         self._queue_wait = queue_wait
 
     def collect(self) -> Iterable[Any]:
-        service = self._service
-        core = service.core
-        cfg = core.config
-        now = service.clock()
-        waits = core.queue_waits
-        while True:  # popleft is atomic; two concurrent scrapes (Prometheus + a healthcheck) may drain together
-            try:
-                self._queue_wait.observe(waits.popleft())
-            except IndexError:
-                break
-
         def gauge(name: str, doc: str) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, labels=["substation"])
+            return GaugeMetricFamily(name, doc, labels=["substation", "region"])
 
         def counter(name: str, doc: str) -> CounterMetricFamily:
-            return CounterMetricFamily(name, doc, labels=["substation"])
+            return CounterMetricFamily(name, doc, labels=["substation", "region"])
 
         per_sub: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "capacity": gauge("gridlb_substation_capacity_watts",
@@ -83,61 +75,81 @@ class BalancerCollector(Collector):
             "stale_total": counter("gridlb_stale_telemetry",
                                    "Times its telemetry went stale (no sample for stale_after_s)"),
         }
-        for sub in sorted(core.substations.values(), key=lambda s: s.id):
-            heard = sub.last_telemetry_at
-            values = {
-                "capacity": sub.capacity_w, "reported": sub.reported_capacity_w,
-                "limit": max(0, sub.limit_w(cfg.safety_margin_pct)), "load": sub.load_w,
-                "headroom": sub.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s),
-                "reserved": sub.reserved_w(), "granted": sub.granted_w, "sessions": len(sub.sessions),
-                "online": int(sub.status != "offline" and not sub.lost and heard is not None),
-                "stale": int(not sub.is_fresh(now, cfg.stale_after_s)), "draining": int(sub.draining),
-                "utilisation": sub.used_w() / sub.capacity_w if sub.capacity_w > 0 else 0.0,
-                "age": max(0.0, now - heard) if heard is not None else float("nan"),
-                "overload": sub.overload_s, "stale_total": sub.stale_transitions,
-            }
-            for key, family in per_sub.items():
-                family.add_metric([sub.id], float(values[key]))
-        yield from per_sub.values()
-
         decisions = CounterMetricFamily("gridlb_decisions", "Answers the balancer gave, by outcome (assigned, "
                                         "queued, rejected, updated, revoked, completed, cancelled) and reason",
-                                        labels=["outcome", "reason"])
+                                        labels=["outcome", "reason", "region"])
         events = CounterMetricFamily("gridlb_balancer_events", "Other things the balancer noticed or did: "
                                      "duplicates, adoptions, substations offline/lost/stale, operator actions",
-                                     labels=["event", "detail"])
-        for key, count in sorted(core.counters.items()):
-            outcome, reason = _outcome_reason(key)
-            family = decisions if outcome in DECISION_OUTCOMES else events
-            family.add_metric([outcome, reason], float(count))
-        yield decisions
-        yield events
-
+                                     labels=["event", "detail", "region"])
         rejected = CounterMetricFamily("gridlb_rejected_payloads", "Payloads refused at the boundary, by topic "
-                                       "kind and reason", labels=["kind", "reason"])
-        for key, count in sorted(service.counters.items()):
-            if key.startswith("bad_payload:"):
-                _, kind, reason = key.split(":", 2)
-                rejected.add_metric([kind, reason], float(count))
-        yield rejected
+                                       "kind and reason", labels=["kind", "reason", "region"])
+        starting = GaugeMetricFamily("gridlb_balancer_starting", "1 while a (re)started balancer holds EV and "
+                                     "operator input until the agents have re-announced their sessions",
+                                     labels=["region"])
+        held = GaugeMetricFamily("gridlb_balancer_startup_held", "Input messages held during the startup wait",
+                                 labels=["region"])
+        queue = GaugeMetricFamily("gridlb_queue_length", "Requests waiting for power", labels=["region"])
+        sessions = GaugeMetricFamily("gridlb_sessions", "Running sessions on all substations", labels=["region"])
+        open_requests = GaugeMetricFamily("gridlb_open_requests", "EVs with an open request (queued or charging)",
+                                          labels=["region"])
+        for service in self._services:
+            region = service.region
+            core = service.core
+            cfg = core.config
+            now = service.clock()
+            waits = core.queue_waits
+            observe = self._queue_wait.labels(region).observe
+            while True:  # popleft is atomic; two concurrent scrapes (Prometheus + a healthcheck) may drain together
+                try:
+                    observe(waits.popleft())
+                except IndexError:
+                    break
+            for sub in sorted(core.substations.values(), key=lambda s: s.id):
+                heard = sub.last_telemetry_at
+                values = {
+                    "capacity": sub.capacity_w, "reported": sub.reported_capacity_w,
+                    "limit": max(0, sub.limit_w(cfg.safety_margin_pct)), "load": sub.load_w,
+                    "headroom": sub.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s),
+                    "reserved": sub.reserved_w(), "granted": sub.granted_w, "sessions": len(sub.sessions),
+                    "online": int(sub.status != "offline" and not sub.lost and heard is not None),
+                    "stale": int(not sub.is_fresh(now, cfg.stale_after_s)), "draining": int(sub.draining),
+                    "utilisation": sub.used_w() / sub.capacity_w if sub.capacity_w > 0 else 0.0,
+                    "age": max(0.0, now - heard) if heard is not None else float("nan"),
+                    "overload": sub.overload_s, "stale_total": sub.stale_transitions,
+                }
+                for key, family in per_sub.items():
+                    family.add_metric([sub.id, region], float(values[key]))
+            for key, count in sorted(core.counters.items()):
+                outcome, reason = _outcome_reason(key)
+                family = decisions if outcome in DECISION_OUTCOMES else events
+                family.add_metric([outcome, reason, region], float(count))
+            for key, count in sorted(service.counters.items()):
+                if key.startswith("bad_payload:"):
+                    _, kind, reason = key.split(":", 2)
+                    rejected.add_metric([kind, reason, region], float(count))
+            gate = service.startup
+            starting.add_metric([region], int(not gate.is_open))
+            held.add_metric([region], len(gate.held))
+            queue.add_metric([region], len(core.queue))
+            sessions.add_metric([region], core.session_count())
+            open_requests.add_metric([region], core.open_requests())
+        yield from per_sub.values()
+        yield from (decisions, events, rejected, starting, held, queue, sessions, open_requests)
 
-        gate = service.startup
-        yield GaugeMetricFamily("gridlb_balancer_starting", "1 while a (re)started balancer holds EV and operator "
-                                "input until the agents have re-announced their sessions", value=int(not gate.is_open))
-        yield GaugeMetricFamily("gridlb_balancer_startup_held", "Input messages held during the startup wait",
-                                value=len(gate.held))
-        yield GaugeMetricFamily("gridlb_queue_length", "Requests waiting for power", value=len(core.queue))
-        yield GaugeMetricFamily("gridlb_sessions", "Running sessions on all substations", value=core.session_count())
-        yield GaugeMetricFamily("gridlb_open_requests", "EVs with an open request (queued or charging)",
-                                value=core.open_requests())
 
-
-def register(service: BalancerService, registry: CollectorRegistry) -> None:
-    """Register the balancer's metrics in ``registry`` and hook the decision-latency histogram."""
+def register(services: BalancerService | Sequence[BalancerService], registry: CollectorRegistry) -> None:
+    """Register the metrics of a process's region services in ``registry`` and hook the decision-latency
+    histogram. MQTT connections are labelled ``client="balancer"`` (the default region, as before) and
+    ``client="balancer-<region>"``."""
+    if not isinstance(services, Sequence):
+        services = [services]
     latency = Histogram("gridlb_decision_latency_seconds", "Time to decide and publish the answers to one EV "
-                        "request or release", buckets=LATENCY_BUCKETS, registry=registry)
+                        "request or release", ["region"], buckets=LATENCY_BUCKETS, registry=registry)
     queue_wait = Histogram("gridlb_queue_wait_seconds", "How long requests placed from the queue waited",
-                           buckets=WAIT_BUCKETS, registry=registry)
-    service.observe_decision = latency.observe
-    registry.register(BalancerCollector(service, queue_wait))
-    registry.register(MqttCollector(lambda: {"balancer": service.transport}))
+                           ["region"], buckets=WAIT_BUCKETS, registry=registry)
+    for service in services:
+        service.observe_decision = latency.labels(service.region).observe
+    registry.register(BalancerCollector(services, queue_wait))
+    transports = {("balancer" if s.region == DEFAULT_REGION else f"balancer-{s.region}"): s.transport
+                  for s in services}
+    registry.register(MqttCollector(lambda: transports))

@@ -23,6 +23,7 @@ from balancer.admission import REFUSED_COST, Admission
 from balancer.core import Balancer, Effect, ToEv
 from balancer.core.limits import schedule_state
 from balancer.core.views import queue_state, substation_state
+from balancer.operator_store import FileStore, OperatorStore
 from balancer.settings import BalancerSettings
 from balancer.startup import StartupGate
 from grid_protocol import (
@@ -47,7 +48,7 @@ from grid_protocol import (
     is_valid_id,
 )
 from grid_protocol.lease import LeaseIssuer
-from grid_protocol.messages import MAX_SCHEDULE_PAYLOAD_BYTES, QueueState, SubstationState
+from grid_protocol.messages import DEFAULT_REGION, MAX_SCHEDULE_PAYLOAD_BYTES, QueueState, SubstationState
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import InMessage, Transport, Will, make_transport
 from grid_runtime.ratelimit import RateLimitedLog
@@ -68,12 +69,27 @@ def _request_id_hint(payload: bytes) -> str | None:
 
 
 class BalancerService:
+    """One region's balancer (issue 12): a region is an independent partition with its own core, startup gate,
+    agent leases, retained status and MQTT session; a process owning several regions runs one of these each."""
+
     def __init__(self, settings: BalancerSettings, transport: Transport,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, region: str = DEFAULT_REGION, *,
+                 store: OperatorStore | None = None, epoch: int | None = None,
+                 is_owner: Callable[[], bool] | None = None) -> None:
+        """``store``: where the operator's drains and capacity limits are kept (None: memory only). Cluster mode:
+        ``epoch`` of the region lease (stamped on every command batch) and ``is_owner``, the lease checked locally
+        (monotonic deadline) before any input is acted on and any command is published."""
         self.settings = settings
+        self.store = store
+        self.is_owner: Callable[[], bool] = is_owner or (lambda: True)
+        #: set when the lease was lost: nothing more is published, not even the offline status (the successor's)
+        self.stepped_down = False
         self.transport = transport
         self.clock = clock
-        self.topics = Topics(settings.grid.grid_topic_prefix)
+        self.region = region
+        self.topics = Topics(settings.grid.grid_topic_prefix, region)
+        #: logger ``balancer`` for the default region, ``balancer.<region>`` for any other (the region in every line)
+        self.log = log if region == DEFAULT_REGION else get_logger(f"balancer.{region}")
         boot = os.urandom(4).hex()
         #: new with every start: agents answer it with their inventory (SubstationStatus.announced_for)
         self.instance = boot
@@ -93,7 +109,7 @@ class BalancerService:
         #: agent commands decided but not yet published, per substation (see _flush_commands)
         self._commands: dict[str, list[SessionCommand]] = {}
         self._flush_scheduled = False
-        self._leases = LeaseIssuer(settings.lease_s)
+        self._leases = LeaseIssuer(settings.lease_s, epoch)
         self._handlers = {
             TopicKind.EV_REQUEST: self._on_request,
             TopicKind.EV_RELEASE: self._on_release,
@@ -109,8 +125,8 @@ class BalancerService:
         self.startup: StartupGate[InMessage] = StartupGate(time.monotonic(), settings.startup_wait_s,
                                                             settings.startup_buffer_max)
         self._ev_admission = Admission(settings.ev_rate_per_s, settings.ev_burst)
-        self._shed_log = RateLimitedLog(log.warning, interval_s=10.0)
-        self._refusal_log = RateLimitedLog(log.warning, interval_s=10.0)
+        self._shed_log = RateLimitedLog(self.log.warning, interval_s=10.0)
+        self._refusal_log = RateLimitedLog(self.log.warning, interval_s=10.0)
         self._telemetry_admission = Admission(settings.telemetry_rate_per_s, settings.telemetry_burst)
         transport.set_handler(self.handle)
         for kind in self._handlers:
@@ -143,6 +159,9 @@ class BalancerService:
 
     # ------------------------------------------------------------------ inbound
     def handle(self, msg: InMessage) -> None:
+        if not self.is_owner():
+            self._lost_lease("input")
+            return
         parsed = self.topics.parse(msg.topic)
         if parsed is None:
             self.counters["ignored_topic"] += 1
@@ -154,7 +173,7 @@ class BalancerService:
         if id_ is not None and not is_valid_id(id_):
             # No valid id, so no topic to answer on: log and count only.
             self.counters[f"bad_payload:{kind}:invalid_topic_id"] += 1
-            log.warning("invalid_topic_id", topic=msg.topic[:200])
+            self.log.warning("invalid_topic_id", topic=msg.topic[:200])
             return
         if not self._admitted(kind, id_, msg):
             return
@@ -166,6 +185,14 @@ class BalancerService:
                              "the balancer is starting and learning the grid; send it again in a few seconds")
             return
         self._dispatch(kind, id_, msg)
+
+    def _lost_lease(self, where: str) -> None:
+        """The region lease ran out (monotonic deadline) or was lost: act on nothing, publish nothing more."""
+        self.counters[f"not_owner:{where}"] += 1
+        if not self.stepped_down:
+            self.stepped_down = True
+            self.log.error("region_lease_lost_stepping_down", where=where, epoch=self._leases.epoch,
+                      instance=self.instance)
 
     def _dispatch(self, kind: TopicKind, id_: str | None, msg: InMessage) -> None:
         if kind == TopicKind.BALANCER_CONTROL:
@@ -256,7 +283,7 @@ class BalancerService:
                 self.startup.own_status_seen()
                 self._open_when_ready()
         elif status.state == "online" and not msg.retain:
-            log.error("another_balancer_online", instance=status.instance, ours=self.instance,
+            self.log.error("another_balancer_online", instance=status.instance, ours=self.instance,
                       hint="one balancer per broker account: two would double-book the grid")
 
     def _open_when_ready(self) -> None:
@@ -269,7 +296,7 @@ class BalancerService:
             parsed = self.topics.parse(msg.topic)
             if parsed is not None:
                 self._dispatch(parsed[0], parsed[1], msg)
-        log.info("startup_complete", waited_s=round(time.monotonic() - gate.started_at, 3), held=held,
+        self.log.info("startup_complete", waited_s=round(time.monotonic() - gate.started_at, 3), held=held,
                  inventoried=len(gate.inventoried), missing=sorted(gate.missing())[:20], timed_out=gate.timed_out,
                  sessions=self.core.session_count())
 
@@ -331,11 +358,20 @@ class BalancerService:
             status = decode(msg.payload, SubstationStatus, max_bytes=self.settings.max_payload_bytes)
             if status.substation_id is not None and status.substation_id != sid:
                 raise PayloadError(Reason.ID_MISMATCH, "body substation_id differs from the topic's")
+            if status.region != self.region:
+                # A misconfigured agent (SUBSTATION_REGION vs the topics it uses): two regions' balancers would
+                # both plan for it, or neither. Refused (the agent's error topic says why), never adopted.
+                raise PayloadError(Reason.REGION_MISMATCH,
+                                   f"status says region {status.region!r} but was published under region "
+                                   f"{self.region!r}'s topics; set SUBSTATION_REGION and the topics alike")
         except PayloadError as err:
             self._substation_error(TopicKind.SUBSTATION_STATUS, sid, msg, err, now)
             return
-        inventory = status.announced_for is not None and status.announced_for == self.instance
-        log.info("substation_status", substation_id=sid, state=status.state, inventory=inventory,
+        # Only a live status closes an inventory: a retained copy is an old snapshot, which a broker hands out again
+        # on every re-subscription (this instance reconnecting, e.g. to another cluster node): taken as an
+        # inventory it would drop every session confirmed since.
+        inventory = not msg.retain and status.announced_for is not None and status.announced_for == self.instance
+        self.log.info("substation_status", substation_id=sid, state=status.state, inventory=inventory,
                  sessions=status.sessions, retained=msg.retain)
         self._publish(self.core.on_status(sid, status.state, now, inventory=inventory, region=status.region))
         if not self.startup.is_open:
@@ -359,13 +395,14 @@ class BalancerService:
             command = decode(msg.payload, ControlCommand, max_bytes=self.settings.max_payload_bytes)
         except PayloadError as err:
             self.counters[f"bad_payload:{TopicKind.BALANCER_CONTROL}:{err.reason}"] += 1
-            log.warning("control_rejected", reason=str(err.reason), detail=err.detail)
+            self.log.warning("control_rejected", reason=str(err.reason), detail=err.detail)
             refused = ControlResult(ok=False, action=None, substation_id=None, ts=now,
                                     request_id=_request_id_hint(msg.payload), reason=err.reason, detail=err.detail)
             self.transport.publish(self.topics.balancer_control_result(), encode(refused), 1)
             return
         reason, detail, effects = self.core.on_control(command, now)
         self._publish(effects)
+        durable = reason is None and self.store is not None
         sub = self.core.substations.get(command.substation_id)
         state = None
         if sub is not None:  # its new state at once, not at the next periodic publish
@@ -375,8 +412,20 @@ class BalancerService:
             self._forget(command.substation_id)
         result = ControlResult(ok=reason is None, action=command.action, substation_id=command.substation_id,
                                ts=now, request_id=command.request_id, reason=reason, detail=detail, state=state)
-        self.transport.publish(self.topics.balancer_control_result(), encode(result), 1)
-        log.info("control", action=command.action, substation_id=command.substation_id,
+
+        def answer(stored: bool = True) -> None:
+            """The result, once the operator settings are stored (a failover right after it keeps them)."""
+            if not self.is_owner():
+                return
+            out = result if stored else msgspec.structs.replace(
+                result, detail=f"{detail} (not stored: lost on a restart; see the balancer's log)")
+            self.transport.publish(self.topics.balancer_control_result(), encode(out), 1)
+
+        if durable and self.store is not None:
+            self.store.save(self.core.operator_settings(), answer)
+        else:
+            answer()
+        self.log.info("control", action=command.action, substation_id=command.substation_id,
                  capacity_kw=command.capacity_kw, ok=reason is None, reason=reason, detail=detail)
 
     def _on_limits(self, sid: str, msg: InMessage, now: float) -> None:
@@ -397,7 +446,7 @@ class BalancerService:
                                                        f"from the topic's {sid!r}")
         except PayloadError as err:
             self.counters[f"bad_payload:{TopicKind.SUBSTATION_LIMITS}:{err.reason}"] += 1
-            log.warning("limits_rejected", substation_id=sid, reason=str(err.reason), detail=err.detail)
+            self.log.warning("limits_rejected", substation_id=sid, reason=str(err.reason), detail=err.detail)
             self._refuse(TopicKind.SUBSTATION_LIMITS, sid, msg, err.reason, err.detail)
             return
         reason, detail, effects = self.core.on_limits(sid, schedule, now)
@@ -413,7 +462,7 @@ class BalancerService:
         result = ControlResult(ok=reason is None, action="set_limits", substation_id=sid, ts=now,
                                request_id=schedule.request_id, reason=reason, detail=detail, schedule=state)
         self.transport.publish(self.topics.balancer_control_result(), encode(result), 1)
-        log.info("limits", substation_id=sid, source=schedule.source, entries=len(schedule.entries),
+        self.log.info("limits", substation_id=sid, source=schedule.source, entries=len(schedule.entries),
                  ok=reason is None, reason=reason, detail=detail)
 
     def _on_schedule_state(self, sid: str, msg: InMessage, now: float) -> None:
@@ -427,11 +476,11 @@ class BalancerService:
                 raise PayloadError(Reason.ID_MISMATCH, "body substation_id differs from the topic's")
         except PayloadError as err:
             self.counters[f"bad_payload:{TopicKind.SUBSTATION_SCHEDULE}:{err.reason}"] += 1
-            log.warning("schedule_unreadable", substation_id=sid, reason=str(err.reason), detail=err.detail)
+            self.log.warning("schedule_unreadable", substation_id=sid, reason=str(err.reason), detail=err.detail)
             return
         self._schedules_known.add(sid)
         self._publish(self.core.restore_schedule(state, now))
-        log.info("schedule_restored", substation_id=sid, entries=len(state.entries))
+        self.log.info("schedule_restored", substation_id=sid, entries=len(state.entries))
 
     def _send_schedule(self, sid: str, now: float) -> ScheduleState | None:
         """Publish a substation's schedule (retained). None when it has none left (then an empty schedule is
@@ -494,7 +543,7 @@ class BalancerService:
                 if effect.in_reply and request is not None and request.response_topic:
                     self._respond(request, payload, effect.ev_id)
                 if effect.message.status == "rejected":
-                    log.info("request_rejected", ev_id=effect.ev_id, request_id=effect.message.request_id,
+                    self.log.info("request_rejected", ev_id=effect.ev_id, request_id=effect.message.request_id,
                              reason=effect.message.reason)
             else:
                 self._commands.setdefault(effect.substation_id, []).append(effect.message)
@@ -512,6 +561,9 @@ class BalancerService:
         """Publish pending agent commands, one message per substation (chunked), in decision order."""
         self._flush_scheduled = False
         pending, self._commands = self._commands, {}
+        if not self.is_owner():
+            self._lost_lease("commands")
+            return
         now = self.clock()
         for sid, commands in pending.items():
             topic = self.topics.command(sid)
@@ -520,6 +572,9 @@ class BalancerService:
 
     def _renew_leases(self) -> None:
         """An empty batch renews the lease of every substation with sessions that has not heard from us lately."""
+        if not self.is_owner():
+            self._lost_lease("renewals")
+            return
         with_sessions = [sid for sid, sub in self.core.substations.items() if sub.sessions]
         for sid, batch in self._leases.renewals(with_sessions, self.clock()):
             self.transport.publish(self.topics.command(sid), encode(batch), 1)
@@ -532,13 +587,20 @@ class BalancerService:
         root = f"{self._reply_root}{ev_id}/"
         if not topic.startswith(root) or len(topic) == len(root) or "+" in topic or "#" in topic:
             self.counters["response_topic_refused"] += 1
-            log.warning("response_topic_refused", topic=topic[:200], allowed_root=root)
+            self.log.warning("response_topic_refused", topic=topic[:200], allowed_root=root)
             return
         self.transport.publish(topic, payload, 1, correlation_data=request.correlation_data)
 
     # ------------------------------------------------------------------ periodic
     async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set, then publish the offline status and disconnect."""
+        """Run until ``stop`` is set (or the region lease is lost), then publish the offline status and disconnect
+        (after a lost lease: just disconnect). The operator settings are restored before the first connect."""
+        if self.store is not None:
+            restored = await self.store.load()
+            self._publish(self.core.restore_operator(restored, self.clock()))
+            self.log.info("operator_settings_restored", region=self.store.region, substations=len(restored),
+                     drained=sorted(sid for sid, s in restored.items() if s.draining)[:20],
+                     limited=sorted(sid for sid, s in restored.items() if s.capacity_limit_w is not None)[:20])
         conn = asyncio.create_task(self.transport.run())
         next_stats = time.monotonic() + self.settings.stats_interval_s
         next_state = time.monotonic()
@@ -547,6 +609,10 @@ class BalancerService:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.tick_interval_s)
+                if not self.is_owner():
+                    self._lost_lease("tick")
+                if self.stepped_down:
+                    break
                 self._open_when_ready()
                 self._publish(self.core.tick(self.clock()))
                 self._renew_leases()
@@ -561,23 +627,36 @@ class BalancerService:
                     next_stats += self.settings.stats_interval_s
                     self.log_stats()
         finally:
-            self._flush_commands()
-            offline = BalancerStatus(state="offline", ts=self.clock())
-            self.transport.publish(self.topics.balancer_status(), encode(offline), qos=1, retain=True)
-            await self.transport.close()
+            if self.stepped_down or not self.is_owner():
+                await self.transport.close(0.0)  # no offline status: the region has (or gets) another owner
+            else:
+                self._flush_commands()
+                offline = BalancerStatus(state="offline", ts=self.clock())
+                self.transport.publish(self.topics.balancer_status(), encode(offline), qos=1, retain=True)
+                await self.transport.close()
+            if self.store is not None:
+                await self.store.close()
             conn.cancel()
             self.log_stats()
 
     def log_stats(self) -> None:
         snap = self.core.snapshot(self.clock())
-        log.info("balancer_stats", queue_length=snap["queue_length"], sessions=snap["sessions"],
+        self.log.info("balancer_stats", queue_length=snap["queue_length"], sessions=snap["sessions"],
                  open_requests=snap["open_requests"], decisions=dict(self.core.counters),
                  errors=dict(self.counters), mqtt=str(self.transport.stats))
 
 
-def build(settings: BalancerSettings) -> BalancerService:
-    topics = Topics(settings.grid.grid_topic_prefix)
-    transport = make_transport(settings.mqtt_client, settings.mqtt,
-                               client_id=settings.mqtt.username or "balancer",
+def build(settings: BalancerSettings, region: str = DEFAULT_REGION) -> BalancerService:
+    """Single-node mode: the service of one region, with its own MQTT session (:meth:`BalancerSettings.region_mqtt`),
+    no lease; operator settings in ``settings.state_file``."""
+    topics = Topics(settings.grid.grid_topic_prefix, region)
+    mqtt, client_id = settings.region_mqtt(region)
+    transport = make_transport(settings.mqtt_client, mqtt, client_id=client_id,
                                will=BalancerService.will(topics), clean_start=False)
-    return BalancerService(settings, transport)
+    store = FileStore(settings.state_file, region) if settings.state_file else None
+    return BalancerService(settings, transport, region=region, store=store)
+
+
+def build_all(settings: BalancerSettings) -> list[BalancerService]:
+    """One region service per region this process owns (``BALANCER_REGIONS``)."""
+    return [build(settings, region) for region in settings.regions]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from balancer.core.config import CoreConfig
+from grid_protocol.ids import is_valid_id
+from grid_protocol.messages import DEFAULT_REGION
 from grid_runtime.settings import GridSettings, MqttSettings
 
 _CORE_FIELDS = tuple(f.name for f in dataclasses.fields(CoreConfig))
@@ -57,11 +59,53 @@ class BalancerSettings(BaseSettings):
     ev_burst: float = Field(100.0, ge=1)
     telemetry_rate_per_s: float = Field(10.0, gt=0)
     telemetry_burst: float = Field(20.0, ge=1)
+    #: Operator settings (drains, capacity limits) that survive a restart, in single-node mode: this JSON file
+    #: (replaced atomically on every accepted control command; "" keeps them in memory only). In cluster mode
+    #: they live in NATS KV instead (bucket ``grid_operator``). See balancer/operator_store.py.
+    state_file: str = "state/operator-settings.json"
+    #: Cluster mode: NATS servers (comma list of ``nats://host:port``). Set, each region is owned under a lease in
+    #: NATS KV (bucket ``grid_leases``, held ``lease_s``, renewed every ``lease_s / 3``; its revision is the epoch
+    #: on every command batch) and the region's MQTT session is connected only while the lease is held; a standby
+    #: process takes over when the key expires. Unset: single-node mode, one owner, no lease.
+    nats_urls: str | None = None
+    #: Replicas of the KV buckets (the cluster's size, at most 3): a lease must outlive the loss of a node.
+    nats_replicas: int = Field(1, ge=1, le=5)
     #: paho is the default on the hot path (see grid_runtime.mqtt and bench/).
     mqtt_client: Literal["paho", "aiomqtt"] = "paho"
+    #: ``BALANCER_REGIONS``: the regions this process owns (comma list). One region service each: its own core,
+    #: startup gate, agent leases, retained status and MQTT session (account ``balancer`` for ``default``,
+    #: ``<MQTT_USERNAME>.<region>`` for any other, same password; see :meth:`region_mqtt`).
+    regions: Annotated[tuple[str, ...], NoDecode] = (DEFAULT_REGION,)
 
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     grid: GridSettings = Field(default_factory=GridSettings)
+
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _split_regions(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        regions = tuple(value)
+        if not regions:
+            raise ValueError("at least one region")
+        bad = [r for r in regions if not isinstance(r, str) or not is_valid_id(r)]
+        if bad:
+            raise ValueError(f"{bad!r}: a region must match ^[A-Za-z0-9_-]{{1,64}}$")
+        if len(set(regions)) != len(regions):
+            raise ValueError(f"a region is listed twice in {','.join(regions)}")
+        return regions
+
+    def region_mqtt(self, region: str) -> tuple[MqttSettings, str]:
+        """The MQTT settings and client id of ``region``'s session. The default region keeps today's account and
+        client id (``balancer``); region R logs in as ``<username>.R`` (``balancer.R``: the broker takes the
+        username as client id, one session per region), or with client id ``balancer-R`` without accounts."""
+        username = self.mqtt.username
+        if region == DEFAULT_REGION:
+            return self.mqtt, username or "balancer"
+        if username is None:
+            return self.mqtt, f"balancer-{region}"
+        regional = f"{username}.{region}"
+        return self.mqtt.model_copy(update={"username": regional}), regional
 
     @classmethod
     def settings_customise_sources(

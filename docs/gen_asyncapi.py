@@ -84,6 +84,9 @@ EXAMPLES: dict[type, list[tuple[str, str, msgspec.Struct]]] = {
                                      granted_kw=11.0, reason=Reason.CAPACITY_REDUCED),
              messages.SessionCommand(command="stop", session_id="9f1c2a7e-18", ev_id="EV_0042", ts=1767225900.0,
                                      reason=Reason.CAPACITY_REDUCED)])),
+        ("renewal-fenced", "Cluster mode: a pure lease renewal from the region owner of epoch 42 (an agent that "
+         "has seen a higher epoch refuses it)", messages.SessionCommands(
+             ts=1767225610.0, commands=[], valid_until=1767225620.0, epoch=42)),
         ("stop", "Stop: the EV released early", messages.SessionCommands(
             ts=1767229200.0, commands=[messages.SessionCommand(
                 command="stop", session_id="9f1c2a7e-17", ev_id="EV_1234", ts=1767229200.0,

@@ -129,7 +129,7 @@ class FleetRunner:
         self.config = config
         self.out = out if out is not None else sys.stderr
         self.clock = clock
-        self.topics = Topics(settings.grid.grid_topic_prefix)
+        self.topics = Topics(settings.grid.grid_topic_prefix, settings.region)
         self.behaviour = _behaviour(settings, config.mode)
         self.rng = random.Random(settings.seed)
         total = config.requests

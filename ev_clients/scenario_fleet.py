@@ -127,7 +127,7 @@ class ScenarioFleet:
         self.lead_s = lead_s
         self.report_every_s = report_every_s
         self.out = out if out is not None else sys.stderr
-        self.topics = Topics(settings.grid.grid_topic_prefix)
+        self.topics = Topics(settings.grid.grid_topic_prefix, settings.region)
         self.behaviour = EvBehaviour(retry_after_s=settings.retry_after_s, max_attempts=settings.max_attempts,
                                      timeout_s=settings.timeout_s, speedup=timebase.speedup, release_early_pct=0.0)
         self.stats = FleetStats(mode="scenario", total=len(evs), started_at=time.time())

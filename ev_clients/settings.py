@@ -22,6 +22,8 @@
 ``EV_API_URL``             load test through the HTTP API (``http://host:port``) instead of MQTT
 ``EV_API_TOKEN``           its bearer token (default ``API_TOKEN``): the operator's, or an EV token
                            covering the load tester's EV ids
+``EV_REGION``              the grid region the EVs charge in: their request, release and assignment
+                           topics are that region's (default ``default``: today's topics)
 =========================  =======================================================================
 
 Broker address and credentials come from ``MQTT_*`` (:class:`~grid_runtime.settings.MqttSettings`):
@@ -38,6 +40,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from grid_protocol.ids import is_valid_id
+from grid_protocol.messages import DEFAULT_REGION
 from grid_runtime.settings import GridSettings, MqttSettings
 
 
@@ -61,6 +64,7 @@ class EvSettings(BaseSettings):
     release_after_s: float = Field(0.0, ge=0, le=86_400)
     api_url: str | None = None
     api_token: SecretStr | None = None
+    region: str = DEFAULT_REGION
 
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     grid: GridSettings = Field(default_factory=GridSettings)
@@ -70,4 +74,11 @@ class EvSettings(BaseSettings):
     def _check_prefix(cls, value: str) -> str:
         if value and not is_valid_id(value):
             raise ValueError("EV id prefix may only contain letters, digits, _ and -")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _check_region(cls, value: str) -> str:
+        if not is_valid_id(value):
+            raise ValueError(f"{value!r}: a region must match ^[A-Za-z0-9_-]{{1,64}}$")
         return value

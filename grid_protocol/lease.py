@@ -11,6 +11,12 @@ leaves the grid committed to power nobody watches.
   MQTT agent (``substation_agents.agent``) and the fast replay use it.
 
 Times are the balancer's clock (epoch seconds on the wire), whatever clock the agent simulates.
+
+Fencing (cluster mode, issue 12): the balancer that owns a region holds a lease on it in NATS KV, and the revision
+that acquired it is its ``epoch``; the issuer stamps every batch with it. The holder keeps the highest epoch it has
+seen and refuses a batch of a lower one (or one without an epoch once it has seen one) with no effect at all: no
+command applied, the lease not renewed. A balancer that was stopped past its region lease and wakes up (SIGCONT)
+cannot command an agent that has already heard from its successor.
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ RENEW_FRACTION = 1.0 / 3.0
 class LeaseIssuer:
     """The balancer's end: turns commands into batches that carry the lease, and says when a renewal is due."""
 
-    __slots__ = ("_sent", "lease_s")
+    __slots__ = ("_sent", "epoch", "lease_s")
 
-    def __init__(self, lease_s: float) -> None:
+    def __init__(self, lease_s: float, epoch: int | None = None) -> None:
         if not lease_s > 0:
             raise ValueError(f"lease_s must be > 0, got {lease_s!r}")
         self.lease_s = lease_s
+        #: the region lease's epoch stamped on every batch (None: single-node mode, no fencing)
+        self.epoch = epoch
         self._sent: dict[str, float] = {}  # substation -> when its lease was last renewed
 
     def batches(self, substation_id: str, commands: Sequence[SessionCommand], now: float) -> list[SessionCommands]:
@@ -42,7 +50,7 @@ class LeaseIssuer:
         valid until ``now + lease_s``; sending them renews the lease."""
         valid_until = now + self.lease_s
         out = [SessionCommands(ts=now, commands=list(commands[i:i + MAX_COMMANDS_PER_MESSAGE]),
-                               valid_until=valid_until)
+                               valid_until=valid_until, epoch=self.epoch)
                for i in range(0, len(commands), MAX_COMMANDS_PER_MESSAGE)]
         if out:
             self._sent[substation_id] = now
@@ -55,7 +63,8 @@ class LeaseIssuer:
         due = [sid for sid in with_sessions if now - self._sent.get(sid, float("-inf")) >= every]
         for sid in due:
             self._sent[sid] = now
-        return [(sid, SessionCommands(ts=now, commands=[], valid_until=now + self.lease_s)) for sid in due]
+        return [(sid, SessionCommands(ts=now, commands=[], valid_until=now + self.lease_s, epoch=self.epoch))
+                for sid in due]
 
     def forget(self, substation_id: str) -> None:
         """A decommissioned substation: nothing of it is kept."""
@@ -73,10 +82,28 @@ class LeaseHolder:
     until: float | None = None
     #: The lease lapsed: every session draws 0 kW (and charges nothing) until a batch renews it.
     paused: bool = False
+    #: The highest balancer epoch seen (kept across reconnects: fencing must outlive a broken link).
+    epoch: int | None = None
+    #: Batches refused for an older (or missing) epoch.
+    fenced: int = 0
+
+    def admits(self, batch: SessionCommands) -> bool:
+        """Whether ``batch`` may act: its epoch is not older than the highest seen (which it then raises). False
+        for a batch of an older epoch, or without an epoch once one was seen: the caller applies nothing of it
+        and does not renew the lease (counted in :attr:`fenced`)."""
+        if batch.epoch is None:
+            ok = self.epoch is None
+        else:
+            ok = self.epoch is None or batch.epoch >= self.epoch
+            if ok:
+                self.epoch = batch.epoch
+        if not ok:
+            self.fenced += 1
+        return ok
 
     def on_batch(self, batch: SessionCommands) -> bool:
-        """A batch arrived: its ``valid_until`` (when it has one) is the new lease, and paused sessions resume.
-        True when it resumed them."""
+        """A batch arrived (and :meth:`admits` it): its ``valid_until`` (when it has one) is the new lease, and
+        paused sessions resume. True when it resumed them."""
         if batch.valid_until is None:
             return False
         self.until = batch.valid_until
@@ -92,5 +119,6 @@ class LeaseHolder:
         self.paused = True
 
     def drop(self) -> None:
-        """The agent went offline: it starts clean when it comes back (no lease until the next batch)."""
+        """The agent went offline: it starts clean when it comes back (no lease until the next batch). The epoch
+        is kept."""
         self.until = None

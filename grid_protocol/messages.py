@@ -162,6 +162,11 @@ class SessionCommands(msgspec.Struct, kw_only=True):
     #: Lease: the agent drops every session of this substation to 0 kW if no newer batch arrives by then.
     #: The balancer renews it (an empty batch is a pure renewal) well before it lapses.
     valid_until: Timestamp | None = None
+    #: Fencing (cluster mode): the epoch of the balancer's region lease (the NATS KV revision that acquired it).
+    #: An agent keeps the highest epoch it has seen and refuses, with no effect, a batch of a lower one (or one
+    #: without an epoch once it has seen one): an old owner that woke up after losing its lease cannot act.
+    #: None in single-node mode (one balancer, no lease).
+    epoch: Annotated[int, Meta(ge=1)] | None = None
 
 
 #: 100 worst-case commands (longest ids and reasons) stay well below the broker's 64 KiB message limit.

@@ -13,6 +13,7 @@ class Reason(StrEnum):
     DUPLICATE_KEY = "duplicate_key"
     INVALID_FIELD = "invalid_field"
     ID_MISMATCH = "id_mismatch"
+    REGION_MISMATCH = "region_mismatch"  # a substation's status names another region than its topic's
     RESERVED_ID = "reserved_id"
     RETAINED = "retained"  # a request or release published with the retain flag (it would be replayed later)
     RATE_LIMITED = "rate_limited"  # more messages from one EV or substation than its share: the excess is shed

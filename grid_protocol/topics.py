@@ -3,6 +3,12 @@
 Nothing else in the code base formats topic strings: services call :class:`Topics`. The
 :data:`CHANNELS` table is the single source for QoS, retain flag, direction and payload model;
 the AsyncAPI document is checked against it.
+
+Regions (issue 12): a region is a topic namespace. Region ``default`` keeps the prefix's own topics
+(``grid/v1/ev/{id}/request``), so a single-region grid is what it always was; region ``R`` lives under
+``grid/v1/region/R/`` with the same channels below it. ``Topics(prefix, region)`` (or
+:meth:`Topics.for_region`) builds one region's topics; :meth:`Topics.filters_all_regions` and
+:meth:`Topics.parse_any_region` serve the readers of every region (api, recorder).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from grid_protocol import messages as m
 from grid_protocol.ids import is_valid_id
 
 DEFAULT_PREFIX = "grid/v1"
+#: The topic level below the prefix under which every region but ``default`` lives.
+REGION_LEVEL = "region"
 
 
 class TopicKind(StrEnum):
@@ -105,16 +113,31 @@ _FIXED: dict[str, TopicKind] = {c.template: c.kind for c in CHANNELS.values() if
 
 
 class Topics:
-    """Topic builder and parser for one prefix (``GRID_TOPIC_PREFIX``, default ``grid/v1``)."""
+    """Topic builder and parser for one prefix (``GRID_TOPIC_PREFIX``, default ``grid/v1``) and one region.
 
-    __slots__ = ("_plen", "prefix")
+    ``prefix`` is the grid's prefix whatever the region; ``root`` is where this region's channels live
+    (the prefix itself for ``default``, ``<prefix>/region/<region>`` for any other).
+    """
 
-    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+    __slots__ = ("_plen", "prefix", "region", "root")
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX, region: str = m.DEFAULT_REGION) -> None:
         prefix = prefix.strip("/")
         if not prefix or any(ch in prefix for ch in "+#\x00"):
             raise ValueError(f"invalid topic prefix {prefix!r}")
+        if not is_valid_id(region):
+            raise ValueError(f"invalid region {region!r}: a region must match ^[A-Za-z0-9_-]{{1,64}}$")
         self.prefix = prefix
-        self._plen = len(prefix) + 1
+        self.region = region
+        self.root = prefix if region == m.DEFAULT_REGION else f"{prefix}/{REGION_LEVEL}/{region}"
+        self._plen = len(self.root) + 1
+
+    def for_region(self, region: str) -> Topics:
+        """The same grid's topics of ``region``."""
+        return Topics(self.prefix, region)
+
+    def __repr__(self) -> str:
+        return f"Topics({self.prefix!r}, {self.region!r})"
 
     # --- builders ---------------------------------------------------------------------------
     def topic(self, kind: TopicKind, id_: str | None = None) -> str:
@@ -122,8 +145,8 @@ class Topics:
         if "{id}" in template:
             if id_ is None or not is_valid_id(id_):
                 raise ValueError(f"invalid id {id_!r} for {kind}")
-            return f"{self.prefix}/{template.replace('{id}', id_)}"
-        return f"{self.prefix}/{template}"
+            return f"{self.root}/{template.replace('{id}', id_)}"
+        return f"{self.root}/{template}"
 
     def telemetry(self, substation_id: str) -> str:
         return self.topic(TopicKind.SUBSTATION_TELEMETRY, substation_id)
@@ -171,28 +194,65 @@ class Topics:
         return self.topic(TopicKind.SUBSTATION_SCHEDULE, substation_id)
 
     def reply_root(self) -> str:
-        """MQTT 5 response topics are honoured only below this root (see docs/protocol.md)."""
+        """MQTT 5 response topics are honoured only below this root (see docs/protocol.md). One per grid, not per
+        region: replies belong to the EV wherever it drives."""
         return f"{self.prefix}/reply/"
 
     def filter(self, kind: TopicKind) -> str:
-        """Subscription filter matching ``kind`` for every id."""
-        return f"{self.prefix}/{CHANNELS[kind].template.replace('{id}', '+')}"
+        """Subscription filter matching ``kind`` for every id in this region."""
+        return f"{self.root}/{CHANNELS[kind].template.replace('{id}', '+')}"
+
+    def filters_all_regions(self, kind: TopicKind, id_: str | None = None) -> tuple[str, str]:
+        """The two filters that match ``kind`` in every region: the default region's and ``region/+/...``
+        (MQTT has no optional level). ``id_`` narrows them to one EV or substation (e.g. an EV's assignment)."""
+        template = CHANNELS[kind].template
+        if "{id}" in template:
+            if id_ is not None and not is_valid_id(id_):
+                raise ValueError(f"invalid id {id_!r} for {kind}")
+            template = template.replace("{id}", id_ or "+")
+        return (f"{self.prefix}/{template}", f"{self.prefix}/{REGION_LEVEL}/+/{template}")
 
     # --- parser ----------------------------------------------------------------------------
     def parse(self, topic: str) -> tuple[TopicKind, str | None] | None:
-        """Return ``(kind, id)`` for a contract topic, ``None`` for anything else.
+        """Return ``(kind, id)`` for a contract topic of this region, ``None`` for anything else (other regions'
+        topics included).
 
         The id is returned even when invalid so the caller can log it; callers must check it
         with :func:`is_valid_id` before using it to build a reply topic.
         """
-        if not topic.startswith(self.prefix) or topic[self._plen - 1 : self._plen] != "/":
+        if not topic.startswith(self.root) or topic[self._plen - 1 : self._plen] != "/":
             return None
-        rest = topic[self._plen :]
-        fixed = _FIXED.get(rest)
-        if fixed is not None:
-            return (fixed, None)
-        parts = rest.split("/")
-        if len(parts) == 3:
-            kind = _BY_TAIL.get((parts[0], parts[2]))
-            return (kind, parts[1]) if kind is not None else None
-        return None
+        return _parse_rest(topic[self._plen :])
+
+    def parse_any_region(self, topic: str) -> tuple[str, TopicKind, str | None] | None:
+        """Return ``(region, kind, id)`` for a contract topic of any region of this prefix, else ``None``.
+
+        ``<prefix>/region/default/...`` is not a topic (the default region has only the short form), nor is a
+        region level that is not a valid region id.
+        """
+        plen = len(self.prefix) + 1
+        if not topic.startswith(self.prefix) or topic[plen - 1 : plen] != "/":
+            return None
+        rest = topic[plen:]
+        region = m.DEFAULT_REGION
+        if rest.startswith(_REGION_HEAD):
+            region, sep, rest = rest[len(_REGION_HEAD):].partition("/")
+            if not sep or region == m.DEFAULT_REGION or not is_valid_id(region):
+                return None
+        parsed = _parse_rest(rest)
+        return None if parsed is None else (region, parsed[0], parsed[1])
+
+
+_REGION_HEAD = f"{REGION_LEVEL}/"
+
+
+def _parse_rest(rest: str) -> tuple[TopicKind, str | None] | None:
+    """``(kind, id)`` of a topic below a region's root."""
+    fixed = _FIXED.get(rest)
+    if fixed is not None:
+        return (fixed, None)
+    parts = rest.split("/")
+    if len(parts) == 3:
+        kind = _BY_TAIL.get((parts[0], parts[2]))
+        return (kind, parts[1]) if kind is not None else None
+    return None

@@ -114,6 +114,8 @@ class AgentStats:
     sessions_ended: int = 0
     error_reports: int = 0
     lease_lapses: int = 0
+    #: Batches refused for an older balancer epoch (fencing: grid_protocol.lease.LeaseHolder.admits).
+    fenced_batches: int = 0
     #: Commands that changed the substation, by command (``start``/``update``/``stop``).
     applied: Counter[str] = field(default_factory=Counter)
     #: Commands that changed nothing, by outcome (``duplicate_start``, ``unknown_session``, ...).
@@ -281,8 +283,16 @@ class SubstationAgent:
         except PayloadError as exc:
             self._bad_command(exc.reason, exc.detail)
             return
+        lease = self.sim.lease
+        if not lease.admits(batch):
+            # An older balancer epoch (an owner that lost its region lease and woke up): no effect at all.
+            self.stats.fenced_batches += 1
+            if self.stats.fenced_batches <= _BAD_LOG_FIRST or self.stats.fenced_batches % 100 == 0:
+                log.warning("command_batch_fenced", substation_id=self.id, epoch=batch.epoch, highest_epoch=lease.epoch,
+                            commands=len(batch.commands), fenced_batches=self.stats.fenced_batches)
+            return
         self.advance()  # account energy up to the commands before they change anything
-        if self.sim.lease.on_batch(batch):
+        if lease.on_batch(batch):
             log.warning("lease_renewed_resuming", substation_id=self.id, sessions=len(self.sim.sessions))
         for command in batch.commands:
             self._apply(command)
@@ -395,7 +405,7 @@ class SubstationAgent:
 def build_agent(spec: SubstationSpec, settings: AgentSettings, clock: SimClock, *,
                 tick_offset_s: float = 0.0) -> SubstationAgent:
     """An agent for ``spec`` with its own aiomqtt connection, last will and seeded base load."""
-    topics = Topics(settings.grid.grid_topic_prefix)
+    topics = Topics(settings.grid.grid_topic_prefix, settings.substation_region)  # its region's topics
     mqtt = agent_mqtt_settings(settings.mqtt, spec.substation_id)
     transport = AiomqttTransport(mqtt, client_id=mqtt.username, will=offline_will(topics, spec.substation_id,
                                                                                       settings.substation_region),

@@ -16,6 +16,8 @@ Metric                                                 Type     Meaning
 ``gridlb_agent_paused{substation}``                    gauge    1 while the balancer's lease has lapsed
 ``gridlb_agent_lease_expiries_total{substation}``      counter  times the lease lapsed and the agent paused its
                                                                 sessions
+``gridlb_agent_fenced_batches_total{substation}``      counter  command batches refused for an older balancer epoch
+                                                                (an old region owner after a failover)
 ``gridlb_agent_commands_total{substation,command}``    counter  ``start``/``update``/``stop`` commands applied
 ``gridlb_agent_ignored_commands_total{substation,      counter  commands that changed nothing (redelivered start,
 outcome}``                                                      unknown session, ...)
@@ -72,6 +74,9 @@ class AgentCollector(Collector):
                                    "1 while the balancer's lease has lapsed and the sessions draw nothing", labels=sub)
         lease = CounterMetricFamily("gridlb_agent_lease_expiries",
                                     "Times the balancer's lease lapsed and the agent paused its sessions", labels=sub)
+        fenced = CounterMetricFamily("gridlb_agent_fenced_batches",
+                                     "Command batches refused for an older balancer epoch (fencing after a failover)",
+                                     labels=sub)
         commands = CounterMetricFamily("gridlb_agent_commands", "Session commands applied (start, update, stop)",
                                        labels=[*sub, "command"])
         ignored = CounterMetricFamily("gridlb_agent_ignored_commands",
@@ -97,6 +102,7 @@ class AgentCollector(Collector):
             sessions.add_metric([sid], float(len(running)))
             paused.add_metric([sid], 1.0 if sim.paused else 0.0)
             lease.add_metric([sid], float(stats.lease_lapses))
+            fenced.add_metric([sid], float(stats.fenced_batches))
             applied = dict(stats.applied)
             for command in sorted(set(COMMANDS) | applied.keys()):
                 commands.add_metric([sid, command], float(applied.get(command, 0)))
@@ -107,7 +113,7 @@ class AgentCollector(Collector):
             started.add_metric([sid], float(stats.sessions_started))
             ended.add_metric([sid], float(stats.sessions_ended))
             telemetry.add_metric([sid], float(stats.telemetry_sent))
-        yield from (capacity, load, base, ev, sessions, paused, lease, commands, ignored, bad, started, ended,
+        yield from (capacity, load, base, ev, sessions, paused, lease, fenced, commands, ignored, bad, started, ended,
                     telemetry)
 
 

@@ -10,7 +10,7 @@ Variable                        Meaning                                         
 ``SIM_START_HOUR``              simulated time of day at start (0-24)                      ``17``
 ``SUBSTATION_BASE_LOAD_PCT``    daily peak of the base load, % of capacity                 ``55``
 ``SUBSTATION_SEED``             seed of the base-load noise                                ``1``
-``SUBSTATION_REGION``           the grid region these agents report (status, last will)    ``default``
+``SUBSTATION_REGION``           the grid region of these agents: their topics and status   ``default``
 ``SUBSTATION_SCENARIO``         a replay scenario (file or shipped name): its substations  unset
                                 and events instead of ``SUBSTATIONS`` and the daily
                                 curve (see ``substation_agents/scenario_agents.py``)

@@ -10,7 +10,7 @@ policy behind the ``Policy`` protocol; ``config.CoreConfig`` the settings (neste
 from balancer.core.config import CoreConfig
 from balancer.core.effects import Effect, ToEv, ToSubstation
 from balancer.core.engine import Balancer
-from balancer.core.model import PendingRequest, Session, Substation
+from balancer.core.model import OperatorSettings, PendingRequest, Session, Substation
 from balancer.core.policies import BASELINES, POLICIES, SAFE_POLICIES, Policy, PolicyName
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "Balancer",
     "CoreConfig",
     "Effect",
+    "OperatorSettings",
     "PendingRequest",
     "Policy",
     "PolicyName",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from balancer.core.effects import Effect
 from balancer.core.liveness import Liveness
-from balancer.core.model import kw_to_w_down
+from balancer.core.model import OperatorSettings, kw_to_w_down
 from balancer.core.policies import Policy
 from balancer.core.queue_service import QueueService
 from balancer.core.rebalancing import Rebalancer
@@ -48,6 +48,7 @@ class OperatorControl:
             effects = self.liveness.revoke_all(sub, now, Reason.DECOMMISSIONED,
                                                f"substation {sub.id} was decommissioned", stop_agent=True)
             del st.substations[sub.id]
+            st.operator_pending.pop(sub.id, None)
             self.policy.forget(sub.id)
             self.rebalancer.forget(sub.id)
             st.schedules.pop(sub.id, None)  # its limit schedule goes with it
@@ -64,3 +65,31 @@ class OperatorControl:
             detail = ("operator limit removed" if msg.capacity_kw is None
                       else f"planning with at most {msg.capacity_kw:g} kW")
         return None, detail, effects
+
+    def settings(self) -> dict[str, OperatorSettings]:
+        """Every substation's operator settings that differ from the defaults (known substations, and those
+        restored but not heard of yet): what the operator settings store keeps."""
+        out = {sid: s for sid, s in self.state.operator_pending.items() if not s.is_default}
+        for sub in self.state.substations.values():
+            current = OperatorSettings(draining=sub.draining, capacity_limit_w=sub.capacity_limit_w)
+            if current.is_default:
+                out.pop(sub.id, None)
+            else:
+                out[sub.id] = current
+        return out
+
+    def restore(self, settings: dict[str, OperatorSettings], now: float) -> list[Effect]:
+        """Settings read back from the store at start: applied to a known substation at once (as the control
+        commands would), kept for the others until they are heard of (``CoreState.substation``)."""
+        effects: list[Effect] = []
+        for sid, wanted in settings.items():
+            sub = self.state.substations.get(sid)
+            if sub is None:
+                self.state.operator_pending[sid] = wanted
+                continue
+            sub.draining = wanted.draining
+            sub.capacity_limit_w = wanted.capacity_limit_w
+            sub.apply_capacity()
+            self.state.touch(sub)
+            effects += self.rebalancer.reduce(sub, now)
+        return effects

@@ -33,7 +33,7 @@ from balancer.core.ledger import Closed, EvState, Ledger
 from balancer.core.limit_effects import horizon
 from balancer.core.limits import Schedule
 from balancer.core.liveness import Liveness
-from balancer.core.model import Session, Substation, w_to_kw
+from balancer.core.model import OperatorSettings, Session, Substation, w_to_kw
 from balancer.core.placement import Placement
 from balancer.core.policies import make_policy
 from balancer.core.policies.fair import Deadline
@@ -168,6 +168,14 @@ class Balancer:
         """An operator's limit schedule for one source (see :class:`balancer.core.schedules.LimitFollower`)."""
         refused, detail, effects = self.limits.on_limits(substation_id, msg, now)
         return refused, detail, self._coalesce(effects)
+
+    def operator_settings(self) -> dict[str, OperatorSettings]:
+        """Drains and capacity limits in force (see :meth:`OperatorControl.settings`): what must survive a restart."""
+        return self.control.settings()
+
+    def restore_operator(self, settings: dict[str, OperatorSettings], now: float) -> list[Effect]:
+        """Operator settings read back from the store, before any input is acted on."""
+        return self._coalesce(self.control.restore(settings, now))
 
     def restore_schedule(self, state: ScheduleState, now: float) -> list[Effect]:
         """The retained schedule a restarted balancer reads back."""

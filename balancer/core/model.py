@@ -83,6 +83,19 @@ class Session(msgspec.Struct, gc=False):
         return min(ends) if ends else None
 
 
+
+@dataclass(frozen=True, slots=True)
+class OperatorSettings:
+    """What an operator set on one substation (balancer/control) that must outlive the balancer process: kept in
+    the operator settings store (balancer/operator_store.py) and restored before the grid is acted on."""
+
+    draining: bool = False
+    capacity_limit_w: int | None = None
+
+    @property
+    def is_default(self) -> bool:
+        return not self.draining and self.capacity_limit_w is None
+
 @dataclass(slots=True)
 class Substation:
     """What the balancer knows about one substation.

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from balancer.core.config import CoreConfig
 from balancer.core.ends import SessionEnds
 from balancer.core.limits import Schedule, plan_with
-from balancer.core.model import Session, Substation
+from balancer.core.model import OperatorSettings, Session, Substation
 from balancer.core.queue import RequestQueue
 
 
@@ -35,6 +35,8 @@ class CoreState:
         #: limit schedules by substation (balancer/core/schedules.py), and those whose published view changed
         self.schedules: dict[str, Schedule] = {}
         self.schedule_dirty: set[str] = set()
+        #: operator settings restored from the store for substations not heard of yet (applied when they are)
+        self.operator_pending: dict[str, OperatorSettings] = {}
 
     def touch(self, sub: Substation) -> None:
         """``sub``'s load, grants, capacity or availability changed: the indexes refile it before they answer."""
@@ -47,6 +49,12 @@ class CoreState:
             self.touched.add(substation_id)
             # a schedule read back at start may be waiting for it
             plan_with(sub, self.schedules.get(substation_id), now, self.config.limit_lead_s)
+            # and the operator's drain and capacity limit, restored from the store at start
+            restored = self.operator_pending.pop(substation_id, None)
+            if restored is not None:
+                sub.draining = restored.draining
+                sub.capacity_limit_w = restored.capacity_limit_w
+                sub.apply_capacity()
         return sub
 
     # ------------------------------------------------------------------ expected ends (queue ETAs)

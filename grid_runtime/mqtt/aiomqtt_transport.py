@@ -121,7 +121,7 @@ class AiomqttTransport(TransportBase):
     async def run(self) -> None:
         self._run_task = asyncio.current_task()
         backoff = Backoff(RECONNECT_FIRST_S, RECONNECT_MAX_S)
-        while not self._closing:
+        while not self._refuse_connect():
             host, port = self.address
             try:
                 async with self._make_client(host, port) as client:

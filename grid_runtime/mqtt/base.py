@@ -47,6 +47,10 @@ class TransportBase:
         self._connect_callbacks: list[Callable[[], None]] = []
         self._outbox: deque[OutMessage] = deque()
         self._closing = False
+        #: Checked before every (re)connect: False stops the transport for good instead. A region's balancer in
+        #: cluster mode connects only while it holds the region lease (an old owner that wakes up after SIGSTOP
+        #: must not take the MQTT session back from its successor).
+        self.may_connect: Callable[[], bool] = lambda: True
         self._addresses = settings.addresses()
         self._addr = 0  # the address tried now (or connected to)
         self._round_start = 0  # where the current streak of failures began: back-off once we are back there
@@ -100,6 +104,15 @@ class TransportBase:
             if self.stats.outbox_dropped % 1000 == 1:
                 log.error("outbox_full_dropping", dropped=self.stats.outbox_dropped, limit=OUTBOX_LIMIT)
         self._outbox.append(msg)
+
+    def _refuse_connect(self) -> bool:
+        """True (and the transport closes for good) when :attr:`may_connect` forbids another connect."""
+        if self._closing or self.may_connect():
+            return self._closing
+        log.warning("mqtt_connect_forbidden", client_id=self.client_id,
+                    hint="not the owner any more (region lease lost): staying disconnected")
+        self._closing = True
+        return True
 
     def _connected_now(self) -> None:
         address = self.address

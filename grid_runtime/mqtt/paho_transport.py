@@ -246,7 +246,7 @@ class PahoTransport(TransportBase):
         backoff = Backoff(RECONNECT_FIRST_S, RECONNECT_MAX_S)
         misc = asyncio.create_task(self._misc_loop())
         try:
-            while not self._closing:
+            while not self._refuse_connect():
                 self._disconnected.clear()
                 host, port = self.address
                 before = self.stats.connects

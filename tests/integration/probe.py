@@ -298,6 +298,8 @@ class Service:
 
 def start_balancer(broker: LocalBroker, log_dir: Path, **env: str) -> Service:
     settings = {"MQTT_USERNAME": "balancer", "MQTT_PASSWORD": broker.password_for("balancer"),
-                "BALANCER_TICK_INTERVAL_S": "0.1"}
+                "BALANCER_TICK_INTERVAL_S": "0.1",
+                # operator settings kept beside the test's logs, never in the checkout (shared by restarts)
+                "BALANCER_STATE_FILE": str(log_dir / "operator-settings.json")}
     settings.update(env)
     return Service("balancer", broker, log_dir, **settings)

@@ -80,8 +80,8 @@ def cmd(kind: str, session_id: str, kw: float = 0.0) -> SessionCommand:
                           granted_kw=kw)
 
 
-def batch(*commands: SessionCommand, valid_until: float | None = None) -> bytes:
-    return encode(SessionCommands(ts=WALL, commands=list(commands), valid_until=valid_until))
+def batch(*commands: SessionCommand, valid_until: float | None = None, epoch: int | None = None) -> bytes:
+    return encode(SessionCommands(ts=WALL, commands=list(commands), valid_until=valid_until, epoch=epoch))
 
 
 Setup = tuple[CollectorRegistry, dict[str, SubstationAgent], dict[str, FakeTransport], Wall]
@@ -154,6 +154,22 @@ def test_lease_expiry_pauses_and_is_counted(setup: Setup) -> None:
     assert value(registry, "gridlb_agent_paused", substation="A") == 0
     assert value(registry, "gridlb_agent_ev_load_watts", substation="A") == 22_000
     assert value(registry, "gridlb_agent_lease_expiries_total", substation="A") == 1
+
+
+def test_a_batch_of_an_older_epoch_has_no_effect_and_is_counted(setup: Setup) -> None:
+    """Fencing: after epoch 5 was seen, epoch 4 (an old region owner that woke up) changes nothing."""
+    registry, agents, tr, _wall = setup
+    tr["A"].deliver(T.command("A"), batch(cmd("start", "s1", 22.0), valid_until=WALL + 10, epoch=5))
+    tr["A"].deliver(T.command("A"), batch(cmd("stop", "s1"), cmd("start", "s2", 11.0), valid_until=WALL + 99,
+                                          epoch=4))
+    tr["A"].deliver(T.command("A"), batch(cmd("stop", "s1"), valid_until=WALL + 99))  # no epoch: refused too
+    assert set(agents["A"].sim.sessions) == {"s1"}
+    assert agents["A"].sim.lease.until == WALL + 10  # not renewed
+    assert value(registry, "gridlb_agent_fenced_batches_total", substation="A") == 2
+    assert value(registry, "gridlb_agent_fenced_batches_total", substation="B") == 0
+    assert value(registry, "gridlb_agent_commands_total", substation="A", command="stop") == 0
+    tr["A"].deliver(T.command("A"), batch(cmd("update", "s1", 11.0), epoch=6))  # a newer owner acts
+    assert agents["A"].sim.sessions["s1"].granted_kw == 11.0
 
 
 def test_mqtt_connection_per_substation(setup: Setup) -> None:

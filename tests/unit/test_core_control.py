@@ -202,3 +202,49 @@ def test_forget_of_an_unknown_substation_is_refused() -> None:
     h = Harness()
     reason, _, effects = control(h, "forget", "nowhere")
     assert reason == Reason.UNKNOWN_SUBSTATION and effects == []
+
+
+# --- operator settings that survive a restart (balancer/operator_store.py keeps them) --------------------------
+
+
+def test_operator_settings_follow_the_control_commands() -> None:
+    from balancer.core import OperatorSettings
+    h = Harness()
+    h.tel("A")
+    h.tel("B")
+    assert h.b.operator_settings() == {}
+    control(h, "drain", "A")
+    control(h, "set_capacity", "B", 50)
+    assert h.b.operator_settings() == {"A": OperatorSettings(draining=True),
+                                       "B": OperatorSettings(capacity_limit_w=50_000)}
+    control(h, "undrain", "A")
+    control(h, "set_capacity", "B", None)
+    assert h.b.operator_settings() == {}
+
+
+def test_restored_settings_wait_for_their_substation_and_apply_when_it_is_heard_of() -> None:
+    from balancer.core import OperatorSettings
+    h = Harness()
+    saved = {"A": OperatorSettings(draining=True), "B": OperatorSettings(capacity_limit_w=40_000)}
+    assert h.b.restore_operator(saved, h.now) == []
+    assert h.b.operator_settings() == saved  # kept while nobody has heard of A or B
+    h.tel("A")
+    h.tel("B", capacity_kw=100)
+    assert h.b.substations["A"].draining
+    assert h.b.substations["B"].capacity_w == 40_000
+    assert answer(h.req("EV_1", 10), "EV_1").substation_id == "B"  # nothing new on the drained A
+    assert h.b.operator_settings() == saved
+    control(h, "forget", "A")
+    assert h.b.operator_settings() == {"B": OperatorSettings(capacity_limit_w=40_000)}
+    assert_healthy(h)
+
+
+def test_restore_on_a_known_substation_reduces_what_runs_above_the_limit() -> None:
+    from balancer.core import OperatorSettings
+    h = Harness()
+    h.tel("A", capacity_kw=100)
+    h.req("EV_1", 40)
+    h.req("EV_2", 40)
+    h.b.restore_operator({"A": OperatorSettings(capacity_limit_w=50_000)}, h.now)
+    assert h.b.substations["A"].capacity_w == 50_000
+    assert sum(h.sessions_on("A").values()) <= 45_000

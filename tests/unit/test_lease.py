@@ -110,3 +110,49 @@ def test_issuer_and_holder_agree_on_renewal_timing() -> None:
     issuer.renewals(["A"], lost_from)  # sent, never delivered
     assert not holder.must_pause(lost_from + 5, has_sessions=True)
     assert holder.must_pause(lost_from + 9.5, has_sessions=True)
+
+
+# --- fencing: epochs (cluster mode) ---------------------------------------------------------------
+
+
+def test_issuer_stamps_its_epoch_on_batches_and_renewals() -> None:
+    issuer = LeaseIssuer(9.0, epoch=7)
+    assert {b.epoch for b in issuer.batches("A", _commands(3), NOW)} == {7}
+    assert [b.epoch for _, b in issuer.renewals(["A", "B"], NOW + 5)] == [7, 7]
+    assert LeaseIssuer(9.0).batches("A", _commands(1), NOW)[0].epoch is None  # single-node: no fencing
+
+
+def test_holder_keeps_the_highest_epoch_and_refuses_older_ones() -> None:
+    holder = LeaseHolder()
+    old, new = LeaseIssuer(9.0, epoch=3), LeaseIssuer(9.0, epoch=5)
+    assert holder.admits(old.batches("A", _commands(1), NOW)[0])
+    assert holder.admits(new.batches("A", _commands(1), NOW + 1)[0])
+    assert holder.epoch == 5
+    stale = old.batches("A", _commands(1), NOW + 2)[0]
+    assert not holder.admits(stale)
+    assert holder.epoch == 5 and holder.fenced == 1
+    assert not holder.admits(SessionCommands(ts=NOW, commands=[], valid_until=NOW + 9))  # no epoch once one was seen
+    assert holder.fenced == 2
+    assert holder.admits(new.batches("A", _commands(1), NOW + 3)[0])  # the same epoch goes on
+    holder.drop()  # offline: the lease goes, the epoch stays
+    assert holder.epoch == 5 and not holder.admits(stale)
+
+
+def test_holder_without_epochs_admits_everything() -> None:
+    holder = LeaseHolder()
+    assert holder.admits(SessionCommands(ts=NOW, commands=[]))
+    assert holder.epoch is None and holder.fenced == 0
+
+
+def test_a_fenced_renewal_does_not_keep_the_lease() -> None:
+    """The old owner keeps renewing after the new one took over: the agent's lease is the new owner's alone."""
+    old, new, holder = LeaseIssuer(9.0, epoch=3), LeaseIssuer(9.0, epoch=8), LeaseHolder()
+    for batch in new.batches("A", _commands(1), NOW):
+        assert holder.admits(batch)
+        holder.on_batch(batch)
+    for t in range(1, 30):
+        for _, batch in old.renewals(["A"], NOW + t):
+            if holder.admits(batch):
+                holder.on_batch(batch)
+    assert holder.until == NOW + 9.0
+    assert holder.must_pause(NOW + 10, has_sessions=True)

@@ -1,0 +1,85 @@
+"""One private nats-server with JetStream on free loopback ports, for the lease tests and the failover bench.
+
+The region leases and the operator settings live in NATS KV (JetStream); the MQTT side may be the project's
+Mosquitto or the server's own MQTT listener (``mqtt=True``: JetStream is required for it, and so is a
+``server_name``). Never the system NATS on 4222: the ports are chosen free. ``kill()`` is a real ``kill -9``;
+``start()`` again reuses the store directory (JetStream state survives, as on a real node restart). The 3-node
+cluster for the cluster tests is the i12nats fixture; this is the smallest thing that has a KV store.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from grid_runtime.lifecycle import stop_process
+
+__all__ = ["NatsServer", "find_nats_server"]
+
+
+def find_nats_server() -> str:
+    """nats-server on PATH, else the Debian package's /usr/sbin/nats-server (not on a non-root PATH)."""
+    found = shutil.which("nats-server") or ("/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists()
+                                             else None)
+    if found is None:
+        raise FileNotFoundError("nats-server not found: install the Debian package nats-server")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class NatsServer:
+    def __init__(self, work_dir: Path, *, mqtt: bool = False, name: str = "n1") -> None:
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        self.mqtt_port = _free_port() if mqtt else None
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.config = self.work_dir / "nats.conf"
+        lines = [f'server_name: "{name}"', f"listen: 127.0.0.1:{self.port}",
+                 f'jetstream {{ store_dir: "{self.work_dir / "js"}" }}']
+        if self.mqtt_port is not None:
+            lines.append(f"mqtt {{ listen: 127.0.0.1:{self.mqtt_port} }}")
+        self.config.write_text("\n".join(lines) + "\n")
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> NatsServer:
+        log = open(self.work_dir / "nats.log", "ab")  # noqa: SIM115 - the server writes it while it runs
+        self.proc = subprocess.Popen([find_nats_server(), "-c", str(self.config)], stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        ports = [self.port] + ([self.mqtt_port] if self.mqtt_port else [])
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited: {(self.work_dir / 'nats.log').read_text()[-2000:]}")
+            try:
+                for port in ports:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"nats-server did not listen on {ports} within {timeout} s")
+
+    def kill(self) -> None:
+        """kill -9."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, 5.0)
+            self.proc = None

@@ -1,0 +1,87 @@
+"""The balancer on the 3-node NATS cluster in cluster mode (MQTT 3.1.1, lease and operator settings in replicated
+KV): ``kill -9`` of the node the balancer is connected to (its MQTT session and its NATS connection), in the
+middle of a stream of requests. Nothing accepted is lost (every request the broker acknowledged is answered, once
+sent, no retry), no EV gets two sessions, no running session ends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from probe import Probe, Service, start_balancer
+from test_faults import AGENT_ENV, P, request
+
+from broker.nats.cluster import LocalCluster
+
+pytestmark = pytest.mark.integration
+V311 = mqtt.MQTTv311
+LEASE_S = 6.0
+
+
+def test_kill_9_of_the_balancers_nats_node_mid_load(make_cluster: Callable[..., LocalCluster], tmp_path: Path,
+                                                    stopper: list[Callable[[], Any]]) -> None:
+    cluster = make_cluster()
+    n1, n2, n3 = cluster.nodes
+    order = lambda *nodes: ",".join(f"{n.host}:{n.port}" for n in nodes)  # noqa: E731
+    agents = Service("substation_agents", n3, tmp_path, SUBSTATIONS="A:300,B:300", MQTT_PROTOCOL="3.1.1",
+                     MQTT_HOSTS=order(n3, n2, n1), **AGENT_ENV)
+    stopper.append(agents.stop)
+    watch = Probe(n2, "observer", f"{P}/#", protocol=V311)
+    stopper.append(watch.close)
+    balancer = start_balancer(n1, tmp_path, MQTT_PROTOCOL="3.1.1", MQTT_HOSTS=order(n1, n2, n3),
+                              MQTT_PASSWORD=cluster.password_for("balancer"),
+                              BALANCER_NATS_URLS=",".join(n.nats_url for n in (n1, n2, n3)),
+                              BALANCER_NATS_REPLICAS="3", BALANCER_LEASE_S=str(LEASE_S),
+                              BALANCER_STALE_AFTER_S="30")
+    stopper.append(balancer.stop)
+    watch.wait_for(lambda m: m.topic == f"{P}/balancer/status" and m.json()["state"] == "online", timeout=30,
+                   what="balancer online")
+    for sub in ("A", "B"):
+        watch.wait_for(lambda m, sub=sub: m.topic == f"{P}/substation/{sub}/telemetry", timeout=20,
+                       what=f"{sub} telemetry")
+
+    evs = [f"EV_{i:04d}" for i in range(1, 41)]
+    mids: dict[int, str] = {}
+    with Probe(n2, "loadtest", protocol=V311) as fake:
+        for i, ev in enumerate(evs):
+            if i == 15:
+                n1.kill()  # the balancer's MQTT node and its NATS node, mid-stream
+                killed = time.monotonic()
+            info = fake.client.publish(f"{P}/ev/{ev}/request", json.dumps(request(ev, f"r{i}", kw=7.0)), 1)
+            mids[info.mid] = ev
+            time.sleep(0.1)
+        # Accepted = acknowledged by the broker (a PUBACK may wait while the cluster elects new stream leaders).
+        fake.wait_until(lambda: set(mids) <= set(fake.acks), timeout=30)
+        acked = {ev for mid, ev in mids.items() if mid in fake.acks and not fake.acks[mid].is_failure}
+    assert len(acked) >= len(evs) - 5, f"only {len(acked)} of {len(evs)} acknowledged"
+    def assigned() -> dict[str, set[str]]:
+        by_ev: dict[str, set[str]] = {}
+        for m in list(watch.messages):
+            if m.topic.endswith("/assignment") and m.json()["status"] == "assigned":
+                by_ev.setdefault(m.topic.split("/")[3], set()).add(m.json()["session_id"])
+        return by_ev
+
+    watch.wait_until(lambda: acked <= set(assigned()), timeout=60)
+    by_ev = assigned()
+    assert set(by_ev) == acked  # nothing accepted was lost
+    assert {ev: ids for ev, ids in by_ev.items() if len(ids) > 1} == {}  # one session per EV
+    time.sleep(2.0)
+    started = Counter(m.json()["ev_id"] for m in watch.messages
+                      if m.topic.endswith("/session") and m.json()["event"] == "started")
+    assert {ev: n for ev, n in started.items() if n > 1} == {}
+    assert acked <= set(started)
+    ended = [m.json() for m in watch.messages if m.topic.endswith("/session") and m.json()["event"] == "ended"]
+    assert ended == []
+    rejected = [m.json() for m in watch.messages if m.topic.endswith("/assignment")
+                and m.json()["status"] in ("rejected", "revoked", "completed", "cancelled")]
+    assert rejected == []
+    log = balancer.log()
+    assert "Traceback" not in log, log[-3000:]
+    print(f"{len(acked)}/{len(evs)} acknowledged; all assigned {time.monotonic() - killed:.1f} s after the kill")
