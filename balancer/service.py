@@ -367,9 +367,13 @@ class BalancerService:
         except PayloadError as err:
             self._substation_error(TopicKind.SUBSTATION_STATUS, sid, msg, err, now)
             return
-        # Only a live status closes an inventory: a retained copy is an old snapshot, which a broker hands out again
-        # on every re-subscription (this instance reconnecting, e.g. to another cluster node): taken as an
-        # inventory it would drop every session confirmed since.
+        if msg.retain and sid in self.core.substations:
+            # A retained copy of a substation we already follow is an old snapshot, handed out again on every
+            # re-subscription (this instance reconnecting, e.g. to another cluster node), in no order with the
+            # live messages: taken as news it would end an agent's re-announcement half-way, or close it as an
+            # inventory, and drop every session confirmed since. Live statuses (and staleness) say what is new.
+            self.counters["retained_status_replayed"] += 1
+            return
         inventory = not msg.retain and status.announced_for is not None and status.announced_for == self.instance
         self.log.info("substation_status", substation_id=sid, state=status.state, inventory=inventory,
                  sessions=status.sessions, retained=msg.retain)

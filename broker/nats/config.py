@@ -191,6 +191,7 @@ def render_node(layout: ClusterLayout, index: int, store_dir: str | os.PathLike[
         # seen here): an R2 $MQTT_sess stalls without quorum when one of its two nodes dies, and no persistent
         # session can be resumed anywhere (the balancer's region session, issue 12).
         f"  stream_replicas: {min(3, len(layout.nodes))}",
+        f"  consumer_replicas: {min(3, len(layout.nodes))}",  # a session's consumer must outlive its node too
         # A QoS 1 message delivered to a client that died before acking it (a killed balancer) goes to the session
         # again only after this (default 30 s): the standby that resumes the session would answer it that late.
         # Redeliveries to a live but slow client are harmless (the balancer and the agents de-duplicate).
