@@ -37,6 +37,13 @@ from broker.local import LocalBroker
 from grid_protocol import ChargeRequest, Telemetry, TopicKind, Topics, encode
 
 REGIONS = ("default", "east")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy (every process: ours and whatever else runs), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 SUBSTATIONS = ("S1", "S2", "S3", "S4")  # per region (ids are grid-wide: the region is part of the name)
 PASSWORD = "bench-balancer"  # a process owning several regions logs in to each with its one password
 
@@ -109,19 +116,27 @@ async def _setup(name: str, processes: list[str], args: argparse.Namespace, tmp:
             await load.pipelined(min(1000, args.requests), args.window, 30)  # warm-up
             pids = {"broker": broker.pid, "load generator": os.getpid(),
                     **{f"balancer {p}": proc.pid for p, proc in zip(processes, procs, strict=True)}}
+            load_avg = os.getloadavg()[0]
             with _client_gc_paused():
                 cpu0 = {k: proc_cpu_s(pid) for k, pid in pids.items()}
+                busy0 = machine_busy_s()
                 piped = await load.pipelined(args.requests, args.window, 120)
                 cpu1 = {k: proc_cpu_s(pid) for k, pid in pids.items()}
+                busy1 = machine_busy_s()
             piped["per_region"] = dict(load.per_region)
             with _client_gc_paused():
                 paced = await load.paced(args.rate, args.rate_seconds, 30)
             elapsed = piped["elapsed_s"]
             cpu = {k: round(cpu1[k] - cpu0[k], 3) for k in pids}
+            # Everything else on the machine over the same run (other users' work shares the same cores).
+            cpu["rest of machine"] = round(max(0.0, busy1 - busy0 - sum(cpu.values())), 3)
             balancer_cpu = sum(v for k, v in cpu.items() if k.startswith("balancer"))
             return {"setup": name, "processes": processes, "pipelined": piped, "paced": paced,
                     "cpu_s": cpu, "cpu_share_of_one_core": {k: round(v / elapsed, 3) for k, v in cpu.items()},
-                    "balancer_cpu_us_per_request": round(balancer_cpu / max(1, piped["answered"]) * 1e6, 1)}
+                    "balancer_cpu_us_per_request": round(balancer_cpu / max(1, piped["answered"]) * 1e6, 1),
+                    "cpu_us_per_request": {k: round(v / max(1, piped["answered"]) * 1e6, 1) for k, v in cpu.items()
+                                           if k != "rest of machine"},
+                    "load_average_1m_before": round(load_avg, 2)}
         finally:
             await load.stop()
             for proc in procs:
@@ -135,12 +150,18 @@ async def _setup(name: str, processes: list[str], args: argparse.Namespace, tmp:
 
 def _print(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(f"\n{'setup':<26}{'answers/s':>10}{'lost':>6}{'bal µs/req':>11}   paced {args.rate:g}/s:"
-          f"{'p50 ms':>8}{'p99 ms':>8}   CPU share of one core over the pipelined run (2 cores = 2.00)")
+          f"{'p50 ms':>8}{'p99 ms':>8}{'load1':>7}")
     for r in results:
         p, q = r["pipelined"], r["paced"]
-        shares = "  ".join(f"{k} {v:.2f}" for k, v in r["cpu_share_of_one_core"].items())
         print(f"{r['setup']:<26}{p['answers_per_s']:>10.0f}{p['lost']:>6}{r['balancer_cpu_us_per_request']:>11.1f}"
-              f"   {'':>13}{q['p50_ms']:>8.3f}{q['p99_ms']:>8.3f}   {shares}")
+              f"   {'':>13}{q['p50_ms']:>8.3f}{q['p99_ms']:>8.3f}{r['load_average_1m_before']:>7.2f}")
+    print(f"\nCPU over the pipelined run, as a share of one core ({os.cpu_count()} cores = {os.cpu_count():.2f}) "
+          "[µs per answered request]:")
+    for r in results:
+        per = r["cpu_us_per_request"]
+        shares = "  ".join(f"{k} {v:.2f}" + (f" [{per[k]:.0f}]" if k in per else "")
+                           for k, v in r["cpu_share_of_one_core"].items())
+        print(f"  {r['setup']:<24}{shares}")
     base = results[0]
     for r in results[1:]:
         ratio = r["pipelined"]["answers_per_s"] / base["pipelined"]["answers_per_s"]
