@@ -227,7 +227,8 @@ class Bridge:
         self._waiters.setdefault(key, []).append(waiter)
         try:
             # Sent now or never, and void after the timeout: the caller gets a 504 and may retry with the same
-            # request_id; a late copy must not open a session or apply an operator action nobody waits for.
+            # request_id; a late copy must not open a session or apply an operator action nobody waits for. (MQTT 5
+            # message expiry; on 3.1.1 only a charge request's own expires_at does that, see charge().)
             self.transport.publish(topic, payload, 1, expiry_s=max(1, math.ceil(timeout)))
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
@@ -240,9 +241,14 @@ class Bridge:
                     self._waiters.pop(key, None)
 
     async def charge(self, request: ChargeRequest, timeout: float) -> Assignment | None:
-        """Publish ``request`` for its EV and wait for the answer with its request_id."""
+        """Publish ``request`` for its EV and wait for the answer with its request_id: on the EV's assignment topic,
+        which works on MQTT 5 and 3.1.1 alike (no response topic). The request carries ``expires_at`` (now +
+        ``timeout``): on 3.1.1 there is no message expiry, so the balancer itself refuses a copy that arrives after
+        the caller got its 504 (``rejected``, ``expired``) instead of opening a session nobody waits for."""
         ev_id, request_id = request.ev_id, request.request_id
         assert ev_id is not None and request_id is not None
+        if request.expires_at is None:
+            request = msgspec.structs.replace(request, expires_at=round(self.clock() + timeout, 3))
 
         def matches(a: Assignment) -> bool:
             return a.request_id == request_id

@@ -53,6 +53,11 @@ class ChargeRequest(msgspec.Struct, kw_only=True):
     #: When the EV leaves (epoch seconds). With ``energy_kwh`` it lets the deadline-aware policy give the
     #: EV the power it needs to finish in time.
     departure: Timestamp | None = None
+    #: Void after this moment (epoch seconds): whoever sent it no longer waits for the answer. The balancer refuses
+    #: a new request received later (``rejected``, reason ``expired``) instead of placing it; the replacement of
+    #: MQTT 5's message expiry, which MQTT 3.1.1 lacks (docs/protocol.md "MQTT 3.1.1"). Compares two machines'
+    #: clocks: keep them synchronised (NTP).
+    expires_at: Timestamp | None = None
 
     def __post_init__(self) -> None:
         if self.duration_minutes is None and self.energy_kwh is None:

@@ -11,6 +11,11 @@ Fixtures:
   ``broker``, keyword arguments of :class:`LocalBroker` override them, ``start=False`` returns it
   unstarted. Every broker it made is stopped at teardown.
 * ``stopper``: a list of things to stop at teardown, last first (even when the test failed).
+* ``nats_bin`` (session): path of ``nats-server``; fails (does not skip) when missing.
+* ``make_cluster(**kwargs)``: factory for :class:`broker.nats.cluster.LocalCluster` (3 nodes by default, the same
+  test accounts as ``broker``), started and ready (JetStream and MQTT on every node); stopped at teardown.
+* ``nats_cluster`` (module): one started 3-node cluster with the standard test accounts, shared by a module's
+  tests (a cluster takes ~3-7 s to form). Tests that kill nodes use ``make_cluster``.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ if str(ROOT) not in sys.path:  # the project is not necessarily installed in the
 
 from broker.accounts import SERVICE_ACCOUNTS  # noqa: E402
 from broker.local import LocalBroker, find_mosquitto  # noqa: E402
+from broker.nats.cluster import LocalCluster, find_nats_server  # noqa: E402
 
 TEST_SECRET = "test-secret"
 TEST_SUBSTATIONS: tuple[str, ...] = ("A", "B", "C")
 TEST_EVS: tuple[str, ...] = (*(f"EV_{i:04d}" for i in range(1, 201)), "EV_1234")
 
 BrokerFactory = Callable[..., LocalBroker]
+ClusterFactory = Callable[..., LocalCluster]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -84,3 +91,52 @@ def stopper() -> Iterator[list[Callable[[], Any]]]:
 def broker(make_broker: BrokerFactory) -> LocalBroker:
     """A started private Mosquitto with the standard test accounts (see module docstring)."""
     return make_broker()
+
+
+# --- NATS cluster (issue 12) ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def nats_bin() -> str:
+    """Path of nats-server. Missing nats-server is a failure, not a skip."""
+    try:
+        return find_nats_server()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+def _cluster(work_dir: Path, nats_bin: str, start: bool, kwargs: dict[str, Any]) -> LocalCluster:
+    kwargs.setdefault("substation_ids", TEST_SUBSTATIONS)
+    kwargs.setdefault("ev_ids", TEST_EVS)
+    kwargs.setdefault("services", SERVICE_ACCOUNTS)
+    kwargs.setdefault("secret", TEST_SECRET)
+    kwargs.setdefault("nats_bin", nats_bin)
+    cluster = LocalCluster(work_dir, **kwargs)
+    if start:
+        cluster.start()
+    return cluster
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path, nats_bin: str) -> Iterator[ClusterFactory]:
+    made: list[LocalCluster] = []
+
+    def factory(*, start: bool = True, **kwargs: Any) -> LocalCluster:
+        work_dir = kwargs.pop("work_dir", tmp_path / f"cluster-{len(made)}")
+        cluster = _cluster(work_dir, nats_bin, False, kwargs)
+        made.append(cluster)
+        if start:
+            cluster.start()
+        return cluster
+
+    yield factory
+    for cluster in reversed(made):
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory, nats_bin: str) -> Iterator[LocalCluster]:
+    """A started 3-node cluster with the standard test accounts, shared by the module's tests."""
+    cluster = _cluster(tmp_path_factory.mktemp("nats-cluster"), nats_bin, True, {})
+    yield cluster
+    cluster.stop()
