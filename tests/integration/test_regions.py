@@ -4,8 +4,9 @@ each with its own substation agents.
 * Two balancer processes (one per region): each answers only its own region's EVs and commands only its own
   region's substations; ``kill -9`` of one leaves the other serving (a new EV request there is answered).
 * One process owning both regions serves both.
-* The broker's roles for the regional topics: a region's balancer account reaches only its region; an EV may
-  request in any region and read only its own assignment there; an agent only its own topics.
+* The broker's roles for the regional topics, on Mosquitto and on a 3-node NATS cluster: a region's balancer
+  account reaches only its region; an EV may request in any region and read only its own assignment there; an agent
+  only its own topics, in any region.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 from probe import Probe, Received, Service, start_balancer
 
 from broker.accounts import SERVICE_ACCOUNTS
 from broker.local import LocalBroker
+from broker.nats.cluster import LocalCluster
 from grid_protocol.topics import TopicKind, Topics
 
 pytestmark = pytest.mark.integration
@@ -177,64 +180,120 @@ def test_one_process_owning_two_regions_serves_both(broker: LocalBroker, service
 
 
 # --- ACL on the regional topics ---------------------------------------------------------------
+# Against Mosquitto (MQTT 5: refusals have reason codes) and a real 3-node NATS cluster (MQTT 3.1.1, accounts from the
+# same role table: a refused publish is acknowledged and dropped, a refused subscription gets SUBACK 0x80), with the
+# clients of one test spread over its nodes. What decides is what the receivers see, behind a barrier: a permitted
+# message to the same receiver, awaited (the broker keeps order per subscriber, so a leak would have arrived first).
+
+Broker = LocalBroker | LocalCluster
 
 
-def _barrier(sender: Probe, receiver: Probe, topic: str) -> None:
-    """A permitted message, awaited: anything refused before it would have arrived by now (the broker keeps order
-    per subscriber)."""
-    assert sender.try_publish(topic, b"barrier") == 0
-    assert receiver.wait_until(lambda: any(m.topic == topic for m in receiver.messages))
+@pytest.fixture(scope="module")
+def regional_cluster(tmp_path_factory: pytest.TempPathFactory, nats_bin: str) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(tmp_path_factory.mktemp("regions-cluster"), substation_ids=list(REGION_OF),
+                           ev_ids=["EV_0001", "EV_0002"], services=(*SERVICE_ACCOUNTS, "balancer.east"),
+                           service_passwords={"balancer": BALANCER_PW, "balancer.east": BALANCER_PW},
+                           secret="regions-secret", nats_bin=nats_bin)
+    cluster.start()
+    yield cluster
+    cluster.stop()
 
 
-def _refused(rc: Any) -> bool:
-    return rc is not None and rc.value == NOT_AUTHORIZED
+@pytest.fixture(params=["mosquitto", "nats-cluster"])
+def acl_broker(request: pytest.FixtureRequest, broker: LocalBroker) -> Broker:
+    if request.param == "mosquitto":
+        return broker
+    cluster: LocalCluster = request.getfixturevalue("regional_cluster")
+    return cluster
 
 
-def test_a_regions_balancer_account_reaches_only_its_region(broker: LocalBroker) -> None:
-    with Probe(broker, "balancer.east", password=BALANCER_PW) as east, Probe(broker, "observer", "grid/v1/#") as obs:
-        # Its region's input, not another's.
-        codes = east.subscribe(EAST.filter(TopicKind.EV_REQUEST), T.filter(TopicKind.EV_REQUEST),
-                               "grid/v1/region/west/ev/+/request", "grid/v1/region/+/ev/+/request")
-        assert [rc.value for rc in codes][1:] == [NOT_AUTHORIZED] * 3 and not codes[0].is_failure
-        # It may answer and command only in its region.
-        for topic in (T.assignment("EV_0001"), T.command("A"), T.balancer_status(),
-                      "grid/v1/region/west/substation/A/command"):
-            assert _refused(east.try_publish(topic, b"x")), topic
-        _barrier(east, obs, EAST.command("E1"))
-        assert [m.topic for m in obs.messages] == [EAST.command("E1")]
-    with Probe(broker, "balancer", password=BALANCER_PW) as default:  # and the default region's likewise
-        for topic in (EAST.assignment("EV_0001"), EAST.command("E1"), EAST.balancer_status()):
-            assert _refused(default.try_publish(topic, b"x")), topic
+@pytest.fixture
+def peers() -> Iterator[Callable[..., Probe]]:
+    made: list[Probe] = []
+
+    def connect(broker: Broker, username: str, *subscriptions: str, **kwargs: Any) -> Probe:
+        if username.startswith("balancer"):
+            kwargs.setdefault("password", BALANCER_PW)
+        if isinstance(broker, LocalCluster):
+            node = broker.nodes[len(made) % len(broker.nodes)]
+            kwargs.setdefault("protocol", mqtt.MQTTv311)
+            peer = Probe(node, username, *subscriptions, **kwargs)  # type: ignore[arg-type]
+        else:
+            peer = Probe(broker, username, *subscriptions, **kwargs)
+        made.append(peer)
+        return peer
+
+    yield connect
+    for peer in made:
+        peer.close()
 
 
-def test_an_ev_requests_in_any_region_and_reads_only_its_own_assignment(broker: LocalBroker) -> None:
-    with Probe(broker, "balancer.east", EAST.filter(TopicKind.EV_REQUEST), password=BALANCER_PW) as east, \
-            Probe(broker, "EV_0001") as ev1:
-        codes = ev1.subscribe(*T.filters_all_regions(TopicKind.EV_ASSIGNMENT, "EV_0001"))
-        assert not any(rc.is_failure for rc in codes)
-        refused = ev1.subscribe(EAST.assignment("EV_0002"), "grid/v1/region/+/ev/+/assignment",
-                                "grid/v1/region/east/#", EAST.command("E1"))
-        assert [rc.value for rc in refused] == [NOT_AUTHORIZED] * 4
-        assert _refused(ev1.try_publish(EAST.request("EV_0002")))
-        assert _refused(ev1.try_publish(EAST.assignment("EV_0001")))
-        assert ev1.try_publish(EAST.request("EV_0001")) == 0
-        rc = ev1.try_publish("grid/v1/region/west/ev/EV_0001/release")  # any region (0x10: nobody listens there)
-        assert rc is not None and not rc.is_failure
-        assert east.wait_until(lambda: len(east.messages) == 1)
-        assert east.try_publish(EAST.assignment("EV_0002"), b"not yours") is not None
-        _barrier(east, ev1, EAST.assignment("EV_0001"))
-        assert [m.topic for m in ev1.messages] == [EAST.assignment("EV_0001")]
+def _not_delivered(broker: Broker, sender: Probe, topic: str, receiver: Probe, barrier: str,
+                   barrier_sender: Probe | None = None) -> None:
+    """``sender`` may not publish on ``topic``: Mosquitto says so (0x87); on either broker ``receiver`` (who may read
+    it) gets only the barrier after it."""
+    rc = sender.try_publish(topic, b"refused?")
+    if isinstance(broker, LocalBroker):
+        assert rc is not None and rc.value == NOT_AUTHORIZED, (topic, rc)
+    since = receiver.messages[-1].at if receiver.messages else 0.0
+    (barrier_sender or sender).publish(barrier, b"barrier")
+    receiver.wait_one(lambda m: m.topic == barrier, 10, since, f"barrier {barrier}")
+    assert not [m for m in receiver.messages if m.topic == topic and m.payload == b"refused?"], topic
 
 
-def test_a_substation_agent_uses_only_its_own_topics_in_any_region(broker: LocalBroker) -> None:
-    with Probe(broker, "substation.E1") as e1, Probe(broker, "observer", "grid/v1/#") as obs:
-        for topic in (EAST.telemetry("E2"), EAST.substation_status("E2"), EAST.command("E1"),
-                      EAST.request("EV_0001"), EAST.balancer_status()):
-            assert _refused(e1.try_publish(topic, b"x")), topic
-        refused = e1.subscribe(EAST.command("E2"), "grid/v1/region/+/substation/+/command")
-        assert [rc.value for rc in refused] == [NOT_AUTHORIZED] * 2
-        assert not any(rc.is_failure for rc in e1.subscribe(EAST.command("E1"), EAST.balancer_status()))
-        for topic in (EAST.telemetry("E1"), T.telemetry("E1")):  # its own, in any region
-            assert e1.try_publish(topic, b"{}") == 0
-        _barrier(e1, obs, EAST.session_events("E1"))
-        assert [m.topic for m in obs.messages] == [EAST.telemetry("E1"), T.telemetry("E1"), EAST.session_events("E1")]
+def _subscription_refused(peer: Probe, topic: str) -> bool:
+    return all(rc.is_failure for rc in peer.subscribe(topic))
+
+
+def test_a_regions_balancer_account_reaches_only_its_region(acl_broker: Broker,
+                                                            peers: Callable[..., Probe]) -> None:
+    obs = peers(acl_broker, "observer", "grid/v1/#")
+    east = peers(acl_broker, "balancer.east")
+    assert not any(rc.is_failure for rc in east.subscribe(EAST.filter(TopicKind.EV_REQUEST)))
+    for topic in (T.filter(TopicKind.EV_REQUEST), "grid/v1/region/west/ev/+/request",
+                  "grid/v1/region/+/ev/+/request", "grid/v1/#"):
+        assert _subscription_refused(east, topic), topic
+    # It may answer and command only in its region (and the default region's balancer likewise).
+    for topic in (T.assignment("EV_0001"), T.command("A"), T.balancer_status(),
+                  "grid/v1/region/west/substation/A/command"):
+        _not_delivered(acl_broker, east, topic, obs, EAST.command("E1"))
+    default = peers(acl_broker, "balancer")
+    for topic in (EAST.assignment("EV_0001"), EAST.command("E1"), EAST.balancer_status()):
+        _not_delivered(acl_broker, default, topic, obs, T.command("A"))
+
+
+def test_an_ev_requests_in_any_region_and_reads_only_its_own_assignment(acl_broker: Broker,
+                                                                        peers: Callable[..., Probe]) -> None:
+    east = peers(acl_broker, "balancer.east", EAST.filter(TopicKind.EV_REQUEST), EAST.filter(TopicKind.EV_RELEASE))
+    ev1 = peers(acl_broker, "EV_0001")
+    assert not any(rc.is_failure for rc in ev1.subscribe(*T.filters_all_regions(TopicKind.EV_ASSIGNMENT, "EV_0001")))
+    for topic in (EAST.assignment("EV_0002"), "grid/v1/region/+/ev/+/assignment", "grid/v1/region/east/#",
+                  EAST.command("E1")):
+        assert _subscription_refused(ev1, topic), topic
+    # Its own request and release, in any region; not another EV's, nor an assignment.
+    for topic in (EAST.request("EV_0002"), EAST.release("EV_0002")):
+        _not_delivered(acl_broker, ev1, topic, east, EAST.request("EV_0001"))
+    ev1.publish(EAST.release("EV_0001"), b"{}")
+    east.wait_one(lambda m: m.topic == EAST.release("EV_0001"), 10, 0, "its own release in east")
+    # It reads only its own assignment there.
+    east.publish(EAST.assignment("EV_0002"), b"not yours")
+    east.publish(EAST.assignment("EV_0001"), b"yours")
+    ev1.wait_one(lambda m: m.topic == EAST.assignment("EV_0001"), 10, 0, "its own assignment in east")
+    assert [m.topic for m in ev1.messages] == [EAST.assignment("EV_0001")]
+
+
+def test_a_substation_agent_uses_only_its_own_topics_in_any_region(acl_broker: Broker,
+                                                                   peers: Callable[..., Probe]) -> None:
+    obs = peers(acl_broker, "observer", "grid/v1/#")
+    e1 = peers(acl_broker, "substation.E1")
+    for topic in (EAST.telemetry("E2"), EAST.substation_status("E2"), EAST.command("E1"), EAST.request("EV_0001"),
+                  EAST.balancer_status()):
+        _not_delivered(acl_broker, e1, topic, obs, EAST.session_events("E1"))
+    for topic in (EAST.command("E2"), "grid/v1/region/+/substation/+/command"):
+        assert _subscription_refused(e1, topic), topic
+    assert not any(rc.is_failure for rc in e1.subscribe(EAST.command("E1"), EAST.balancer_status()))
+    since = time.monotonic()
+    for topic in (EAST.telemetry("E1"), T.telemetry("E1")):  # its own, in any region
+        e1.publish(topic, b"{}")
+    obs.wait_one(lambda m: m.topic == T.telemetry("E1"), 10, since, "its telemetry")
+    assert [m.topic for m in obs.messages if m.at >= since] == [EAST.telemetry("E1"), T.telemetry("E1")]
