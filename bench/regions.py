@@ -1,7 +1,8 @@
 """Regional partitions (issue 12): two regions on two balancer processes against one region on one, through a real
 Mosquitto, with the CPU share of each balancer, the broker and the load generator beside the figures.
 
-    python -m bench regions [--requests 10000] [--window 400] [--rate 1000] [--rate-seconds 4]
+    python -m bench regions [--requests 6000] [--window 400] [--rate 1000] [--rate-seconds 3] [--rounds 3]
+                            [--cluster]
 
 Setups, each on a fresh private broker (loopback, project config), the same load generator (bench_balancer's
 ``LoadClient``: one paho connection, pre-encoded requests, distinct EV ids, room for every request, so every answer
@@ -14,26 +15,35 @@ is an ``assigned`` that cost the balancer its full path):
 For each: a pipelined run (``--window`` requests in flight, split over the regions) gives answers/s, with the CPU
 seconds of every process over that run (from /proc) as a share of one core, and the balancers' CPU per request; a
 paced run at ``--rate`` requests/s in all gives latency percentiles. This machine's cores are shared by all of
-them (and by whatever else runs): the shares show which process is the bottleneck in each setup.
+them (and by whatever else runs): the shares show which process is the bottleneck in each setup. The setups run
+``--rounds`` times, interleaved, and the medians are printed (one run on a shared machine proves little).
+
+``--cluster``: the same setups through a local 3-node NATS cluster (``broker.nats.cluster.LocalCluster``, MQTT
+3.1.1, the project's accounts): the load generator on node 1, the balancer processes on nodes 2 and 3, so every
+request and answer crosses the cluster; the CPU of each nats-server is shown.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from bench.bench_balancer import CAPACITY_KW, LoadClient, _client_gc_paused, proc_cpu_s
+from bench.bench_balancer import CAPACITY_KW, BrokerAddress, LoadClient, _client_gc_paused, proc_cpu_s
 from broker.accounts import SERVICE_ACCOUNTS, balancer_username
 from broker.local import LocalBroker
+from broker.nats.cluster import LocalCluster
 from grid_protocol import ChargeRequest, Telemetry, TopicKind, Topics, encode
 
 REGIONS = ("default", "east")
@@ -52,8 +62,9 @@ class RegionalLoad(LoadClient):
     """The balancer benchmark's load client over several regions: requests alternate regions, answers are read
     from every region, each region's substations get telemetry under its topics."""
 
-    def __init__(self, broker: LocalBroker, regions: tuple[str, ...]) -> None:
-        super().__init__(broker)
+    def __init__(self, broker: BrokerAddress, regions: tuple[str, ...],
+                 protocol: Literal["5", "3.1.1"] = "5") -> None:
+        super().__init__(broker, protocol)
         self.regions = [Topics(region=r) for r in regions]
         for topic_filter in self.topics.filters_all_regions(TopicKind.EV_ASSIGNMENT):
             self.transport.subscribe(topic_filter, 1)
@@ -93,28 +104,45 @@ class RegionalLoad(LoadClient):
         self.per_region = {}
 
 
-def _start_balancer(broker: LocalBroker, regions: str, logs: Path) -> subprocess.Popen[bytes]:
+def _start_balancer(broker: BrokerAddress, regions: str, logs: Path, protocol: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), MQTT_USERNAME="balancer",
                MQTT_PASSWORD=PASSWORD, BALANCER_REGIONS=regions, LOG_LEVEL="WARNING", BALANCER_QUEUE_MAX="1000000",
-               BALANCER_STATS_INTERVAL_S="3600", METRICS_PORT="0", BALANCER_STARTUP_WAIT_S="0.5")
+               BALANCER_STATS_INTERVAL_S="3600", METRICS_PORT="0", BALANCER_STARTUP_WAIT_S="0.5",
+               MQTT_PROTOCOL=protocol)
     log = open(logs / f"balancer-{regions.replace(',', '+')}.log", "wb")  # noqa: SIM115
     return subprocess.Popen([sys.executable, "-m", "balancer"], env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-async def _setup(name: str, processes: list[str], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    regions = tuple(r for p in processes for r in p.split(","))
+@contextlib.contextmanager
+def _brokers(processes: list[str], regions: tuple[str, ...], tmp: Path,
+             cluster: bool) -> Iterator[tuple[BrokerAddress, list[BrokerAddress], dict[str, int]]]:
+    """(where the load generator connects, where each balancer process connects, broker pids)."""
     services = (*SERVICE_ACCOUNTS, *(balancer_username(r) for r in regions if r != "default"))
     passwords = {balancer_username(r): PASSWORD for r in regions}
-    with LocalBroker(tmp / f"broker-{len(processes)}-{len(regions)}", substation_ids=[], ev_ids=[], secret="bench",
-                     services=services, service_passwords=passwords) as broker:
-        assert broker.pid is not None
-        procs = [_start_balancer(broker, p, tmp) for p in processes]
-        load = RegionalLoad(broker, regions)
+    work = tmp / f"broker-{len(processes)}-{len(regions)}"
+    if not cluster:
+        with LocalBroker(work, substation_ids=[], ev_ids=[], secret="bench", services=services,
+                         service_passwords=passwords) as broker:
+            assert broker.pid is not None
+            yield broker, [broker] * len(processes), {"broker": broker.pid}
+        return
+    with LocalCluster(work, secret="bench", services=services, service_passwords=passwords) as nats:
+        nodes = nats.nodes
+        pids = {f"nats-{n.index + 1}": n.pid for n in nodes if n.pid is not None}
+        yield nodes[0], [nodes[(1 + i) % len(nodes)] for i in range(len(processes))], pids
+
+
+async def _setup(name: str, processes: list[str], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    regions = tuple(r for p in processes for r in p.split(","))
+    protocol: Literal["5", "3.1.1"] = "3.1.1" if args.cluster else "5"
+    with _brokers(processes, regions, tmp, args.cluster) as (load_at, balancers_at, broker_pids):
+        procs = [_start_balancer(at, p, tmp, protocol) for p, at in zip(processes, balancers_at, strict=True)]
+        load = RegionalLoad(load_at, regions, protocol)
         try:
             await load.start()
-            await asyncio.sleep(1.5)  # balancers connected, startup gates open, substations fresh
+            await asyncio.sleep(3.0 if args.cluster else 1.5)  # balancers connected, gates open, substations fresh
             await load.pipelined(min(1000, args.requests), args.window, 30)  # warm-up
-            pids = {"broker": broker.pid, "load generator": os.getpid(),
+            pids = {**broker_pids, "load generator": os.getpid(),
                     **{f"balancer {p}": proc.pid for p, proc in zip(processes, procs, strict=True)}}
             load_avg = os.getloadavg()[0]
             with _client_gc_paused():
@@ -148,42 +176,66 @@ async def _setup(name: str, processes: list[str], args: argparse.Namespace, tmp:
                     proc.kill()
 
 
+SETUPS: tuple[tuple[str, list[str]], ...] = (
+    ("1 region / 1 process", ["default"]),
+    ("2 regions / 2 processes", ["default", "east"]),
+    ("2 regions / 1 process", ["default,east"]),
+)
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
 def _print(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    print(f"\n{'setup':<26}{'answers/s':>10}{'lost':>6}{'bal µs/req':>11}   paced {args.rate:g}/s:"
+    print("\nthrough a local 3-node NATS cluster (MQTT 3.1.1; load on node 1, balancers on nodes 2 and 3)"
+          if args.cluster else "\nthrough one Mosquitto (MQTT 5)", end="")
+    print(f"; {args.requests} requests, {args.window} in flight, {args.rounds} round(s), setups interleaved")
+    print(f"{'round':<6}{'setup':<26}{'answers/s':>10}{'lost':>6}{'bal µs/req':>11}   paced {args.rate:g}/s:"
           f"{'p50 ms':>8}{'p99 ms':>8}{'load1':>7}")
     for r in results:
         p, q = r["pipelined"], r["paced"]
-        print(f"{r['setup']:<26}{p['answers_per_s']:>10.0f}{p['lost']:>6}{r['balancer_cpu_us_per_request']:>11.1f}"
-              f"   {'':>13}{q['p50_ms']:>8.3f}{q['p99_ms']:>8.3f}{r['load_average_1m_before']:>7.2f}")
+        print(f"{r['round']:<6}{r['setup']:<26}{p['answers_per_s']:>10.0f}{p['lost']:>6}"
+              f"{r['balancer_cpu_us_per_request']:>11.1f}   {'':>13}{q['p50_ms']:>8.3f}{q['p99_ms']:>8.3f}"
+              f"{r['load_average_1m_before']:>7.2f}")
     print(f"\nCPU over the pipelined run, as a share of one core ({os.cpu_count()} cores = {os.cpu_count():.2f}) "
           "[µs per answered request]:")
     for r in results:
         per = r["cpu_us_per_request"]
         shares = "  ".join(f"{k} {v:.2f}" + (f" [{per[k]:.0f}]" if k in per else "")
                            for k, v in r["cpu_share_of_one_core"].items())
-        print(f"  {r['setup']:<24}{shares}")
-    base = results[0]
-    for r in results[1:]:
-        ratio = r["pipelined"]["answers_per_s"] / base["pipelined"]["answers_per_s"]
-        per_req = r["balancer_cpu_us_per_request"] / base["balancer_cpu_us_per_request"]
-        print(f"{r['setup']}: throughput x{ratio:.2f} of one region, balancer CPU per request x{per_req:.2f};"
-              f" answers per region {r['pipelined']['per_region']}")
+        print(f"  {r['round']:<4}{r['setup']:<24}{shares}")
+    by_setup = {name: [r for r in results if r["setup"] == name] for name, _ in SETUPS}
+    base_rate = _median([r["pipelined"]["answers_per_s"] for r in by_setup[SETUPS[0][0]]])
+    base_cpu = _median([r["balancer_cpu_us_per_request"] for r in by_setup[SETUPS[0][0]]])
+    print("\nmedians over the rounds:")
+    for name, rows in by_setup.items():
+        rate = _median([r["pipelined"]["answers_per_s"] for r in rows])
+        cpu = _median([r["balancer_cpu_us_per_request"] for r in rows])
+        print(f"  {name:<26}{rate:>8.0f} answers/s (x{rate / base_rate:.2f}),  balancer {cpu:.0f} µs/request "
+              f"(x{cpu / base_cpu:.2f})")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench regions", description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=10_000)
+    p.add_argument("--requests", type=int, default=6_000)
     p.add_argument("--window", type=int, default=400, help="requests in flight in the pipelined run (all regions)")
     p.add_argument("--rate", type=float, default=1000.0, help="offered requests/s in the paced run (all regions)")
-    p.add_argument("--rate-seconds", type=float, default=4.0)
-    p.add_argument("--json", type=Path, default=Path("bench/results/regions.json"))
+    p.add_argument("--rate-seconds", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the three setups (medians are printed)")
+    p.add_argument("--cluster", action="store_true", help="through a local 3-node NATS cluster (MQTT 3.1.1)")
+    p.add_argument("--json", type=Path, default=None, help="default bench/results/regions[-cluster].json")
     args = p.parse_args(argv)
+    if args.json is None:
+        args.json = Path(f"bench/results/regions{'-cluster' if args.cluster else ''}.json")
 
     async def run() -> list[dict[str, Any]]:
-        with tempfile.TemporaryDirectory(prefix="gridlb-bench-regions-") as tmp:
-            return [await _setup("1 region / 1 process", ["default"], args, Path(tmp)),
-                    await _setup("2 regions / 2 processes", ["default", "east"], args, Path(tmp)),
-                    await _setup("2 regions / 1 process", ["default,east"], args, Path(tmp))]
+        out = []
+        for round_ in range(1, args.rounds + 1):  # interleaved: a change in the machine's load hits every setup
+            for name, processes in SETUPS:
+                with tempfile.TemporaryDirectory(prefix="gridlb-bench-regions-") as tmp:
+                    out.append({"round": round_, **await _setup(name, processes, args, Path(tmp))})
+        return out
 
     results = asyncio.run(run())
     _print(results, args)
