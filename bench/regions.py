@@ -12,7 +12,7 @@ is an ``assigned`` that cost the balancer its full path):
   2 regions / 2 processes  ``default`` and ``east`` each owned by its own process; requests alternate regions.
   2 regions / 1 process    one process owning both (one event loop, one GIL).
 
-For each: a pipelined run (``--window`` requests in flight, split over the regions) gives answers/s, with the CPU
+For each: a pipelined run (``--window`` requests in flight per region) gives answers/s, with the CPU
 seconds of every process over that run (from /proc) as a share of one core, and the balancers' CPU per request; a
 paced run at ``--rate`` requests/s in all gives latency percentiles. This machine's cores are shared by all of
 them (and by whatever else runs): the shares show which process is the bottleneck in each setup. The setups run
@@ -141,14 +141,17 @@ async def _setup(name: str, processes: list[str], args: argparse.Namespace, tmp:
         try:
             await load.start()
             await asyncio.sleep(3.0 if args.cluster else 1.5)  # balancers connected, gates open, substations fresh
-            await load.pipelined(min(1000, args.requests), args.window, 30)  # warm-up
+            # In flight: --window per region, so each balancer sees the same pipelining (batches per read pass, and
+            # so commands per request) whatever the number of regions; --window-total: split over the regions.
+            window = args.window if args.window_total else args.window * len(regions)
+            await load.pipelined(min(1000, args.requests), window, 30)  # warm-up
             pids = {**broker_pids, "load generator": os.getpid(),
                     **{f"balancer {p}": proc.pid for p, proc in zip(processes, procs, strict=True)}}
             load_avg = os.getloadavg()[0]
             with _client_gc_paused():
                 cpu0 = {k: proc_cpu_s(pid) for k, pid in pids.items()}
                 busy0 = machine_busy_s()
-                piped = await load.pipelined(args.requests, args.window, 120)
+                piped = await load.pipelined(args.requests, window, 120)
                 cpu1 = {k: proc_cpu_s(pid) for k, pid in pids.items()}
                 busy1 = machine_busy_s()
             piped["per_region"] = dict(load.per_region)
@@ -190,7 +193,8 @@ def _median(values: list[float]) -> float:
 def _print(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print("\nthrough a local 3-node NATS cluster (MQTT 3.1.1; load on node 1, balancers on nodes 2 and 3)"
           if args.cluster else "\nthrough one Mosquitto (MQTT 5)", end="")
-    print(f"; {args.requests} requests, {args.window} in flight, {args.rounds} round(s), setups interleaved")
+    per = "in all" if args.window_total else "per region"
+    print(f"; {args.requests} requests, {args.window} in flight {per}, {args.rounds} round(s), setups interleaved")
     print(f"{'round':<6}{'setup':<26}{'answers/s':>10}{'lost':>6}{'bal µs/req':>11}   paced {args.rate:g}/s:"
           f"{'p50 ms':>8}{'p99 ms':>8}{'load1':>7}")
     for r in results:
@@ -219,7 +223,8 @@ def _print(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench regions", description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=6_000)
-    p.add_argument("--window", type=int, default=400, help="requests in flight in the pipelined run (all regions)")
+    p.add_argument("--window", type=int, default=400, help="requests in flight per region in the pipelined run")
+    p.add_argument("--window-total", action="store_true", help="--window is in all, split over the regions")
     p.add_argument("--rate", type=float, default=1000.0, help="offered requests/s in the paced run (all regions)")
     p.add_argument("--rate-seconds", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=3, help="rounds of the three setups (medians are printed)")
