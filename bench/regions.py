@@ -147,6 +147,12 @@ async def _setup(name: str, processes: list[str], args: argparse.Namespace, tmp:
             await load.pipelined(min(1000, args.requests), window, 30)  # warm-up
             pids = {**broker_pids, "load generator": os.getpid(),
                     **{f"balancer {p}": proc.pid for p, proc in zip(processes, procs, strict=True)}}
+            # The balancers' fixed cost (ticks, retained state, telemetry, lease renewals: per second, not per
+            # request), over an idle interval, so the marginal CPU per request can be told from it.
+            idle0, idle_t0 = {k: proc_cpu_s(pid) for k, pid in pids.items()}, time.monotonic()
+            await asyncio.sleep(args.idle_seconds)
+            idle_s = time.monotonic() - idle_t0
+            idle_share = {k: (proc_cpu_s(pid) - idle0[k]) / idle_s for k, pid in pids.items()}
             load_avg = os.getloadavg()[0]
             with _client_gc_paused():
                 cpu0 = {k: proc_cpu_s(pid) for k, pid in pids.items()}
@@ -162,9 +168,13 @@ async def _setup(name: str, processes: list[str], args: argparse.Namespace, tmp:
             # Everything else on the machine over the same run (other users' work shares the same cores).
             cpu["rest of machine"] = round(max(0.0, busy1 - busy0 - sum(cpu.values())), 3)
             balancer_cpu = sum(v for k, v in cpu.items() if k.startswith("balancer"))
+            balancer_idle = sum(v * elapsed for k, v in idle_share.items() if k.startswith("balancer"))
             return {"setup": name, "processes": processes, "pipelined": piped, "paced": paced,
                     "cpu_s": cpu, "cpu_share_of_one_core": {k: round(v / elapsed, 3) for k, v in cpu.items()},
                     "balancer_cpu_us_per_request": round(balancer_cpu / max(1, piped["answered"]) * 1e6, 1),
+                    "balancer_idle_share_of_one_core": round(balancer_idle / elapsed, 3),
+                    "balancer_marginal_cpu_us_per_request": round(
+                        max(0.0, balancer_cpu - balancer_idle) / max(1, piped["answered"]) * 1e6, 1),
                     "cpu_us_per_request": {k: round(v / max(1, piped["answered"]) * 1e6, 1) for k, v in cpu.items()
                                            if k != "rest of machine"},
                     "load_average_1m_before": round(load_avg, 2)}
@@ -195,13 +205,16 @@ def _print(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
           if args.cluster else "\nthrough one Mosquitto (MQTT 5)", end="")
     per = "in all" if args.window_total else "per region"
     print(f"; {args.requests} requests, {args.window} in flight {per}, {args.rounds} round(s), setups interleaved")
-    print(f"{'round':<6}{'setup':<26}{'answers/s':>10}{'lost':>6}{'bal µs/req':>11}   paced {args.rate:g}/s:"
-          f"{'p50 ms':>8}{'p99 ms':>8}{'load1':>7}")
+    print(f"{'round':<6}{'setup':<26}{'answers/s':>10}{'lost':>6}{'bal µs/req':>11}{'(idle)':>8}{'marginal':>9}"
+          f"   paced {args.rate:g}/s:{'p50 ms':>8}{'p99 ms':>8}{'load1':>7}")
     for r in results:
         p, q = r["pipelined"], r["paced"]
         print(f"{r['round']:<6}{r['setup']:<26}{p['answers_per_s']:>10.0f}{p['lost']:>6}"
-              f"{r['balancer_cpu_us_per_request']:>11.1f}   {'':>13}{q['p50_ms']:>8.3f}{q['p99_ms']:>8.3f}"
+              f"{r['balancer_cpu_us_per_request']:>11.1f}{r['balancer_idle_share_of_one_core']:>8.3f}"
+              f"{r['balancer_marginal_cpu_us_per_request']:>9.1f}   {'':>12}{q['p50_ms']:>8.3f}{q['p99_ms']:>8.3f}"
               f"{r['load_average_1m_before']:>7.2f}")
+    print("(bal µs/req: the balancers' CPU over the pipelined run per answer; idle: their CPU share of one core "
+          "when no request comes; marginal: µs/req less that idle cost)")
     print(f"\nCPU over the pipelined run, as a share of one core ({os.cpu_count()} cores = {os.cpu_count():.2f}) "
           "[µs per answered request]:")
     for r in results:
@@ -212,12 +225,14 @@ def _print(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     by_setup = {name: [r for r in results if r["setup"] == name] for name, _ in SETUPS}
     base_rate = _median([r["pipelined"]["answers_per_s"] for r in by_setup[SETUPS[0][0]]])
     base_cpu = _median([r["balancer_cpu_us_per_request"] for r in by_setup[SETUPS[0][0]]])
+    base_marginal = _median([r["balancer_marginal_cpu_us_per_request"] for r in by_setup[SETUPS[0][0]]])
     print("\nmedians over the rounds:")
     for name, rows in by_setup.items():
         rate = _median([r["pipelined"]["answers_per_s"] for r in rows])
         cpu = _median([r["balancer_cpu_us_per_request"] for r in rows])
+        marginal = _median([r["balancer_marginal_cpu_us_per_request"] for r in rows])
         print(f"  {name:<26}{rate:>8.0f} answers/s (x{rate / base_rate:.2f}),  balancer {cpu:.0f} µs/request "
-              f"(x{cpu / base_cpu:.2f})")
+              f"(x{cpu / base_cpu:.2f}), marginal {marginal:.0f} µs/request (x{marginal / base_marginal:.2f})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-total", action="store_true", help="--window is in all, split over the regions")
     p.add_argument("--rate", type=float, default=1000.0, help="offered requests/s in the paced run (all regions)")
     p.add_argument("--rate-seconds", type=float, default=3.0)
+    p.add_argument("--idle-seconds", type=float, default=2.0, help="idle interval for the balancers' fixed cost")
     p.add_argument("--rounds", type=int, default=3, help="rounds of the three setups (medians are printed)")
     p.add_argument("--cluster", action="store_true", help="through a local 3-node NATS cluster (MQTT 3.1.1)")
     p.add_argument("--json", type=Path, default=None, help="default bench/results/regions[-cluster].json")
