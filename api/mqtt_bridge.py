@@ -22,6 +22,7 @@ from api.settings import ApiSettings
 from api.state import StateStore
 from grid_protocol import PayloadError, TopicKind, Topics, decode, encode, is_valid_id
 from grid_protocol.messages import (
+    DEFAULT_REGION,
     MAX_SCHEDULE_PAYLOAD_BYTES,
     MAX_STATE_PAYLOAD_BYTES,
     Assignment,
@@ -107,8 +108,9 @@ class Bridge:
         self._listeners: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         transport.set_handler(self.handle)
-        for kind in SUBSCRIPTIONS:
-            transport.subscribe(self.topics.filter(kind), 0 if kind == TopicKind.SUBSTATION_TELEMETRY else 1)
+        for kind in SUBSCRIPTIONS:  # every region's (issue 12)
+            for topic_filter in self.topics.filters_all_regions(kind):
+                transport.subscribe(topic_filter, 0 if kind == TopicKind.SUBSTATION_TELEMETRY else 1)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -136,10 +138,10 @@ class Bridge:
 
     # ------------------------------------------------------------------ inbound
     def handle(self, msg: InMessage) -> None:
-        parsed = self.topics.parse(msg.topic)
+        parsed = self.topics.parse_any_region(msg.topic)
         if parsed is None:
             return
-        kind, id_ = parsed
+        region, kind, id_ = parsed
         spec = _MODELS.get(kind)
         if spec is None:
             return
@@ -156,7 +158,7 @@ class Bridge:
             except PayloadError as err:
                 self._refused(kind, str(err.reason), err.detail)
                 return
-        self._apply(kind, id_, value, now)
+        self._apply(kind, id_, value, now, region)
         for callback in self._listeners:
             callback()
 
@@ -166,7 +168,7 @@ class Bridge:
         self.store.decode_error(str(kind), reason)
         self._refusal_log((kind, reason), "api_payload_refused", kind=str(kind), reason=reason, detail=detail)
 
-    def _apply(self, kind: TopicKind, id_: str | None, value: Any, now: float) -> None:
+    def _apply(self, kind: TopicKind, id_: str | None, value: Any, now: float, region: str = DEFAULT_REGION) -> None:
         store = self.store
         sid = id_ or ""
         if kind == TopicKind.SUBSTATION_STATE:
@@ -184,9 +186,9 @@ class Bridge:
         elif kind == TopicKind.SUBSTATION_SESSION:
             store.on_session_event(sid, value, now)
         elif kind == TopicKind.BALANCER_STATUS:
-            store.on_balancer_status(value, now)
+            store.on_balancer_status(value, now, region)
         elif kind == TopicKind.BALANCER_QUEUE:
-            store.on_queue(value, now)
+            store.on_queue(value, now, region)
         elif kind == TopicKind.BALANCER_CONTROL_RESULT:
             store.on_control_result(value, now)
             self._resolve(f"control:{value.request_id}", value)
@@ -212,12 +214,14 @@ class Bridge:
 
     # ------------------------------------------------------------------ outbound + wait
     async def _publish_and_wait(self, key: str, predicate: Callable[[Any], bool], topic: str, payload: bytes,
-                                timeout: float) -> Any | None:
+                                timeout: float, region: str = DEFAULT_REGION) -> Any | None:
         """Register a waiter, publish, and wait at most ``timeout`` s. ``None`` on timeout."""
         if not self.connected:
             raise NotConnected("not connected to the MQTT broker")
-        if self.store.balancer is not None and self.store.balancer.state == "offline":
-            raise BalancerOffline("the balancer is offline (its retained status)")
+        balancer = self.store.balancers.get(region)
+        if balancer is not None and balancer.state == "offline":
+            raise BalancerOffline("the balancer is offline (its retained status)" if region == DEFAULT_REGION
+                                  else f"the balancer of region {region} is offline (its retained status)")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(predicate, future)
         self._waiters.setdefault(key, []).append(waiter)
@@ -283,9 +287,11 @@ class Bridge:
             command = msgspec.structs.replace(command, request_id=new_request_id())
         if command.ts is None:
             command = msgspec.structs.replace(command, ts=self.clock())
+        # To the balancer of the substation's region (as its retained status or state says).
+        region = self.store.region_of(command.substation_id)
         result: ControlResult | None = await self._publish_and_wait(
-            f"control:{command.request_id}", lambda _r: True, self.topics.balancer_control(), encode(command),
-            timeout)
+            f"control:{command.request_id}", lambda _r: True, self.topics.for_region(region).balancer_control(),
+            encode(command), timeout, region)
         return result
 
     async def limits(self, substation_id: str, schedule: LimitSchedule, timeout: float) -> ControlResult | None:
@@ -294,7 +300,8 @@ class Bridge:
             schedule = msgspec.structs.replace(schedule, request_id=new_request_id())
         if schedule.ts is None:
             schedule = msgspec.structs.replace(schedule, ts=self.clock())
+        region = self.store.region_of(substation_id)
         result: ControlResult | None = await self._publish_and_wait(
-            f"control:{schedule.request_id}", lambda _r: True, self.topics.substation_limits(substation_id),
-            encode(schedule), timeout)
+            f"control:{schedule.request_id}", lambda _r: True,
+            self.topics.for_region(region).substation_limits(substation_id), encode(schedule), timeout, region)
         return result

@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from broker.local import LocalBroker
 from grid_protocol import ChargeRequest, Telemetry, TopicKind, Topics, encode
@@ -42,6 +42,18 @@ from grid_runtime.percentiles import percentiles
 from grid_runtime.settings import MqttSettings
 
 SUBSTATIONS = ("S1", "S2", "S3", "S4")
+
+
+class BrokerAddress(Protocol):
+    """Where a client connects: a :class:`LocalBroker`, or one node of a :class:`broker.nats.cluster.LocalCluster`."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    def password_for(self, username: str) -> str: ...
 CAPACITY_KW = 1_000_000.0  # room for every request: the benchmark measures the path, not the queue
 
 
@@ -60,10 +72,10 @@ def proc_rss_mb(pid: int) -> float:
 class LoadClient:
     """Publishes pre-encoded requests and times each answer, on one paho-on-asyncio connection."""
 
-    def __init__(self, broker: LocalBroker) -> None:
+    def __init__(self, broker: BrokerAddress, protocol: Literal["5", "3.1.1"] = "5") -> None:
         self.topics = Topics()
         settings = MqttSettings(host=broker.host, port=broker.port, username="loadtest",
-                                password=broker.password_for("loadtest"))
+                                password=broker.password_for("loadtest"), protocol=protocol)
         self.transport = PahoTransport(settings, client_id="loadtest", clean_start=True)
         self.transport.set_handler(self._on_answer)
         self.transport.subscribe(self.topics.filter(TopicKind.EV_ASSIGNMENT), 1)
@@ -184,11 +196,13 @@ class LoadClient:
         self._task.cancel()
 
 
-def _start_responder(kind: str, broker: LocalBroker, client: str, logs: Path,
-                     profile: Path | None = None) -> subprocess.Popen[bytes]:
+def _start_responder(kind: str, broker: BrokerAddress, client: str, logs: Path,
+                     profile: Path | None = None, protocol: str = "5") -> subprocess.Popen[bytes]:
     env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), MQTT_USERNAME="balancer",
                MQTT_PASSWORD=broker.password_for("balancer"), BALANCER_MQTT_CLIENT=client, LOG_LEVEL="WARNING",
-               BALANCER_QUEUE_MAX="1000000", BALANCER_STATS_INTERVAL_S="3600", METRICS_PORT="0")
+               BALANCER_QUEUE_MAX="1000000", BALANCER_STATS_INTERVAL_S="3600", METRICS_PORT="0",
+               MQTT_PROTOCOL=protocol)
+    env.pop("MQTT_HOSTS", None)
     module = "bench.echo" if kind == "echo" else "balancer"
     log = open(logs / f"{kind}-{client}.log", "wb")  # noqa: SIM115
     cmd = [sys.executable, "-m", module]
@@ -197,24 +211,31 @@ def _start_responder(kind: str, broker: LocalBroker, client: str, logs: Path,
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-async def _phase(broker: LocalBroker, kind: str, client: str, args: argparse.Namespace,
-                 logs: Path) -> dict[str, Any]:
+async def _phase(broker: BrokerAddress, kind: str, client: str, args: argparse.Namespace, logs: Path, *,
+                 responder_at: BrokerAddress | None = None, protocol: Literal["5", "3.1.1"] = "5",
+                 broker_pids: dict[str, int] | None = None, settle_s: float = 0.7) -> dict[str, Any]:
+    """One responder measured: the load client at ``broker``, the responder at ``responder_at`` (default the same).
+    ``cpu_share`` is each process's CPU time over the pipelined run's wall time (1.0 = one core busy): the
+    responder, the load generator (this process) and ``broker_pids``."""
     profile = args.profile.with_suffix(f".{client}.prof") if args.profile else None
-    proc = _start_responder(kind, broker, client, logs, profile)
-    load = LoadClient(broker)
+    proc = _start_responder(kind, responder_at or broker, client, logs, profile, protocol)
+    load = LoadClient(broker, protocol)
     try:
         await load.start()
-        await asyncio.sleep(0.7)  # responder connected and (balancer) substations fresh
+        await asyncio.sleep(settle_s)  # responder connected and (balancer) substations fresh
         await load.pipelined(min(1000, args.requests), args.window, 30)  # warm-up
+        pids = {kind: proc.pid, "load generator": os.getpid(), **(broker_pids or {})}
         with _client_gc_paused():
-            cpu0 = proc_cpu_s(proc.pid)
+            cpu0 = {name: proc_cpu_s(pid) for name, pid in pids.items()}
             piped = await load.pipelined(args.requests, args.window, 120)
-            cpu1 = proc_cpu_s(proc.pid)
+            cpu1 = {name: proc_cpu_s(pid) for name, pid in pids.items()}
         with _client_gc_paused():
             paced = await load.paced(args.rate, args.rate_seconds, 30)
         rss = proc_rss_mb(proc.pid)
+        wall = piped["elapsed_s"] or 1.0
         return {"responder": kind, "client": client, "pipelined": piped, "paced": paced,
-                "cpu_us_per_request": round((cpu1 - cpu0) / max(1, piped["answered"]) * 1e6, 1),
+                "cpu_us_per_request": round((cpu1[kind] - cpu0[kind]) / max(1, piped["answered"]) * 1e6, 1),
+                "cpu_share": {name: round((cpu1[name] - cpu0[name]) / wall, 2) for name in pids},
                 "rss_mb": round(rss, 1)}
     finally:
         await load.stop()

@@ -35,11 +35,14 @@ from types import FrameType
 from api.tokens import TokenEntry, TokenFile, hash_token, new_token, write_token_file
 from broker.accounts import substation_username
 from broker.local import LocalBroker, find_free_port
+from broker.nats.cluster import LocalCluster
 from grid_protocol.topics import DEFAULT_PREFIX, Topics
 from grid_runtime.lifecycle import stop_process
 from grid_runtime.metrics import DEFAULT_PORTS
 
 DEFAULT_SUBSTATIONS = "north:400,central:300,south:250"
+#: What runs the MQTT side: one Mosquitto, or (``--cluster``) a local 3-node NATS cluster.
+Broker = LocalBroker | LocalCluster
 HAND_TEST_EV = "EV_1234"
 
 
@@ -74,6 +77,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--api-port", type=int, default=int(os.environ.get("API_PORT", "8000")),
                    help="status API and live page on 127.0.0.1 (taken: a free one is used; default API_PORT or "
                         "8000)")
+    p.add_argument("--cluster", action="store_true",
+                   help="run on a local 3-node NATS cluster (JetStream, MQTT 3.1.1; every service gets "
+                        "MQTT_PROTOCOL=3.1.1 and MQTT_HOSTS with the three nodes) instead of Mosquitto")
     p.add_argument("--influx-url", default=os.environ.get("INFLUX_URL"),
                    help="record telemetry to this InfluxDB v2 write endpoint (INFLUX_TOKEN/ORG/BUCKET from the "
                         "environment; default INFLUX_URL, unset = no recorder)")
@@ -94,11 +100,13 @@ class ApiTokens:
         return path
 
 
-def _write_credentials(path: Path, broker: LocalBroker, api_url: str, tokens: ApiTokens) -> None:
+def _write_credentials(path: Path, broker: Broker, api_url: str, tokens: ApiTokens) -> None:
     lines = [
         "# Written by `gridlb run` for hand testing; the broker listens on 127.0.0.1 only.",
         f"export MQTT_HOST={broker.host}",
         f"export MQTT_PORT={broker.port}",
+        *([f"export MQTT_HOSTS={broker.mqtt_hosts}", "export MQTT_PROTOCOL=3.1.1"]
+          if isinstance(broker, LocalCluster) else []),
         f"export OBSERVER_PASSWORD={shlex.quote(broker.password_for('observer'))}",
         f"export BALANCER_PASSWORD={shlex.quote(broker.password_for('balancer'))}",
         f"export LOADTEST_PASSWORD={shlex.quote(broker.password_for('loadtest'))}",
@@ -135,9 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     prefix = Topics(os.environ.get("GRID_TOPIC_PREFIX") or DEFAULT_PREFIX).prefix
     # A fresh broker every run: its accounts and passwords are new, so an earlier run's sessions and retained
     # messages (the statuses of substations added by hand back then) would only show things that are gone.
-    shutil.rmtree(work / "broker", ignore_errors=True)
-    broker = LocalBroker(work / "broker", port=port, prefix=prefix, substation_ids=substations, ev_ids=ev_ids,
-                         secret=secrets.token_hex(16))
+    broker: Broker
+    if args.cluster:
+        shutil.rmtree(work / "nats", ignore_errors=True)
+        broker = LocalCluster(work / "nats", prefix=prefix, substation_ids=substations, ev_ids=ev_ids,
+                              secret=secrets.token_hex(16))
+    else:
+        shutil.rmtree(work / "broker", ignore_errors=True)
+        broker = LocalBroker(work / "broker", port=port, prefix=prefix, substation_ids=substations, ev_ids=ev_ids,
+                             secret=secrets.token_hex(16))
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     # SIGTERM (kill, systemd, a CI timeout) stops everything like Ctrl-C does. Without this handler Python
     # dies at once and leaves the broker and the services (own sessions) running.
@@ -163,7 +177,7 @@ def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:
     raise _Terminated
 
 
-def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, substations: list[str],
+def _run(args: argparse.Namespace, work: Path, logs: Path, broker: Broker, substations: list[str],
          ev_ids: list[str], procs: list[tuple[str, subprocess.Popen[bytes]]]) -> int:
     """Start everything (appending to ``procs``) and wait until the end; the caller stops what was started."""
     broker.start()
@@ -179,6 +193,17 @@ def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, 
                  "API_TOKENS_FILE", "API_PUBLIC_READS", "API_PROVISIONER_USERNAME", "API_PROVISIONER_PASSWORD",
                  "API_MQTT_PUBLIC_URL"):
         base_env.pop(name, None)
+    balancer_env = {}
+    if isinstance(broker, LocalCluster):
+        # NATS speaks MQTT 3.1.1 only; every client may fail over to any node. The balancer keeps its region
+        # leases and operator settings in the cluster's JetStream key-value store (as the balancer account).
+        base_env.update(MQTT_PROTOCOL="3.1.1", MQTT_HOSTS=broker.mqtt_hosts)
+        password = broker.password_for("balancer")
+        balancer_env = {"BALANCER_NATS_URLS": ",".join(f"nats://balancer:{password}@{n.host}:{n.client_port}"
+                                                       for n in broker.nodes),
+                        "BALANCER_NATS_REPLICAS": str(len(broker.nodes))}
+    else:
+        base_env.pop("MQTT_PROTOCOL", None)
     metrics: dict[str, int] = {}
 
     def metrics_env(service: str, env: dict[str, str]) -> dict[str, str]:
@@ -197,11 +222,14 @@ def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, 
         procs.append((name, proc))
 
     spawn("balancer", "balancer", metrics_env("balancer", dict(
-        base_env, MQTT_USERNAME="balancer", MQTT_PASSWORD=broker.password_for("balancer"))))
+        base_env, MQTT_USERNAME="balancer", MQTT_PASSWORD=broker.password_for("balancer"), **balancer_env)))
     spawn("substations", "substation_agents", metrics_env("substation_agents", dict(
         base_env, MQTT_ACCOUNT_SECRET=broker.secret, SUBSTATIONS=args.substations, SIM_SPEEDUP=str(args.speedup))))
-    spawn("api", "api", dict(base_env, MQTT_USERNAME="api", MQTT_PASSWORD=broker.password_for("api"),
-                             API_PROVISIONER_PASSWORD=broker.password_for("provisioner"),
+    # Accounts added at runtime go through Mosquitto's dynamic security plugin; the cluster's accounts are its
+    # config (docs/scaling.md: regenerate and reload), so there the API's account endpoints answer 503.
+    provisioning = {} if isinstance(broker, LocalCluster) else {
+        "API_PROVISIONER_PASSWORD": broker.password_for("provisioner")}
+    spawn("api", "api", dict(base_env, MQTT_USERNAME="api", MQTT_PASSWORD=broker.password_for("api"), **provisioning,
                              API_HOST="127.0.0.1", API_PORT=str(api_port), API_TOKEN=tokens.operator,
                              API_TOKENS_FILE=str(tokens_file), API_PUBLIC_READS=public_reads,
                              API_ALLOWED_HOSTS='["127.0.0.1", "localhost"]'))
@@ -247,7 +275,7 @@ def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, 
     return 0
 
 
-def _shutdown(procs: list[tuple[str, subprocess.Popen[bytes]]], broker: LocalBroker) -> None:
+def _shutdown(procs: list[tuple[str, subprocess.Popen[bytes]]], broker: Broker) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C or SIGTERM must not leave orphans
         signal.signal(sig, signal.SIG_IGN)
     for _name, proc in reversed(procs):
@@ -266,7 +294,24 @@ def _wait_http(url: str, timeout: float) -> bool:
     return False
 
 
-def _print_banner(work: Path, broker: LocalBroker, substations: list[str], api_url: str,
+def _accounts_hint(broker: Broker) -> str:
+    if isinstance(broker, LocalCluster):
+        return ("Accounts on the cluster are its config (docs/scaling.md): regenerate accounts.conf with\n"
+                "  `python -m broker.nats accounts` and reload every node (SIGHUP); account endpoints: 503.")
+    return ("Add a substation while it runs (a broker account is created; it prints the password once and the agent's "
+            "command):\n"
+            "  .venv/bin/python -m api.admin substation add east --capacity 300\n"
+            "  .venv/bin/python -m api.admin substation remove east     # drain, revoke, move its sessions, forget it")
+
+
+def _broker_line(broker: Broker) -> str:
+    if isinstance(broker, LocalCluster):
+        return (f"{len(broker.nodes)}-node NATS cluster, MQTT 3.1.1 on {broker.mqtt_hosts} "
+                f"(logs {broker.work_dir}/<node>/nats.log)")
+    return f"mqtt://{broker.host}:{broker.port}  (private Mosquitto, log {broker.log_file})"
+
+
+def _print_banner(work: Path, broker: Broker, substations: list[str], api_url: str,
                   metrics: dict[str, int], influx_url: str | None, public_reads: str = "true",
                   speedup: float = 1.0) -> None:
     creds = work / "credentials.env"
@@ -289,7 +334,7 @@ def _print_banner(work: Path, broker: LocalBroker, substations: list[str], api_u
 Smart Grid Load Balancer is running locally.
   simulation  {clock}
   live page   {api_url}/   (status API: {api_url}/status, OpenAPI docs: {api_url}/docs)
-  broker      mqtt://{broker.host}:{broker.port}  (private Mosquitto, log {broker.log_file})
+  broker      {_broker_line(broker)}
   substations {', '.join(substations)}  (accounts {', '.join(substation_username(s) for s in substations)})
   metrics     {api_url}/metrics  (api)
 {scrape}
@@ -314,9 +359,7 @@ Ask the API (every write needs a token):
 Ask for power by hand:
   mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -u {HAND_TEST_EV} -P "${HAND_TEST_EV}_PASSWORD" -q 1 \\
     -t {topics.request(HAND_TEST_EV)} -m '{{"ev_id": "{HAND_TEST_EV}", "requested_kw": 22, "duration_minutes": 120}}'
-Add a substation while it runs (a broker account is created; it prints the password once and the agent's command):
-  .venv/bin/python -m api.admin substation add east --capacity 300
-  .venv/bin/python -m api.admin substation remove east     # drain, revoke, move its sessions, forget it
+{_accounts_hint(broker)}
 Ctrl-C stops everything.
 """, flush=True)
 

@@ -106,7 +106,7 @@ async def remove_substation(substation_id: SubstationId, ctx: Ctx, operator: Ope
         raise Problem(409, f"the balancer refused to drain {sid!r}: {drained.reason} ({drained.detail}); nothing "
                            "was changed", type_=f"control-{drained.reason or 'refused'}", reason=drained.reason)
     try:
-        existed = await provisioner.remove_substation(sid)
+        existed = await provisioner.remove_substation(sid, ctx.store.region_of(sid))
     except ProvisioningError as exc:
         raise _failed(exc) from None
     forgotten = await send_control(ctx, operator, "forget", sid) if drained.ok else drained

@@ -17,8 +17,8 @@ Who may do what is not written here: every user's subject permissions are derive
   for JetStream consumer ... subscribe permission violation"). It does not open other clients' traffic: an
   MQTT client cannot subscribe ``$MQTT/sub/#`` (refused by the MQTT layer), and users are limited to MQTT
   connections (``allowed_connection_types``), so nobody reaches the subject with a plain NATS client.
-* the balancer alone may also connect as a NATS client, for its JetStream key-value buckets (region leases,
-  operator settings: ``$JS.API.>``, ``$KV.>`` and its ``_INBOX.>`` replies).
+* the balancers alone (``balancer``, ``balancer.<region>``) may also connect as NATS clients, for their
+  JetStream key-value buckets (region leases, operator settings: ``$JS.API.>``, ``$KV.>`` and its ``_INBOX.>`` replies).
 
 nats-server 2.9's config files have no ``%u``-style substitution (permission templates such as
 ``{{name()}}`` exist only for JWT/operator accounts), so every EV and every substation is a user with its own
@@ -92,7 +92,7 @@ def permissions(prefix: str, rolename: str) -> dict[str, Any]:
     for d in deny:
         if any(a.priority >= d.priority for a in allow):
             raise ValueError(f"role {rolename!r}: deny {d.topic!r} does not outrank every allow (NATS: deny wins)")
-    extra = NATS_CLIENT_GRANTS.get(rolename, {})
+    extra = _nats_client_grants(rolename)
     publish: dict[str, Any] = {"allow": _subjects(a.topic for a in allow) + extra.get("publish", [])}
     if deny:
         publish["deny"] = _subjects(d.topic for d in deny)
@@ -103,10 +103,15 @@ def permissions(prefix: str, rolename: str) -> dict[str, Any]:
             "subscribe": {"allow": [*_subjects(subscribe), MQTT_INTERNAL_SUBSCRIBE, *extra.get("subscribe", [])]}}
 
 
+def _nats_client_grants(rolename: str) -> dict[str, list[str]]:
+    """A region's balancer (role ``balancer.<region>``) may use the key-value store like the default one."""
+    return NATS_CLIENT_GRANTS.get(rolename.split(".", 1)[0], {})
+
+
 def _user(prefix: str, account: Account) -> dict[str, Any]:
     role = role_of(account.username)
     return {"user": account.username, "password": account.password, "permissions": permissions(prefix, role),
-            "allowed_connection_types": ["MQTT", "STANDARD"] if role in NATS_CLIENT_GRANTS else ["MQTT"]}
+            "allowed_connection_types": ["MQTT", "STANDARD"] if _nats_client_grants(role) else ["MQTT"]}
 
 
 def render_accounts(prefix: str, accounts: Iterable[Account]) -> str:
@@ -187,9 +192,10 @@ def render_node(layout: ClusterLayout, index: int, store_dir: str | os.PathLike[
         "}",
         "mqtt {",
         f"  listen: {_q(f'{bind}:{node.mqtt_port}')}",
-        # Otherwise the MQTT streams get as many replicas as nodes are up when the first client connects (2 of 3
-        # seen here): an R2 $MQTT_sess stalls without quorum when one of its two nodes dies, and no persistent
-        # session can be resumed anywhere (the balancer's region session, issue 12).
+        # Replicas of the MQTT streams (sessions, QoS 1 and retained messages). Left to itself nats-server takes
+        # the number of servers it knows when the account's first MQTT client connects: measured 2 on a
+        # 3-node cluster still forming, and then losing one of those two nodes stopped every MQTT CONNECT
+        # ("unable to persist session ... timeout") until it came back. Fixed, a node's loss keeps a quorum.
         f"  stream_replicas: {min(3, len(layout.nodes))}",
         f"  consumer_replicas: {min(3, len(layout.nodes))}",  # a session's consumer must outlive its node too
         # A QoS 1 message delivered to a client that died before acking it (a killed balancer) goes to the session

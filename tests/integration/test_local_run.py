@@ -223,7 +223,7 @@ def test_gridlb_run_serves_api_metrics_records_and_stops_everything_on_sigterm(t
         while True:  # the balancer's view, from the agents' telemetry
             with urllib.request.urlopen(metrics_urls["balancer"], timeout=5) as resp:
                 body = resp.read()
-            if b'gridlb_substation_capacity_watts{substation="north"} 400000.0' in body:
+            if b'gridlb_substation_capacity_watts{region="default",substation="north"} 400000.0' in body:
                 break
             assert time.monotonic() < deadline, body.decode()[-3000:]
             time.sleep(0.3)
@@ -252,3 +252,30 @@ def test_gridlb_run_serves_api_metrics_records_and_stops_everything_on_sigterm(t
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         vm.stop()
+
+
+def test_gridlb_run_on_the_local_nats_cluster(tmp_path: Path) -> None:
+    """``gridlb run --cluster``: three nats-server nodes instead of Mosquitto, every service on MQTT 3.1.1 with the
+    three nodes in MQTT_HOSTS; the fleet's requests are all answered and everything stops (nodes included)."""
+    work = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "gridlb", "run", "--cluster", "--work-dir", str(work), "--duration", "12",
+         "--evs", "20", "--rate", "3", "--speedup", "600", "--api-port", "0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "3-node NATS cluster, MQTT 3.1.1 on 127.0.0.1:" in out
+    creds = (work / "credentials.env").read_text()
+    hosts = re.search(r"MQTT_HOSTS=(\S+)", creds)
+    assert hosts and len(hosts.group(1).split(",")) == 3 and "MQTT_PROTOCOL=3.1.1" in creds
+    sent, answered = next(line for line in out.splitlines() if "requests sent / answered" in line).split()[-3::2]
+    assert int(sent) > 10 and sent == answered, out[-3000:]
+    balancer_log = [json.loads(line) for line in (work / "logs" / "balancer.log").read_text().splitlines()
+                    if line.startswith("{")]
+    assert any('"protocol": "3.1.1"' in json.dumps(e) for e in balancer_log)
+    assert not [e for e in balancer_log if e["level"] == "error"], balancer_log[-5:]
+    for node in ("grid-1", "grid-2", "grid-3"):
+        log = (work / "nats" / node / "nats.log").read_text()
+        assert "Server Exiting" in log or "Server is ready" in log, node
+    assert not subprocess.run(["pgrep", "-f", str(work / "nats")], capture_output=True).stdout  # all nodes stopped

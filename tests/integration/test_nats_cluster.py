@@ -3,6 +3,7 @@ with QoS 1 across nodes, and a node killed with SIGKILL comes back on its ports 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import ssl
@@ -16,6 +17,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from probe import Probe
 
+from broker.accounts import Account
 from broker.nats.cluster import ClusterNode, LocalCluster, mqtt_connect_rc
 
 pytestmark = pytest.mark.integration
@@ -53,20 +55,39 @@ def test_cluster_forms_and_carries_qos1_across_nodes(make_cluster: Callable[...,
         balancer.close()
 
 
-def test_killed_node_comes_back_with_its_state(make_cluster: Callable[..., LocalCluster]) -> None:
+def _replicas(cluster: LocalCluster, stream: str) -> int:
+    n = cluster.nodes[0]
+    with urllib.request.urlopen(f"http://{n.host}:{n.http_port}/jsz?accounts=true&streams=true&config=true",
+                                timeout=2) as r:
+        doc = json.loads(r.read())
+    for account in doc.get("account_details", []):
+        for s in account.get("stream_detail", []):
+            if s["name"] == stream:
+                return int(s["config"]["num_replicas"])
+    raise AssertionError(f"no stream {stream} on {n.name}")
+
+
+@pytest.mark.parametrize("victim", [0, 1, 2])
+def test_killed_node_comes_back_with_its_state(make_cluster: Callable[..., LocalCluster], victim: int) -> None:
+    """Whichever node dies (the JetStream meta leader among them), the other two keep serving MQTT logins."""
     cluster = make_cluster()
-    node = cluster.nodes[1]
-    before = _jsz(cluster, 1)
+    # Every MQTT stream on all three nodes (left to itself, nats-server may create them with 2: then losing one
+    # of those two stops every login)
+    for stream in ("$MQTT_sess", "$MQTT_msgs", "$MQTT_rmsgs"):
+        assert _replicas(cluster, stream) == 3, stream
+    node = cluster.nodes[victim]
+    before = _jsz(cluster, victim)
     port, pid = node.port, node.pid
     node.kill()
     assert not node.running
     # The other two keep serving MQTT while it is down (once JetStream has a leader again: a few seconds when the
     # killed node led it).
-    for other in (cluster.nodes[0], cluster.nodes[2]):
-        assert _accepted_within(cluster, other, 15.0), other
+    for other in cluster.nodes:
+        if other is not node:
+            assert _accepted_within(cluster, other, 15.0), other
     node.start()
     assert node.running and node.port == port and node.pid != pid
-    after = _jsz(cluster, 1)
+    after = _jsz(cluster, victim)
     assert after["streams"] >= before["streams"] > 0  # the MQTT streams are back from its data dir
 
 
@@ -74,7 +95,8 @@ def _accepted_within(cluster: LocalCluster, node: ClusterNode, timeout: float) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
-            if mqtt_connect_rc(node.host, node.port, "healthcheck", cluster.password_for("healthcheck"), "probe") == 0:
+            if mqtt_connect_rc(node.host, node.port, "healthcheck", cluster.password_for("healthcheck"),
+                               f"probe-{time.monotonic_ns()}") == 0:
                 return True
         time.sleep(0.2)
     return False
@@ -83,7 +105,8 @@ def _accepted_within(cluster: LocalCluster, node: ClusterNode, timeout: float) -
 def _refused(node: ClusterNode, username: str, password: str) -> bool:
     """nats-server answers a bad login with CONNACK 5 or by closing the connection."""
     try:
-        return mqtt_connect_rc(node.host, node.port, username, password, "x") != 0
+        # a client id of its own: nats-server refuses an id whose session is still settling on another node
+        return mqtt_connect_rc(node.host, node.port, username, password, f"x-{time.monotonic_ns()}") != 0
     except ConnectionError:
         return True
 
@@ -110,3 +133,62 @@ def test_tls_listeners_with_the_project_ca(tmp_path: Path, make_cluster: Callabl
                    capture_output=True, timeout=30)
     with pytest.raises(ssl.SSLCertVerificationError):
         mqtt_connect_rc(node.host, node.port, "EV_0001", "x", "stranger", ca_file=other / "ca.crt")
+
+
+def test_balancer_uses_the_key_value_store_and_others_cannot_reach_nats(nats_cluster: LocalCluster) -> None:
+    """The balancer's NATS grants are enough for a replicated KV bucket with create-if-absent and compare-and-swap
+    (its region lease); every other account is MQTT only (allowed_connection_types)."""
+    import nats
+    import nats.errors
+    import nats.js.errors
+
+    def url(user: str, node: int) -> str:
+        n = nats_cluster.nodes[node]
+        return f"nats://{user}:{nats_cluster.password_for(user)}@{n.host}:{n.client_port}"
+
+    async def scenario() -> None:
+        nc = await nats.connect(servers=[url("balancer", 0), url("balancer", 1)], connect_timeout=3,
+                                max_reconnect_attempts=0)
+        try:
+            js = nc.jetstream()
+            kv = await js.create_key_value(bucket="grid_leases_test", history=1, ttl=30, replicas=3)
+            rev = await kv.create("region.default", b"owner-1")
+            with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+                await kv.create("region.default", b"owner-2")  # taken
+            rev2 = await kv.update("region.default", b"owner-1", last=rev)
+            assert rev2 > rev
+            with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+                await kv.update("region.default", b"owner-2", last=rev)  # a stale revision loses
+            assert (await kv.get("region.default")).value == b"owner-1"
+        finally:
+            await nc.close()
+        for user in ("EV_0001", "substation.A", "api", "observer"):
+            with pytest.raises((nats.errors.NoServersError, nats.errors.Error, OSError)):
+                bad = await nats.connect(servers=[url(user, 2)], connect_timeout=2, max_reconnect_attempts=0,
+                                         allow_reconnect=False)
+                await bad.close()
+
+    asyncio.run(scenario())
+
+
+def test_accounts_change_by_rewriting_the_file_and_reloading(make_cluster: Callable[..., LocalCluster]) -> None:
+    """How accounts change on the cluster (no runtime provisioning API): rewrite accounts.conf, SIGHUP every node.
+    A new EV can log in on every node; a removed one cannot, and its open connection is closed."""
+    cluster = make_cluster(ev_ids=["EV_0001"], substation_ids=[])
+    node = cluster.nodes[0]
+    assert _refused(node, "EV_0777", "new-password")
+    cluster.add_accounts([Account("EV_0777", "new-password")])
+    for n in cluster.nodes:
+        deadline = time.monotonic() + 5
+        while _refused(n, "EV_0777", "new-password"):
+            assert time.monotonic() < deadline, f"{n.name} did not reload"
+            time.sleep(0.1)
+    ev = Probe(cluster.nodes[1], "EV_0777", protocol=mqtt.MQTTv311)
+    ev.client.reconnect_delay_set(60, 60)
+    try:
+        assert ev.client.is_connected()
+        cluster.remove_accounts(["EV_0777"])
+        assert ev.wait_until(lambda: not ev.client.is_connected(), timeout=5), "still connected after removal"
+        assert all(_refused(n, "EV_0777", "new-password") for n in cluster.nodes)
+    finally:
+        ev.close()

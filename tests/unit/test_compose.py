@@ -42,8 +42,11 @@ INIT_ACCOUNTS = ROOT / "broker" / "compose" / "init-accounts.sh"
 PYTHON_SERVICES = {"balancer": "balancer", "substation-agents": "substation_agents", "ev-fleet": "ev_clients",
                    "recorder": "recorder", "api": "api"}
 #: One-shot services: they run to completion before what depends on them starts.
-ONE_SHOTS = {"preflight", "mqtt-accounts", "influxdb-tokens"}
-SERVICES = {*PYTHON_SERVICES, *ONE_SHOTS, "mosquitto", "influxdb", "prometheus", "grafana"}
+ONE_SHOTS = {"preflight", "mqtt-accounts", "influxdb-tokens", "nats-config"}
+#: The 3-node NATS cluster (profile cluster).
+NATS_NODES = {"nats-1", "nats-2", "nats-3"}
+INIT_NATS = ROOT / "broker" / "compose" / "init-nats.sh"
+SERVICES = {*PYTHON_SERVICES, *ONE_SHOTS, *NATS_NODES, "mosquitto", "influxdb", "prometheus", "grafana"}
 _VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?:[:?-][^}]*)?\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
@@ -109,7 +112,7 @@ def test_python_services_share_one_non_root_image(services: dict[str, dict[str, 
     ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
     assert {".venv", ".git", ".env", ".run"} <= set(ignored)
     # only the one-shots that write into fresh volumes run as root (they hand the files to their readers)
-    assert {name for name in python if "user" in services[name]} == {"mqtt-accounts", "influxdb-tokens"}
+    assert {name for name in python if "user" in services[name]} == {"mqtt-accounts", "influxdb-tokens", "nats-config"}
 
 
 def test_long_running_services_have_healthchecks(services: dict[str, dict[str, Any]]) -> None:
@@ -190,8 +193,9 @@ def test_the_admin_token_stays_with_influxdb(services: dict[str, dict[str, Any]]
         bucket_permissions("write-all", "org-1", "bucket-1")
 
 
-def test_only_the_fleet_is_optional(services: dict[str, dict[str, Any]]) -> None:
-    assert {name: s["profiles"] for name, s in services.items() if "profiles" in s} == {"ev-fleet": ["fleet"]}
+def test_only_the_fleet_and_the_cluster_are_optional(services: dict[str, dict[str, Any]]) -> None:
+    assert {name: s["profiles"] for name, s in services.items() if "profiles" in s} == {
+        "ev-fleet": ["fleet"], "nats-config": ["cluster"], **{n: ["cluster"] for n in NATS_NODES}}
 
 
 def test_mounted_host_paths_exist_and_volumes_are_declared(compose: dict[str, Any]) -> None:
@@ -210,7 +214,7 @@ def test_mounted_host_paths_exist_and_volumes_are_declared(compose: dict[str, An
 
 def test_ports_are_published_on_loopback_only(services: dict[str, dict[str, Any]]) -> None:
     published = {name: s["ports"] for name, s in services.items() if "ports" in s}
-    assert set(published) == {"mosquitto", "api", "influxdb", "prometheus", "grafana"}
+    assert set(published) == {"mosquitto", "api", "influxdb", "prometheus", "grafana", *NATS_NODES}
     for name, ports in published.items():
         for port in ports:
             assert str(port).startswith("127.0.0.1:"), f"{name}: {port} is not bound to 127.0.0.1"
@@ -397,3 +401,44 @@ def test_compose_account_generator_makes_accounts_a_real_mosquitto_accepts(
                         ca=tmp_path / "certs" / "ca.crt", host="localhost") == 0
     finally:
         stop_process(proc, 5.0)
+
+
+def test_cluster_profile_nodes_run_the_generated_configs(services: dict[str, dict[str, Any]]) -> None:
+    for i, name in enumerate(sorted(NATS_NODES), start=1):
+        node = services[name]
+        assert node["command"] == ["-c", f"/nats/conf/{name}.conf"]
+        assert node["image"].startswith("nats:2.9.")  # the tested line (Debian's 2.9.10)
+        assert node["depends_on"] == {"nats-config": {"condition": "service_completed_successfully"}}
+        assert f"{name}-data:/data" in node["volumes"] and "nats-conf:/nats/conf:ro" in node["volumes"]
+        assert node["ports"] == [f"127.0.0.1:189{i}:1883"]
+    assert services["nats-config"]["command"] == ["sh", "/app/broker/compose/init-nats.sh"]
+    # The services follow the cluster when .env says so (empty MQTT_HOSTS: Mosquitto as before).
+    for name in PYTHON_SERVICES:
+        env = services[name]["environment"]
+        assert env["MQTT_PROTOCOL"] == "${MQTT_PROTOCOL:-5}" and env["MQTT_HOSTS"] == "${MQTT_HOSTS:-}", name
+
+
+def test_compose_cluster_generator_writes_configs_nats_server_accepts(
+        tmp_path: Path, services: dict[str, dict[str, Any]]) -> None:
+    from broker.nats.cluster import find_nats_server
+
+    example = _env_example()
+    env = {k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG"}}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(ROOT)
+    for key in services["nats-config"]["environment"]:
+        env[key] = example[key]
+    env["NATS_CONF_DIR"] = str(tmp_path / "conf")
+    done = subprocess.run(["sh", str(INIT_NATS)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    conf = tmp_path / "conf"
+    assert {p.name for p in conf.iterdir()} == {"accounts.conf", *(f"{n}.conf" for n in NATS_NODES)}
+    assert oct((conf / "accounts.conf").stat().st_mode & 0o777) == "0o600"
+    accounts = (conf / "accounts.conf").read_text()
+    assert f'"password": "{example["BALANCER_MQTT_PASSWORD"]}"' in accounts and '"user": "EV_1234"' in accounts
+    assert "nats-route://nats-2:6222" in (conf / "nats-1.conf").read_text()
+    for name in NATS_NODES:  # nats-server's own parser (-t: test the configuration and exit)
+        checked = subprocess.run([find_nats_server(), "-t", "-c", str(conf / f"{name}.conf")], capture_output=True,
+                                 text=True, timeout=30, check=False)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
