@@ -228,7 +228,7 @@ class Bridge:
         try:
             # Sent now or never, and void after the timeout: the caller gets a 504 and may retry with the same
             # request_id; a late copy must not open a session or apply an operator action nobody waits for. (MQTT 5
-            # message expiry; on 3.1.1 only a charge request's own expires_at does that, see charge().)
+            # message expiry; on 3.1.1 the payload's own expires_at, which the balancer checks, on both versions.)
             self.transport.publish(topic, payload, 1, expiry_s=max(1, math.ceil(timeout)))
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
@@ -285,6 +285,8 @@ class Bridge:
     async def control(self, command: ControlCommand, timeout: float) -> ControlResult | None:
         if command.request_id is None:
             command = msgspec.structs.replace(command, request_id=new_request_id())
+        if command.expires_at is None:  # (void once the caller has its 504: MQTT 3.1.1 has no message expiry)
+            command = msgspec.structs.replace(command, expires_at=round(self.clock() + timeout, 3))
         if command.ts is None:
             command = msgspec.structs.replace(command, ts=self.clock())
         # To the balancer of the substation's region (as its retained status or state says).
@@ -298,6 +300,8 @@ class Bridge:
         """Send a source's limit schedule for the substation; the answer is the balancer's ``set_limits`` result."""
         if schedule.request_id is None:
             schedule = msgspec.structs.replace(schedule, request_id=new_request_id())
+        if schedule.expires_at is None:  # (as for a control command)
+            schedule = msgspec.structs.replace(schedule, expires_at=round(self.clock() + timeout, 3))
         if schedule.ts is None:
             schedule = msgspec.structs.replace(schedule, ts=self.clock())
         region = self.store.region_of(substation_id)
