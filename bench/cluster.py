@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="paho", help="balancer transports to measure (paho,aiomqtt)")
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--json", type=Path, default=Path("bench/results/cluster.json"))
+    p.add_argument("--profile", type=Path, default=None,
+                   help="run the balancer under cProfile, writing PROFILE.<client>.prof (slows it down)")
     args = p.parse_args(argv)
-    args.profile = None
 
     async def run() -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory(prefix="gridlb-bench-cluster-") as tmp:

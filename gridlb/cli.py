@@ -42,6 +42,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("accounts", "broker.accounts", "write a broker's accounts, roles and grants", "broker.accounts.cli:main"),
     Command("admin", "api.admin", "add or remove a substation or EV while the grid runs, through the API"),
     Command("broker", "broker.local", "a private Mosquitto with the project's config"),
+    Command("nats", "broker.nats", "the NATS cluster: node configs and accounts, or a local 3-node cluster",
+            "broker.nats.cli:main"),
 )
 
 

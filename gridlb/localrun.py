@@ -196,12 +196,9 @@ def _run(args: argparse.Namespace, work: Path, logs: Path, broker: Broker, subst
     balancer_env = {}
     if isinstance(broker, LocalCluster):
         # NATS speaks MQTT 3.1.1 only; every client may fail over to any node. The balancer keeps its region
-        # leases and operator settings in the cluster's JetStream key-value store (as the balancer account).
+        # leases and operator settings in the cluster's JetStream key-value store (it logs in with its MQTT account).
         base_env.update(MQTT_PROTOCOL="3.1.1", MQTT_HOSTS=broker.mqtt_hosts)
-        password = broker.password_for("balancer")
-        balancer_env = {"BALANCER_NATS_URLS": ",".join(f"nats://balancer:{password}@{n.host}:{n.client_port}"
-                                                       for n in broker.nodes),
-                        "BALANCER_NATS_REPLICAS": str(len(broker.nodes))}
+        balancer_env = {"BALANCER_NATS_URLS": broker.nats_urls, "BALANCER_NATS_REPLICAS": str(len(broker.nodes))}
     else:
         base_env.pop("MQTT_PROTOCOL", None)
     metrics: dict[str, int] = {}

@@ -73,10 +73,12 @@ class Probe:
         port: int | None = None,
         ca_file: str | None = None,
         connect: bool = True,
+        client_id: str | None = None,
     ) -> None:
         self.broker = broker
         self.username = username
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=username or "", protocol=protocol)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or username or "",
+                                  protocol=protocol)
         self.client.max_inflight_messages_set(100)  # the broker's Receive Maximum (max_inflight_messages)
         if username is not None:
             self.client.username_pw_set(username, password if password is not None else broker.password_for(username))

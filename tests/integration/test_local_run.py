@@ -274,6 +274,8 @@ def test_gridlb_run_on_the_local_nats_cluster(tmp_path: Path) -> None:
     balancer_log = [json.loads(line) for line in (work / "logs" / "balancer.log").read_text().splitlines()
                     if line.startswith("{")]
     assert any('"protocol": "3.1.1"' in json.dumps(e) for e in balancer_log)
+    # Cluster mode: the balancer owns its region under a lease in the cluster's key-value store (its own account).
+    assert "region_lease_acquired" in [e["event"] for e in balancer_log]
     assert not [e for e in balancer_log if e["level"] == "error"], balancer_log[-5:]
     for node in ("grid-1", "grid-2", "grid-3"):
         log = (work / "nats" / node / "nats.log").read_text()
