@@ -22,6 +22,7 @@ from api.settings import ApiSettings
 from api.state import StateStore
 from grid_protocol import PayloadError, TopicKind, Topics, decode, encode, is_valid_id
 from grid_protocol.messages import (
+    DEFAULT_REGION,
     MAX_SCHEDULE_PAYLOAD_BYTES,
     MAX_STATE_PAYLOAD_BYTES,
     Assignment,
@@ -107,8 +108,9 @@ class Bridge:
         self._listeners: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         transport.set_handler(self.handle)
-        for kind in SUBSCRIPTIONS:
-            transport.subscribe(self.topics.filter(kind), 0 if kind == TopicKind.SUBSTATION_TELEMETRY else 1)
+        for kind in SUBSCRIPTIONS:  # every region's (issue 12)
+            for topic_filter in self.topics.filters_all_regions(kind):
+                transport.subscribe(topic_filter, 0 if kind == TopicKind.SUBSTATION_TELEMETRY else 1)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -136,10 +138,10 @@ class Bridge:
 
     # ------------------------------------------------------------------ inbound
     def handle(self, msg: InMessage) -> None:
-        parsed = self.topics.parse(msg.topic)
+        parsed = self.topics.parse_any_region(msg.topic)
         if parsed is None:
             return
-        kind, id_ = parsed
+        region, kind, id_ = parsed
         spec = _MODELS.get(kind)
         if spec is None:
             return
@@ -156,7 +158,7 @@ class Bridge:
             except PayloadError as err:
                 self._refused(kind, str(err.reason), err.detail)
                 return
-        self._apply(kind, id_, value, now)
+        self._apply(kind, id_, value, now, region)
         for callback in self._listeners:
             callback()
 
@@ -166,7 +168,7 @@ class Bridge:
         self.store.decode_error(str(kind), reason)
         self._refusal_log((kind, reason), "api_payload_refused", kind=str(kind), reason=reason, detail=detail)
 
-    def _apply(self, kind: TopicKind, id_: str | None, value: Any, now: float) -> None:
+    def _apply(self, kind: TopicKind, id_: str | None, value: Any, now: float, region: str = DEFAULT_REGION) -> None:
         store = self.store
         sid = id_ or ""
         if kind == TopicKind.SUBSTATION_STATE:
@@ -184,9 +186,9 @@ class Bridge:
         elif kind == TopicKind.SUBSTATION_SESSION:
             store.on_session_event(sid, value, now)
         elif kind == TopicKind.BALANCER_STATUS:
-            store.on_balancer_status(value, now)
+            store.on_balancer_status(value, now, region)
         elif kind == TopicKind.BALANCER_QUEUE:
-            store.on_queue(value, now)
+            store.on_queue(value, now, region)
         elif kind == TopicKind.BALANCER_CONTROL_RESULT:
             store.on_control_result(value, now)
             self._resolve(f"control:{value.request_id}", value)
@@ -212,19 +214,21 @@ class Bridge:
 
     # ------------------------------------------------------------------ outbound + wait
     async def _publish_and_wait(self, key: str, predicate: Callable[[Any], bool], topic: str, payload: bytes,
-                                timeout: float) -> Any | None:
+                                timeout: float, region: str = DEFAULT_REGION) -> Any | None:
         """Register a waiter, publish, and wait at most ``timeout`` s. ``None`` on timeout."""
         if not self.connected:
             raise NotConnected("not connected to the MQTT broker")
-        if self.store.balancer is not None and self.store.balancer.state == "offline":
-            raise BalancerOffline("the balancer is offline (its retained status)")
+        balancer = self.store.balancers.get(region)
+        if balancer is not None and balancer.state == "offline":
+            raise BalancerOffline("the balancer is offline (its retained status)" if region == DEFAULT_REGION
+                                  else f"the balancer of region {region} is offline (its retained status)")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(predicate, future)
         self._waiters.setdefault(key, []).append(waiter)
         try:
             # Sent now or never, and void after the timeout: the caller gets a 504 and may retry with the same
             # request_id; a late copy must not open a session or apply an operator action nobody waits for. (MQTT 5
-            # message expiry; on 3.1.1 only a charge request's own expires_at does that, see charge().)
+            # message expiry; on 3.1.1 the payload's own expires_at, which the balancer checks, on both versions.)
             self.transport.publish(topic, payload, 1, expiry_s=max(1, math.ceil(timeout)))
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
@@ -281,20 +285,27 @@ class Bridge:
     async def control(self, command: ControlCommand, timeout: float) -> ControlResult | None:
         if command.request_id is None:
             command = msgspec.structs.replace(command, request_id=new_request_id())
+        if command.expires_at is None:  # (void once the caller has its 504: MQTT 3.1.1 has no message expiry)
+            command = msgspec.structs.replace(command, expires_at=round(self.clock() + timeout, 3))
         if command.ts is None:
             command = msgspec.structs.replace(command, ts=self.clock())
+        # To the balancer of the substation's region (as its retained status or state says).
+        region = self.store.region_of(command.substation_id)
         result: ControlResult | None = await self._publish_and_wait(
-            f"control:{command.request_id}", lambda _r: True, self.topics.balancer_control(), encode(command),
-            timeout)
+            f"control:{command.request_id}", lambda _r: True, self.topics.for_region(region).balancer_control(),
+            encode(command), timeout, region)
         return result
 
     async def limits(self, substation_id: str, schedule: LimitSchedule, timeout: float) -> ControlResult | None:
         """Send a source's limit schedule for the substation; the answer is the balancer's ``set_limits`` result."""
         if schedule.request_id is None:
             schedule = msgspec.structs.replace(schedule, request_id=new_request_id())
+        if schedule.expires_at is None:  # (as for a control command)
+            schedule = msgspec.structs.replace(schedule, expires_at=round(self.clock() + timeout, 3))
         if schedule.ts is None:
             schedule = msgspec.structs.replace(schedule, ts=self.clock())
+        region = self.store.region_of(substation_id)
         result: ControlResult | None = await self._publish_and_wait(
-            f"control:{schedule.request_id}", lambda _r: True, self.topics.substation_limits(substation_id),
-            encode(schedule), timeout)
+            f"control:{schedule.request_id}", lambda _r: True,
+            self.topics.for_region(region).substation_limits(substation_id), encode(schedule), timeout, region)
         return result

@@ -155,8 +155,12 @@ class StateStore:
         self.stale_after_s = stale_after_s
         self.started_at = started_at
         self.substations: dict[str, SubstationEntry] = {}
+        #: the default region's balancer status and queue (what the views show without a region) ...
         self.balancer: BalancerStatus | None = None
         self.queue_state: QueueState | None = None
+        #: ... and every region's (issue 12: one balancer per region, each with its retained status and queue)
+        self.balancers: dict[str, BalancerStatus] = {}
+        self.queues: dict[str, QueueState] = {}
         #: each substation's limit schedule (retained ``substation/{id}/schedule``)
         self.schedules: dict[str, ScheduleState] = {}
         #: the latest answers without probe noise (NOISE_REASONS), and with it
@@ -243,18 +247,37 @@ class StateStore:
         # Sessions are read from the balancer's state; events only make the page refresh sooner.
         self._touch("session_event", now)
 
-    def on_balancer_status(self, msg: BalancerStatus | None, now: float) -> None:
-        before = self.balancer.state if self.balancer is not None else None
+    def on_balancer_status(self, msg: BalancerStatus | None, now: float, region: str = DEFAULT_REGION) -> None:
+        last = self.balancers.get(region)
+        before = last.state if last is not None else None
         if msg is not None and before is not None and msg.state != before:
-            self.events.add(now, f"balancer_{msg.state}", f"the balancer is {msg.state}")
-        self.balancer = msg
+            whose = "the balancer" if region == DEFAULT_REGION else f"the balancer of region {region}"
+            self.events.add(now, f"balancer_{msg.state}", f"{whose} is {msg.state}")
+        if msg is None:
+            self.balancers.pop(region, None)
+        else:
+            self.balancers[region] = msg
+        if region == DEFAULT_REGION:
+            self.balancer = msg
         self._touch("balancer_status", now)
 
-    def on_queue(self, msg: QueueState | None, now: float) -> None:
-        if msg is not None and self.queue_state is not None and msg.ts < self.queue_state.ts:
+    def on_queue(self, msg: QueueState | None, now: float, region: str = DEFAULT_REGION) -> None:
+        last = self.queues.get(region)
+        if msg is not None and last is not None and msg.ts < last.ts:
             return
-        self.queue_state = msg
+        if msg is None:
+            self.queues.pop(region, None)
+        else:
+            self.queues[region] = msg
+        if region == DEFAULT_REGION:
+            self.queue_state = msg
         self._touch("queue", now)
+
+    def region_of(self, substation_id: str) -> str:
+        """The region a substation belongs to, as its retained status or state says (``default`` if unknown):
+        where operator commands for it go."""
+        entry = self.substations.get(substation_id)
+        return entry.region() if entry is not None else DEFAULT_REGION
 
     def on_assignment(self, msg: Assignment, now: float) -> None:
         self.recent_all.append(msg)
@@ -429,8 +452,8 @@ class StateStore:
                 out.append(view)
         return out
 
-    def balancer_view(self, now: float) -> dict[str, Any]:
-        b = self.balancer
+    def balancer_view(self, now: float, region: str = DEFAULT_REGION) -> dict[str, Any]:
+        b = self.balancers.get(region)
         if b is None:
             return {"state": "unknown", "ts": None, "version": None, "age_s": None}
         return {"state": b.state, "ts": b.ts, "version": b.version,
@@ -522,8 +545,8 @@ class StateStore:
         state = entry.state if entry is not None else None
         return state is None or state.sessions_truncated or state.ts <= answer.ts
 
-    def queue_view(self, now: float, limit: int | None = None) -> dict[str, Any]:
-        q = self.queue_state
+    def queue_view(self, now: float, limit: int | None = None, region: str = DEFAULT_REGION) -> dict[str, Any]:
+        q = self.queues.get(region)
         if q is None:
             return {"known": False, "ts": None, "length": 0, "truncated": False, "entries": []}
         entries = q.entries if limit is None else q.entries[:limit]
@@ -606,8 +629,9 @@ class StateStore:
     def overview(self, now: float, *, connected: bool, queue_limit: int = 10, assignments_limit: int = 10,
                  noise: bool = False, events_limit: int = 20, order: str = "name", region: str | None = None,
                  limit: int | None = None, compact: bool = False) -> dict[str, Any]:
-        """``order`` ``worst``: worst first (:func:`worst_first`); ``region``: only its substations; ``limit``: the
-        first so many; ``compact``: substations as arrays of :data:`COMPACT_FIELDS`. Totals stay grid-wide."""
+        """``order`` ``worst``: worst first (:func:`worst_first`); ``region``: only its substations, and its
+        balancer's status and queue (else the default region's); ``limit``: the first so many; ``compact``:
+        substations as arrays of :data:`COMPACT_FIELDS`. Totals stay grid-wide."""
         views = self.substation_views(now)
         listed = views if region is None else [v for v in views if v["region"] == region]
         if order == "worst":
@@ -618,10 +642,10 @@ class StateStore:
         subs: list[Any] = [list(compact_row(v)) for v in listed] if compact else listed
         extra: dict[str, Any] = {"fields": list(COMPACT_FIELDS)} if compact else {}
         return {
-            "ts": now, "mqtt_connected": connected, "balancer": self.balancer_view(now),
+            "ts": now, "mqtt_connected": connected, "balancer": self.balancer_view(now, region or DEFAULT_REGION),
             "totals": self.totals(views), **extra, "substations": subs, "substations_matched": matched,
             "decommissioned": list(reversed(self.decommissioned.values())),
-            "queue": self.queue_view(now, queue_limit),
+            "queue": self.queue_view(now, queue_limit, region or DEFAULT_REGION),
             "latest_assignments": self.recent_assignments(assignments_limit, noise=noise),
             "events": self.events.latest(events_limit),
         }

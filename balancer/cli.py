@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics_server = serve_metrics(settings.grid.metrics, "balancer")
 
         async def run_owners(stop: asyncio.Event) -> None:
-            await run_cluster(settings, stop)
+            await run_cluster(settings, stop, REGISTRY)
 
         run_until_signalled(run_owners)
         stop_metrics(metrics_server)

@@ -23,7 +23,12 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Callable, Iterable
 from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from balancer.operator_store import OPERATOR_BUCKET, KvStore
 from balancer.region_lease import LEASE_BUCKET, RegionLease
@@ -36,7 +41,7 @@ from grid_runtime.mqtt import make_transport
 from grid_runtime.mqtt.base import TransportBase
 from grid_runtime.settings import MqttSettings
 
-__all__ = ["RegionOwner", "connect_nats", "open_buckets", "run_cluster"]
+__all__ = ["RegionLeaseCollector", "RegionOwner", "connect_nats", "open_buckets", "run_cluster"]
 
 log = get_logger("balancer.cluster")
 
@@ -105,6 +110,8 @@ class RegionOwner:
         self.service: BalancerService | None = None
         self.takeovers = 0
         self.poll_s = min(0.25, settings.lease_s / 10)
+        #: called with every service built on a takeover (metrics: the decision-latency histogram)
+        self.on_service: Callable[[BalancerService], None] = lambda _s: None
 
     def _build(self, epoch: int) -> BalancerService:
         settings, region = self.settings, self.region
@@ -114,8 +121,10 @@ class RegionOwner:
                                    will=BalancerService.will(topics), clean_start=False)
         if isinstance(transport, TransportBase):
             transport.may_connect = self.lease.held
-        return BalancerService(settings, transport, region=region, store=KvStore(self.operator_kv, region),
-                               epoch=epoch, is_owner=self.lease.held)
+        service = BalancerService(settings, transport, region=region, store=KvStore(self.operator_kv, region),
+                                  epoch=epoch, is_owner=self.lease.held)
+        self.on_service(service)
+        return service
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -161,13 +170,44 @@ class RegionOwner:
         return self.lease.remaining() <= self.settings.lease_s - every
 
 
-async def run_cluster(settings: BalancerSettings, stop: asyncio.Event) -> list[RegionOwner]:
-    """Connect to NATS, open the buckets, and run one :class:`RegionOwner` per region until ``stop``."""
+class RegionLeaseCollector(Collector):
+    """``gridlb_region_owner{region}`` (1 while this process holds the region's lease), ``gridlb_region_epoch``
+    (its epoch, 0 while standby) and ``gridlb_region_takeovers_total`` (leases acquired by this process)."""
+
+    def __init__(self, owners: Iterable[RegionOwner]) -> None:
+        self._owners = list(owners)
+
+    def collect(self) -> Iterable[Any]:
+        owner = GaugeMetricFamily("gridlb_region_owner", "1 while this process holds the region's lease",
+                                  labels=["region"])
+        epoch = GaugeMetricFamily("gridlb_region_epoch", "Epoch of the region lease held (0: standby)",
+                                  labels=["region"])
+        takeovers = CounterMetricFamily("gridlb_region_takeovers", "Region leases this process acquired",
+                                        labels=["region"])
+        for o in self._owners:
+            held = o.lease.held()
+            owner.add_metric([o.region], float(held))
+            epoch.add_metric([o.region], float(o.lease.epoch or 0) if held else 0.0)
+            takeovers.add_metric([o.region], float(o.takeovers))
+        yield from (owner, epoch, takeovers)
+
+
+async def run_cluster(settings: BalancerSettings, stop: asyncio.Event,
+                      registry: CollectorRegistry | None = None) -> list[RegionOwner]:
+    """Connect to NATS, open the buckets, and run one :class:`RegionOwner` per region until ``stop``; with a
+    ``registry``, the balancer's metrics of the regions owned at scrape time and the leases' state."""
     assert settings.nats_urls
     nc = await connect_nats(settings.nats_urls, settings.mqtt)
     try:
         leases_kv, operator_kv = await open_buckets(nc, settings.lease_s, settings.nats_replicas)
         owners = [RegionOwner(settings, region, leases_kv, operator_kv) for region in settings.regions]
+        if registry is not None:
+            from balancer.metrics import register_current
+
+            hook = register_current(lambda: [o.service for o in owners if o.service is not None], registry)
+            registry.register(RegionLeaseCollector(owners))
+            for o in owners:
+                o.on_service = hook
         log.info("cluster_mode", regions=list(settings.regions), lease_s=settings.lease_s,
                  nats=settings.nats_urls)
         await asyncio.gather(*(owner.run(stop) for owner in owners))

@@ -11,7 +11,7 @@ its own core, and ``/metrics`` stays one endpoint.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, get_args
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -41,8 +41,13 @@ class BalancerCollector(Collector):
     """Per-substation state, decisions, queue and payload errors, straight from the balancers' memory (one
     service per region, each sample labelled with its region)."""
 
-    def __init__(self, services: Sequence[BalancerService], queue_wait: Histogram) -> None:
-        self._services = list(services)
+    def __init__(self, services: Sequence[BalancerService] | Callable[[], Sequence[BalancerService]],
+                 queue_wait: Histogram) -> None:
+        """``services``: the region services, or a function that says which run now (cluster mode: a region's
+        service exists only while this process owns the region)."""
+        fixed = None if callable(services) else list(services)
+        self._services: Callable[[], Sequence[BalancerService]] = (
+            services if callable(services) else lambda: fixed or [])
         self._queue_wait = queue_wait
 
     def collect(self) -> Iterable[Any]:
@@ -92,7 +97,7 @@ class BalancerCollector(Collector):
         sessions = GaugeMetricFamily("gridlb_sessions", "Running sessions on all substations", labels=["region"])
         open_requests = GaugeMetricFamily("gridlb_open_requests", "EVs with an open request (queued or charging)",
                                           labels=["region"])
-        for service in self._services:
+        for service in list(self._services()):
             region = service.region
             core = service.core
             cfg = core.config
@@ -143,13 +148,25 @@ def register(services: BalancerService | Sequence[BalancerService], registry: Co
     ``client="balancer-<region>"``."""
     if not isinstance(services, Sequence):
         services = [services]
+    fixed = list(services)
+    hook = register_current(lambda: fixed, registry)
+    for service in fixed:
+        hook(service)
+
+
+def register_current(current: Callable[[], Sequence[BalancerService]],
+                     registry: CollectorRegistry) -> Callable[[BalancerService], None]:
+    """Register the metrics of whichever region services ``current()`` returns at scrape time; returns the hook
+    that connects a (new) service to the decision-latency histogram (cluster mode calls it on every takeover)."""
     latency = Histogram("gridlb_decision_latency_seconds", "Time to decide and publish the answers to one EV "
                         "request or release", ["region"], buckets=LATENCY_BUCKETS, registry=registry)
     queue_wait = Histogram("gridlb_queue_wait_seconds", "How long requests placed from the queue waited",
                            ["region"], buckets=WAIT_BUCKETS, registry=registry)
-    for service in services:
+    registry.register(BalancerCollector(current, queue_wait))
+    registry.register(MqttCollector(lambda: {("balancer" if s.region == DEFAULT_REGION else f"balancer-{s.region}"):
+                                             s.transport for s in current()}))
+
+    def hook(service: BalancerService) -> None:
         service.observe_decision = latency.labels(service.region).observe
-    registry.register(BalancerCollector(services, queue_wait))
-    transports = {("balancer" if s.region == DEFAULT_REGION else f"balancer-{s.region}"): s.transport
-                  for s in services}
-    registry.register(MqttCollector(lambda: transports))
+
+    return hook

@@ -1,16 +1,28 @@
-"""``python -m bench`` runs the balancer benchmark; ``python -m bench flood|faults`` the fault figures;
+"""``python -m bench`` runs the balancer benchmark; ``python -m bench flood|faults|failover`` the fault figures;
 ``python -m bench recorder`` the recorder's throughput and the series counts; ``python -m bench provisioning`` what a
 runtime account change costs; ``python -m bench live-page`` the live page at 1,000 substations in headless Chromium;
 ``python -m bench scale`` the allocation core at utility scale; ``python -m bench cluster`` the balancer against an
-echo through a local 3-node NATS cluster."""
+echo through a local 3-node NATS cluster; ``python -m bench regions`` two regions on two balancer processes against
+one (issue 12)."""
 
 import sys
 
-from bench import bench_balancer, bench_recorder, cluster, faults, flood, live_page, provisioning, scale
+from bench import (
+    bench_balancer,
+    bench_recorder,
+    cluster,
+    failover,
+    faults,
+    flood,
+    live_page,
+    provisioning,
+    regions,
+    scale,
+)
 
-_COMMANDS = {"flood": flood.main, "faults": faults.main, "recorder": bench_recorder.main,
+_COMMANDS = {"flood": flood.main, "faults": faults.main, "failover": failover.main, "recorder": bench_recorder.main,
              "provisioning": provisioning.main, "live-page": live_page.main, "scale": scale.main,
-             "cluster": cluster.main}
+             "cluster": cluster.main, "regions": regions.main}
 
 if len(sys.argv) > 1 and sys.argv[1] in _COMMANDS:
     sys.exit(_COMMANDS[sys.argv[1]](sys.argv[2:]))

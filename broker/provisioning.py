@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from broker import dynsec
 from broker.accounts import EV_ROLE, SUBSTATION_ROLE, substation_username, validate_username
 from broker.roles import DYNSEC_RESPONSE_TOPIC, DYNSEC_TOPIC
+from grid_protocol.messages import DEFAULT_REGION
 from grid_protocol.topics import Topics
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import InMessage, Transport
@@ -78,9 +79,9 @@ class Provisioner(Protocol):
         """Create ``substation.<id>`` with its role; :class:`AccountExists` when it exists."""
         ...
 
-    async def remove_substation(self, substation_id: str) -> bool:
-        """Revoke ``substation.<id>`` (its agent is disconnected) and clear its retained status; False when there
-        was no such account (the status is cleared all the same)."""
+    async def remove_substation(self, substation_id: str, region: str = DEFAULT_REGION) -> bool:
+        """Revoke ``substation.<id>`` (its agent is disconnected) and clear its retained status (under ``region``'s
+        topics); False when there was no such account (the status is cleared all the same)."""
         ...
 
     async def add_ev(self, ev_id: str) -> Credentials: ...
@@ -176,11 +177,11 @@ class DynsecProvisioner:
     async def add_substation(self, substation_id: str) -> Credentials:
         return await self._add(validate_username(substation_username(substation_id), SUBSTATION_ROLE))
 
-    async def remove_substation(self, substation_id: str) -> bool:
+    async def remove_substation(self, substation_id: str, region: str = DEFAULT_REGION) -> bool:
         existed = await self._remove(validate_username(substation_username(substation_id), SUBSTATION_ROLE))
         # The plugin has dropped the agent's connection (Mosquitto 2.0.11 sends no last will then): its retained
-        # status is cleared, so no later reader learns of a substation that is gone.
-        self.transport.publish(self.topics.substation_status(substation_id), b"", 1, retain=True)
+        # status is cleared (in its region), so no later reader learns of a substation that is gone.
+        self.transport.publish(self.topics.for_region(region).substation_status(substation_id), b"", 1, retain=True)
         return existed
 
     async def add_ev(self, ev_id: str) -> Credentials:

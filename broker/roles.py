@@ -18,7 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from broker.accounts import SUBSTATION_PREFIX, is_api_replica, validate_prefix
+from broker.accounts import BALANCER_REGION_PREFIX, SUBSTATION_PREFIX, is_api_replica, validate_prefix
+from grid_protocol.ids import is_valid_id
+from grid_protocol.messages import DEFAULT_REGION
+from grid_protocol.topics import REGION_LEVEL, Topics
 
 __all__ = [
     "DYNSEC_RESPONSE_TOPIC",
@@ -75,9 +78,12 @@ def ev_role_name(ev_id: str) -> str:
 
 
 def role_of(username: str) -> str:
-    """The role an account gets: its service's, or its own (``substation.<id>``, ``ev.<id>``)."""
+    """The role an account gets: its service's, or its own (``substation.<id>``, ``ev.<id>``, a region's
+    balancer ``balancer.<region>``)."""
     if username in SERVICE_ROLES:
         return SERVICE_ROLES[username]
+    if username.startswith(BALANCER_REGION_PREFIX):
+        return username
     if is_api_replica(username):
         return SERVICE_ROLES["api"]
     if username.startswith(SUBSTATION_PREFIX):
@@ -87,55 +93,76 @@ def role_of(username: str) -> str:
 
 def is_own_role(rolename: str) -> bool:
     """A role that belongs to one account (removed with it)."""
-    return rolename.startswith((SUBSTATION_PREFIX, EV_ROLE_PREFIX))
+    return rolename.startswith((SUBSTATION_PREFIX, EV_ROLE_PREFIX, BALANCER_REGION_PREFIX))
 
 
 def role_acls(prefix: str, rolename: str) -> list[Acl]:
     """The grants of ``rolename`` under topic prefix ``prefix``. :class:`ValueError` for an unknown role."""
     p = validate_prefix(prefix)
-    if rolename == "balancer":
-        # Consumes requests, releases and substation reports; sends assignments, commands, error reports, its
-        # retained view of each substation and MQTT 5 replies; owns its retained status, queue and control topics.
-        # Reads its own retained limit schedules back when it starts.
-        return [*read(f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/substation/+/telemetry",
-                      f"{p}/substation/+/status", f"{p}/substation/+/session", f"{p}/substation/+/limits",
-                      f"{p}/substation/+/schedule"),
-                *write(f"{p}/ev/+/assignment", f"{p}/substation/+/command", f"{p}/substation/+/error",
-                       f"{p}/substation/+/state", f"{p}/substation/+/schedule", f"{p}/reply/#"),
-                # only to clear a retained request, release or limit schedule (an empty retained message): those
-                # would be replayed to every later balancer (the grant cannot tell an empty payload from another) ...
-                *write(f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/substation/+/limits"),
-                # ... and never as an EV of its own name (checked before the grants)
-                Acl(SEND, f"{p}/ev/balancer/#", allow=False, priority=1),
-                *read(f"{p}/balancer/#"), *write(f"{p}/balancer/#")]
+    if rolename == "balancer":  # the default region's balancer (today's topics)
+        return _balancer_acls(p, p)
+    if rolename.startswith(BALANCER_REGION_PREFIX):  # region R's balancer: only R's topics (and its replies)
+        region = rolename.removeprefix(BALANCER_REGION_PREFIX)
+        if not is_valid_id(region) or region == DEFAULT_REGION:
+            raise ValueError(f"unknown role {rolename!r}")
+        return _balancer_acls(p, Topics(p, region).root)
     if rolename == "api":
-        # Sees everything under the prefix (its MQTT 5 replies too), submits requests and releases for EVs,
-        # sends operator control messages and limit schedules.
-        return [*read(f"{p}/#"), *write(f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/balancer/control",
-                                        f"{p}/substation/+/limits")]
+        # Sees everything under the prefix (its MQTT 5 replies too, every region), submits requests and releases
+        # for EVs, sends operator control messages and limit schedules, in every region.
+        return [*read(f"{p}/#"), *write(*_every_region(p, "ev/+/request", "ev/+/release", "balancer/control",
+                                                      "substation/+/limits"))]
     if rolename == "reader":  # operators, dashboards, the recorder
         return read(f"{p}/#")
     if rolename == "healthcheck":  # may log in and nothing else
         return []
     if rolename == "loadtest":  # benchmarks and tests only: plays EV fleets and substation agents at once
-        return [*read(f"{p}/ev/#"), *write(f"{p}/ev/#"),
-                *write(f"{p}/substation/+/telemetry", f"{p}/substation/+/status", f"{p}/substation/+/session"),
-                *read(f"{p}/substation/+/command", f"{p}/balancer/status")]
+        return [*read(*_every_region(p, "ev/#")), *write(*_every_region(p, "ev/#")),
+                *write(*_every_region(p, "substation/+/telemetry", "substation/+/status", "substation/+/session")),
+                *read(*_every_region(p, "substation/+/command", "balancer/status"))]
     if rolename == "provisioner":
         # Adds and removes accounts at runtime (the plugin's control topic: whoever may publish there administers
         # the broker), and clears the retained status a removed substation's agent left behind.
-        return [*write(DYNSEC_TOPIC), *read(DYNSEC_RESPONSE_TOPIC), *write(f"{p}/substation/+/status")]
+        return [*write(DYNSEC_TOPIC), *read(DYNSEC_RESPONSE_TOPIC), *write(*_every_region(p, "substation/+/status"))]
     if rolename.startswith(SUBSTATION_PREFIX):
+        # Its own topics in any region: the account names no region (SUBSTATION_REGION is the agent's setting, so
+        # moving a substation to another region changes no account); each region's balancer refuses a status that
+        # names another region than its topic's (region_mismatch).
         sid = rolename.removeprefix(SUBSTATION_PREFIX)
-        base = f"{p}/substation/{sid}"
-        return [*write(f"{base}/telemetry", f"{base}/status", f"{base}/session"),
-                *read(f"{base}/command", f"{base}/error", f"{p}/balancer/status")]
+        return [*write(*_every_region(p, f"substation/{sid}/telemetry", f"substation/{sid}/status",
+                                      f"substation/{sid}/session")),
+                *read(*_every_region(p, f"substation/{sid}/command", f"substation/{sid}/error", "balancer/status"))]
     if rolename.startswith(EV_ROLE_PREFIX):
         ev = rolename.removeprefix(EV_ROLE_PREFIX)
-        # MQTT 5 response topics: replies only below its own reply root.
-        return [*write(f"{p}/ev/{ev}/request", f"{p}/ev/{ev}/release"),
-                *read(f"{p}/ev/{ev}/assignment", f"{p}/reply/{ev}/#", f"{p}/balancer/status")]
+        # An EV drives between regions: its own request and release in any region, its own assignment in every
+        # region. MQTT 5 response topics: replies only below its own reply root (one per grid).
+        return [*write(*_every_region(p, f"ev/{ev}/request", f"ev/{ev}/release")),
+                *read(*_every_region(p, f"ev/{ev}/assignment", "balancer/status"), f"{p}/reply/{ev}/#")]
     raise ValueError(f"unknown role {rolename!r}")
+
+
+def _every_region(p: str, *tails: str) -> list[str]:
+    """``tails`` in the default region (``<p>/<tail>``) and in every other (``<p>/region/+/<tail>``)."""
+    return [f"{p}/{tail}" for tail in tails] + [f"{p}/{REGION_LEVEL}/+/{tail}" for tail in tails]
+
+
+def _balancer_acls(p: str, root: str) -> list[Acl]:
+    """A region's balancer, its region's topics living under ``root`` (``p`` itself for the default region).
+
+    Consumes requests, releases and substation reports; sends assignments, commands, error reports, its retained
+    view of each substation and MQTT 5 replies (below the grid's one reply root); owns its retained status, queue
+    and control topics. Reads its own retained limit schedules back when it starts. Nothing of another region:
+    the broker itself keeps a region's balancer from answering or commanding outside its region."""
+    return [*read(f"{root}/ev/+/request", f"{root}/ev/+/release", f"{root}/substation/+/telemetry",
+                  f"{root}/substation/+/status", f"{root}/substation/+/session", f"{root}/substation/+/limits",
+                  f"{root}/substation/+/schedule"),
+            *write(f"{root}/ev/+/assignment", f"{root}/substation/+/command", f"{root}/substation/+/error",
+                   f"{root}/substation/+/state", f"{root}/substation/+/schedule", f"{p}/reply/#"),
+            # only to clear a retained request, release or limit schedule (an empty retained message): those
+            # would be replayed to every later balancer (the grant cannot tell an empty payload from another) ...
+            *write(f"{root}/ev/+/request", f"{root}/ev/+/release", f"{root}/substation/+/limits"),
+            # ... and never as an EV of its own name (checked before the grants)
+            Acl(SEND, f"{root}/ev/balancer/#", allow=False, priority=1),
+            *read(f"{root}/balancer/#"), *write(f"{root}/balancer/#")]
 
 
 def fixed_roles() -> list[str]:

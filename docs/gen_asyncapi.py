@@ -32,7 +32,7 @@ import yaml
 from grid_protocol import codec, messages
 from grid_protocol.ids import ID_PATTERN
 from grid_protocol.reasons import Reason
-from grid_protocol.topics import CHANNELS, DEFAULT_PREFIX, Channel, TopicKind
+from grid_protocol.topics import CHANNELS, DEFAULT_PREFIX, REGION_LEVEL, Channel, TopicKind, Topics
 
 OUTPUT = Path(__file__).resolve().parent / "asyncapi.yaml"
 REGENERATE = ".venv/bin/python docs/gen_asyncapi.py"
@@ -368,6 +368,16 @@ def build() -> dict[str, Any]:
                 "balancer publishes. Payloads are UTF-8 JSON objects of at most "
                 f"{codec.MAX_PAYLOAD_BYTES} bytes (balancer limit; the broker refuses more than 65536). "
                 "Readers ignore unknown fields; fields are added, never removed.\n\n"
+                f"Regions: every substation belongs to a region (SubstationStatus.region). The addresses below are "
+                f"region {messages.DEFAULT_REGION}'s; region R has every channel below "
+                f"{Topics(region='R').root}/ instead of {DEFAULT_PREFIX}/ (for example "
+                f"{Topics(region='R').root}/{CHANNELS[TopicKind.EV_REQUEST].template.replace('{id}', '{ev_id}')}), "
+                f"R matching {ID_PATTERN}, and "
+                f"{DEFAULT_PREFIX}/{REGION_LEVEL}/{messages.DEFAULT_REGION}/... is not a topic. Each region has "
+                "exactly one active balancer (its own retained balancer/status and queue); an EV asks in the region "
+                "it charges in and is answered there; agents use their region's channels; a status naming another "
+                "region than its topic's is refused (region_mismatch). The MQTT 5 reply root is one per grid "
+                f"({DEFAULT_PREFIX}/reply/).\n\n"
                 f"Reasons: {reason_values}."
             ),
             "license": {"name": "Apache-2.0", "url": "https://www.apache.org/licenses/LICENSE-2.0"},

@@ -339,6 +339,9 @@ class ControlCommand(msgspec.Struct, kw_only=True):
     capacity_kw: Annotated[float, Meta(gt=0, le=1_000_000)] | None = None
     request_id: RequestId | None = None
     ts: Timestamp | None = None
+    #: Void after this moment (epoch s): refused ``expired`` (``ControlResult``), not applied. The API sets it to
+    #: now + its answer timeout (MQTT 3.1.1 has no message expiry; see ChargeRequest.expires_at).
+    expires_at: Timestamp | None = None
 
 
 # --------------------------------------------------------------------------- limit schedules (DSO)
@@ -384,6 +387,8 @@ class LimitSchedule(msgspec.Struct, kw_only=True):
     substation_id: Id | None = None
     request_id: RequestId | None = None
     ts: Timestamp | None = None
+    #: Void after this moment (epoch s): refused ``expired``, not applied (as ControlCommand.expires_at).
+    expires_at: Timestamp | None = None
 
     def __post_init__(self) -> None:
         if self.source in RESERVED_SOURCES:

@@ -64,7 +64,8 @@ async def _create(ctx: AppContext, creating: Awaitable[Credentials], kind: str, 
 
 
 def _mqtt_url(ctx: AppContext) -> str:
-    return ctx.settings.mqtt_public_url or f"mqtt://{ctx.settings.mqtt.host}:{ctx.settings.mqtt.port}"
+    host, port = ctx.settings.mqtt.addresses()[0]  # (MQTT_HOSTS: the first node; set API_MQTT_PUBLIC_URL for more)
+    return ctx.settings.mqtt_public_url or f"mqtt://{host}:{port}"
 
 
 def _created(ctx: AppContext, id_: str, creds: Credentials, command: str) -> JSONResponse:
@@ -106,7 +107,7 @@ async def remove_substation(substation_id: SubstationId, ctx: Ctx, operator: Ope
         raise Problem(409, f"the balancer refused to drain {sid!r}: {drained.reason} ({drained.detail}); nothing "
                            "was changed", type_=f"control-{drained.reason or 'refused'}", reason=drained.reason)
     try:
-        existed = await provisioner.remove_substation(sid)
+        existed = await provisioner.remove_substation(sid, ctx.store.region_of(sid))
     except ProvisioningError as exc:
         raise _failed(exc) from None
     forgotten = await send_control(ctx, operator, "forget", sid) if drained.ok else drained

@@ -4,6 +4,8 @@ Roles (see ``broker/README.md`` and ``broker/roles.py``):
 
 * service accounts :data:`SERVICE_ACCOUNTS` (``balancer``, ``api``, ``observer``, ``recorder``, ``healthcheck``,
   ``loadtest``, ``provisioner``);
+* one account per region a balancer owns besides ``default``: ``balancer.<region>`` (:func:`balancer_username`;
+  the default region's balancer keeps ``balancer``), with only that region's topics;
 * one account per substation agent, username ``substation.<id>`` (:func:`substation_username`);
 * one account per EV, username == EV id.
 
@@ -27,6 +29,7 @@ from grid_protocol.topics import Topics
 from grid_runtime.credentials import derive_password
 
 __all__ = [
+    "BALANCER_REGION_PREFIX",
     "EV_ROLE",
     "SERVICE_ACCOUNTS",
     "SERVICE_ROLE",
@@ -34,6 +37,7 @@ __all__ = [
     "SUBSTATION_ROLE",
     "Account",
     "Role",
+    "balancer_username",
     "build_accounts",
     "substation_username",
     "validate_prefix",
@@ -57,6 +61,24 @@ _API_REPLICA_RE = re.compile(r"api\.[A-Za-z0-9_-]{1,32}")
 
 def is_api_replica(name: str) -> bool:
     return _API_REPLICA_RE.fullmatch(name) is not None
+
+
+#: A region's balancer (issue 12) logs in as ``balancer.<region>`` (the default region's as ``balancer``): the
+#: broker takes the username as client id, so each region has its own session, and its role grants only its
+#: region's topics. ``.`` is not allowed in ids, so these never collide with EV accounts.
+BALANCER_REGION_PREFIX = "balancer."
+
+
+def balancer_username(region: str) -> str:
+    """Broker username of ``region``'s balancer: ``balancer`` for ``default``, else ``balancer.<region>``."""
+    if _ID_RE.fullmatch(region) is None:
+        raise ValueError(f"invalid region {region!r}: must match {ID_PATTERN}")
+    return "balancer" if region == "default" else BALANCER_REGION_PREFIX + region
+
+
+def is_regional_balancer(name: str) -> bool:
+    region = name.removeprefix(BALANCER_REGION_PREFIX)
+    return name.startswith(BALANCER_REGION_PREFIX) and region != "default" and _ID_RE.fullmatch(region) is not None
 
 
 #: Substation agent usernames are ``substation.<id>``. ``.`` is not allowed in ids (ID_PATTERN), so a
@@ -118,9 +140,10 @@ def validate_username(name: str, role: Role) -> str:
             raise ValueError(f"substation username {name!r} must be '{SUBSTATION_PREFIX}<id>' ({ID_PATTERN})")
         return name
     if role == SERVICE_ROLE:
-        if name not in SERVICE_ACCOUNTS and not is_api_replica(name):
-            raise ValueError(f"unknown service account {name!r}; expected one of {SERVICE_ACCOUNTS} "
-                             f"or an API replica '{API_REPLICA_PREFIX}<name>'")
+        if name not in SERVICE_ACCOUNTS and not is_api_replica(name) and not is_regional_balancer(name):
+            raise ValueError(f"unknown service account {name!r}; expected one of {SERVICE_ACCOUNTS}, "
+                             f"an API replica '{API_REPLICA_PREFIX}<name>' or a region's balancer "
+                             f"'{BALANCER_REGION_PREFIX}<region>'")
         return name
     raise ValueError(f"unknown role {role!r}")
 

@@ -197,6 +197,11 @@ def render_node(layout: ClusterLayout, index: int, store_dir: str | os.PathLike[
         # 3-node cluster still forming, and then losing one of those two nodes stopped every MQTT CONNECT
         # ("unable to persist session ... timeout") until it came back. Fixed, a node's loss keeps a quorum.
         f"  stream_replicas: {min(3, len(layout.nodes))}",
+        f"  consumer_replicas: {min(3, len(layout.nodes))}",  # a session's consumer must outlive its node too
+        # A QoS 1 message delivered to a client that died before acking it (a killed balancer) goes to the session
+        # again only after this (default 30 s): the standby that resumes the session would answer it that late.
+        # Redeliveries to a live but slow client are harmless (the balancer and the agents de-duplicate).
+        '  ack_wait: "3s"',
         tls.rstrip("\n"),
         "}",
         f"include {_q(layout.accounts_file)}",

@@ -21,7 +21,15 @@ from typing import Any
 
 import msgspec
 
-from grid_protocol.messages import Assignment, QueueState, SessionEvent, SubstationState, SubstationStatus, Telemetry
+from grid_protocol.messages import (
+    DEFAULT_REGION,
+    Assignment,
+    QueueState,
+    SessionEvent,
+    SubstationState,
+    SubstationStatus,
+    Telemetry,
+)
 from grid_protocol.topics import TopicKind
 from monitoring.recorder.schema import SCHEMA, FieldType, Measurement
 
@@ -115,44 +123,45 @@ _TELEMETRY, _STATUS, _STATE, _QUEUE, _ASSIGNMENT, _SESSION = (
                          "ev_assignment", "session_event"))
 
 
-def _telemetry(id_: str, t: Telemetry, now: float, seen: Seen | None) -> list[str]:
-    return [_TELEMETRY.line(t.ts, {"substation_id": id_}, {
+def _telemetry(id_: str, t: Telemetry, now: float, seen: Seen | None, region: str | None = None) -> list[str]:
+    return [_TELEMETRY.line(t.ts, {"substation_id": id_, "region": region}, {
         "capacity_kw": t.capacity_kw, "load_kw": t.load_kw, "base_load_kw": t.base_load_kw,
         "ev_load_kw": t.ev_load_kw, "active_sessions": t.active_sessions, "seq": t.seq}, seen)]
 
 
-def _status(id_: str, s: SubstationStatus, now: float, seen: Seen | None) -> list[str]:
-    return [_STATUS.line(s.ts if s.ts is not None else now, {"substation_id": id_, "state": s.state},
+def _status(id_: str, s: SubstationStatus, now: float, seen: Seen | None, region: str | None = None) -> list[str]:
+    return [_STATUS.line(s.ts if s.ts is not None else now, {"substation_id": id_, "state": s.state, "region": region},
                          {"online": s.state == "online", "capacity_kw": s.capacity_kw}, seen)]
 
 
-def _state(id_: str, s: SubstationState, now: float, seen: Seen | None) -> list[str]:
-    return [_STATE.line(s.ts, {"substation_id": id_}, {
+def _state(id_: str, s: SubstationState, now: float, seen: Seen | None, region: str | None = None) -> list[str]:
+    return [_STATE.line(s.ts, {"substation_id": id_, "region": region}, {
         "capacity_kw": s.capacity_kw, "limit_kw": s.limit_kw, "load_kw": s.load_kw, "base_load_kw": s.base_load_kw,
         "granted_kw": s.granted_kw, "reserved_kw": s.reserved_kw, "headroom_kw": s.headroom_kw,
         "utilisation": s.utilisation, "sessions_total": s.sessions_total, "draining": s.draining,
         "online": s.online, "stale": s.stale, "telemetry_age_s": s.telemetry_age_s}, seen)]
 
 
-def _queue(_id: str, q: QueueState, now: float, seen: Seen | None) -> list[str]:
+def _queue(_id: str, q: QueueState, now: float, seen: Seen | None, region: str | None = None) -> list[str]:
     head_eta = q.entries[0].eta_s if q.entries else None
-    return [_QUEUE.line(q.ts, {}, {"length": q.length, "head_eta_s": head_eta}, seen)]
+    return [_QUEUE.line(q.ts, {"region": region}, {"length": q.length, "head_eta_s": head_eta}, seen)]
 
 
-def _assignment(id_: str, a: Assignment, now: float, seen: Seen | None) -> list[str]:
-    return [_ASSIGNMENT.line(a.ts, {"status": a.status, "substation_id": a.substation_id, "reason": a.reason},
+def _assignment(id_: str, a: Assignment, now: float, seen: Seen | None, region: str | None = None) -> list[str]:
+    return [_ASSIGNMENT.line(a.ts, {"status": a.status, "substation_id": a.substation_id, "reason": a.reason,
+                                     "region": region},
                              {"ev_id": id_, "granted_kw": a.granted_kw or 0.0, "position": a.position,
                               "eta_s": a.eta_s}, seen)]
 
 
-def _session(id_: str, e: SessionEvent, now: float, seen: Seen | None) -> list[str]:
-    return [_SESSION.line(e.ts, {"substation_id": id_, "event": e.event, "reason": e.reason},
+def _session(id_: str, e: SessionEvent, now: float, seen: Seen | None, region: str | None = None) -> list[str]:
+    return [_SESSION.line(e.ts, {"substation_id": id_, "event": e.event, "reason": e.reason, "region": region},
                           {"ev_id": e.ev_id, "session_id": e.session_id, "granted_kw": e.granted_kw,
                            "energy_delivered_kwh": e.energy_delivered_kwh}, seen)]
 
 
 #: What the recorder subscribes to: topic kind -> (payload model, translation).
-TRANSLATIONS: dict[TopicKind, tuple[Any, Callable[[str, Any, float, Seen | None], list[str]]]] = {
+TRANSLATIONS: dict[TopicKind, tuple[Any, Callable[[str, Any, float, Seen | None, str | None], list[str]]]] = {
     TopicKind.SUBSTATION_TELEMETRY: (Telemetry, _telemetry),
     TopicKind.SUBSTATION_STATUS: (SubstationStatus, _status),
     TopicKind.SUBSTATION_STATE: (SubstationState, _state),
@@ -176,14 +185,15 @@ def body_id(kind: TopicKind, message: msgspec.Struct) -> str | None:
 
 
 def to_lines(kind: TopicKind, id_: str | None, message: msgspec.Struct, now: float,
-             seen: Seen | None = None) -> list[str]:
+             seen: Seen | None = None, region: str = DEFAULT_REGION) -> list[str]:
     """Lines for one decoded message of ``kind`` received on a topic with id ``id_`` (``seen``: see
-    :meth:`LineFormat.line`)."""
+    :meth:`LineFormat.line`) in ``region``: tagged ``region`` outside the default region only, so the series
+    recorded before regions existed keep their identity (no tag = ``default``)."""
     claimed = body_id(kind, message)
     if claimed is not None and id_ is not None and claimed != id_:
         raise IdMismatch(f"body says {claimed!r}, topic says {id_!r}")
     _model, translate = TRANSLATIONS[kind]
-    return translate(id_ or "", message, now, seen)
+    return translate(id_ or "", message, now, seen, None if region == DEFAULT_REGION else region)
 
 
 # --- reading a line back (tests, debugging) ------------------------------------------------------------------

@@ -50,20 +50,21 @@ class RecorderService:
         self._bad_log = RateLimitedLog(log.warning, settings.log_interval_s)
         self._seen: Seen = {}  # last point per series, to keep points of one series and instant apart
         transport.set_handler(self.handle)
-        for kind in TRANSLATIONS:
-            transport.subscribe(self.topics.filter(kind), 1)
+        for topic_filter in self.subscriptions():
+            transport.subscribe(topic_filter, 1)
 
     def subscriptions(self) -> list[str]:
-        return [self.topics.filter(kind) for kind in TRANSLATIONS]
+        """Every region's topics (issue 12): the default region's and ``<prefix>/region/+/...``."""
+        return [f for kind in TRANSLATIONS for f in self.topics.filters_all_regions(kind)]
 
     def _batch_ready(self) -> None:
         self.writer.batch_ready.set()
 
     def handle(self, msg: InMessage) -> None:
-        parsed = self.topics.parse(msg.topic)
-        if parsed is None or parsed[0] not in TRANSLATIONS:
+        parsed = self.topics.parse_any_region(msg.topic)
+        if parsed is None or parsed[1] not in TRANSLATIONS:
             return  # not ours (a subscription never delivers these; kept for safety)
-        kind, id_ = parsed
+        region, kind, id_ = parsed
         self.stats.messages[kind] += 1
         if id_ is not None and not is_valid_id(id_):
             self._bad(kind, "invalid_topic_id", f"topic {msg.topic[:200]!r}")
@@ -71,7 +72,7 @@ class RecorderService:
         model, _translate = TRANSLATIONS[kind]
         try:
             message = decode(msg.payload, model, max_bytes=_MAX_BYTES.get(kind, 4096))
-            points = to_lines(kind, id_, message, self.clock(), self._seen)
+            points = to_lines(kind, id_, message, self.clock(), self._seen, region)
         except PayloadError as err:
             self._bad(kind, str(err.reason), err.detail)
             return

@@ -25,6 +25,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: every balancer metric names its region (issue 12)
+R = ("region", "default")
+
+
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
@@ -115,19 +119,19 @@ def test_state_is_retained_control_acts_and_metrics_show_it(running, broker: Loc
     while True:
         metrics = scrape(port)
         if metrics.get(("gridlb_rejected_payloads_total", (("kind", "balancer_control"),
-                                                            ("reason", "invalid_field")))) == 1.0:
+                                                            ("reason", "invalid_field"), R))) == 1.0:
             break
         assert time.monotonic() < deadline, "bad control payload not counted"
         time.sleep(0.2)
-    assert metrics[("gridlb_substation_capacity_watts", (("substation", sid),))] == 50_000
-    assert metrics[("gridlb_substation_reported_capacity_watts", (("substation", sid),))] == (
+    assert metrics[("gridlb_substation_capacity_watts", (R, ("substation", sid)))] == 50_000
+    assert metrics[("gridlb_substation_reported_capacity_watts", (R, ("substation", sid)))] == (
         100_000 if sid == "A" else 200_000)
-    assert metrics[("gridlb_substation_draining", (("substation", other),))] == 1
-    assert metrics[("gridlb_substation_active_sessions", (("substation", sid),))] == 2
-    assert metrics[("gridlb_decisions_total", (("outcome", "assigned"), ("reason", "")))] == 2
-    assert metrics[("gridlb_decision_latency_seconds_count", ())] >= 2
+    assert metrics[("gridlb_substation_draining", (R, ("substation", other)))] == 1
+    assert metrics[("gridlb_substation_active_sessions", (R, ("substation", sid)))] == 2
+    assert metrics[("gridlb_decisions_total", (("outcome", "assigned"), ("reason", ""), R))] == 2
+    assert metrics[("gridlb_decision_latency_seconds_count", (R,))] >= 2
     assert metrics[("gridlb_mqtt_connected", (("client", "balancer"),))] == 1
-    assert metrics[("gridlb_balancer_events_total", (("detail", "drain"), ("event", "control")))] == 1
+    assert metrics[("gridlb_balancer_events_total", (("detail", "drain"), ("event", "control"), R))] == 1
     assert not [k for k in metrics if k[0] == "gridlb_decisions_total" and dict(k[1])["outcome"] == "control"]
     ev.close()
     ev2.close()

@@ -10,8 +10,10 @@ tests run fast.
 
 from __future__ import annotations
 
+import re
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +62,16 @@ def online_instance(watch: Probe, since: float = 0.0, timeout: float = 15.0, oth
     m = watch.wait_for(lambda m: m.topic == f"{P}/balancer/status" and m.json()["state"] == "online"
                        and m.json()["instance"] != other_than, since=since, timeout=timeout, what="balancer online")
     return str(m[-1].json()["instance"])
+
+
+def scrape(service: Service) -> dict[str, float]:
+    """The service's /metrics (its free port is in its log), one value per ``name{labels}``."""
+    url = re.search(r"metrics_listening service=\S+ url=(\S+)", service.log())
+    assert url is not None, service.log()[-2000:]
+    with urllib.request.urlopen(url.group(1), timeout=5) as resp:
+        text = resp.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
 
 
 def overload_seen(watch: Probe) -> list[dict]:
@@ -135,6 +147,12 @@ def test_kill_9_of_the_active_balancer_the_standby_takes_over(broker: LocalBroke
         assert overload_seen(watch) == []
         epochs = [e for e in epochs_applied(watch) if e is not None]
         assert len(set(epochs)) == 2 and epochs == sorted(epochs), set(epochs)
+        # The new owner's /metrics: it owns the region under the new epoch and runs the adopted sessions.
+        metrics = scrape(second)
+        assert metrics['gridlb_region_owner{region="default"}'] == 1
+        assert metrics['gridlb_region_epoch{region="default"}'] == max(epochs)
+        assert metrics['gridlb_region_takeovers_total{region="default"}'] == 1
+        assert metrics['gridlb_sessions{region="default"}'] == len(staying) + 1
     finally:
         watch.close()
         first.stop()

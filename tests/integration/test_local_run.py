@@ -223,7 +223,7 @@ def test_gridlb_run_serves_api_metrics_records_and_stops_everything_on_sigterm(t
         while True:  # the balancer's view, from the agents' telemetry
             with urllib.request.urlopen(metrics_urls["balancer"], timeout=5) as resp:
                 body = resp.read()
-            if b'gridlb_substation_capacity_watts{substation="north"} 400000.0' in body:
+            if b'gridlb_substation_capacity_watts{region="default",substation="north"} 400000.0' in body:
                 break
             assert time.monotonic() < deadline, body.decode()[-3000:]
             time.sleep(0.3)

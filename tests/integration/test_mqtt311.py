@@ -1,7 +1,8 @@
 """MQTT 3.1.1 and broker failover end to end (real Mosquitto, services as subprocesses).
 
 - A charge through the REST API on MQTT 5 and 3.1.1: answered on the EV's assignment topic; a copy that reaches
-  a frozen balancer (SIGSTOP) after the caller's 504 is refused ``expired`` when it wakes (SIGCONT), not placed.
+  a frozen balancer (SIGSTOP) after the caller's 504 is refused ``expired`` when it wakes (SIGCONT), not placed;
+  an operator's drain sent meanwhile is refused ``expired`` too, not applied.
   On 3.1.1 there is no message expiry at all; on MQTT 5 the broker had already handed the copy over, so its
   expiry could not stop it either: ``expires_at`` is what does.
 - What the retained-input refusal (D4) still does on 3.1.1: the live copy carries retain 0 (served once), the
@@ -43,6 +44,7 @@ def test_charge_through_rest_and_a_late_copy_is_refused_expired(
     api = start_api(broker, tmp_path, API_REQUEST_TIMEOUT_S="1.5", MQTT_PROTOCOL=protocol)
     stopper.append(api.stop)
     watch = Probe(broker, "observer", "grid/v1/ev/+/assignment", "grid/v1/substation/A/command",
+                  "grid/v1/balancer/control/result",
                   protocol=mqtt.MQTTv5 if protocol == "5" else V311)
     stopper.append(watch.close)
     wait_for(lambda: api.http.get("/ready").json()["ready"], 15, "the API ready")
@@ -56,6 +58,7 @@ def test_charge_through_rest_and_a_late_copy_is_refused_expired(
         t0 = time.monotonic()
         body = problem(charge(api.http, "EV_0002", 11, request_id="late-1"), 504)
         assert body["request_id"] == "late-1" and time.monotonic() - t0 >= 1.4
+        problem(api.http.post("/substations/A/drain"), 504)  # an operator action, void as well
     finally:
         balancer.signal(signal.SIGCONT)
     late = watch.wait_one(lambda m: m.topic == "grid/v1/ev/EV_0002/assignment", timeout=10,
@@ -66,6 +69,10 @@ def test_charge_through_rest_and_a_late_copy_is_refused_expired(
               for c in m.json()["commands"] if c["command"] == "start"]
     assert starts == ["EV_0001"]  # no session for the late copy
     assert api.http.get("/sessions").json()["total"] == 1
+    drain = watch.wait_one(lambda m: m.topic.endswith("/control/result") and m.json()["action"] == "drain",
+                           timeout=10, what="the late drain's result").json()
+    assert (drain["ok"], drain["reason"]) == (False, "expired")
+    assert api.http.get("/substations/A").json()["condition"] != "draining"
     log = balancer.log()
     assert "request_rejected" in log and "expired" in log and "Traceback" not in log
     assert f"protocol={protocol}" in log and f"protocol={protocol}" in api.service.log()

@@ -111,7 +111,7 @@ def _send_refused_requests(broker: LocalBroker, balancer_metrics: str) -> None:
     answers both ``rejected`` (so ``rejected`` decisions and refused payloads have series)."""
     # The balancer has subscribed and knows every capacity once its /metrics shows each substation
     # online. (Not watched over MQTT as observer: the recorder uses that account, one connection each.)
-    wanted = [f'gridlb_substation_online{{substation="{sid}"}} 1.0' for sid in CAPACITY_KW]
+    wanted = [f'gridlb_substation_online{{region="default",substation="{sid}"}} 1.0' for sid in CAPACITY_KW]
     deadline = time.monotonic() + 20.0
     while not all(line in _get(balancer_metrics, timeout=10.0).decode() for line in wanted):
         assert time.monotonic() < deadline, "the balancer did not see every substation online in 20 s"

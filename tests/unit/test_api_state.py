@@ -432,3 +432,21 @@ def test_a_retained_offline_status_alone_is_a_leftover_and_shown_nowhere() -> No
     store.on_substation_status("A", SubstationStatus(state="offline", substation_id="A"), T0 + 3)
     assert [v["substation_id"] for v in store.substation_views(T0 + 3)] == ["old"]
     assert [d["substation_id"] for d in store.overview(T0 + 3, connected=True)["decommissioned"]] == ["A"]
+
+
+def test_every_regions_balancer_and_queue_and_where_a_substations_commands_go() -> None:
+    """Issue 12: one retained status and queue per region; ``region=`` shows that region's; operator commands go
+    to the region a substation's status (or the balancer's state) names."""
+    store = StateStore()
+    store.on_balancer_status(BalancerStatus(state="online", ts=T0, version="0.1.0"), T0)
+    store.on_balancer_status(BalancerStatus(state="offline", ts=T0), T0, "east")
+    store.on_queue(QueueState(ts=T0, length=0, entries=[]), T0)
+    store.on_queue(QueueState(ts=T0, length=7, entries=[]), T0, "east")
+    store.on_substation_status("E1", SubstationStatus(state="online", substation_id="E1", region="east"), T0)
+    store.on_substation_state("A", state("A"), T0)
+    assert store.overview(T0, connected=True)["balancer"]["state"] == "online"
+    east = store.overview(T0, connected=True, region="east")
+    assert east["balancer"]["state"] == "offline" and east["queue"]["length"] == 7
+    assert [s["substation_id"] for s in east["substations"]] == ["E1"]
+    assert store.queue_state is not None and store.queue_state.length == 0  # the default region's, as before
+    assert (store.region_of("E1"), store.region_of("A"), store.region_of("nobody")) == ("east", "default", "default")

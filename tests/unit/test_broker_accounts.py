@@ -13,13 +13,14 @@ import pytest
 from broker import dynsec
 from broker.accounts import (
     SERVICE_ACCOUNTS,
+    balancer_username,
     build_accounts,
     substation_username,
     validate_username,
 )
 from broker.accounts import cli as accounts_cli
 from broker.local import find_free_port, render_config
-from broker.roles import DYNSEC_TOPIC, RECEIVE, SEND, SUBSCRIBE, role_acls, role_of
+from broker.roles import DYNSEC_TOPIC, RECEIVE, SEND, SUBSCRIBE, is_own_role, role_acls, role_of
 from grid_runtime.credentials import derive_password
 
 # Written by `mosquitto_ctrl dynsec init FILE admin secret` (2.0.11).
@@ -188,25 +189,50 @@ def test_role_grants() -> None:
     denied = [a for a in role_acls(p, "balancer") if not a.allow]
     assert [(a.acltype, a.topic, a.priority) for a in denied] == [(SEND, f"{p}/ev/balancer/#", 1)]
     assert all(a.allow for role in ("api", "reader", "substation.A", "ev.EV_1") for a in role_acls(p, role))
+    def everywhere(*tails: str) -> set[str]:  # in the default region and in every other (issue 12)
+        return {f"{p}/{t}" for t in tails} | {f"{p}/region/+/{t}" for t in tails}
+
     api = _grants("api")
-    assert api[SEND] == {f"{p}/ev/+/request", f"{p}/ev/+/release", f"{p}/balancer/control", f"{p}/substation/+/limits"}
+    assert api[SEND] == everywhere("ev/+/request", "ev/+/release", "balancer/control", "substation/+/limits")
     assert api[SUBSCRIBE] == {f"{p}/#"}
     assert _grants("reader") == {SEND: set(), SUBSCRIBE: {f"{p}/#"}, RECEIVE: {f"{p}/#"}}
     assert _grants("healthcheck") == {SEND: set(), SUBSCRIBE: set(), RECEIVE: set()}
     assert _grants("substation.A") == {
-        SEND: {f"{p}/substation/A/telemetry", f"{p}/substation/A/status", f"{p}/substation/A/session"},
-        SUBSCRIBE: {f"{p}/substation/A/command", f"{p}/substation/A/error", f"{p}/balancer/status"},
-        RECEIVE: {f"{p}/substation/A/command", f"{p}/substation/A/error", f"{p}/balancer/status"}}
+        SEND: everywhere("substation/A/telemetry", "substation/A/status", "substation/A/session"),
+        SUBSCRIBE: everywhere("substation/A/command", "substation/A/error", "balancer/status"),
+        RECEIVE: everywhere("substation/A/command", "substation/A/error", "balancer/status")}
     assert _grants("ev.EV_1") == {
-        SEND: {f"{p}/ev/EV_1/request", f"{p}/ev/EV_1/release"},
-        SUBSCRIBE: {f"{p}/ev/EV_1/assignment", f"{p}/reply/EV_1/#", f"{p}/balancer/status"},
-        RECEIVE: {f"{p}/ev/EV_1/assignment", f"{p}/reply/EV_1/#", f"{p}/balancer/status"}}
+        SEND: everywhere("ev/EV_1/request", "ev/EV_1/release"),
+        SUBSCRIBE: everywhere("ev/EV_1/assignment", "balancer/status") | {f"{p}/reply/EV_1/#"},
+        RECEIVE: everywhere("ev/EV_1/assignment", "balancer/status") | {f"{p}/reply/EV_1/#"}}
     prov = _grants("provisioner")
-    assert prov[SEND] == {DYNSEC_TOPIC, f"{p}/substation/+/status"}
+    assert prov[SEND] == {DYNSEC_TOPIC, *everywhere("substation/+/status")}
     assert prov[SUBSCRIBE] == {DYNSEC_TOPIC + "/response"}
     # Everything but the plugin's control topic stays below the prefix.
     for role in ("balancer", "api", "reader", "loadtest", "substation.A", "ev.EV_1"):
         assert all(acl.topic.startswith(f"{p}/") for acl in role_acls(p, role)), role
+
+
+def test_a_regions_balancer_role_grants_only_its_regions_topics() -> None:
+    p, east = "grid/v1", "grid/v1/region/east"
+    assert role_of("balancer.east") == "balancer.east" and is_own_role("balancer.east")
+    grants = _grants("balancer.east")
+    default = _grants("balancer")
+
+    def moved(topics: set[str]) -> set[str]:
+        return {t if t == f"{p}/reply/#" else t.replace(f"{p}/", f"{east}/", 1) for t in topics}
+
+    assert grants == {kind: moved(topics) for kind, topics in default.items()}
+    assert f"{p}/reply/#" in grants[SEND]  # MQTT 5 replies: one reply root per grid
+    assert all(t.startswith(f"{east}/") for t in grants[SUBSCRIBE])
+    for bad in ("balancer.default", "balancer.a+b", "balancer."):
+        with pytest.raises(ValueError):
+            role_acls(p, bad)
+    assert validate_username("balancer.east", "service") == "balancer.east"
+    assert balancer_username("east") == "balancer.east" and balancer_username("default") == "balancer"
+    for bad in ("balancer.default", "balancer.a.b", "balancer."):
+        with pytest.raises(ValueError):
+            validate_username(bad, "service")
 
 
 def test_role_grants_follow_the_prefix_and_refuse_bad_ones() -> None:
@@ -237,7 +263,8 @@ def test_render_config() -> None:
     assert set(roles) == {"api", "balancer", "healthcheck", "loadtest", "provisioner", "reader", "substation.A",
                           "ev.EV_0001"}
     assert {a["topic"] for a in roles["substation.A"]["acls"] if a["acltype"] == SEND} == {
-        "grid/v1/substation/A/telemetry", "grid/v1/substation/A/status", "grid/v1/substation/A/session"}
+        f"grid/v1{region}/substation/A/{channel}" for region in ("", "/region/+")
+        for channel in ("telemetry", "status", "session")}
     assert [(r["rolename"], a["topic"]) for r in config["roles"] for a in r["acls"] if not a["allow"]] == [
         ("balancer", "grid/v1/ev/balancer/#")]  # the one deny: the balancer never writes as an EV "balancer"
     assert "pw-b" not in json.dumps(config)

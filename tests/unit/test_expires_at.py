@@ -1,6 +1,6 @@
-"""``ChargeRequest.expires_at`` (the replacement of MQTT 5 message expiry on 3.1.1): the balancer refuses a new
+"""``expires_at`` (the replacement of MQTT 5 message expiry on 3.1.1): the balancer refuses a new charge
 request received after it, answers a retry of a request it already answered as before, and does not remember
-the refusal (a fresh copy of the same request id may still be placed)."""
+the refusal (a fresh copy of the same request id may still be placed); a late operator action is refused too."""
 
 from __future__ import annotations
 
@@ -93,3 +93,29 @@ def test_ev_client_stamps_its_request_with_the_moment_it_gives_up_and_each_poll_
     assert first.expires_at is not None and first.expires_at == second.expires_at
     assert before + 0.249 <= first.expires_at <= time.time() + 0.251  # 0.05 s x 5 attempts after the first send
     assert polls and all(p.expires_at is not None and p.expires_at > first.expires_at for p in polls)
+
+
+def _results(tr: FakeTransport) -> list[dict]:
+    return [json.loads(p.payload) for p in tr.on(f"{P}/balancer/control/result")]
+
+
+def test_a_late_operator_action_is_refused_expired_and_not_applied() -> None:
+    svc, tr = _service()
+    telemetry(tr)
+    drain = {"action": "drain", "substation_id": "A", "request_id": "op-1"}
+    tr.deliver(f"{P}/balancer/control", json.dumps({**drain, "expires_at": NOW - 2}).encode())
+    [late] = _results(tr)
+    assert (late["ok"], late["reason"], late["request_id"], late["action"], late["substation_id"]) == (
+        False, Reason.EXPIRED, "op-1", "drain", "A")
+    assert not svc.core.substations["A"].draining
+    assert svc.counters[f"bad_payload:balancer_control:{Reason.EXPIRED}"] == 1
+    tr.deliver(f"{P}/balancer/control", json.dumps({**drain, "expires_at": NOW + 2}).encode())
+    assert _results(tr)[-1]["ok"] and svc.core.substations["A"].draining
+
+    limits = {"source": "dso", "entries": [{"start": NOW, "end": NOW + 600, "limit_kw": 50}], "request_id": "l-1"}
+    tr.deliver(f"{P}/substation/A/limits", json.dumps({**limits, "expires_at": NOW - 2}).encode())
+    late = _results(tr)[-1]
+    assert (late["ok"], late["action"], late["reason"]) == (False, "set_limits", Reason.EXPIRED)
+    assert "A" not in svc.core.schedules
+    tr.deliver(f"{P}/substation/A/limits", json.dumps({**limits, "expires_at": NOW + 2}).encode())
+    assert _results(tr)[-1]["ok"] and "A" in svc.core.schedules

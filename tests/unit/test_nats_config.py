@@ -29,10 +29,15 @@ def test_topics_map_as_nats_server_maps_them() -> None:
 
 def test_ev_permissions_name_only_its_own_topics() -> None:
     perms = permissions(P, "ev.EV_0001")
-    assert perms["publish"] == {"allow": ["grid.v1.ev.EV_0001.request", "grid.v1.ev.EV_0001.release"]}
-    assert perms["subscribe"]["allow"] == ["grid.v1.ev.EV_0001.assignment", "grid.v1.reply.EV_0001",
-                                           "grid.v1.reply.EV_0001.>", "grid.v1.balancer.status",
-                                           MQTT_INTERNAL_SUBSCRIBE]
+    # Its own request and release in every region (issue 12: grid.v1.region.<R>. ...), its own assignment in every
+    # region, its replies, the balancers' statuses.
+    assert perms["publish"] == {"allow": ["grid.v1.ev.EV_0001.request", "grid.v1.ev.EV_0001.release",
+                                          "grid.v1.region.*.ev.EV_0001.request",
+                                          "grid.v1.region.*.ev.EV_0001.release"]}
+    assert perms["subscribe"]["allow"] == ["grid.v1.ev.EV_0001.assignment", "grid.v1.balancer.status",
+                                           "grid.v1.region.*.ev.EV_0001.assignment",
+                                           "grid.v1.region.*.balancer.status", "grid.v1.reply.EV_0001",
+                                           "grid.v1.reply.EV_0001.>", MQTT_INTERNAL_SUBSCRIBE]
 
 
 def test_every_role_is_expressible_and_denies_stay_denies() -> None:

@@ -68,10 +68,12 @@ TELEMETRY = {"substation_id": "A", "ts": 10.0, "seq": 1, "capacity_kw": 100, "lo
 
 def test_subscribes_read_only_to_the_six_recorded_topics(svc: Any) -> None:
     _service, transport, _ = svc
-    assert transport.subs == {T.filter(k): 1 for k in (
+    assert transport.subs == {f: 1 for k in (
         TopicKind.SUBSTATION_TELEMETRY, TopicKind.SUBSTATION_STATUS, TopicKind.SUBSTATION_STATE,
-        TopicKind.BALANCER_QUEUE, TopicKind.EV_ASSIGNMENT, TopicKind.SUBSTATION_SESSION)}
+        TopicKind.BALANCER_QUEUE, TopicKind.EV_ASSIGNMENT, TopicKind.SUBSTATION_SESSION)
+        for f in T.filters_all_regions(k)}
     assert "grid/v1/ev/+/assignment" in transport.subs and "grid/v1/balancer/queue" in transport.subs
+    assert "grid/v1/region/+/ev/+/assignment" in transport.subs  # every region (issue 12)
 
 
 def test_good_messages_become_points_bad_ones_are_counted_by_reason_and_never_raise(svc: Any) -> None:
@@ -172,3 +174,16 @@ def test_influx_token_from_a_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("INFLUX_TOKEN_FILE", str(tmp_path / "missing.token"))
     with pytest.raises(ValidationError, match="INFLUX_TOKEN_FILE"):
         RecorderSettings()
+
+
+def test_every_region_is_recorded_with_its_region_tag(svc: Any) -> None:
+    """Issue 12: a named region's points carry ``region``; the default region's carry none (series unchanged)."""
+    service, transport, _ = svc
+    east = T.for_region("east")
+    deliver(transport, T.telemetry("A"), TELEMETRY)
+    deliver(transport, east.telemetry("E1"), {**TELEMETRY, "substation_id": "E1"})
+    deliver(transport, east.balancer_queue(), {"ts": 11.0, "length": 2, "entries": []}, retain=True)
+    deliver(transport, "grid/v1/region/default/substation/A/telemetry", TELEMETRY)  # not a topic: ignored
+    points = list(map(Point.parse, service.buffer.take(10)))
+    assert [(p.measurement, p.tag("substation_id"), p.tag("region")) for p in points] == [
+        ("substation_telemetry", "A", None), ("substation_telemetry", "E1", "east"), ("balancer_queue", None, "east")]
