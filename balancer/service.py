@@ -377,7 +377,8 @@ class BalancerService:
         inventory = not msg.retain and status.announced_for is not None and status.announced_for == self.instance
         self.log.info("substation_status", substation_id=sid, state=status.state, inventory=inventory,
                  sessions=status.sessions, retained=msg.retain)
-        self._publish(self.core.on_status(sid, status.state, now, inventory=inventory, region=status.region))
+        self._publish(self.core.on_status(sid, status.state, now, inventory=inventory, region=status.region,
+                                          taken_at=status.ts))
         if not self.startup.is_open:
             self.startup.substation_status(sid, status.state == "online", inventory)
             self._open_when_ready()
