@@ -41,7 +41,6 @@ from broker.accounts import (
     validate_prefix,
     write_private,
 )
-from broker.local import find_free_port
 from broker.nats.config import ClusterLayout, NodeAddress, render_accounts, render_node
 from grid_protocol.topics import DEFAULT_PREFIX
 from grid_runtime.credentials import derive_password
@@ -71,6 +70,19 @@ def find_nats_server() -> str:
             return candidate
     raise FileNotFoundError("nats-server not found (looked at $NATS_SERVER_BIN, PATH, /usr/sbin/nats-server); "
                             "install it (Debian: apt-get install nats-server)")
+
+
+def _free_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct TCP ports free on ``host`` now: every socket is held until all are chosen (one
+    :func:`find_free_port` after another can return the same port twice; it did, and a node then failed with
+    "address already in use")."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def _utf8(value: str) -> bytes:
@@ -304,11 +316,18 @@ class LocalCluster:
         self.start_timeout = start_timeout
         self.nats_bin = nats_bin or find_nats_server()
         self.accounts_file = self.work_dir / "accounts.conf"
-        ports = [(find_free_port(host), find_free_port(host), find_free_port(host),
-                  find_free_port(host) if monitoring else None) for _ in range(nodes)]
-        self.layout = ClusterLayout.local(ports, name=name, host=host,
-                                          tls_dir=Path(tls_dir).resolve() if tls_dir is not None else None)
+        self._host, self._monitoring, self._tls_dir = host, monitoring, tls_dir
+        self._name = name
+        self.layout = self._new_layout(nodes)
         self.nodes = [ClusterNode(self, i, a) for i, a in enumerate(self.layout.nodes)]
+        self._started_once = False
+
+    def _new_layout(self, nodes: int) -> ClusterLayout:
+        free = _free_ports(self._host, nodes * 4)
+        ports = [(free[4 * i], free[4 * i + 1], free[4 * i + 2], free[4 * i + 3] if self._monitoring else None)
+                 for i in range(nodes)]
+        tls_dir = Path(self._tls_dir).resolve() if self._tls_dir is not None else None
+        return ClusterLayout.local(ports, name=self._name, host=self._host, tls_dir=tls_dir)
 
     # --- addresses -------------------------------------------------------------------------------
     @property
@@ -374,27 +393,55 @@ class LocalCluster:
         return any(n.running for n in self.nodes)
 
     def start(self) -> LocalCluster:
-        """Write the files, start every node, wait until every node serves MQTT (JetStream ready)."""
+        """Write the files, start every node, wait until every node serves MQTT (JetStream ready).
+
+        A port chosen free can be taken by another process before the node binds it: the first start then
+        tries again on new ports (twice at most)."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.write_accounts()
-        for node in self.nodes:
-            node.launch()
-        deadline = time.monotonic() + self.start_timeout
-        try:
+        for attempt in range(3):
             for node in self.nodes:
-                node.wait_ready(max(0.1, deadline - time.monotonic()))
-        except ClusterStartError as exc:
-            tails = "\n".join(f"--- {n.name} ---\n{n.log_tail(15)}" for n in self.nodes)
-            self.stop()
-            raise ClusterStartError(f"{exc}\n{tails}") from None
-        return self
+                node.launch()
+            try:
+                self._wait_all(self.nodes, self.start_timeout)
+                return self
+            except ClusterStartError as exc:
+                tails = "\n".join(f"--- {n.name} ---\n{n.log_tail(15)}" for n in self.nodes)
+                self.stop()
+                if attempt < 2 and "address already in use" in tails and not self._started_once:
+                    for node in self.nodes:  # nothing to keep from a cluster that never formed
+                        shutil.rmtree(node.dir, ignore_errors=True)
+                    self.layout = self._new_layout(len(self.nodes))
+                    self.nodes = [ClusterNode(self, i, a) for i, a in enumerate(self.layout.nodes)]
+                    continue
+                raise ClusterStartError(f"{exc}\n{tails}") from None
+            finally:
+                self._started_once = any(n.running for n in self.nodes)
+        return self  # pragma: no cover - the loop returns or raises
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until every running node serves MQTT."""
-        deadline = time.monotonic() + (timeout if timeout is not None else self.start_timeout)
-        for node in self.nodes:
-            if node.running:
-                node.wait_ready(max(0.1, deadline - time.monotonic()))
+        self._wait_all([n for n in self.nodes if n.running],
+                       timeout if timeout is not None else self.start_timeout)
+
+    @staticmethod
+    def _wait_all(nodes: list[ClusterNode], timeout: float) -> None:
+        """Until each of ``nodes`` serves MQTT; :class:`ClusterStartError` at once when one exits (a node that
+        cannot bind its ports), or after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        waiting = list(nodes)
+        while waiting:
+            for node in list(waiting):
+                if node._proc is None or node._proc.poll() is not None:
+                    code = node._proc.returncode if node._proc is not None else None
+                    raise ClusterStartError(f"{node.name} exited ({code}):\n{node.log_tail()}")
+                if node.healthy():
+                    waiting.remove(node)
+            if waiting and time.monotonic() > deadline:
+                raise ClusterStartError(f"{', '.join(n.name for n in waiting)} not ready after {timeout:g} s:\n"
+                                        f"{waiting[0].log_tail()}")
+            if waiting:
+                time.sleep(0.1)
 
     def stop(self, timeout: float = 10.0) -> None:
         for node in reversed(self.nodes):

@@ -192,3 +192,16 @@ def test_accounts_change_by_rewriting_the_file_and_reloading(make_cluster: Calla
         assert all(_refused(n, "EV_0777", "new-password") for n in cluster.nodes)
     finally:
         ev.close()
+
+
+def test_a_port_taken_before_the_first_start_is_replaced(make_cluster: Callable[..., LocalCluster]) -> None:
+    import socket
+
+    cluster = make_cluster(start=False, ev_ids=[], substation_ids=[])
+    taken = cluster.nodes[1].client_port
+    with socket.socket() as blocker:  # another process binds the port between choosing and starting
+        blocker.bind(("127.0.0.1", taken))
+        blocker.listen()
+        cluster.start()
+        assert cluster.nodes[1].client_port != taken and all(n.running for n in cluster.nodes)
+        assert len({p for n in cluster.nodes for p in (n.port, n.client_port, n.address.cluster_port)}) == 9
