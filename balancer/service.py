@@ -379,7 +379,7 @@ class BalancerService:
         self.log.info("substation_status", substation_id=sid, state=status.state, inventory=inventory,
                  sessions=status.sessions, retained=msg.retain)
         self._publish(self.core.on_status(sid, status.state, now, inventory=inventory, region=status.region,
-                                          taken_at=status.ts))
+                                          taken_at=status.ts, announced=status.sessions))
         if not self.startup.is_open:
             self.startup.substation_status(sid, status.state == "online", inventory)
             self._open_when_ready()

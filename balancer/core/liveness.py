@@ -52,11 +52,13 @@ class Liveness:
         return effects + self.book.requeue_notices(now)
 
     def on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False,
-                  region: str | None = None, taken_at: float | None = None) -> list[Effect]:
+                  region: str | None = None, taken_at: float | None = None,
+                  announced: int | None = None) -> list[Effect]:
         """``inventory``: this ``online`` status closes the agent's re-announcement to this balancer (every
         session it runs was announced just before): sessions it did not announce are gone there. ``region``: the
         region the status names (kept as the substation's; ``None`` leaves it as it was). ``taken_at``: when the
-        agent took that inventory (the status's ts, its clock)."""
+        agent took that inventory (the status's ts, its clock); ``announced``: how many sessions it says it
+        announced just before (fewer arrived: the inventory is incomplete and drops nothing)."""
         st = self.state
         if state != "online" and substation_id not in st.substations:
             return []  # the retained last will of an agent we do not know (one removed long ago): nothing to do
@@ -64,7 +66,14 @@ class Liveness:
         st.touch(sub)
         if region is not None:
             sub.region = region
-        effects = self._reconcile(sub, now, taken_at) if inventory and state == "online" else []
+        effects: list[Effect] = []
+        if inventory and state == "online":
+            if announced is not None and len(sub.announced) < announced:
+                # Its running events have not all arrived (a clustered broker keeps no order between the retained
+                # status and them): judging now would drop sessions that run. The next inventory will tell.
+                st.counters["inventory_incomplete"] += 1
+            else:
+                effects = self._reconcile(sub, now, taken_at)
         sub.announced.clear()  # a status closes (or, offline, breaks off) the agent's announcement
         if state == "online":
             sub.status = state

@@ -961,6 +961,25 @@ def test_a_session_started_after_the_agent_took_its_inventory_is_not_dropped_by_
     assert_healthy(h)
 
 
+def test_an_inventory_whose_running_events_have_not_all_arrived_drops_nothing() -> None:
+    """The status says how many sessions the agent announced; fewer arrived (out of order on a clustered broker):
+    nothing is judged gone on it."""
+    h = Harness()
+    h.tel("A", 200, 0)
+    for ev in ("ONE", "TWO"):
+        h.req(ev, 22, min_kw=22)
+    one, two = h.session("ONE"), h.session("TWO")
+    for s, ev in ((one, "ONE"), (two, "TWO")):
+        h.event("A", "started", s.session_id, ev)
+    h.event("A", "running", one.session_id, "ONE")  # TWO's running event is still on its way
+    effects = h.b.on_status("A", "online", h.now, inventory=True, announced=2)
+    assert commands(effects, "stop") == [] and h.session("TWO").session_id == two.session_id
+    assert h.b.counters["inventory_incomplete"] == 1
+    h.event("A", "running", one.session_id, "ONE")  # a restarted agent that runs only ONE says so
+    effects = h.b.on_status("A", "online", h.now, inventory=True, announced=1)
+    assert [c.ev_id for _, c in commands(effects, "stop")] == ["TWO"]
+
+
 def test_adopted_sessions_already_in_the_measured_load_do_not_count_twice() -> None:
     """After a restart the first telemetry shows the load of sessions the balancer has not re-learnt yet; adopting
     them moves that load from uncontrolled to granted. Counted twice, the substation looked over its limit and the
