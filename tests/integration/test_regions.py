@@ -1,7 +1,8 @@
 """Regional partitions (issue 12) on a real Mosquitto with real processes: the default region and region ``east``,
 each with its own substation agents.
 
-* Two balancer processes (one per region): each answers only its own region's EVs and commands only its own
+* Two balancer processes (one per region; on Mosquitto, and in cluster mode on a 3-node NATS cluster with a lease
+  per region): each answers only its own region's EVs and commands only its own
   region's substations; ``kill -9`` of one leaves the other serving (a new EV request there is answered).
 * One process owning both regions serves both.
 * The broker's roles for the regional topics, on Mosquitto and on a 3-node NATS cluster: a region's balancer
@@ -177,6 +178,55 @@ def test_one_process_owning_two_regions_serves_both(broker: LocalBroker, service
                      if m.topic in (T.balancer_status(), EAST.balancer_status()) and b'"online"' in m.payload}
         assert len(instances) == 2, instances
     assert both.stop() == 0
+
+
+def test_two_regions_in_cluster_mode_on_the_nats_cluster_survive_each_other(
+        make_cluster: Callable[..., LocalCluster], tmp_path: Path, stopper: list[Callable[[], Any]]) -> None:
+    """The same on the 3-node NATS cluster in cluster mode (MQTT 3.1.1, a lease per region in NATS KV): each region's
+    balancer process on its own node answers only its region; kill -9 of one leaves the other answering."""
+    cluster = make_cluster(substation_ids=list(REGION_OF), services=(*SERVICE_ACCOUNTS, "balancer.east"),
+                           service_passwords={"balancer": BALANCER_PW, "balancer.east": BALANCER_PW})
+    n1, n2, n3 = cluster.nodes
+    hosts = ",".join(f"{n.host}:{n.port}" for n in (n3, n2, n1))
+    for subs, region in (("A:100,B:50", "default"), ("E1:100,E2:50", "east")):
+        agents = Service("substation_agents", n3, tmp_path, SUBSTATIONS=subs, SUBSTATION_REGION=region,
+                         MQTT_PROTOCOL="3.1.1", MQTT_HOSTS=hosts, MQTT_ACCOUNT_SECRET=cluster.secret,
+                         SUBSTATION_INTERVAL_S="0.2", MQTT_KEEPALIVE_S="5", SIM_SPEEDUP="60")
+        stopper.append(agents.stop)
+    nats_urls = ",".join(n.nats_url for n in cluster.nodes)
+    balancers = {}
+    for region, node in (("default", n1), ("east", n2)):
+        balancers[region] = start_balancer(node, tmp_path, MQTT_PROTOCOL="3.1.1", MQTT_PASSWORD=BALANCER_PW,
+                                           BALANCER_REGIONS=region, BALANCER_NATS_URLS=nats_urls,
+                                           BALANCER_NATS_REPLICAS="3", BALANCER_LEASE_S="6",
+                                           BALANCER_STARTUP_WAIT_S="2")
+        stopper.append(balancers[region].stop)
+    observer = Probe(n3, "observer", "grid/v1/#", protocol=mqtt.MQTTv311)
+    stopper.append(observer.close)
+    _online(observer, T)
+    _online(observer, EAST)
+    _grid_ready(observer)
+    evs = {ev: Probe(n3, ev, *T.filters_all_regions(TopicKind.EV_ASSIGNMENT, ev), protocol=mqtt.MQTTv311)
+           for ev in ("EV_0001", "EV_0002", "EV_0003")}
+    for ev in evs.values():
+        stopper.append(ev.close)
+    a1 = _request(evs["EV_0001"], T, "d-1")
+    a2 = _request(evs["EV_0002"], EAST, "e-1")
+    assert a1["status"] == "assigned" and a1["substation_id"] in ("A", "B"), a1
+    assert a2["status"] == "assigned" and a2["substation_id"] in ("E1", "E2"), a2
+    for sid in (a1["substation_id"], a2["substation_id"]):
+        assert observer.wait_for_topic(REGION_OF[sid].command(sid), 10), f"no command to {sid}"
+    commands = _commands(observer)
+    assert commands and all(REGION_OF[sid].region == region for region, sid in commands), commands
+
+    balancers["default"].signal(signal.SIGKILL)
+    balancers["default"].proc.wait(10)
+    a3 = _request(evs["EV_0003"], EAST, "e-2")
+    assert a3["status"] == "assigned" and a3["substation_id"] in ("E1", "E2"), a3
+    assert balancers["east"].proc.poll() is None
+    log = balancers["east"].log()
+    assert "region_lease_acquired" in log and "region=east" in log  # (cluster mode: it held east's lease)
+    assert "region_lease_renewal_failed" not in log
 
 
 # --- ACL on the regional topics ---------------------------------------------------------------
