@@ -367,17 +367,19 @@ class BalancerService:
         except PayloadError as err:
             self._substation_error(TopicKind.SUBSTATION_STATUS, sid, msg, err, now)
             return
-        if msg.retain and sid in self.core.substations:
-            # A retained copy of a substation we already follow is an old snapshot, handed out again on every
-            # re-subscription (this instance reconnecting, e.g. to another cluster node), in no order with the
-            # live messages: taken as news it would end an agent's re-announcement half-way, or close it as an
-            # inventory, and drop every session confirmed since. Live statuses (and staleness) say what is new.
+        if msg.retain and self.startup.snapshot_complete and sid in self.core.substations:
+            # After the start's snapshot (which the startup gate needs), a retained copy of a substation we already
+            # follow is an old snapshot, handed out again on every re-subscription (this instance reconnecting,
+            # e.g. to another cluster node), in no order with the live messages: taken as news it would end an
+            # agent's re-announcement half-way, or close it as an inventory, and drop every session confirmed
+            # since. Live statuses (and staleness) say what is new.
             self.counters["retained_status_replayed"] += 1
             return
         inventory = not msg.retain and status.announced_for is not None and status.announced_for == self.instance
         self.log.info("substation_status", substation_id=sid, state=status.state, inventory=inventory,
                  sessions=status.sessions, retained=msg.retain)
-        self._publish(self.core.on_status(sid, status.state, now, inventory=inventory, region=status.region))
+        self._publish(self.core.on_status(sid, status.state, now, inventory=inventory, region=status.region,
+                                          taken_at=status.ts, announced=status.sessions))
         if not self.startup.is_open:
             self.startup.substation_status(sid, status.state == "online", inventory)
             self._open_when_ready()

@@ -40,6 +40,8 @@ class AgentEvents:
             return []
         if msg.event != "ended":
             session.confirmed = True
+            if msg.event == "started":
+                session.confirmed_ts = msg.ts
             if msg.event == "running":
                 st.substation(substation_id, now).announced.add(msg.session_id)
             return []

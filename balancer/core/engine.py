@@ -152,8 +152,10 @@ class Balancer:
         return self._coalesce(self.liveness.on_telemetry(msg, now))
 
     def on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False,
-                  region: str | None = None) -> list[Effect]:
-        return self._coalesce(self.liveness.on_status(substation_id, state, now, inventory=inventory, region=region))
+                  region: str | None = None, taken_at: float | None = None,
+                  announced: int | None = None) -> list[Effect]:
+        return self._coalesce(self.liveness.on_status(substation_id, state, now, inventory=inventory, region=region,
+                                                      taken_at=taken_at, announced=announced))
 
     def on_session_event(self, substation_id: str, msg: SessionEvent, now: float) -> list[Effect]:
         return self._coalesce(self.agent_events.on_session_event(substation_id, msg, now))

@@ -52,10 +52,13 @@ class Liveness:
         return effects + self.book.requeue_notices(now)
 
     def on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False,
-                  region: str | None = None) -> list[Effect]:
+                  region: str | None = None, taken_at: float | None = None,
+                  announced: int | None = None) -> list[Effect]:
         """``inventory``: this ``online`` status closes the agent's re-announcement to this balancer (every
         session it runs was announced just before): sessions it did not announce are gone there. ``region``: the
-        region the status names (kept as the substation's; ``None`` leaves it as it was)."""
+        region the status names (kept as the substation's; ``None`` leaves it as it was). ``taken_at``: when the
+        agent took that inventory (the status's ts, its clock); ``announced``: how many sessions it says it
+        announced just before (fewer arrived: the inventory is incomplete and drops nothing)."""
         st = self.state
         if state != "online" and substation_id not in st.substations:
             return []  # the retained last will of an agent we do not know (one removed long ago): nothing to do
@@ -63,7 +66,14 @@ class Liveness:
         st.touch(sub)
         if region is not None:
             sub.region = region
-        effects = self._reconcile(sub, now) if inventory and state == "online" else []
+        effects: list[Effect] = []
+        if inventory and state == "online":
+            if announced is not None and len(sub.announced) < announced:
+                # Its running events have not all arrived (a clustered broker keeps no order between the retained
+                # status and them): judging now would drop sessions that run. The next inventory will tell.
+                st.counters["inventory_incomplete"] += 1
+            else:
+                effects = self._reconcile(sub, now, taken_at)
         sub.announced.clear()  # a status closes (or, offline, breaks off) the agent's announcement
         if state == "online":
             sub.status = state
@@ -88,10 +98,12 @@ class Liveness:
                                f"substation {sub.id} went offline and did not come back within {grace:g} s",
                                stop_agent=False)
 
-    def _reconcile(self, sub: Substation, now: float) -> list[Effect]:
+    def _reconcile(self, sub: Substation, now: float, taken_at: float | None = None) -> list[Effect]:
         """The agent announced its whole inventory: a session it had confirmed and no longer announces is gone
-        (the agent restarted): revoke it and re-queue its request. Unconfirmed ones may be starting right now."""
-        gone = [s for s in sub.sessions.values() if s.confirmed and s.session_id not in sub.announced]
+        (the agent restarted): revoke it and re-queue its request. Unconfirmed ones may be starting right now, and
+        one the agent started after it took the inventory (``taken_at``) cannot be in it."""
+        gone = [s for s in sub.sessions.values() if s.confirmed and s.session_id not in sub.announced
+                and not (taken_at is not None and s.confirmed_ts is not None and s.confirmed_ts >= taken_at)]
         effects: list[Effect] = []
         for session in gone:
             self.state.counters["session_lost"] += 1

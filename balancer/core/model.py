@@ -57,6 +57,10 @@ class Session(msgspec.Struct, gc=False):
     granted_w: int
     started_at: float
     confirmed: bool = False  # the agent reported it started
+    #: when the agent says it started it (its clock, the ``started`` event's ts): an inventory the agent took
+    #: before that cannot list it, however late the inventory arrives (a clustered broker keeps no order between
+    #: a retained status and later events)
+    confirmed_ts: float | None = None
     last_change_at: float = 0.0  # when granted_w last changed (hold time against flapping)
     changes: int = 0  # grant changes after the start
     delivered_wh: float = 0.0  # estimated from grants over time, up to accounted_at

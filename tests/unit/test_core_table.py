@@ -941,6 +941,45 @@ def test_inventory_drops_confirmed_sessions_the_agent_no_longer_runs() -> None:
     assert_healthy(h)
 
 
+def test_a_session_started_after_the_agent_took_its_inventory_is_not_dropped_by_it() -> None:
+    """On a clustered broker an agent's (retained) inventory status can arrive after ``started`` events it published
+    later: a session started at or after the inventory's ``ts`` cannot be in it and is kept; one started before it
+    and left out is gone."""
+    h = Harness()
+    h.tel("A", 200, 0)
+    for ev in ("BEFORE", "AFTER"):
+        h.req(ev, 22, min_kw=22)
+    before, after = h.session("BEFORE"), h.session("AFTER")
+    taken_at = h.now
+    h.b.on_session_event("A", SessionEvent(event="started", session_id=before.session_id, ev_id="BEFORE",
+                                           ts=taken_at - 1.0), h.now)
+    h.b.on_session_event("A", SessionEvent(event="started", session_id=after.session_id, ev_id="AFTER",
+                                           ts=taken_at + 0.2), h.now)
+    effects = h.b.on_status("A", "online", h.now, inventory=True, taken_at=taken_at)
+    assert [c.ev_id for _, c in commands(effects, "stop")] == ["BEFORE"]
+    assert h.session("AFTER").session_id == after.session_id
+    assert_healthy(h)
+
+
+def test_an_inventory_whose_running_events_have_not_all_arrived_drops_nothing() -> None:
+    """The status says how many sessions the agent announced; fewer arrived (out of order on a clustered broker):
+    nothing is judged gone on it."""
+    h = Harness()
+    h.tel("A", 200, 0)
+    for ev in ("ONE", "TWO"):
+        h.req(ev, 22, min_kw=22)
+    one, two = h.session("ONE"), h.session("TWO")
+    for s, ev in ((one, "ONE"), (two, "TWO")):
+        h.event("A", "started", s.session_id, ev)
+    h.event("A", "running", one.session_id, "ONE")  # TWO's running event is still on its way
+    effects = h.b.on_status("A", "online", h.now, inventory=True, announced=2)
+    assert commands(effects, "stop") == [] and h.session("TWO").session_id == two.session_id
+    assert h.b.counters["inventory_incomplete"] == 1
+    h.event("A", "running", one.session_id, "ONE")  # a restarted agent that runs only ONE says so
+    effects = h.b.on_status("A", "online", h.now, inventory=True, announced=1)
+    assert [c.ev_id for _, c in commands(effects, "stop")] == ["TWO"]
+
+
 def test_adopted_sessions_already_in_the_measured_load_do_not_count_twice() -> None:
     """After a restart the first telemetry shows the load of sessions the balancer has not re-learnt yet; adopting
     them moves that load from uncontrolled to granted. Counted twice, the substation looked over its limit and the
