@@ -5,15 +5,24 @@ reaches EVs and power does not flap."""
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections.abc import Iterator
+
+from sortedcontainers import SortedList
 
 from balancer.core import limit_effects
+from balancer.core.allocation import water_fill_classes
 from balancer.core.effects import Effect
 from balancer.core.model import Session, Substation, kw_to_w_up
 from balancer.core.policies import Policy
 from balancer.core.sessions import SessionBook
+from balancer.core.shares import ShareClass, ShareTable, ShareTables
 from balancer.core.state import CoreState
 from grid_protocol.reasons import Reason
+
+#: a substation's share table (ready up to now), its classes and each class's target
+ByClass = tuple[ShareTable, list[ShareClass], list[int]]
 
 
 class Rebalancer:
@@ -22,6 +31,12 @@ class Rebalancer:
         self.book = book
         self.policy = policy
         self._last_targets: dict[str, tuple[tuple[int, int, float], list[tuple[Session, int]]]] = {}
+        #: sessions by share class (water-filling policies): a pass finds the few sessions it changes by bisection
+        self.shares = ShareTables(lambda s: (s.request.min_w, s.request.requested_w, policy.weight(s)))
+        if policy.water_filled:
+            book.shares = self.shares
+        #: passes use the share classes where they can (False: every pass looks at every session; tests' reference)
+        self.incremental = policy.water_filled
 
     def band_w(self, sub: Substation) -> int:
         """Power kept free below the limit: base-load noise inside the band changes no grant, where shares computed
@@ -60,6 +75,24 @@ class Rebalancer:
 
     def forget(self, substation_id: str) -> None:
         self._last_targets.pop(substation_id, None)
+        self.shares.forget(substation_id)
+
+    def _by_class(self, sub: Substation, now: float) -> ByClass | None:
+        """Each share class's target, the very share :meth:`targets` gives each of its sessions, in O(classes).
+        ``None`` (then the pass looks at every session, as before): not a water-filling policy, no hold time
+        (a new session's grant is written after its first pass), the clock stepped back, or the float rounding
+        of the shares leaves sessions of one class with different targets."""
+        if not self.incremental or self.state.config.min_hold_s <= 0:
+            return None
+        table = self.shares.table(sub.id)
+        if table is None or len(table) != len(sub.sessions) or not table.ready_at(now, self.state.config.min_hold_s):
+            return None
+        classes = list(table.classes.values())
+        if not all(c.weight.is_integer() for c in classes):
+            return None
+        available = max(sub.floors_w, self._free_w(sub))
+        targets = water_fill_classes(available, [(c.floor, c.cap, c.weight, c.count) for c in classes])
+        return None if targets is None else (table, classes, targets)
 
     def _settled(self, sub: Substation, now: float) -> bool:
         """A sharing pass here would change no grant: no session came, went or changed since the last full pass,
@@ -122,6 +155,44 @@ class Rebalancer:
             tolerance = min(tolerance, room_slack - 2 * (len(shares) + 1))
         return sub.shares_version, self._free_w(sub), hold_until, tolerance, self.band_w(sub)
 
+    def _memo_by_class(self, sub: Substation, by_class: ByClass,
+                       now: float) -> tuple[int, int, float, float, int] | None:
+        """:meth:`_memo` from the share classes, in O(classes): a class's ready sessions furthest from its share are
+        the first and last in grant order, the least above it the first at or past it; held ones are the table's."""
+        table, classes, targets = by_class
+        hysteresis = self.step_w(sub)
+        smallest = max(1, self.band_w(sub))
+        room = self._free_w(sub) - sub.granted_w
+        room_slack = smallest - room
+        slack = float(min(hysteresis, room_slack))
+        level: float | None = None
+        max_weight = 0.0
+        for cls, target in zip(classes, targets, strict=True):
+            ready = cls.ready
+            if ready:
+                slack = min(slack, hysteresis - max(abs(target - ready[0][0]), abs(target - ready[-1][0])))
+                if room >= smallest:
+                    at = ready.bisect_left((target,))
+                    if at < len(ready):
+                        slack = min(slack, ready[at][0] - target + 1)
+            max_weight = max(max_weight, cls.weight)
+            if level is None and cls.floor < target < cls.cap:
+                level = target / cls.weight
+        rounding = 2 * (len(sub.sessions) + 1)  # integer rounding of the shares (water_fill gives back a few watts)
+        slack -= rounding
+        tolerance = slack
+        if level is not None and slack > 0:
+            step = slack / max_weight
+
+            def total(at: float) -> float:
+                return sum(c.count * min(c.cap, max(c.floor, c.weight * at)) for c in classes)
+
+            now_total = total(level)
+            tolerance = max(slack, min(total(level + step) - now_total, now_total - total(level - step)))
+            tolerance = min(tolerance, room_slack - rounding)
+        return (sub.shares_version, self._free_w(sub), table.hold_until(self.state.config.min_hold_s), tolerance,
+                self.band_w(sub))
+
     def due(self, now: float) -> list[Substation]:
         """Substations not re-evaluated for ``rebalance_interval_s``."""
         interval = self.state.config.rebalance_interval_s
@@ -140,6 +211,20 @@ class Rebalancer:
             return []
         step = self.step_w(sub)
         effects: list[Effect] = []
+        by_class = self._by_class(sub, now) if shed <= 0 else None
+        if by_class is not None:
+            # Only sessions past their hold a step or more above their class's share change: found by bisection
+            # (each class in grant order), in the full pass's order (furthest above first, then as they came).
+            _, classes, targets = by_class
+            least = max(1, step)  # (the full pass stops at the first session not above its share)
+            picks = [(target - grant, order, sid, target) for cls, target in zip(classes, targets, strict=True)
+                     for grant, order, sid in cls.ready.islice(cls.ready.bisect_left((target + least,)))]
+            picks.sort()
+            for _, _, sid, target in picks:
+                session = sub.sessions[sid]
+                if session is not skip:
+                    effects += self.book.set_grant(session, target, now, Reason.REBALANCED, "fair share changed")
+            return effects
         for session, target in sorted(self.targets(sub, now), key=lambda st: st[1] - st[0].granted_w):
             if session is skip:
                 continue
@@ -176,6 +261,26 @@ class Rebalancer:
         smallest = max(1, band)
         room = sub.limit_w(cfg.safety_margin_pct) - sub.used_w() - band
         effects: list[Effect] = []
+        by_class = self._by_class(sub, now)
+        if by_class is not None:
+            # Past their hold and below their class's share, furthest below first (then as they came): each class's
+            # ready sessions below its share are a prefix of its grant order; merged, and read only while room lasts.
+            _, classes, targets = by_class
+            rises: list[tuple[Session, int]] = []
+            for _, _, sid, target in heapq.merge(*(_below(cls.ready, target)
+                                                   for cls, target in zip(classes, targets, strict=True))):
+                if room < smallest:
+                    break
+                session = sub.sessions[sid]
+                rise = min(max(target - session.granted_w, min(step, room)),
+                           session.request.requested_w - session.granted_w, room)
+                if rise >= smallest:
+                    rises.append((session, session.granted_w + rise))
+                    room -= rise
+            for session, grant in rises:
+                effects += self.book.set_grant(session, grant, now, Reason.POWER_AVAILABLE, "more power is available")
+            sub.share_memo = self._memo_by_class(sub, by_class, now)
+            return effects
         shares = self.targets(sub, now)
         for session, target in sorted(shares, key=lambda st: st[0].granted_w - st[1]):
             if room < smallest:
@@ -214,3 +319,9 @@ class Rebalancer:
         # Over the limit: back under it, and under the noise band too, so the next wobble does not cut again.
         shed = sub.used_w() - (limit - self.band_w(sub)) if sub.used_w() > limit else 0
         return effects + self.decrease(sub, now, shed=shed)
+
+
+def _below(ready: SortedList, target: int) -> Iterator[tuple[int, int, str, int]]:
+    """A class's ready sessions below its share, furthest below first: (grant - share, order, id, share)."""
+    for grant, order, sid in ready.islice(0, ready.bisect_left((target,))):
+        yield grant - target, order, sid, target
