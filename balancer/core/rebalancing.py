@@ -211,20 +211,9 @@ class Rebalancer:
             return []
         step = self.step_w(sub)
         effects: list[Effect] = []
-        by_class = self._by_class(sub, now) if shed <= 0 else None
+        by_class = self._by_class(sub, now)
         if by_class is not None:
-            # Only sessions past their hold a step or more above their class's share change: found by bisection
-            # (each class in grant order), in the full pass's order (furthest above first, then as they came).
-            _, classes, targets = by_class
-            least = max(1, step)  # (the full pass stops at the first session not above its share)
-            picks = [(target - grant, order, sid, target) for cls, target in zip(classes, targets, strict=True)
-                     for grant, order, sid in cls.ready.islice(cls.ready.bisect_left((target + least,)))]
-            picks.sort()
-            for _, _, sid, target in picks:
-                session = sub.sessions[sid]
-                if session is not skip:
-                    effects += self.book.set_grant(session, target, now, Reason.REBALANCED, "fair share changed")
-            return effects
+            return self._decrease_by_class(sub, by_class, now, shed, skip)
         for session, target in sorted(self.targets(sub, now), key=lambda st: st[1] - st[0].granted_w):
             if session is skip:
                 continue
@@ -242,6 +231,58 @@ class Rebalancer:
                 break  # (sorted: nobody after this one is above its share)
             if above >= step and now - session.last_change_at >= cfg.min_hold_s:
                 effects += self.book.set_grant(session, target, now, Reason.REBALANCED, "fair share changed")
+        return effects
+
+    def _decrease_by_class(self, sub: Substation, by_class: ByClass, now: float, shed: int,
+                           skip: Session | None) -> list[Effect]:
+        """:meth:`decrease` from the share classes, the same cuts in the same order, looking only at the sessions
+        it cuts. The full pass goes through every session furthest above its share first (then as they came):
+        while shedding, that order is read lazily (each class's ready sessions in grant order, the held ones
+        sorted) and only until enough is shed; after that only sessions past their hold a step or more above
+        their share change, and those are found by bisection in each class."""
+        table, classes, targets = by_class
+        step = self.step_w(sub)
+        cuts: list[tuple[Session, int, bool]] = []  # (session, new grant, shed)
+        last: tuple[int, int] | None = None  # the order key of the last session the shedding looked at
+        if shed > 0:
+            share = {id(cls): target for cls, target in zip(classes, targets, strict=True)}
+            key = self.shares.key
+            held = sorted((share[id(table.classes[key(s)])] - s.granted_w, table.filed[sid][1], sid)
+                          for sid, s in table.held.items())
+            streams = [_above(cls.ready, target) for cls, target in zip(classes, targets, strict=True)]
+            for target_less_grant, order, sid in heapq.merge(iter(held), *streams):
+                last = (target_less_grant, order)
+                session = sub.sessions[sid]
+                if session is skip:
+                    continue
+                cut = min(session.granted_w - session.request.min_w, max(-target_less_grant, min(step, shed)))
+                if cut > 0:
+                    cuts.append((session, session.granted_w - cut, True))
+                    shed -= cut
+                    if shed <= 0:
+                        break
+            else:
+                last = (1 << 62, 0)  # (everyone was looked at and more is still to shed: nothing else to lower)
+        least = max(1, step)  # (the full pass stops at the first session not above its share)
+        picks = [(target - grant, order, sid, target) for cls, target in zip(classes, targets, strict=True)
+                 for grant, order, sid in cls.ready.islice(cls.ready.bisect_left((target + least,)))]
+        picks.sort()
+        for target_less_grant, order, sid, target in picks:
+            if last is not None and (target_less_grant, order) <= last:
+                continue  # (cut while shedding, or passed over)
+            session = sub.sessions[sid]
+            if session is not skip:
+                cuts.append((session, target, False))
+        effects: list[Effect] = []
+        reason: tuple[Reason, str] | None = None
+        for session, grant, shedding in cuts:
+            if shedding:
+                if reason is None:  # a scheduled limit that binds says so (limit_scheduled, and whose it is)
+                    reason = (limit_effects.cut_reason(self.state, sub, now)
+                              or (Reason.CAPACITY_REDUCED, "substation limit"))
+                effects += self.book.set_grant(session, grant, now, *reason)
+            else:
+                effects += self.book.set_grant(session, grant, now, Reason.REBALANCED, "fair share changed")
         return effects
 
     def raise_(self, sub: Substation, now: float) -> list[Effect]:
@@ -267,8 +308,9 @@ class Rebalancer:
             # ready sessions below its share are a prefix of its grant order; merged, and read only while room lasts.
             _, classes, targets = by_class
             rises: list[tuple[Session, int]] = []
-            for _, _, sid, target in heapq.merge(*(_below(cls.ready, target)
-                                                   for cls, target in zip(classes, targets, strict=True))):
+            streams = [_below(cls.ready, target) for cls, target in zip(classes, targets, strict=True)
+                     if room >= smallest]
+            for _, _, sid, target in heapq.merge(*streams):
                 if room < smallest:
                     break
                 session = sub.sessions[sid]
@@ -319,6 +361,17 @@ class Rebalancer:
         # Over the limit: back under it, and under the noise band too, so the next wobble does not cut again.
         shed = sub.used_w() - (limit - self.band_w(sub)) if sub.used_w() > limit else 0
         return effects + self.decrease(sub, now, shed=shed)
+
+
+def _above(ready: SortedList, target: int) -> Iterator[tuple[int, int, str]]:
+    """A class's ready sessions, furthest above its share first, then as they came: (share - grant, order, id)."""
+    run: list[tuple[int, int, str]] = []  # sessions of one grant: reversed, they would come last first
+    for grant, order, sid in reversed(ready):
+        if run and run[0][0] != target - grant:
+            yield from reversed(run)
+            run.clear()
+        run.append((target - grant, order, sid))
+    yield from reversed(run)
 
 
 def _below(ready: SortedList, target: int) -> Iterator[tuple[int, int, str, int]]:
