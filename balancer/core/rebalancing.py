@@ -87,11 +87,15 @@ class Rebalancer:
         table = self.shares.table(sub.id)
         if table is None or len(table) != len(sub.sessions) or not table.ready_at(now, self.state.config.min_hold_s):
             return None
-        classes = list(table.classes.values())
-        if not all(c.weight.is_integer() for c in classes):
-            return None
         available = max(sub.floors_w, self._free_w(sub))
-        targets = water_fill_classes(available, [(c.floor, c.cap, c.weight, c.count) for c in classes])
+        last = table.shares
+        if last is not None and last[0] == table.version and last[1] == available:
+            classes, targets = last[2], last[3]  # (a pass lowers, the queue is served, a pass raises: one answer)
+        else:
+            classes = list(table.classes.values())
+            targets = (water_fill_classes(available, [(c.floor, c.cap, c.weight, c.count) for c in classes])
+                       if all(c.weight.is_integer() for c in classes) else None)
+            table.shares = (table.version, available, classes, targets)
         return None if targets is None else (table, classes, targets)
 
     def _settled(self, sub: Substation, now: float) -> bool:

@@ -39,7 +39,7 @@ class ShareClass:
 class ShareTable:
     """One substation's sessions by share class."""
 
-    __slots__ = ("classes", "filed", "held", "holds", "seen_at")
+    __slots__ = ("classes", "filed", "held", "holds", "seen_at", "shares", "version")
 
     def __init__(self) -> None:
         self.classes: dict[ClassKey, ShareClass] = {}
@@ -48,6 +48,9 @@ class ShareTable:
         self.held: dict[str, Session] = {}
         self.holds: list[tuple[float, int, str]] = []  # (last change, attach order, session id): a heap
         self.seen_at = float("-inf")  # the latest time a pass looked (a clock that steps back: see ready_at)
+        self.version = 0  # bumped when a session comes or goes (the classes' counts change)
+        #: the rebalancer's last answer: (version, power shared, the classes, each class's share or None)
+        self.shares: tuple[int, int, list[ShareClass], list[int] | None] | None = None
 
     def __len__(self) -> int:
         return len(self.filed)
@@ -57,6 +60,7 @@ class ShareTable:
         if cls is None:
             cls = self.classes[key] = ShareClass(key)
         cls.count += 1
+        self.version += 1
         self.filed[session.session_id] = (key, order, None)
         self._hold(session, order)
 
@@ -71,6 +75,7 @@ class ShareTable:
         key, order, grant = entry
         cls = self.classes[key]
         cls.count -= 1
+        self.version += 1
         if grant is not None:
             cls.ready.remove((grant, order, session.session_id))
         else:
