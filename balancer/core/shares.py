@@ -112,17 +112,6 @@ class ShareTable:
             self.classes[key].ready.add((session.granted_w, order, sid))
         return True
 
-    def hold_until(self, hold_s: float) -> float:
-        """When the first held change comes due (after :meth:`ready_at`); inf when nothing is held."""
-        holds, held = self.holds, self.held
-        while holds:
-            last_change, _, sid = holds[0]
-            session = held.get(sid)
-            if session is not None and session.last_change_at == last_change:
-                return last_change + hold_s
-            heapq.heappop(holds)
-        return float("inf")
-
 
 class ShareTables:
     """The tables of every substation, kept by the session book; ``key`` gives a session's share class."""
