@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from sortedcontainers import SortedList
 
 from balancer.core import limit_effects
-from balancer.core.allocation import water_fill_classes
+from balancer.core.allocation import class_events, water_fill_classes
 from balancer.core.effects import Effect
 from balancer.core.model import Session, Substation, kw_to_w_up
 from balancer.core.policies import Policy
@@ -93,8 +93,12 @@ class Rebalancer:
             classes, targets = last[2], last[3]  # (a pass lowers, the queue is served, a pass raises: one answer)
         else:
             classes = list(table.classes.values())
-            targets = (water_fill_classes(available, [(c.floor, c.cap, c.weight, c.count) for c in classes])
-                       if all(c.weight.is_integer() for c in classes) else None)
+            kept = table.events
+            if kept is None or kept[0] != table.version:
+                rows = [(c.floor, c.cap, c.weight, c.count) for c in classes]
+                whole = all(c.weight.is_integer() for c in classes)
+                kept = table.events = (table.version, rows, class_events(rows) if whole else None)
+            targets = water_fill_classes(available, kept[1], kept[2]) if kept[2] is not None else None
             table.shares = (table.version, available, classes, targets)
         return None if targets is None else (table, classes, targets)
 
@@ -231,6 +235,7 @@ class Rebalancer:
                 last = (1 << 62, 0)  # (everyone was looked at and more is still to shed: nothing else to lower)
         least = max(1, step)  # (the full pass stops at the first session not above its share)
         picks = [(target - grant, order, sid, target) for cls, target in zip(classes, targets, strict=True)
+                 if cls.ready and cls.ready[-1][0] >= target + least  # (the most granted is not: none is)
                  for grant, order, sid in cls.ready.islice(cls.ready.bisect_left((target + least,)))]
         picks.sort()
         for target_less_grant, order, sid, target in picks:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 from sortedcontainers import SortedList
 
+from balancer.core.allocation import ClassEvents
 from balancer.core.model import Session, Substation
 
 #: (floor W, cap W, weight)
@@ -39,7 +40,7 @@ class ShareClass:
 class ShareTable:
     """One substation's sessions by share class."""
 
-    __slots__ = ("classes", "filed", "held", "holds", "seen_at", "shares", "version")
+    __slots__ = ("classes", "events", "filed", "held", "holds", "seen_at", "shares", "version")
 
     def __init__(self) -> None:
         self.classes: dict[ClassKey, ShareClass] = {}
@@ -51,6 +52,9 @@ class ShareTable:
         self.version = 0  # bumped when a session comes or goes (the classes' counts change)
         #: the rebalancer's last answer: (version, power shared, the classes, each class's share or None)
         self.shares: tuple[int, int, list[ShareClass], list[int] | None] | None = None
+        #: (version, the classes as (floor, cap, weight, count), their breakpoints, None when a weight is not whole)
+        #: while the classes stay the same
+        self.events: tuple[int, list[tuple[int, int, float, int]], ClassEvents | None] | None = None
 
     def __len__(self) -> int:
         return len(self.filed)

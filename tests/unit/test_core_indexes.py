@@ -12,6 +12,7 @@ from hypothesis.stateful import invariant
 
 import tests.unit.test_core_properties as props
 from balancer.core import Balancer, CoreConfig, PendingRequest
+from balancer.core.allocation import water_fill, water_fill_classes
 from balancer.core.policies import COMPRESSIBLE
 from balancer.core.policies.scan import compressible_room_w, fair_placement, least_utilised
 from grid_protocol.messages import ChargeRequest, ControlCommand, Release, SessionEvent, Telemetry
@@ -311,3 +312,23 @@ def test_sharing_by_class_at_the_step_boundary() -> None:
             if outs[0][2]:
                 changed.add(delta_w)
     assert changed and changed != set(range(0, 6_000, 3))
+
+
+@settings(max_examples=500, deadline=None)
+@given(classes=st.lists(st.tuples(st.integers(0, 5_000), st.integers(0, 30_000), st.integers(1, 4),
+                                  st.integers(1, 40)), min_size=0, max_size=6),
+       available=st.integers(0, 400_000))
+def test_water_fill_by_class_is_water_fill(classes: list[tuple[int, int, int, int]], available: int) -> None:
+    """Each class's target is what water_fill gives every one of its sessions (None: the caller shares session by
+    session, only ever where the level falls between the floors and the caps)."""
+    rows = [(f, max(f, c), float(w), k) for f, c, w, k in classes]
+    floors = [f for f, _, _, k in rows for _ in range(k)]
+    caps = [c for _, c, _, k in rows for _ in range(k)]
+    weights = [w for _, _, w, k in rows for _ in range(k)]
+    per_session = water_fill(available, floors, caps, weights)
+    by_class = water_fill_classes(available, rows)
+    expanded = [t for t, (_, _, _, k) in zip(by_class or [], rows, strict=False) for _ in range(k)]
+    if by_class is not None:
+        assert expanded == per_session
+    else:  # only where the level falls between the floors and the caps (rounding there)
+        assert sum(floors) < available < sum(caps)
