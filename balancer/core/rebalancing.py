@@ -280,7 +280,7 @@ class Rebalancer:
             _, classes, targets = by_class
             rises: list[tuple[Session, int]] = []
             streams = [_below(cls.ready, target) for cls, target in zip(classes, targets, strict=True)
-                     if room >= smallest]
+                       if room >= smallest and cls.ready and cls.ready[0][0] < target]
             for _, _, sid, target in heapq.merge(*streams):
                 if room < smallest:
                     break
