@@ -71,6 +71,11 @@ class ShareTable:
     def _hold(self, session: Session, order: int) -> None:
         self.held[session.session_id] = session
         heapq.heappush(self.holds, (session.last_change_at, order, session.session_id))
+        if len(self.holds) > 2 * len(self.filed) + 16:
+            # A substation with room for all its sessions has no pass to move them on (ready_at): drop the entries
+            # of sessions gone or changed since, so the heap never outgrows its sessions.
+            self.holds = [(s.last_change_at, self.filed[sid][1], sid) for sid, s in self.held.items()]
+            heapq.heapify(self.holds)
 
     def discard(self, session: Session) -> None:
         entry = self.filed.pop(session.session_id, None)

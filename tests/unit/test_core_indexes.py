@@ -332,3 +332,22 @@ def test_water_fill_by_class_is_water_fill(classes: list[tuple[int, int, int, in
         assert expanded == per_session
     else:  # only where the level falls between the floors and the caps (rounding there)
         assert sum(floors) < available < sum(caps)
+
+
+def test_share_tables_stay_the_size_of_their_sessions() -> None:
+    """A substation with room for everyone never runs a pass that would move its held sessions on: the hold heap
+    is still kept the size of its sessions (no growth with every session that ever came and went)."""
+    b = Balancer(dataclasses.replace(CoreConfig(), policy="weighted-fair"))
+    now = T0
+    b.on_status("A", "online", now)
+    b.on_telemetry(Telemetry(substation_id="A", ts=now, seq=1, capacity_kw=1_000.0, load_kw=0.0,
+                             base_load_kw=0.0, ev_load_kw=0.0, active_sessions=0), now)
+    for i in range(2_000):
+        now += 0.001  # (within the telemetry's freshness)
+        b.on_request(f"EV{i}", ChargeRequest(request_id="r", requested_kw=7.4, duration_minutes=60), now)
+        if i >= 5:
+            b.on_release(f"EV{i - 5}", Release(), now)
+    table = b.rebalancer.shares.table("A")
+    assert table is not None and len(table) == len(b.substations["A"].sessions) == 5
+    assert len(table.holds) <= 2 * len(table) + 16
+    assert not list(b.rebalancer.shares.check(b.substations["A"]))
