@@ -79,3 +79,45 @@ def laxity_share(available: int, floors: Sequence[int], caps: Sequence[int],
             if room <= 0:
                 return targets
     return equal_share(available, targets, caps)
+
+
+#: a class's breakpoints, sorted: (level, weight change, count); and the totals at the floors and at the caps
+ClassEvents = tuple[list[tuple[float, float, int]], int, int]
+
+
+def class_events(classes: Sequence[tuple[int, int, float, int]]) -> ClassEvents:
+    """What :func:`water_fill_classes` needs of the classes, whatever the power (kept while the classes are)."""
+    events = sorted([(f / w, w, k) for f, _, w, k in classes] + [(c / w, -w, k) for _, c, w, k in classes])
+    return events, sum(f * k for f, _, _, k in classes), sum(c * k for _, c, _, k in classes)
+
+
+def water_fill_classes(available: int, classes: Sequence[tuple[int, int, float, int]],
+                       events: ClassEvents | None = None) -> list[int] | None:
+    """:func:`water_fill` over classes of sessions, ``(floor, cap, weight, count)``: one target per class, the very
+    targets water_fill gives each of the class's sessions, in O(classes). The level is found by the same steps (a
+    class of ``count`` sessions is ``count`` equal breakpoints, which move the level nowhere); weights must be whole
+    numbers so the slope's sums are exact as they are there. ``None`` when water_fill's float rounding would take a
+    few watts back from some sessions (they would no longer share their class's target). ``events``: the classes'
+    :func:`class_events`, when kept."""
+    if not classes:
+        return []
+    points, floors, caps = events if events is not None else class_events(classes)
+    if floors >= available:
+        return [f for f, _, _, _ in classes]
+    if caps <= available:
+        return [c for _, c, _, _ in classes]
+    base = float(floors)
+    slope = 0.0
+    level_at = 0.0
+    level = points[-1][0]
+    for point, dw, count in points:
+        reached = base + slope * (point - level_at)
+        if reached >= available:
+            level = level_at + (available - base) / slope if slope > 0 else level_at
+            break
+        base, level_at = reached, point
+        slope += dw * count
+    targets = [min(c, max(f, int(level * w))) for f, c, w, _ in classes]
+    if sum(t * k for t, (_, _, _, k) in zip(targets, classes, strict=True)) > available:
+        return None
+    return targets

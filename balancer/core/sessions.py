@@ -7,6 +7,7 @@ from balancer.core import limit_effects
 from balancer.core.effects import Effect, ToEv, ToSubstation
 from balancer.core.ledger import Ledger
 from balancer.core.model import PendingRequest, Session, Substation, w_to_kw
+from balancer.core.shares import ShareTables
 from balancer.core.state import CoreState
 from grid_protocol.messages import SessionCommand
 from grid_protocol.reasons import Reason
@@ -16,6 +17,8 @@ class SessionBook:
     def __init__(self, state: CoreState, ledger: Ledger) -> None:
         self.state = state
         self.ledger = ledger
+        #: the sessions by share class, kept here as they start, change and end (set by the rebalancer that uses it)
+        self.shares: ShareTables | None = None
 
     def new(self, sub: Substation, req: PendingRequest, grant: int, now: float) -> Session:
         session = Session(self.state.new_session_id(), sub.id, req, grant, now, last_change_at=now, accounted_at=now)
@@ -31,6 +34,8 @@ class SessionBook:
         self.state.ends.update(session)
         self.state.touch(sub)
         sub.shares_version += 1
+        if self.shares is not None:
+            self.shares.attach(session)
 
     def remove(self, session: Session) -> None:
         sub = self.state.substations[session.substation_id]
@@ -38,6 +43,8 @@ class SessionBook:
             sub.granted_w -= session.granted_w
             sub.requested_w -= session.request.requested_w
             sub.floors_w -= session.request.min_w
+            if self.shares is not None:
+                self.shares.remove(session)
         self.state.sessions.pop(session.session_id, None)
         self.state.ends.discard(session.session_id)
         self.state.touch(sub)
@@ -73,6 +80,8 @@ class SessionBook:
         session.granted_w = grant
         session.last_change_at = now
         session.changes += 1
+        if self.shares is not None:
+            self.shares.changed(session)
         self.state.ends.update(session)
         self.state.touch(sub)
         sub.shares_version += 1

@@ -12,9 +12,10 @@ from hypothesis.stateful import invariant
 
 import tests.unit.test_core_properties as props
 from balancer.core import Balancer, CoreConfig, PendingRequest
+from balancer.core.allocation import water_fill, water_fill_classes
 from balancer.core.policies import COMPRESSIBLE
 from balancer.core.policies.scan import compressible_room_w, fair_placement, least_utilised
-from grid_protocol.messages import ChargeRequest, ControlCommand, Release, Telemetry
+from grid_protocol.messages import ChargeRequest, ControlCommand, Release, SessionEvent, Telemetry
 
 PROBES = ((1, 1), (1_400, 1_400), (7_400, 1_400), (11_000, 1_400), (11_000, 11_000), (22_000, 4_000),
           (50_000, 1_400), (120_000, 60_000))
@@ -194,3 +195,159 @@ def test_skipped_sharing_passes_would_have_changed_nothing(
                                                load_kw=base[sid] + granted, base_load_kw=base[sid],
                                                ev_load_kw=granted, active_sessions=0), now)
             both("tick", now)
+
+
+SHARE_OPS = st.lists(st.tuples(st.sampled_from(["request", "request", "request", "release", "time", "time", "jump",
+                                                "limit", "adopt"]),
+                               st.integers(0, 10_000), st.sampled_from([3.7, 7.4, 11.0, 22.0])),
+                     min_size=10, max_size=90)
+
+
+#: whole kW (base loads, noise): grants land exactly a step from their share, where a bound off by one shows
+WHOLE_GRIDS = st.tuples(st.sampled_from(["least-utilised", "weighted-fair"]),
+                        st.lists(st.tuples(st.sampled_from(["A", "B", "C"]), st.sampled_from([30.0, 50.0, 80.0]),
+                                           st.sampled_from([0.0, 0.1, 0.2, 0.5]), st.just(0.0)),
+                                 min_size=1, max_size=3, unique_by=lambda t: t[0]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(grid=st.one_of(SMALL_GRIDS, WHOLE_GRIDS), ops=SHARE_OPS,
+       noise=st.one_of(st.lists(st.floats(-3.0, 3.0), min_size=1, max_size=8),
+                       st.lists(st.integers(-2, 2).map(float), min_size=1, max_size=8)),
+       hold=st.sampled_from([0.0, 2.0, 10.0]), hysteresis=st.sampled_from([0.0, 0.5, 1.0, 3.0]))
+def test_sharing_by_class_decides_as_every_session_pass(
+        grid: tuple[str, list[tuple[str, float, float, float]]], ops: list[tuple[str, int, float]],
+        noise: list[float], hold: float, hysteresis: float) -> None:
+    """Two cores in lockstep: one shares by class (balancer/core/shares.py) and skips settled passes, the other
+    looks at every session on every pass: the same effects, always; and the share tables stay in step with the
+    sessions. Base-load jumps and operator limits make the sessions shed (the lazy order), priorities make classes
+    of other weights, adopted sessions arrive with a grant of their own, the clock sometimes steps back."""
+    policy, subs = grid
+    config = dataclasses.replace(CoreConfig(), policy=policy, min_hold_s=hold, hysteresis_kw=hysteresis)
+    cores = [Balancer(config) for _ in range(2)]
+    cores[1].rebalancer._settled = lambda sub, now: False  # type: ignore[method-assign]
+    cores[1].rebalancer.incremental = False
+    now, seq = T0, 0
+    ids = [s[0] for s in subs]
+    base = {sid: cap * share for sid, cap, share, _ in subs}
+
+    def both(call: str, *args: object) -> None:
+        out = [getattr(b, call)(*args) for b in cores]
+        assert out[0] == out[1], call
+        for sub in cores[0].substations.values():
+            assert not list(cores[0].rebalancer.shares.check(sub))
+
+    def report(sid: str) -> None:
+        nonlocal seq
+        seq += 1
+        cap = cores[0].substations[sid].reported_capacity_w / 1000
+        granted = cores[0].substations[sid].granted_w / 1000
+        both("on_telemetry", Telemetry(substation_id=sid, ts=now, seq=seq, capacity_kw=cap,
+                                       load_kw=base[sid] + granted, base_load_kw=base[sid], ev_load_kw=granted,
+                                       active_sessions=0), now)
+
+    for sid, cap, _, _ in subs:
+        seq += 1
+        both("on_status", sid, "online", now)
+        both("on_telemetry", Telemetry(substation_id=sid, ts=now, seq=seq, capacity_kw=cap, load_kw=base[sid],
+                                       base_load_kw=base[sid], ev_load_kw=0.0, active_sessions=0), now)
+    evs = 0
+    for k, (op, pick, kw) in enumerate(ops):
+        sid = ids[pick % len(ids)]
+        if op == "request":
+            evs += 1
+            both("on_request", f"EV{evs}", ChargeRequest(request_id="r", requested_kw=kw, min_kw=1.4,
+                                                         duration_minutes=30 + pick % 90, priority=pick % 3), now)
+        elif op == "release" and cores[0]._evs:
+            ev = sorted(cores[0]._evs)[pick % len(cores[0]._evs)]
+            both("on_release", ev, Release(), now)
+        elif op == "jump":  # the base load steps up (or down): over the limit, grants are shed at once
+            base[sid] = max(0.0, base[sid] + (pick % 40 - 15))
+            report(sid)
+        elif op == "limit":
+            both("on_control", ControlCommand(substation_id=sid, action="set_capacity",
+                                              capacity_kw=None if pick % 3 == 0 else float(20 + pick % 60)), now)
+        elif op == "adopt":
+            evs += 1
+            both("on_session_event", sid, SessionEvent(event="running", session_id=f"adopted{evs}", ev_id=f"EV{evs}",
+                                                       ts=now, granted_kw=kw, min_kw=1.4, priority=pick % 3), now)
+        else:
+            now += (1 + pick % 13) * (-1 if pick % 17 == 0 else 1)  # (now and then the clock steps back)
+            for sid in ids:  # every substation reports, its base load wandering
+                base[sid] = max(0.0, base[sid] + noise[(k + seq) % len(noise)])
+                report(sid)
+            both("tick", now)
+        assert not cores[0].violations()
+
+
+def test_sharing_by_class_at_the_step_boundary() -> None:
+    """An operator limit lowered in 3 W steps under sessions past their hold, of two classes: the pass by class
+    (lazy shedding order, then cuts to the share) cuts exactly what the pass over every session cuts, in the same
+    order, and cuts somewhere but not everywhere."""
+    changed = set()
+    for policy in ("least-utilised", "weighted-fair"):
+        for delta_w in range(0, 6_000, 3):
+            config = dataclasses.replace(CoreConfig(), policy=policy)
+            cores = [Balancer(config) for _ in range(2)]
+            cores[1].rebalancer._settled = lambda sub, now: False  # type: ignore[method-assign]
+            cores[1].rebalancer.incremental = False
+            outs = []
+            for b in cores:
+                now = T0
+                b.on_status("A", "online", now)
+                b.on_telemetry(Telemetry(substation_id="A", ts=now, seq=1, capacity_kw=50.0, load_kw=10.0,
+                                         base_load_kw=10.0, ev_load_kw=0.0, active_sessions=0), now)
+                for i in range(4):
+                    b.on_request(f"EV{i}", ChargeRequest(request_id="r", requested_kw=(11.0, 22.0)[i % 2],
+                                                         min_kw=1.4, duration_minutes=120, priority=i % 2), now)
+                for seq in (2, 3):
+                    now += 11  # past the hold time
+                    granted = b.substations["A"].granted_w / 1000
+                    b.on_telemetry(Telemetry(substation_id="A", ts=now, seq=seq, capacity_kw=50.0,
+                                             load_kw=10.0 + granted, base_load_kw=10.0, ev_load_kw=granted,
+                                             active_sessions=4), now)
+                outs.append(b.on_control(ControlCommand(substation_id="A", action="set_capacity",
+                                                        capacity_kw=50.0 - delta_w / 1000), now + 11))
+            assert outs[0] == outs[1], (policy, delta_w)
+            if outs[0][2]:
+                changed.add(delta_w)
+    assert changed and changed != set(range(0, 6_000, 3))
+
+
+@settings(max_examples=500, deadline=None)
+@given(classes=st.lists(st.tuples(st.integers(0, 5_000), st.integers(0, 30_000), st.integers(1, 4),
+                                  st.integers(1, 40)), min_size=0, max_size=6),
+       available=st.integers(0, 400_000))
+def test_water_fill_by_class_is_water_fill(classes: list[tuple[int, int, int, int]], available: int) -> None:
+    """Each class's target is what water_fill gives every one of its sessions (None: the caller shares session by
+    session, only ever where the level falls between the floors and the caps)."""
+    rows = [(f, max(f, c), float(w), k) for f, c, w, k in classes]
+    floors = [f for f, _, _, k in rows for _ in range(k)]
+    caps = [c for _, c, _, k in rows for _ in range(k)]
+    weights = [w for _, _, w, k in rows for _ in range(k)]
+    per_session = water_fill(available, floors, caps, weights)
+    by_class = water_fill_classes(available, rows)
+    expanded = [t for t, (_, _, _, k) in zip(by_class or [], rows, strict=False) for _ in range(k)]
+    if by_class is not None:
+        assert expanded == per_session
+    else:  # only where the level falls between the floors and the caps (rounding there)
+        assert sum(floors) < available < sum(caps)
+
+
+def test_share_tables_stay_the_size_of_their_sessions() -> None:
+    """A substation with room for everyone never runs a pass that would move its held sessions on: the hold heap
+    is still kept the size of its sessions (no growth with every session that ever came and went)."""
+    b = Balancer(dataclasses.replace(CoreConfig(), policy="weighted-fair"))
+    now = T0
+    b.on_status("A", "online", now)
+    b.on_telemetry(Telemetry(substation_id="A", ts=now, seq=1, capacity_kw=1_000.0, load_kw=0.0,
+                             base_load_kw=0.0, ev_load_kw=0.0, active_sessions=0), now)
+    for i in range(2_000):
+        now += 0.001  # (within the telemetry's freshness)
+        b.on_request(f"EV{i}", ChargeRequest(request_id="r", requested_kw=7.4, duration_minutes=60), now)
+        if i >= 5:
+            b.on_release(f"EV{i - 5}", Release(), now)
+    table = b.rebalancer.shares.table("A")
+    assert table is not None and len(table) == len(b.substations["A"].sessions) == 5
+    assert len(table.holds) <= 2 * len(table) + 16
+    assert not list(b.rebalancer.shares.check(b.substations["A"]))

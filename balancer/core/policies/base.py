@@ -16,6 +16,9 @@ class Policy(Protocol):
     rebalances: bool
     #: True when the shares move with time alone (deadline): they are recomputed on every pass.
     time_dependent: bool
+    #: True when ``targets`` is ``water_fill`` by ``weight`` (whole numbers): sessions alike in floor, cap and weight
+    #: share alike, so the rebalancer keeps them by class (balancer/core/shares.py) instead of re-sharing each one.
+    water_filled: bool
 
     def place(self, substations: Mapping[str, Substation], req: PendingRequest,
               now: float) -> tuple[Substation, int | None] | None:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 class _Baseline:
     rebalances = False
     time_dependent = False
+    water_filled = False
 
     def __init__(self, config: CoreConfig) -> None:
         self.config = config

@@ -71,6 +71,7 @@ class _Compressible:
 class WeightedFair(_Compressible):
     name = PolicyName.WEIGHTED_FAIR
     time_dependent = False
+    water_filled = True  # weights priority + 1
 
     def targets(self, sessions: Sequence[Session], available: int, floors: Sequence[int], caps: Sequence[int],
                 now: float) -> list[int]:
@@ -84,6 +85,7 @@ def _seconds_left(_sessions: Sequence[Session], now: float) -> Callable[[float, 
 class Deadline(_Compressible):
     name = PolicyName.DEADLINE
     time_dependent = True  # laxity falls as time passes
+    water_filled = False
     #: (the substation's sessions, now) -> seconds until a departure as the policy should count them, given what
     #: the EV still needs and its rate. The engine sets one that counts the power a limit schedule will leave
     #: (balancer/core/limit_effects.py ``horizon``); without one, the seconds there are.

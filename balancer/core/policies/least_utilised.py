@@ -23,6 +23,7 @@ class LeastUtilised:
     name = PolicyName.LEAST_UTILISED
     rebalances = True
     time_dependent = False
+    water_filled = True  # equal_share: water_fill with every weight 1
 
     def __init__(self, config: CoreConfig) -> None:
         self.config = config
