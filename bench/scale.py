@@ -23,6 +23,7 @@ CPU time (``time.process_time``), not wall time: the machine is shared.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
 import math
@@ -185,7 +186,8 @@ def _telemetry(grid: Grid, sid: str, seq: int, core: Balancer, rng: random.Rando
                      base_load_kw=base, ev_load_kw=granted, active_sessions=len(sub.sessions) if sub else 0)
 
 
-def run_one(substations: int, evs: int, path: str, seconds: int, steady: int) -> dict[str, Any]:
+def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
+            profile: Path | None = None) -> dict[str, Any]:
     rng = random.Random(1)
     grid = make_grid(substations, evs, rng)
     driver: CoreDriver | ServiceDriver = CoreDriver() if path == "core" else ServiceDriver()
@@ -229,6 +231,7 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int) ->
     running = [s.request.ev_id for s in core._sessions.values()]
     rng.shuffle(running)
     cpu_steady = 0.0
+    profiler = cProfile.Profile() if profile else None
     for j in range(steady):
         now += 1 / rate
         if now >= next_second:  # the substations keep reporting (untimed): the grid stays fresh
@@ -237,10 +240,16 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int) ->
             driver.tick(next_second + 0.5)
             next_second += 1
         t = time.process_time()
+        if profiler:
+            profiler.enable()
         driver.release(running[j % len(running)], now)
         driver.request(f"N{j:06d}", ChargeRequest(request_id="r1", requested_kw=11.0, min_kw=1.4,
                                                    duration_minutes=120), now)
+        if profiler:
+            profiler.disable()
         cpu_steady += time.process_time() - t
+    if profiler and profile:
+        profiler.dump_stats(profile)
     cpu_steady = cpu_steady / (2 * steady) if steady else 0.0
     # Rebalancing: every substation at 1 Hz, the tick at 2 Hz, for ``seconds`` of grid time, right after the churn
     # and again once the grants it left have settled.
@@ -279,12 +288,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=int, default=10, help="grid-seconds of 1 Hz telemetry to time")
     parser.add_argument("--steady", type=int, default=2000, help="release+request pairs timed at full size")
     parser.add_argument("--json", type=Path, default=Path("bench/results/scale.json"))
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="with --one: cProfile the steady phase (only its requests and releases) into PROFILE")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # SxN:path, in this process
     args = parser.parse_args(argv)
     if args.one:
         size, path = args.one.split(":")
         s, n = (int(x) for x in size.split("x"))
-        print(json.dumps(run_one(s, n, path, args.seconds, args.steady)))
+        print(json.dumps(run_one(s, n, path, args.seconds, args.steady, args.profile)))
         return 0
     rows = []
     print(f"{'substations x EVs':>18} {'path':>8} {'sessions':>9} {'queued':>7} {'fill µs/req':>12} "
