@@ -121,6 +121,13 @@ class BalancerCollector(Collector):
                 rejected.add_metric([kind, reason], float(count))
         yield rejected
 
+        received = CounterMetricFamily("gridlb_balancer_received_messages", "Messages received, by topic kind, "
+                                       "before admission (those shed or refused are also in gridlb_rejected_payloads)",
+                                       labels=["kind"])
+        for kind, count in sorted(service.received.items()):
+            received.add_metric([str(kind)], float(count))
+        yield received
+
         gate = service.startup
         yield GaugeMetricFamily("gridlb_balancer_starting", "1 while a (re)started balancer holds EV and operator "
                                 "input until the agents have re-announced their sessions", value=int(not gate.is_open))

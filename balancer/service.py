@@ -89,6 +89,8 @@ class BalancerService:
         )
         #: bad payloads by topic kind and reason, ignored messages, response-topic refusals
         self.counters: Counter[str] = Counter()
+        #: messages received by topic kind, before admission (gridlb_balancer_received_messages_total)
+        self.received: Counter[TopicKind] = Counter()
         self._reply_root = self.topics.reply_root()
         #: agent commands decided but not yet published, per substation (see _flush_commands)
         self._commands: dict[str, list[SessionCommand]] = {}
@@ -148,6 +150,7 @@ class BalancerService:
             self.counters["ignored_topic"] += 1
             return
         kind, id_ = parsed
+        self.received[kind] += 1
         if kind == TopicKind.BALANCER_STATUS:
             self._on_balancer_status(msg)
             return
