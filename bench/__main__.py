@@ -1,14 +1,16 @@
 """``python -m bench`` runs the balancer benchmark; ``python -m bench flood|faults`` the fault figures;
 ``python -m bench recorder`` the recorder's throughput and the series counts; ``python -m bench provisioning`` what a
 runtime account change costs; ``python -m bench live-page`` the live page at 1,000 substations in headless Chromium;
-``python -m bench scale`` the allocation core at utility scale."""
+``python -m bench scale`` the allocation core at utility scale; ``python -m bench live-grid`` 1,000 substations and an
+EV fleet through Mosquitto, live."""
 
 import sys
 
-from bench import bench_balancer, bench_recorder, faults, flood, live_page, provisioning, scale
+from bench import bench_balancer, bench_recorder, faults, flood, live_grid, live_page, provisioning, scale
 
 _COMMANDS = {"flood": flood.main, "faults": faults.main, "recorder": bench_recorder.main,
-             "provisioning": provisioning.main, "live-page": live_page.main, "scale": scale.main}
+             "provisioning": provisioning.main, "live-page": live_page.main, "scale": scale.main,
+             "live-grid": live_grid.main}
 
 if len(sys.argv) > 1 and sys.argv[1] in _COMMANDS:
     sys.exit(_COMMANDS[sys.argv[1]](sys.argv[2:]))
