@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.bench_balancer import proc_rss_mb
+from bench.bench_balancer import proc_cpu_s, proc_rss_mb
 from bench.live_page import Process, substation_ids
 from broker.local import LocalBroker, find_free_port
 from ev_clients.workload import ev_ids
@@ -67,9 +67,20 @@ def fresh_count(m: dict[str, dict[tuple[tuple[str, str], ...], float]]) -> int:
     return sum(1 for k, v in stale.items() if v == 0 and online.get(k) == 1)
 
 
-def _snapshot(url: str, proc: Process) -> dict[str, Any]:
+def _cpu(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds so far of each part (a part may be several processes)."""
+    out = {}
+    for part, ids in pids.items():
+        try:
+            out[part] = sum(proc_cpu_s(pid) for pid in ids)
+        except OSError:  # (exited)
+            out[part] = float("nan")
+    return out
+
+
+def _snapshot(url: str, proc: Process, pids: dict[str, list[int]]) -> dict[str, Any]:
     m = metrics(url)
-    return {"t": time.monotonic(), "cpu_s": proc.cpu_s(),
+    return {"t": time.monotonic(), "cpu_s": proc.cpu_s(), "parts_cpu_s": _cpu(pids), "load": os.getloadavg()[0],
             "telemetry": total(m, "gridlb_balancer_received_messages_total", kind="substation_telemetry"),
             "telemetry_refused": total(m, "gridlb_rejected_payloads_total", kind="substation_telemetry"),
             "received": total(m, "gridlb_balancer_received_messages_total"),
@@ -126,13 +137,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
              "--timeout", str(args.seconds + 30), "--save", str(fleet_file)],
             env=_fleet_env(broker, args), cwd=Path(__file__).resolve().parents[1],
             stdin=subprocess.DEVNULL, stdout=fleet_out, stderr=subprocess.STDOUT)
-        before = _snapshot(url, balancer)
+        pids = {"balancer": [balancer.proc.pid], "agents": [a.proc.pid for a in agents],
+                "fleet": [fleet_proc.pid], "broker": [broker.pid or 0]}
+        before = _snapshot(url, balancer, pids)
         rss_peak = proc_rss_mb(balancer.proc.pid)
         end = before["t"] + args.seconds
         while time.monotonic() < end and fleet_proc.poll() is None:
             time.sleep(1.0)
             rss_peak = max(rss_peak, proc_rss_mb(balancer.proc.pid))
-        after = _snapshot(url, balancer)
+        after = _snapshot(url, balancer, pids)
         try:
             fleet_rc = fleet_proc.wait(args.seconds + 120)
         except subprocess.TimeoutExpired:
@@ -143,9 +156,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             raise RuntimeError(f"the fleet saved nothing (exit {fleet_rc}):\n"
                                f"{(work / 'fleet.out').read_text(errors='replace')[-2000:]}")
         summary = json.loads(fleet_file.read_text())["summary"]
-        final = _snapshot(url, balancer)
+        final = _snapshot(url, balancer, {})
         window = after["t"] - before["t"]
-        agents_cpu = sum(a.cpu_s() for a in agents)
         return {
             "substations": len(ids), "agent_processes": args.agent_processes, "evs": args.evs,
             "rate_per_s": args.rate, "seconds": round(window, 1), "ready_s": round(ready_s, 1),
@@ -159,7 +171,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "stale_total_after_start": final["stale_transitions"],
             "overload_s": round(final["overload_s"], 3),
             "sessions_at_end": after["sessions"], "queue_at_end": after["queue"],
-            "agents_cpu_s_total": round(agents_cpu, 1),
+            "cpu_pct": {part: round((after["parts_cpu_s"][part] - before["parts_cpu_s"][part]) / window * 100, 1)
+                        for part in pids},
+            "load_average": [round(before["load"], 2), round(after["load"], 2)],
             "fleet_exit": fleet_rc,
             "requests_sent": summary["requests_sent"], "requests_answered": summary["requests_answered"],
             "requests_unanswered": summary["requests_unanswered"],
@@ -192,7 +206,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--evs", type=int, default=3000, help="EV ids (accounts); one arrival each at most")
     p.add_argument("--rate", type=float, default=50.0, help="EV arrivals per second")
     p.add_argument("--seconds", type=float, default=60.0, help="how long EVs arrive (the measured window)")
-    p.add_argument("--ev-client", choices=("aiomqtt", "paho"), default="aiomqtt")
+    p.add_argument("--ev-client", choices=("aiomqtt", "paho"), default="paho",
+                   help="the fleet's MQTT library (paho: the cheaper load generator, so the EVs are not the limit)")
     p.add_argument("--settle", type=float, default=3.0, help="seconds between a fresh grid and the first EV")
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument("--json", type=Path, default=Path("bench/results/live_grid.json"))
@@ -212,7 +227,8 @@ def _print(r: dict[str, Any]) -> None:
     fa, ta = r["first_answer_ms"], r["to_assigned_ms"]
     print(f"\n{r['substations']:,} substations ({r['agent_processes']} agent processes), {r['requests_sent']:,} "
           f"EV requests at {r['rate_per_s']:g}/s over {r['seconds']:g} s (grid fresh after {r['ready_s']:g} s)")
-    print(f"  balancer CPU {r['balancer_cpu_pct']:.1f} % of a core, RSS peak {r['balancer_rss_mb_peak']:.0f} MB")
+    print(f"  balancer CPU {r['balancer_cpu_pct']:.1f} % of a core, RSS peak {r['balancer_rss_mb_peak']:.0f} MB;"
+          f" CPU % of the others: {r['cpu_pct']}; load average {r['load_average'][0]} -> {r['load_average'][1]}")
     print(f"  request -> first answer p50/p95/p99 {fa['p50_ms']}/{fa['p95_ms']}/{fa['p99_ms']} ms (max "
           f"{fa['max_ms']}); -> assigned p50/p95/p99 {ta['p50_ms']}/{ta['p95_ms']}/{ta['p99_ms']} ms")
     print(f"  telemetry handled {r['telemetry_per_s']:,.1f}/s ({r['telemetry_refused']:g} refused); all messages "

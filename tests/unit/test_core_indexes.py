@@ -12,6 +12,7 @@ from hypothesis.stateful import invariant
 
 import tests.unit.test_core_properties as props
 from balancer.core import Balancer, CoreConfig, PendingRequest
+from balancer.core.model import Substation
 from balancer.core.policies import COMPRESSIBLE
 from balancer.core.policies.scan import compressible_room_w, fair_placement, least_utilised
 from grid_protocol.messages import ChargeRequest, ControlCommand, Release, Telemetry
@@ -194,3 +195,43 @@ def test_skipped_sharing_passes_would_have_changed_nothing(
                                                load_kw=base[sid] + granted, base_load_kw=base[sid],
                                                ev_load_kw=granted, active_sessions=0), now)
             both("tick", now)
+
+
+# Each operation on one substation: (which, new capacity class, new used share, fresh or stale)
+REFILES = st.lists(st.tuples(st.integers(0, 11), st.sampled_from([0, 50_000, 100_000, 250_000]),
+                             st.integers(-200, 1_200), st.booleans()),
+                   min_size=1, max_size=120)
+
+
+@settings(max_examples=150, deadline=None)
+@given(policy=st.sampled_from(["least-utilised", "weighted-fair"]), ops=REFILES)
+def test_index_orders_stay_sorted_under_any_refile(policy: str, ops: list[tuple[int, int, int, bool]]) -> None:
+    """The index's own upkeep (in-place moves, moves past neighbours, class changes, unchanged refiles, entries
+    leaving and coming back) against sorting from scratch: each class's members in key order, the most room."""
+    b = Balancer(dataclasses.replace(CoreConfig(), policy=policy))
+    index = b.placement.policy.index  # type: ignore[attr-defined]
+    cfg = b.config
+    now = T0
+    subs: dict[str, Substation] = {}
+    for i, capacity, used_permille, fresh in ops:
+        sid = f"S{i:02d}"
+        sub = subs.setdefault(sid, Substation(sid, status="online"))
+        sub.reported_capacity_w = capacity
+        sub.apply_capacity()
+        sub.base_load_w = max(0, capacity * used_permille // 1000)
+        sub.requested_w = (i * 7_400) % 30_000
+        sub.last_telemetry_at = now if fresh else now - 2 * cfg.stale_after_s
+        index.refile(sid, sub, now)
+        if i % 5 == 0 and used_permille % 7 == 0:
+            index.refile(sid, sub, now)  # refiled again, nothing moved
+        room = (lambda s: s.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s)) if policy == "least-utilised" \
+            else (lambda s: compressible_room_w(s, now, cfg.safety_margin_pct, cfg.stale_after_s))
+        key = (lambda s: (s.used_w() - s.limit_w(cfg.safety_margin_pct), s.id)) if policy == "least-utilised" \
+            else (lambda s: (s.base_load_w + s.requested_w, s.id))
+        filed = [s for s in subs.values() if room(s) > 0]
+        assert len(index) == len(filed)
+        got = sorted(list(members) for members in index.group_members(subs, now))
+        want = sorted([s.id for s in sorted((s for s in filed if s.capacity_w == c), key=key)]
+                      for c in {s.capacity_w for s in filed})
+        assert got == want
+        assert index.max_room_w(subs, now) == max((room(s) for s in filed), default=0)
