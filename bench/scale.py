@@ -12,6 +12,9 @@ time). Figures:
   fill µs/req     CPU per request while the grid fills (placement, queueing, ETAs), averaged over all N;
   steady µs/req   CPU per request at full size: an EV releases, a new one asks (both counted, per request),
                   the substations still reporting each grid-second (untimed);
+  µs/answer       the same CPU per answer the EVs got in that phase: a release there also serves the queue
+                  (each placement from it is an ``assigned``), so a grid with a long queue answers more per
+                  request than a small one;
   rebalance ms/s  CPU per second of grid time with every substation reporting at 1 Hz and the periodic tick at
                   2 Hz, nothing else happening: "churned" in the 10 s right after the steady phase (the grants
                   its releases and requests left to settle), "settled" 30 grid-seconds later;
@@ -33,10 +36,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from balancer.core import Balancer, CoreConfig
 from grid_protocol import ChargeRequest, Release, Telemetry, encode
+from grid_protocol.messages import AssignmentStatus
+
+#: what an answer to an EV can say (the core counts each under its status, with the reason after a colon)
+DECISION_OUTCOMES = frozenset(get_args(AssignmentStatus))
 
 DEFAULT_SIZES = "3x1000,3x10000,3x100000,100x1000,100x10000,100x100000,1000x1000,1000x10000,1000x100000"
 CLASSES_KVA = (400, 630, 1000)
@@ -232,6 +239,7 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
     rng.shuffle(running)
     cpu_steady = 0.0
     profiler = cProfile.Profile() if profile else None
+    answers_before = _answers(core)
     for j in range(steady):
         now += 1 / rate
         if now >= next_second:  # the substations keep reporting (untimed): the grid stays fresh
@@ -250,6 +258,8 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
         cpu_steady += time.process_time() - t
     if profiler and profile:
         profiler.dump_stats(profile)
+    steady_answers = _answers(core) - answers_before
+    cpu_steady_total = cpu_steady
     cpu_steady = cpu_steady / (2 * steady) if steady else 0.0
     # Rebalancing: every substation at 1 Hz, the tick at 2 Hz, for ``seconds`` of grid time, right after the churn
     # and again once the grants it left have settled.
@@ -269,9 +279,16 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
     return {"substations": substations, "evs": evs, "path": path, "sessions": sessions, "queued": queued,
             "fill_us_per_request": round(cpu_requests / evs * 1e6, 1),
             "steady_us_per_request": round(cpu_steady * 1e6, 1),
+            "steady_answers": steady_answers,
+            "steady_us_per_answer": round(cpu_steady_total / max(1, steady_answers) * 1e6, 1),
             "rebalance_churned_ms_per_grid_s": round(cpu_churned * 1e3, 2),
             "rebalance_settled_ms_per_grid_s": round(cpu_settled * 1e3, 2), "rss_mb": round(rss, 1),
             "violations": len(core.violations())}
+
+
+def _answers(core: Balancer) -> int:
+    """Answers the core gave EVs so far (assigned, queued, rejected, completed, ...; not other events)."""
+    return sum(n for key, n in core.counters.items() if key.split(":", 1)[0] in DECISION_OUTCOMES)
 
 
 def _rss_mb() -> float:
@@ -299,7 +316,8 @@ def main(argv: list[str]) -> int:
         return 0
     rows = []
     print(f"{'substations x EVs':>18} {'path':>8} {'sessions':>9} {'queued':>7} {'fill µs/req':>12} "
-          f"{'steady µs/req':>14} {'rebal. churned ms/s':>20} {'settled ms/s':>13} {'RSS MB':>7}", flush=True)
+          f"{'steady µs/req':>14} {'µs/answer':>10} {'rebal. churned ms/s':>20} {'settled ms/s':>13} {'RSS MB':>7}",
+          flush=True)
     for size in args.sizes.split(","):
         for path in args.paths.split(","):
             out = subprocess.run([sys.executable, "-m", "bench", "scale", "--one", f"{size}:{path}",
@@ -312,6 +330,7 @@ def main(argv: list[str]) -> int:
             rows.append(row)
             print(f"{row['substations']:>7,} x {row['evs']:>8,} {path:>8} {row['sessions']:>9,} {row['queued']:>7,} "
                   f"{row['fill_us_per_request']:>12,.1f} {row['steady_us_per_request']:>14,.1f} "
+                  f"{row['steady_us_per_answer']:>10,.1f} "
                   f"{row['rebalance_churned_ms_per_grid_s']:>20,.2f} {row['rebalance_settled_ms_per_grid_s']:>13,.2f} "
                   f"{row['rss_mb']:>7,.0f}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
