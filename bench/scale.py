@@ -10,7 +10,7 @@ scaled so the grid has room for about nine in ten EVs) are told online and repor
 time). Figures:
 
   fill µs/req     CPU per request while the grid fills (placement, queueing, ETAs), averaged over all N;
-  steady µs/req   CPU per request at full size: an EV releases, a new one asks (both counted, per request),
+  steady µs/req   CPU per request at full size: a charging EV releases, a new one asks (both counted, per request),
                   the substations still reporting each grid-second (untimed);
   µs/answer       the same CPU per answer the EVs got in that phase: a release there also serves the queue
                   (each placement from it is an ``assigned``), so a grid with a long queue answers more per
@@ -235,10 +235,21 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
     sessions = core.session_count()
     queued = len(core.queue)
     # Steady state at full size: a running EV releases, a new one asks.
-    running = [s.request.ev_id for s in core._sessions.values()]
-    rng.shuffle(running)
+    # Every release ends a running session: EVs are taken from those charging now, in random order (a list that
+    # runs dry, or an EV whose session ended meanwhile, is refilled from the sessions there are, untimed).
+    running: list[str] = []
+
+    def next_running() -> str:
+        while True:
+            if not running:
+                running.extend(s.request.ev_id for s in core._sessions.values())
+                rng.shuffle(running)
+            ev = running.pop()
+            state = core._evs.get(ev)
+            if state is not None and state.session_id is not None:
+                return ev
     cpu_steady = 0.0
-    profiler = cProfile.Profile() if profile else None
+    profiler = cProfile.Profile(time.process_time) if profile else None  # (CPU time: the machine is shared)
     answers_before = _answers(core)
     for j in range(steady):
         now += 1 / rate
@@ -247,10 +258,11 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
             driver.tick(next_second)
             driver.tick(next_second + 0.5)
             next_second += 1
+        ev = next_running()
         t = time.process_time()
         if profiler:
             profiler.enable()
-        driver.release(running[j % len(running)], now)
+        driver.release(ev, now)
         driver.request(f"N{j:06d}", ChargeRequest(request_id="r1", requested_kw=11.0, min_kw=1.4,
                                                    duration_minutes=120), now)
         if profiler:
