@@ -15,6 +15,7 @@ from balancer.core import Balancer, CoreConfig, PendingRequest
 from balancer.core.model import Substation
 from balancer.core.policies import COMPRESSIBLE
 from balancer.core.policies.scan import compressible_room_w, fair_placement, least_utilised
+from balancer.core.queue import RequestQueue
 from grid_protocol.messages import ChargeRequest, ControlCommand, Release, Telemetry
 
 PROBES = ((1, 1), (1_400, 1_400), (7_400, 1_400), (11_000, 1_400), (11_000, 11_000), (22_000, 4_000),
@@ -235,3 +236,32 @@ def test_index_orders_stay_sorted_under_any_refile(policy: str, ops: list[tuple[
                       for c in {s.capacity_w for s in filed})
         assert got == want
         assert index.max_room_w(subs, now) == max((room(s) for s in filed), default=0)
+
+
+QUEUE_OPS = st.lists(st.tuples(st.sampled_from(["push", "push", "remove", "pop"]), st.integers(0, 40),
+                               st.sampled_from([1_400, 1_400, 1_400, 3_700, 7_400, 11_000]) | st.integers(1, 50_000)),
+                     max_size=300)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=QUEUE_OPS)
+def test_queue_smallest_min_w_is_the_least_waiting(ops: list[tuple[str, int, int]]) -> None:
+    """The kept smallest ``min_w`` (counts per value, a heap of values) against the minimum over the waiting
+    requests, with values joining and leaving in any order; the heap stays bounded by the most values present."""
+    q = RequestQueue(maxlen=1_000)
+    arrival = 0
+    peak = 0  # most distinct min_w values waiting at once
+    for op, ev, min_w in ops:
+        ev_id = f"EV{ev}"
+        if op == "push" and ev_id not in q:
+            arrival += 1
+            q.push(PendingRequest(ev_id=ev_id, request_id="r", requested_w=50_000, min_w=min_w, priority=ev % 3,
+                                  arrival=arrival, received_at=T0, duration_minutes=None, energy_kwh=None))
+        elif op == "remove":
+            q.remove(ev_id)
+        elif op == "pop" and len(q):
+            q.pop_head()
+        waiting = [r.min_w for r in q.items()]
+        assert q.smallest_min_w() == (min(waiting) if waiting else None)
+        peak = max(peak, len(set(waiting)))
+        assert len(q._min_heap) <= 2 * peak + 17
