@@ -58,10 +58,7 @@ class SubstationIndex:
         key = self._order(sub)
         capacity = sub.capacity_w
         if old is None:
-            group = self._groups.get(capacity)
-            if group is None:
-                group = self._groups[capacity] = []
-            insort(group, key)
+            insort(self._groups.setdefault(capacity, []), key)
             insort(self._rooms, (-room, substation_id))
         else:
             old_capacity, old_key, old_room = old
@@ -74,10 +71,7 @@ class SubstationIndex:
                 _remove(group, old_key)
                 if not group:
                     del self._groups[old_capacity]
-                group = self._groups.get(capacity)
-                if group is None:
-                    group = self._groups[capacity] = []
-                insort(group, key)
+                insort(self._groups.setdefault(capacity, []), key)
             if old_room != room:
                 _move(self._rooms, (-old_room, substation_id), (-room, substation_id))
         self._filed[substation_id] = (capacity, key, room)
