@@ -87,7 +87,21 @@ def _snapshot(url: str, proc: Process, pids: dict[str, list[int]]) -> dict[str, 
             "stale_transitions": total(m, "gridlb_stale_telemetry_total"),
             "stale_now": total(m, "gridlb_substation_stale"),
             "overload_s": total(m, "gridlb_substation_overload_seconds_total"),
-            "sessions": total(m, "gridlb_sessions"), "queue": total(m, "gridlb_queue_length")}
+            "sessions": total(m, "gridlb_sessions"), "queue": total(m, "gridlb_queue_length"),
+            "decide_buckets": {dict(k)["le"]: v
+                               for k, v in m.get("gridlb_decision_latency_seconds_bucket", {}).items()}}
+
+
+def bucket_quantile(before: dict[str, float], after: dict[str, float], q: float) -> float | None:
+    """The upper bound (ms) of the histogram bucket holding the ``q`` quantile of what was observed in between."""
+    bounds = sorted(((float(le), after[le] - before.get(le, 0.0)) for le in after), key=lambda b: b[0])
+    n = bounds[-1][1] if bounds else 0.0
+    if n <= 0:
+        return None
+    for le, count in bounds:
+        if count >= q * n:
+            return le * 1000
+    return None
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -177,6 +191,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "fleet_exit": fleet_rc,
             "requests_sent": summary["requests_sent"], "requests_answered": summary["requests_answered"],
             "requests_unanswered": summary["requests_unanswered"],
+            "retried_requests": summary["retried_requests"],
+            # the balancer's own time to decide and publish, per EV request or release (histogram bucket bounds)
+            "decide_ms_bucket": {f"p{q * 100:g}": bucket_quantile(before["decide_buckets"], after["decide_buckets"], q)
+                                 for q in (0.5, 0.99)},
             "first_answer_ms": {k: summary["latency_first_answer"][k] for k in ("p50_ms", "p95_ms", "p99_ms",
                                                                                 "max_ms")},
             "to_assigned_ms": {k: summary["latency_to_assigned"][k] for k in ("p50_ms", "p95_ms", "p99_ms")},
@@ -230,7 +248,10 @@ def _print(r: dict[str, Any]) -> None:
     print(f"  balancer CPU {r['balancer_cpu_pct']:.1f} % of a core, RSS peak {r['balancer_rss_mb_peak']:.0f} MB;"
           f" CPU % of the others: {r['cpu_pct']}; load average {r['load_average'][0]} -> {r['load_average'][1]}")
     print(f"  request -> first answer p50/p95/p99 {fa['p50_ms']}/{fa['p95_ms']}/{fa['p99_ms']} ms (max "
-          f"{fa['max_ms']}); -> assigned p50/p95/p99 {ta['p50_ms']}/{ta['p95_ms']}/{ta['p99_ms']} ms")
+          f"{fa['max_ms']}); -> assigned p50/p95/p99 {ta['p50_ms']}/{ta['p95_ms']}/{ta['p99_ms']} ms; requests re-sent "
+          f"{r['retried_requests']}")
+    print(f"  the balancer's own decide+publish time per request: p50 <= {r['decide_ms_bucket']['p50']} ms, "
+          f"p99 <= {r['decide_ms_bucket']['p99']} ms (histogram bucket bounds)")
     print(f"  telemetry handled {r['telemetry_per_s']:,.1f}/s ({r['telemetry_refused']:g} refused); all messages "
           f"{r['messages_per_s']:,.1f}/s")
     print(f"  stale substations in the window {r['stale_in_window']:g} (stale at its end {r['stale_at_end']:g}); "
