@@ -214,6 +214,13 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
             driver.telemetry(_telemetry(grid, sid, seq, core, rng, at), at)
         core.placement.refresh(at)  # refile what the reports changed now: telemetry's cost, not the next request's
 
+    def ticks(second: float) -> None:
+        """The periodic tick twice a grid-second; what its rebalancing moved is refiled now, as its own cost (as
+        after telemetry), not left to the next request's."""
+        driver.tick(second)
+        driver.tick(second + 0.5)
+        core.placement.refresh(second + 0.5)
+
     report_all(now)
     # Fill: N requests at RATE_PER_S per grid-second; every substation reports once per grid-second, the tick
     # runs twice (as in the service) -- only the requests are timed here.
@@ -224,8 +231,7 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
         now = T0 + i / rate
         if now >= next_second:
             report_all(next_second)
-            driver.tick(next_second)
-            driver.tick(next_second + 0.5)
+            ticks(next_second)
             next_second += 1
         msg = ChargeRequest(request_id="r1", requested_kw=kws[i % 3], min_kw=1.4,
                             duration_minutes=30 + (i * 7919) % 211)
@@ -255,8 +261,7 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
         now += 1 / rate
         if now >= next_second:  # the substations keep reporting (untimed): the grid stays fresh
             report_all(next_second)
-            driver.tick(next_second)
-            driver.tick(next_second + 0.5)
+            ticks(next_second)
             next_second += 1
         ev = next_running()
         t = time.process_time()
