@@ -223,7 +223,8 @@ class Bridge:
         self._waiters.setdefault(key, []).append(waiter)
         try:
             # Sent now or never, and void after the timeout: the caller gets a 504 and may retry with the same
-            # request_id; a late copy must not open a session or apply an operator action nobody waits for.
+            # request_id; a late copy must not open a session or apply an operator action nobody waits for. (MQTT 5
+            # message expiry; on 3.1.1 the payload's own expires_at, which the balancer checks, on both versions.)
             self.transport.publish(topic, payload, 1, expiry_s=max(1, math.ceil(timeout)))
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
@@ -236,9 +237,14 @@ class Bridge:
                     self._waiters.pop(key, None)
 
     async def charge(self, request: ChargeRequest, timeout: float) -> Assignment | None:
-        """Publish ``request`` for its EV and wait for the answer with its request_id."""
+        """Publish ``request`` for its EV and wait for the answer with its request_id: on the EV's assignment topic,
+        which works on MQTT 5 and 3.1.1 alike (no response topic). The request carries ``expires_at`` (now +
+        ``timeout``): on 3.1.1 there is no message expiry, so the balancer itself refuses a copy that arrives after
+        the caller got its 504 (``rejected``, ``expired``) instead of opening a session nobody waits for."""
         ev_id, request_id = request.ev_id, request.request_id
         assert ev_id is not None and request_id is not None
+        if request.expires_at is None:
+            request = msgspec.structs.replace(request, expires_at=round(self.clock() + timeout, 3))
 
         def matches(a: Assignment) -> bool:
             return a.request_id == request_id
@@ -275,6 +281,8 @@ class Bridge:
     async def control(self, command: ControlCommand, timeout: float) -> ControlResult | None:
         if command.request_id is None:
             command = msgspec.structs.replace(command, request_id=new_request_id())
+        if command.expires_at is None:  # (void once the caller has its 504: MQTT 3.1.1 has no message expiry)
+            command = msgspec.structs.replace(command, expires_at=round(self.clock() + timeout, 3))
         if command.ts is None:
             command = msgspec.structs.replace(command, ts=self.clock())
         result: ControlResult | None = await self._publish_and_wait(
@@ -286,6 +294,8 @@ class Bridge:
         """Send a source's limit schedule for the substation; the answer is the balancer's ``set_limits`` result."""
         if schedule.request_id is None:
             schedule = msgspec.structs.replace(schedule, request_id=new_request_id())
+        if schedule.expires_at is None:  # (as for a control command)
+            schedule = msgspec.structs.replace(schedule, expires_at=round(self.clock() + timeout, 3))
         if schedule.ts is None:
             schedule = msgspec.structs.replace(schedule, ts=self.clock())
         result: ControlResult | None = await self._publish_and_wait(

@@ -312,6 +312,9 @@ class ChargeIn(BaseModel):
     min_kw: float | None = Field(None, ge=0, le=1000, description="smallest grant worth having")
     priority: int = Field(0, ge=0, le=9)
     departure: float | None = Field(None, ge=0, le=1e11, description="epoch seconds the EV leaves")
+    expires_at: float | None = Field(None, ge=0, le=1e11,
+                                     description="epoch seconds after which the request is void (refused "
+                                                 "``expired``, not placed); default: now + the API's answer timeout")
     request_id: str | None = Field(None, pattern=REQUEST_ID_PATTERN,
                                    description="retry with the same id after a 504: the balancer answers "
                                                "the same request again instead of opening a second one")

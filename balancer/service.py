@@ -47,7 +47,7 @@ from grid_protocol import (
     is_valid_id,
 )
 from grid_protocol.lease import LeaseIssuer
-from grid_protocol.messages import MAX_SCHEDULE_PAYLOAD_BYTES, QueueState, SubstationState
+from grid_protocol.messages import MAX_SCHEDULE_PAYLOAD_BYTES, QueueState, ResultAction, SubstationState
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import InMessage, Transport, Will, make_transport
 from grid_runtime.ratelimit import RateLimitedLog
@@ -367,6 +367,10 @@ class BalancerService:
                                     request_id=_request_id_hint(msg.payload), reason=err.reason, detail=err.detail)
             self.transport.publish(self.topics.balancer_control_result(), encode(refused), 1)
             return
+        if command.expires_at is not None and now > command.expires_at:
+            self._expired(TopicKind.BALANCER_CONTROL, command.action, command.substation_id, command.request_id,
+                          now - command.expires_at, now)
+            return
         reason, detail, effects = self.core.on_control(command, now)
         self._publish(effects)
         sub = self.core.substations.get(command.substation_id)
@@ -403,6 +407,10 @@ class BalancerService:
             log.warning("limits_rejected", substation_id=sid, reason=str(err.reason), detail=err.detail)
             self._refuse(TopicKind.SUBSTATION_LIMITS, sid, msg, err.reason, err.detail)
             return
+        if schedule.expires_at is not None and now > schedule.expires_at:
+            self._expired(TopicKind.SUBSTATION_LIMITS, "set_limits", sid, schedule.request_id,
+                          now - schedule.expires_at, now)
+            return
         reason, detail, effects = self.core.on_limits(sid, schedule, now)
         self._publish(effects)
         state = None
@@ -418,6 +426,18 @@ class BalancerService:
         self.transport.publish(self.topics.balancer_control_result(), encode(result), 1)
         log.info("limits", substation_id=sid, source=schedule.source, entries=len(schedule.entries),
                  ok=reason is None, reason=reason, detail=detail)
+
+    def _expired(self, kind: TopicKind, action: ResultAction, sid: str, request_id: str | None, late_s: float,
+                 now: float) -> None:
+        """An operator action received after its ``expires_at``: the caller has had its timeout, so it is refused
+        (``expired``) and not applied. The replacement of MQTT 5 message expiry, which 3.1.1 lacks."""
+        self.counters[f"bad_payload:{kind}:{Reason.EXPIRED}"] += 1
+        log.warning("control_expired", action=action, substation_id=sid, request_id=request_id, late_s=round(late_s, 3))
+        result = ControlResult(ok=False, action=action, substation_id=sid, ts=now,
+                               request_id=request_id, reason=Reason.EXPIRED,
+                               detail=f"received {late_s:.1f} s after its expires_at: nobody waits for the result "
+                                      "any more; send it again")
+        self.transport.publish(self.topics.balancer_control_result(), encode(result), 1)
 
     def _on_schedule_state(self, sid: str, msg: InMessage, now: float) -> None:
         """Our own retained schedule, delivered when we subscribe: a restarted balancer reads it back. Live copies

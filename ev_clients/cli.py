@@ -164,7 +164,7 @@ def _settings(args: argparse.Namespace) -> EvSettings:
         overrides["api_url"] = args.url.rstrip("/")
     elif args.url:
         host, port = parse_url(args.url)
-        overrides["mqtt"] = MqttSettings(host=host, port=port)
+        overrides["mqtt"] = MqttSettings(host=host, port=port, hosts="")  # (the URL wins over MQTT_HOSTS)
     settings = EvSettings(**overrides)
     if settings.api_url is not None and settings.api_token is None and os.environ.get("API_TOKEN"):
         settings = settings.model_copy(update={"api_token": SecretStr(os.environ["API_TOKEN"])})

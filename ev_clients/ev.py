@@ -28,6 +28,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from ev_clients.stats import TERMINAL_STATUSES, FleetStats, RequestRecord
 from ev_clients.workload import expected_charge_s
 from grid_protocol.codec import PayloadError, decode, encode
@@ -63,6 +65,12 @@ class EvBehaviour:
     connect_timeout_s: float = 10.0
     poll_after_s: float | None = None  # silence before a state query; default 4 x retry_after_s
     max_polls: int = 50
+
+    @property
+    def answer_window_s(self) -> float:
+        """How long the EV waits for a first answer before it gives up (every attempt): a request's
+        ``expires_at`` is that far ahead, so a copy that arrives later is refused instead of placed."""
+        return self.retry_after_s * self.max_attempts
 
     @property
     def poll_interval(self) -> float:
@@ -218,6 +226,9 @@ class SimulatedEv:
             request.request_id = new_request_id()
         if request.ev_id is None:
             request.ev_id = self.ev_id
+        # Every copy sent while waiting for the first answer carries the moment the EV gives up (the replacement of
+        # MQTT 5 message expiry, which 3.1.1 lacks): a copy the broker delivers later is refused, not placed.
+        request.expires_at = round(time.time() + self.behaviour.answer_window_s, 3)
         record = self.stats.new_record(RequestRecord(
             ev_id=self.ev_id, request_id=request.request_id, requested_kw=request.requested_kw,
             energy_kwh=request.energy_kwh, duration_minutes=request.duration_minutes, priority=request.priority,
@@ -234,7 +245,7 @@ class SimulatedEv:
                 self.transport.publish(self._release_topic, encode(Release(request_id=record.request_id,
                                                                            ev_id=self.ev_id)), 1)
                 return record
-            await self._follow(record, request, payload)
+            await self._follow(record, request)
             return record
         except asyncio.CancelledError:
             record.outcome = record.outcome or "interrupted"
@@ -266,7 +277,7 @@ class SimulatedEv:
                     return True
         return False
 
-    async def _follow(self, record: RequestRecord, request: ChargeRequest, payload: bytes) -> None:
+    async def _follow(self, record: RequestRecord, request: ChargeRequest) -> None:
         """From the first answer to the end of the request."""
         b = self.behaviour
         now = self.clock()
@@ -323,27 +334,27 @@ class SimulatedEv:
                 return
             if self.stop.is_set():
                 record.outcome = "stopped"
-                await self._release(record, payload)
+                await self._release(record, request)
                 return
             if release_due is not None and now >= release_due and status in CHARGING:
                 record.outcome = ("released_early" if not b.release_at_once else "released_at_once"
                                   if b.release_after_s == 0 else "released_after_hold")
-                await self._release(record, payload)
+                await self._release(record, request)
                 return
             giveup = queue_deadline if status in WAITING else charge_deadline
             if giveup is not None and now >= giveup:
                 record.outcome = "queue_timeout" if status in WAITING else "charge_timeout"
                 log.warning("ev_gave_up", ev_id=self.ev_id, request_id=record.request_id, status=status,
                             outcome=record.outcome)
-                await self._release(record, payload)
+                await self._release(record, request)
                 return
             if now >= poll_due:
                 if record.polls >= b.max_polls:
                     record.outcome = "poll_limit"
-                    await self._release(record, payload)
+                    await self._release(record, request)
                     return
                 record.polls += 1
-                self._publish_request(payload, record)
+                self._publish_request(self._restamped(request), record)
                 poll_due = now + b.poll_interval
             wake = min(t for t in (poll_due, giveup, release_due if status in CHARGING else None)
                        if t is not None)
@@ -369,7 +380,13 @@ class SimulatedEv:
             return getter.result()
         return None
 
-    async def _release(self, record: RequestRecord, payload: bytes) -> None:
+    def _restamped(self, request: ChargeRequest) -> bytes:
+        """The request again as a state query, with a fresh ``expires_at``: a balancer that knows it answers with
+        its latest answer; one that forgot it (restarted) places it again as long as the EV waits."""
+        return encode(msgspec.structs.replace(request, expires_at=round(time.time() + self.behaviour.answer_window_s,
+                                                                        3)))
+
+    async def _release(self, record: RequestRecord, request: ChargeRequest) -> None:
         """Release the request (queued: ``cancelled``; charging: ``completed`` released) and wait, bounded,
         for the answer. A ``nothing_to_release`` reply means it was already closed: the EV then asks for the
         final answer with the request itself."""
@@ -386,7 +403,7 @@ class SimulatedEv:
                     if not asked:
                         asked = True
                         record.polls += 1
-                        self._publish_request(payload, record)
+                        self._publish_request(self._restamped(request), record)
                     continue
                 self._apply(record, received, a)
                 if record.finished:

@@ -404,7 +404,7 @@ class FleetRunner:
         s = self.settings
         config: dict[str, Any] = {
             "mode": self.config.mode,
-            "broker": f"{s.mqtt.host}:{s.mqtt.port}" if s.api_url is None else None,
+            "broker": ",".join(f"{h}:{p}" for h, p in s.mqtt.addresses()) if s.api_url is None else None,
             "api": s.api_url,
             "client": s.client if s.api_url is None else "http",
             "requests": self.config.requests,

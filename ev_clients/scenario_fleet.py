@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import msgspec
+
 from ev_clients.ev import EvBehaviour, SimulatedEv
 from ev_clients.settings import EvSettings
 from ev_clients.stats import FleetStats, RequestRecord
@@ -68,6 +70,9 @@ class ScenarioEv(SimulatedEv):
             energy_kwh=request.energy_kwh, priority=request.priority))
         self._current = request.request_id
         self._session = None
+        if request.expires_at is None:  # (void once the EV stops waiting for a first answer, as SimulatedEv's)
+            request = msgspec.structs.replace(request, expires_at=round(time.time() + self.behaviour.answer_window_s,
+                                                                        3))
         payload = encode(request)
         try:
             if not await self._first_answer(record, payload):
@@ -80,7 +85,7 @@ class ScenarioEv(SimulatedEv):
                 if self.stop.is_set() or now >= departure_wall:
                     record.outcome = "stopped" if self.stop.is_set() else "departed"
                     self.released_at = now
-                    await self._release(record, payload)
+                    await self._release(record, request)
                     return record
                 got = await self._next_or_stop(departure_wall - now)
                 if got is not None:

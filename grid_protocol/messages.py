@@ -53,6 +53,11 @@ class ChargeRequest(msgspec.Struct, kw_only=True):
     #: When the EV leaves (epoch seconds). With ``energy_kwh`` it lets the deadline-aware policy give the
     #: EV the power it needs to finish in time.
     departure: Timestamp | None = None
+    #: Void after this moment (epoch seconds): whoever sent it no longer waits for the answer. The balancer refuses
+    #: a new request received later (``rejected``, reason ``expired``) instead of placing it; the replacement of
+    #: MQTT 5's message expiry, which MQTT 3.1.1 lacks (docs/protocol.md "MQTT 3.1.1"). Compares two machines'
+    #: clocks: keep them synchronised (NTP).
+    expires_at: Timestamp | None = None
 
     def __post_init__(self) -> None:
         if self.duration_minutes is None and self.energy_kwh is None:
@@ -333,6 +338,9 @@ class ControlCommand(msgspec.Struct, kw_only=True):
     capacity_kw: Annotated[float, Meta(gt=0, le=1_000_000)] | None = None
     request_id: RequestId | None = None
     ts: Timestamp | None = None
+    #: Void after this moment (epoch s): refused ``expired`` (``ControlResult``), not applied. The API sets it to
+    #: now + its answer timeout (MQTT 3.1.1 has no message expiry; see ChargeRequest.expires_at).
+    expires_at: Timestamp | None = None
 
 
 # --------------------------------------------------------------------------- limit schedules (DSO)
@@ -378,6 +386,8 @@ class LimitSchedule(msgspec.Struct, kw_only=True):
     substation_id: Id | None = None
     request_id: RequestId | None = None
     ts: Timestamp | None = None
+    #: Void after this moment (epoch s): refused ``expired``, not applied (as ControlCommand.expires_at).
+    expires_at: Timestamp | None = None
 
     def __post_init__(self) -> None:
         if self.source in RESERVED_SOURCES:

@@ -18,6 +18,7 @@ class Reason(StrEnum):
     RATE_LIMITED = "rate_limited"  # more messages from one EV or substation than its share: the excess is shed
     STARTING = "starting"  # the balancer is learning the grid after a restart and its input buffer is full
     # Request-level decisions.
+    EXPIRED = "expired"  # a new request received after its ``expires_at``: nobody waits for it, it is not placed
     EV_BUSY = "ev_busy"
     QUEUE_FULL = "queue_full"
     EXCEEDS_CAPACITY = "exceeds_capacity"

@@ -92,6 +92,9 @@ class MqttCollector(Collector):
             "outbox_dropped": CounterMetricFamily("gridlb_mqtt_outbox_dropped",
                                                   "Publishes dropped while disconnected (outbox full)",
                                                   labels=["client"]),
+            "failovers": CounterMetricFamily("gridlb_mqtt_failovers",
+                                             "Connections made to another broker address than the previous one "
+                                             "(MQTT_HOSTS)", labels=["client"]),
             "oversized_refused": CounterMetricFamily("gridlb_mqtt_oversized_refused",
                                                      "Publishes refused locally: larger than the broker accepts",
                                                      labels=["client"]),
@@ -102,7 +105,7 @@ class MqttCollector(Collector):
             values = {"connects": stats.connects, "reconnects": max(0, stats.connects - 1),
                       "disconnects": stats.disconnects, "received": stats.received, "published": stats.published,
                       "handler_errors": stats.handler_errors, "outbox_dropped": stats.outbox_dropped,
-                      "oversized_refused": stats.oversized_refused}
+                      "oversized_refused": stats.oversized_refused, "failovers": stats.failovers}
             for name, family in families.items():
                 family.add_metric([client], float(values[name]))
         yield connected

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Literal, Protocol, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from grid_runtime.logs import configure_logging
@@ -29,8 +29,44 @@ class MqttSettings(BaseSettings):
     tls_ca: str | None = None
     #: Secret from which simulators derive per-account passwords (``grid_runtime.credentials.derive_password``).
     account_secret: str | None = None
-    #: Broker session kept this long after a disconnect so QoS 1 messages wait for us.
+    #: Broker session kept this long after a disconnect so QoS 1 messages wait for us. On MQTT 3.1.1 (no session
+    #: expiry) any value above 0 means a persistent session (clean session false), kept as long as the broker
+    #: keeps sessions (Mosquitto ``persistent_client_expiration``, NATS: until the client comes back clean).
     session_expiry_s: int = Field(3600, ge=0)
+    #: ``5`` (default) or ``3.1.1`` (NATS, or any broker without MQTT 5): docs/protocol.md "MQTT 3.1.1" says what
+    #: degrades (no response topics, message expiry, retain-as-published, PUBACK reason codes) and what replaces it.
+    protocol: Literal["5", "3.1.1"] = "5"
+    #: Several brokers (nodes of one cluster) as ``host:port,host:port``; overrides ``host``/``port`` when set. A
+    #: lost or refused connection moves to the next one (round robin; back-off only after a full round).
+    hosts: str = ""
+
+    @field_validator("hosts")
+    @classmethod
+    def _check_hosts(cls, value: str) -> str:
+        _parse_hosts(value)
+        return value
+
+    @property
+    def mqtt5(self) -> bool:
+        return self.protocol == "5"
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """The brokers to try, in order: ``hosts`` when set, else ``host``/``port``."""
+        return _parse_hosts(self.hosts) or [(self.host, self.port)]
+
+
+def _parse_hosts(value: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` (an IPv6 host in brackets: ``[::1]:1883``) as a list; ValueError if malformed."""
+    out: list[tuple[str, int]] = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"broker address {item!r} is not host:port (port 1-65535)")
+        out.append((host, int(port)))
+    return out
 
 
 class MetricsSettings(BaseSettings):

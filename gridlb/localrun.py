@@ -175,7 +175,7 @@ def _run(args: argparse.Namespace, work: Path, logs: Path, broker: LocalBroker, 
     public_reads = os.environ.get("API_PUBLIC_READS", "true")
     base_env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), LOG_FORMAT="json",
                     PYTHONUNBUFFERED="1", METRICS_HOST="127.0.0.1")
-    for name in ("MQTT_USERNAME", "MQTT_PASSWORD", "METRICS_PORT", "API_HOST", "API_PORT", "API_TOKEN",
+    for name in ("MQTT_HOSTS", "MQTT_USERNAME", "MQTT_PASSWORD", "METRICS_PORT", "API_HOST", "API_PORT", "API_TOKEN",
                  "API_TOKENS_FILE", "API_PUBLIC_READS", "API_PROVISIONER_USERNAME", "API_PROVISIONER_PASSWORD",
                  "API_MQTT_PUBLIC_URL"):
         base_env.pop(name, None)

@@ -245,6 +245,8 @@ def _service_env(broker: LocalBroker, **extra: str) -> dict[str, str]:
     env.update(MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), LOG_FORMAT="json", LOG_LEVEL="INFO", METRICS_PORT="0",
                PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
                                                                 if p))
+    if os.environ.get("MQTT_PROTOCOL"):  # (its own Mosquitto speaks both: MQTT_PROTOCOL=3.1.1 runs it all on 3.1.1)
+        env["MQTT_PROTOCOL"] = os.environ["MQTT_PROTOCOL"]
     env.update(extra)
     return env
 

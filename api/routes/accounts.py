@@ -64,7 +64,8 @@ async def _create(ctx: AppContext, creating: Awaitable[Credentials], kind: str, 
 
 
 def _mqtt_url(ctx: AppContext) -> str:
-    return ctx.settings.mqtt_public_url or f"mqtt://{ctx.settings.mqtt.host}:{ctx.settings.mqtt.port}"
+    host, port = ctx.settings.mqtt.addresses()[0]  # (MQTT_HOSTS: the first node; set API_MQTT_PUBLIC_URL for more)
+    return ctx.settings.mqtt_public_url or f"mqtt://{host}:{port}"
 
 
 def _created(ctx: AppContext, id_: str, creds: Credentials, command: str) -> JSONResponse:

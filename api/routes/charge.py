@@ -54,7 +54,7 @@ async def charge(body: ChargeIn, ctx: Ctx, principal: Writer, request: Request) 
     message = ChargeRequest(
         requested_kw=body.requested_kw, request_id=request_id, ev_id=body.ev_id,
         duration_minutes=body.duration_minutes, energy_kwh=body.energy_kwh, min_kw=body.min_kw,
-        priority=body.priority, departure=body.departure)
+        priority=body.priority, departure=body.departure, expires_at=body.expires_at)
     audit(principal, "charge", ev_id=body.ev_id, request_id=request_id)
     ctx.store.note_request(message)  # GET /sessions shows the session before the retained state does
     try:

@@ -38,6 +38,12 @@ class EvRequests:
         if closed is not None:
             st.counters["duplicate"] += 1
             return [ToEv(ev_id, closed.answer, in_reply=True)]
+        if msg.expires_at is not None and now > msg.expires_at:
+            # Only a request not known yet: a redelivery of one already answered gets that answer (above). Not
+            # remembered: a fresh copy with the same id and a later expires_at may still be placed.
+            return [ledger.reject(ev_id, request_id, Reason.EXPIRED,
+                                  f"received {now - msg.expires_at:.1f} s after its expires_at: nobody waits for "
+                                  "the answer any more; send a new request", now)]
         if state is not None:
             return [ledger.reject(ev_id, request_id, Reason.EV_BUSY,
                                   f"EV already has open request {state.request.request_id!r}; "

@@ -23,11 +23,13 @@ __all__ = ["AiomqttTransport", "Handler", "InMessage", "OutMessage", "PahoTransp
 
 
 def make_transport(kind: str, settings: MqttSettings, *, client_id: str | None = None, will: Will | None = None,
-                   clean_start: bool = False, mqtt5: bool = True) -> Transport:
-    """Build the transport named ``kind`` (``paho`` or ``aiomqtt``); ``mqtt5`` as for :class:`PahoTransport`
-    (aiomqtt always speaks MQTT 5)."""
+                   clean_start: bool = False, mqtt5: bool | None = None) -> Transport:
+    """Build the transport named ``kind`` (``paho`` or ``aiomqtt``), speaking ``MQTT_PROTOCOL`` and failing over
+    between ``MQTT_HOSTS``; ``mqtt5=False`` forces 3.1.1 (a pure reader, see :class:`PahoTransport`)."""
     if kind == "paho":
         return PahoTransport(settings, client_id=client_id, will=will, clean_start=clean_start, mqtt5=mqtt5)
     if kind == "aiomqtt":
+        if mqtt5 is False and settings.mqtt5:
+            settings = settings.model_copy(update={"protocol": "3.1.1"})
         return AiomqttTransport(settings, client_id=client_id, will=will, clean_start=clean_start)
     raise ValueError(f"unknown MQTT client {kind!r} (expected paho or aiomqtt)")

@@ -1,4 +1,5 @@
-"""aiomqtt 2 (MQTT 5): the idiomatic asyncio client, for services off the hot path (~5x paho's CPU per message)."""
+"""aiomqtt 2 (MQTT 5 or 3.1.1): the idiomatic asyncio client, for services off the hot path (~5x paho's CPU per
+message)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import ssl
 from typing import Any, Literal
 
 import aiomqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from grid_runtime.backoff import Backoff
 from grid_runtime.credentials import mqtt_password
@@ -24,11 +26,14 @@ _NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
 class AiomqttTransport(TransportBase):
-    """aiomqtt 2 (MQTT 5): the idiomatic asyncio client for services off the hot path."""
+    """aiomqtt 2 (MQTT 5, or 3.1.1 by ``MQTT_PROTOCOL``): the idiomatic asyncio client for services off the hot
+    path. On 3.1.1 the session is persistent (clean session false) unless ``clean_start`` or
+    ``session_expiry_s == 0``."""
 
     def __init__(self, settings: MqttSettings, *, client_id: str | None = None, will: Will | None = None,
                  clean_start: bool = False) -> None:
         super().__init__(settings, client_id, will, clean_start)
+        self.mqtt5 = settings.mqtt5
         self._client: aiomqtt.Client | None = None
         self._pending: set[asyncio.Task[None]] = set()
         #: publishes waiting for their PUBACK, oldest first: they die with the client if the connection breaks
@@ -38,7 +43,13 @@ class AiomqttTransport(TransportBase):
     def subscribe(self, topic_filter: str, qos: int = 1, *, retain_as_published: bool = False) -> None:
         options = self._remember(topic_filter, qos, retain_as_published)
         if self._client is not None and self.connected.is_set():
-            self._spawn(self._client.subscribe(topic_filter, options=options))
+            self._spawn(self._subscribe(self._client, topic_filter, options))
+
+    async def _subscribe(self, client: aiomqtt.Client, topic_filter: str, options: SubscribeOptions) -> None:
+        if self.mqtt5:
+            await client.subscribe(topic_filter, options=options)
+        else:  # 3.1.1: a QoS, no options (retain as published does not exist)
+            await client.subscribe(topic_filter, qos=options.QoS)
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
@@ -69,6 +80,8 @@ class AiomqttTransport(TransportBase):
                 correlation_data: bytes | None = None, expiry_s: int | None = None) -> None:
         if self._too_large(topic, payload):
             return
+        if not self.mqtt5 and correlation_data is not None:
+            raise ValueError("correlation data needs MQTT 5 (this transport speaks 3.1.1)")
         client = self._client
         if client is None or not self.connected.is_set():
             if expiry_s is not None:
@@ -76,13 +89,14 @@ class AiomqttTransport(TransportBase):
             else:
                 self._queue_offline(OutMessage(topic, payload, qos, retain, correlation_data))
             return
-        props = publish_properties(correlation_data, expiry_s)
+        # (3.1.1 has no Message Expiry: the message is still sent now or never, its payload says when it is void)
+        props = publish_properties(correlation_data, expiry_s) if self.mqtt5 else None
         self.stats.published += 1
         task = self._spawn(client.publish(topic, payload, qos=qos, retain=retain, properties=props))
         if qos > 0 and expiry_s is None:  # (an expiring message is never re-sent after a reconnect)
             self._inflight[task] = OutMessage(topic, payload, qos, retain, correlation_data)
 
-    def _make_client(self) -> aiomqtt.Client:
+    def _make_client(self, host: str, port: int) -> aiomqtt.Client:
         s = self.settings
         will = None
         if self.will is not None:
@@ -90,9 +104,16 @@ class AiomqttTransport(TransportBase):
         tls: ssl.SSLContext | None = None
         if s.tls_ca:
             tls = ssl.create_default_context(cafile=s.tls_ca)
+        if not self.mqtt5:
+            return aiomqtt.Client(
+                host, port, username=s.username, password=mqtt_password(s), identifier=self.client_id or None,
+                protocol=aiomqtt.ProtocolVersion.V311, will=will, keepalive=s.keepalive_s,
+                clean_session=self.clean_start or s.session_expiry_s == 0, socket_options=_NODELAY,
+                tls_context=tls, timeout=10,
+            )
         clean: Literal[True, False, 3] = True if self.clean_start else False  # noqa: SIM210
         return aiomqtt.Client(
-            s.host, s.port, username=s.username, password=mqtt_password(s), identifier=self.client_id or None,
+            host, port, username=s.username, password=mqtt_password(s), identifier=self.client_id or None,
             protocol=aiomqtt.ProtocolVersion.V5, will=will, keepalive=s.keepalive_s, clean_start=clean,
             properties=connect_properties(s.session_expiry_s), socket_options=_NODELAY, tls_context=tls, timeout=10,
         )
@@ -101,17 +122,18 @@ class AiomqttTransport(TransportBase):
         self._run_task = asyncio.current_task()
         backoff = Backoff(RECONNECT_FIRST_S, RECONNECT_MAX_S)
         while not self._closing:
+            host, port = self.address
             try:
-                async with self._make_client() as client:
+                async with self._make_client(host, port) as client:
                     self._client = client
                     # subscribe() may add filters while we wait for a SUBACK: loop until none is left out.
                     done: set[str] = set()
                     while todo := [(f, o) for f, o in self._subs.items() if f not in done]:
                         for f, options in todo:
-                            await client.subscribe(f, options=options)
+                            await self._subscribe(client, f, options)
                             done.add(f)
-                    log.info("mqtt_connected", client_id=self.client_id, host=self.settings.host,
-                             port=self.settings.port)
+                    log.info("mqtt_connected", client_id=self.client_id, host=host, port=port,
+                             protocol="5" if self.mqtt5 else "3.1.1")
                     backoff.reset()
                     self.connected.set()
                     while self._outbox:
@@ -128,9 +150,8 @@ class AiomqttTransport(TransportBase):
                     break
                 self._requeue_inflight()
                 self.stats.disconnects += 1
-                log.warning("mqtt_disconnected", client_id=self.client_id, error=str(exc),
-                            retry_in_s=backoff.upcoming)
-                await asyncio.sleep(next(backoff))
+                log.warning("mqtt_disconnected", client_id=self.client_id, host=host, port=port, error=str(exc))
+                await self._failed(backoff)  # the next broker address; back-off after a full round
 
     async def close(self, timeout: float = 2.0) -> None:
         """Wait (bounded) for pending publishes, then leave the client context: a clean DISCONNECT."""

@@ -41,20 +41,22 @@ def _has_data(sock: Any) -> bool:
 
 
 class PahoTransport(TransportBase):
-    """paho-mqtt 2 (MQTT 5, or 3.1.1 for a pure reader) driven by the running asyncio loop."""
+    """paho-mqtt 2 (MQTT 5, or 3.1.1) driven by the running asyncio loop."""
 
     def __init__(self, settings: MqttSettings, *, client_id: str | None = None, will: Will | None = None,
-                 clean_start: bool = False, max_inflight: int = 0, mqtt5: bool = True) -> None:
-        """``mqtt5=False`` speaks MQTT 3.1.1: no properties to build and parse per message (a subscriber that
-        needs none, like the recorder, spends ~30 % less CPU per message); the session then lives as long as
-        the broker's ``persistent_client_expiration``."""
+                 clean_start: bool = False, max_inflight: int = 0, mqtt5: bool | None = None) -> None:
+        """``mqtt5``: None follows ``MQTT_PROTOCOL``; False speaks MQTT 3.1.1 whatever the setting (a pure reader
+        such as the recorder needs no properties and spends ~30 % less CPU per message without them). On 3.1.1
+        the session is persistent (clean session false) unless ``clean_start`` or ``session_expiry_s == 0``, and
+        lives as long as the broker keeps sessions (Mosquitto's ``persistent_client_expiration``)."""
         super().__init__(settings, client_id, will, clean_start)
-        self.mqtt5 = mqtt5
-        if mqtt5:
+        self.mqtt5 = settings.mqtt5 if mqtt5 is None else mqtt5
+        if self.mqtt5:
             c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5)
         else:
+            clean = clean_start or settings.session_expiry_s == 0
             c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv311,
-                            clean_session=clean_start)
+                            clean_session=clean)
         if settings.username:
             c.username_pw_set(settings.username, mqtt_password(settings))
         if settings.tls_ca:
@@ -118,10 +120,12 @@ class PahoTransport(TransportBase):
 
     # --- paho callbacks --------------------------------------------------------------------
     def _on_connect(self, client: paho.Client, _ud: Any, _flags: Any, rc: Any, _props: Any) -> None:
+        host, port = self.address
         if rc.is_failure:
-            log.error("mqtt_connect_refused", reason=str(rc), client_id=self.client_id)
+            log.error("mqtt_connect_refused", reason=str(rc), client_id=self.client_id, host=host, port=port)
             return
-        log.info("mqtt_connected", client_id=self.client_id, host=self.settings.host, port=self.settings.port)
+        log.info("mqtt_connected", client_id=self.client_id, host=host, port=port,
+                 protocol="5" if self.mqtt5 else "3.1.1")
         if self._subs:
             client.subscribe(list(self._subs.items()) if self.mqtt5
                              else [(f, o.QoS) for f, o in self._subs.items()])  # 3.1.1: no options, QoS only
@@ -145,7 +149,8 @@ class PahoTransport(TransportBase):
         self.connected.clear()
         self._disconnected.set()
         if not self._closing:
-            log.warning("mqtt_disconnected", client_id=self.client_id, reason=str(rc))
+            host, port = self.address
+            log.warning("mqtt_disconnected", client_id=self.client_id, host=host, port=port, reason=str(rc))
 
     def _on_message(self, _client: paho.Client, _ud: Any, message: paho.MQTTMessage) -> None:
         try:
@@ -158,8 +163,6 @@ class PahoTransport(TransportBase):
 
     # --- public API ------------------------------------------------------------------------
     def subscribe(self, topic_filter: str, qos: int = 1, *, retain_as_published: bool = False) -> None:
-        if not self.mqtt5 and retain_as_published:
-            raise ValueError("retain as published needs MQTT 5 (this transport speaks 3.1.1)")
         options = self._remember(topic_filter, qos, retain_as_published)
         if self.connected.is_set():
             if self.mqtt5:
@@ -213,8 +216,15 @@ class PahoTransport(TransportBase):
                 correlation_data: bytes | None = None, expiry_s: int | None = None) -> None:
         if self._too_large(topic, payload):
             return
-        if not self.mqtt5 and (correlation_data is not None or expiry_s is not None):
-            raise ValueError("correlation data and message expiry need MQTT 5 (this transport speaks 3.1.1)")
+        if not self.mqtt5:
+            if correlation_data is not None:
+                raise ValueError("correlation data needs MQTT 5 (this transport speaks 3.1.1)")
+            if expiry_s is not None:  # no Message Expiry on 3.1.1: sent now or never, the payload says when void
+                if self.connected.is_set() and self._send(topic, payload, qos, retain, None) == paho.MQTT_ERR_SUCCESS:
+                    self.stats.published += 1
+                else:
+                    self.stats.expired_dropped += 1
+                return
         if expiry_s is not None:
             if not self.connected.is_set():
                 self.stats.expired_dropped += 1
@@ -230,32 +240,34 @@ class PahoTransport(TransportBase):
             self._queue_offline(OutMessage(topic, payload, qos, retain, correlation_data))
 
     async def run(self) -> None:
-        """Connect and stay connected (exponential back-off) until :meth:`close`."""
+        """Connect and stay connected until :meth:`close`: a lost or refused connection moves on to the next broker
+        address (``MQTT_HOSTS``), with exponential back-off between full rounds."""
         self._loop = asyncio.get_running_loop()
         backoff = Backoff(RECONNECT_FIRST_S, RECONNECT_MAX_S)
         misc = asyncio.create_task(self._misc_loop())
         try:
             while not self._closing:
                 self._disconnected.clear()
+                host, port = self.address
+                before = self.stats.connects
                 try:
-                    if self.stats.connects == 0 and self._sock is None and not self.mqtt5:
-                        self._client.connect(self.settings.host, self.settings.port, self.settings.keepalive_s)
-                    elif self.stats.connects == 0 and self._sock is None:
-                        self._client.connect(self.settings.host, self.settings.port, self.settings.keepalive_s,
-                                             clean_start=self.clean_start,
+                    # connect() (not reconnect()) every time: the address may have changed. paho keeps the QoS 1
+                    # messages in flight and re-sends them after the CONNACK, whichever node answers.
+                    if self.mqtt5:
+                        self._client.connect(host, port, self.settings.keepalive_s, clean_start=self.clean_start,
                                              properties=connect_properties(self.settings.session_expiry_s))
                     else:
-                        self._client.reconnect()
+                        self._client.connect(host, port, self.settings.keepalive_s)
                 except OSError as exc:
-                    log.warning("mqtt_connect_failed", host=self.settings.host, port=self.settings.port,
-                                error=str(exc), retry_in_s=backoff.upcoming)
-                    await asyncio.sleep(next(backoff))
+                    log.warning("mqtt_connect_failed", client_id=self.client_id, host=host, port=port,
+                                error=str(exc))
+                    await self._failed(backoff)
                     continue
                 await self._disconnected.wait()
-                if self.stats.connects:
+                if self.stats.connects > before:
                     backoff.reset()
                 if not self._closing:
-                    await asyncio.sleep(next(backoff))
+                    await self._failed(backoff)
         finally:
             misc.cancel()
 

@@ -58,6 +58,7 @@ class TransportStats:
     oversized_refused: int = 0
     backlogged: int = 0  # publishes that waited for a free packet id (broker stalled)
     expired_dropped: int = 0  # publishes with an expiry not sent: disconnected (they are never queued)
+    failovers: int = 0  # connections made to another broker address than the previous one (MQTT_HOSTS)
 
 
 Handler = Callable[[InMessage], None]
@@ -72,7 +73,8 @@ class Transport(Protocol):
     def set_handler(self, handler: Handler) -> None: ...
     def subscribe(self, topic_filter: str, qos: int = 1, *, retain_as_published: bool = False) -> None:
         """Subscribe now and after every reconnect. ``retain_as_published`` (MQTT 5): live messages keep the
-        retain flag their publisher set (without it only replayed retained messages carry it)."""
+        retain flag their publisher set (without it only replayed retained messages carry it). MQTT 3.1.1 has
+        no such option: it is ignored there, and a live message always arrives with retain 0."""
         ...
 
     def on_connect(self, callback: Callable[[], None]) -> None: ...
@@ -81,7 +83,9 @@ class Transport(Protocol):
         """Publish, or queue until the next connection. With ``expiry_s`` the message is worth nothing later
         (a request someone waits for with a timeout): it is sent now or never (not queued, not re-sent after
         a reconnect by this transport) and carries the MQTT 5 Message Expiry Interval, so the broker drops it
-        too if no subscriber takes it in time (say, a balancer that is down)."""
+        too if no subscriber takes it in time (say, a balancer that is down). On MQTT 3.1.1 there is no message
+        expiry: the message is still sent now or never, and the payload must say when it is void (``expires_at``);
+        correlation data needs MQTT 5 (ValueError)."""
         ...
 
     async def run(self) -> None: ...

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from probe import Probe, Service, start_balancer, telemetry
 
@@ -47,14 +48,20 @@ class Grid:
 
 
 @pytest.fixture
-def grid(broker: LocalBroker, tmp_path: Path) -> Iterator[Grid]:
-    watch = Probe(broker, "observer", "grid/v1/#")
+def grid(broker: LocalBroker, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Grid]:
+    """The balancer and two probes, all on MQTT 5, or all on 3.1.1 with ``parametrize("grid", ["3.1.1"],
+    indirect=True)``."""
+    protocol = getattr(request, "param", "5")
+    version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+    watch = Probe(broker, "observer", "grid/v1/#", protocol=version)
     balancer = start_balancer(broker, tmp_path, BALANCER_STALE_AFTER_S="2", BALANCER_LOST_AFTER_S="30",
-                              BALANCER_LEASE_S="3")  # (an offline substation keeps its sessions one lease)
+                              BALANCER_LEASE_S="3",  # (an offline substation keeps its sessions one lease)
+                              MQTT_PROTOCOL=protocol)
     try:
         watch.wait_for(lambda m: m.topic == "grid/v1/balancer/status" and m.json()["state"] == "online",
                        timeout=15, what="balancer online status")
-        fake = Probe(broker, "loadtest")
+        assert f"protocol={protocol}" in balancer.log() or f'"protocol": "{protocol}"' in balancer.log()
+        fake = Probe(broker, "loadtest", protocol=version)
         yield Grid(broker, balancer, watch, fake)
         fake.close()
     finally:
@@ -65,6 +72,7 @@ def grid(broker: LocalBroker, tmp_path: Path) -> Iterator[Grid]:
         assert code == 0, log[-3000:]
 
 
+@pytest.mark.parametrize("grid", ["5", "3.1.1"], indirect=True)
 def test_burst_of_300_never_exceeds_capacity_spreads_evenly_and_queues_the_rest(grid: Grid) -> None:
     capacity = 1000.0
     bases = {"A": 200.0, "B": 100.0, "C": 50.0}
