@@ -97,6 +97,9 @@ class BalancerCollector(Collector):
         sessions = GaugeMetricFamily("gridlb_sessions", "Running sessions on all substations", labels=["region"])
         open_requests = GaugeMetricFamily("gridlb_open_requests", "EVs with an open request (queued or charging)",
                                           labels=["region"])
+        received = CounterMetricFamily("gridlb_balancer_received_messages", "Messages received, by topic kind, "
+                                       "before admission (those shed or refused are also in gridlb_rejected_payloads)",
+                                       labels=["kind", "region"])
         for service in list(self._services()):
             region = service.region
             core = service.core
@@ -132,6 +135,8 @@ class BalancerCollector(Collector):
                 if key.startswith("bad_payload:"):
                     _, kind, reason = key.split(":", 2)
                     rejected.add_metric([kind, reason, region], float(count))
+            for kind, count in sorted(service.received.items()):
+                received.add_metric([str(kind), region], float(count))
             gate = service.startup
             starting.add_metric([region], int(not gate.is_open))
             held.add_metric([region], len(gate.held))
@@ -139,7 +144,7 @@ class BalancerCollector(Collector):
             sessions.add_metric([region], core.session_count())
             open_requests.add_metric([region], core.open_requests())
         yield from per_sub.values()
-        yield from (decisions, events, rejected, starting, held, queue, sessions, open_requests)
+        yield from (decisions, events, rejected, received, starting, held, queue, sessions, open_requests)
 
 
 def register(services: BalancerService | Sequence[BalancerService], registry: CollectorRegistry) -> None:

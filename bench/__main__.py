@@ -3,7 +3,8 @@
 runtime account change costs; ``python -m bench live-page`` the live page at 1,000 substations in headless Chromium;
 ``python -m bench scale`` the allocation core at utility scale; ``python -m bench cluster`` the balancer against an
 echo through a local 3-node NATS cluster; ``python -m bench regions`` two regions on two balancer processes against
-one (issue 12)."""
+one (issue 12); ``python -m bench live-grid`` 1,000 substations and an EV fleet through
+Mosquitto, live."""
 
 import sys
 
@@ -14,6 +15,7 @@ from bench import (
     failover,
     faults,
     flood,
+    live_grid,
     live_page,
     provisioning,
     regions,
@@ -22,7 +24,7 @@ from bench import (
 
 _COMMANDS = {"flood": flood.main, "faults": faults.main, "failover": failover.main, "recorder": bench_recorder.main,
              "provisioning": provisioning.main, "live-page": live_page.main, "scale": scale.main,
-             "cluster": cluster.main, "regions": regions.main}
+             "cluster": cluster.main, "regions": regions.main, "live-grid": live_grid.main}
 
 if len(sys.argv) > 1 and sys.argv[1] in _COMMANDS:
     sys.exit(_COMMANDS[sys.argv[1]](sys.argv[2:]))

@@ -10,8 +10,11 @@ scaled so the grid has room for about nine in ten EVs) are told online and repor
 time). Figures:
 
   fill µs/req     CPU per request while the grid fills (placement, queueing, ETAs), averaged over all N;
-  steady µs/req   CPU per request at full size: an EV releases, a new one asks (both counted, per request),
+  steady µs/req   CPU per request at full size: a charging EV releases, a new one asks (both counted, per request),
                   the substations still reporting each grid-second (untimed);
+  µs/answer       the same CPU per answer the EVs got in that phase: a release there also serves the queue
+                  (each placement from it is an ``assigned``), so a grid with a long queue answers more per
+                  request than a small one;
   rebalance ms/s  CPU per second of grid time with every substation reporting at 1 Hz and the periodic tick at
                   2 Hz, nothing else happening: "churned" in the 10 s right after the steady phase (the grants
                   its releases and requests left to settle), "settled" 30 grid-seconds later;
@@ -23,6 +26,7 @@ CPU time (``time.process_time``), not wall time: the machine is shared.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
 import math
@@ -32,10 +36,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from balancer.core import Balancer, CoreConfig
 from grid_protocol import ChargeRequest, Release, Telemetry, encode
+from grid_protocol.messages import AssignmentStatus
+
+#: what an answer to an EV can say (the core counts each under its status, with the reason after a colon)
+DECISION_OUTCOMES = frozenset(get_args(AssignmentStatus))
 
 DEFAULT_SIZES = "3x1000,3x10000,3x100000,100x1000,100x10000,100x100000,1000x1000,1000x10000,1000x100000"
 CLASSES_KVA = (400, 630, 1000)
@@ -185,7 +193,8 @@ def _telemetry(grid: Grid, sid: str, seq: int, core: Balancer, rng: random.Rando
                      base_load_kw=base, ev_load_kw=granted, active_sessions=len(sub.sessions) if sub else 0)
 
 
-def run_one(substations: int, evs: int, path: str, seconds: int, steady: int) -> dict[str, Any]:
+def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
+            profile: Path | None = None) -> dict[str, Any]:
     rng = random.Random(1)
     grid = make_grid(substations, evs, rng)
     driver: CoreDriver | ServiceDriver = CoreDriver() if path == "core" else ServiceDriver()
@@ -205,6 +214,13 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int) ->
             driver.telemetry(_telemetry(grid, sid, seq, core, rng, at), at)
         core.placement.refresh(at)  # refile what the reports changed now: telemetry's cost, not the next request's
 
+    def ticks(second: float) -> None:
+        """The periodic tick twice a grid-second; what its rebalancing moved is refiled now, as its own cost (as
+        after telemetry), not left to the next request's."""
+        driver.tick(second)
+        driver.tick(second + 0.5)
+        core.placement.refresh(second + 0.5)
+
     report_all(now)
     # Fill: N requests at RATE_PER_S per grid-second; every substation reports once per grid-second, the tick
     # runs twice (as in the service) -- only the requests are timed here.
@@ -215,8 +231,7 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int) ->
         now = T0 + i / rate
         if now >= next_second:
             report_all(next_second)
-            driver.tick(next_second)
-            driver.tick(next_second + 0.5)
+            ticks(next_second)
             next_second += 1
         msg = ChargeRequest(request_id="r1", requested_kw=kws[i % 3], min_kw=1.4,
                             duration_minutes=30 + (i * 7919) % 211)
@@ -226,21 +241,42 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int) ->
     sessions = core.session_count()
     queued = len(core.queue)
     # Steady state at full size: a running EV releases, a new one asks.
-    running = [s.request.ev_id for s in core._sessions.values()]
-    rng.shuffle(running)
+    # Every release ends a running session: EVs are taken from those charging now, in random order (a list that
+    # runs dry, or an EV whose session ended meanwhile, is refilled from the sessions there are, untimed).
+    running: list[str] = []
+
+    def next_running() -> str:
+        while True:
+            if not running:
+                running.extend(s.request.ev_id for s in core._sessions.values())
+                rng.shuffle(running)
+            ev = running.pop()
+            state = core._evs.get(ev)
+            if state is not None and state.session_id is not None:
+                return ev
     cpu_steady = 0.0
+    profiler = cProfile.Profile(time.process_time) if profile else None  # (CPU time: the machine is shared)
+    answers_before = _answers(core)
     for j in range(steady):
         now += 1 / rate
         if now >= next_second:  # the substations keep reporting (untimed): the grid stays fresh
             report_all(next_second)
-            driver.tick(next_second)
-            driver.tick(next_second + 0.5)
+            ticks(next_second)
             next_second += 1
+        ev = next_running()
         t = time.process_time()
-        driver.release(running[j % len(running)], now)
+        if profiler:
+            profiler.enable()
+        driver.release(ev, now)
         driver.request(f"N{j:06d}", ChargeRequest(request_id="r1", requested_kw=11.0, min_kw=1.4,
                                                    duration_minutes=120), now)
+        if profiler:
+            profiler.disable()
         cpu_steady += time.process_time() - t
+    if profiler and profile:
+        profiler.dump_stats(profile)
+    steady_answers = _answers(core) - answers_before
+    cpu_steady_total = cpu_steady
     cpu_steady = cpu_steady / (2 * steady) if steady else 0.0
     # Rebalancing: every substation at 1 Hz, the tick at 2 Hz, for ``seconds`` of grid time, right after the churn
     # and again once the grants it left have settled.
@@ -260,9 +296,16 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int) ->
     return {"substations": substations, "evs": evs, "path": path, "sessions": sessions, "queued": queued,
             "fill_us_per_request": round(cpu_requests / evs * 1e6, 1),
             "steady_us_per_request": round(cpu_steady * 1e6, 1),
+            "steady_answers": steady_answers,
+            "steady_us_per_answer": round(cpu_steady_total / max(1, steady_answers) * 1e6, 1),
             "rebalance_churned_ms_per_grid_s": round(cpu_churned * 1e3, 2),
             "rebalance_settled_ms_per_grid_s": round(cpu_settled * 1e3, 2), "rss_mb": round(rss, 1),
             "violations": len(core.violations())}
+
+
+def _answers(core: Balancer) -> int:
+    """Answers the core gave EVs so far (assigned, queued, rejected, completed, ...; not other events)."""
+    return sum(n for key, n in core.counters.items() if key.split(":", 1)[0] in DECISION_OUTCOMES)
 
 
 def _rss_mb() -> float:
@@ -279,16 +322,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=int, default=10, help="grid-seconds of 1 Hz telemetry to time")
     parser.add_argument("--steady", type=int, default=2000, help="release+request pairs timed at full size")
     parser.add_argument("--json", type=Path, default=Path("bench/results/scale.json"))
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="with --one: cProfile the steady phase (only its requests and releases) into PROFILE")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # SxN:path, in this process
     args = parser.parse_args(argv)
     if args.one:
         size, path = args.one.split(":")
         s, n = (int(x) for x in size.split("x"))
-        print(json.dumps(run_one(s, n, path, args.seconds, args.steady)))
+        print(json.dumps(run_one(s, n, path, args.seconds, args.steady, args.profile)))
         return 0
     rows = []
     print(f"{'substations x EVs':>18} {'path':>8} {'sessions':>9} {'queued':>7} {'fill µs/req':>12} "
-          f"{'steady µs/req':>14} {'rebal. churned ms/s':>20} {'settled ms/s':>13} {'RSS MB':>7}", flush=True)
+          f"{'steady µs/req':>14} {'µs/answer':>10} {'rebal. churned ms/s':>20} {'settled ms/s':>13} {'RSS MB':>7}",
+          flush=True)
     for size in args.sizes.split(","):
         for path in args.paths.split(","):
             out = subprocess.run([sys.executable, "-m", "bench", "scale", "--one", f"{size}:{path}",
@@ -301,6 +347,7 @@ def main(argv: list[str]) -> int:
             rows.append(row)
             print(f"{row['substations']:>7,} x {row['evs']:>8,} {path:>8} {row['sessions']:>9,} {row['queued']:>7,} "
                   f"{row['fill_us_per_request']:>12,.1f} {row['steady_us_per_request']:>14,.1f} "
+                  f"{row['steady_us_per_answer']:>10,.1f} "
                   f"{row['rebalance_churned_ms_per_grid_s']:>20,.2f} {row['rebalance_settled_ms_per_grid_s']:>13,.2f} "
                   f"{row['rss_mb']:>7,.0f}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -77,9 +77,13 @@ class Release(msgspec.Struct, kw_only=True):
     ev_id: Id | None = None
 
 
-class Assignment(msgspec.Struct, kw_only=True):
+class Assignment(msgspec.Struct, kw_only=True, gc=False):
     """Balancer -> EV on ``ev/{ev_id}/assignment``. The balancer always writes every key (``null`` when
     not applicable); readers need only the four without defaults."""
+
+    # gc=False: the balancer keeps one per open request and per recent final answer (100k and more at grid scale)
+    # and no field ever refers back, so the cyclic GC need not scan them (tracked, they were nearly all of a full
+    # collection's work at 1,000 substations x 100k EVs: bench scale).
 
     request_id: RequestId | None
     ev_id: Id

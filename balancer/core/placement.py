@@ -35,19 +35,23 @@ class Placement:
         for sid in touched:
             sub = st.substations.get(sid)
             self.policy.refile(sid, sub, now)
-            old = self._filed.pop(sid, None)
+            filed = None if sub is None else (sub.rated_w(), sub.capacity_w, sub.draining)
+            old = self._filed.get(sid)
+            if filed == old:
+                continue  # (most touches: a placement or telemetry moves no capacity)
             if old is not None:
+                del self._filed[sid]
                 if old[0] > 0:
                     self._rated.remove(old[0])
                 if not old[2]:
                     self._open_capacities.remove(old[1])
-            if sub is not None:
-                rated = sub.rated_w()
+            if filed is not None:
+                rated, capacity, draining = filed
                 if rated > 0:
                     self._rated.add(rated)
-                if not sub.draining:
-                    self._open_capacities.add(sub.capacity_w)
-                self._filed[sid] = (rated, sub.capacity_w, sub.draining)
+                if not draining:
+                    self._open_capacities.add(capacity)
+                self._filed[sid] = filed
 
     def largest_limit_w(self, now: float, *, open_only: bool = False) -> int | None:
         """The largest substation limit: rated (a limit schedule passes), or with ``open_only`` the largest now of

@@ -2,10 +2,14 @@
 
 Sorted containers (``sortedcontainers``): insert, remove, position and the n-th in line cost O(log n), so a
 long queue costs no more per request than a short one; the smallest ``min_w`` waiting is kept too, so serving
-the queue stops as soon as nothing waiting can fit.
+the queue stops as soon as nothing waiting can fit. Waiting requests share a handful of ``min_w`` values (the
+default minimum, a few chargers' own): counted per value, with a heap of the values present, so a request
+joining or leaving costs a dict update, not a sorted insert.
 """
 
 from __future__ import annotations
+
+import heapq
 
 from sortedcontainers import SortedList
 
@@ -13,12 +17,13 @@ from balancer.core.model import PendingRequest
 
 
 class RequestQueue:
-    __slots__ = ("_by_ev", "_keys", "_min_ws", "maxlen")
+    __slots__ = ("_by_ev", "_keys", "_min_heap", "_min_ws", "maxlen")
 
     def __init__(self, maxlen: int) -> None:
         self.maxlen = maxlen
         self._keys: SortedList = SortedList()  # (-priority, arrival, ev_id)
-        self._min_ws: SortedList = SortedList()  # every waiting request's min_w (a multiset)
+        self._min_ws: dict[int, int] = {}  # min_w -> requests waiting with it
+        self._min_heap: list[int] = []  # the values in _min_ws (and some that left it: dropped when met at the top)
         self._by_ev: dict[str, PendingRequest] = {}
 
     def __len__(self) -> int:
@@ -37,7 +42,7 @@ class RequestQueue:
             raise OverflowError("queue full")
         key = (*req.queue_key, req.ev_id)
         self._keys.add(key)
-        self._min_ws.add(req.min_w)
+        self._add_min(req.min_w)
         self._by_ev[req.ev_id] = req
         return self._keys.bisect_left(key) + 1
 
@@ -51,7 +56,7 @@ class RequestQueue:
     def pop_head(self) -> PendingRequest:
         key = self._keys.pop(0)
         req = self._by_ev.pop(key[2])
-        self._min_ws.remove(req.min_w)
+        self._remove_min(req.min_w)
         return req
 
     def get(self, ev_id: str) -> PendingRequest | None:
@@ -61,7 +66,7 @@ class RequestQueue:
         req = self._by_ev.pop(ev_id, None)
         if req is not None:
             self._keys.remove((*req.queue_key, ev_id))
-            self._min_ws.remove(req.min_w)
+            self._remove_min(req.min_w)
         return req
 
     def position(self, ev_id: str) -> int | None:
@@ -70,9 +75,30 @@ class RequestQueue:
             return None
         return self._keys.bisect_left((*req.queue_key, ev_id)) + 1
 
+    def _add_min(self, min_w: int) -> None:
+        count = self._min_ws.get(min_w, 0)
+        self._min_ws[min_w] = count + 1
+        if not count:
+            heap = self._min_heap
+            if len(heap) > 2 * len(self._min_ws) + 16:  # values that left below the top: rebuild (amortised O(1))
+                heap[:] = self._min_ws
+                heapq.heapify(heap)
+            else:
+                heapq.heappush(heap, min_w)
+
+    def _remove_min(self, min_w: int) -> None:
+        count = self._min_ws[min_w] - 1
+        if count:
+            self._min_ws[min_w] = count
+        else:
+            del self._min_ws[min_w]
+
     def smallest_min_w(self) -> int | None:
         """The least any waiting request can run with (None: nobody waits)."""
-        return self._min_ws[0] if self._min_ws else None
+        heap, present = self._min_heap, self._min_ws
+        while heap and heap[0] not in present:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
 
     def items(self) -> list[PendingRequest]:
         return [self._by_ev[k[2]] for k in self._keys]

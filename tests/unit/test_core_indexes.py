@@ -13,8 +13,10 @@ from hypothesis.stateful import invariant
 import tests.unit.test_core_properties as props
 from balancer.core import Balancer, CoreConfig, PendingRequest
 from balancer.core.allocation import water_fill, water_fill_classes
+from balancer.core.model import Substation
 from balancer.core.policies import COMPRESSIBLE
 from balancer.core.policies.scan import compressible_room_w, fair_placement, least_utilised
+from balancer.core.queue import RequestQueue
 from grid_protocol.messages import ChargeRequest, ControlCommand, Release, SessionEvent, Telemetry
 
 PROBES = ((1, 1), (1_400, 1_400), (7_400, 1_400), (11_000, 1_400), (11_000, 11_000), (22_000, 4_000),
@@ -351,3 +353,72 @@ def test_share_tables_stay_the_size_of_their_sessions() -> None:
     assert table is not None and len(table) == len(b.substations["A"].sessions) == 5
     assert len(table.holds) <= 2 * len(table) + 16
     assert not list(b.rebalancer.shares.check(b.substations["A"]))
+
+
+# Each operation on one substation: (which, new capacity class, new used share, fresh or stale)
+REFILES = st.lists(st.tuples(st.integers(0, 11), st.sampled_from([0, 50_000, 100_000, 250_000]),
+                             st.integers(-200, 1_200), st.booleans()),
+                   min_size=1, max_size=120)
+
+
+@settings(max_examples=150, deadline=None)
+@given(policy=st.sampled_from(["least-utilised", "weighted-fair"]), ops=REFILES)
+def test_index_orders_stay_sorted_under_any_refile(policy: str, ops: list[tuple[int, int, int, bool]]) -> None:
+    """The index's own upkeep (in-place moves, moves past neighbours, class changes, unchanged refiles, entries
+    leaving and coming back) against sorting from scratch: each class's members in key order, the most room."""
+    b = Balancer(dataclasses.replace(CoreConfig(), policy=policy))
+    index = b.placement.policy.index  # type: ignore[attr-defined]
+    cfg = b.config
+    now = T0
+    subs: dict[str, Substation] = {}
+    for i, capacity, used_permille, fresh in ops:
+        sid = f"S{i:02d}"
+        sub = subs.setdefault(sid, Substation(sid, status="online"))
+        sub.reported_capacity_w = capacity
+        sub.apply_capacity()
+        sub.base_load_w = max(0, capacity * used_permille // 1000)
+        sub.requested_w = (i * 7_400) % 30_000
+        sub.last_telemetry_at = now if fresh else now - 2 * cfg.stale_after_s
+        index.refile(sid, sub, now)
+        if i % 5 == 0 and used_permille % 7 == 0:
+            index.refile(sid, sub, now)  # refiled again, nothing moved
+        room = (lambda s: s.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s)) if policy == "least-utilised" \
+            else (lambda s: compressible_room_w(s, now, cfg.safety_margin_pct, cfg.stale_after_s))
+        key = (lambda s: (s.used_w() - s.limit_w(cfg.safety_margin_pct), s.id)) if policy == "least-utilised" \
+            else (lambda s: (s.base_load_w + s.requested_w, s.id))
+        filed = [s for s in subs.values() if room(s) > 0]
+        assert len(index) == len(filed)
+        got = sorted(list(members) for members in index.group_members(subs, now))
+        want = sorted([s.id for s in sorted((s for s in filed if s.capacity_w == c), key=key)]
+                      for c in {s.capacity_w for s in filed})
+        assert got == want
+        assert index.max_room_w(subs, now) == max((room(s) for s in filed), default=0)
+
+
+QUEUE_OPS = st.lists(st.tuples(st.sampled_from(["push", "push", "remove", "pop"]), st.integers(0, 40),
+                               st.sampled_from([1_400, 1_400, 1_400, 3_700, 7_400, 11_000]) | st.integers(1, 50_000)),
+                     max_size=300)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=QUEUE_OPS)
+def test_queue_smallest_min_w_is_the_least_waiting(ops: list[tuple[str, int, int]]) -> None:
+    """The kept smallest ``min_w`` (counts per value, a heap of values) against the minimum over the waiting
+    requests, with values joining and leaving in any order; the heap stays bounded by the most values present."""
+    q = RequestQueue(maxlen=1_000)
+    arrival = 0
+    peak = 0  # most distinct min_w values waiting at once
+    for op, ev, min_w in ops:
+        ev_id = f"EV{ev}"
+        if op == "push" and ev_id not in q:
+            arrival += 1
+            q.push(PendingRequest(ev_id=ev_id, request_id="r", requested_w=50_000, min_w=min_w, priority=ev % 3,
+                                  arrival=arrival, received_at=T0, duration_minutes=None, energy_kwh=None))
+        elif op == "remove":
+            q.remove(ev_id)
+        elif op == "pop" and len(q):
+            q.pop_head()
+        waiting = [r.min_w for r in q.items()]
+        assert q.smallest_min_w() == (min(waiting) if waiting else None)
+        peak = max(peak, len(set(waiting)))
+        assert len(q._min_heap) <= 2 * peak + 17

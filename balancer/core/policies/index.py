@@ -6,13 +6,18 @@ candidate is its first and a placement looks at one entry per capacity class (a 
 transformer sizes), not at every substation. A second order holds every substation by its room, the most
 first (the most any new session could get now). Telemetry going stale is a matter of time, not of an event:
 an entry found stale is dropped when a query meets it, and refiled by the next telemetry.
+
+Upkeep is per refile, so it must cost less than the scan it replaces even on a grid of four: every placement and
+most telemetry move a substation's key, but rarely past a neighbour's. The orders are plain lists kept sorted
+(bisect in C; a list of a few thousand entries moves in a microsecond): a moved key that keeps its place is
+written over in place, and a refile that moves nothing (same class, key and room) touches nothing.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections.abc import Callable, Iterator, Mapping
-
-from sortedcontainers import SortedList
+from typing import Any
 
 from balancer.core.model import Substation
 
@@ -29,8 +34,8 @@ class SubstationIndex:
         self._order = order
         self._room = room
         self.stale_after_s = stale_after_s
-        self._groups: dict[int, SortedList] = {}  # capacity_w -> order keys
-        self._rooms: SortedList = SortedList()  # (-room, id)
+        self._groups: dict[int, list[tuple[int, str]]] = {}  # capacity_w -> order keys, sorted
+        self._rooms: list[tuple[int, str]] = []  # (-room, id), sorted
         self._filed: dict[str, tuple[int, tuple[int, str], int]] = {}  # id -> (capacity_w, order key, room)
 
     def __len__(self) -> int:
@@ -38,26 +43,38 @@ class SubstationIndex:
 
     def refile(self, substation_id: str, sub: Substation | None, now: float) -> None:
         """File ``sub`` at its current numbers (``None``: it is gone)."""
-        old = self._filed.pop(substation_id, None)
-        if old is not None:
-            capacity, key, room = old
-            group = self._groups[capacity]
-            group.remove(key)
-            if not group:
-                del self._groups[capacity]
-            self._rooms.remove((-room, substation_id))
-        if sub is None:
-            return
-        room = self._room(sub, now)
-        if room <= 0:
+        old = self._filed.get(substation_id)
+        room = 0 if sub is None else self._room(sub, now)
+        if room <= 0 or sub is None:
+            if old is not None:
+                del self._filed[substation_id]
+                capacity, key, old_room = old
+                group = self._groups[capacity]
+                _remove(group, key)
+                if not group:
+                    del self._groups[capacity]
+                _remove(self._rooms, (-old_room, substation_id))
             return
         key = self._order(sub)
-        group = self._groups.get(sub.capacity_w)
-        if group is None:
-            group = self._groups[sub.capacity_w] = SortedList()
-        group.add(key)
-        self._rooms.add((-room, sub.id))
-        self._filed[sub.id] = (sub.capacity_w, key, room)
+        capacity = sub.capacity_w
+        if old is None:
+            insort(self._groups.setdefault(capacity, []), key)
+            insort(self._rooms, (-room, substation_id))
+        else:
+            old_capacity, old_key, old_room = old
+            if old_capacity == capacity and old_key == key and old_room == room:
+                return
+            if old_capacity == capacity:
+                _move(self._groups[capacity], old_key, key)
+            else:
+                group = self._groups[old_capacity]
+                _remove(group, old_key)
+                if not group:
+                    del self._groups[old_capacity]
+                insort(self._groups.setdefault(capacity, []), key)
+            if old_room != room:
+                _move(self._rooms, (-old_room, substation_id), (-room, substation_id))
+        self._filed[substation_id] = (capacity, key, room)
 
     def room_w(self, substation_id: str) -> int:
         return self._filed[substation_id][2]
@@ -97,7 +114,7 @@ class SubstationIndex:
             for sid in stale:
                 self.refile(sid, None, now)
 
-    def _members(self, group: SortedList, subs: Mapping[str, Substation], now: float,
+    def _members(self, group: list[tuple[int, str]], subs: Mapping[str, Substation], now: float,
                  stale: list[str]) -> Iterator[str]:
         for key in group:
             sid = key[-1]
@@ -106,3 +123,18 @@ class SubstationIndex:
                 yield sid
             else:
                 stale.append(sid)
+
+
+def _remove(keys: list[Any], key: Any) -> None:
+    """Remove ``key`` (present: keys are unique, their last element an id) from the sorted list."""
+    del keys[bisect_left(keys, key)]
+
+
+def _move(keys: list[Any], old: Any, new: Any) -> None:
+    """Replace ``old`` by ``new`` in the sorted list: in place when it keeps its position (the usual case)."""
+    i = bisect_left(keys, old)
+    if (i == 0 or keys[i - 1] < new) and (i + 1 == len(keys) or new < keys[i + 1]):
+        keys[i] = new
+        return
+    del keys[i]
+    insort(keys, new)
