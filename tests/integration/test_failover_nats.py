@@ -81,7 +81,9 @@ def test_kill_9_of_the_balancers_nats_node_mid_load(make_cluster: Callable[..., 
                     resent += 1
     assert len(acked) >= len(evs) - 5, f"only {len(acked)} of {len(evs)} acknowledged"
     by_ev = assigned()
-    assert set(by_ev) == acked  # nothing accepted was lost
+    # Nothing accepted was lost. (A request whose PUBACK died with the killed node may still have been stored and
+    # delivered: it is served too, once.)
+    assert acked <= set(by_ev)
     assert {ev: ids for ev, ids in by_ev.items() if len(ids) > 1} == {}  # one session per EV
     time.sleep(2.0)
     started = Counter(m.json()["ev_id"] for m in watch.messages
@@ -96,8 +98,9 @@ def test_kill_9_of_the_balancers_nats_node_mid_load(make_cluster: Callable[..., 
                 last[m.json()["substation_id"]] = m.json()["active_sessions"]
         return last
 
-    watch.wait_until(lambda: sum(charging().values()) == len(acked), timeout=30)
-    assert sum(charging().values()) == len(acked), charging()
+    served = len(assigned())
+    watch.wait_until(lambda: sum(charging().values()) == served, timeout=30)
+    assert sum(charging().values()) == served, charging()
     print(f"every accepted request charging {time.monotonic() - killed:.1f} s after the kill")
     ended = [m.json() for m in watch.messages if m.topic.endswith("/session") and m.json()["event"] == "ended"]
     assert ended == []
