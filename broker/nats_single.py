@@ -9,39 +9,25 @@ cluster for the cluster tests is the i12nats fixture; this is the smallest thing
 
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+from broker.local import find_free_port
+from broker.nats.cluster import find_nats_server
 from grid_runtime.lifecycle import stop_process
 
 __all__ = ["NatsServer", "find_nats_server"]
-
-
-def find_nats_server() -> str:
-    """nats-server on PATH, else the Debian package's /usr/sbin/nats-server (not on a non-root PATH)."""
-    found = shutil.which("nats-server") or ("/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists()
-                                             else None)
-    if found is None:
-        raise FileNotFoundError("nats-server not found: install the Debian package nats-server")
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class NatsServer:
     def __init__(self, work_dir: Path, *, mqtt: bool = False, name: str = "n1") -> None:
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
-        self.mqtt_port = _free_port() if mqtt else None
+        self.port = find_free_port()
+        self.mqtt_port = find_free_port() if mqtt else None
         self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
         self.config = self.work_dir / "nats.conf"
