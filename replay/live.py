@@ -330,7 +330,10 @@ def _run(plan: LivePlan, work: Path, say: Callable[[str], None], started: float,
             f"speed-up {plan.speedup:g}x (~{plan.expected_wall_s:.0f} s for {plan.span_s / 3600:.1f} h)")
         observer = Observer(broker).start()
         balancer = _Service("balancer", ["-m", "balancer"], _service_env(
-            broker, MQTT_USERNAME="balancer", MQTT_PASSWORD=broker.password_for("balancer"), **plan.balancer_env),
+            broker, MQTT_USERNAME="balancer", MQTT_PASSWORD=broker.password_for("balancer"),
+            # the run's own operator settings: the scenario's drains must not outlive it (nor a previous run's
+            # reach it through the default state file)
+            BALANCER_STATE_FILE=str(logs.parent / "operator-settings.json"), **plan.balancer_env),
             logs)
         services.append(balancer)
         balancer_topic = f"{DEFAULT_PREFIX}/balancer/status"
