@@ -66,6 +66,11 @@ def region_of(index: int, n: int, regions: int) -> str:
     return f"R{1 + (index * regions) // n:02d}"
 
 
+def region_names(regions: int) -> list[str]:
+    """Every region :func:`region_of` hands out."""
+    return [f"R{k:02d}" for k in range(1, regions + 1)]
+
+
 def _client(broker: LocalBroker, username: str) -> mqtt.Client:
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{username}-{os.getpid()}-{time.monotonic_ns()}",
                     protocol=mqtt.MQTTv5)
@@ -120,7 +125,8 @@ class SimulatedGrid:
     def status(self, sid: str, state: str) -> None:
         body = {"state": state, "substation_id": sid, "ts": time.time(), "capacity_kw": CAPACITY_KW,
                 "region": self.region[sid]}
-        self.client.publish(self.topics.substation_status(sid), json.dumps(body), 1, retain=True)
+        self.client.publish(self.topics.for_region(self.region[sid]).substation_status(sid), json.dumps(body), 1,
+                            retain=True)
 
     def start(self) -> SimulatedGrid:
         for sid in self.ids:
@@ -142,7 +148,7 @@ class SimulatedGrid:
                 load = self.load_kw(sid)
                 body = {"substation_id": sid, "ts": now, "seq": self.seq, "capacity_kw": CAPACITY_KW,
                         "load_kw": load, "base_load_kw": load, "ev_load_kw": 0.0, "active_sessions": 0}
-                self.client.publish(self.topics.telemetry(sid), json.dumps(body), 0)
+                self.client.publish(self.topics.for_region(self.region[sid]).telemetry(sid), json.dumps(body), 0)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -221,16 +227,22 @@ class Stack:
 
 @contextmanager
 def stack(work: Path, *, sse_interval_s: float = 0.5, stale_after_s: float = 3.0,
-          trend_step_s: float = 10.0, api_mqtt_client: str = "paho") -> Iterator[Stack]:
+          trend_step_s: float = 10.0, api_mqtt_client: str = "paho", regions: int = 8) -> Iterator[Stack]:
     """A private broker, balancer and API (public reads) on free ports; stopped on exit."""
-    broker = LocalBroker(work / "broker", substation_ids=(), ev_ids=(), services=SERVICE_ACCOUNTS,
+    # One balancer process owns every region (a region is a topic namespace: its own account, same password).
+    names = region_names(regions)
+    balancer_pw = "live-page-balancer"
+    broker = LocalBroker(work / "broker", substation_ids=(), ev_ids=(),
+                         services=(*SERVICE_ACCOUNTS, *(f"balancer.{r}" for r in names)),
+                         service_passwords={"balancer": balancer_pw, **{f"balancer.{r}": balancer_pw for r in names}},
                          secret="live-page", mosquitto_bin=find_mosquitto()).start()
     started: list[Process] = []
     http: httpx.Client | None = None
     log_level = os.environ.get("BENCH_LOG_LEVEL", "WARNING")
     try:
         balancer = Process("balancer", broker, work, MQTT_USERNAME="balancer",
-                           MQTT_PASSWORD=broker.password_for("balancer"), BALANCER_STALE_AFTER_S=str(stale_after_s),
+                           MQTT_PASSWORD=balancer_pw, BALANCER_REGIONS=",".join(names),
+                           BALANCER_STALE_AFTER_S=str(stale_after_s),
                            LOG_LEVEL=log_level)
         started.append(balancer)
         port = find_free_port()
@@ -346,7 +358,7 @@ def measure(n: int, regions: int, seconds: float, churn: float, sse_interval_s: 
     """The grid is set up quiet (churn 0: operator actions answered promptly), then loads start moving
     (``churn``) before the browser opens; the figures are taken under that load."""
     with tempfile.TemporaryDirectory(prefix="bench-live-page-") as tmp, \
-            stack(Path(tmp), sse_interval_s=sse_interval_s, api_mqtt_client=api_mqtt_client) as s:
+            stack(Path(tmp), sse_interval_s=sse_interval_s, api_mqtt_client=api_mqtt_client, regions=regions) as s:
         ids = substation_ids(n)
         plan = problems(ids)
         grid = SimulatedGrid(s.broker, n, regions=regions, interval_s=interval_s, offline=set(plan["offline"]),

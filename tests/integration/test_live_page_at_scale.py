@@ -51,7 +51,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, SimulatedGrid, dict[str, list[str]]]]:
     work = tmp_path_factory.mktemp("live-page-at-scale")
-    with stack(work, stale_after_s=6.0, trend_step_s=2.0) as s:
+    with stack(work, stale_after_s=6.0, trend_step_s=2.0, regions=REGIONS) as s:
         plan = problems(substation_ids(N))
         sim = SimulatedGrid(s.broker, N, regions=REGIONS, interval_s=2.0, offline=set(plan["offline"]),
                             overloaded=set(plan["overloaded"])).start()
