@@ -17,6 +17,7 @@ from balancer.core.model import Substation
 from balancer.core.policies import COMPRESSIBLE
 from balancer.core.policies.scan import compressible_room_w, fair_placement, least_utilised
 from balancer.core.queue import RequestQueue
+from balancer.core.views import session_views
 from grid_protocol.messages import ChargeRequest, ControlCommand, Release, SessionEvent, Telemetry
 
 PROBES = ((1, 1), (1_400, 1_400), (7_400, 1_400), (11_000, 1_400), (11_000, 11_000), (22_000, 4_000),
@@ -69,6 +70,14 @@ class IndexMachine(props.CoreMachine):
     @invariant()
     def indexes_agree_with_scans(self) -> None:
         check_against_scans(self.b, self.now)
+
+    @invariant()
+    def kept_session_views_are_built_afresh(self) -> None:
+        """The retained state's session list kept per substation (views.session_views) is the one built now."""
+        for sub in self.b.substations.values():
+            kept = session_views(self.b, sub)
+            sub.session_views = None
+            assert kept == session_views(self.b, sub), sub.id
 
 
 class WeightedFairIndexMachine(IndexMachine):
