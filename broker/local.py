@@ -32,12 +32,14 @@ from broker import dynsec
 from broker.accounts import (
     SERVICE_ACCOUNTS,
     Account,
+    AccountBook,
     build_accounts,
-    substation_username,
     validate_prefix,
 )
+from broker.accounts import (
+    service_passwords as service_passwords_of,
+)
 from grid_protocol.topics import DEFAULT_PREFIX
-from grid_runtime.credentials import derive_password
 from grid_runtime.lifecycle import ChildServer, file_tail, find_executable
 
 __all__ = [
@@ -203,7 +205,7 @@ def _wait_until_running(
     return proc.poll() is None
 
 
-class LocalBroker(ChildServer):
+class LocalBroker(ChildServer, AccountBook):
     """A Mosquitto subprocess with the project's config, accounts and ACL, on a loopback port.
 
     Usage::
@@ -246,11 +248,6 @@ class LocalBroker(ChildServer):
         self.substation_ids = list(substation_ids)
         self.ev_ids = list(ev_ids)
         self.secret = secret
-        passwords = dict(service_passwords or {})
-        self._service_passwords = {name: passwords.get(name) or derive_password(secret, name) for name in services}
-        for name in passwords:
-            if name not in self._service_passwords:
-                self._service_passwords[name] = passwords[name]
         self.bind_address = bind_address
         self.host = "127.0.0.1" if bind_address in ("127.0.0.1", "0.0.0.0") else bind_address
         self.port = int(port)
@@ -269,23 +266,10 @@ class LocalBroker(ChildServer):
 
         # Validates every username now, not at start().
         self.accounts: list[Account] = build_accounts(
-            secret, self.substation_ids, self.ev_ids, self._service_passwords
+            secret, self.substation_ids, self.ev_ids, service_passwords_of(secret, services, service_passwords)
         )
         self._passwords = {a.username: a.password for a in self.accounts}
         self._files_written = False
-
-    # --- accounts -----------------------------------------------------------------------------
-    def password_for(self, username: str) -> str:
-        """Password of an account of this broker (KeyError for unknown usernames)."""
-        try:
-            return self._passwords[username]
-        except KeyError:
-            raise KeyError(f"no account {username!r} on this broker") from None
-
-    def substation_credentials(self, substation_id: str) -> tuple[str, str]:
-        """``(username, password)`` of the agent of ``substation_id``."""
-        user = substation_username(substation_id)
-        return user, self.password_for(user)
 
     @property
     def ca_file(self) -> Path | None:

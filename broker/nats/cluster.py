@@ -33,15 +33,17 @@ from types import TracebackType
 from broker.accounts import (
     SERVICE_ACCOUNTS,
     Account,
+    AccountBook,
     build_accounts,
-    substation_username,
     validate_prefix,
     write_private,
 )
-from broker.local import free_ports
+from broker.accounts import (
+    service_passwords as service_passwords_of,
+)
+from broker.local import TLS_CA_FILE, free_ports
 from broker.nats.config import ClusterLayout, NodeAddress, render_accounts, render_node
 from grid_protocol.topics import DEFAULT_PREFIX
-from grid_runtime.credentials import derive_password
 from grid_runtime.lifecycle import ChildServer, file_tail, find_executable
 
 __all__ = ["ClusterNode", "ClusterStartError", "LocalCluster", "find_nats_server", "mqtt_connect_rc"]
@@ -198,7 +200,7 @@ class ClusterNode(ChildServer):
         return f"ClusterNode({self.name}, mqtt {self.host}:{self.port}, nats {self.client_port}, {state})"
 
 
-class LocalCluster:
+class LocalCluster(AccountBook):
     """An N-node nats-server cluster (default 3) with the project's accounts, on free loopback ports.
 
     Usage::
@@ -238,12 +240,8 @@ class LocalCluster:
         self.work_dir = Path(work_dir).resolve()
         self.prefix = validate_prefix(prefix)
         self.secret = secret
-        passwords = dict(service_passwords or {})
-        service_list = list(services)
-        service_pw = {n: passwords.get(n) or derive_password(secret, n) for n in service_list}
-        service_pw.update({n: p for n, p in passwords.items() if n not in service_pw})
-        self.accounts: list[Account] = (list(accounts) if accounts is not None
-                                        else build_accounts(secret, substation_ids, ev_ids, service_pw))
+        self.accounts: list[Account] = (list(accounts) if accounts is not None else build_accounts(
+            secret, substation_ids, ev_ids, service_passwords_of(secret, services, service_passwords)))
         self._passwords = {a.username: a.password for a in self.accounts}
         #: the account the readiness probe logs in as (may log in, nothing else)
         self.probe_user = "healthcheck" if "healthcheck" in self._passwords else self.accounts[0].username
@@ -285,19 +283,9 @@ class LocalCluster:
 
     @property
     def ca_file(self) -> Path | None:
-        return Path(self.layout.tls_dir) / "ca.crt" if self.layout.tls_dir is not None else None
+        return Path(self.layout.tls_dir) / TLS_CA_FILE if self.layout.tls_dir is not None else None
 
-    # --- accounts ----------------------------------------------------------------------------------
-    def password_for(self, username: str) -> str:
-        try:
-            return self._passwords[username]
-        except KeyError:
-            raise KeyError(f"no account {username!r} on this cluster") from None
-
-    def substation_credentials(self, substation_id: str) -> tuple[str, str]:
-        user = substation_username(substation_id)
-        return user, self.password_for(user)
-
+    # --- accounts (password_for, substation_credentials: AccountBook) ----------------------------
     def write_accounts(self) -> None:
         write_private(self.accounts_file, render_accounts(self.prefix, self.accounts))
 
