@@ -311,8 +311,8 @@ class Service:
 def wait_telemetry(watch: Probe, *substations: str, timeout: float = 10.0) -> None:
     """Until ``watch`` has telemetry of each substation (the agents are up and reporting)."""
     for sub in substations:
-        watch.wait_for(lambda m, sub=sub: m.topic.endswith(f"/substation/{sub}/telemetry"), timeout=timeout,
-                       what=f"{sub} telemetry")
+        suffix = f"/substation/{sub}/telemetry"
+        watch.wait_for(lambda m: m.topic.endswith(suffix), timeout=timeout, what=f"{sub} telemetry")  # noqa: B023
 
 
 def start_balancer(broker: LocalBroker, log_dir: Path, **env: str) -> Service:
