@@ -64,13 +64,7 @@ class Api:
     def stop(self) -> int:
         self.http.close()
         self.anon.close()
-        t0 = time.time()
-        code = self.service.stop()
-        t1 = time.time()
-        import json as _j
-        lines = [_j.loads(x) for x in self.service.log().splitlines() if x.startswith("{")]
-        print(f"STOPTIME {t1 - t0:.2f} code {code} sigterm@{t0:.3f}", [(round(x.get("ts", 0) - t0, 3), x.get("event")) for x in lines[-7:]], f"exit@{t1 - t0:.3f}")
-        return code
+        return self.service.stop()
 
 
 def tokens_file(path: Path) -> Path:
@@ -83,7 +77,7 @@ def tokens_file(path: Path) -> Path:
 
 def start_api(broker: LocalBroker, log_dir: Path, **env: str) -> Api:
     port = find_free_port()
-    settings = {"LOG_FORMAT": "json", "MQTT_USERNAME": "api", "MQTT_PASSWORD": broker.password_for("api"), "API_PORT": str(port),
+    settings = {"MQTT_USERNAME": "api", "MQTT_PASSWORD": broker.password_for("api"), "API_PORT": str(port),
                 "API_TOKEN": TOKEN, "API_TOKENS_FILE": str(tokens_file(log_dir / "api-tokens.json")),
                 "API_REQUEST_TIMEOUT_S": "3", "API_STALE_AFTER_S": "2", "API_SSE_INTERVAL_S": "0.2"}
     settings.update(env)
