@@ -40,8 +40,9 @@ class _QuietHandler(WSGIRequestHandler):
 def _start_http_server(port: int, host: str, registry: CollectorRegistry) -> tuple[Any, threading.Thread]:
     """prometheus_client's ``start_http_server`` (its WSGI app and threading server), with a short poll."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
-    server = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+    server_class: type[ThreadingWSGIServer] = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    server: ThreadingWSGIServer = make_server(host, port, make_wsgi_app(registry), server_class,
+                                              handler_class=_QuietHandler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": _POLL_S}, daemon=True,
                               name="metrics-http")
     thread.start()
