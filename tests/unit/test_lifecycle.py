@@ -6,6 +6,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from weakref import WeakSet
 
 import pytest
 
@@ -51,7 +52,8 @@ def test_kill_is_a_sigkill(tmp_path: Path) -> None:
     server.stop()  # nothing left to stop: no error
 
 
-def test_the_exit_hook_stops_what_was_left_running(tmp_path: Path) -> None:
+def test_the_exit_hook_stops_what_was_left_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lifecycle, "_STOP_AT_EXIT", WeakSet())  # (only this test's server, none of another test's)
     server = _Sleeper(tmp_path).start()
     proc = server._proc
     assert proc is not None
