@@ -26,7 +26,7 @@ class NatsServer(ChildServer):
     stop_timeout_s = 5.0
 
     def __init__(self, work_dir: Path, *, mqtt: bool = False, name: str = "n1") -> None:
-        self.work_dir = Path(work_dir)
+        self.work_dir = Path(work_dir).resolve()  # (the server runs in it: relative paths would resolve twice)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         ports = free_ports(2 if mqtt else 1)  # held together: two find_free_port() calls can return one port
         self.port = ports[0]
