@@ -34,10 +34,8 @@ from broker.accounts import (
     Account,
     AccountBook,
     build_accounts,
+    service_account_passwords,
     validate_prefix,
-)
-from broker.accounts import (
-    service_passwords as service_passwords_of,
 )
 from grid_protocol.topics import DEFAULT_PREFIX
 from grid_runtime.lifecycle import ChildServer, file_tail, find_executable
@@ -266,7 +264,7 @@ class LocalBroker(ChildServer, AccountBook):
 
         # Validates every username now, not at start().
         self.accounts: list[Account] = build_accounts(
-            secret, self.substation_ids, self.ev_ids, service_passwords_of(secret, services, service_passwords)
+            secret, self.substation_ids, self.ev_ids, service_account_passwords(secret, services, service_passwords)
         )
         self._passwords = {a.username: a.password for a in self.accounts}
         self._files_written = False

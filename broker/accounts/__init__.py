@@ -40,7 +40,7 @@ __all__ = [
     "Role",
     "balancer_username",
     "build_accounts",
-    "service_passwords",
+    "service_account_passwords",
     "substation_username",
     "validate_prefix",
     "validate_username",
@@ -202,7 +202,8 @@ def build_accounts(
     return accounts
 
 
-def service_passwords(secret: str, services: Iterable[str], given: Mapping[str, str] | None = None) -> dict[str, str]:
+def service_account_passwords(secret: str, services: Iterable[str],
+                              given: Mapping[str, str] | None = None) -> dict[str, str]:
     """Passwords of the service accounts: ``given`` where it names one, else derived from ``secret``; a service
     only in ``given`` is added too (what a local broker or cluster creates)."""
     given = dict(given or {})

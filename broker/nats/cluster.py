@@ -35,11 +35,9 @@ from broker.accounts import (
     Account,
     AccountBook,
     build_accounts,
+    service_account_passwords,
     validate_prefix,
     write_private,
-)
-from broker.accounts import (
-    service_passwords as service_passwords_of,
 )
 from broker.local import TLS_CA_FILE, free_ports
 from broker.nats.config import ClusterLayout, NodeAddress, render_accounts, render_node
@@ -241,7 +239,7 @@ class LocalCluster(AccountBook):
         self.prefix = validate_prefix(prefix)
         self.secret = secret
         self.accounts: list[Account] = (list(accounts) if accounts is not None else build_accounts(
-            secret, substation_ids, ev_ids, service_passwords_of(secret, services, service_passwords)))
+            secret, substation_ids, ev_ids, service_account_passwords(secret, services, service_passwords)))
         self._passwords = {a.username: a.password for a in self.accounts}
         #: the account the readiness probe logs in as (may log in, nothing else)
         self.probe_user = "healthcheck" if "healthcheck" in self._passwords else self.accounts[0].username
