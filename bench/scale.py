@@ -17,7 +17,9 @@ time). Figures:
                   request than a small one;
   rebalance ms/s  CPU per second of grid time with every substation reporting at 1 Hz and the periodic tick at
                   2 Hz, nothing else happening: "churned" in the 10 s right after the steady phase (the grants
-                  its releases and requests left to settle), "settled" 30 grid-seconds later;
+                  its releases and requests left to settle), "settled" 30 grid-seconds later; the balancer's
+                  own CPU only: each telemetry message is built (and, for the service, encoded) untimed, as the
+                  substation's agent would;
   RSS MB          the process's resident memory at full size.
 
 CPU time (``time.process_time``), not wall time: the machine is shared.
@@ -79,8 +81,12 @@ class CoreDriver:
     def status(self, sid: str, now: float) -> None:
         self.b.on_status(sid, "online", now)
 
-    def telemetry(self, msg: Telemetry, now: float) -> None:
-        self.b.on_telemetry(msg, now)
+    def wire(self, msg: Telemetry) -> Telemetry:
+        """The telemetry as it reaches the core (built untimed: the agent's work, not the balancer's)."""
+        return msg
+
+    def deliver(self, wired: Telemetry, now: float) -> None:
+        self.b.on_telemetry(wired, now)
 
     def request(self, ev: str, msg: ChargeRequest, now: float) -> None:
         self.b.on_request(ev, msg, now)
@@ -122,8 +128,14 @@ class ServiceDriver:
         self._deliver(self.topics.substation_status(sid),
                       json.dumps({"state": "online", "substation_id": sid}).encode(), now)
 
-    def telemetry(self, msg: Telemetry, now: float) -> None:
-        self._deliver(self.topics.telemetry(msg.substation_id), encode(msg), now)
+    def wire(self, msg: Telemetry) -> Any:
+        """The telemetry as the transport hands it over: topic and encoded payload (the agent's work, untimed)."""
+        from grid_runtime.mqtt import InMessage
+        return InMessage(self.topics.telemetry(msg.substation_id), encode(msg), 1, False)
+
+    def deliver(self, wired: Any, now: float) -> None:
+        self.now = now
+        self.svc.handle(wired)
 
     def request(self, ev: str, msg: ChargeRequest, now: float) -> None:
         self._deliver(self.topics.request(ev), encode(msg), now)
@@ -194,7 +206,7 @@ def _telemetry(grid: Grid, sid: str, seq: int, core: Balancer, rng: random.Rando
 
 
 def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
-            profile: Path | None = None) -> dict[str, Any]:
+            profile: Path | None = None, profile_phase: str = "steady") -> dict[str, Any]:
     rng = random.Random(1)
     grid = make_grid(substations, evs, rng)
     driver: CoreDriver | ServiceDriver = CoreDriver() if path == "core" else ServiceDriver()
@@ -207,12 +219,20 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
     gc.freeze()  # as the balancer does after start-up
     kws = (7.4, 11.0, 22.0)
 
-    def report_all(at: float) -> None:
+    def report_all(at: float) -> float:
+        """Every substation reports; returns the CPU time the balancer spent on it (each message is built and
+        encoded, as the agent would, outside the timed part; the timer's own ~1 µs a message is charged)."""
         nonlocal seq
         seq += 1
+        cpu = 0.0
         for sid in grid.ids:
-            driver.telemetry(_telemetry(grid, sid, seq, core, rng, at), at)
+            wired = driver.wire(_telemetry(grid, sid, seq, core, rng, at))
+            t = time.process_time()
+            driver.deliver(wired, at)
+            cpu += time.process_time() - t
+        t = time.process_time()
         core.placement.refresh(at)  # refile what the reports changed now: telemetry's cost, not the next request's
+        return cpu + time.process_time() - t
 
     def ticks(second: float) -> None:
         """The periodic tick twice a grid-second; what its rebalancing moved is refiled now, as its own cost (as
@@ -255,7 +275,8 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
             if state is not None and state.session_id is not None:
                 return ev
     cpu_steady = 0.0
-    profiler = cProfile.Profile(time.process_time) if profile else None  # (CPU time: the machine is shared)
+    # (CPU time: the machine is shared)
+    profiler = cProfile.Profile(time.process_time) if profile and profile_phase == "steady" else None
     answers_before = _answers(core)
     for j in range(steady):
         now += 1 / rate
@@ -275,23 +296,32 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
         cpu_steady += time.process_time() - t
     if profiler and profile:
         profiler.dump_stats(profile)
+        profiler = None
     steady_answers = _answers(core) - answers_before
     cpu_steady_total = cpu_steady
     cpu_steady = cpu_steady / (2 * steady) if steady else 0.0
     # Rebalancing: every substation at 1 Hz, the tick at 2 Hz, for ``seconds`` of grid time, right after the churn
     # and again once the grants it left have settled.
-    def grid_seconds(start: float, count: int) -> float:
-        t = time.process_time()
+    def grid_seconds(start: float, count: int, phase: str = "") -> float:
+        prof = cProfile.Profile(time.process_time) if profile and phase == profile_phase else None
+        cpu = 0.0
+        if prof:
+            prof.enable()
         for k in range(count):
-            report_all(start + k)
+            cpu += report_all(start + k)
+            t = time.process_time()
             driver.tick(start + k + 0.25)
             driver.tick(start + k + 0.75)
-        return (time.process_time() - t) / count
+            cpu += time.process_time() - t
+        if prof and profile:
+            prof.disable()
+            prof.dump_stats(profile)
+        return cpu / count
 
     start = next_second
-    cpu_churned = grid_seconds(start, seconds)
+    cpu_churned = grid_seconds(start, seconds, "churned")
     grid_seconds(start + seconds, 30)
-    cpu_settled = grid_seconds(start + seconds + 30, seconds)
+    cpu_settled = grid_seconds(start + seconds + 30, seconds, "settled")
     rss = _rss_mb()
     return {"substations": substations, "evs": evs, "path": path, "sessions": sessions, "queued": queued,
             "fill_us_per_request": round(cpu_requests / evs * 1e6, 1),
@@ -323,13 +353,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steady", type=int, default=2000, help="release+request pairs timed at full size")
     parser.add_argument("--json", type=Path, default=Path("bench/results/scale.json"))
     parser.add_argument("--profile", type=Path, default=None,
-                        help="with --one: cProfile the steady phase (only its requests and releases) into PROFILE")
+                        help="with --one: cProfile one phase into PROFILE (--profile-phase)")
+    parser.add_argument("--profile-phase", choices=("steady", "churned", "settled"), default="steady",
+                        help="steady: only its requests and releases; churned, settled: the rebalance figure's "
+                             "grid-seconds")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # SxN:path, in this process
     args = parser.parse_args(argv)
     if args.one:
         size, path = args.one.split(":")
         s, n = (int(x) for x in size.split("x"))
-        print(json.dumps(run_one(s, n, path, args.seconds, args.steady, args.profile)))
+        print(json.dumps(run_one(s, n, path, args.seconds, args.steady, args.profile, args.profile_phase)))
         return 0
     rows = []
     print(f"{'substations x EVs':>18} {'path':>8} {'sessions':>9} {'queued':>7} {'fill µs/req':>12} "

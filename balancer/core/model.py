@@ -152,6 +152,9 @@ class Substation:
     noise_w: float | None = None
     noise_at: float = 0.0
     noise_window: tuple[float, int, int] | None = None  # the current window: (start, lowest W, highest W)
+    #: the retained state's session list as of ``shares_version`` (balancer.core.views): a session's view moves
+    #: only when a session comes, goes or changes grant, where the state itself moves with every telemetry
+    session_views: tuple[int, list[object]] | None = field(default=None, repr=False, compare=False)
 
     def apply_capacity(self) -> None:
         """Plan with the reported capacity, or the operator's limit or the scheduled one when lower."""
@@ -227,3 +230,15 @@ class Substation:
         if not self.is_available(now, stale_after_s):
             return 0
         return max(0, self.limit_w(margin_pct) - self.used_w())
+
+    def noise_band_w(self) -> int:
+        """The measured base-load noise (``noise_w``, rounded up), 0 until a whole window has been measured: the
+        power that noise alone may take back. The rebalancer keeps at least a hysteresis step free until then
+        (``Rebalancer.band_w``); placement leaves free what was measured."""
+        return 0 if self.noise_w is None else math.ceil(self.noise_w)
+
+    def placeable_w(self, now: float, margin_pct: float, stale_after_s: float) -> int:
+        """Headroom beyond the measured noise band: what a new session may be granted here. A grant into the band
+        is shed by the next upward wobble of the base load (issue 10: at 1,000 substations with a long queue,
+        ~500 placements a second went into the band and were shed again a second later)."""
+        return max(0, self.headroom_w(now, margin_pct, stale_after_s) - self.noise_band_w())

@@ -40,7 +40,8 @@ class ShareClass:
 class ShareTable:
     """One substation's sessions by share class."""
 
-    __slots__ = ("classes", "events", "filed", "held", "holds", "seen_at", "shares", "version")
+    __slots__ = ("classes", "events", "filed", "held", "holds", "no_cuts", "ready_adds", "seen_at", "shares",
+                 "version")
 
     def __init__(self) -> None:
         self.classes: dict[ClassKey, ShareClass] = {}
@@ -50,6 +51,10 @@ class ShareTable:
         self.holds: list[tuple[float, int, str]] = []  # (last change, attach order, session id): a heap
         self.seen_at = float("-inf")  # the latest time a pass looked (a clock that steps back: see ready_at)
         self.version = 0  # bumped when a session comes or goes (the classes' counts change)
+        self.ready_adds = 0  # bumped when a session joins a class's ``ready`` order (its hold ended)
+        #: (version, ready_adds, cut line above the share, power): no pass without shedding at this power or more
+        #: cuts anyone while the rest is the same (see ``Rebalancer._no_cuts``)
+        self.no_cuts: tuple[int, int, int, int] | None = None
         #: the rebalancer's last answer: (version, power shared, the classes, each class's share or None)
         self.shares: tuple[int, int, list[ShareClass], list[int] | None] | None = None
         #: (version, the classes as (floor, cap, weight, count), their breakpoints, None when a weight is not whole)
@@ -119,6 +124,7 @@ class ShareTable:
             key = filed[sid][0]
             filed[sid] = (key, order, session.granted_w)
             self.classes[key].ready.add((session.granted_w, order, sid))
+            self.ready_adds += 1
         return True
 
 

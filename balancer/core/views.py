@@ -20,19 +20,33 @@ from grid_protocol.messages import (
 )
 
 
-def substation_state(balancer: Balancer, sub: Substation, now: float) -> SubstationState:
-    cfg = balancer.config
+def session_views(balancer: Balancer, sub: Substation) -> list[SessionView]:
+    """The substation's sessions as its retained state lists them, oldest first, at most ``MAX_STATE_SESSIONS``.
+
+    Kept between calls while ``shares_version`` stands (every start, end and grant change moves it): the state is
+    rebuilt every second for every substation whose numbers moved, and building up to 150 session views each was
+    most of the service's CPU at 1,000 substations (issue 10, session D). Not kept under a policy whose passes
+    re-account sessions as time passes (``deadline``): an expected end may move without a grant change there."""
+    cached = sub.session_views
+    if cached is not None and cached[0] == sub.shares_version and not balancer.policy.time_dependent:
+        return cached[1]  # type: ignore[return-value]
     # Oldest first without sorting them all: sessions are kept in the order they were placed (or adopted), and
     # this runs every second on the balancer's loop (a sort of 26k sessions cost a 10 ms stall: bench p99).
-    sessions = islice(sub.sessions.values(), MAX_STATE_SESSIONS)
-    total = len(sub.sessions)
     views = [
         SessionView(session_id=s.session_id, ev_id=s.request.ev_id, request_id=s.request.request_id,
                     granted_kw=w_to_kw(s.granted_w), requested_kw=w_to_kw(s.request.requested_w),
                     min_kw=w_to_kw(s.request.min_w), priority=s.request.priority, started_at=s.started_at,
                     expected_end=s.expected_end())
-        for s in sessions
+        for s in islice(sub.sessions.values(), MAX_STATE_SESSIONS)
     ]
+    sub.session_views = (sub.shares_version, views)  # type: ignore[assignment]
+    return views
+
+
+def substation_state(balancer: Balancer, sub: Substation, now: float) -> SubstationState:
+    cfg = balancer.config
+    total = len(sub.sessions)
+    views = session_views(balancer, sub)
     heard = sub.last_telemetry_at
     fresh = sub.is_fresh(now, cfg.stale_after_s)
     return SubstationState(

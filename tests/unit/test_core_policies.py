@@ -6,7 +6,7 @@ import pytest
 
 from balancer.core import Balancer, CoreConfig, ToEv, ToSubstation
 from balancer.core.allocation import equal_share, laxity_share, water_fill
-from grid_protocol import ChargeRequest, Reason, SessionEvent, Telemetry
+from grid_protocol import ChargeRequest, Reason, Release, SessionEvent, Telemetry
 
 T0 = 1_700_000_000.0
 
@@ -67,7 +67,7 @@ def test_hysteresis_and_hold_time_stop_flapping_but_the_limit_always_wins() -> N
     g.tel("A", 100, 30)
     g.req("E1", 22, min_kw=5)
     g.req("E2", 22, min_kw=5)
-    g.req("E3", 22, min_kw=5)  # admission fills up to the limit: 22 + 22 + 16
+    g.req("E3", 22, min_kw=5)  # admission fills up to the limit: 22 + 22 + 16 (no noise measured yet)
     before = g.grants()
     g.now += 1
     first = g.tel("A", 100, 30.4)  # the first noise: one step down into the 1 kW band below the limit
@@ -155,6 +155,33 @@ def test_the_band_below_the_limit_is_the_measured_base_load_noise(swing_kw: floa
     # Limit 90 kW less 10 kW of base load less the band: a quiet substation (the ACN benchmark) keeps no power
     # idle, a noisy one keeps its noise free, so the next swing moves no grant.
     assert g.grants() == {"E": 80.0 - band_kw}
+
+
+def test_least_utilised_places_beyond_the_measured_noise_band() -> None:
+    """Issue 10: a grant in the band below the limit is shed by the next upward wobble of the base load (at 1,000
+    substations with a long queue: ~500 placements a second, each shed again). Placement leaves the measured band
+    free: noise inside it moves no grant; a request whose minimum fits only into the band waits."""
+    g = Grid()
+    g.tel("A", 100, 10)
+    for i in range(3):  # 15 s of telemetry, the base load swinging by 3 kW: the band is 3 kW
+        g.now += 5
+        g.tel("A", 100, 10 + 3.0 * (i % 2))
+    assert g.b.rebalancer.band_w(g.b.substations["A"]) == 3000
+    base = 10.0  # (the last report)
+    g.req("E1", 60, min_kw=5)
+    g.req("E2", 60, min_kw=5)
+    # 90 kW limit, 10 kW of base load, 3 kW of band: 60 + 17 kW granted, the band left free
+    assert g.grants() == pytest.approx({"E1": 60.0, "E2": 17.0})
+    effects = g.req("E3", 11, min_kw=1.4)  # no room beyond the band: queued, not squeezed into it
+    assert [e.message.status for e in effects if isinstance(e, ToEv)] == ["queued"]
+    for wobble in (1.5, 2.9, 0.4, 2.2):  # noise inside the band: nothing changes, nobody is placed
+        g.now += 1
+        assert g.tel("A", 100, base + wobble) == []
+    g.now += 1
+    placed = g.b.on_release("E2", Release(), g.now)  # room beyond the band: E3 takes all it asked for
+    assert [(e.message.ev_id, e.message.status, e.message.granted_kw) for e in placed if isinstance(e, ToEv)] == [
+        ("E2", "completed", 17.0), ("E3", "assigned", 11.0)]
+    assert g.b.violations() == []
 
 
 def test_freed_power_reaches_the_evs_in_a_few_steps_and_stays() -> None:

@@ -1,5 +1,6 @@
-"""``least-utilised``: the largest grant available now (down to ``min_kw``), then the substation least
-utilised after placement; running sessions converge to an equal share as the balancer rebalances."""
+"""``least-utilised``: the largest grant available now beyond the substation's noise band (down to ``min_kw``),
+then the substation least utilised after placement (the band counted as used); running sessions converge to an
+equal share as the balancer rebalances."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ if TYPE_CHECKING:
 
 
 class LeastUtilised:
-    """Placement from a :class:`SubstationIndex` ordered by headroom within each capacity class: in a class the
-    most headroom is also the least utilisation after placement (same limit), so each class's first is its
-    best and a request looks at one substation per class. ``scan.least_utilised`` is the reference."""
+    """Placement from a :class:`SubstationIndex` ordered by room beyond the noise band within each capacity class:
+    in a class the most room is also the least utilisation after placement (same limit), so each class's first is
+    its best and a request looks at one substation per class. ``scan.least_utilised`` is the reference.
+
+    The measured noise band (``Substation.noise_band_w``) is not placed into: the rebalancer keeps it free under
+    running sessions, and a grant in it is shed by the next upward wobble of the base load (place-then-shed)."""
 
     name = PolicyName.LEAST_UTILISED
     rebalances = True
@@ -28,15 +32,16 @@ class LeastUtilised:
     def __init__(self, config: CoreConfig) -> None:
         self.config = config
         margin, stale = config.safety_margin_pct, config.stale_after_s
-        self.index = SubstationIndex(order=lambda s: (s.used_w() - s.limit_w(margin), s.id),
-                                     room=lambda s, now: s.headroom_w(now, margin, stale), stale_after_s=stale)
+        self.index = SubstationIndex(order=lambda s: (_committed_w(s) - s.limit_w(margin), s.id),
+                                     room=lambda s, now: s.placeable_w(now, margin, stale), stale_after_s=stale)
 
     def refile(self, substation_id: str, sub: Substation | None, now: float) -> None:
         self.index.refile(substation_id, sub, now)
 
     def place(self, substations: Mapping[str, Substation], req: PendingRequest,
               now: float) -> tuple[Substation, int | None] | None:
-        """Largest grant available (up to the request), then lowest utilisation after placement, then id."""
+        """Largest grant available beyond the band (up to the request), then lowest utilisation after placement
+        (the band counted), then id."""
         best: tuple[int, float, str] | None = None
         choice: tuple[Substation, int | None] | None = None
         for sid in self.index.group_heads(substations, now):
@@ -45,7 +50,7 @@ class LeastUtilised:
                 continue
             sub = substations[sid]
             grant = min(req.requested_w, headroom)
-            key = (-grant, (sub.used_w() + grant) / sub.capacity_w, sid)
+            key = (-grant, (_committed_w(sub) + grant) / sub.capacity_w, sid)
             if best is None or key < best:
                 best, choice = key, (sub, grant)
         return choice
@@ -62,3 +67,8 @@ class LeastUtilised:
 
     def forget(self, substation_id: str) -> None:
         pass
+
+
+def _committed_w(sub: Substation) -> int:
+    """What the substation carries plus its measured noise band: the power not available for a new session."""
+    return sub.used_w() + sub.noise_band_w()

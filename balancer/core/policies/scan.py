@@ -13,15 +13,16 @@ from balancer.core.model import Substation
 
 def least_utilised(substations: Iterable[Substation], requested_w: int, min_w: int, now: float,
                    margin_pct: float, stale_after_s: float) -> tuple[Substation, int] | None:
-    """Largest grant available (up to the request), then lowest utilisation after placement, then id."""
+    """Largest grant available beyond the measured noise band (up to the request), then lowest utilisation after
+    placement (the band counted as used), then id."""
     best: tuple[int, float, str] | None = None
     choice: tuple[Substation, int] | None = None
     for sub in substations:
-        headroom = sub.headroom_w(now, margin_pct, stale_after_s)
+        headroom = sub.placeable_w(now, margin_pct, stale_after_s)
         if headroom < min_w or headroom <= 0:
             continue
         grant = min(requested_w, headroom)
-        utilisation = (sub.used_w() + grant) / sub.capacity_w
+        utilisation = (sub.used_w() + sub.noise_band_w() + grant) / sub.capacity_w
         key = (-grant, utilisation, sub.id)
         if best is None or key < best:
             best = key
