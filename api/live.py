@@ -203,8 +203,11 @@ class LiveHub:
         last_connected: bool | None = None
         last_sent = 0.0
         while True:
+            # asyncio.timeout, not wait_for: in Python 3.11 wait_for returns when the wake-up and a cancel land
+            # together and drops the cancel, and stop() then waited for this loop for ever (the API hung at exit).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), REFRESH_S)
+                async with asyncio.timeout(REFRESH_S):
+                    await self._wake.wait()
             self._wake.clear()
             now = time.monotonic()
             wall = self.clock()

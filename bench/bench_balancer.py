@@ -26,7 +26,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from bench.report import save_json
 from broker.local import LocalBroker
 from grid_protocol import ChargeRequest, Telemetry, TopicKind, Topics, encode
 from grid_runtime.mqtt import InMessage, PahoTransport
@@ -297,10 +297,6 @@ def main(argv: list[str] | None = None) -> int:
 
     results = asyncio.run(run())
     _print(results, args)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-           "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": results}
-    args.json.write_text(json.dumps(doc, indent=2))
-    print(f"saved {args.json}")
+    save_json(args.json, args, results=results)
     lost = sum(r["pipelined"]["lost"] + r["paced"]["lost"] for r in results)
     return 1 if lost else 0

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_balancer import proc_cpu_s, proc_rss_mb
+from bench.report import save_json
 from bench.workload import Message, Workload, messages, status_messages, telemetry_messages
 from broker.local import LocalBroker, find_free_port
 from grid_protocol import Topics
@@ -325,11 +325,5 @@ def main(argv: list[str] | None = None) -> int:
         rec = None if args.skip_recorder else recorder_phase(args, Path(tmp))
         scr = scrape_phase(args, Path(tmp)) if args.scrape_substations else None
     _print(rec, scr)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                       "loadavg": os.getloadavg()},
-           "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           "recorder": rec, "scrape": scr}
-    args.json.write_text(json.dumps(doc, indent=2))
-    print(f"saved {args.json}")
+    save_json(args.json, args, recorder=rec, scrape=scr)
     return 1 if rec is not None and (rec["dropped"] or rec["written"] != rec["points"]) else 0

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.bench_balancer import _phase
+from bench.report import save_json
 from broker.nats.cluster import LocalCluster
 
 
@@ -79,11 +77,6 @@ def main(argv: list[str] | None = None) -> int:
 
     results = asyncio.run(run())
     _print(results, args)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                       "load_average": os.getloadavg()},
-           "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": results}
-    args.json.write_text(json.dumps(doc, indent=2))
-    print(f"saved {args.json}")
+    save_json(args.json, args, results=results)
     lost = sum(r["pipelined"]["lost"] + r["paced"]["lost"] for r in results)
     return 1 if lost else 0

@@ -35,6 +35,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from bench.faults import Watch, _is
+from bench.report import save_json
 from broker.local import LocalBroker
 from broker.nats_single import NatsServer
 from grid_runtime.lifecycle import stop_process
@@ -203,7 +204,5 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['answered']['max']} s; assigned p50 {result['assigned']['p50']} s / max "
           f"{result['assigned']['max']} s; {result['sessions_ended']} sessions ended, "
           f"{result['overload_telemetry']} telemetry above capacity, {result['second_sessions']} second sessions")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(f"saved {args.json}")
+    save_json(args.json, args, **result)
     return 0

@@ -33,6 +33,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bench.report import save_json
 from broker.local import LocalBroker
 from grid_runtime.lifecycle import stop_process
 
@@ -229,7 +230,5 @@ def main(argv: list[str] | None = None) -> int:
           f"{balancer['second_sessions']} second sessions, {balancer['rejected']} rejected; online "
           f"{balancer['process_start_to_online_s']} s after start, last release answered "
           f"{balancer['online_to_last_release_answer_s']} s after that")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"broker_crash": broker, "balancer_crash": balancer}, indent=2))
-    print(f"saved {args.json}")
+    save_json(args.json, args, broker_crash=broker, balancer_crash=balancer)
     return 0

@@ -31,6 +31,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.bench_balancer import proc_cpu_s, proc_rss_mb
+from bench.report import save_json
 from broker.local import LocalBroker
 from grid_protocol import Topics
 from grid_runtime.lifecycle import stop_process
@@ -222,8 +223,5 @@ def main(argv: list[str] | None = None) -> int:
     last = results[-1]
     print(f"targets: RSS under the flood <= 1.5 x idle: {last['rss_ratio']:.2f} x; another EV answered within "
           f"250 ms: max {last['wait_max_ms']} ms")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
-                                    indent=2))
-    print(f"saved {args.json}")
+    save_json(args.json, args, results=results)
     return 0

@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.bench_balancer import proc_cpu_s, proc_rss_mb
 from bench.live_page import Process, substation_ids
+from bench.report import save_json
 from broker.local import LocalBroker, find_free_port
 from ev_clients.workload import ev_ids
 
@@ -233,9 +234,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="gridlb-live-grid-") as tmp:
         row = run(args, Path(tmp))
     _print(row)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(row, indent=2))
-    print(f"saved {args.json}")
+    save_json(args.json, args, **row)
     ok = (row["stale_in_window"] == 0 and row["overload_s"] == 0 and row["requests_unanswered"] == 0
           and row["telemetry_refused"] == 0)
     return 0 if ok else 1

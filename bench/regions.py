@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bench.bench_balancer import CAPACITY_KW, BrokerAddress, LoadClient, _client_gc_paused, proc_cpu_s
+from bench.report import save_json
 from broker.accounts import SERVICE_ACCOUNTS, balancer_username
 from broker.local import LocalBroker
 from broker.nats.cluster import LocalCluster
@@ -260,11 +259,6 @@ def main(argv: list[str] | None = None) -> int:
 
     results = asyncio.run(run())
     _print(results, args)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                       "loadavg_at_end": os.getloadavg()},
-           "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": results}
-    args.json.write_text(json.dumps(doc, indent=2))
-    print(f"saved {args.json}")
+    save_json(args.json, args, results=results)
     lost = sum(r["pipelined"]["lost"] + r["paced"]["lost"] for r in results)
     return 1 if lost else 0

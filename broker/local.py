@@ -14,11 +14,9 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import getpass
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,19 +27,18 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 from types import FrameType, TracebackType
-from weakref import WeakSet
 
 from broker import dynsec
 from broker.accounts import (
     SERVICE_ACCOUNTS,
     Account,
+    AccountBook,
     build_accounts,
-    substation_username,
+    service_account_passwords,
     validate_prefix,
 )
 from grid_protocol.topics import DEFAULT_PREFIX
-from grid_runtime.credentials import derive_password
-from grid_runtime.lifecycle import stop_process
+from grid_runtime.lifecycle import ChildServer, file_tail, find_executable
 
 __all__ = [
     "BrokerStartError",
@@ -49,6 +46,7 @@ __all__ = [
     "find_dynsec_plugin",
     "find_free_port",
     "find_mosquitto",
+    "free_ports",
     "render_config",
 ]
 
@@ -66,17 +64,6 @@ _DYNSEC_PLUGINS = ("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
 IMAGE_DYNSEC_PLUGIN = "/usr/lib/mosquitto_dynamic_security.so"
 
 
-#: Brokers started by this process and not yet stopped: stopped at interpreter exit so a script that
-#: forgets stop() (or dies on an exception) does not leave Mosquitto processes behind.
-_RUNNING: WeakSet[LocalBroker] = WeakSet()
-
-
-@atexit.register
-def _stop_running_brokers() -> None:
-    for instance in list(_RUNNING):
-        with contextlib.suppress(Exception):
-            instance.stop(timeout=2.0)
-
 
 class BrokerStartError(RuntimeError):
     """Mosquitto did not start (or did not accept connections in time); the message has its log tail."""
@@ -84,14 +71,8 @@ class BrokerStartError(RuntimeError):
 
 def find_mosquitto() -> str:
     """Path of the ``mosquitto`` binary (``$MOSQUITTO_BIN``, ``PATH``, then the usual sbin dirs)."""
-    candidates = [os.environ.get("MOSQUITTO_BIN"), shutil.which("mosquitto"), *_FALLBACK_BINARIES]
-    for candidate in candidates:
-        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    raise FileNotFoundError(
-        "mosquitto binary not found (looked at $MOSQUITTO_BIN, PATH, /usr/sbin/mosquitto); "
-        "install Mosquitto 2.0 (Debian: apt-get install mosquitto)"
-    )
+    return find_executable("mosquitto", "MOSQUITTO_BIN", _FALLBACK_BINARIES,
+                           "install Mosquitto 2.0 (Debian: apt-get install mosquitto)")
 
 
 def find_dynsec_plugin() -> str:
@@ -107,10 +88,20 @@ def find_dynsec_plugin() -> str:
 
 def find_free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now (bind to port 0 and ask the kernel)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports free on ``host`` now: every socket is held until all are chosen (one
+    :func:`find_free_port` after another can return the same port twice; it did, and a cluster node then failed
+    with "address already in use")."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def _conf_value(name: str, value: str) -> str:
@@ -180,14 +171,6 @@ def render_config(
     )
 
 
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
 def _wait_until_running(
     log_file: Path, offset: int, proc: subprocess.Popen[bytes], ports: Sequence[tuple[str, int]], deadline: float
 ) -> bool:
@@ -220,7 +203,7 @@ def _wait_until_running(
     return proc.poll() is None
 
 
-class LocalBroker:
+class LocalBroker(ChildServer, AccountBook):
     """A Mosquitto subprocess with the project's config, accounts and ACL, on a loopback port.
 
     Usage::
@@ -263,11 +246,6 @@ class LocalBroker:
         self.substation_ids = list(substation_ids)
         self.ev_ids = list(ev_ids)
         self.secret = secret
-        passwords = dict(service_passwords or {})
-        self._service_passwords = {name: passwords.get(name) or derive_password(secret, name) for name in services}
-        for name in passwords:
-            if name not in self._service_passwords:
-                self._service_passwords[name] = passwords[name]
         self.bind_address = bind_address
         self.host = "127.0.0.1" if bind_address in ("127.0.0.1", "0.0.0.0") else bind_address
         self.port = int(port)
@@ -286,41 +264,22 @@ class LocalBroker:
 
         # Validates every username now, not at start().
         self.accounts: list[Account] = build_accounts(
-            secret, self.substation_ids, self.ev_ids, self._service_passwords
+            secret, self.substation_ids, self.ev_ids, service_account_passwords(secret, services, service_passwords)
         )
         self._passwords = {a.username: a.password for a in self.accounts}
-        self._proc: subprocess.Popen[bytes] | None = None
         self._files_written = False
-
-    # --- accounts -----------------------------------------------------------------------------
-    def password_for(self, username: str) -> str:
-        """Password of an account of this broker (KeyError for unknown usernames)."""
-        try:
-            return self._passwords[username]
-        except KeyError:
-            raise KeyError(f"no account {username!r} on this broker") from None
-
-    def substation_credentials(self, substation_id: str) -> tuple[str, str]:
-        """``(username, password)`` of the agent of ``substation_id``."""
-        user = substation_username(substation_id)
-        return user, self.password_for(user)
 
     @property
     def ca_file(self) -> Path | None:
         return self.tls_dir / TLS_CA_FILE if self.tls_dir is not None else None
 
-    # --- process ------------------------------------------------------------------------------
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    # --- process (pid, running, stop, kill, signal: ChildServer) ---------------------------------
+    #: SIGTERM makes Mosquitto save its persistence database; it takes well under a second.
+    stop_timeout_s = 5.0
 
     def log_tail(self, lines: int = 30) -> str:
         """Last lines of the broker log (and of its stderr, where config errors go)."""
-        parts = [_tail(self.log_file, lines), _tail(self.stderr_file, lines)]
+        parts = [file_tail(self.log_file, lines), file_tail(self.stderr_file, lines)]
         return "\n".join(p for p in parts if p)
 
     def _write_files(self) -> None:
@@ -370,50 +329,19 @@ class LocalBroker:
             log_offset = self.log_file.stat().st_size
         except FileNotFoundError:
             log_offset = 0
-        with open(self.stderr_file, "ab") as err:
-            self._proc = subprocess.Popen(
-                [self.mosquitto_bin, "-c", str(self.conf_file)],
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-                # Its own session: a Ctrl-C meant for the services in the foreground must not take the
-                # broker down before they have said goodbye through it.
-                start_new_session=True,
-                cwd=self.work_dir,
-            )
-        _RUNNING.add(self)
+        proc = self._spawn([self.mosquitto_bin, "-c", str(self.conf_file)], self.stderr_file, self.work_dir)
         ports = [(self.host, self.port)]
         if self.tls_port is not None:
             ports.append((self.host, self.tls_port))
         deadline = time.monotonic() + self.start_timeout
-        if not _wait_until_running(self.log_file, log_offset, self._proc, ports, deadline):
-            code = self._proc.poll()
+        if not _wait_until_running(self.log_file, log_offset, proc, ports, deadline):
+            code = proc.poll()
             self.kill()
             state = f"exited with code {code}" if code is not None else f"not ready after {self.start_timeout} s"
             raise BrokerStartError(
                 f"mosquitto ({self.mosquitto_bin} -c {self.conf_file}) {state} on {self.host}:{self.port}.\n"
                 f"--- log tail ---\n{self.log_tail() or '(empty)'}"
             )
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM (Mosquitto saves its persistence database), wait, SIGKILL after ``timeout``."""
-        proc = self._proc
-        if proc is None:
-            return
-        stop_process(proc, timeout)
-        self._proc = None
-        _RUNNING.discard(self)
-
-    def kill(self) -> None:
-        """SIGKILL: a crash. Whatever was not yet autosaved is lost (crash tests)."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=5.0)
-        self._proc = None
-        _RUNNING.discard(self)
 
     def restart(self, *, crash: bool = False, down_s: float = 0.0) -> LocalBroker:
         """Stop (or with ``crash=True`` kill), stay down ``down_s`` seconds and start again on the same port with

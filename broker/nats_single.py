@@ -9,27 +9,29 @@ cluster for the cluster tests is the i12nats fixture; this is the smallest thing
 
 from __future__ import annotations
 
-import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 
-from broker.local import find_free_port
+from broker.local import free_ports
 from broker.nats.cluster import find_nats_server
-from grid_runtime.lifecycle import stop_process
+from grid_runtime.lifecycle import ChildServer
 
 __all__ = ["NatsServer", "find_nats_server"]
 
 
-class NatsServer:
+class NatsServer(ChildServer):
+    """``kill()`` is SIGKILL, ``stop()`` SIGTERM (then SIGKILL after 5 s); both as :class:`ChildServer`'s."""
+
+    stop_timeout_s = 5.0
+
     def __init__(self, work_dir: Path, *, mqtt: bool = False, name: str = "n1") -> None:
-        self.work_dir = Path(work_dir)
+        self.work_dir = Path(work_dir).resolve()  # (the server runs in it: relative paths would resolve twice)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.port = find_free_port()
-        self.mqtt_port = find_free_port() if mqtt else None
+        ports = free_ports(2 if mqtt else 1)  # held together: two find_free_port() calls can return one port
+        self.port = ports[0]
+        self.mqtt_port = ports[1] if mqtt else None
         self.name = name
-        self.proc: subprocess.Popen[bytes] | None = None
         self.config = self.work_dir / "nats.conf"
         lines = [f'server_name: "{name}"', f"listen: 127.0.0.1:{self.port}",
                  f'jetstream {{ store_dir: "{self.work_dir / "js"}" }}']
@@ -42,14 +44,11 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> NatsServer:
-        log = open(self.work_dir / "nats.log", "ab")  # noqa: SIM115 - the server writes it while it runs
-        self.proc = subprocess.Popen([find_nats_server(), "-c", str(self.config)], stdin=subprocess.DEVNULL,
-                                     stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        proc = self._spawn([find_nats_server(), "-c", str(self.config)], self.work_dir / "nats.log", self.work_dir)
         deadline = time.monotonic() + timeout
         ports = [self.port] + ([self.mqtt_port] if self.mqtt_port else [])
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if proc.poll() is not None:
                 raise RuntimeError(f"nats-server exited: {(self.work_dir / 'nats.log').read_text()[-2000:]}")
             try:
                 for port in ports:
@@ -58,14 +57,3 @@ class NatsServer:
             except OSError:
                 time.sleep(0.05)
         raise TimeoutError(f"nats-server did not listen on {ports} within {timeout} s")
-
-    def kill(self) -> None:
-        """kill -9."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(5)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, 5.0)
-            self.proc = None

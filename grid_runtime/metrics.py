@@ -9,11 +9,15 @@ labels with a bounded set of values (substation ids, outcomes, reasons; never EV
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from grid_runtime.logs import get_logger
@@ -21,6 +25,28 @@ from grid_runtime.mqtt import Transport
 from grid_runtime.settings import MetricsSettings
 
 log = get_logger("grid_runtime.metrics")
+
+#: How often the server thread looks whether stop_metrics() asked it to end: prometheus_client's
+#: start_http_server polls every 0.5 s, and every service's exit waited for that (measured: 0.48 s of the
+#: recorder's 2.1 s stop under load).
+_POLL_S = 0.05
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # (no line per scrape on stderr)
+        pass
+
+
+def _start_http_server(port: int, host: str, registry: CollectorRegistry) -> tuple[Any, threading.Thread]:
+    """prometheus_client's ``start_http_server`` (its WSGI app and threading server), with a short poll."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class: type[ThreadingWSGIServer] = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    server: ThreadingWSGIServer = make_server(host, port, make_wsgi_app(registry), server_class,
+                                              handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": _POLL_S}, daemon=True,
+                              name="metrics-http")
+    thread.start()
+    return server, thread
 
 #: Default ``/metrics`` ports of the services (``METRICS_PORT`` overrides; the API serves it on its own port).
 DEFAULT_PORTS = {"balancer": 9101, "substation_agents": 9102, "ev_clients": 9103, "recorder": 9104}
@@ -43,7 +69,7 @@ def serve_metrics(settings: MetricsSettings, service: str,
         return None
     port = DEFAULT_PORTS[service] if settings.port is None else settings.port
     try:
-        server, thread = start_http_server(port, addr=settings.host, registry=registry)
+        server, thread = _start_http_server(port, settings.host, registry)
     except OSError as exc:
         if settings.port is not None:
             log.error("metrics_unavailable", service=service, host=settings.host, port=port, error=str(exc),
@@ -52,7 +78,7 @@ def serve_metrics(settings: MetricsSettings, service: str,
         log.warning("metrics_port_taken", service=service, port=port, error=str(exc),
                     hint="serving on a free port instead; METRICS_PORT chooses one")
         try:
-            server, thread = start_http_server(0, addr=settings.host, registry=registry)
+            server, thread = _start_http_server(0, settings.host, registry)
         except OSError as again:
             log.error("metrics_unavailable", service=service, host=settings.host, error=str(again))
             return None

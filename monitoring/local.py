@@ -33,7 +33,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.local import find_free_port
-from grid_runtime.lifecycle import stop_process
+from grid_runtime.lifecycle import file_tail, find_executable, stop_process
 
 VM_BIN = os.environ.get("VICTORIA_METRICS_BIN") or shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
 Series = dict[str, Any]  # {"metric": {"__name__": ..., labels...}, "values": [...], "timestamps": [...]}
@@ -175,11 +175,8 @@ class PromQueryError(AssertionError):
 
 def find_prometheus() -> str:
     """Path of the ``prometheus`` binary (``$PROMETHEUS_BIN``, ``PATH``, ``/usr/bin/prometheus``)."""
-    for candidate in (os.environ.get("PROMETHEUS_BIN"), shutil.which("prometheus"), *_FALLBACK_BINARIES):
-        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    raise FileNotFoundError("prometheus binary not found ($PROMETHEUS_BIN, PATH, /usr/bin/prometheus); "
-                            "install it (Debian: apt-get install prometheus)")
+    return find_executable("prometheus", "PROMETHEUS_BIN", _FALLBACK_BINARIES,
+                           "install it (Debian: apt-get install prometheus)")
 
 
 def value(sample: Sample) -> float:
@@ -261,10 +258,7 @@ class PrometheusServer:
         self.stop()
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return file_tail(self.log_file, lines)
 
     # --- HTTP API ------------------------------------------------------------------------------
     def api(self, path: str, **params: str) -> Any:

@@ -43,6 +43,15 @@ BrokerFactory = Callable[..., LocalBroker]
 ClusterFactory = Callable[..., LocalCluster]
 
 
+def _with_test_accounts(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The standard test accounts (see the module docstring) unless ``kwargs`` names others."""
+    kwargs.setdefault("substation_ids", TEST_SUBSTATIONS)
+    kwargs.setdefault("ev_ids", TEST_EVS)
+    kwargs.setdefault("services", SERVICE_ACCOUNTS)
+    kwargs.setdefault("secret", TEST_SECRET)
+    return kwargs
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Also declared in pyproject.toml; repeated so the marker exists whatever config file is used.
     config.addinivalue_line("markers", "integration: talks to a real Mosquitto started by the test suite")
@@ -63,12 +72,8 @@ def make_broker(tmp_path: Path, mosquitto_bin: str) -> Iterator[BrokerFactory]:
 
     def factory(*, start: bool = True, **kwargs: Any) -> LocalBroker:
         work_dir = kwargs.pop("work_dir", tmp_path / f"broker-{len(made)}")
-        kwargs.setdefault("substation_ids", TEST_SUBSTATIONS)
-        kwargs.setdefault("ev_ids", TEST_EVS)
-        kwargs.setdefault("services", SERVICE_ACCOUNTS)
-        kwargs.setdefault("secret", TEST_SECRET)
         kwargs.setdefault("mosquitto_bin", mosquitto_bin)
-        instance = LocalBroker(work_dir, **kwargs)
+        instance = LocalBroker(work_dir, **_with_test_accounts(kwargs))
         made.append(instance)
         if start:
             instance.start()
@@ -106,12 +111,8 @@ def nats_bin() -> str:
 
 
 def _cluster(work_dir: Path, nats_bin: str, start: bool, kwargs: dict[str, Any]) -> LocalCluster:
-    kwargs.setdefault("substation_ids", TEST_SUBSTATIONS)
-    kwargs.setdefault("ev_ids", TEST_EVS)
-    kwargs.setdefault("services", SERVICE_ACCOUNTS)
-    kwargs.setdefault("secret", TEST_SECRET)
     kwargs.setdefault("nats_bin", nats_bin)
-    cluster = LocalCluster(work_dir, **kwargs)
+    cluster = LocalCluster(work_dir, **_with_test_accounts(kwargs))
     if start:
         cluster.start()
     return cluster

@@ -59,7 +59,8 @@ async def events(request: Request, ctx: Ctx,
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(queue.get(), 5.0)
+                    async with asyncio.timeout(5.0):  # (not wait_for: in 3.11 it can drop the disconnect's cancel)
+                        item = await queue.get()
                 except TimeoutError:
                     if await request.is_disconnected():
                         return

@@ -36,9 +36,11 @@ __all__ = [
     "SUBSTATION_PREFIX",
     "SUBSTATION_ROLE",
     "Account",
+    "AccountBook",
     "Role",
     "balancer_username",
     "build_accounts",
+    "service_account_passwords",
     "substation_username",
     "validate_prefix",
     "validate_username",
@@ -198,6 +200,35 @@ def build_accounts(
             raise ValueError(f"empty password for {account.username!r}")
         seen.add(account.username)
     return accounts
+
+
+def service_account_passwords(secret: str, services: Iterable[str],
+                              given: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Passwords of the service accounts: ``given`` where it names one, else derived from ``secret``; a service
+    only in ``given`` is added too (what a local broker or cluster creates)."""
+    given = dict(given or {})
+    passwords = {name: given.get(name) or derive_password(secret, name) for name in services}
+    passwords.update({name: pw for name, pw in given.items() if name not in passwords})
+    return passwords
+
+
+class AccountBook:
+    """``password_for`` / ``substation_credentials`` of a local broker or cluster (tests and benches log in
+    with them); the owner fills ``_passwords`` from its accounts."""
+
+    _passwords: dict[str, str]
+
+    def password_for(self, username: str) -> str:
+        """Password of an account (KeyError for unknown usernames)."""
+        try:
+            return self._passwords[username]
+        except KeyError:
+            raise KeyError(f"no account {username!r} on this {type(self).__name__}") from None
+
+    def substation_credentials(self, substation_id: str) -> tuple[str, str]:
+        """``(username, password)`` of the agent of ``substation_id``."""
+        user = substation_username(substation_id)
+        return user, self.password_for(user)
 
 
 def write_private(path: Path, text: str) -> Path:

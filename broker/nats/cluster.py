@@ -16,7 +16,6 @@ Nodes look like :class:`broker.local.LocalBroker` to MQTT clients (``host``, ``p
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -25,38 +24,29 @@ import signal
 import socket
 import ssl
 import struct
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from weakref import WeakSet
 
 from broker.accounts import (
     SERVICE_ACCOUNTS,
     Account,
+    AccountBook,
     build_accounts,
-    substation_username,
+    service_account_passwords,
     validate_prefix,
     write_private,
 )
+from broker.local import TLS_CA_FILE, free_ports
 from broker.nats.config import ClusterLayout, NodeAddress, render_accounts, render_node
 from grid_protocol.topics import DEFAULT_PREFIX
-from grid_runtime.credentials import derive_password
-from grid_runtime.lifecycle import stop_process
+from grid_runtime.lifecycle import ChildServer, file_tail, find_executable
 
 __all__ = ["ClusterNode", "ClusterStartError", "LocalCluster", "find_nats_server", "mqtt_connect_rc"]
 
 _FALLBACK_BINARIES = ("/usr/sbin/nats-server", "/usr/local/bin/nats-server", "/usr/bin/nats-server")
-_RUNNING: WeakSet[ClusterNode] = WeakSet()
-
-
-@atexit.register
-def _stop_running_nodes() -> None:
-    for node in list(_RUNNING):
-        with contextlib.suppress(Exception):
-            node.stop(timeout=2.0)
 
 
 class ClusterStartError(RuntimeError):
@@ -65,24 +55,8 @@ class ClusterStartError(RuntimeError):
 
 def find_nats_server() -> str:
     """Path of ``nats-server`` (``$NATS_SERVER_BIN``, ``PATH``, then /usr/sbin: Debian installs it there)."""
-    for candidate in (os.environ.get("NATS_SERVER_BIN"), shutil.which("nats-server"), *_FALLBACK_BINARIES):
-        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    raise FileNotFoundError("nats-server not found (looked at $NATS_SERVER_BIN, PATH, /usr/sbin/nats-server); "
-                            "install it (Debian: apt-get install nats-server)")
-
-
-def _free_ports(host: str, count: int) -> list[int]:
-    """``count`` distinct TCP ports free on ``host`` now: every socket is held until all are chosen (one
-    :func:`find_free_port` after another can return the same port twice; it did, and a node then failed with
-    "address already in use")."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((host, 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
+    return find_executable("nats-server", "NATS_SERVER_BIN", _FALLBACK_BINARIES,
+                           "install it (Debian: apt-get install nats-server)")
 
 
 def _utf8(value: str) -> bytes:
@@ -117,7 +91,7 @@ def mqtt_connect_rc(host: str, port: int, username: str, password: str, client_i
         return connack[3]
 
 
-class ClusterNode:
+class ClusterNode(ChildServer):
     """One ``nats-server`` of a :class:`LocalCluster` (its ports and data dir stay across restarts)."""
 
     def __init__(self, cluster: LocalCluster, index: int, address: NodeAddress) -> None:
@@ -129,7 +103,6 @@ class ClusterNode:
         self.conf_file = self.dir / "nats.conf"
         self.store_dir = self.dir / "jetstream"
         self.log_file = self.dir / "nats.log"
-        self._proc: subprocess.Popen[bytes] | None = None
         self._probes = 0
 
     # --- what MQTT clients need (LocalBroker-like) ---------------------------------------------
@@ -157,15 +130,7 @@ class ClusterNode:
     def password_for(self, username: str) -> str:
         return self.cluster.password_for(username)
 
-    # --- process -------------------------------------------------------------------------------
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
+    # --- process (pid, running, stop, kill, signal: ChildServer) ---------------------------------
     def write_config(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         layout = self.cluster.layout
@@ -178,10 +143,7 @@ class ClusterNode:
         if self.running:
             return
         self.write_config()
-        with open(self.log_file, "ab") as log:
-            self._proc = subprocess.Popen([self.cluster.nats_bin, "-c", str(self.conf_file)], stdin=subprocess.DEVNULL,
-                                          stdout=log, stderr=log, cwd=self.dir, start_new_session=True)
-        _RUNNING.add(self)
+        self._spawn([self.cluster.nats_bin, "-c", str(self.conf_file)], self.log_file, self.dir)
 
     def start(self, timeout: float | None = None) -> ClusterNode:
         """Start (same ports, same data dir) and wait until this node serves MQTT."""
@@ -217,42 +179,14 @@ class ClusterNode:
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not self.healthy():
-            if self._proc is None or self._proc.poll() is not None:
-                raise ClusterStartError(f"{self.name} exited ({self._proc and self._proc.returncode}):\n"
-                                        f"{self.log_tail()}")
+            if not self.running:
+                raise ClusterStartError(f"{self.name} exited ({self.exit_code}):\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise ClusterStartError(f"{self.name} not ready after {timeout:g} s:\n{self.log_tail()}")
             time.sleep(0.1)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def kill(self) -> None:
-        """SIGKILL: a crash (JetStream recovers from its data dir at the next start)."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=5.0)
-        self._proc = None
-        _RUNNING.discard(self)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (a clean shutdown), SIGKILL after ``timeout``."""
-        proc = self._proc
-        if proc is None:
-            return
-        stop_process(proc, timeout)
-        self._proc = None
-        _RUNNING.discard(self)
-
-    def signal(self, sig: int) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(sig)
+        return file_tail(self.log_file, lines) or "(no log)"
 
     def restart(self, *, crash: bool = False, down_s: float = 0.0, timeout: float | None = None) -> ClusterNode:
         (self.kill if crash else self.stop)()
@@ -264,7 +198,7 @@ class ClusterNode:
         return f"ClusterNode({self.name}, mqtt {self.host}:{self.port}, nats {self.client_port}, {state})"
 
 
-class LocalCluster:
+class LocalCluster(AccountBook):
     """An N-node nats-server cluster (default 3) with the project's accounts, on free loopback ports.
 
     Usage::
@@ -304,12 +238,8 @@ class LocalCluster:
         self.work_dir = Path(work_dir).resolve()
         self.prefix = validate_prefix(prefix)
         self.secret = secret
-        passwords = dict(service_passwords or {})
-        service_list = list(services)
-        service_pw = {n: passwords.get(n) or derive_password(secret, n) for n in service_list}
-        service_pw.update({n: p for n, p in passwords.items() if n not in service_pw})
-        self.accounts: list[Account] = (list(accounts) if accounts is not None
-                                        else build_accounts(secret, substation_ids, ev_ids, service_pw))
+        self.accounts: list[Account] = (list(accounts) if accounts is not None else build_accounts(
+            secret, substation_ids, ev_ids, service_account_passwords(secret, services, service_passwords)))
         self._passwords = {a.username: a.password for a in self.accounts}
         #: the account the readiness probe logs in as (may log in, nothing else)
         self.probe_user = "healthcheck" if "healthcheck" in self._passwords else self.accounts[0].username
@@ -323,7 +253,7 @@ class LocalCluster:
         self._started_once = False
 
     def _new_layout(self, nodes: int) -> ClusterLayout:
-        free = _free_ports(self._host, nodes * 4)
+        free = free_ports(nodes * 4, self._host)
         ports = [(free[4 * i], free[4 * i + 1], free[4 * i + 2], free[4 * i + 3] if self._monitoring else None)
                  for i in range(nodes)]
         tls_dir = Path(self._tls_dir).resolve() if self._tls_dir is not None else None
@@ -351,19 +281,9 @@ class LocalCluster:
 
     @property
     def ca_file(self) -> Path | None:
-        return Path(self.layout.tls_dir) / "ca.crt" if self.layout.tls_dir is not None else None
+        return Path(self.layout.tls_dir) / TLS_CA_FILE if self.layout.tls_dir is not None else None
 
-    # --- accounts ----------------------------------------------------------------------------------
-    def password_for(self, username: str) -> str:
-        try:
-            return self._passwords[username]
-        except KeyError:
-            raise KeyError(f"no account {username!r} on this cluster") from None
-
-    def substation_credentials(self, substation_id: str) -> tuple[str, str]:
-        user = substation_username(substation_id)
-        return user, self.password_for(user)
-
+    # --- accounts (password_for, substation_credentials: AccountBook) ----------------------------
     def write_accounts(self) -> None:
         write_private(self.accounts_file, render_accounts(self.prefix, self.accounts))
 
@@ -432,9 +352,8 @@ class LocalCluster:
         waiting = list(nodes)
         while waiting:
             for node in list(waiting):
-                if node._proc is None or node._proc.poll() is not None:
-                    code = node._proc.returncode if node._proc is not None else None
-                    raise ClusterStartError(f"{node.name} exited ({code}):\n{node.log_tail()}")
+                if not node.running:
+                    raise ClusterStartError(f"{node.name} exited ({node.exit_code}):\n{node.log_tail()}")
                 if node.healthy():
                     waiting.remove(node)
             if waiting and time.monotonic() > deadline:

@@ -35,6 +35,9 @@ _POLL_S = 0.005
 #: Environment variables the services read: a test's service sees only what the test sets.
 SERVICE_ENV_PREFIXES = ("MQTT_", "EV_", "SUBSTATION", "SIM_", "BALANCER_", "GRID_", "LOG_", "METRICS_", "API_",
                         "INFLUX_", "RECORDER_")
+#: Substation agents as the fault and failover tests run them: telemetry every 0.2 s, a 5 s keepalive.
+AGENT_ENV = {"MQTT_ACCOUNT_SECRET": "test-secret", "SUBSTATION_INTERVAL_S": "0.2", "SUBSTATION_BASE_LOAD_PCT": "10",
+             "MQTT_KEEPALIVE_S": "5"}
 
 
 class Received(NamedTuple):
@@ -289,6 +292,13 @@ class Service:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_log(self, text: str, timeout: float = 15.0) -> None:
+        """Until ``text`` is in the log; AssertionError with the log's tail after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            assert time.monotonic() < deadline, f"{text!r} not in the log:\n{self.log()[-3000:]}"
+            time.sleep(0.05)
+
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
@@ -296,6 +306,13 @@ class Service:
         code = stop_process(self.proc, timeout)
         self._log.close()
         return code
+
+
+def wait_telemetry(watch: Probe, *substations: str, timeout: float = 10.0) -> None:
+    """Until ``watch`` has telemetry of each substation (the agents are up and reporting)."""
+    for sub in substations:
+        suffix = f"/substation/{sub}/telemetry"
+        watch.wait_for(lambda m: m.topic.endswith(suffix), timeout=timeout, what=f"{sub} telemetry")  # noqa: B023
 
 
 def start_balancer(broker: LocalBroker, log_dir: Path, **env: str) -> Service:

@@ -11,13 +11,14 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from probe import Probe, Service, start_balancer
-from test_faults import AGENT_ENV, P, request
+from probe import AGENT_ENV, Probe, Service, start_balancer, wait_telemetry
+from test_faults import P, request
 
 from broker.nats.cluster import ClusterNode, LocalCluster
 
@@ -26,27 +27,51 @@ V311 = mqtt.MQTTv311
 LEASE_S = 6.0
 
 
-def test_kill_9_of_the_balancers_nats_node_mid_load(make_cluster: Callable[..., LocalCluster], tmp_path: Path,
-                                                    stopper: list[Callable[[], Any]]) -> None:
+@dataclass
+class Grid:
+    """A started 3-node cluster, the agents (on node 3, then 2, then 1) and an observer on node 2."""
+
+    cluster: LocalCluster
+    agents: Service
+    watch: Probe
+    tmp_path: Path
+    stopper: list[Callable[[], Any]]
+
+    def balancer(self, first: ClusterNode, work: Path, lease_s: float, **env: str) -> Service:
+        """A cluster-mode balancer whose MQTT and NATS connections try ``first`` first, then the other nodes."""
+        work.mkdir(exist_ok=True)
+        nodes = [first, *(n for n in self.cluster.nodes if n is not first)]
+        proc = start_balancer(first, work, MQTT_PROTOCOL="3.1.1", MQTT_HOSTS=_hosts(*nodes),
+                              MQTT_PASSWORD=self.cluster.password_for("balancer"),
+                              BALANCER_NATS_URLS=",".join(n.nats_url for n in nodes), BALANCER_NATS_REPLICAS="3",
+                              BALANCER_LEASE_S=str(lease_s), BALANCER_STALE_AFTER_S="30", **env)
+        self.stopper.append(proc.stop)
+        return proc
+
+
+def _hosts(*nodes: ClusterNode) -> str:
+    return ",".join(f"{n.host}:{n.port}" for n in nodes)
+
+
+@pytest.fixture
+def grid(make_cluster: Callable[..., LocalCluster], tmp_path: Path, stopper: list[Callable[[], Any]]) -> Grid:
     cluster = make_cluster()
     n1, n2, n3 = cluster.nodes
-    order = lambda *nodes: ",".join(f"{n.host}:{n.port}" for n in nodes)  # noqa: E731
     agents = Service("substation_agents", n3, tmp_path, SUBSTATIONS="A:300,B:300", MQTT_PROTOCOL="3.1.1",
-                     MQTT_HOSTS=order(n3, n2, n1), **AGENT_ENV)
+                     MQTT_HOSTS=_hosts(n3, n2, n1), **AGENT_ENV)
     stopper.append(agents.stop)
     watch = Probe(n2, "observer", f"{P}/#", protocol=V311)
     stopper.append(watch.close)
-    balancer = start_balancer(n1, tmp_path, MQTT_PROTOCOL="3.1.1", MQTT_HOSTS=order(n1, n2, n3),
-                              MQTT_PASSWORD=cluster.password_for("balancer"),
-                              BALANCER_NATS_URLS=",".join(n.nats_url for n in (n1, n2, n3)),
-                              BALANCER_NATS_REPLICAS="3", BALANCER_LEASE_S=str(LEASE_S),
-                              BALANCER_STALE_AFTER_S="30")
-    stopper.append(balancer.stop)
+    return Grid(cluster, agents, watch, tmp_path, stopper)
+
+
+def test_kill_9_of_the_balancers_nats_node_mid_load(grid: Grid) -> None:
+    n1, n2, _ = grid.cluster.nodes
+    watch = grid.watch
+    balancer = grid.balancer(n1, grid.tmp_path, LEASE_S)
     watch.wait_for(lambda m: m.topic == f"{P}/balancer/status" and m.json()["state"] == "online", timeout=30,
                    what="balancer online")
-    for sub in ("A", "B"):
-        watch.wait_for(lambda m, sub=sub: m.topic == f"{P}/substation/{sub}/telemetry", timeout=20,
-                       what=f"{sub} telemetry")
+    wait_telemetry(watch, "A", "B", timeout=20)
 
     evs = [f"EV_{i:04d}" for i in range(1, 41)]
     mids: dict[int, str] = {}
@@ -113,56 +138,39 @@ def test_kill_9_of_the_balancers_nats_node_mid_load(make_cluster: Callable[..., 
           "after the kill")
 
 
-def test_sigstop_of_the_owner_on_the_cluster_no_split_brain(make_cluster: Callable[..., LocalCluster],
-                                                            tmp_path: Path, stopper: list[Callable[[], Any]]) -> None:
+def test_sigstop_of_the_owner_on_the_cluster_no_split_brain(grid: Grid) -> None:
     """The SIGSTOP case on the real target: two balancers on different nodes, the owner frozen past its lease
     (its TCP connections stay open), the standby takes the lease and the MQTT session (NATS moves it across
     nodes), the old one wakes up: it publishes nothing, no agent applies a batch of its epoch, it steps down."""
-    cluster = make_cluster()
-    n1, n2, n3 = cluster.nodes
-    order = lambda *nodes: ",".join(f"{n.host}:{n.port}" for n in nodes)  # noqa: E731
-    agents = Service("substation_agents", n3, tmp_path, SUBSTATIONS="A:300,B:300", MQTT_PROTOCOL="3.1.1",
-                     MQTT_HOSTS=order(n3, n2, n1), **AGENT_ENV)
-    stopper.append(agents.stop)
-    watch = Probe(n2, "observer", f"{P}/#", protocol=V311)
-    stopper.append(watch.close)
+    n1, n2, _ = grid.cluster.nodes
+    watch = grid.watch
 
     def balancer(first: ClusterNode, name: str) -> Service:
-        (tmp_path / name).mkdir()
-        others = [n for n in (n1, n2, n3) if n is not first]
-        proc = start_balancer(first, tmp_path / name, MQTT_PROTOCOL="3.1.1", MQTT_HOSTS=order(first, *others),
-                              MQTT_PASSWORD=cluster.password_for("balancer"),
-                              BALANCER_NATS_URLS=",".join(n.nats_url for n in (first, *others)),
-                              BALANCER_NATS_REPLICAS="3", BALANCER_LEASE_S="3", BALANCER_STARTUP_WAIT_S="3",
-                              BALANCER_STALE_AFTER_S="30")
-        stopper.append(proc.stop)
-        return proc
+        return grid.balancer(first, grid.tmp_path / name, 3.0, BALANCER_STARTUP_WAIT_S="3")
 
     def online(m: Any) -> bool:
         return m.topic == f"{P}/balancer/status" and m.json()["state"] == "online"
 
     old_owner = balancer(n1, "b1")
-    for sub in ("A", "B"):
-        watch.wait_for(lambda m, sub=sub: m.topic == f"{P}/substation/{sub}/telemetry", timeout=30,
-                       what=f"{sub} telemetry")
-    _wait_log(old_owner, "startup_complete")
+    wait_telemetry(watch, "A", "B", timeout=30)
+    old_owner.wait_log("startup_complete", timeout=30)
     standby = balancer(n2, "b2")
-    _wait_log(standby, "cluster_mode")
+    standby.wait_log("cluster_mode", timeout=30)
     evs = [f"EV_{i:04d}" for i in range(1, 7)]
     with Probe(n2, "loadtest", protocol=V311) as fake:
         for i, ev in enumerate(evs):
             fake.publish(f"{P}/ev/{ev}/request", request(ev, f"r{i}", kw=7.0))
     watch.wait_for(lambda m: m.topic.endswith("/session") and m.json()["event"] == "started", count=len(evs),
                    timeout=30, what="started")
-    stopper.append(lambda: old_owner.signal(signal.SIGCONT))
+    grid.stopper.append(lambda: old_owner.signal(signal.SIGCONT))
     old_owner.signal(signal.SIGSTOP)
     frozen = time.monotonic()
-    _wait_log(standby, "region_lease_acquired", timeout=20)
+    standby.wait_log("region_lease_acquired", timeout=20)
     watch.wait_for(online, since=frozen, timeout=20, what="the new owner online")
     time.sleep(3.0)  # the new owner's batches (epoch) reach every agent
     woken = time.monotonic()
     old_owner.signal(signal.SIGCONT)
-    _wait_log(old_owner, "region_stepped_down", timeout=10)
+    old_owner.wait_log("region_stepped_down", timeout=10)
     time.sleep(3.0)
     epochs = sorted({m.json().get("epoch") for m in watch.messages if m.topic.endswith("/command")})
     assert len(epochs) == 2, epochs
@@ -177,9 +185,3 @@ def test_sigstop_of_the_owner_on_the_cluster_no_split_brain(make_cluster: Callab
     for proc in (old_owner, standby):
         assert "Traceback" not in proc.log(), proc.log()[-3000:]
 
-
-def _wait_log(service: Service, text: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in service.log():
-        assert time.monotonic() < deadline, f"{text!r} not in the log:\n{service.log()[-3000:]}"
-        time.sleep(0.05)

@@ -11,12 +11,11 @@ import itertools
 import json
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from probe import Probe, Received, Service, start_balancer
+from probe import Probe, Received, Service, start_balancer, wait_telemetry
 
 from balancer.settings import BalancerSettings
 from broker.local import LocalBroker
@@ -24,8 +23,6 @@ from broker.local import LocalBroker
 pytestmark = pytest.mark.integration
 
 P = "grid/v1"
-AGENT_ENV = {"MQTT_ACCOUNT_SECRET": "test-secret", "SUBSTATION_INTERVAL_S": "0.2", "SUBSTATION_BASE_LOAD_PCT": "10",
-             "MQTT_KEEPALIVE_S": "5"}
 
 
 def status_online(m: Received) -> bool:
@@ -73,15 +70,6 @@ def last_telemetry(watch: Probe, sub: str, since: float) -> dict:
                           what=f"{sub} telemetry")[-1].json()
 
 
-@pytest.fixture
-def agents(broker: LocalBroker, tmp_path: Path) -> Iterator[Service]:
-    proc = Service("substation_agents", broker, tmp_path, SUBSTATIONS="A:300,B:300", **AGENT_ENV)
-    yield proc
-    log = proc.log()
-    assert proc.stop() == 0, log[-3000:]
-    assert "Traceback" not in log, log[-3000:]
-
-
 def test_broker_kill_9_keeps_every_running_session(broker: LocalBroker, agents: Service, tmp_path: Path) -> None:
     """D1: a broker crash and restart on the same data directory 2 s later ends no charging session: agents keep
     their sessions through the reconnect (within the lease), the balancer keeps them, no EV hears ``completed``."""
@@ -89,8 +77,7 @@ def test_broker_kill_9_keeps_every_running_session(broker: LocalBroker, agents: 
     balancer = start_balancer(broker, tmp_path)
     try:
         watch.wait_for(status_online, timeout=15, what="balancer online")
-        for sub in ("A", "B"):
-            watch.wait_for(lambda m, sub=sub: m.topic == f"{P}/substation/{sub}/telemetry", what=f"{sub} telemetry")
+        wait_telemetry(watch, "A", "B")
         evs = [f"EV_{i:04d}" for i in range(1, 13)]
         before = start_sessions(broker, watch, evs)
         grants = {sub: 11.0 * len(ids) for sub, ids in before.by_substation.items()}
@@ -140,8 +127,7 @@ def test_input_sent_while_the_balancer_is_down_acts_on_the_sessions_it_re_learns
     second: Service | None = None
     try:
         watch.wait_for(status_online, timeout=15, what="balancer online")
-        for sub in ("A", "B"):
-            watch.wait_for(lambda m, sub=sub: m.topic == f"{P}/substation/{sub}/telemetry", what=f"{sub} telemetry")
+        wait_telemetry(watch, "A", "B")
         evs = [f"EV_{i:04d}" for i in range(1, 21)]
         before = start_sessions(broker, watch, evs)
         leaving, staying = evs[:10], evs[10:]

@@ -508,6 +508,25 @@ def test_live_hub_runs_an_update_per_change_and_a_probe_noise_variant_of_its_own
     asyncio.run(scenario())
 
 
+def test_live_hub_stops_even_when_a_change_wakes_it_as_it_is_cancelled() -> None:
+    """The API's shutdown waits for the hub: a cancel that lands just as a message wakes the hub must still end it
+    (asyncio.wait_for in Python 3.11 returns the inner result and drops that cancel: the API hung at stop)."""
+
+    async def scenario() -> None:
+        for spins in range(8):  # the cancel lands 0..7 loop iterations after the wake-up
+            hub = LiveHub(StateStore(), lambda: True, interval_s=0.0)
+            hub.start()
+            await asyncio.sleep(0.01)  # the hub waits for a change
+            hub.changed()
+            for _ in range(spins):
+                await asyncio.sleep(0)
+            stopping = asyncio.create_task(hub.stop())
+            done, _ = await asyncio.wait({stopping}, timeout=2.0)
+            assert stopping in done, f"the hub did not stop (cancel {spins} iterations after the wake-up)"
+
+    asyncio.run(scenario())
+
+
 def test_only_allowed_host_names_are_served_when_configured(fake: FakeTransport) -> None:
     """DNS rebinding: a page elsewhere resolved to 127.0.0.1 sends its own Host; it gets a problem, not the API."""
     with make_client(fake, allowed_hosts=["127.0.0.1", "localhost"], token=TOKEN, public_reads=True) as client:

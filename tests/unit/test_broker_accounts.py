@@ -450,3 +450,23 @@ def test_api_replica_accounts_share_the_api_role() -> None:
     for bad in ("api.", "api.a/b", "api.+", "apix.2"):
         with pytest.raises(ValueError):
             validate_username(bad, "service")
+
+
+def test_service_account_passwords_given_derived_and_extra() -> None:
+    from broker.accounts import service_account_passwords
+
+    got = service_account_passwords("s3cret", ["balancer", "api"], {"api": "given-pw", "loadtest": "lt-pw"})
+    assert got == {"balancer": derive_password("s3cret", "balancer"), "api": "given-pw", "loadtest": "lt-pw"}
+
+
+def test_account_book_answers_for_its_accounts_only() -> None:
+    from broker.accounts import AccountBook
+
+    class Book(AccountBook):
+        def __init__(self) -> None:
+            self._passwords = {"substation.A": "pw-a"}
+
+    book = Book()
+    assert book.substation_credentials("A") == ("substation.A", "pw-a")
+    with pytest.raises(KeyError, match="no account 'EV_0001' on this Book"):
+        book.password_for("EV_0001")
