@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 from collections.abc import Sequence
 
 from prometheus_client import REGISTRY
 
 from balancer import metrics
 from balancer.cluster import run_cluster
+from balancer.gc_policy import PROCESS_GC
 from balancer.service import build_all
 from balancer.settings import BalancerSettings
 from grid_runtime.lifecycle import run_until_signalled
@@ -50,13 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_metrics(metrics_server)
         log.info("balancer_stopped")
         return 0
-    services = build_all(settings)  # one region service each (BALANCER_REGIONS), one event loop
+    # one region service each (BALANCER_REGIONS), one event loop; they apply the process's GC policy as they run
+    # (everything alive after start-up is frozen out of every later collection; balancer/gc_policy.py)
+    services = build_all(settings, PROCESS_GC)
     metrics.register(services, REGISTRY)
     metrics_server = serve_metrics(settings.grid.metrics, "balancer")
-    # Everything alive now (modules, classes, settings) lives as long as the process: keep it out of
-    # every later GC pass, so collections scan only what the balancer allocates while it runs.
-    gc.collect()
-    gc.freeze()
 
     async def run(stop: asyncio.Event) -> None:
         await asyncio.gather(*(service.run(stop) for service in services))

@@ -23,6 +23,7 @@ from balancer.admission import REFUSED_COST, Admission
 from balancer.core import Balancer, Effect, ToEv
 from balancer.core.limits import schedule_state
 from balancer.core.views import queue_state, substation_state
+from balancer.gc_policy import GcPolicy
 from balancer.operator_store import FileStore, OperatorStore
 from balancer.settings import BalancerSettings
 from balancer.startup import StartupGate
@@ -77,11 +78,13 @@ class BalancerService:
     def __init__(self, settings: BalancerSettings, transport: Transport,
                  clock: Callable[[], float] = time.time, region: str = DEFAULT_REGION, *,
                  store: OperatorStore | None = None, epoch: int | None = None,
-                 is_owner: Callable[[], bool] | None = None) -> None:
+                 is_owner: Callable[[], bool] | None = None, gc_policy: GcPolicy | None = None) -> None:
         """``store``: where the operator's drains and capacity limits are kept (None: memory only). Cluster mode:
         ``epoch`` of the region lease (stamped on every command batch) and ``is_owner``, the lease checked locally
-        (monotonic deadline) before any input is acted on and any command is published."""
+        (monotonic deadline) before any input is acted on and any command is published. ``gc_policy``: the process's
+        (balancer/gc_policy.py), applied when the service runs and on its periodic step (None: the GC untouched)."""
         self.settings = settings
+        self.gc_policy = gc_policy
         self.store = store
         self.is_owner: Callable[[], bool] = is_owner or (lambda: True)
         #: set when the lease was lost: nothing more is published, not even the offline status (the successor's)
@@ -652,6 +655,7 @@ class BalancerService:
         next_stats = time.monotonic() + self.settings.stats_interval_s
         next_state = time.monotonic()
         next_sweep = time.monotonic()
+        self.gc_start()
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -663,6 +667,7 @@ class BalancerService:
                 self._open_when_ready()
                 self._publish(self.core.tick(self.clock()))
                 self._renew_leases()
+                self.gc_step()
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + 5.0
                     self._ev_admission.sweep(time.monotonic())
@@ -686,6 +691,16 @@ class BalancerService:
             conn.cancel()
             self.log_stats()
 
+    def gc_start(self) -> None:
+        """Start-up done: the process's GC policy freezes what lives on (once per process)."""
+        if self.gc_policy is not None:
+            self.gc_policy.start(self.clock())
+
+    def gc_step(self) -> None:
+        """The GC policy's periodic step (freeze what survived; now and then the full pass)."""
+        if self.gc_policy is not None:
+            self.gc_policy.step(self.clock())
+
     def log_stats(self) -> None:
         snap = self.core.snapshot(self.clock())
         self.log.info("balancer_stats", queue_length=snap["queue_length"], sessions=snap["sessions"],
@@ -693,7 +708,8 @@ class BalancerService:
                  errors=dict(self.counters), mqtt=str(self.transport.stats))
 
 
-def build(settings: BalancerSettings, region: str = DEFAULT_REGION) -> BalancerService:
+def build(settings: BalancerSettings, region: str = DEFAULT_REGION,
+          gc_policy: GcPolicy | None = None) -> BalancerService:
     """Single-node mode: the service of one region, with its own MQTT session (:meth:`BalancerSettings.region_mqtt`),
     no lease; operator settings in ``settings.state_file``."""
     topics = Topics(settings.grid.grid_topic_prefix, region)
@@ -701,9 +717,9 @@ def build(settings: BalancerSettings, region: str = DEFAULT_REGION) -> BalancerS
     transport = make_transport(settings.mqtt_client, mqtt, client_id=client_id,
                                will=BalancerService.will(topics), clean_start=False)
     store = FileStore(settings.state_file, region) if settings.state_file else None
-    return BalancerService(settings, transport, region=region, store=store)
+    return BalancerService(settings, transport, region=region, store=store, gc_policy=gc_policy)
 
 
-def build_all(settings: BalancerSettings) -> list[BalancerService]:
-    """One region service per region this process owns (``BALANCER_REGIONS``)."""
-    return [build(settings, region) for region in settings.regions]
+def build_all(settings: BalancerSettings, gc_policy: GcPolicy | None = None) -> list[BalancerService]:
+    """One region service per region this process owns (``BALANCER_REGIONS``), sharing the process's GC policy."""
+    return [build(settings, region, gc_policy) for region in settings.regions]

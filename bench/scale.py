@@ -15,6 +15,8 @@ time). Figures:
   µs/answer       the same CPU per answer the EVs got in that phase: a release there also serves the queue
                   (each placement from it is an ``assigned``), so a grid with a long queue answers more per
                   request than a small one;
+  GC µs/req, max  of the steady CPU per request, the part the cyclic GC's collections took (``gc.callbacks``, CPU
+                  time, only collections inside the timed calls), and the longest of them in ms;
   rebalance ms/s  CPU per second of grid time with every substation reporting at 1 Hz and the periodic tick at
                   2 Hz, nothing else happening: "churned" in the 10 s right after the steady phase (the grants
                   its releases and requests left to settle), "settled" 30 grid-seconds later; the balancer's
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from balancer.core import Balancer, CoreConfig
+from balancer.gc_policy import PROCESS_GC
 from grid_protocol import ChargeRequest, Release, Telemetry, encode
 from grid_protocol.messages import AssignmentStatus
 
@@ -73,7 +76,8 @@ def make_grid(substations: int, evs: int, rng: random.Random) -> Grid:
 
 
 class CoreDriver:
-    """Feeds the pure core."""
+    """Feeds the pure core, in a process that treats the GC as the balancer's does (balancer/gc_policy.py: frozen
+    after start-up, then what survived at every periodic step)."""
 
     def __init__(self) -> None:
         self.b = Balancer(CoreConfig())
@@ -96,6 +100,10 @@ class CoreDriver:
 
     def tick(self, now: float) -> None:
         self.b.tick(now)
+        PROCESS_GC.step(now)  # (BalancerService.run: after the core's tick)
+
+    def start(self, now: float) -> None:
+        PROCESS_GC.start(now)
 
     @property
     def core(self) -> Balancer:
@@ -115,7 +123,8 @@ class ServiceDriver:
         self.transport = _MemoryTransport()
         settings = BalancerSettings(startup_wait_s=0, ev_rate_per_s=1e9, ev_burst=1e9, telemetry_rate_per_s=1e9,
                                     telemetry_burst=1e9)
-        self.svc = BalancerService(settings, self.transport, clock=lambda: self.now)
+        # the process's GC policy, as ``python -m balancer`` hands it to its services (balancer/cli.py)
+        self.svc = BalancerService(settings, self.transport, clock=lambda: self.now, gc_policy=PROCESS_GC)
         self.transport.connect()
         self.topics = Topics(settings.grid.grid_topic_prefix)
 
@@ -146,8 +155,13 @@ class ServiceDriver:
     def tick(self, now: float) -> None:
         self.now = now
         self.svc._publish(self.svc.core.tick(now))
+        self.svc.gc_step()  # as its periodic loop does (BalancerService.run), on the service's (grid) clock
         self.svc._flush_commands()
         self.svc.publish_states(now)
+
+    def start(self, now: float) -> None:
+        self.now = now
+        self.svc.gc_start()  # as BalancerService.run does before its loop
 
     @property
     def core(self) -> Balancer:
@@ -215,8 +229,7 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
     seq = 0
     for sid in grid.ids:
         driver.status(sid, now)
-    gc.collect()
-    gc.freeze()  # as the balancer does after start-up
+    driver.start(now)  # the GC set-up of a balancer that has started
     kws = (7.4, 11.0, 22.0)
 
     def report_all(at: float) -> float:
@@ -278,6 +291,8 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
     # (CPU time: the machine is shared)
     profiler = cProfile.Profile(time.process_time) if profile and profile_phase == "steady" else None
     answers_before = _answers(core)
+    pauses = GcPauses()
+    gc.callbacks.append(pauses)
     for j in range(steady):
         now += 1 / rate
         if now >= next_second:  # the substations keep reporting (untimed): the grid stays fresh
@@ -286,6 +301,7 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
             next_second += 1
         ev = next_running()
         t = time.process_time()
+        pauses.timing = True
         if profiler:
             profiler.enable()
         driver.release(ev, now)
@@ -293,7 +309,9 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
                                                    duration_minutes=120), now)
         if profiler:
             profiler.disable()
+        pauses.timing = False
         cpu_steady += time.process_time() - t
+    gc.callbacks.remove(pauses)
     if profiler and profile:
         profiler.dump_stats(profile)
         profiler = None
@@ -328,9 +346,30 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
             "steady_us_per_request": round(cpu_steady * 1e6, 1),
             "steady_answers": steady_answers,
             "steady_us_per_answer": round(cpu_steady_total / max(1, steady_answers) * 1e6, 1),
+            "steady_gc_us_per_request": round(pauses.total / max(1, 2 * steady) * 1e6, 1),
+            "steady_gc_longest_ms": round(pauses.longest * 1e3, 2),
             "rebalance_churned_ms_per_grid_s": round(cpu_churned * 1e3, 2),
             "rebalance_settled_ms_per_grid_s": round(cpu_settled * 1e3, 2), "rss_mb": round(rss, 1),
             "violations": len(core.violations())}
+
+
+class GcPauses:
+    """CPU time of the cyclic GC's collections while ``timing`` is set (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.timing = False
+        self.total = 0.0
+        self.longest = 0.0
+        self._started: float | None = None
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.process_time() if self.timing else None
+        elif self._started is not None:
+            took = time.process_time() - self._started
+            self.total += took
+            self.longest = max(self.longest, took)
+            self._started = None
 
 
 def _answers(core: Balancer) -> int:
@@ -366,7 +405,8 @@ def main(argv: list[str]) -> int:
         return 0
     rows = []
     print(f"{'substations x EVs':>18} {'path':>8} {'sessions':>9} {'queued':>7} {'fill µs/req':>12} "
-          f"{'steady µs/req':>14} {'µs/answer':>10} {'rebal. churned ms/s':>20} {'settled ms/s':>13} {'RSS MB':>7}",
+          f"{'steady µs/req':>14} {'µs/answer':>10} {'GC µs/req, max':>15} {'rebal. churned ms/s':>20} "
+          f"{'settled ms/s':>13} {'RSS MB':>7}",
           flush=True)
     for size in args.sizes.split(","):
         for path in args.paths.split(","):
@@ -381,6 +421,7 @@ def main(argv: list[str]) -> int:
             print(f"{row['substations']:>7,} x {row['evs']:>8,} {path:>8} {row['sessions']:>9,} {row['queued']:>7,} "
                   f"{row['fill_us_per_request']:>12,.1f} {row['steady_us_per_request']:>14,.1f} "
                   f"{row['steady_us_per_answer']:>10,.1f} "
+                  f"{row['steady_gc_us_per_request']:>7,.1f} {row['steady_gc_longest_ms']:>5,.1f} ms "
                   f"{row['rebalance_churned_ms_per_grid_s']:>20,.2f} {row['rebalance_settled_ms_per_grid_s']:>13,.2f} "
                   f"{row['rss_mb']:>7,.0f}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,11 @@ def coalesce(effects: list[Effect], ledger: Ledger) -> list[Effect]:
     same call: each later reduction is folded into that session's first command (a lower value, earlier: never
     less safe), and the EV hears only the final grant. An increase is never folded (it must stay after the
     reductions that make room). Folding builds new messages: the ones passed in are never edited."""
+    for e in effects:
+        if e.message.command == "update" if isinstance(e, ToSubstation) else e.message.status == "updated":
+            break
+    else:
+        return effects  # no update to fold (most calls: a request placed or queued, a release): as they are
     first_cmd: dict[str, int] = {}
     last_answer: dict[str, int] = {}
     out: list[Effect] = []

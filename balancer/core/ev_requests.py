@@ -72,17 +72,21 @@ class EvRequests:
         if queue.full():
             return [ledger.reject(ev_id, request_id, Reason.QUEUE_FULL,
                                   f"no headroom and {len(queue)} requests already waiting", now, remember=True)]
-        queue.push(req)
-        ledger.evs[ev_id] = EvState(req, ledger.answer(req, "queued", now))
+        position: int | None = queue.push(req)
+        effects: list[Effect] = []
         # Nothing else changed, so nothing else waiting can fit now: no need to serve the queue. Unless it
         # went ahead of a head that held capacity (higher priority): the hold is gone, the new head may fit.
-        effects = self.queue_service.serve(now, replying_to=ev_id) if reserved and queue.head() is req else []
-        if ev_id in queue:
-            why, detail = limit_effects.queue_reason(st, now)  # no_headroom, or limit_scheduled (until when)
-            answer = ledger.answer(req, "queued", now, reason=why, detail=detail, position=queue.position(ev_id))
-            ledger.evs[ev_id].answer = answer
-            st.counters["queued"] += 1
-            effects.append(ToEv(ev_id, answer, in_reply=True))
+        if reserved and queue.head() is req:
+            ledger.evs[ev_id] = EvState(req, ledger.answer(req, "queued", now))  # (serving may place it)
+            effects = self.queue_service.serve(now, replying_to=ev_id)
+            position = queue.position(ev_id)
+            if position is None:
+                return effects
+        why, detail = limit_effects.queue_reason(st, now)  # no_headroom, or limit_scheduled (until when)
+        answer = ledger.answer(req, "queued", now, reason=why, detail=detail, position=position)
+        ledger.evs[ev_id] = EvState(req, answer)
+        st.counters["queued"] += 1
+        effects.append(ToEv(ev_id, answer, in_reply=True))
         return effects
 
     def on_release(self, ev_id: str, msg: Release, now: float) -> list[Effect]:
