@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from balancer.gc_policy import PROCESS_GC
 from balancer.operator_store import OPERATOR_BUCKET, KvStore
 from balancer.region_lease import LEASE_BUCKET, RegionLease
 from balancer.service import BalancerService
@@ -122,7 +123,7 @@ class RegionOwner:
         if isinstance(transport, TransportBase):
             transport.may_connect = self.lease.held
         service = BalancerService(settings, transport, region=region, store=KvStore(self.operator_kv, region),
-                                  epoch=epoch, is_owner=self.lease.held)
+                                  epoch=epoch, is_owner=self.lease.held, gc_policy=PROCESS_GC)
         self.on_service(service)
         return service
 
