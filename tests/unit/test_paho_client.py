@@ -4,6 +4,7 @@ acknowledgements and bytes out. No broker: both read from and write to an in-mem
 from __future__ import annotations
 
 import errno
+import gc
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -199,3 +200,29 @@ def test_joined_runs_stop_at_the_size_limit() -> None:
 
     out = _joined([pkt(SEND_CHUNK // 2), pkt(SEND_CHUNK // 2), pkt(10), pkt(SEND_CHUNK * 2)])
     assert [p["to_process"] for p in out] == [SEND_CHUNK, 10, SEND_CHUNK * 2]
+
+
+def test_reading_messages_leaves_no_garbage_for_the_cyclic_gc() -> None:
+    data = b"".join(_publish_bytes(f"t/{i}", b"p", 1) for i in range(50))
+    counts = {}
+    for cls in (LeanClient, paho.Client):
+        gc.collect()
+        gc.disable()
+        try:
+            _received(cls, data)
+            counts[cls] = gc.collect()
+        finally:
+            gc.enable()
+    assert counts[LeanClient] < 20 <= 50 * 6 <= counts[paho.Client]  # paho: a cycle of 6 objects per message
+
+
+def test_per_topic_callbacks_still_take_their_messages() -> None:
+    sock = FakeSocket(_publish_bytes("a/x", b"1", 1) + _publish_bytes("b/y", b"2", 1))
+    c = _client(LeanClient, sock=sock)
+    general: list[str] = []
+    special: list[str] = []
+    c.on_message = lambda _c, _u, m: general.append(m.topic)
+    c.message_callback_add("a/+", lambda _c, _u, m: special.append(m.topic))
+    for _ in range(3):
+        c.loop_read()
+    assert special == ["a/x"] and general == ["b/y"]
