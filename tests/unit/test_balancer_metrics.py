@@ -120,3 +120,23 @@ def test_retained_state_is_published_on_change_only(setup) -> None:  # type: ign
     assert len(states) == 2 and states[-1]["sessions"][0]["ev_id"] == "EV_1"
     queue = [p for p in transport.sent if p.topic == "grid/v1/balancer/queue"]
     assert len(queue) == 1 and queue[0].retain
+
+
+def test_states_are_published_in_slices_of_time_and_all_of_them(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from balancer import service as service_module
+    service, transport, clock, _ = setup
+    for i in range(5):
+        telemetry(transport, f"S{i}", 0, 100, 20)
+    steps = list(service._states(clock.now))
+    assert steps == []  # five small states: one slice
+    clock.now += 1
+    service._state_sent.clear()  # (as after a reconnect: every state is published again)
+    monkeypatch.setattr(service_module, "_STATE_SLICE_S", 0.0)  # every state over the budget: a look between each
+    before = len(transport.sent)
+    steps = list(service._states(clock.now))
+    assert len(steps) == 5  # after each of the first four, and before the schedules and the queue
+    published = {p.topic for p in transport.sent[before:]}
+    assert {f"grid/v1/substation/S{i}/state" for i in range(5)} <= published
+    asyncio.run(service.publish_states_in_steps(clock.now))  # (the loop's own path runs the same steps)
