@@ -5,8 +5,9 @@ rebuilds its tables of names and types in ``__init__``) and a ``ReasonCode`` for
 for acknowledgements, on 3.1.1 too, and reads each packet with three or four ``recv`` calls (the command byte, the
 length one byte at a time, the body). Here:
 
-- a PUBACK of two bytes (packet id only: success without properties, the form Mosquitto sends) skips the decoder and
-  hands ``on_publish`` shared, read-only success values; any other PUBACK/PUBCOMP goes through paho's decoder;
+- a PUBACK of two bytes (packet id only: success without properties, the form Mosquitto sends) or three (a reason
+  code, no properties: e.g. 0x10 when nobody subscribes) skips the decoder and hands ``on_publish`` shared, read-only
+  values; any other PUBACK or PUBCOMP goes through paho's decoder;
 - a PUBLISH at QoS 0 or 1 whose MQTT 5 property length is zero skips the ``Properties`` object (the message's
   ``properties`` is None, as on 3.1.1); one with properties, QoS 2, or 3.1.1 goes through paho's own handler;
 - the socket is read in chunks into a buffer that ``_sock_recv`` serves from (one ``recv`` per chunk, not per
@@ -43,7 +44,21 @@ SEND_CHUNK = 65536
 
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)  # (0 = Success)
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)
+_REASONS: dict[int, ReasonCode | None] = {}
 _MID = struct.Struct("!H")
+
+
+def _puback_reason(code: int) -> ReasonCode | None:
+    """A shared, read-only ReasonCode per PUBACK reason code (e.g. 0x10 No matching subscribers: a command to a
+    substation whose agent is not connected); None if ``code`` is not one."""
+    if code not in _REASONS:
+        reason: ReasonCode | None = ReasonCode(PacketTypes.PUBACK)
+        try:
+            reason.unpack(bytes([code]))  # type: ignore[union-attr]
+        except Exception:  # (paho raises what its tables raise for an unknown code)
+            reason = None
+        _REASONS[code] = reason
+    return _REASONS[code]
 _SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
@@ -102,12 +117,16 @@ class LeanClient(paho.Client):
 
     def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
         packet = self._in_packet["packet"]
-        if cmd != "PUBACK" or len(packet) != 2:
+        size = len(packet)
+        if cmd != "PUBACK" or size > 3 or size < 2:
             return super()._handle_pubackcomp(cmd)
-        mid = _MID.unpack(packet)[0]
+        reason = _PUBACK_SUCCESS if size == 2 else _puback_reason(packet[2])
+        if reason is None:
+            return super()._handle_pubackcomp(cmd)  # (not a PUBACK reason code: paho's decoder says so)
+        mid = _MID.unpack_from(packet)[0]
         with self._out_message_mutex:
             if mid in self._out_messages:
-                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+                return self._do_on_publish(mid, reason, _NO_PROPERTIES)
         return _SUCCESS
 
     def _handle_publish(self) -> MQTTErrorCode:

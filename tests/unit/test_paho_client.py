@@ -166,13 +166,20 @@ def test_a_two_byte_puback_completes_the_publish_as_in_paho(protocol: int) -> No
     assert [m for m, _ in results[0][0]] == [2, 1] and results[0][1] == [3]
 
 
-def test_a_puback_with_a_reason_code_goes_through_pahos_decoder() -> None:
-    c, acked = _publishing_client(LeanClient)
-    mid = c.publish("t", b"x", 1).mid
-    c.loop_write()
-    c._sock.data += b"\x40\x03" + mid.to_bytes(2, "big") + b"\x87"  # 0x87 Not authorized
-    c.loop_read()
-    assert acked == [(mid, 0x87)]
+@pytest.mark.parametrize("tail", [b"\x87", b"\x10", b"\x00", b"\x05", b"\x10\x00", b"\x87\x04\x1f\x00\x01x"])
+def test_a_puback_with_a_reason_code_or_properties_completes_as_in_paho(tail: bytes) -> None:
+    """3 bytes (reason code only: shared values), more (properties: paho's decoder); 0x05 is no PUBACK reason."""
+    results = []
+    for cls in (LeanClient, paho.Client):
+        c, acked = _publishing_client(cls)
+        mid = c.publish("t", b"x", 1).mid
+        c.loop_write()
+        c._sock.data += bytes([0x40, 2 + len(tail)]) + mid.to_bytes(2, "big") + tail
+        rc = c.loop_read()
+        results.append((acked, sorted(c._out_messages), rc))
+    assert results[0] == results[1]
+    if tail[0] != 0x05:
+        assert results[0][0] == [(1, tail[0])]
 
 
 def test_queued_acks_and_qos1_publishes_leave_in_one_send_qos0_and_order_kept() -> None:
