@@ -4,7 +4,7 @@ runtime account change costs; ``python -m bench live-page`` the live page at 1,0
 ``python -m bench scale`` the allocation core at utility scale; ``python -m bench cluster`` the balancer against an
 echo through a local 3-node NATS cluster; ``python -m bench regions`` two regions on two balancer processes against
 one (issue 12); ``python -m bench live-grid`` 1,000 substations and an EV fleet through
-Mosquitto, live."""
+Mosquitto, live; ``python -m bench service-path`` the balancer's CPU per request in-process, on the bench's requests."""
 
 import sys
 
@@ -20,11 +20,13 @@ from bench import (
     provisioning,
     regions,
     scale,
+    service_path,
 )
 
 _COMMANDS = {"flood": flood.main, "faults": faults.main, "failover": failover.main, "recorder": bench_recorder.main,
              "provisioning": provisioning.main, "live-page": live_page.main, "scale": scale.main,
-             "cluster": cluster.main, "regions": regions.main, "live-grid": live_grid.main}
+             "cluster": cluster.main, "regions": regions.main, "live-grid": live_grid.main,
+             "service-path": service_path.main}
 
 if len(sys.argv) > 1 and sys.argv[1] in _COMMANDS:
     sys.exit(_COMMANDS[sys.argv[1]](sys.argv[2:]))

@@ -119,7 +119,7 @@ class Topics:
     (the prefix itself for ``default``, ``<prefix>/region/<region>`` for any other).
     """
 
-    __slots__ = ("_plen", "prefix", "region", "root")
+    __slots__ = ("_parts", "_plen", "prefix", "region", "root")
 
     def __init__(self, prefix: str = DEFAULT_PREFIX, region: str = m.DEFAULT_REGION) -> None:
         prefix = prefix.strip("/")
@@ -131,6 +131,10 @@ class Topics:
         self.region = region
         self.root = prefix if region == m.DEFAULT_REGION else f"{prefix}/{REGION_LEVEL}/{region}"
         self._plen = len(self.root) + 1
+        #: per kind, the topic split around its ``{id}`` (tail None: no id): an EV's answer topic is built per request
+        self._parts: dict[TopicKind, tuple[str, str | None]] = {
+            kind: (f"{self.root}/{head}", tail) if sep else (f"{self.root}/{head}", None)
+            for kind, (head, sep, tail) in ((k, c.template.partition("{id}")) for k, c in CHANNELS.items())}
 
     def for_region(self, region: str) -> Topics:
         """The same grid's topics of ``region``."""
@@ -141,12 +145,12 @@ class Topics:
 
     # --- builders ---------------------------------------------------------------------------
     def topic(self, kind: TopicKind, id_: str | None = None) -> str:
-        template = CHANNELS[kind].template
-        if "{id}" in template:
-            if id_ is None or not is_valid_id(id_):
-                raise ValueError(f"invalid id {id_!r} for {kind}")
-            return f"{self.root}/{template.replace('{id}', id_)}"
-        return f"{self.root}/{template}"
+        head, tail = self._parts[kind]
+        if tail is None:
+            return head
+        if id_ is None or not is_valid_id(id_):
+            raise ValueError(f"invalid id {id_!r} for {kind}")
+        return head + id_ + tail
 
     def telemetry(self, substation_id: str) -> str:
         return self.topic(TopicKind.SUBSTATION_TELEMETRY, substation_id)

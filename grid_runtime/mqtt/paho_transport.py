@@ -19,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from grid_runtime.backoff import Backoff
 from grid_runtime.credentials import mqtt_password
 from grid_runtime.mqtt.base import RECONNECT_FIRST_S, RECONNECT_MAX_S, TransportBase, log
+from grid_runtime.mqtt.paho_client import LeanClient
 from grid_runtime.mqtt.properties import connect_properties, in_message, publish_properties
 from grid_runtime.mqtt.types import OutMessage, Will
 from grid_runtime.settings import MqttSettings
@@ -52,11 +53,11 @@ class PahoTransport(TransportBase):
         super().__init__(settings, client_id, will, clean_start)
         self.mqtt5 = settings.mqtt5 if mqtt5 is None else mqtt5
         if self.mqtt5:
-            c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5)
+            c = LeanClient(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5)
         else:
             clean = clean_start or settings.session_expiry_s == 0
-            c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv311,
-                            clean_session=clean)
+            c = LeanClient(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv311,
+                           clean_session=clean)
         if settings.username:
             c.username_pw_set(settings.username, mqtt_password(settings))
         if settings.tls_ca:
@@ -101,8 +102,11 @@ class PahoTransport(TransportBase):
         client, sock = self._client, self._sock
         for _ in range(READ_BATCH):
             client.loop_read()
-            if self._sock is not sock or not _has_data(sock):
+            if self._sock is not sock or not (client.buffered() or _has_data(sock)):
                 return
+        if client.buffered() and self._loop is not None:
+            # Packets already read into the client's buffer raise no readiness event: come back for them.
+            self._loop.call_soon(self._on_readable)
 
     def _on_socket_close(self, _client: paho.Client, _ud: Any, sock: Any) -> None:
         if self._loop is not None:

@@ -267,3 +267,47 @@ def test_paho_counts_qos1_publishes_until_their_puback_and_close_waits_for_them(
         while len(_payloads(watch)) < 203 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert _payloads(watch)[:3] == [b"q0", b"q1", b"held"] and len(_payloads(watch)) == 203
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_paho_reads_a_burst_far_larger_than_a_read_batch_complete_and_in_order(
+        tmp_path, make_broker: Callable[..., LocalBroker], tls: bool) -> None:  # type: ignore[no-untyped-def]
+    """The reader takes many packets per socket read (PahoTransport's client buffers them): more than READ_BATCH
+    arrive at once, with nothing of the reader's own in flight, and every one is handed over, in order."""
+    if tls:
+        import subprocess
+        from pathlib import Path
+        certs = tmp_path / "certs"
+        script = Path(__file__).resolve().parents[2] / "broker" / "tls" / "make-certs.sh"
+        subprocess.run(["sh", str(script), str(certs)], check=True, capture_output=True, timeout=30)
+        broker = make_broker(tls_dir=certs, tls_port=0)
+    else:
+        broker = make_broker()
+    reader_settings = MqttSettings(host=broker.host, port=broker.tls_port if tls else broker.port,
+                                   username="observer", password=broker.password_for("observer"),
+                                   tls_ca=str(broker.ca_file) if tls else None)
+    reader = PahoTransport(reader_settings, clean_start=True)
+    writer = PahoTransport(_settings(broker), clean_start=True)
+    got: list[bytes] = []
+    reader.set_handler(lambda m: got.append(m.payload))
+    reader.subscribe(TOPIC, 1)
+    n = 3000
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(t.run()) for t in (reader, writer)]
+        try:
+            await asyncio.wait_for(asyncio.gather(reader.connected.wait(), writer.connected.wait()), 10)
+            await asyncio.sleep(0.2)  # (the subscription made)
+            for i in range(n):
+                writer.publish(TOPIC, b"m%d" % i)
+            await _until(lambda: len(got) >= n, timeout=10, what=f"{n} messages, got {len(got)}")  # (no stall)
+            await asyncio.sleep(0.2)
+        finally:
+            for t in (writer, reader):
+                await t.close(1.0)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+    assert got == [b"m%d" % i for i in range(n)]

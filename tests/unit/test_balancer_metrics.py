@@ -120,3 +120,54 @@ def test_retained_state_is_published_on_change_only(setup) -> None:  # type: ign
     assert len(states) == 2 and states[-1]["sessions"][0]["ev_id"] == "EV_1"
     queue = [p for p in transport.sent if p.topic == "grid/v1/balancer/queue"]
     assert len(queue) == 1 and queue[0].retain
+
+
+def test_states_are_published_in_slices_of_time_and_all_of_them(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from balancer import service as service_module
+    service, transport, clock, _ = setup
+    for i in range(5):
+        telemetry(transport, f"S{i}", 0, 100, 20)
+    steps = list(service._states(clock.now))
+    assert steps == []  # five small states: one slice
+    clock.now += 1
+    service._state_sent.clear()  # (as after a reconnect: every state is published again)
+    monkeypatch.setattr(service_module, "_STATE_SLICE_S", 0.0)  # every state over the budget: a look between each
+    before = len(transport.sent)
+    steps = list(service._states(clock.now))
+    assert len(steps) == 5  # after each of the first four, and before the schedules and the queue
+    published = {p.topic for p in transport.sent[before:]}
+    assert {f"grid/v1/substation/S{i}/state" for i in range(5)} <= published
+    asyncio.run(service.publish_states_in_steps(clock.now))  # (the loop's own path runs the same steps)
+
+
+def test_decision_latency_is_exposed_as_a_prometheus_histogram_would_be() -> None:
+    """The decision latencies are plain counts (cheap per request); scraped, they read exactly as the prometheus_client
+    Histogram they replace: every bucket boundary inclusive, +Inf, count, sum and _created, per region, text and
+    OpenMetrics."""
+    import random
+    import re
+
+    from prometheus_client import Histogram, generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+    reference, ours = CollectorRegistry(), CollectorRegistry()
+    histogram = Histogram(metrics.DecisionLatency.NAME, metrics.DecisionLatency.DOC, ["region"],
+                          buckets=metrics.LATENCY_BUCKETS, registry=reference)
+    latency = metrics.DecisionLatency()
+    ours.register(latency)
+    rng = random.Random(7)
+    values = [0.0, *metrics.LATENCY_BUCKETS, 0.00099999, 2.5] + [rng.expovariate(1 / 3e-4) for _ in range(2000)]
+    for region in ("default", "north"):
+        for value in values:
+            histogram.labels(region).observe(value)
+            latency.region(region).observe(value)
+    assert latency.region("north") is latency.region("north")  # one per region, kept across takeovers
+
+    def masked(text: bytes) -> bytes:  # creation times differ by the microseconds between the two
+        return re.sub(rb"(_created\{[^}]*\}) \S+", rb"\1 T", text)
+
+    for generate in (generate_latest, generate_openmetrics):
+        assert masked(generate(ours)) == masked(generate(reference))
+    assert ours.get_sample_value("gridlb_decision_latency_seconds_count", {"region": "north"}) == len(values)
