@@ -62,6 +62,15 @@ _ACTS_ON_GRID = frozenset({TopicKind.EV_REQUEST, TopicKind.EV_RELEASE, TopicKind
 _SHED_KEY = {kind: f"bad_payload:{kind}:{Reason.RATE_LIMITED}" for kind in TopicKind}
 #: Retained states published between two looks at the socket (see publish_states_in_steps).
 _STATE_STEP = 50
+_REQUEST_ID_RE = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
+
+
+def _request_id_hint(payload: bytes) -> str | None:
+    """Best-effort request id from a payload that failed to decode, so the EV can correlate the rejection."""
+    match = _REQUEST_ID_RE.search(payload[:4096])
+    return match.group(1).decode() if match else None
+
+
 #: Encodes a substation state's session list alone (the contract codec's settings: defaults), see _send_state.
 _list_encoder = msgspec.json.Encoder()
 
@@ -74,13 +83,6 @@ class _Sent(NamedTuple):
     at: float
     views: object = None
     raw: msgspec.Raw | None = None
-_REQUEST_ID_RE = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
-
-
-def _request_id_hint(payload: bytes) -> str | None:
-    """Best-effort request id from a payload that failed to decode, so the EV can correlate the rejection."""
-    match = _REQUEST_ID_RE.search(payload[:4096])
-    return match.group(1).decode() if match else None
 
 
 class BalancerService:
