@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from time import perf_counter
+from typing import NamedTuple
 
 import msgspec
 
@@ -76,6 +77,20 @@ def _request_id_hint(payload: bytes) -> str | None:
     return match.group(1).decode() if match else None
 
 
+#: Encodes a substation state's session list alone (the contract codec's settings: defaults), see _send_state.
+_list_encoder = msgspec.json.Encoder()
+
+
+class _Sent(NamedTuple):
+    """The last retained state published on a topic: its change key, when, and (substation states) the session
+    list it carried with that list's encoding, spliced into the next payloads while the list stands."""
+
+    key: object
+    at: float
+    views: object = None
+    raw: msgspec.Raw | None = None
+
+
 class BalancerService:
     """One region's balancer (issue 12): a region is an independent partition with its own core, startup gate,
     agent leases, retained status and MQTT session; a process owning several regions runs one of these each."""
@@ -129,8 +144,8 @@ class BalancerService:
             TopicKind.SUBSTATION_STATUS: self._on_status,
             TopicKind.SUBSTATION_SESSION: self._on_session_event,
         }
-        #: what was last published per retained state topic: (comparable key, when)
-        self._state_sent: dict[str, tuple[bytes, float]] = {}
+        #: what was last published per retained state topic (see _send_state)
+        self._state_sent: dict[str, _Sent] = {}
         #: called with the seconds each EV request or release took to decide and publish (metrics)
         self.observe_decision: Callable[[float], None] | None = None
         #: input that acts on the grid waits here until the grid is known (see balancer/startup.py)
@@ -548,18 +563,40 @@ class BalancerService:
     def _send_state(self, topic: str, state: SubstationState | msgspec.Struct, now: float, *,
                     force: bool = False) -> None:
         """Publish a retained state when it changed (ignoring its clock fields) or every 30 s."""
+        last = self._state_sent.get(topic)
         if isinstance(state, SubstationState):
-            key = encode(msgspec.structs.replace(state, ts=0.0, telemetry_age_s=None))
-        elif isinstance(state, QueueState):  # ETAs count down every second: only a move of a minute is news
+            self._send_substation_state(topic, state, last, now, force)
+            return
+        if isinstance(state, QueueState):  # ETAs count down every second: only a move of a minute is news
             key = encode(msgspec.structs.replace(state, ts=0.0, entries=[
                 msgspec.structs.replace(e, eta_s=None if e.eta_s is None else e.eta_s // 60) for e in state.entries]))
         else:
             key = encode(msgspec.structs.replace(state, ts=0.0))
-        last = self._state_sent.get(topic)
-        if not force and last is not None and last[0] == key and now - last[1] < 30.0:
+        if not force and last is not None and last.key == key and now - last.at < 30.0:
             return
-        self._state_sent[topic] = (key, now)
+        self._state_sent[topic] = _Sent(key, now)
         self.transport.publish(topic, encode(state), 1, retain=True)
+
+    def _send_substation_state(self, topic: str, state: SubstationState, last: _Sent | None, now: float,
+                               force: bool) -> None:
+        """:meth:`_send_state` for a substation, at a cost in what changed: at 1,000 substations nearly every
+        state's numbers move every second (base-load noise), its ~15 KB session list seldom. The change key is the
+        numbers (a tuple, nothing encoded); the session list is encoded once per list the views keep
+        (``views.session_views``: the same object until a session changes) and spliced into the payload as
+        ``msgspec.Raw``: byte for byte what encoding the state whole gives (tests/unit/test_state_encoding.py)."""
+        key = msgspec.structs.astuple(msgspec.structs.replace(state, ts=0.0, telemetry_age_s=None, sessions=None))
+        views = state.sessions
+        if last is not None and last.views is views:
+            raw = last.raw
+        else:  # a new list (or a policy that rebuilds it every time): the same sessions only if the same bytes
+            raw = msgspec.Raw(_list_encoder.encode(views))
+            if last is not None and last.raw == raw:
+                raw = last.raw
+        if (not force and last is not None and last.key == key and last.raw is raw
+                and now - last.at < 30.0):
+            return
+        self._state_sent[topic] = _Sent(key, now, views, raw)
+        self.transport.publish(topic, encode(msgspec.structs.replace(state, sessions=raw)), 1, retain=True)
 
     def publish_states(self, now: float) -> None:
         """The retained view of every substation and of the queue (readers such as the API rely on it)."""
