@@ -127,6 +127,7 @@ class ServiceDriver:
         self.svc = BalancerService(settings, self.transport, clock=lambda: self.now, gc_policy=PROCESS_GC)
         self.transport.connect()
         self.topics = Topics(settings.grid.grid_topic_prefix)
+        self._next_state = self._next_sweep = T0
 
     def _deliver(self, topic: str, payload: bytes, now: float) -> None:
         from grid_runtime.mqtt import InMessage
@@ -153,11 +154,20 @@ class ServiceDriver:
         self._deliver(self.topics.release(ev), encode(Release()), now)
 
     def tick(self, now: float) -> None:
+        """The service's periodic step (BalancerService.run) on grid time: the core's tick and the GC step at every
+        tick, the admission sweep every 5 s, the retained states every ``state_interval_s`` (not at every tick)."""
         self.now = now
-        self.svc._publish(self.svc.core.tick(now))
-        self.svc.gc_step()  # as its periodic loop does (BalancerService.run), on the service's (grid) clock
-        self.svc._flush_commands()
-        self.svc.publish_states(now)
+        svc = self.svc
+        svc._publish(svc.core.tick(now))
+        svc.gc_step()
+        if now >= self._next_sweep:
+            self._next_sweep = now + 5.0
+            svc._ev_admission.sweep(time.monotonic())  # (buckets are stamped on the monotonic clock)
+            svc._telemetry_admission.sweep(time.monotonic())
+        svc._flush_commands()
+        if now >= self._next_state - 1e-6:  # (ticks on the half second: every other one)
+            self._next_state = now + svc.settings.state_interval_s
+            svc.publish_states(now)
 
     def start(self, now: float) -> None:
         self.now = now
@@ -387,7 +397,7 @@ def _rss_mb() -> float:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="SUBSTATIONSxEVS, comma separated")
-    parser.add_argument("--paths", default="core,service", help="core, service or both")
+    parser.add_argument("--paths", default="core,service", help="core, service or core,service")
     parser.add_argument("--seconds", type=int, default=10, help="grid-seconds of 1 Hz telemetry to time")
     parser.add_argument("--steady", type=int, default=2000, help="release+request pairs timed at full size")
     parser.add_argument("--json", type=Path, default=Path("bench/results/scale.json"))
@@ -398,6 +408,8 @@ def main(argv: list[str]) -> int:
                              "grid-seconds")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # SxN:path, in this process
     args = parser.parse_args(argv)
+    if not set(args.paths.split(",")) <= {"core", "service"}:
+        parser.error("--paths: core, service or core,service")
     if args.one:
         size, path = args.one.split(":")
         s, n = (int(x) for x in size.split("x"))
