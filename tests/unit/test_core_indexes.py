@@ -5,6 +5,7 @@ order of session ends and the capacity multisets agree with recomputing them."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -164,6 +165,24 @@ BUSY_OPS = st.lists(st.tuples(st.sampled_from(["request", "request", "release", 
                     min_size=10, max_size=80)
 
 
+def _against_every_session_pass(config: CoreConfig) -> list[Balancer]:
+    """A core as shipped and, second, one that re-shares every session on every pass (no skip memo, no classes)."""
+    cores = [Balancer(config) for _ in range(2)]
+    cores[1].rebalancer._settled = lambda sub, now: False  # type: ignore[method-assign]
+    cores[1].rebalancer.incremental = False
+    return cores
+
+
+def _lockstep(cores: list[Balancer]) -> Callable[..., None]:
+    """``both(call, *args)``: the same call on both cores, the same effects, the share tables in step."""
+    def both(call: str, *args: object) -> None:
+        out = [getattr(b, call)(*args) for b in cores]
+        assert out[0] == out[1], call
+        for sub in cores[0].substations.values():
+            assert not list(cores[0].rebalancer.shares.check(sub))
+    return both
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(grid=SMALL_GRIDS, ops=BUSY_OPS, noise=st.lists(st.floats(-3.0, 3.0), min_size=1, max_size=8))
 def test_skipped_sharing_passes_would_have_changed_nothing(
@@ -235,18 +254,12 @@ def test_sharing_by_class_decides_as_every_session_pass(
     of other weights, adopted sessions arrive with a grant of their own, the clock sometimes steps back."""
     policy, subs = grid
     config = dataclasses.replace(CoreConfig(), policy=policy, min_hold_s=hold, hysteresis_kw=hysteresis)
-    cores = [Balancer(config) for _ in range(2)]
-    cores[1].rebalancer._settled = lambda sub, now: False  # type: ignore[method-assign]
-    cores[1].rebalancer.incremental = False
+    cores = _against_every_session_pass(config)
     now, seq = T0, 0
     ids = [s[0] for s in subs]
     base = {sid: cap * share for sid, cap, share, _ in subs}
 
-    def both(call: str, *args: object) -> None:
-        out = [getattr(b, call)(*args) for b in cores]
-        assert out[0] == out[1], call
-        for sub in cores[0].substations.values():
-            assert not list(cores[0].rebalancer.shares.check(sub))
+    both = _lockstep(cores)
 
     def report(sid: str) -> None:
         nonlocal seq
@@ -299,9 +312,7 @@ def test_sharing_by_class_at_the_step_boundary() -> None:
     for policy in ("least-utilised", "weighted-fair"):
         for delta_w in range(0, 6_000, 3):
             config = dataclasses.replace(CoreConfig(), policy=policy)
-            cores = [Balancer(config) for _ in range(2)]
-            cores[1].rebalancer._settled = lambda sub, now: False  # type: ignore[method-assign]
-            cores[1].rebalancer.incremental = False
+            cores = _against_every_session_pass(config)
             outs = []
             for b in cores:
                 now = T0
@@ -343,9 +354,7 @@ def test_passes_proved_idle_would_have_cut_nobody(
     always, with the proof taken on many passes (small base-load noise on substations full of sessions)."""
     policy, subs = grid
     config = dataclasses.replace(CoreConfig(), policy=policy, hysteresis_kw=hysteresis)
-    cores = [Balancer(config) for _ in range(2)]
-    cores[1].rebalancer._settled = lambda sub, now: False  # type: ignore[method-assign]
-    cores[1].rebalancer.incremental = False
+    cores = _against_every_session_pass(config)
     proved = [0]
     no_cuts = cores[0].rebalancer._no_cuts
 
@@ -359,11 +368,7 @@ def test_passes_proved_idle_would_have_cut_nobody(
     ids = [s[0] for s in subs]
     base = {sid: cap * share for sid, cap, share, _ in subs}
 
-    def both(call: str, *args: object) -> None:
-        out = [getattr(b, call)(*args) for b in cores]
-        assert out[0] == out[1], call
-        for sub in cores[0].substations.values():
-            assert not list(cores[0].rebalancer.shares.check(sub))
+    both = _lockstep(cores)
 
     for sid, cap, _, _ in subs:
         seq += 1
@@ -401,9 +406,7 @@ def test_the_no_cuts_proof_is_taken_and_decides_as_every_session_pass() -> None:
     """One saturated substation, its base load wandering by up to 0.8 kW a second for ten minutes while EVs come and
     go: passes are proved idle (about one in ten here) and others cut, and every effect is the one of a core that
     looks at every session on every pass."""
-    cores = [Balancer(CoreConfig()) for _ in range(2)]
-    cores[1].rebalancer._settled = lambda sub, now: False  # type: ignore[method-assign]
-    cores[1].rebalancer.incremental = False
+    cores = _against_every_session_pass(CoreConfig())
     proved, looked = [0], [0]
     no_cuts = cores[0].rebalancer._no_cuts
 
