@@ -32,6 +32,8 @@ PERCENTILES: tuple[float, ...] = (50.0, 95.0, 99.0)
 
 #: Statuses after which a request is finished: nothing more will be said about it.
 TERMINAL_STATUSES = frozenset({"rejected", "completed", "cancelled"})
+#: Statuses of a request that holds a session (charging at a grant).
+CHARGING_STATUSES = frozenset({"assigned", "updated"})
 
 
 class LatencyRecorder:
@@ -228,7 +230,9 @@ class RequestRecord:
         self.events.append(AnswerEvent(status, at, reason, substation_id, granted_kw, position))
         if self.first_answer_s is None:
             self.first_answer_s = at
-        if status == "assigned" and self.assigned_s is None:
+        # (an HTTP client polls snapshots: its first sight of a placed session may be an ``updated`` that replaced
+        # the ``assigned``; either way the session was placed, on ``substation_id``)
+        if status in CHARGING_STATUSES and self.assigned_s is None:
             self.assigned_s = at
             self.substation_id = substation_id
             self.granted_kw = granted_kw
@@ -418,8 +422,8 @@ class FleetStats:
         return True
 
     def _track_live(self, previous: str, status: str) -> None:
-        charging_before = previous in ("assigned", "updated")
-        charging_after = status in ("assigned", "updated")
+        charging_before = previous in CHARGING_STATUSES
+        charging_after = status in CHARGING_STATUSES
         self.active_sessions += int(charging_after) - int(charging_before)
         self.queued_now += int(status == "queued") - int(previous == "queued")
 

@@ -94,6 +94,17 @@ def test_revoked_then_reassigned_counts_one_active_session() -> None:
     assert len(stats.to_assigned) == 1
 
 
+def test_a_session_first_seen_updated_counts_as_placed_on_its_substation() -> None:
+    """An HTTP client polls snapshots: the ``assigned`` may have been replaced by an ``updated`` before it looked."""
+    stats = FleetStats(mode="loadtest", started_at=0.0)
+    r = _record(stats, "EV_0001", "r1", 0.0)
+    stats.on_answer(r, 0.1, "queued", position=1)
+    stats.on_answer(r, 0.5, "updated", substation_id="B", granted_kw=7.0)
+    stats.on_answer(r, 1.5, "completed", reason="released", substation_id="B")
+    assert r.assigned_s == pytest.approx(0.5) and r.substation_id == "B"
+    assert stats.summary(2.0)["sessions_by_substation"] == {"B": 1} and len(stats.to_assigned) == 1
+
+
 def test_summary_counts_unanswered_and_json_shape() -> None:
     stats = FleetStats(mode="loadtest", total=4, started_at=10.0)
     latencies = [0.001, 0.002, 0.003]
