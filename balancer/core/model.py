@@ -154,8 +154,8 @@ class Substation:
     noise_window: tuple[float, int, int] | None = None  # the current window: (start, lowest W, highest W)
     #: the retained state's session list as of ``shares_version`` (balancer.core.views): a session's view moves
     #: only when a session comes, goes or changes grant, where the state itself moves with every telemetry; and
-    #: each listed session's view with what it was built from (session id -> (key, view))
-    session_views: tuple[int, list[object], dict[str, tuple[object, object]]] | None = field(
+    #: each listed session's view and what it was built from, by session id
+    session_views: tuple[int, list[object], dict[str, object], dict[str, object]] | None = field(
         default=None, repr=False, compare=False)
 
     def apply_capacity(self) -> None:
