@@ -153,8 +153,10 @@ class Substation:
     noise_at: float = 0.0
     noise_window: tuple[float, int, int] | None = None  # the current window: (start, lowest W, highest W)
     #: the retained state's session list as of ``shares_version`` (balancer.core.views): a session's view moves
-    #: only when a session comes, goes or changes grant, where the state itself moves with every telemetry
-    session_views: tuple[int, list[object]] | None = field(default=None, repr=False, compare=False)
+    #: only when a session comes, goes or changes grant, where the state itself moves with every telemetry; and
+    #: each listed session's view and what it was built from, by session id
+    session_views: tuple[int, list[object], dict[str, object], dict[str, object]] | None = field(
+        default=None, repr=False, compare=False)
 
     def apply_capacity(self) -> None:
         """Plan with the reported capacity, or the operator's limit or the scheduled one when lower."""

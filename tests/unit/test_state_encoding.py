@@ -131,3 +131,36 @@ def test_an_unchanged_session_list_is_encoded_once_and_spliced() -> None:
     assert second.raw is first.raw and second.views is first.views  # the session list: kept, not re-encoded
     (state,) = [p for p in transport.sent if p.topic == f"{P}/substation/A/state"][-1:]
     assert json.loads(state.payload)["sessions"][0]["ev_id"] == "EV1"
+
+
+@settings(max_examples=40, deadline=None)
+@given(changes=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 22_000), st.sampled_from([0.0, 0.0, 5.0])),
+                        max_size=20))
+def test_kept_session_views_are_rebuilt_only_where_a_session_changed(changes: list[tuple[int, int, float]]) -> None:
+    """A rebuilt list reuses each unchanged session's view and rebuilds the changed ones: equal to a fresh build."""
+    clock = [1000.0]
+    transport = FakeTransport()
+    svc = BalancerService(BalancerSettings(startup_wait_s=0, ev_burst=1000), transport,
+                          clock=lambda: clock[0])  # type: ignore[arg-type]
+    transport.deliver(f"{P}/substation/A/telemetry", json.dumps({
+        "substation_id": "A", "ts": clock[0], "seq": 1, "capacity_kw": 500, "load_kw": 0, "base_load_kw": 0,
+        "ev_load_kw": 0, "active_sessions": 0}).encode())
+    for i in range(8):
+        transport.deliver(f"{P}/ev/EV{i}/request", json.dumps(
+            {"request_id": f"r{i}", "requested_kw": 11, "energy_kwh": 20, "duration_minutes": 60}).encode())
+    sub = svc.core.substations["A"]
+    sessions = list(sub.sessions.values())
+    assert len(sessions) == 8
+    before = substation_state(svc.core, sub, clock[0]).sessions
+    for index, granted_w, later in changes:
+        clock[0] += later
+        session = sessions[index]
+        session.account(clock[0])  # as the core does before a grant change
+        session.granted_w = granted_w
+        sub.shares_version += 1
+        after = substation_state(svc.core, sub, clock[0]).sessions
+        assert after == fresh(svc, "A", clock[0]).sessions
+        for s, old, new in zip(sessions, before, after, strict=True):
+            if s is not session:
+                assert new is old  # unchanged: the kept view, not a new one
+        before = after
