@@ -267,23 +267,32 @@ def _print(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         print(f"{r['responder'] + ' (' + r['client'] + ')':<18}{p['answers_per_s']:>11.0f}{p['lost']:>6}"
               f"{r['cpu_us_per_request']:>12.1f}{r['rss_mb']:>8.1f}   {'':>17}{q['p50_ms']:>7.3f}{q['p95_ms']:>8.3f}"
               f"{q['p99_ms']:>8.3f}{q['lost']:>6}")
-    echo = results[0]["pipelined"]["answers_per_s"]
-    for r in results[1:]:
-        ratio = r["pipelined"]["answers_per_s"] / echo if echo else float("nan")
+    for r, ratio in echo_ratios(results):
         print(f"balancer ({r['client']}) / echo throughput ratio: {ratio:.2f}  (target >= 0.80);"
               f" paced p99 {r['paced']['p99_ms']:.3f} ms (target <= 1 ms at 1,000 req/s)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=20_000)
+def add_load_arguments(p: argparse.ArgumentParser, *, requests: int, rate: float, clients: str, json: str) -> None:
+    """The options every responder-against-echo bench takes (this one, ``bench cluster``)."""
+    p.add_argument("--requests", type=int, default=requests)
     p.add_argument("--window", type=int, default=400, help="requests in flight in the pipelined run")
-    p.add_argument("--rate", type=float, default=1000.0, help="offered requests/s in the paced run")
+    p.add_argument("--rate", type=float, default=rate, help="offered requests/s in the paced run")
     p.add_argument("--rate-seconds", type=float, default=5.0)
-    p.add_argument("--clients", default="paho,aiomqtt", help="balancer transports to measure")
-    p.add_argument("--json", type=Path, default=Path("bench/results/latest.json"))
+    p.add_argument("--clients", default=clients, help="balancer transports to measure")
+    p.add_argument("--json", type=Path, default=Path(json))
     p.add_argument("--profile", type=Path, default=None,
                    help="run the balancer under cProfile, writing PROFILE.<client>.prof (slows it down)")
+
+
+def echo_ratios(results: list[dict[str, Any]]) -> list[tuple[dict[str, Any], float]]:
+    """Each balancer's result with its pipelined throughput over the echo's (the first result) in the same run."""
+    echo = results[0]["pipelined"]["answers_per_s"]
+    return [(r, r["pipelined"]["answers_per_s"] / echo if echo else float("nan")) for r in results[1:]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    add_load_arguments(p, requests=20_000, rate=1000.0, clients="paho,aiomqtt", json="bench/results/latest.json")
     args = p.parse_args(argv)
 
     async def run() -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.bench_balancer import _phase
+from bench.bench_balancer import _phase, add_load_arguments, echo_ratios
 from bench.report import save_json
 from broker.nats.cluster import LocalCluster
 
@@ -40,9 +40,7 @@ def _print(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     for r in results:
         shares = ", ".join(f"{name} {share:.2f}" for name, share in r["cpu_share"].items())
         print(f"  {r['responder'] + ' (' + r['client'] + ')':<18}{shares}; total {sum(r['cpu_share'].values()):.2f}")
-    echo = results[0]["pipelined"]["answers_per_s"]
-    for r in results[1:]:
-        ratio = r["pipelined"]["answers_per_s"] / echo if echo else float("nan")
+    for r, ratio in echo_ratios(results):
         verdict = "met" if ratio >= 0.8 else "missed"
         print(f"balancer ({r['client']}) / echo throughput through the cluster: {ratio:.2f} (target >= 0.80: "
               f"{verdict})")
@@ -50,15 +48,8 @@ def _print(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench cluster", description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=5_000)
-    p.add_argument("--window", type=int, default=400, help="requests in flight in the pipelined run")
-    p.add_argument("--rate", type=float, default=200.0, help="offered requests/s in the paced run")
-    p.add_argument("--rate-seconds", type=float, default=5.0)
-    p.add_argument("--clients", default="paho", help="balancer transports to measure (paho,aiomqtt)")
+    add_load_arguments(p, requests=5_000, rate=200.0, clients="paho", json="bench/results/cluster.json")
     p.add_argument("--nodes", type=int, default=3)
-    p.add_argument("--json", type=Path, default=Path("bench/results/cluster.json"))
-    p.add_argument("--profile", type=Path, default=None,
-                   help="run the balancer under cProfile, writing PROFILE.<client>.prof (slows it down)")
     args = p.parse_args(argv)
 
     async def run() -> list[dict[str, Any]]:
