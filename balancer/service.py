@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import time
@@ -146,6 +147,8 @@ class BalancerService:
         }
         #: what was last published per retained state topic (see _send_state)
         self._state_sent: dict[str, _Sent] = {}
+        #: when the periodic step next sweeps the admission buckets and publishes the retained states (see periodic)
+        self._next_sweep = self._next_state = -math.inf
         #: called with the seconds each EV request or release took to decide and publish (metrics)
         self.observe_decision: Callable[[float], None] | None = None
         #: input that acts on the grid waits here until the grid is known (see balancer/startup.py)
@@ -705,8 +708,6 @@ class BalancerService:
                      limited=sorted(sid for sid, s in restored.items() if s.capacity_limit_w is not None)[:20])
         conn = asyncio.create_task(self.transport.run())
         next_stats = time.monotonic() + self.settings.stats_interval_s
-        next_state = time.monotonic()
-        next_sweep = time.monotonic()
         self.gc_start()
         try:
             while not stop.is_set():
@@ -716,16 +717,7 @@ class BalancerService:
                     self._lost_lease("tick")
                 if self.stepped_down:
                     break
-                self._open_when_ready()
-                self._publish(self.core.tick(self.clock()))
-                self._renew_leases()
-                self.gc_step()
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + 5.0
-                    self._ev_admission.sweep(time.monotonic())
-                    self._telemetry_admission.sweep(time.monotonic())
-                if time.monotonic() >= next_state and self.transport.connected.is_set():
-                    next_state = time.monotonic() + self.settings.state_interval_s
+                if self.periodic(time.monotonic(), states_possible=self.transport.connected.is_set()):
                     await self.publish_states_in_steps(self.clock())
                 if time.monotonic() >= next_stats:
                     next_stats += self.settings.stats_interval_s
@@ -742,6 +734,24 @@ class BalancerService:
                 await self.store.close()
             conn.cancel()
             self.log_stats()
+
+    def periodic(self, mono: float, *, states_possible: bool = True) -> bool:
+        """The periodic step (every ``tick_interval_s`` of ``run``; bench scale calls it on grid time): the startup
+        gate, the core's tick, the agents' leases, the GC policy, the admission sweep every 5 s. ``mono``: the
+        cadence's clock. True when the retained states are due (every ``state_interval_s``, and only while they can
+        be published): the caller publishes them, in steps or at once."""
+        self._open_when_ready()
+        self._publish(self.core.tick(self.clock()))
+        self._renew_leases()
+        self.gc_step()
+        if mono >= self._next_sweep:
+            self._next_sweep = mono + 5.0
+            self._ev_admission.sweep(time.monotonic())  # (the buckets are stamped on the monotonic clock)
+            self._telemetry_admission.sweep(time.monotonic())
+        if mono >= self._next_state and states_possible:
+            self._next_state = mono + self.settings.state_interval_s
+            return True
+        return False
 
     def gc_start(self) -> None:
         """Start-up done: the process's GC policy freezes what lives on (once per process)."""

@@ -127,7 +127,6 @@ class ServiceDriver:
         self.svc = BalancerService(settings, self.transport, clock=lambda: self.now, gc_policy=PROCESS_GC)
         self.transport.connect()
         self.topics = Topics(settings.grid.grid_topic_prefix)
-        self._next_state = self._next_sweep = T0
 
     def _deliver(self, topic: str, payload: bytes, now: float) -> None:
         from grid_runtime.mqtt import InMessage
@@ -154,20 +153,13 @@ class ServiceDriver:
         self._deliver(self.topics.release(ev), encode(Release()), now)
 
     def tick(self, now: float) -> None:
-        """The service's periodic step (BalancerService.run) on grid time: the core's tick and the GC step at every
-        tick, the admission sweep every 5 s, the retained states every ``state_interval_s`` (not at every tick)."""
+        """The service's own periodic step (BalancerService.periodic) on grid time, then the commands and, when due,
+        the retained states, as ``BalancerService.run`` does."""
         self.now = now
-        svc = self.svc
-        svc._publish(svc.core.tick(now))
-        svc.gc_step()
-        if now >= self._next_sweep:
-            self._next_sweep = now + 5.0
-            svc._ev_admission.sweep(time.monotonic())  # (buckets are stamped on the monotonic clock)
-            svc._telemetry_admission.sweep(time.monotonic())
-        svc._flush_commands()
-        if now >= self._next_state - 1e-6:  # (ticks on the half second: every other one)
-            self._next_state = now + svc.settings.state_interval_s
-            svc.publish_states(now)
+        due = self.svc.periodic(now)
+        self.svc._flush_commands()
+        if due:
+            self.svc.publish_states(now)
 
     def start(self, now: float) -> None:
         self.now = now
