@@ -30,6 +30,7 @@ import msgspec
 from api.events import EventLog
 from api.trends import Trends
 from grid_protocol.messages import (
+    CHARGING_STATUSES,
     DEFAULT_REGION,
     Assignment,
     BalancerStatus,
@@ -539,7 +540,7 @@ class StateStore:
         if answer.status == "queued":
             q = self.queue_state
             return q is None or q.truncated or q.ts <= answer.ts
-        if answer.status not in ("assigned", "updated") or answer.substation_id is None:
+        if answer.status not in CHARGING_STATUSES or answer.substation_id is None:
             return False
         entry = self.substations.get(answer.substation_id)
         state = entry.state if entry is not None else None
