@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,3 +129,15 @@ def test_the_core_is_pure() -> None:
             found += [f"{name}:{node.lineno} imports {m} (outside the core)" for m in modules
                       if m.split(".")[0] == "balancer" and not m.startswith("balancer.core")]
     assert found == []
+
+
+def test_readme_names_every_module_of_the_core() -> None:
+    """The README's table of the core's layout ("module of `balancer/core/`") names every module there and in
+    ``policies/``, and no module that is gone: the layout it shows is the one in the tree."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| module of `balancer/core/` |"):]
+    table = table[:table.index("\n\n")]
+    named = set(re.findall(r"`([a-z_]+\.py)`", table))
+    core = ROOT / "balancer" / "core"
+    present = {p.name for p in [*core.glob("*.py"), *(core / "policies").glob("*.py")] if p.name != "__init__.py"}
+    assert named == present
