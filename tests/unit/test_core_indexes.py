@@ -685,7 +685,7 @@ def test_a_clock_that_steps_back_holds_sessions_again(policy: str) -> None:
     """Sessions moved past their hold at a later time are held again when the clock steps back before it (the share
     table then leaves the pass to the one over every session): power freed then raises nobody still within its
     hold, as in the core that always looks at every session; going forward, the same freed power raises E2 (at the
-    next tick)."""
+    next report: a tick does not rebalance before the interval, which a clock gone back has not reached)."""
     outs = {}
     for back in (True, False):
         config = dataclasses.replace(CoreConfig(), policy=policy, min_hold_s=10.0)
@@ -699,13 +699,17 @@ def test_a_clock_that_steps_back_holds_sessions_again(policy: str) -> None:
         for ev in ("E1", "E2"):  # 34 kW for two asking 22 each
             both("on_request", ev, ChargeRequest(request_id="r", requested_kw=22.0, min_kw=1.4,
                                                  duration_minutes=120), now)
-        for seq in (2, 3):  # at +10 s the shares are evened out (both changed); at +20 s their holds have ended
+        for seq in (2, 3):  # passes at +10 s (least-utilised evens the shares out) and at +20 s (the holds ended)
             now += 10
             granted = cores[0].substations["A"].granted_w / 1000
             both("on_telemetry", Telemetry(substation_id="A", ts=now, seq=seq, capacity_kw=50.0, load_kw=10.0 + granted,
                                            base_load_kw=10.0, ev_load_kw=granted, active_sessions=2), now)
-        at = now - 5 if back else now
-        outs[back] = [b.on_release("E1", Release(), at) + b.tick(at + 1) for b in cores]
+        e2 = next(s for s in cores[0].substations["A"].sessions.values() if s.request.ev_id == "E2")
+        at = e2.last_change_at + 5 if back else now  # (back: within E2's hold, before the last pass)
+        left = cores[0].substations["A"].granted_w / 1000 - 18.75  # (E1's 18.75 kW gone)
+        report = Telemetry(substation_id="A", ts=at + 1, seq=4, capacity_kw=50.0, load_kw=10.0 + left,
+                           base_load_kw=10.0, ev_load_kw=left, active_sessions=1)
+        outs[back] = [b.on_release("E1", Release(), at) + b.on_telemetry(report, at + 1) for b in cores]
         assert outs[back][0] == outs[back][1], back
     raised = {back: [e.message.ev_id for e in out[0] if isinstance(e, ToEv) and e.message.status == "updated"]
               for back, out in outs.items()}
