@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import invariant
+from hypothesis.stateful import invariant, rule
 
 import tests.unit.test_core_properties as props
 from balancer.core import Balancer, CoreConfig, PendingRequest, ToEv
@@ -66,8 +66,17 @@ def check_against_scans(b: Balancer, now: float) -> None:
 
 
 class IndexMachine(props.CoreMachine):
-    """The whole core property machine (requests, releases, telemetry, outages, operator actions, time), with
-    the index checked against the scans after every step."""
+    """The whole core property machine (requests, releases, telemetry, outages, time) and operator actions (drains,
+    capacity limits: the core machine has none), with the index checked against the scans after every step."""
+
+    @rule(sid=st.sampled_from(props.SUBS), action=st.sampled_from(["drain", "undrain", "set_capacity"]),
+          capacity_kw=st.sampled_from([None, 5.0, 20.0, 60.0]))
+    def operator(self, sid: str, action: str, capacity_kw: float | None) -> None:
+        command = ControlCommand(substation_id=sid, action=action,  # type: ignore[arg-type]
+                                 capacity_kw=capacity_kw if action == "set_capacity" else None)
+        refused, _, effects = self.b.on_control(command, self.now)
+        assert refused is None, (action, sid, refused)
+        self._apply(f"operator {action} {sid} {capacity_kw}", effects)
 
     @invariant()
     def indexes_agree_with_scans(self) -> None:
