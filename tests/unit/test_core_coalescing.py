@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import itertools
 
-import pytest
-
 from balancer.core import CoreConfig, Effect, ToEv, ToSubstation
 from balancer.core.coalescing import coalesce
 from balancer.core.ledger import EvState, Ledger
@@ -83,9 +81,6 @@ def test_a_reduction_to_the_grant_already_folded_is_folded_too() -> None:
     assert out[0].message.command == "start"  # type: ignore[union-attr]
 
 
-@pytest.mark.xfail(strict=True, reason="a reduction after an increase is folded into the session's first command, "
-                   "before the increase: the agent is left at the increase (not reachable through the engine today: "
-                   "every call lowers, serves the queue, then raises) (issue 10 test review)")
 def test_a_reduction_after_an_increase_is_not_folded_before_it() -> None:
     """start 22, cut to 16, raised to 20, cut to 14 in one call: whatever is folded, the agent's last command for the
     session is the final grant (14 kW), and an increase never comes before a reduction made after it."""

@@ -220,8 +220,6 @@ def test_ev_that_cannot_get_its_energy_before_the_cut_is_told_so() -> None:
     assert (told.status, told.reason) == ("updated", Reason.LIMIT_SHORTFALL)
 
 
-@pytest.mark.xfail(strict=True, reason="balancer/core/coalescing.py merges the shortfall notice into the same call's "
-                   "grant update (both 'updated'): the EV hears limit_scheduled only (issue 10 test review)")
 def test_a_schedule_that_cuts_a_grant_and_leaves_it_short_says_both() -> None:
     """A schedule in force at once cuts EV_1 to 3.5 kW for four hours: 25 of its 30 kWh by departure. The EV hears
     the cut and the shortfall; the answer it is left with (what a redelivery gets) says it falls short."""
