@@ -105,20 +105,18 @@ class _Sent(NamedTuple):
 def _encode_views(views: list[SessionView], last: _Sent | None) -> tuple[msgspec.Raw, dict[int, bytes]]:
     """A session list's encoding, each view encoded only if it was not in the list ``last`` published: a list is
     rebuilt when one session of ~80 changes (``views.session_views`` keeps the views of the others), and encoding
-    every view again was ~1.4 µs a view, ~14 ms a grid-second at 1,000 × 100k after churn. The views are joined as
+    every view again was ~1.4 µs a view, ~14 ms a grid-second at 1,000 x 100k after churn. The views are joined as
     the encoder joins a list's items (compact JSON), so the bytes are what encoding the list whole gives
     (tests/unit/test_state_encoding.py)."""
     kept = last.parts if last is not None and last.parts is not None else {}
-    parts: dict[int, bytes] = {}
-    chunks: list[bytes] = []
-    for view in views:
-        key = id(view)
-        part = kept.get(key)
-        if part is None:
-            part = _list_encoder.encode(view)
-        parts[key] = part
-        chunks.append(part)
-    return msgspec.Raw(b"[" + b",".join(chunks) + b"]"), parts
+    ids = list(map(id, views))
+    chunks: list[bytes | None] = list(map(kept.get, ids))  # (in C: a list of ~80 views, ~120 lists a grid-second)
+    if None in chunks:
+        for i, chunk in enumerate(chunks):
+            if chunk is None:
+                chunks[i] = _list_encoder.encode(views[i])
+    parts: dict[int, bytes] = dict(zip(ids, chunks, strict=True))  # type: ignore[arg-type]
+    return msgspec.Raw(b"[" + b",".join(chunks) + b"]"), parts  # type: ignore[arg-type]
 
 
 class BalancerService:

@@ -69,7 +69,7 @@ class QueueService:
 
     def updates(self, now: float) -> list[Effect]:
         """Tell queued EVs whose place in line or estimated wait moved. The answer is built only for those: at
-        1,000 × 100k, 10,000 wait and about half of them have not moved in 5 s."""
+        1,000 x 100k, 10,000 wait and about half of them have not moved in 5 s."""
         effects: list[Effect] = []
         items = self.state.queue.items()
         ends = self.state.ends.first(len(items))

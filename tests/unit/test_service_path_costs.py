@@ -52,10 +52,10 @@ step = st.one_of(
 @given(steps=st.lists(step, min_size=1, max_size=50))
 def test_queue_updates_tell_what_every_answer_built_afresh_tells(steps: list[tuple[str, int, float]]) -> None:
     b = Balancer(CoreConfig(queue_update_interval_s=5.0))
-    now, seq = T0, 0
+    now = T0
     for sid in ("A", "B", "C"):
         b.on_status(sid, "online", now)
-    for kind, index, arg in steps:
+    for seq, (kind, index, arg) in enumerate(steps):
         if kind == "request":
             b.on_request(f"E{index}", ChargeRequest(request_id=f"r{seq}", requested_kw=arg, min_kw=arg / 2,
                                                     energy_kwh=20.0 + index), now)
@@ -68,7 +68,6 @@ def test_queue_updates_tell_what_every_answer_built_afresh_tells(steps: list[tup
                                      base_load_kw=arg, ev_load_kw=granted, active_sessions=0), now)
         else:
             now += arg
-        seq += 1
         expected = reference_updates(b, now)
         effects: list[Effect] = b.queue_service.updates(now)
         assert [(e.ev_id, e.message) for e in effects if isinstance(e, ToEv)] == expected
