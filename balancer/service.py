@@ -740,7 +740,8 @@ class BalancerService:
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.settings.tick_interval_s)
+                    async with asyncio.timeout(self.settings.tick_interval_s):  # (not wait_for: see wait_event)
+                        await stop.wait()
                 if not self.is_owner():
                     self._lost_lease("tick")
                 if self.stepped_down:
