@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import operator
 import os
 import re
 import time
@@ -89,6 +90,29 @@ def _request_id_hint(payload: bytes) -> str | None:
 _list_encoder = msgspec.json.Encoder()
 
 
+#: A retained state is published again after this long even when nothing changed (the integrity period).
+_STATE_REFRESH_S = 30.0
+
+#: A substation state's measured numbers: the telemetry's, and what follows from them and from fields the change
+#: key holds exactly (grants, capacity, online/stale/draining). Published when one moved by more than the
+#: dead-band since the last publication (``BALANCER_STATE_DEADBAND_PCT``).
+_MEASURED = ("load_kw", "base_load_kw", "headroom_kw", "utilisation")
+_UNMEASURED = dict.fromkeys(_MEASURED)  # (in the change key: None)
+_measured = operator.attrgetter(*_MEASURED)
+
+
+def _moved(last: tuple[float | None, ...], now: tuple[float | None, ...], bands: tuple[float, ...]) -> bool:
+    """Whether a measured number moved by more than its band since ``last`` was published; null <-> a number
+    always counts."""
+    for a, b, band in zip(last, now, bands, strict=True):
+        if a is None or b is None:
+            if a is not b:
+                return True
+        elif abs(b - a) > band:
+            return True
+    return False
+
+
 class _Sent(NamedTuple):
     """The last retained state published on a topic: its change key, when, and (substation states) the session
     list it carried with that list's encoding, spliced into the next payloads while the list stands, and each
@@ -100,6 +124,8 @@ class _Sent(NamedTuple):
     views: object = None
     raw: msgspec.Raw | None = None
     parts: dict[int, bytes] | None = None
+    #: a substation state's measured numbers as published (see _MEASURED), held to the dead-band
+    measured: tuple[float | None, ...] = ()
 
 
 def _encode_views(views: list[SessionView], last: _Sent | None) -> tuple[msgspec.Raw, dict[int, bytes]]:
@@ -602,7 +628,7 @@ class BalancerService:
                 msgspec.structs.replace(e, eta_s=None if e.eta_s is None else e.eta_s // 60) for e in state.entries]))
         else:
             key = encode(msgspec.structs.replace(state, ts=0.0))
-        if not force and last is not None and last.key == key and now - last.at < 30.0:
+        if not force and last is not None and last.key == key and now - last.at < _STATE_REFRESH_S:
             return
         self._state_sent[topic] = _Sent(key, now)
         self.transport.publish(topic, encode(state), 1, retain=True)
@@ -611,11 +637,15 @@ class BalancerService:
                                force: bool) -> None:
         """:meth:`_send_state` for a substation, at a cost in what changed: at 1,000 substations nearly every
         state's numbers move every second (base-load noise), its ~15 KB session list seldom. The change key is the
-        numbers (a tuple, nothing encoded); the session list is encoded once per list the views keep
+        numbers but the measured ones (a tuple, nothing encoded); those (``_MEASURED``) are held to the dead-band
+        against the values last published (report by exception: drift in small steps is published once it adds up
+        to more than the band). The session list is encoded once per list the views keep
         (``views.session_views``: the same object until a session changes), a rebuilt list only in its new views
         (:func:`_encode_views`), and spliced into the payload as ``msgspec.Raw``: byte for byte what encoding the
         state whole gives (tests/unit/test_state_encoding.py)."""
-        key = msgspec.structs.astuple(msgspec.structs.replace(state, ts=0.0, telemetry_age_s=None, sessions=None))
+        key = msgspec.structs.astuple(msgspec.structs.replace(state, ts=0.0, telemetry_age_s=None, sessions=None,
+                                                              **_UNMEASURED))
+        measured = _measured(state)
         views = state.sessions
         if last is not None and last.views is views:
             raw, parts = last.raw, last.parts
@@ -624,9 +654,12 @@ class BalancerService:
             if last is not None and last.raw == raw:
                 raw = last.raw
         if (not force and last is not None and last.key == key and last.raw is raw
-                and now - last.at < 30.0):
-            return
-        self._state_sent[topic] = _Sent(key, now, views, raw, parts)
+                and now - last.at < _STATE_REFRESH_S):
+            ratio = self.settings.state_deadband_pct / 100  # (utilisation: the band as a share of the capacity)
+            band_kw = ratio * state.capacity_kw
+            if not _moved(last.measured, measured, (band_kw, band_kw, band_kw, ratio)):
+                return
+        self._state_sent[topic] = _Sent(key, now, views, raw, parts, measured)
         self.transport.publish(topic, encode(msgspec.structs.replace(state, sessions=raw)), 1, retain=True)
 
     def publish_states(self, now: float) -> None:

@@ -44,6 +44,10 @@ class BalancerSettings(BaseSettings):
     tick_interval_s: float = Field(0.5, gt=0)
     #: retained substation/{id}/state and balancer/queue are republished when they change, at most this often
     state_interval_s: float = Field(1.0, gt=0)
+    #: report by exception: a substation state whose measured numbers (load, base load, and the headroom and
+    #: utilisation they move) moved by at most this % of its capacity since it was last published is not
+    #: published again (anything else that changed is; and every 30 s regardless). 0: every change is.
+    state_deadband_pct: float = Field(1.0, ge=0)
     stats_interval_s: float = Field(30.0, gt=0)
     max_payload_bytes: int = Field(4096, ge=256, le=65536)
     #: After a start, EV and operator input waits (in order) until the grid is known: every substation that was
