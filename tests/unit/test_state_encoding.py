@@ -3,7 +3,8 @@ numbers and the session list is encoded once per kept list and spliced in (``Bal
 
 Property: over random requests, releases, telemetry and operator actions, every published payload is byte for
 byte the encoding of the state built afresh (session views rebuilt, nothing kept), the contract's decoder takes
-it, and a state is left unpublished only when nothing but its clock fields changed (and less than 30 s passed).
+it, and a state is left unpublished only when nothing but its clock fields changed, and its measured numbers by at
+most the dead-band since the last publication (and less than 30 s passed; see also test_state_deadband.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tests.unit.test_substation_agent_unit import FakeTransport
 P = "grid/v1"
 SUBS = ("A", "B", "C")
 CLOCK_FIELDS = ("ts", "telemetry_age_s")
+MEASURED = ("load_kw", "base_load_kw", "headroom_kw", "utilisation")
 
 op = st.one_of(
     st.tuples(st.just("telemetry"), st.integers(0, 2), st.integers(0, 130)),
@@ -74,9 +76,16 @@ def test_published_states_are_the_fresh_states_encoding(policy: PolicyName,
                 assert sent[topic].payload == expected
                 decode(sent[topic].payload, SubstationState, max_bytes=MAX_STATE_PAYLOAD_BYTES)
                 last[sid] = (sent[topic].payload, now)
-            elif periodic:  # left out: only its clock fields moved, and it was published less than 30 s ago
-                payload, at = last[sid]
-                assert without_clock(payload) == without_clock(expected)
+            elif periodic:  # left out: only its clock fields moved, its measured numbers within the dead-band of
+                payload, at = last[sid]  # those last published, and it was published less than 30 s ago
+                was, is_ = without_clock(payload), without_clock(expected)
+                band = svc.settings.state_deadband_pct / 100
+                for name in MEASURED:
+                    a, b = was.pop(name), is_.pop(name)
+                    assert (a is None) == (b is None)
+                    if a is not None:
+                        assert abs(b - a) <= band * (1 if name == "utilisation" else is_["capacity_kw"])  # type: ignore[operator]
+                assert was == is_
                 assert now - at < 30.0
 
     for kind, index, arg in ops:
