@@ -265,7 +265,9 @@ class SubstationState(msgspec.Struct, kw_only=True):
     """Balancer -> all, retained on ``substation/{substation_id}/state``: the balancer's view of one substation.
 
     Published when it changes, at most once per ``BALANCER_STATE_INTERVAL_S`` per substation, so
-    readers (the API, dashboards) learn the whole grid from retained messages after a restart.
+    readers (the API, dashboards) learn the whole grid from retained messages after a restart; its measured
+    numbers (``load_kw``, ``base_load_kw``, ``headroom_kw``, ``utilisation``) by exception: only once one moved by
+    more than ``BALANCER_STATE_DEADBAND_PCT`` of ``capacity_kw`` since the last publication, and every 30 s.
     ``capacity_kw`` is what the balancer plans with: the reported capacity, lowered by the operator's
     ``capacity_limit_kw`` when one is set and by the limit schedule (``schedule_limit_kw``: the lowest limit
     from now to the lead time ahead, so sessions are reduced before a limit starts). ``reserved_kw`` is what it
