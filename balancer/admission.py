@@ -7,8 +7,9 @@ possible path, so a flood is drained as fast as it arrives and does not pile up 
 EV), counted, and answered at most once per ``notice_every_s`` per sender: the sender learns why, and the answers
 cannot become a flood of their own. Memory: a bucket that has refilled is the same as no bucket, so idle ones are
 swept; the buckets are kept in the order of their last message, so a sweep reads only the idle ones (a sweep that
-read all of them took 4-10 ms at the bench's 26,000 EVs, a pause in the answers). A message that is refused once read (malformed, invalid, retained ...) is charged ``REFUSED_COST`` tokens:
-honest traffic spends the budget slowly, junk fast. Pure: time is passed in.
+read all of them took 4-10 ms at the bench's 26,000 EVs, a pause in the answers). A message that is refused once
+read (malformed, invalid, retained ...) is charged ``REFUSED_COST`` tokens: honest traffic spends the budget
+slowly, junk fast. Pure: time is passed in.
 """
 
 from __future__ import annotations

@@ -741,9 +741,9 @@ class BalancerService:
 
     def periodic(self, mono: float, *, states_possible: bool = True) -> bool:
         """The periodic step (every ``tick_interval_s`` of ``run``; bench scale calls it on grid time): the startup
-        gate, the core's tick, the agents' leases, the GC policy, the admission sweep (``_SWEEP_EVERY_S``). ``mono``: the
-        cadence's clock. True when the retained states are due (every ``state_interval_s``, and only while they can
-        be published): the caller publishes them, in steps or at once."""
+        gate, the core's tick, the agents' leases, the GC policy, the admission sweep (``_SWEEP_EVERY_S``).
+        ``mono``: the cadence's clock. True when the retained states are due (every ``state_interval_s``, and only
+        while they can be published): the caller publishes them, in steps or at once."""
         self._open_when_ready()
         self._publish(self.core.tick(self.clock()))
         self._renew_leases()
