@@ -316,7 +316,8 @@ def add_load_arguments(p: argparse.ArgumentParser, *, requests: int, rate: float
     p.add_argument("--clients", default=clients, help="balancer transports to measure")
     p.add_argument("--json", type=Path, default=Path(json))
     p.add_argument("--profile", type=Path, default=None,
-                   help="run the balancer under cProfile, writing PROFILE.<client>.prof (slows it down)")
+                   help="run the balancer under cProfile, writing PROFILE.<client>.prof "
+                        "(PROFILE.<client>.r<round>.prof with several rounds; slows it down)")
 
 
 #: A responder to measure: ("echo", "paho") or ("balancer", client).
