@@ -69,11 +69,6 @@ _SHED_KEY = {kind: f"bad_payload:{kind}:{Reason.RATE_LIMITED}" for kind in Topic
 #: ~0.4-1.3 ms in one go).
 _STATE_STEP = 50
 _STATE_SLICE_S = 0.0003
-#: How long agent commands wait to be published, so that the requests of a few read passes become one batch per
-#: substation: at one flush per read pass the bench's paced phase (bursts of five requests every 5 ms to four
-#: substations) published up to four batches per five requests, each a publish and a PUBACK, and the burst's answers
-#: left only after them. The EV's answer still goes first; an agent learns of a decision this much later.
-_COMMAND_DELAY_S = 0.01
 #: How often the periodic step forgets the admission buckets that are full again: a sweep reads only those
 #: (balancer/admission.py), so the shorter the interval the fewer at once (the bench's 20,000 EVs of a second,
 #: forgotten 5 s later in one go, were a 4-10 ms pause).
@@ -667,12 +662,12 @@ class BalancerService:
             except RuntimeError:
                 self._flush_commands()
             else:
+                # After the transport's current read pass: a burst of requests becomes one batch.
                 self._flush_scheduled = True
-                loop.call_later(_COMMAND_DELAY_S, self._flush_commands)
+                loop.call_soon(self._flush_commands)
 
     def _flush_commands(self) -> None:
-        """Publish pending agent commands, one message per substation (chunked), in decision order (``_publish``
-        schedules it ``_COMMAND_DELAY_S`` after the first pending one)."""
+        """Publish pending agent commands, one message per substation (chunked), in decision order."""
         self._flush_scheduled = False
         pending, self._commands = self._commands, {}
         if not self.is_owner():
