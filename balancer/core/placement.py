@@ -32,11 +32,12 @@ class Placement:
         if not st.touched:
             return
         touched, st.touched = st.touched, set()
+        subs, refile, filed_by_id = st.substations, self.policy.refile, self._filed
         for sid in touched:
-            sub = st.substations.get(sid)
-            self.policy.refile(sid, sub, now)
+            sub = subs.get(sid)
+            refile(sid, sub, now)
             filed = None if sub is None else (sub.rated_w(), sub.capacity_w, sub.draining)
-            old = self._filed.get(sid)
+            old = filed_by_id.get(sid)
             if filed == old:
                 continue  # (most touches: a placement or telemetry moves no capacity)
             if old is not None:
