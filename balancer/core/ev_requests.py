@@ -64,12 +64,9 @@ class EvRequests:
                                   f"({w_to_kw(largest):g} kW): it could never be placed", now,
                                   remember=True)]  # guarantee 5: a redelivery gets this same answer
         reserved = self.queue_service.head_reserved(now)
-        # (place only where some room could take it: with a long queue nearly every request finds none, and the
-        # most room anywhere is one look, where the policy's search looks at every capacity class)
-        if not reserved and self.placement.max_room_w(now) >= req.min_w:
+        if not reserved:
             placed = self.placement.place(req, now)
-            if placed is not None:
-                ledger.evs[ev_id] = EvState(req, ledger.answer(req, "queued", now))
+            if placed is not None:  # (start_effects files the EV's state with its answer)
                 return placed[1] + self.book.start_effects(placed[0], now, in_reply=True)
         if queue.full():
             return [ledger.reject(ev_id, request_id, Reason.QUEUE_FULL,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from balancer.core import limit_effects
 from balancer.core.effects import Effect, ToEv, ToSubstation
-from balancer.core.ledger import Ledger
+from balancer.core.ledger import EvState, Ledger
 from balancer.core.model import PendingRequest, Session, Substation, w_to_kw
 from balancer.core.shares import ShareTables
 from balancer.core.state import CoreState
@@ -64,9 +64,12 @@ class SessionBook:
                                     reason=Reason.LIMIT_SHORTFALL if short else Reason.PARTIAL_GRANT if partial
                                     else None,
                                     detail=short or ("less than requested is available" if partial else None))
-        state = self.ledger.evs[ev_id]
-        state.answer = answer
-        state.session_id = sid
+        state = self.ledger.evs.get(ev_id)
+        if state is None:  # placed as it came: its first answer
+            self.ledger.evs[ev_id] = EvState(req, answer, sid)
+        else:
+            state.answer = answer
+            state.session_id = sid
         self.state.counters["assigned"] += 1
         command = SessionCommand(
             command="start", session_id=sid, ev_id=ev_id, ts=now,

@@ -46,6 +46,8 @@ class _Compressible:
               now: float) -> tuple[Substation, int | None] | None:
         """Where a squeezed-in session can get its minimum, the substation whose demand is lowest relative to
         its limit: the new EV will get the most there. In a class the first with room enough is its best."""
+        if self.index.max_room_w(substations, now) < req.min_w:
+            return None  # (fits nowhere: one look, where the search below would walk every member of every class)
         margin = self.config.safety_margin_pct
         best: tuple[float, str] | None = None
         choice: Substation | None = None

@@ -33,7 +33,7 @@ class LeastUtilised:
     def __init__(self, config: CoreConfig) -> None:
         self.config = config
         self.index = SubstationIndex(entry=_entry(config.safety_margin_pct, config.stale_after_s),
-                                     stale_after_s=config.stale_after_s)
+                                     stale_after_s=config.stale_after_s, by_room=True)
 
     def refile(self, substation_id: str, sub: Substation | None, now: float) -> None:
         self.index.refile(substation_id, sub, now)
@@ -70,9 +70,10 @@ class LeastUtilised:
 
 
 def _entry(margin_pct: float, stale_after_s: float) -> Entry:
-    """The index's entry for a substation: its room beyond the band (``Substation.placeable_w``) and its order,
-    what it carries less its limit (the band counted), from one read of its numbers. ``placeable_w`` stays the
-    definition (``scan.least_utilised`` and the property tests hold the index to it); this runs per refile."""
+    """The index's entry for a substation: its room beyond the band (``Substation.placeable_w``) and its order
+    (the most room first: what it carries, the band counted, less its limit), from one read of its numbers.
+    ``placeable_w`` stays the definition (``scan.least_utilised`` and the property tests hold the index to it);
+    this runs per refile, i.e. per placement and per telemetry message."""
     keep = 1 - margin_pct / 100  # (Substation.limit_w: the same float expression, so the same watts)
 
     def entry(sub: Substation, now: float) -> tuple[int, tuple[int, str]] | None:
