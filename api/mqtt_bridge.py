@@ -20,7 +20,7 @@ import msgspec
 
 from api.settings import ApiSettings
 from api.state import StateStore
-from grid_protocol import PayloadError, TopicKind, Topics, decode, encode, is_valid_id
+from grid_protocol import PayloadError, Reason, TopicKind, Topics, decode, encode, is_valid_id
 from grid_protocol.messages import (
     DEFAULT_REGION,
     MAX_SCHEDULE_PAYLOAD_BYTES,
@@ -276,7 +276,7 @@ class Bridge:
 
         def matches(a: Assignment) -> bool:
             return a.status in ("completed", "cancelled") or (
-                a.status == "rejected" and a.reason == "nothing_to_release")
+                a.status == "rejected" and a.reason == Reason.NOTHING_TO_RELEASE)
 
         result: Assignment | None = await self._publish_and_wait(
             f"ev:{ev_id}", matches, self.topics.release(ev_id), encode(Release(ev_id=ev_id)), timeout)

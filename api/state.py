@@ -30,6 +30,7 @@ import msgspec
 from api.events import EventLog
 from api.trends import Trends
 from grid_protocol.messages import (
+    CHARGING_STATUSES,
     DEFAULT_REGION,
     Assignment,
     BalancerStatus,
@@ -43,13 +44,13 @@ from grid_protocol.messages import (
     SubstationStatus,
     Telemetry,
 )
+from grid_protocol.reasons import Reason
 
 #: Granted this close to requested counts as "charging" at full power.
 _KW_EPS = 1e-3
-SESSION_STATUSES = ("charging", "reduced", "paused")
 #: Answers that are probe noise on the live page (a fleet's "release whatever I left open" before a request): hidden
 #: from the latest answers unless asked for.
-NOISE_REASONS = frozenset({"nothing_to_release"})
+NOISE_REASONS = frozenset({Reason.NOTHING_TO_RELEASE})
 #: Answers newer than their substation's state kept for GET /sessions, and requests sent through this API.
 _FRESH_MAX = 5000
 #: Decommissioned substations listed (the latest).
@@ -143,8 +144,10 @@ def _assignment_dict(a: Assignment) -> dict[str, Any]:
     return msgspec.structs.asdict(a)
 
 
+#: Answers after which the session they name runs no more (completed, cancelled, or taken away and back in line).
+_SESSION_GONE = frozenset({"completed", "cancelled", "revoked"})
 #: Answers that start, change or end a session (what GET /sessions reflects before the retained state does).
-_SESSION_ANSWERS = frozenset({"assigned", "updated", "completed", "cancelled", "revoked"})
+_SESSION_ANSWERS = CHARGING_STATUSES | _SESSION_GONE
 
 
 class StateStore:
@@ -499,7 +502,7 @@ class StateStore:
                 continue
             if entry.state is not None and answer.ts <= entry.state.ts:
                 continue
-            if answer.status in ("completed", "cancelled", "revoked"):
+            if answer.status in _SESSION_GONE:
                 ended.add(session_id)
                 continue
             granted = answer.granted_kw or 0.0
@@ -539,7 +542,7 @@ class StateStore:
         if answer.status == "queued":
             q = self.queue_state
             return q is None or q.truncated or q.ts <= answer.ts
-        if answer.status not in ("assigned", "updated") or answer.substation_id is None:
+        if answer.status not in CHARGING_STATUSES or answer.substation_id is None:
             return False
         entry = self.substations.get(answer.substation_id)
         state = entry.state if entry is not None else None
@@ -569,7 +572,7 @@ class StateStore:
         sub_state = self.substations[session["substation_id"]].state if session is not None else None
         state_ts = sub_state.ts if sub_state is not None else None
         queue_ts = self.queue_state.ts if self.queue_state is not None else None
-        if (current is not None and session is not None and current.status in ("completed", "cancelled", "revoked")
+        if (current is not None and session is not None and current.status in _SESSION_GONE
                 and current.session_id == session["session_id"] and state_ts is not None and current.ts >= state_ts):
             session = None
         if (current is not None and entry is not None and current.status in ("assigned", "cancelled")

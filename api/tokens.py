@@ -42,7 +42,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from broker.accounts import SERVICE_ACCOUNTS
-from grid_protocol.ids import ID_PATTERN
+from grid_protocol.ids import checked_id
 from grid_runtime.logs import get_logger
 
 log = get_logger("api.tokens")
@@ -53,7 +53,6 @@ ROLES: tuple[Role, ...] = ("operator", "ev", "viewer")
 MAX_TOKEN_LENGTH = 512
 #: The file is looked at (stat) at most this often.
 RELOAD_CHECK_S = 1.0
-_ID = re.compile(ID_PATTERN)
 
 
 def new_token() -> str:
@@ -117,8 +116,7 @@ class TokenEntry(BaseModel):
     @classmethod
     def _ids(cls, ids: list[str]) -> list[str]:
         for ev_id in ids:
-            if not _ID.fullmatch(ev_id):
-                raise ValueError(f"ev_id {ev_id[:80]!r} does not match {ID_PATTERN}")
+            checked_id(ev_id, "ev_id")
             if ev_id in SERVICE_ACCOUNTS:
                 raise ValueError(f"{ev_id!r} is a service account name, not an EV id")
         return ids

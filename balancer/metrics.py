@@ -15,7 +15,7 @@ import math
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import metrics as prometheus_metrics
@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from grid_protocol.messages import DEFAULT_REGION, AssignmentStatus
+from grid_protocol.messages import ASSIGNMENT_STATUSES, DEFAULT_REGION
 from grid_runtime.metrics import MqttCollector
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 #: From 50 microseconds (a decision in memory) to 1 s (a stalled loop).
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25, 1.0)
 #: The outcomes of gridlb_decisions_total (the Assignment statuses); other core counters are events.
-DECISION_OUTCOMES = frozenset(get_args(AssignmentStatus))
+DECISION_OUTCOMES = frozenset(ASSIGNMENT_STATUSES)
 #: From placed at once to hours in line.
 WAIT_BUCKETS = (0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 

@@ -11,7 +11,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from balancer.core.config import CoreConfig
-from grid_protocol.ids import is_valid_id
+from grid_protocol.ids import ID_PATTERN, is_valid_id
 from grid_protocol.messages import DEFAULT_REGION
 from grid_runtime.settings import GridSettings, MqttSettings
 
@@ -90,7 +90,7 @@ class BalancerSettings(BaseSettings):
             raise ValueError("at least one region")
         bad = [r for r in regions if not isinstance(r, str) or not is_valid_id(r)]
         if bad:
-            raise ValueError(f"{bad!r}: a region must match ^[A-Za-z0-9_-]{{1,64}}$")
+            raise ValueError(f"{bad!r}: a region must match {ID_PATTERN}")
         if len(set(regions)) != len(regions):
             raise ValueError(f"a region is listed twice in {','.join(regions)}")
         return regions

@@ -40,15 +40,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 from balancer.core import Balancer, CoreConfig
 from balancer.gc_policy import PROCESS_GC
-from grid_protocol import ChargeRequest, Release, Telemetry, encode
-from grid_protocol.messages import AssignmentStatus
-
-#: what an answer to an EV can say (the core counts each under its status, with the reason after a colon)
-DECISION_OUTCOMES = frozenset(get_args(AssignmentStatus))
+from grid_protocol import ASSIGNMENT_STATUSES, ChargeRequest, Release, Telemetry, encode
 
 DEFAULT_SIZES = "3x1000,3x10000,3x100000,100x1000,100x10000,100x100000,1000x1000,1000x10000,1000x100000"
 CLASSES_KVA = (400, 630, 1000)
@@ -375,8 +371,9 @@ class GcPauses:
 
 
 def _answers(core: Balancer) -> int:
-    """Answers the core gave EVs so far (assigned, queued, rejected, completed, ...; not other events)."""
-    return sum(n for key, n in core.counters.items() if key.split(":", 1)[0] in DECISION_OUTCOMES)
+    """Answers the core gave EVs so far (assigned, queued, rejected, completed, ...; not other events: the core counts
+    each answer under its status, with the reason after a colon)."""
+    return sum(n for key, n in core.counters.items() if key.split(":", 1)[0] in ASSIGNMENT_STATUSES)
 
 
 def _rss_mb() -> float:

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import msgspec
 
-from ev_clients.stats import TERMINAL_STATUSES, FleetStats, RequestRecord
+from ev_clients.stats import FleetStats, RequestRecord
 from ev_clients.workload import expected_charge_s
 from grid_protocol.codec import PayloadError, decode, encode
-from grid_protocol.messages import Assignment, ChargeRequest, Release
+from grid_protocol.messages import CHARGING_STATUSES, FINAL_STATUSES, Assignment, ChargeRequest, Release
 from grid_protocol.reasons import Reason
 from grid_protocol.topics import Topics
 from grid_runtime.logs import get_logger
@@ -42,7 +42,6 @@ from grid_runtime.settings import MqttSettings
 
 log = get_logger("ev")
 
-CHARGING = frozenset({"assigned", "updated"})
 WAITING = frozenset({"queued", "revoked"})
 
 
@@ -307,11 +306,11 @@ class SimulatedEv:
                         time_left = max(0.0, time_left - sim_s)
                     segment = None
                 if status in WAITING:
-                    if queue_deadline is None or last_status in CHARGING:
+                    if queue_deadline is None or last_status in CHARGING_STATUSES:
                         queue_deadline = now + b.timeout_s
                     charge_deadline = None
                     poll_due = now + b.poll_interval
-                elif status in CHARGING:
+                elif status in CHARGING_STATUSES:
                     queue_deadline = None
                     kw = record.events[-1].granted_kw or record.granted_kw or request.requested_kw
                     segment = (now, kw)
@@ -330,13 +329,13 @@ class SimulatedEv:
                             span = expected_charge_s(request, kw, b.speedup)
                             release_due = now + self.rng.uniform(0.05, 0.8) * span
                 last_status = status
-            if status in TERMINAL_STATUSES:
+            if status in FINAL_STATUSES:
                 return
             if self.stop.is_set():
                 record.outcome = "stopped"
                 await self._release(record, request)
                 return
-            if release_due is not None and now >= release_due and status in CHARGING:
+            if release_due is not None and now >= release_due and status in CHARGING_STATUSES:
                 record.outcome = ("released_early" if not b.release_at_once else "released_at_once"
                                   if b.release_after_s == 0 else "released_after_hold")
                 await self._release(record, request)
@@ -356,7 +355,7 @@ class SimulatedEv:
                 record.polls += 1
                 self._publish_request(self._restamped(request), record)
                 poll_due = now + b.poll_interval
-            wake = min(t for t in (poll_due, giveup, release_due if status in CHARGING else None)
+            wake = min(t for t in (poll_due, giveup, release_due if status in CHARGING_STATUSES else None)
                        if t is not None)
             got = await self._next_or_stop(max(0.0, wake - self.clock()))
             if got is not None:
@@ -425,7 +424,7 @@ class SimulatedEv:
                 deadline = self.clock() + self.behaviour.retry_after_s
                 while (got := await self._next(deadline - self.clock())) is not None:
                     answer = got[1]
-                    if answer.status in TERMINAL_STATUSES:  # closed now, or already (nothing_to_release)
+                    if answer.status in FINAL_STATUSES:  # closed now, or already (nothing_to_release)
                         self.own.ended(self.ev_id, request_id)
                         closed += answer.status != "rejected"
                         break

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 
 from ev_clients.ev import EvBehaviour, new_request_id
-from ev_clients.stats import TERMINAL_STATUSES, FleetStats, RequestRecord
-from grid_protocol.messages import ChargeRequest
+from ev_clients.stats import FleetStats, RequestRecord
+from grid_protocol.messages import CHARGING_STATUSES, FINAL_STATUSES, ChargeRequest
 from grid_runtime.logs import get_logger
 
 log = get_logger("ev.http")
@@ -102,7 +102,7 @@ class HttpEv:
         self._answer(record, answer)
         if answer["status"] == "queued":
             answer = await self._wait_placed(record)
-        if answer is not None and answer["status"] in ("assigned", "updated") and answer.get("session_id"):
+        if answer is not None and answer["status"] in CHARGING_STATUSES and answer.get("session_id"):
             await self._pause(b.release_after_s)
             resp = await self._call("DELETE", f"/sessions/{answer['session_id']}")
             record.released = True
@@ -123,7 +123,7 @@ class HttpEv:
             last = resp.json().get("last_answer") if resp is not None and resp.status_code == 200 else None
             if last and last.get("request_id") == record.request_id and last["status"] != "queued":
                 self._answer(record, last)
-                return dict(last) if last["status"] not in TERMINAL_STATUSES else None
+                return dict(last) if last["status"] not in FINAL_STATUSES else None
         record.released = True
         record.outcome = "queue_timeout" if not self.stop.is_set() else "stopped"
         resp = await self._call("DELETE", f"/evs/{self.ev_id}/request")

@@ -25,7 +25,7 @@ Metric                                          Type       Meaning
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, get_args
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 
 from ev_clients.fleet import EvConnections, FleetRunner
 from ev_clients.stats import FleetStats
-from grid_protocol.messages import AssignmentStatus
+from grid_protocol.messages import ASSIGNMENT_STATUSES
 from grid_runtime.metrics import MqttCollector
 from grid_runtime.mqtt import TransportStats
 
@@ -45,7 +45,6 @@ FLEET_CLIENT = "ev_fleet"
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0)
 #: Every status is reported, 0 included, so dashboards see the series before the first answer.
-STATUSES: tuple[str, ...] = get_args(AssignmentStatus)
 
 
 class FleetCollector(Collector):
@@ -64,7 +63,7 @@ class FleetCollector(Collector):
                                   value=float(retries))
         family = CounterMetricFamily("gridlb_ev_answers", "Answers received (duplicates not counted), by status",
                                      labels=["status"])
-        for status in sorted(set(STATUSES) | answers.keys()):
+        for status in sorted(set(ASSIGNMENT_STATUSES) | answers.keys()):
             family.add_metric([status], float(answers.get(status, 0)))
         yield family
         yield GaugeMetricFamily("gridlb_ev_active_sessions", "EVs charging (assigned, not yet completed or released)",

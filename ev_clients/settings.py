@@ -39,7 +39,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from grid_protocol.ids import is_valid_id
+from grid_protocol.ids import checked_id, is_valid_id
 from grid_protocol.messages import DEFAULT_REGION
 from grid_runtime.settings import GridSettings, MqttSettings
 
@@ -79,6 +79,4 @@ class EvSettings(BaseSettings):
     @field_validator("region")
     @classmethod
     def _check_region(cls, value: str) -> str:
-        if not is_valid_id(value):
-            raise ValueError(f"{value!r}: a region must match ^[A-Za-z0-9_-]{{1,64}}$")
-        return value
+        return checked_id(value, "region")

@@ -25,15 +25,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from grid_protocol.messages import CHARGING_STATUSES, FINAL_STATUSES
 from grid_runtime.percentiles import percentile, percentiles
 
 #: Percentiles reported everywhere (summary, live line, saved JSON).
 PERCENTILES: tuple[float, ...] = (50.0, 95.0, 99.0)
 
-#: Statuses after which a request is finished: nothing more will be said about it.
-TERMINAL_STATUSES = frozenset({"rejected", "completed", "cancelled"})
-#: Statuses of a request that holds a session (charging at a grant).
-CHARGING_STATUSES = frozenset({"assigned", "updated"})
 
 
 class LatencyRecorder:
@@ -214,7 +211,7 @@ class RequestRecord:
 
     @property
     def finished(self) -> bool:
-        return self.final_status in TERMINAL_STATUSES
+        return self.final_status in FINAL_STATUSES
 
     def record_answer(self, now: float, status: str, *, reason: str | None = None,
                       substation_id: str | None = None, granted_kw: float | None = None,

@@ -7,6 +7,9 @@ describe the same contract; ``tests/unit/test_contract_docs.py`` keeps the three
 from grid_protocol.codec import PayloadError, decode, encode
 from grid_protocol.ids import ID_PATTERN, is_valid_id
 from grid_protocol.messages import (
+    ASSIGNMENT_STATUSES,
+    CHARGING_STATUSES,
+    FINAL_STATUSES,
     Assignment,
     AssignmentStatus,
     BalancerStatus,
@@ -34,7 +37,10 @@ from grid_protocol.reasons import Reason
 from grid_protocol.topics import CHANNELS, Channel, TopicKind, Topics
 
 __all__ = [
+    "ASSIGNMENT_STATUSES",
     "CHANNELS",
+    "CHARGING_STATUSES",
+    "FINAL_STATUSES",
     "ID_PATTERN",
     "Assignment",
     "AssignmentStatus",

@@ -6,7 +6,7 @@ Unknown fields are ignored so that newer publishers can add fields without break
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 from msgspec import Meta
@@ -17,7 +17,7 @@ from grid_protocol.ids import ID_PATTERN, REQUEST_ID_PATTERN
 # would let "EV_1\n" through; the look-ahead closes that and means nothing to ECMA regexes.
 _STRICT_ID = ID_PATTERN + r"(?!\n)"
 _STRICT_REQUEST_ID = REQUEST_ID_PATTERN + r"(?!\n)"
-Id = Annotated[str, Meta(pattern=_STRICT_ID, description="EV or substation id, ^[A-Za-z0-9_-]{1,64}$")]
+Id = Annotated[str, Meta(pattern=_STRICT_ID, description=f"EV or substation id, {ID_PATTERN}")]
 RequestId = Annotated[str, Meta(pattern=_STRICT_REQUEST_ID, description="Client-chosen request id")]
 SessionId = Annotated[str, Meta(pattern=_STRICT_REQUEST_ID, description="Balancer-issued session id")]
 InstanceId = Annotated[str, Meta(pattern=_STRICT_ID, description="A balancer process's start id")]
@@ -30,10 +30,16 @@ Priority = Annotated[int, Meta(ge=0, le=9, description="0 (default) to 9 (most u
 Reason = Annotated[str, Meta(max_length=64)]
 Detail = Annotated[str, Meta(max_length=512)]
 #: The grid region a substation belongs to (a future topic level, so the id rule applies).
-Region = Annotated[str, Meta(pattern=_STRICT_ID, description="Grid region of a substation, ^[A-Za-z0-9_-]{1,64}$")]
+Region = Annotated[str, Meta(pattern=_STRICT_ID, description=f"Grid region of a substation, {ID_PATTERN}")]
 DEFAULT_REGION = "default"
 
 AssignmentStatus = Literal["assigned", "queued", "rejected", "updated", "revoked", "completed", "cancelled"]
+#: Every status an :class:`Assignment` may carry, in the contract's order.
+ASSIGNMENT_STATUSES: tuple[AssignmentStatus, ...] = get_args(AssignmentStatus)
+#: Final: the request is closed and nothing more is said about it (docs/protocol.md "Request lifecycle").
+FINAL_STATUSES: frozenset[AssignmentStatus] = frozenset({"rejected", "completed", "cancelled"})
+#: The request holds a running session: the EV charges at up to ``granted_kw``.
+CHARGING_STATUSES: frozenset[AssignmentStatus] = frozenset({"assigned", "updated"})
 
 
 class ChargeRequest(msgspec.Struct, kw_only=True):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from grid_protocol import messages as m
-from grid_protocol.ids import is_valid_id
+from grid_protocol.ids import checked_id, is_valid_id
 
 DEFAULT_PREFIX = "grid/v1"
 #: The topic level below the prefix under which every region but ``default`` lives.
@@ -125,8 +125,7 @@ class Topics:
         prefix = prefix.strip("/")
         if not prefix or any(ch in prefix for ch in "+#\x00"):
             raise ValueError(f"invalid topic prefix {prefix!r}")
-        if not is_valid_id(region):
-            raise ValueError(f"invalid region {region!r}: a region must match ^[A-Za-z0-9_-]{{1,64}}$")
+        checked_id(region, "region")
         self.prefix = prefix
         self.region = region
         self.root = prefix if region == m.DEFAULT_REGION else f"{prefix}/{REGION_LEVEL}/{region}"

@@ -274,7 +274,7 @@ EventSpec = Annotated[OfflineEvent | OnlineEvent | CapacityEvent | LimitsEvent |
 class Scenario(_Model):
     """A whole replay scenario. ``start_hour`` is the time of day at t = 0 (for the daily curves)."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    name: Id
     description: str
     duration_s: PositiveSeconds
     seed: int = 1

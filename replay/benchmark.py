@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from balancer.core import BASELINES, CoreConfig
-from balancer.core.policy import DEADLINE, LEAST_UTILISED, WEIGHTED_FAIR
+from balancer.core.policies import PolicyName
 from replay.metrics import Metrics
 from replay.optimum import Optimum, optimal_delivery
 from replay.sessions import SessionFile, capacity_for_limit, sessions_scenario
@@ -63,8 +63,9 @@ DEFAULT_MARGIN_PCT = CoreConfig().safety_margin_pct
 DEFAULT_STEP_S = 5.0
 #: The goals of issue 13 (section 2): a published column each policy must reach, a share of the offline
 #: optimum for ``deadline``, and no flapping and no overload for every real policy.
-GOAL_REFERENCE: Mapping[str, str] = {DEADLINE: "LLF", LEAST_UTILISED: "Round Robin", WEIGHTED_FAIR: "Round Robin"}
-GOAL_OPTIMUM_SHARE: Mapping[str, float] = {DEADLINE: 0.99}
+GOAL_REFERENCE: Mapping[str, str] = {PolicyName.DEADLINE: "LLF", PolicyName.LEAST_UTILISED: "Round Robin",
+                                     PolicyName.WEIGHTED_FAIR: "Round Robin"}
+GOAL_OPTIMUM_SHARE: Mapping[str, float] = {PolicyName.DEADLINE: 0.99}
 GOAL_MAX_CHANGES = 20.0
 #: Loads are sums of whole-watt grants: anything above the limit by more than this is a real excess.
 _OVER_EPS_KW = 1e-6

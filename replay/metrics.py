@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
+from grid_protocol.messages import CHARGING_STATUSES
 from grid_runtime.percentiles import percentile
 
 __all__ = [
@@ -218,7 +219,7 @@ def power_changes(ev: EvRecord) -> int | None:
             break
         if answer.status == "revoked":
             new = 0.0
-        elif answer.status in ("assigned", "updated") and answer.granted_kw is not None:
+        elif answer.status in CHARGING_STATUSES and answer.granted_kw is not None:
             new = answer.granted_kw
         else:
             continue

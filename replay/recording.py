@@ -33,6 +33,7 @@ import msgspec
 
 from grid_protocol.codec import PayloadError, decode
 from grid_protocol.messages import (
+    FINAL_STATUSES,
     MAX_COMMAND_PAYLOAD_BYTES,
     Assignment,
     SessionCommand,
@@ -47,9 +48,8 @@ from grid_sim.scenario import EvSpec, Scenario
 from grid_sim.timeline import Timebase, capacity_at, capacity_steps
 from replay.metrics import Answer, EvRecord, SubstationTrace, Trace
 
-__all__ = ["TERMINAL", "LiveData", "Recorded", "build_evs", "build_trace", "convert"]
+__all__ = ["LiveData", "Recorded", "build_evs", "build_trace", "convert"]
 
-TERMINAL = frozenset({"completed", "cancelled", "rejected"})
 _EPS = 1e-9
 
 
@@ -280,7 +280,7 @@ def build_evs(parsed: _Parsed, evs: Sequence[EvSpec], timebase: Timebase, end_s:
         elif not record.answers:
             anomalies["ev_unanswered"] += 1
             lost.append(ev.ev_id)
-        elif record.answers[-1].status not in TERMINAL:
+        elif record.answers[-1].status not in FINAL_STATUSES:
             anomalies["ev_open_at_end"] += 1
             lost.append(ev.ev_id)
         if ev.ev_id in parsed.releases:

@@ -49,6 +49,7 @@ from balancer.core import Balancer, CoreConfig, Effect, ToEv, ToSubstation
 from balancer.core.limits import Limit, Schedule
 from grid_protocol.lease import LeaseIssuer
 from grid_protocol.messages import (
+    FINAL_STATUSES,
     Assignment,
     ChargeRequest,
     LimitEntry,
@@ -302,7 +303,7 @@ class _Run:
         record.answers.append(Answer(self.t, a.status, a.granted_kw, a.reason))
         if a.status in ("assigned", "queued") and ev_id not in self.left:
             self.open.add(ev_id)
-        elif a.status in ("completed", "cancelled", "rejected"):
+        elif a.status in FINAL_STATUSES:
             if a.status == "rejected" and len(record.answers) > 1:
                 self.anomalies[f"late_rejection:{a.reason}"] += 1
             self.open.discard(ev_id)

@@ -36,7 +36,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from grid_protocol.ids import is_valid_id
+from grid_protocol.ids import checked_id
 from grid_protocol.messages import DEFAULT_REGION
 from grid_runtime.settings import GridSettings, MqttSettings
 
@@ -63,8 +63,7 @@ def parse_substations(value: str) -> tuple[SubstationSpec, ...]:
         sid = sid.strip()
         if not sep:
             raise ValueError(f"{item!r}: expected id:capacity_kw, e.g. north:400")
-        if not is_valid_id(sid):
-            raise ValueError(f"{item!r}: substation id must match ^[A-Za-z0-9_-]{{1,64}}$")
+        checked_id(sid, "substation id")
         try:
             capacity = float(cap)
         except ValueError:
@@ -104,9 +103,7 @@ class AgentSettings(BaseSettings):
     @field_validator("substation_region")
     @classmethod
     def _region(cls, value: str) -> str:
-        if not is_valid_id(value):
-            raise ValueError(f"{value!r}: a region must match ^[A-Za-z0-9_-]{{1,64}}$")
-        return value
+        return checked_id(value, "region")
 
     @field_validator("substations", mode="before")
     @classmethod

@@ -30,6 +30,7 @@ from api.schemas import AccountCreated, EvIn, EvRemoved, SubstationIn, Substatio
 from api.security import Operator, audit, require_operator
 from broker.accounts import SERVICE_ACCOUNTS
 from broker.provisioning import AccountExists, Credentials, Provisioner, ProvisionerUnavailable, ProvisioningError
+from grid_protocol.reasons import Reason
 
 Ctx = Annotated[AppContext, Depends(get_ctx)]
 router = APIRouter(tags=["accounts"], dependencies=[Depends(require_operator)],
@@ -103,7 +104,7 @@ async def remove_substation(substation_id: SubstationId, ctx: Ctx, operator: Ope
     sessions = len(ctx.store.sessions(substation_id=sid))  # (with those placed since its last retained state)
     audit(operator, "remove_substation", substation_id=sid)
     drained = await send_control(ctx, operator, "drain", sid)  # 503/504 here: nothing changed yet
-    if not drained.ok and drained.reason != "unknown_substation":
+    if not drained.ok and drained.reason != Reason.UNKNOWN_SUBSTATION:
         raise Problem(409, f"the balancer refused to drain {sid!r}: {drained.reason} ({drained.detail}); nothing "
                            "was changed", type_=f"control-{drained.reason or 'refused'}", reason=drained.reason)
     try:

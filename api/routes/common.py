@@ -8,7 +8,7 @@ from fastapi import Path
 
 from api.problems import PROBLEM_MEDIA_TYPE
 from api.schemas import ProblemDetails
-from grid_protocol.ids import ID_PATTERN
+from grid_protocol.ids import ID_PATTERN, REQUEST_ID_PATTERN
 
 _DESCRIPTIONS = {
     400: "Bad request", 401: "Missing or wrong bearer token (reads: only while API_PUBLIC_READS is off)",
@@ -27,5 +27,5 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 SubstationId = Annotated[str, Path(pattern=ID_PATTERN, description="substation id", examples=["north"])]
 EvId = Annotated[str, Path(pattern=ID_PATTERN, description="EV id", examples=["EV_1234"])]
-SessionIdPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,128}$", description="session id",
+SessionIdPath = Annotated[str, Path(pattern=REQUEST_ID_PATTERN, description="session id",
                                     examples=["9f1c0e2a-17"])]

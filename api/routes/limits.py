@@ -21,6 +21,7 @@ from api.schemas import ID_PATTERN, LimitsIn, LimitsOutcome, Schedule
 from api.security import Operator, audit, require_grid_reader, require_operator
 from api.tokens import Principal
 from grid_protocol.messages import LimitEntry, LimitSchedule, ScheduleState
+from grid_protocol.reasons import Reason
 
 Ctx = Annotated[AppContext, Depends(get_ctx)]
 Source = Annotated[str, Path(pattern=ID_PATTERN, description="who sets the limits (e.g. a DSO feed); not "
@@ -67,7 +68,7 @@ async def _send(ctx: AppContext, operator: Principal, substation_id: str, source
                       request_id=schedule.request_id)
     ctx.metrics.answers.labels("set_limits", "ok" if result.ok else (result.reason or "refused")).inc()
     if not result.ok:
-        status = 404 if result.reason == "unknown_substation" else 409
+        status = 404 if result.reason == Reason.UNKNOWN_SUBSTATION else 409
         raise Problem(status, f"limit schedule for {substation_id!r} refused by the balancer: {result.reason}"
                               + (f" ({result.detail})" if result.detail else ""),
                       type_="not-found" if status == 404 else f"limits-{result.reason or 'refused'}",

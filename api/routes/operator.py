@@ -19,6 +19,7 @@ from api.schemas import CapacityIn, ControlOutcome
 from api.security import Operator, audit, require_operator
 from api.tokens import Principal
 from grid_protocol.messages import ControlAction, ControlCommand, ControlResult
+from grid_protocol.reasons import Reason
 
 Ctx = Annotated[AppContext, Depends(get_ctx)]
 #: Operators only, for every route of this router (more operator endpoints: add them here, or give a route of
@@ -52,7 +53,7 @@ async def _control(ctx: AppContext, operator: Principal, action: ControlAction, 
                    capacity_kw: float | None = None) -> dict[str, Any]:
     result = await send_control(ctx, operator, action, substation_id, capacity_kw)
     if not result.ok:
-        status = 404 if result.reason == "unknown_substation" else 409
+        status = 404 if result.reason == Reason.UNKNOWN_SUBSTATION else 409
         raise Problem(status, f"{action} {substation_id!r} refused by the balancer: {result.reason}"
                               + (f" ({result.detail})" if result.detail else ""),
                       type_="not-found" if status == 404 else f"control-{result.reason or 'refused'}",

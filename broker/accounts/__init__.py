@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from grid_protocol.ids import ID_PATTERN
+from grid_protocol.ids import ID_PATTERN, checked_id, is_valid_id
 from grid_protocol.topics import Topics
 from grid_runtime.credentials import derive_password
 
@@ -73,14 +73,13 @@ BALANCER_REGION_PREFIX = "balancer."
 
 def balancer_username(region: str) -> str:
     """Broker username of ``region``'s balancer: ``balancer`` for ``default``, else ``balancer.<region>``."""
-    if _ID_RE.fullmatch(region) is None:
-        raise ValueError(f"invalid region {region!r}: must match {ID_PATTERN}")
+    checked_id(region, "region")
     return "balancer" if region == "default" else BALANCER_REGION_PREFIX + region
 
 
 def is_regional_balancer(name: str) -> bool:
     region = name.removeprefix(BALANCER_REGION_PREFIX)
-    return name.startswith(BALANCER_REGION_PREFIX) and region != "default" and _ID_RE.fullmatch(region) is not None
+    return name.startswith(BALANCER_REGION_PREFIX) and region != "default" and is_valid_id(region)
 
 
 #: Substation agent usernames are ``substation.<id>``. ``.`` is not allowed in ids (ID_PATTERN), so a
@@ -94,7 +93,6 @@ SERVICE_ROLE: Role = "service"
 
 MAX_USERNAME_LENGTH = 64
 
-_ID_RE = re.compile(ID_PATTERN)
 _FORBIDDEN_USERNAME_CHARS = frozenset("/+#\x00")
 
 
@@ -103,8 +101,7 @@ _FORBIDDEN_USERNAME_CHARS = frozenset("/+#\x00")
 
 def substation_username(substation_id: str) -> str:
     """Broker username of the agent of ``substation_id``: ``substation.<id>``."""
-    if _ID_RE.fullmatch(substation_id) is None:
-        raise ValueError(f"invalid substation id {substation_id!r}: must match {ID_PATTERN}")
+    checked_id(substation_id, "substation id")
     return SUBSTATION_PREFIX + substation_id
 
 
@@ -131,14 +128,14 @@ def validate_username(name: str, role: Role) -> str:
     if any(ch.isspace() for ch in name) or not name.isprintable():
         raise ValueError(f"username {name!r} contains whitespace or control characters")
     if role == EV_ROLE:
-        if _ID_RE.fullmatch(name) is None:
+        if not is_valid_id(name):
             raise ValueError(f"EV username {name!r} must be a valid id ({ID_PATTERN})")
         if name in SERVICE_ACCOUNTS:
             raise ValueError(f"EV username {name!r} is reserved for a service account")
         return name
     if role == SUBSTATION_ROLE:
         sid = name.removeprefix(SUBSTATION_PREFIX)
-        if not name.startswith(SUBSTATION_PREFIX) or _ID_RE.fullmatch(sid) is None:
+        if not name.startswith(SUBSTATION_PREFIX) or not is_valid_id(sid):
             raise ValueError(f"substation username {name!r} must be '{SUBSTATION_PREFIX}<id>' ({ID_PATTERN})")
         return name
     if role == SERVICE_ROLE:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from grid_protocol.messages import FINAL_STATUSES
 from grid_sim.scenario import generate_evs, load_scenario
 from replay.cli import main
 from replay.live import run_live
-from replay.recording import TERMINAL
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def test_least_utilised_live_accounts_for_every_ev_and_never_overloads(tmp_path:
     assert live.lost == [] and r.open_requests_at_end == 0, (live.lost, logs)
     assert r.anomalies == {}, (r.anomalies, logs)
     assert m.evs == len(generate_evs(scenario)) == m.served + m.never_served + m.rejected
-    assert all(ev.answers and ev.answers[-1].status in TERMINAL for ev in r.evs)
+    assert all(ev.answers and ev.answers[-1].status in FINAL_STATUSES for ev in r.evs)
     assert set(live.info["exit_codes"].values()) == {0}, live.info["exit_codes"]
     assert m.served > 20 and m.energy_not_delivered_share is not None
     # the real policy keeps every substation within its capacity, through the burst, the outage and the cut

@@ -73,7 +73,7 @@ def test_no_tokens_at_all_and_no_operator(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("doc", "message"), [
     ({"tokens": [{"name": "a", "role": "ev", "sha256": H("a")}]}, "needs ev_ids or ev_pattern"),
     ({"tokens": [{"name": "a", "role": "viewer", "ev_ids": ["EV_1"], "sha256": H("a")}]}, "only role ev"),
-    ({"tokens": [{"name": "a", "role": "ev", "ev_ids": ["EV/1"], "sha256": H("a")}]}, "does not match"),
+    ({"tokens": [{"name": "a", "role": "ev", "ev_ids": ["EV/1"], "sha256": H("a")}]}, "must match"),
     ({"tokens": [{"name": "a", "role": "ev", "ev_ids": ["balancer"], "sha256": H("a")}]}, "service account"),
     ({"tokens": [{"name": "a", "role": "ev", "ev_pattern": "EV_(", "sha256": H("a")}]}, "not a regular"),
     ({"tokens": [{"name": "a", "role": "admin", "sha256": H("a")}]}, "role"),

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import re
 import shlex
-import typing
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -35,7 +34,7 @@ from broker.accounts import SERVICE_ACCOUNTS
 from broker.roles import RECEIVE, SEND, SUBSCRIBE, role_acls, role_of
 from grid_protocol import CHANNELS, PayloadError, Reason, TopicKind, Topics, decode
 from grid_protocol.ids import ID_PATTERN
-from grid_protocol.messages import AssignmentStatus
+from grid_protocol.messages import ASSIGNMENT_STATUSES, CHARGING_STATUSES, FINAL_STATUSES
 from grid_protocol.topics import DEFAULT_PREFIX, Channel
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -297,9 +296,23 @@ def test_protocol_md_names_every_topic_reason_and_status() -> None:
     text = protocol()
     missing = [address_of(c) for c in CHANNELS.values() if f"`{address_of(c)}`" not in text]
     missing += [f"reason {r}" for r in Reason if f"`{r}`" not in text]
-    missing += [f"status {s}" for s in typing.get_args(AssignmentStatus) if f"`{s}`" not in text]
+    missing += [f"status {s}" for s in ASSIGNMENT_STATUSES if f"`{s}`" not in text]
     missing += ["reply root"] if f"`{DEFAULT_PREFIX}/reply/`" not in text else []
     assert not missing, f"docs/protocol.md does not mention: {missing}"
+
+
+def test_protocol_md_lifecycle_agrees_with_the_status_groups() -> None:
+    """The request lifecycle's words and the status groups the clients, the API and the replay read
+    (grid_protocol.messages FINAL_STATUSES, CHARGING_STATUSES) say the same: its status table lists every status
+    once, the sentence naming the final ones names exactly FINAL_STATUSES, and the statuses whose EV charges
+    ("EV does" begins with "Charge") are exactly CHARGING_STATUSES."""
+    section = _section("Request lifecycle", "##")
+    rows = dict(re.findall(r"^\| `([a-z]+)` \|.*\| ([^|]*) \|$", section, re.M))
+    assert sorted(rows) == sorted(ASSIGNMENT_STATUSES)
+    final = re.search(r"^((?:`[a-z]+`(?:, | and )?)+) are final\.", section, re.M)
+    assert final, "no sentence naming the final statuses"
+    assert set(re.findall(r"`([a-z]+)`", final.group(1))) == FINAL_STATUSES
+    assert {status for status, ev_does in rows.items() if ev_does.startswith("Charge")} == CHARGING_STATUSES
 
 
 def test_protocol_md_reason_table_has_every_reason_once() -> None:

@@ -183,6 +183,38 @@ def _lockstep(cores: list[Balancer]) -> Callable[..., None]:
     return both
 
 
+class _Reporting:
+    """The substations of a drawn grid fed to cores in lockstep (``both``): brought online with their first
+    telemetry, then reporting their base load (which a test moves) and the grants the first core made."""
+
+    def __init__(self, cores: list[Balancer], both: Callable[..., None],
+                 subs: list[tuple[str, float, float, float]], now: float) -> None:
+        self.cores, self.both = cores, both
+        self.ids = [s[0] for s in subs]
+        self.base = {sid: cap * share for sid, cap, share, _ in subs}
+        self.seq = 0
+        for sid, cap, _, _ in subs:
+            self.seq += 1
+            both("on_status", sid, "online", now)
+            both("on_telemetry", Telemetry(substation_id=sid, ts=now, seq=self.seq, capacity_kw=cap,
+                                           load_kw=self.base[sid], base_load_kw=self.base[sid], ev_load_kw=0.0,
+                                           active_sessions=0), now)
+
+    def report(self, sid: str, now: float) -> None:
+        self.seq += 1
+        sub = self.cores[0].substations[sid]
+        cap, granted = sub.reported_capacity_w / 1000, sub.granted_w / 1000
+        self.both("on_telemetry", Telemetry(substation_id=sid, ts=now, seq=self.seq, capacity_kw=cap,
+                                            load_kw=self.base[sid] + granted, base_load_kw=self.base[sid],
+                                            ev_load_kw=granted, active_sessions=0), now)
+
+    def wander(self, noise: list[float], k: int, now: float) -> None:
+        """Every substation reports, its base load wandering by the drawn noise."""
+        for sid in self.ids:
+            self.base[sid] = max(0.0, self.base[sid] + noise[(k + self.seq) % len(noise)])
+            self.report(sid, now)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(grid=SMALL_GRIDS, ops=BUSY_OPS, noise=st.lists(st.floats(-3.0, 3.0), min_size=1, max_size=8))
 def test_skipped_sharing_passes_would_have_changed_nothing(
@@ -192,19 +224,13 @@ def test_skipped_sharing_passes_would_have_changed_nothing(
     policy, subs = grid
     cores = [Balancer(dataclasses.replace(CoreConfig(), policy=policy)) for _ in range(2)]
     cores[1].rebalancer._settled = lambda sub, now: False  # type: ignore[method-assign]
-    now, seq = T0, 0
-    ids = [s[0] for s in subs]
-    base = {sid: cap * share for sid, cap, share, _ in subs}
+    now = T0
 
     def both(call: str, *args: object) -> None:
         out = [getattr(b, call)(*args) for b in cores]
         assert out[0] == out[1], call
 
-    for sid, cap, _, _ in subs:
-        seq += 1
-        both("on_status", sid, "online", now)
-        both("on_telemetry", Telemetry(substation_id=sid, ts=now, seq=seq, capacity_kw=cap, load_kw=base[sid],
-                                       base_load_kw=base[sid], ev_load_kw=0.0, active_sessions=0), now)
+    feed = _Reporting(cores, both, subs, now)
     evs = 0
     for k, (op, pick, kw) in enumerate(ops):
         if op in ("request", "drain", "undrain", "limit", "offline", "online"):
@@ -216,14 +242,7 @@ def test_skipped_sharing_passes_would_have_changed_nothing(
             both("on_release", ev, Release(), now)
         else:
             now += 1 + pick % 4
-            for sid in ids:  # every substation reports, its base load wandering
-                seq += 1
-                base[sid] = max(0.0, base[sid] + noise[(k + seq) % len(noise)])
-                cap = cores[0].substations[sid].reported_capacity_w / 1000
-                granted = cores[0].substations[sid].granted_w / 1000
-                both("on_telemetry", Telemetry(substation_id=sid, ts=now, seq=seq, capacity_kw=cap,
-                                               load_kw=base[sid] + granted, base_load_kw=base[sid],
-                                               ev_load_kw=granted, active_sessions=0), now)
+            feed.wander(noise, k, now)
             both("tick", now)
 
 
@@ -255,29 +274,12 @@ def test_sharing_by_class_decides_as_every_session_pass(
     policy, subs = grid
     config = dataclasses.replace(CoreConfig(), policy=policy, min_hold_s=hold, hysteresis_kw=hysteresis)
     cores = _against_every_session_pass(config)
-    now, seq = T0, 0
-    ids = [s[0] for s in subs]
-    base = {sid: cap * share for sid, cap, share, _ in subs}
-
+    now = T0
     both = _lockstep(cores)
-
-    def report(sid: str) -> None:
-        nonlocal seq
-        seq += 1
-        cap = cores[0].substations[sid].reported_capacity_w / 1000
-        granted = cores[0].substations[sid].granted_w / 1000
-        both("on_telemetry", Telemetry(substation_id=sid, ts=now, seq=seq, capacity_kw=cap,
-                                       load_kw=base[sid] + granted, base_load_kw=base[sid], ev_load_kw=granted,
-                                       active_sessions=0), now)
-
-    for sid, cap, _, _ in subs:
-        seq += 1
-        both("on_status", sid, "online", now)
-        both("on_telemetry", Telemetry(substation_id=sid, ts=now, seq=seq, capacity_kw=cap, load_kw=base[sid],
-                                       base_load_kw=base[sid], ev_load_kw=0.0, active_sessions=0), now)
+    feed = _Reporting(cores, both, subs, now)
     evs = 0
     for k, (op, pick, kw) in enumerate(ops):
-        sid = ids[pick % len(ids)]
+        sid = feed.ids[pick % len(feed.ids)]
         if op == "request":
             evs += 1
             both("on_request", f"EV{evs}", ChargeRequest(request_id="r", requested_kw=kw, min_kw=1.4,
@@ -286,8 +288,8 @@ def test_sharing_by_class_decides_as_every_session_pass(
             ev = sorted(cores[0]._evs)[pick % len(cores[0]._evs)]
             both("on_release", ev, Release(), now)
         elif op == "jump":  # the base load steps up (or down): over the limit, grants are shed at once
-            base[sid] = max(0.0, base[sid] + (pick % 40 - 15))
-            report(sid)
+            feed.base[sid] = max(0.0, feed.base[sid] + (pick % 40 - 15))
+            feed.report(sid, now)
         elif op == "limit":
             both("on_control", ControlCommand(substation_id=sid, action="set_capacity",
                                               capacity_kw=None if pick % 3 == 0 else float(20 + pick % 60)), now)
@@ -297,9 +299,7 @@ def test_sharing_by_class_decides_as_every_session_pass(
                                                        ts=now, granted_kw=kw, min_kw=1.4, priority=pick % 3), now)
         else:
             now += (1 + pick % 13) * (-1 if pick % 17 == 0 else 1)  # (now and then the clock steps back)
-            for sid in ids:  # every substation reports, its base load wandering
-                base[sid] = max(0.0, base[sid] + noise[(k + seq) % len(noise)])
-                report(sid)
+            feed.wander(noise, k, now)
             both("tick", now)
         assert not cores[0].violations()
 
@@ -364,17 +364,9 @@ def test_passes_proved_idle_would_have_cut_nobody(
         return out
 
     cores[0].rebalancer._no_cuts = counting  # type: ignore[method-assign]
-    now, seq = T0, 0
-    ids = [s[0] for s in subs]
-    base = {sid: cap * share for sid, cap, share, _ in subs}
-
+    now = T0
     both = _lockstep(cores)
-
-    for sid, cap, _, _ in subs:
-        seq += 1
-        both("on_status", sid, "online", now)
-        both("on_telemetry", Telemetry(substation_id=sid, ts=now, seq=seq, capacity_kw=cap, load_kw=base[sid],
-                                       base_load_kw=base[sid], ev_load_kw=0.0, active_sessions=0), now)
+    feed = _Reporting(cores, both, subs, now)
     for evs in range(12):  # full: more asked for than there is
         both("on_request", f"F{evs}", ChargeRequest(request_id="r", requested_kw=22.0, min_kw=1.4,
                                                    duration_minutes=600, priority=evs % 2), now)
@@ -389,14 +381,7 @@ def test_passes_proved_idle_would_have_cut_nobody(
             both("on_release", ev, Release(), now)
         else:
             now += 1
-            for sid in ids:
-                seq += 1
-                base[sid] = max(0.0, base[sid] + noise[(k + seq) % len(noise)])
-                cap = cores[0].substations[sid].reported_capacity_w / 1000
-                granted = cores[0].substations[sid].granted_w / 1000
-                both("on_telemetry", Telemetry(substation_id=sid, ts=now, seq=seq, capacity_kw=cap,
-                                               load_kw=base[sid] + granted, base_load_kw=base[sid],
-                                               ev_load_kw=granted, active_sessions=0), now)
+            feed.wander(noise, k, now)
             both("tick", now)
         assert not cores[0].violations()
     # (whether it was taken depends on the draw; over the examples it is, often: see the test below)

@@ -29,7 +29,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from balancer.core import Balancer, CoreConfig, Effect, ToEv, ToSubstation
 from balancer.core.model import kw_to_w_down, kw_to_w_up
-from balancer.core.policy import COMPRESSIBLE, compressible_room_w, least_utilised
+from balancer.core.policies import COMPRESSIBLE
+from balancer.core.policies.scan import compressible_room_w, least_utilised
 from grid_protocol import (
     Assignment,
     ChargeRequest,

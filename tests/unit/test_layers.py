@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +96,48 @@ def test_every_package_is_installed() -> None:
     found = {".".join(p.parent.relative_to(ROOT).parts) for package in FLOORS if package != "bench"
              for p in (ROOT / package).rglob("__init__.py")}
     assert found <= listed, sorted(found - listed)
+
+
+#: What the pure allocation core may import besides itself and the contract (grid_protocol): computation only. No
+#: clock (time), no I/O (os, socket, logging, asyncio, ...), no randomness: time is passed in, effects handed out.
+CORE_MAY_IMPORT = frozenset({"__future__", "bisect", "collections", "dataclasses", "datetime", "enum", "functools",
+                             "heapq", "itertools", "math", "typing", "msgspec", "pydantic", "sortedcontainers"})
+#: Calls that read the clock, wherever the module came from (``datetime.now()`` needs no ``import time``).
+CLOCK_CALLS = frozenset({"now", "utcnow", "today", "time", "monotonic", "perf_counter", "process_time"})
+
+
+def test_the_core_is_pure() -> None:
+    """balancer/core imports no I/O, clock or randomness and reads no clock (issue 10: the core stays pure)."""
+    found: list[str] = []
+    for name, path in MODULES.items():
+        if not name.startswith("balancer.core"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                tops = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                tops = [node.module.split(".")[0]]
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in CLOCK_CALLS):
+                found.append(f"{name}:{node.lineno} calls .{node.func.attr}()")
+                continue
+            else:
+                continue
+            found += [f"{name}:{node.lineno} imports {top}" for top in tops
+                      if top not in CORE_MAY_IMPORT and top not in ("balancer", "grid_protocol")]
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [str(node.module)]
+            found += [f"{name}:{node.lineno} imports {m} (outside the core)" for m in modules
+                      if m.split(".")[0] == "balancer" and not m.startswith("balancer.core")]
+    assert found == []
+
+
+def test_readme_names_every_module_of_the_core() -> None:
+    """The README's table of the core's layout ("module of `balancer/core/`") names every module there and in
+    ``policies/``, and no module that is gone: the layout it shows is the one in the tree."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| module of `balancer/core/` |"):]
+    table = table[:table.index("\n\n")]
+    named = set(re.findall(r"`([a-z_]+\.py)`", table))
+    core = ROOT / "balancer" / "core"
+    present = {p.name for p in [*core.glob("*.py"), *(core / "policies").glob("*.py")] if p.name != "__init__.py"}
+    assert named == present
