@@ -230,7 +230,8 @@ class Bridge:
             # request_id; a late copy must not open a session or apply an operator action nobody waits for. (MQTT 5
             # message expiry; on 3.1.1 the payload's own expires_at, which the balancer checks, on both versions.)
             self.transport.publish(topic, payload, 1, expiry_s=max(1, math.ceil(timeout)))
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                return await future
         except TimeoutError:
             return None
         finally:

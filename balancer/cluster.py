@@ -37,6 +37,7 @@ from balancer.service import BalancerService
 from balancer.settings import BalancerSettings
 from grid_protocol import Topics
 from grid_runtime.credentials import mqtt_password
+from grid_runtime.lifecycle import wait_event
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import make_transport
 from grid_runtime.mqtt.base import TransportBase
@@ -130,8 +131,7 @@ class RegionOwner:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             if not await self.lease.acquire():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.poll_s)
+                await wait_event(stop, self.poll_s)
                 continue
             assert self.lease.epoch is not None
             self.takeovers += 1

@@ -190,4 +190,5 @@ class KvStore(OperatorStore):
     async def close(self) -> None:
         if self._writer is not None and not self._writer.done():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._writer), 2.0)
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(self._writer)

@@ -73,7 +73,8 @@ class RegionLease:
 
         started = self._monotonic()
         try:
-            revision = await asyncio.wait_for(self.kv.create(self.key, self.holder), self._timeout())
+            async with asyncio.timeout(self._timeout()):
+                revision = await self.kv.create(self.key, self.holder)
         except nats.js.errors.KeyWrongLastSequenceError:
             return False  # somebody holds it
         except (TimeoutError, nats.errors.Error, OSError) as exc:
@@ -94,8 +95,8 @@ class RegionLease:
             return False
         started = self._monotonic()
         try:
-            revision = await asyncio.wait_for(self.kv.update(self.key, self.holder, last=self.revision),
-                                              self._timeout())
+            async with asyncio.timeout(self._timeout()):
+                revision = await self.kv.update(self.key, self.holder, last=self.revision)
         except nats.js.errors.KeyWrongLastSequenceError:
             if await self._own_write_landed():
                 return True
@@ -123,7 +124,8 @@ class RegionLease:
         import nats.js.errors
 
         try:
-            entry = await asyncio.wait_for(self.kv.get(self.key), self._timeout())
+            async with asyncio.timeout(self._timeout()):
+                entry = await self.kv.get(self.key)
         except (TimeoutError, nats.errors.Error, nats.js.errors.KeyNotFoundError, OSError):
             return False
         if entry.value == self.holder and (entry.revision or 0) > self.revision and self.held():
@@ -143,7 +145,8 @@ class RegionLease:
         if self.epoch is None:
             return
         try:
-            await asyncio.wait_for(self.kv.delete(self.key, last=self.revision), self._timeout())
+            async with asyncio.timeout(self._timeout()):
+                await self.kv.delete(self.key, last=self.revision)
             log.info("region_lease_released", region=self.region, epoch=self.epoch)
         except (TimeoutError, nats.errors.Error, nats.js.errors.KeyWrongLastSequenceError, OSError) as exc:
             log.warning("region_lease_release_failed", region=self.region, error=repr(exc))

@@ -139,7 +139,8 @@ class DynsecProvisioner:
             futures.append(self._waiting.setdefault(key, loop.create_future()))
         self.transport.publish(DYNSEC_TOPIC, json.dumps({"commands": commands}).encode(), 1)
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s))
+            async with asyncio.timeout(self.timeout_s):
+                return list(await asyncio.gather(*futures))
         except TimeoutError:
             raise ProvisionerUnavailable(f"the broker did not answer within {self.timeout_s:g} s") from None
         finally:

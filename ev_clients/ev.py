@@ -36,6 +36,7 @@ from grid_protocol.codec import PayloadError, decode, encode
 from grid_protocol.messages import CHARGING_STATUSES, FINAL_STATUSES, Assignment, ChargeRequest, Release
 from grid_protocol.reasons import Reason
 from grid_protocol.topics import Topics
+from grid_runtime.lifecycle import wait_event
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import InMessage, Transport, make_transport
 from grid_runtime.settings import MqttSettings
@@ -142,9 +143,7 @@ class SimulatedEv:
         (the transport keeps trying; publishes wait in its outbox)."""
         self.transport.subscribe(self._assignment_topic, 1)
         self._run_task = asyncio.create_task(self.transport.run(), name=f"mqtt-{self.ev_id}")
-        try:
-            await asyncio.wait_for(self.transport.connected.wait(), self.behaviour.connect_timeout_s)
-        except TimeoutError:
+        if not await wait_event(self.transport.connected, self.behaviour.connect_timeout_s):
             self.stats.connect_failures += 1
             log.error("ev_not_connected", ev_id=self.ev_id, timeout_s=self.behaviour.connect_timeout_s)
             return False
@@ -155,13 +154,15 @@ class SimulatedEv:
     async def close(self) -> None:
         """Disconnect (bounded): pending QoS 1 publishes get a moment to leave first."""
         try:
-            await asyncio.wait_for(self.transport.close(1.0), 3.0)
+            async with asyncio.timeout(3.0):
+                await self.transport.close(1.0)
         except (TimeoutError, Exception) as exc:  # closing must never hang or raise
             log.warning("ev_close_failed", ev_id=self.ev_id, error=repr(exc))
         task = self._run_task
         if task is not None and not task.done():
             try:
-                await asyncio.wait_for(asyncio.shield(task), 2.0)
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(task)
             except (TimeoutError, Exception):
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -200,7 +201,8 @@ class SimulatedEv:
             except asyncio.QueueEmpty:
                 return None
         try:
-            return await asyncio.wait_for(self._inbox.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self._inbox.get()
         except TimeoutError:
             return None
 

@@ -43,6 +43,7 @@ from ev_clients.stats import FleetStats, RequestRecord
 from ev_clients.workload import EvIdPool, RequestMix, arrival_gaps, ev_ids, ramp_offsets, split_evenly
 from grid_protocol.reasons import Reason
 from grid_protocol.topics import Topics
+from grid_runtime.lifecycle import wait_event
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import Transport, TransportStats
 
@@ -164,9 +165,7 @@ class FleetRunner:
         """Sleep unless stopped first; ``True`` when the full time passed."""
         if seconds <= 0:
             return not self.stop.is_set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop.wait(), seconds)
-        return not self.stop.is_set()
+        return not await wait_event(self.stop, seconds)
 
     def _new_ev(self, ev_id: str, rng: random.Random) -> SimulatedEv | HttpEv:
         if self._http is not None:

@@ -11,7 +11,6 @@ Per request: ``POST /charge`` (the same ``request_id`` again after a ``504`` or 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,7 @@ import httpx
 from ev_clients.ev import EvBehaviour, new_request_id
 from ev_clients.stats import FleetStats, RequestRecord
 from grid_protocol.messages import CHARGING_STATUSES, FINAL_STATUSES, ChargeRequest
+from grid_runtime.lifecycle import wait_event
 from grid_runtime.logs import get_logger
 
 log = get_logger("ev.http")
@@ -135,6 +135,4 @@ class HttpEv:
         """Sleep unless stopped first; ``True`` when the full time passed."""
         if seconds <= 0:
             return not self.stop.is_set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop.wait(), seconds)
-        return not self.stop.is_set()
+        return not await wait_event(self.stop, seconds)

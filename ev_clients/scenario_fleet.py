@@ -37,6 +37,7 @@ from ev_clients.stats import FleetStats, RequestRecord
 from grid_protocol.codec import encode
 from grid_protocol.messages import ChargeRequest, Release
 from grid_protocol.topics import Topics
+from grid_runtime.lifecycle import wait_event
 from grid_runtime.logs import get_logger
 from grid_sim.scenario import EvSpec, Scenario, ScenarioError, generate_evs, load_scenario
 from grid_sim.timeline import Timebase
@@ -140,8 +141,7 @@ class ScenarioFleet:
         """Sleep until epoch ``wall`` unless stopped first; ``True`` when the time came."""
         delay = wall - time.time()
         if delay > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), delay)
+            return not await wait_event(self.stop, delay)
         return not self.stop.is_set()
 
     async def _visit(self, visit: Visit) -> None:

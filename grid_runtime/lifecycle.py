@@ -28,6 +28,19 @@ def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> Non
     asyncio.run(runner())
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait at most ``timeout`` s for ``event``; whether it is set (a sleep that a stop event cuts short).
+
+    :func:`asyncio.timeout`, not :func:`asyncio.wait_for`: in Python 3.11 wait_for returns normally when a cancel of
+    the waiting task lands together with the event, and drops the cancel (the task then runs on: the API hung at
+    stop that way). Service code bounds its other awaits with ``async with asyncio.timeout(...)`` for the same
+    reason."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    return event.is_set()
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
     """Stop a child as our services expect: SIGTERM (they shut down cleanly: offline status, summary,
     Mosquitto's persistence), and SIGKILL only if it is not gone within ``timeout``. Returns the exit code."""

@@ -397,7 +397,8 @@ class SubstationAgent:
             self._publish_status("offline")
         await self.transport.close(timeout)
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(conn, timeout)
+            async with asyncio.timeout(timeout):
+                await conn
         log.info("agent_stopped", substation_id=self.id, clean=was_connected, active_sessions=len(self.sim.sessions),
                  telemetry_sent=self.stats.telemetry_sent, bad_commands=self.stats.bad_commands)
 

@@ -42,6 +42,7 @@ from grid_protocol.codec import encode
 from grid_protocol.messages import SessionCommand, Telemetry
 from grid_protocol.reasons import Reason
 from grid_protocol.topics import CHANNELS, TopicKind, Topics
+from grid_runtime.lifecycle import wait_event
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import AiomqttTransport, Transport
 from grid_sim.scenario import Scenario, SubstationSpec, generate_evs
@@ -228,8 +229,7 @@ async def _play(actions: list[GridAction], agents: Mapping[str, ScenarioAgent], 
     for action in actions:
         delay = timebase.wall(action.at) - time.time()
         if delay > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+            await wait_event(stop, delay)
         if stop.is_set():
             return
         agents[action.substation].apply_action(action)

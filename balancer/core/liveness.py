@@ -4,7 +4,7 @@ silent past ``lost_after_s``, their sessions are revoked and their requests re-q
 
 from __future__ import annotations
 
-from balancer.core.effects import Effect
+from balancer.core.effects import Effect, ToSubstation
 from balancer.core.limits import plan_with
 from balancer.core.model import Substation, kw_to_w_down, kw_to_w_up
 from balancer.core.queue_service import QueueService
@@ -100,11 +100,17 @@ class Liveness:
 
     def _reconcile(self, sub: Substation, now: float, taken_at: float | None = None) -> list[Effect]:
         """The agent announced its whole inventory: a session it had confirmed and no longer announces is gone
-        (the agent restarted): revoke it and re-queue its request. Unconfirmed ones may be starting right now, and
-        one the agent started after it took the inventory (``taken_at``) cannot be in it."""
+        (the agent restarted): revoke it and re-queue its request. One the agent started after it took the
+        inventory (``taken_at``) cannot be in it. An unconfirmed one it does not run may be starting right now, or
+        its start was lost (seen on the NATS cluster: a node killed while it delivered the start to the agent): its
+        start goes again, as it was (the agent ignores a start it runs or ran)."""
+        effects: list[Effect] = []
+        for s in sub.sessions.values():
+            if not s.confirmed and s.session_id not in sub.announced:
+                self.state.counters["start_resent"] += 1
+                effects.append(ToSubstation(sub.id, self.book.start_command(s, s.started_at)))
         gone = [s for s in sub.sessions.values() if s.confirmed and s.session_id not in sub.announced
                 and not (taken_at is not None and s.confirmed_ts is not None and s.confirmed_ts >= taken_at)]
-        effects: list[Effect] = []
         for session in gone:
             self.state.counters["session_lost"] += 1
             effects += self.book.revoke(session, now, Reason.SESSION_LOST,

@@ -68,17 +68,21 @@ class QueueService:
         return self.updates(now)
 
     def updates(self, now: float) -> list[Effect]:
-        """Tell queued EVs whose place in line or estimated wait moved."""
+        """Tell queued EVs whose place in line or estimated wait moved. The answer is built only for those: at
+        1,000 x 100k, 10,000 wait and about half of them have not moved in 5 s."""
         effects: list[Effect] = []
         items = self.state.queue.items()
         ends = self.state.ends.first(len(items))
+        evs, eta_s = self.ledger.evs, self.state.eta_s
         for position, req in enumerate(items, start=1):
-            state = self.ledger.evs[req.ev_id]
+            state = evs[req.ev_id]
             old = state.answer
-            answer = self.ledger.answer(req, "queued", now, reason=old.reason, position=position, ends=ends)
-            eta_moved = (old.eta_s is None) != (answer.eta_s is None) or (
-                old.eta_s is not None and answer.eta_s is not None and abs(old.eta_s - answer.eta_s) > 30)
-            if old.status != "queued" or old.position != position or eta_moved:
-                state.answer = answer
-                effects.append(ToEv(req.ev_id, answer))
+            if old.status == "queued" and old.position == position:  # the same place: told only if the wait moved
+                eta = eta_s(position, now, ends)  # (the answer's eta_s, as Ledger.answer computes it)
+                if (old.eta_s is None) == (eta is None) and (
+                        old.eta_s is None or eta is None or abs(old.eta_s - eta) <= 30):
+                    continue
+            state.answer = answer = self.ledger.answer(req, "queued", now, reason=old.reason, position=position,
+                                                       ends=ends)
+            effects.append(ToEv(req.ev_id, answer))
         return effects

@@ -115,26 +115,34 @@ class Rebalancer:
         A pass without shedding cuts a ready session (past its hold) once its grant is ``least`` above its class's
         share. After such a pass no ready grant is; water-filling shares rise with the power available and fall by
         no more than it does (a class's share moves by the level's move times its weight, and the level by the
-        power's move over the sum of the free classes' weights). So until a session comes or goes (``version``), a
-        hold ends (``ready_adds``: a grant joins the ready ones; a change only takes one out) or the cut line moves,
-        no pass cuts anyone while the power stays above the proof's floor: the pass's power less the least room
-        any ready grant has below its cut line, less a margin for the shares' integer rounding (the pass over every
-        session may give a few watts back). Telemetry's noise moves the power a little each second: most passes on
-        a settled substation are skipped (issue 10: they were about half the rebalancing CPU at 1,000 x 100k)."""
-        proof = table.no_cuts
-        return (proof is not None and available >= proof[3]
-                and proof[:3] == (table.version, table.ready_adds, least))
+        power's move over the sum of the free classes' weights). So until a session comes or goes (``version``) or
+        a hold ends (``ready_adds``: a grant joins the ready ones; a change only takes one out), no pass cuts anyone
+        while the power stays above the proof's floor: the pass's power less the least room any ready grant has
+        below its cut line, less a margin for the shares' integer rounding (the pass over every session may give a
+        few watts back). Telemetry's noise moves the power a little each second: most passes on a settled
+        substation are skipped (issue 10: they were about half the rebalancing CPU at 1,000 x 100k).
 
-    def _prove_no_cuts(self, sub: Substation, by_class: ByClass, available: int, least: int) -> None:
-        """After a pass without shedding: the floor of the power down to which no pass cuts anyone (see
-        :meth:`_no_cuts`)."""
+        The room below the cut line is kept without ``least`` (the step: the hysteresis or the measured noise band,
+        which decays a little with every telemetry window) and the line drawn with the step of now: every ready
+        grant's room moves by the step's move, so the proof holds at any step (session E: one proof in nine was
+        dropped for a noise band a few watts narrower, and the pass redone to prove it again)."""
+        proof = table.no_cuts
+        if proof is None or proof[0] != table.version or proof[1] != table.ready_adds:
+            return False
+        at, room = proof[2], proof[3]
+        slack = min(at, room + least)  # (no ready session: room is ``at`` itself, no cut at any power ``at`` or less)
+        return slack > 0 and available >= at - slack
+
+    def _prove_no_cuts(self, sub: Substation, by_class: ByClass, available: int) -> None:
+        """After a pass without shedding: the power it shared and the least room a ready grant has below its share
+        less the rounding margin (see :meth:`_no_cuts`, which adds the step of the day)."""
         table, classes, targets = by_class
         margin = 2 * (len(sub.sessions) + 2)
-        slack = available  # (no ready session: no cut at any power the classes stay the same)
+        room = available  # (no ready session: no cut at any power the classes stay the same)
         for cls, target in zip(classes, targets, strict=True):
             if cls.ready:
-                slack = min(slack, target + least - margin - cls.ready[-1][0])
-        table.no_cuts = (table.version, table.ready_adds, least, available - slack) if slack > 0 else None
+                room = min(room, target - margin - cls.ready[-1][0])
+        table.no_cuts = (table.version, table.ready_adds, available, room)
 
     def _settled(self, sub: Substation, now: float) -> bool:
         """A sharing pass here would change no grant: no session came, went or changed since the last full pass,
@@ -223,7 +231,7 @@ class Rebalancer:
         if by_class is not None:
             effects = self._decrease_by_class(sub, by_class, now, shed, skip)
             if shed <= 0 and skip is None:
-                self._prove_no_cuts(sub, by_class, max(sub.floors_w, self._free_w(sub)), max(1, step))
+                self._prove_no_cuts(sub, by_class, max(sub.floors_w, self._free_w(sub)))
             return effects
         for session, target in sorted(self.targets(sub, now), key=lambda st: st[1] - st[0].granted_w):
             if session is skip:

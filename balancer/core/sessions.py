@@ -71,15 +71,22 @@ class SessionBook:
             state.answer = answer
             state.session_id = sid
         self.state.counters["assigned"] += 1
-        command = SessionCommand(
-            command="start", session_id=sid, ev_id=ev_id, ts=now,
-            granted_kw=w_to_kw(granted_w), energy_kwh=req.energy_kwh,
-            duration_minutes=req.duration_minutes, request_id=req.request_id, min_kw=w_to_kw(req.min_w),
-            priority=req.priority,
-        )
+        command = self.start_command(session, now)
         # Decision order; the service batches agent commands per substation and publishes them after
         # the EV answers of the same pass (see balancer.service).
         return [ToSubstation(session.substation_id, command), ToEv(ev_id, answer, in_reply)]
+
+    @staticmethod
+    def start_command(session: Session, ts: float) -> SessionCommand:
+        """The agent's ``start`` of ``session`` at its current grant. Sent again with the first one's ``ts`` it is the
+        same start to the agent: one it runs or ran already changes nothing (grid_sim.substation)."""
+        req = session.request
+        return SessionCommand(
+            command="start", session_id=session.session_id, ev_id=req.ev_id, ts=ts,
+            granted_kw=w_to_kw(session.granted_w), energy_kwh=req.energy_kwh,
+            duration_minutes=req.duration_minutes, request_id=req.request_id, min_kw=w_to_kw(req.min_w),
+            priority=req.priority,
+        )
 
     def set_grant(self, session: Session, grant: int, now: float, reason: Reason, detail: str) -> list[Effect]:
         sub = self.state.substations[session.substation_id]

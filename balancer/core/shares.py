@@ -52,8 +52,8 @@ class ShareTable:
         self.seen_at = float("-inf")  # the latest time a pass looked (a clock that steps back: see ready_at)
         self.version = 0  # bumped when a session comes or goes (the classes' counts change)
         self.ready_adds = 0  # bumped when a session joins a class's ``ready`` order (its hold ended)
-        #: (version, ready_adds, cut line above the share, power): no pass without shedding at this power or more
-        #: cuts anyone while the rest is the same (see ``Rebalancer._no_cuts``)
+        #: (version, ready_adds, power shared, least room below a cut line less the step): no pass without shedding
+        #: cuts anyone down to a floor drawn from them while the rest is the same (see ``Rebalancer._no_cuts``)
         self.no_cuts: tuple[int, int, int, int] | None = None
         #: the rebalancer's last answer: (version, power shared, the classes, each class's share or None)
         self.shares: tuple[int, int, list[ShareClass], list[int] | None] | None = None

@@ -11,13 +11,13 @@ again cannot help; 401/403/404 are configuration (token, org, bucket) and are re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from grid_runtime.backoff import Backoff
+from grid_runtime.lifecycle import wait_event
 from grid_runtime.logs import get_logger
 from monitoring.recorder.buffer import PointBuffer
 from monitoring.recorder.metrics import RecorderStats
@@ -162,9 +162,7 @@ class Writer:
                     log.warning("write_failed_retrying", points=len(batch), error=str(exc)[:300],
                                 retry_in_s=round(delay, 3), buffered=len(self.buffer))
                     if stop is not None and not stop.is_set():
-                        with contextlib.suppress(asyncio.TimeoutError):
-                            await asyncio.wait_for(stop.wait(), delay)
-                        if stop.is_set():
+                        if await wait_event(stop, delay):
                             self._start_shutdown_clock()
                     else:
                         await asyncio.sleep(delay)

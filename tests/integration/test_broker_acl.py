@@ -9,8 +9,17 @@ other (PUBACK, no reason codes in 3.1.1) and drops it; a refused subscription ge
 is what the receivers see.
 
 Every check that something is *not* delivered uses a barrier: after the refused publish has been
-answered (PUBACK), a permitted message is sent to the same subscriber and awaited. The broker queues
-per subscriber in order, so once the barrier has arrived a leaked message would already be there.
+answered (PUBACK), a permitted message matching the same subscription (topic filter) is sent and awaited. The
+broker keeps the order of one subscription's messages, so once the barrier has arrived a leaked message would
+already be there. Across filters there is no order (MQTT orders per topic; nats-server delivers each filter of a
+client through a JetStream consumer of its own, and two filters' messages arrive either way round, measured: 6 of
+60): what a subscriber received is compared as a set of topics (:func:`_topics`).
+
+nats-server 2.9.10 loses a QoS 1 delivery now and then, mostly to a subscription created moments before: its
+consumer counts the message delivered, keeps no ack pending and never sends it again (``/jsz``: delivered =
+the message, ack pending 0, redelivered 0; 3 of 120 runs of this module's request/release sequence under load).
+Clients on the cluster are end to end for that reason (an EV asks again, docs/protocol.md), and so is
+:func:`_deliver` here: a permitted message that has not arrived after ``RESEND_S`` goes again.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ pytestmark = pytest.mark.integration
 
 P = "grid/v1"
 TIMEOUT = 5.0
+#: On the NATS cluster, a permitted message not there after this long is sent again (see the module docstring).
+RESEND_S = 2.0
 NOT_AUTHORIZED = 0x87
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,6 +128,30 @@ def _pub_refused(broker: Broker, rc: ReasonCode | None) -> bool:
     return rc is not None and rc.value == NOT_AUTHORIZED
 
 
+def _deliver(broker: Broker, publisher: Probe, receivers: list[Probe], *topics: str) -> None:
+    """Publish each of ``topics`` (QoS 1, accepted) and wait until every receiver has each; on the NATS cluster one
+    still missing after ``RESEND_S`` goes again, twice at most (see the module docstring)."""
+    def missing() -> list[str]:
+        return [t for t in topics if any(t not in peer.topics() for peer in receivers)]
+
+    pending = list(topics)
+    rounds, wait = (3, RESEND_S) if isinstance(broker, LocalCluster) else (1, TIMEOUT)
+    for _ in range(rounds):
+        for topic in pending:
+            rc = publisher.try_publish(topic)
+            assert rc is not None and not rc.is_failure, (topic, rc)
+        receivers[0].wait_until(lambda: not missing(), timeout=wait)
+        pending = missing()
+        if not pending:
+            return
+    raise AssertionError(f"not delivered: {pending}; received {[(p.username, p.topics()) for p in receivers]}")
+
+
+def _topics(peer: Probe) -> list[str]:
+    """The topics ``peer`` received, sorted, each once (no order across filters; a re-sent copy: see above)."""
+    return sorted(set(peer.topics()))
+
+
 def _subs_refused(broker: Broker, codes: list[ReasonCode]) -> bool:
     """Every subscription of one SUBSCRIBE was refused (Mosquitto 0x87; MQTT 3.1.1 has only 0x80)."""
     wanted = 0x80 if isinstance(broker, LocalCluster) else NOT_AUTHORIZED
@@ -163,12 +198,9 @@ def test_ev_cannot_read_another_evs_assignment(broker: Broker, peers: Callable[.
     ev2.subscribe(f"{P}/ev/EV_0002/assignment")
     balancer = peers(broker, "balancer")
 
-    assert balancer.try_publish(f"{P}/ev/EV_0002/assignment", b"for EV_0002") == 0
-    assert balancer.try_publish(f"{P}/ev/EV_0001/assignment", b"barrier") == 0
-
-    assert ev2.wait_for_topic(f"{P}/ev/EV_0002/assignment")
-    assert ev1.wait_for_topic(f"{P}/ev/EV_0001/assignment")
-    assert ev1.topics() == [f"{P}/ev/EV_0001/assignment"]
+    _deliver(broker, balancer, [ev2], f"{P}/ev/EV_0002/assignment")
+    _deliver(broker, balancer, [ev1], f"{P}/ev/EV_0001/assignment")  # barrier
+    assert _topics(ev1) == [f"{P}/ev/EV_0001/assignment"]
 
 
 @pytest.mark.parametrize(
@@ -181,9 +213,8 @@ def test_ev_cannot_publish_for_a_substation(broker: Broker, peers: Callable[...,
     ev = peers(broker, "EV_0001")
     assert _pub_refused(broker, ev.try_publish(topic, b"fake"))
     barrier = f"{P}/ev/EV_0001/request"
-    assert ev.try_publish(barrier) == 0
-    assert observer.wait_for_topic(barrier)
-    assert observer.topics() == [barrier]
+    _deliver(broker, ev, [observer], barrier)
+    assert _topics(observer) == [barrier]
 
 
 def test_ev_cannot_request_or_release_as_another_ev(broker: Broker, peers: Callable[..., Probe]) -> None:
@@ -194,12 +225,10 @@ def test_ev_cannot_request_or_release_as_another_ev(broker: Broker, peers: Calla
     ev = peers(broker, "EV_0001")
     for topic in (f"{P}/ev/EV_0002/request", f"{P}/ev/EV_0002/release", f"{P}/ev/EV_0001/assignment"):
         assert _pub_refused(broker, ev.try_publish(topic, b"spoofed")), topic
-    assert ev.try_publish(f"{P}/ev/EV_0001/request") == 0
-    assert ev.try_publish(f"{P}/ev/EV_0001/release") == 0
-    assert balancer.wait_for_topic(f"{P}/ev/EV_0001/release")
-    assert balancer.topics() == [f"{P}/ev/EV_0001/request", f"{P}/ev/EV_0001/release"]
-    assert observer.wait_for_topic(f"{P}/ev/EV_0001/release")
-    assert observer.topics() == [f"{P}/ev/EV_0001/request", f"{P}/ev/EV_0001/release"]
+    own = [f"{P}/ev/EV_0001/release", f"{P}/ev/EV_0001/request"]  # a barrier per filter of the balancer's
+    _deliver(broker, ev, [balancer, observer], *own)
+    assert _topics(balancer) == own
+    assert _topics(observer) == own
 
 
 # --- ACL: substations ---------------------------------------------------------------------------
@@ -217,10 +246,9 @@ def test_substation_publishes_only_its_own_reports(broker: Broker, peers: Callab
         forged.append(f"{P}/ev/substation.A/request")
     for topic in forged:
         assert _pub_refused(broker, sub_a.try_publish(topic, b"fake")), topic
-    for kind in ("telemetry", "status", "session"):
-        assert sub_a.try_publish(f"{P}/substation/A/{kind}") == 0
-    assert observer.wait_for_topic(f"{P}/substation/A/session")
-    assert observer.topics() == [f"{P}/substation/A/{k}" for k in ("telemetry", "status", "session")]
+    own = [f"{P}/substation/A/{kind}" for kind in ("session", "status", "telemetry")]
+    _deliver(broker, sub_a, [observer], *own)
+    assert _topics(observer) == own
 
 
 def test_substation_cannot_read_ev_assignments(broker: Broker, peers: Callable[..., Probe]) -> None:
@@ -232,10 +260,9 @@ def test_substation_cannot_read_ev_assignments(broker: Broker, peers: Callable[.
     for topic in (f"{P}/ev/EV_0001/assignment", f"{P}/substation/B/command"):  # (0x10: nobody may read it)
         rc = balancer.try_publish(topic)
         assert rc is not None and not rc.is_failure
-    assert balancer.try_publish(f"{P}/substation/A/error") == 0
-    assert balancer.try_publish(f"{P}/substation/A/command") == 0  # barrier
-    assert sub_a.wait_for_topic(f"{P}/substation/A/command")
-    assert sub_a.topics() == [f"{P}/substation/A/error", f"{P}/substation/A/command"]
+    own = [f"{P}/substation/A/command", f"{P}/substation/A/error"]  # barriers
+    _deliver(broker, balancer, [sub_a], *own)
+    assert _topics(sub_a) == own
 
 
 @pytest.mark.parametrize("kind", ["mosquitto", "nats-cluster"])
@@ -252,14 +279,11 @@ def test_ev_account_does_not_match_substation_rules(kind: str, make_broker: Call
     observer.subscribe(f"{P}/substation/#")
     assert _pub_refused(broker, ev_a.try_publish(f"{P}/substation/A/telemetry"))
     balancer = peers(broker, "balancer")
-    rc = balancer.try_publish(f"{P}/substation/A/command")
-    assert rc is not None and not rc.is_failure  # (0x10: nobody may read it)
-    assert balancer.try_publish(f"{P}/ev/A/assignment") == 0  # barrier
-    assert ev_a.wait_for_topic(f"{P}/ev/A/assignment")
-    assert ev_a.topics() == [f"{P}/ev/A/assignment"]
-    assert balancer.try_publish(f"{P}/substation/A/error") == 0  # the observer's barrier
-    assert observer.wait_for_topic(f"{P}/substation/A/error")
-    assert observer.topics() == [f"{P}/substation/A/command", f"{P}/substation/A/error"]
+    _deliver(broker, balancer, [observer], f"{P}/substation/A/command")  # (the EV may not read it)
+    _deliver(broker, balancer, [ev_a], f"{P}/ev/A/assignment")  # barrier
+    assert _topics(ev_a) == [f"{P}/ev/A/assignment"]
+    _deliver(broker, balancer, [observer], f"{P}/substation/A/error")  # the observer's barrier
+    assert _topics(observer) == [f"{P}/substation/A/command", f"{P}/substation/A/error"]
 
 
 # --- ACL: services ------------------------------------------------------------------------------
@@ -273,17 +297,12 @@ def test_balancer_reads_requests_and_writes_assignments(broker: Broker, peers: C
     sub_b = peers(broker, "substation.B")
     sub_b.subscribe(f"{P}/substation/B/command")
 
-    assert ev.try_publish(f"{P}/ev/EV_1234/request", b'{"request_id": "r1"}') == 0
-    assert sub_b.try_publish(f"{P}/substation/B/telemetry", qos=1) == 0
-    assert balancer.wait_for_topic(f"{P}/substation/B/telemetry")
-    assert balancer.wait_for_topic(f"{P}/ev/EV_1234/request")
+    _deliver(broker, ev, [balancer], f"{P}/ev/EV_1234/request")
+    _deliver(broker, sub_b, [balancer], f"{P}/substation/B/telemetry")
 
-    assert balancer.try_publish(f"{P}/ev/EV_1234/assignment", b'{"status": "assigned"}') == 0
-    assert balancer.try_publish(f"{P}/reply/EV_1234/r1", b"{}") == 0
-    assert balancer.try_publish(f"{P}/substation/B/command", b"{}") == 0
-    assert ev.wait_for_topic(f"{P}/reply/EV_1234/r1")
-    assert ev.topics() == [f"{P}/ev/EV_1234/assignment", f"{P}/reply/EV_1234/r1"]
-    assert sub_b.wait_for_topic(f"{P}/substation/B/command")
+    _deliver(broker, balancer, [ev], f"{P}/ev/EV_1234/assignment", f"{P}/reply/EV_1234/r1")
+    assert _topics(ev) == [f"{P}/ev/EV_1234/assignment", f"{P}/reply/EV_1234/r1"]
+    _deliver(broker, balancer, [sub_b], f"{P}/substation/B/command")
 
     # It may write an EV's request/release topics only so that it can clear a retained one (the ACL cannot tell an
     # empty payload from another; the balancer publishes nothing else there) ...
@@ -294,8 +313,7 @@ def test_balancer_reads_requests_and_writes_assignments(broker: Broker, peers: C
     forged = (f"{P}/substation/B/telemetry", f"{P}/substation/B/session", f"{P}/ev/balancer/request")
     for topic in forged:
         assert _pub_refused(broker, balancer.try_publish(topic)), topic
-    assert balancer.try_publish(f"{P}/balancer/status", b"{}") == 0  # barrier
-    assert observer.wait_for_topic(f"{P}/balancer/status")
+    _deliver(broker, balancer, [observer], f"{P}/balancer/status")  # barrier
     assert not set(forged) & set(observer.topics()), observer.topics()
 
 
@@ -307,17 +325,15 @@ def test_observer_is_read_only(broker: Broker, peers: Callable[..., Probe]) -> N
                   f"{P}/balancer/status", f"{P}/reply/observer/x"):
         assert _pub_refused(broker, observer.try_publish(topic)), topic
     api = peers(broker, "api")
-    assert api.try_publish(f"{P}/ev/EV_0001/request") == 0  # api may submit on behalf of an EV; also the barrier
-    assert api.try_publish(f"{P}/balancer/control") == 0
-    assert observer.wait_for_topic(f"{P}/balancer/control")
-    assert observer.topics() == [f"{P}/ev/EV_0001/request", f"{P}/balancer/control"]
+    own = [f"{P}/balancer/control", f"{P}/ev/EV_0001/request"]  # api may submit on behalf of an EV; the barrier
+    _deliver(broker, api, [observer], *own)
+    assert _topics(observer) == own
     # Only the balancer answers control messages: the api cannot forge a result (or anything else below).
     for topic in (f"{P}/balancer/control/result", f"{P}/balancer/control/x", f"{P}/balancer/status",
                   f"{P}/ev/EV_0001/assignment"):
         assert _pub_refused(broker, api.try_publish(topic)), topic
-    assert api.try_publish(f"{P}/ev/EV_0001/release") == 0  # barrier
-    assert observer.wait_for_topic(f"{P}/ev/EV_0001/release")
-    assert observer.topics() == [f"{P}/ev/EV_0001/request", f"{P}/balancer/control", f"{P}/ev/EV_0001/release"]
+    _deliver(broker, api, [observer], f"{P}/ev/EV_0001/release")  # barrier
+    assert _topics(observer) == sorted([*own, f"{P}/ev/EV_0001/release"])
 
 
 def _raw_mqtt5_publish(broker: LocalBroker, username: str, topic: str, payload: bytes) -> bytes:

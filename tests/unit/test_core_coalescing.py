@@ -67,3 +67,29 @@ def test_a_later_reduction_is_folded_and_nothing_passed_in_is_edited() -> None:
 def test_a_call_without_updates_is_returned_as_it_is() -> None:
     effects: list[Effect] = [_command("start", 22.0), _answer("assigned", 22.0, in_reply=True)]
     assert coalesce(effects, _ledger()) is effects
+
+
+def test_a_reduction_to_the_grant_already_folded_is_folded_too() -> None:
+    """Two reductions to the same value in one call: one command and one answer, at that value."""
+    effects: list[Effect] = [
+        _command("start", 22.0), _answer("assigned", 22.0, in_reply=True),
+        _command("update", 11.0, Reason.CAPACITY_REDUCED), _answer("updated", 11.0, Reason.CAPACITY_REDUCED),
+        _command("update", 11.0, Reason.CAPACITY_REDUCED), _answer("updated", 11.0, Reason.CAPACITY_REDUCED),
+    ]
+    out = coalesce(effects, _ledger())
+    assert [(type(e).__name__, e.message.granted_kw) for e in out] == [("ToSubstation", 11.0), ("ToEv", 11.0)]
+    assert out[0].message.command == "start"  # type: ignore[union-attr]
+
+
+def test_a_reduction_after_an_increase_is_not_folded_before_it() -> None:
+    """start 22, cut to 16, raised to 20, cut to 14 in one call: whatever is folded, the agent's last command for the
+    session is the final grant (14 kW), and an increase never comes before a reduction made after it."""
+    effects: list[Effect] = [
+        _command("start", 22.0), _answer("assigned", 22.0, in_reply=True),
+        _command("update", 16.0, Reason.CAPACITY_REDUCED),
+        _command("update", 20.0, Reason.POWER_AVAILABLE),
+        _command("update", 14.0, Reason.CAPACITY_REDUCED),
+    ]
+    out = coalesce(effects, _ledger())
+    commands = [e.message for e in out if isinstance(e, ToSubstation)]
+    assert commands[-1].granted_kw == 14.0, [(c.command, c.granted_kw) for c in commands]

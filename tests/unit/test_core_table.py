@@ -18,6 +18,7 @@ import pytest
 
 from balancer.core import Balancer, CoreConfig, Effect, ToEv, ToSubstation
 from grid_protocol import Assignment, ChargeRequest, Reason, Release, SessionCommand, SessionEvent, Telemetry
+from grid_sim.substation import SubstationSim
 
 T0 = 1_700_000_000.0
 
@@ -938,6 +939,27 @@ def test_inventory_drops_confirmed_sessions_the_agent_no_longer_runs() -> None:
     assert answer(effects, "LOST").status == "assigned"  # re-placed at once (a new session)
     assert {ev for ev in h.sessions_on("A")} == {"KEPT", "LOST", "NEW"}
     assert h.session("KEPT").session_id == kept.session_id and h.session("LOST").session_id != lost.session_id
+    assert_healthy(h)
+
+
+def test_inventory_without_an_unconfirmed_session_sends_its_start_again_as_it_was() -> None:
+    """A start lost on its way to the agent (a NATS node killed while delivering it) leaves a session the agent never
+    runs: its inventory does not list it, and the identical start goes again (same ts: an agent that has it, or
+    had it, ignores it). A start the agent confirmed is not repeated."""
+    h = Harness()
+    h.tel("A", 200, 0)
+    first = commands(h.req("LOST", 22, min_kw=22), "start")
+    h.req("RUNS", 22, min_kw=22)
+    runs = h.session("RUNS").session_id
+    h.event("A", "started", runs, "RUNS")
+    h.event("A", "running", runs, "RUNS")
+    h.advance(3)
+    effects = h.b.on_status("A", "online", h.now, inventory=True, announced=1)
+    assert commands(effects, "start") == first and answers(effects) == []
+    assert h.b.counters["start_resent"] == 1 and commands(effects, "stop") == []
+    sim = SubstationSim("A", 200, lambda _t: 0.0, now_sim=0.0)
+    [(_, start)], [(_, again)] = first, commands(effects, "start")
+    assert [sim.apply(c, 0.0).outcome for c in (start, again)] == ["started", "duplicate_start"]
     assert_healthy(h)
 
 

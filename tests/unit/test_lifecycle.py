@@ -1,7 +1,10 @@
-"""grid_runtime.lifecycle: the child-server base the local brokers share (stop, kill, cleanup at exit)."""
+"""grid_runtime.lifecycle: the child-server base the local brokers share (stop, kill, cleanup at exit); the services'
+stop-aware sleep (wait_event)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 import sys
 import time
@@ -11,7 +14,7 @@ from weakref import WeakSet
 import pytest
 
 from grid_runtime import lifecycle
-from grid_runtime.lifecycle import ChildServer, file_tail, find_executable
+from grid_runtime.lifecycle import ChildServer, file_tail, find_executable, wait_event
 
 #: A child that exits 0 on SIGTERM, the way our servers shut down cleanly.
 _POLITE = ("import signal, sys, time\n"
@@ -74,3 +77,41 @@ def test_file_tail(tmp_path: Path) -> None:
     log.write_text("".join(f"{i}\n" for i in range(10)))
     assert file_tail(log, 3) == "7\n8\n9"
     assert file_tail(tmp_path / "missing") == ""
+
+
+def test_wait_event_says_whether_the_event_came() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        event = asyncio.Event()
+        timed_out = await wait_event(event, 0.01)
+        asyncio.get_running_loop().call_soon(event.set)
+        return timed_out, await wait_event(event, 10.0)
+
+    assert asyncio.run(scenario()) == (False, True)
+
+
+def test_a_loop_on_wait_event_ends_when_cancelled_as_the_event_comes() -> None:
+    """A service loop that sleeps on its event must end when cancelled, even when the cancel lands together with the
+    event (Python 3.11's asyncio.wait_for returns then and drops the cancel: 0-2 iterations after the wake-up the loop
+    ran on for ever)."""
+
+    async def service(event: asyncio.Event) -> None:
+        while True:
+            await wait_event(event, 10.0)
+            event.clear()
+
+    async def scenario() -> None:
+        for spins in range(6):  # the cancel lands 0..5 loop iterations after the event
+            event = asyncio.Event()
+            task = asyncio.create_task(service(event))
+            await asyncio.sleep(0.01)  # waiting on the event
+            event.set()
+            for _ in range(spins):
+                await asyncio.sleep(0)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=2.0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert task in done, f"still running after a cancel {spins} iterations after the event"
+
+    asyncio.run(scenario())

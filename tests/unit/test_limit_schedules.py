@@ -220,6 +220,20 @@ def test_ev_that_cannot_get_its_energy_before_the_cut_is_told_so() -> None:
     assert (told.status, told.reason) == ("updated", Reason.LIMIT_SHORTFALL)
 
 
+def test_a_schedule_that_cuts_a_grant_and_leaves_it_short_says_both() -> None:
+    """A schedule in force at once cuts EV_1 to 3.5 kW for four hours: 25 of its 30 kWh by departure. The EV hears
+    the cut and the shortfall; the answer it is left with (what a redelivery gets) says it falls short."""
+    h = lead_harness(policy="deadline")
+    h.tel("A", capacity_kw=100)
+    h.b.on_request("EV_1", ChargeRequest(requested_kw=11, request_id="r1", energy_kwh=30, departure=T0 + 5 * H),
+                   h.now)
+    _, _, effects = limits(h, "A", (-1, 4 * H, 5))
+    told = answers(effects, "EV_1")
+    assert [a.granted_kw for a in told] == [3.5] * len(told)
+    assert Reason.LIMIT_SHORTFALL in {a.reason for a in told}, told
+    assert h.b.ledger.evs["EV_1"].answer.reason == Reason.LIMIT_SHORTFALL
+
+
 def test_deadline_policy_counts_the_capacity_it_will_have() -> None:
     """Two EVs share 45 kW now (least laxity first). EV_1 needs 120 kWh by T0+6h, EV_2 20 kWh by T0+2h: without a
     schedule EV_2 has less slack (1.5 h against 3 h) and comes first. A cut to 10 kW (9 with margin) from T0+1h to

@@ -57,11 +57,18 @@ def _publish_bytes(topic: str, payload: bytes, qos: int, retain: bool = False, p
     return b"".join(c._sock.sent)
 
 
-def _received(cls: type[paho.Client], data: bytes, protocol: int = paho.MQTTv5) -> tuple[list[tuple[Any, ...]], bytes]:
+def _redelivered(packet: bytes) -> bytes:
+    """The PUBLISH again with its DUP flag set (a broker's redelivery of a QoS 1 message)."""
+    return bytes([packet[0] | 0x08]) + packet[1:]
+
+
+def _received(cls: type[paho.Client], data: bytes, protocol: int = paho.MQTTv5,
+              manual_ack: bool = False) -> tuple[list[tuple[Any, ...]], bytes]:
     """Every message read from ``data`` (topic, payload, qos, retain, dup, mid, correlation data) and the bytes sent
     back (acknowledgements)."""
     sock = FakeSocket(data)
     c = _client(cls, protocol, sock)
+    c.manual_ack_set(manual_ack)
     got: list[tuple[Any, ...]] = []
 
     def on_message(_c: Any, _u: Any, m: paho.MQTTMessage) -> None:
@@ -90,6 +97,7 @@ def test_publishes_are_read_as_paho_reads_them(protocol: int) -> None:
         _publish_bytes("grid/v1/ev/E2/request", b"", 0, protocol=protocol),
         _publish_bytes("grid/v1/sub/S1/status", b"x" * 300, 1, retain=True, protocol=protocol),
         _publish_bytes("t/q2", b"two", 2, protocol=protocol),
+        _redelivered(_publish_bytes("grid/v1/ev/E3/request", b"again", 1, protocol=protocol)),
     ]
     if protocol == paho.MQTTv5:
         packets.append(_publish_bytes("reply/E1/x", b"r", 1, props=_corr(b"c-1"), protocol=protocol))
@@ -99,6 +107,7 @@ def test_publishes_are_read_as_paho_reads_them(protocol: int) -> None:
     assert lean == ref
     assert len(lean) == len(packets) - 1  # the QoS 2 one waits for its PUBREL in both
     assert lean_sent == ref_sent  # the same PUBACKs (and PUBREC), in the same order
+    assert [m[4] for m in lean if m[0] == "grid/v1/ev/E3/request"] == [True]  # the redelivery says so
     if protocol == paho.MQTTv5:
         assert lean[-1][-1] == b"c-1"  # a message with properties still has them
 
@@ -233,3 +242,12 @@ def test_per_topic_callbacks_still_take_their_messages() -> None:
     for _ in range(3):
         c.loop_read()
     assert special == ["a/x"] and general == ["b/y"]
+
+
+def test_with_manual_acks_nothing_is_acknowledged_until_the_application_says_so() -> None:
+    """``manual_ack_set(True)``: a QoS 1 message is handed over and not acknowledged, as in paho."""
+    data = b"".join(_publish_bytes(f"t/{i}", b"p", 1) for i in range(3))
+    lean, lean_sent = _received(LeanClient, data, manual_ack=True)
+    ref, ref_sent = _received(paho.Client, data, manual_ack=True)
+    assert lean == ref and len(lean) == 3
+    assert lean_sent == ref_sent == b""
