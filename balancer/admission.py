@@ -6,8 +6,10 @@ second on average, bursts of ``burst``. A message over the budget is shed before
 possible path, so a flood is drained as fast as it arrives and does not pile up behind a valid request of another
 EV), counted, and answered at most once per ``notice_every_s`` per sender: the sender learns why, and the answers
 cannot become a flood of their own. Memory: a bucket that has refilled is the same as no bucket, so idle ones are
-swept. A message that is refused once read (malformed, invalid, retained ...) is charged ``REFUSED_COST`` tokens:
-honest traffic spends the budget slowly, junk fast. Pure: time is passed in.
+swept; the buckets are kept in the order of their last message, so a sweep reads only the idle ones (a sweep that
+read all of them took 4-10 ms at the bench's 26,000 EVs, a pause in the answers). A message that is refused once
+read (malformed, invalid, retained ...) is charged ``REFUSED_COST`` tokens: honest traffic spends the budget
+slowly, junk fast. Pure: time is passed in.
 """
 
 from __future__ import annotations
@@ -44,12 +46,18 @@ class Admission:
     def __len__(self) -> int:
         return len(self._buckets)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._buckets
+
     def admit(self, key: str, now: float) -> bool:
-        """Take one token from ``key``'s bucket; False when it has none (shed the message)."""
-        bucket = self._buckets.get(key)
+        """Take one token from ``key``'s bucket; False when it has none (shed the message). The bucket moves to the
+        end of the order (``now`` only grows: the monotonic clock)."""
+        buckets = self._buckets
+        bucket = buckets.pop(key, None)
         if bucket is None:
-            self._buckets[key] = _Bucket(self.burst - 1, now)
+            buckets[key] = _Bucket(self.burst - 1, now)
             return True
+        buckets[key] = bucket
         tokens = min(self.burst, bucket.tokens + (now - bucket.at) * self.rate)
         bucket.at = now
         if tokens >= 1:
@@ -76,9 +84,15 @@ class Admission:
         return shed
 
     def sweep(self, now: float) -> None:
-        """Forget buckets that are full again (and have nothing to report): they behave as new ones."""
-        refill_s = self.burst / self.rate
-        full = [key for key, b in self._buckets.items()
-                if now - b.at >= refill_s and now - b.noticed_at >= self.notice_every_s]
+        """Forget buckets that are full again (and have nothing to report): they behave as new ones. Reads the
+        buckets oldest message first and stops at the first that is not full yet (every later one had a message
+        since); a bucket out of order (a clock that stepped back) is only forgotten later, never too early."""
+        refill_s, notice_s = self.burst / self.rate, self.notice_every_s
+        full = []
+        for key, b in self._buckets.items():
+            if now - b.at < refill_s:
+                break
+            if now - b.noticed_at >= notice_s:
+                full.append(key)
         for key in full:
             del self._buckets[key]

@@ -77,6 +77,10 @@ _SHED_KEY = {kind: f"bad_payload:{kind}:{Reason.RATE_LIMITED}" for kind in Topic
 #: ~0.4-1.3 ms in one go).
 _STATE_STEP = 50
 _STATE_SLICE_S = 0.0003
+#: How often the periodic step forgets the admission buckets that are full again: a sweep reads only those
+#: (balancer/admission.py), so the shorter the interval the fewer at once (the bench's 20,000 EVs of a second,
+#: forgotten 5 s later in one go, were a 4-10 ms pause).
+_SWEEP_EVERY_S = 0.5
 _REQUEST_ID_RE = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
 
 
@@ -799,15 +803,15 @@ class BalancerService:
 
     def periodic(self, mono: float, *, states_possible: bool = True) -> bool:
         """The periodic step (every ``tick_interval_s`` of ``run``; bench scale calls it on grid time): the startup
-        gate, the core's tick, the agents' leases, the GC policy, the admission sweep every 5 s. ``mono``: the
-        cadence's clock. True when the retained states are due (every ``state_interval_s``, and only while they can
-        be published): the caller publishes them, in steps or at once."""
+        gate, the core's tick, the agents' leases, the GC policy, the admission sweep (``_SWEEP_EVERY_S``).
+        ``mono``: the cadence's clock. True when the retained states are due (every ``state_interval_s``, and only
+        while they can be published): the caller publishes them, in steps or at once."""
         self._open_when_ready()
         self._publish(self.core.tick(self.clock()))
         self._renew_leases()
         self.gc_step()
         if mono >= self._next_sweep:
-            self._next_sweep = mono + 5.0
+            self._next_sweep = mono + _SWEEP_EVERY_S
             self._ev_admission.sweep(time.monotonic())  # (the buckets are stamped on the monotonic clock)
             self._telemetry_admission.sweep(time.monotonic())
         if mono >= self._next_state and states_possible:

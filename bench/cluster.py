@@ -7,10 +7,11 @@ run. The load client (the EVs and the substations' telemetry) connects to node 1
 every request and every answer crosses the cluster (a QoS 1 message is stored in JetStream, replicated on the
 three nodes, and delivered from there). Phases as in ``python -m bench`` (bench/bench_balancer.py, reused):
 ``bench/echo.py`` answers each request on the EV's assignment topic (the ceiling), then ``python -m balancer``
-(``MQTT_PROTOCOL=3.1.1``). Each phase: a pipelined run (``--window`` in flight) gives answers/s, a paced run at
-``--rate`` gives latency percentiles. Beside the figures: the CPU share (CPU seconds per wall second, 1.0 = one
-core) of the responder, each nats-server and the load generator during the pipelined run: on a 2-core machine
-they compete, and the shares show where the time goes.
+(``MQTT_PROTOCOL=3.1.1``), in ``--rounds`` interleaved rounds (default 1) as there. Each phase: a pipelined run
+(``--window`` in flight) gives answers/s, a paced run at ``--rate`` gives latency percentiles. Beside the
+figures: the CPU share (CPU seconds per wall second, 1.0 = one core) of the responder, each nats-server and the
+load generator during the pipelined run: on a 2-core machine they compete, and the shares show where the time
+goes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.bench_balancer import _phase, add_load_arguments, echo_ratios
+from bench.bench_balancer import _phase, add_load_arguments, echo_ratios, run_rounds
 from bench.report import save_json
 from broker.nats.cluster import LocalCluster
 
@@ -61,10 +62,12 @@ def main(argv: list[str] | None = None) -> int:
                 pids = {f"nats-{n.index + 1}": n.pid for n in cluster.nodes if n.pid is not None}
                 common: dict[str, Any] = {"responder_at": responder_at, "protocol": "3.1.1", "broker_pids": pids,
                                           "settle_s": 2.0}
-                results = [await _phase(load_at, "echo", "paho", args, logs, **common)]
-                for client in args.clients.split(","):
-                    results.append(await _phase(load_at, "balancer", client, args, logs, **common))
-                return results
+
+                async def phase(kind: str, client: str, samples: list[float], round_no: int) -> dict[str, Any]:
+                    return await _phase(load_at, kind, client, args, logs, **common, samples=samples,
+                                        round_no=round_no)
+
+                return await run_rounds(phase, args.clients.split(","), args.rounds)
 
     results = asyncio.run(run())
     _print(results, args)

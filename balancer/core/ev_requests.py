@@ -66,8 +66,7 @@ class EvRequests:
         reserved = self.queue_service.head_reserved(now)
         if not reserved:
             placed = self.placement.place(req, now)
-            if placed is not None:
-                ledger.evs[ev_id] = EvState(req, ledger.answer(req, "queued", now))
+            if placed is not None:  # (start_effects files the EV's state with its answer)
                 return placed[1] + self.book.start_effects(placed[0], now, in_reply=True)
         if queue.full():
             return [ledger.reject(ev_id, request_id, Reason.QUEUE_FULL,

@@ -78,13 +78,13 @@ class Session(msgspec.Struct, gc=False):
 
     def expected_end(self) -> float | None:
         """When the session should end at its current grant (energy or duration, whichever is first)."""
-        ends = []
-        if self.request.duration_minutes is not None:
-            ends.append(self.started_at + self.request.duration_minutes * 60)
-        remaining = self.remaining_wh()
-        if remaining is not None and self.granted_w > 0:
-            ends.append(self.accounted_at + remaining / self.granted_w * 3600)
-        return min(ends) if ends else None
+        minutes = self.request.duration_minutes
+        end = None if minutes is None else self.started_at + minutes * 60
+        if self.granted_w > 0 and (remaining := self.remaining_wh()) is not None:
+            by_energy = self.accounted_at + remaining / self.granted_w * 3600
+            if end is None or by_energy < end:
+                end = by_energy
+        return end
 
 
 

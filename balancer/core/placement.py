@@ -25,6 +25,8 @@ class Placement:
         self._rated: SortedList = SortedList()
         self._open_capacities: SortedList = SortedList()
         self._filed: dict[str, tuple[int, int, bool]] = {}  # id -> (rated_w, capacity_w, draining)
+        #: their largest limits (rated, open now), read per request: set when the multisets change
+        self._largest: tuple[int | None, int | None] = (None, None)
 
     def refresh(self, now: float) -> None:
         """Refile the substations touched since the last look (in the policy's index and the capacities)."""
@@ -32,13 +34,16 @@ class Placement:
         if not st.touched:
             return
         touched, st.touched = st.touched, set()
+        subs, refile, filed_by_id = st.substations, self.policy.refile, self._filed
+        moved = False
         for sid in touched:
-            sub = st.substations.get(sid)
-            self.policy.refile(sid, sub, now)
+            sub = subs.get(sid)
+            refile(sid, sub, now)
             filed = None if sub is None else (sub.rated_w(), sub.capacity_w, sub.draining)
-            old = self._filed.get(sid)
+            old = filed_by_id.get(sid)
             if filed == old:
                 continue  # (most touches: a placement or telemetry moves no capacity)
+            moved = True
             if old is not None:
                 del self._filed[sid]
                 if old[0] > 0:
@@ -52,15 +57,17 @@ class Placement:
                 if not draining:
                     self._open_capacities.add(capacity)
                 self._filed[sid] = filed
+        if moved:
+            margin = st.config.safety_margin_pct
+            self._largest = (Substation.limit_for(self._rated[-1], margin) if self._rated else None,
+                             Substation.limit_for(self._open_capacities[-1], margin) if self._open_capacities
+                             else None)
 
     def largest_limit_w(self, now: float, *, open_only: bool = False) -> int | None:
         """The largest substation limit: rated (a limit schedule passes), or with ``open_only`` the largest now of
         those not draining. None: no substation."""
         self.refresh(now)
-        capacities = self._open_capacities if open_only else self._rated
-        if not capacities:
-            return None
-        return Substation.limit_for(capacities[-1], self.state.config.safety_margin_pct)
+        return self._largest[1] if open_only else self._largest[0]
 
     def place(self, req: PendingRequest, now: float) -> tuple[Session, list[Effect]] | None:
         """Choose a substation and a grant by the policy. Returns the new session and the reductions of

@@ -27,13 +27,13 @@ class RequestQueue:
         self._by_ev: dict[str, PendingRequest] = {}
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._by_ev)  # (the same count as the keys', without SortedList.__len__'s Python call)
 
     def __contains__(self, ev_id: str) -> bool:
         return ev_id in self._by_ev
 
     def full(self) -> bool:
-        return len(self._keys) >= self.maxlen
+        return len(self._by_ev) >= self.maxlen
 
     def push(self, req: PendingRequest, *, force: bool = False) -> int:
         """Insert and return the 1-based position. ``force`` admits beyond ``maxlen`` (for requests
@@ -47,7 +47,7 @@ class RequestQueue:
         return self._keys.bisect_left(key) + 1
 
     def head(self) -> PendingRequest | None:
-        return self._by_ev[self._keys[0][2]] if self._keys else None
+        return self._by_ev[self._keys[0][2]] if self._by_ev else None
 
     def at(self, index: int) -> PendingRequest:
         """The request at 0-based ``index`` in line."""

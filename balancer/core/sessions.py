@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from balancer.core import limit_effects
 from balancer.core.effects import Effect, ToEv, ToSubstation
-from balancer.core.ledger import Ledger
+from balancer.core.ledger import EvState, Ledger
 from balancer.core.model import PendingRequest, Session, Substation, w_to_kw
 from balancer.core.shares import ShareTables
 from balancer.core.state import CoreState
@@ -26,47 +26,55 @@ class SessionBook:
         return session
 
     def attach(self, sub: Substation, session: Session) -> None:
-        sub.sessions[session.session_id] = session
+        st, sid, req = self.state, session.session_id, session.request
+        sub.sessions[sid] = session
         sub.granted_w += session.granted_w
-        sub.requested_w += session.request.requested_w
-        sub.floors_w += session.request.min_w
-        self.state.sessions[session.session_id] = session
-        self.state.ends.update(session)
-        self.state.touch(sub)
+        sub.requested_w += req.requested_w
+        sub.floors_w += req.min_w
+        st.sessions[sid] = session
+        st.ends.update(session)
+        st.touched.add(sub.id)  # (CoreState.touch: once per placement, so inlined)
         sub.shares_version += 1
         if self.shares is not None:
             self.shares.attach(session)
 
     def remove(self, session: Session) -> None:
-        sub = self.state.substations[session.substation_id]
-        if sub.sessions.pop(session.session_id, None) is not None:
+        st, sid = self.state, session.session_id
+        sub = st.substations[session.substation_id]
+        if sub.sessions.pop(sid, None) is not None:
+            req = session.request
             sub.granted_w -= session.granted_w
-            sub.requested_w -= session.request.requested_w
-            sub.floors_w -= session.request.min_w
+            sub.requested_w -= req.requested_w
+            sub.floors_w -= req.min_w
             if self.shares is not None:
                 self.shares.remove(session)
-        self.state.sessions.pop(session.session_id, None)
-        self.state.ends.discard(session.session_id)
-        self.state.touch(sub)
+        st.sessions.pop(sid, None)
+        st.ends.discard(sid)
+        st.touched.add(sub.id)
         sub.shares_version += 1
-        self.ledger.session_ended(session.session_id)
+        self.ledger.session_ended(sid)
 
     def start_effects(self, session: Session, now: float, *, in_reply: bool) -> list[Effect]:
-        req = session.request
-        partial = session.granted_w < req.requested_w
-        short = limit_effects.shortfall(self.state, session, now)  # told at once when scheduled limits keep it short
+        req, sid, granted_w = session.request, session.session_id, session.granted_w
+        ev_id = req.ev_id
+        partial = granted_w < req.requested_w
+        # told at once when scheduled limits keep it short (only a substation with a schedule can)
+        short = limit_effects.shortfall(self.state, session, now) if self.state.schedules else None
         answer = self.ledger.answer(req, "assigned", now, session=session,
                                     reason=Reason.LIMIT_SHORTFALL if short else Reason.PARTIAL_GRANT if partial
                                     else None,
                                     detail=short or ("less than requested is available" if partial else None))
-        state = self.ledger.evs[req.ev_id]
-        state.answer = answer
-        state.session_id = session.session_id
+        state = self.ledger.evs.get(ev_id)
+        if state is None:  # placed as it came: its first answer
+            self.ledger.evs[ev_id] = EvState(req, answer, sid)
+        else:
+            state.answer = answer
+            state.session_id = sid
         self.state.counters["assigned"] += 1
         command = self.start_command(session, now)
         # Decision order; the service batches agent commands per substation and publishes them after
         # the EV answers of the same pass (see balancer.service).
-        return [ToSubstation(session.substation_id, command), ToEv(req.ev_id, answer, in_reply)]
+        return [ToSubstation(session.substation_id, command), ToEv(ev_id, answer, in_reply)]
 
     @staticmethod
     def start_command(session: Session, ts: float) -> SessionCommand:

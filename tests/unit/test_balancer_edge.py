@@ -64,6 +64,30 @@ def test_sweep_forgets_refilled_buckets_only() -> None:
     assert len(a) == 1
 
 
+def test_sweep_forgets_idle_buckets_behind_one_that_sent_again() -> None:
+    """The first sender sends again: its bucket is not full, the idle one it arrived before is forgotten."""
+    a = Admission(rate=10, burst=10)
+    a.admit("A", 0.0)
+    a.admit("B", 0.5)
+    a.admit("A", 1.2)
+    a.sweep(1.6)
+    assert "A" in a and "B" not in a and len(a) == 1
+    a.sweep(2.2)
+    assert len(a) == 0
+
+
+def test_sweep_keeps_a_bucket_with_a_notice_pending_and_forgets_the_idle_ones_after_it() -> None:
+    a = Admission(rate=10, burst=1, notice_every_s=5.0)  # full again after 0.1 s, a notice at most every 5 s
+    a.admit("FLOODER", 0.0)
+    assert not a.admit("FLOODER", 0.0)
+    assert a.notice_due("FLOODER", 0.0) == 1
+    a.admit("IDLE", 0.5)
+    a.sweep(1.0)
+    assert "FLOODER" in a and "IDLE" not in a
+    a.sweep(5.0)
+    assert len(a) == 0
+
+
 # ---------------------------------------------------------------------------- startup gate
 
 

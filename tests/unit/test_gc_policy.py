@@ -22,9 +22,12 @@ from tests.unit.test_substation_agent_unit import FakeTransport
 
 @pytest.fixture(autouse=True)
 def unfrozen() -> Iterator[None]:
-    """Each test starts and ends with nothing frozen (the test process is not a balancer)."""
+    """Each test starts and ends with nothing frozen and the interpreter's thresholds (the test process is not a
+    balancer)."""
+    thresholds = gc.get_threshold()
     gc.unfreeze()
     yield
+    gc.set_threshold(*thresholds)
     gc.unfreeze()
     gc.collect()
 
@@ -50,6 +53,18 @@ def test_start_freezes_everything_alive_once_per_process() -> None:
     frozen = gc.get_freeze_count()
     policy.start(100.5)  # a second region's service starting: done already
     assert policy.freezes == 1 and gc.get_freeze_count() >= frozen
+
+
+def test_start_sets_the_young_threshold_and_keeps_the_older_ones() -> None:
+    older = gc.get_threshold()[1:]
+    GcPolicy(young_threshold=20_000).start(0.0)
+    assert gc.get_threshold() == (20_000, *older)
+
+
+def test_no_young_threshold_leaves_the_thresholds_alone() -> None:
+    gc.set_threshold(700, 10, 10)
+    GcPolicy(young_threshold=None).start(0.0)
+    assert gc.get_threshold() == (700, 10, 10)
 
 
 def test_the_periodic_step_freezes_what_survived_when_due() -> None:

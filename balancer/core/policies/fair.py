@@ -32,9 +32,12 @@ class _Compressible:
     def __init__(self, config: CoreConfig) -> None:
         self.config = config
         margin, stale = config.safety_margin_pct, config.stale_after_s
-        self.index = SubstationIndex(order=lambda s: (s.base_load_w + s.requested_w, s.id),
-                                     room=lambda s, now: compressible_room_w(s, now, margin, stale),
-                                     stale_after_s=stale)
+
+        def entry(s: Substation, now: float) -> tuple[int, tuple[int, str]] | None:
+            room = compressible_room_w(s, now, margin, stale)
+            return (room, (s.base_load_w + s.requested_w, s.id)) if room > 0 else None
+
+        self.index = SubstationIndex(entry=entry, stale_after_s=stale)
 
     def refile(self, substation_id: str, sub: Substation | None, now: float) -> None:
         self.index.refile(substation_id, sub, now)
@@ -43,6 +46,8 @@ class _Compressible:
               now: float) -> tuple[Substation, int | None] | None:
         """Where a squeezed-in session can get its minimum, the substation whose demand is lowest relative to
         its limit: the new EV will get the most there. In a class the first with room enough is its best."""
+        if self.index.max_room_w(substations, now) < req.min_w:
+            return None  # (fits nowhere: one look, where the search below would walk every member of every class)
         margin = self.config.safety_margin_pct
         best: tuple[float, str] | None = None
         choice: Substation | None = None

@@ -4,8 +4,9 @@ grid: refiled when a substation's numbers change (its id in ``CoreState.touched`
 Substations are grouped by capacity; within a group they are ordered by the policy's key, so a group's best
 candidate is its first and a placement looks at one entry per capacity class (a real grid has a handful:
 transformer sizes), not at every substation. A second order holds every substation by its room, the most
-first (the most any new session could get now). Telemetry going stale is a matter of time, not of an event:
-an entry found stale is dropped when a query meets it, and refiled by the next telemetry.
+first (the most any new session could get now), unless the groups are ordered by room already (``by_room``).
+Telemetry going stale is a matter of time, not of an event: an entry found stale is dropped when a query meets
+it, and refiled by the next telemetry.
 
 Upkeep is per refile, so it must cost less than the scan it replaces even on a grid of four: every placement and
 most telemetry move a substation's key, but rarely past a neighbour's. The orders are plain lists kept sorted
@@ -22,21 +23,23 @@ from typing import Any
 from balancer.core.model import Substation
 
 #: a substation's order within its capacity group; the last element is its id
-OrderKey = Callable[[Substation], tuple[int, str]]
-#: what a new session could get there now (0 or less: not filed)
-Room = Callable[[Substation, float], int]
+OrderKey = tuple[int, str]
+#: what a new session could get there now and its order key, in one call (a refile runs per placement and per
+#: telemetry message: both come from the same few numbers); None when nothing could be placed there
+Entry = Callable[[Substation, float], "tuple[int, OrderKey] | None"]
 
 
 class SubstationIndex:
-    __slots__ = ("_filed", "_groups", "_order", "_room", "_rooms", "stale_after_s")
+    __slots__ = ("_entry", "_filed", "_groups", "_rooms", "stale_after_s")
 
-    def __init__(self, order: OrderKey, room: Room, stale_after_s: float) -> None:
-        self._order = order
-        self._room = room
+    def __init__(self, entry: Entry, stale_after_s: float, *, by_room: bool = False) -> None:
+        """``by_room``: the order key is ``(-room, id)``, so each group's first fresh member is also its most
+        room, and the most room anywhere is the most among the group heads: no second order to keep."""
+        self._entry = entry
         self.stale_after_s = stale_after_s
-        self._groups: dict[int, list[tuple[int, str]]] = {}  # capacity_w -> order keys, sorted
-        self._rooms: list[tuple[int, str]] = []  # (-room, id), sorted
-        self._filed: dict[str, tuple[int, tuple[int, str], int]] = {}  # id -> (capacity_w, order key, room)
+        self._groups: dict[int, list[OrderKey]] = {}  # capacity_w -> order keys, sorted
+        self._rooms: list[tuple[int, str]] | None = None if by_room else []  # (-room, id), sorted
+        self._filed: dict[str, tuple[int, OrderKey, int]] = {}  # id -> (capacity_w, order key, room)
 
     def __len__(self) -> int:
         return len(self._filed)
@@ -44,8 +47,8 @@ class SubstationIndex:
     def refile(self, substation_id: str, sub: Substation | None, now: float) -> None:
         """File ``sub`` at its current numbers (``None``: it is gone)."""
         old = self._filed.get(substation_id)
-        room = 0 if sub is None else self._room(sub, now)
-        if room <= 0 or sub is None:
+        entry = None if sub is None else self._entry(sub, now)
+        if entry is None or sub is None:
             if old is not None:
                 del self._filed[substation_id]
                 capacity, key, old_room = old
@@ -53,13 +56,16 @@ class SubstationIndex:
                 _remove(group, key)
                 if not group:
                     del self._groups[capacity]
-                _remove(self._rooms, (-old_room, substation_id))
+                if self._rooms is not None:
+                    _remove(self._rooms, (-old_room, substation_id))
             return
-        key = self._order(sub)
+        room, key = entry
         capacity = sub.capacity_w
+        rooms = self._rooms
         if old is None:
             insort(self._groups.setdefault(capacity, []), key)
-            insort(self._rooms, (-room, substation_id))
+            if rooms is not None:
+                insort(rooms, (-room, substation_id))
         else:
             old_capacity, old_key, old_room = old
             if old_capacity == capacity and old_key == key and old_room == room:
@@ -72,8 +78,8 @@ class SubstationIndex:
                 if not group:
                     del self._groups[old_capacity]
                 insort(self._groups.setdefault(capacity, []), key)
-            if old_room != room:
-                _move(self._rooms, (-old_room, substation_id), (-room, substation_id))
+            if old_room != room and rooms is not None:
+                _move(rooms, (-old_room, substation_id), (-room, substation_id))
         self._filed[substation_id] = (capacity, key, room)
 
     def room_w(self, substation_id: str) -> int:
@@ -82,26 +88,38 @@ class SubstationIndex:
     def _fresh(self, substation_id: str, subs: Mapping[str, Substation], now: float) -> bool:
         """Still fresh; a stale one is dropped (its next telemetry refiles it)."""
         sub = subs.get(substation_id)
-        if sub is not None and sub.is_fresh(now, self.stale_after_s):
-            return True
+        if sub is not None and (at := sub.last_telemetry_at) is not None and now - at <= self.stale_after_s:
+            return True  # (Substation.is_fresh, inlined: a query checks one or two per placement)
         self.refile(substation_id, None, now)
         return False
 
     def max_room_w(self, subs: Mapping[str, Substation], now: float) -> int:
-        while self._rooms:
-            neg_room, sid = self._rooms[0]
+        rooms = self._rooms
+        if rooms is None:
+            most = 0
+            for _, room in self.group_heads(subs, now):
+                if room > most:
+                    most = room
+            return most
+        while rooms:
+            neg_room, sid = rooms[0]
             if self._fresh(sid, subs, now):
-                return -int(neg_room)
+                return -neg_room
         return 0
 
-    def group_heads(self, subs: Mapping[str, Substation], now: float) -> Iterator[str]:
-        """Each capacity group's first fresh substation."""
-        for capacity in list(self._groups):
-            while (group := self._groups.get(capacity)) is not None:
+    def group_heads(self, subs: Mapping[str, Substation], now: float) -> list[tuple[str, int]]:
+        """Each capacity group's first fresh substation, with its room."""
+        heads = []
+        filed, stale_after_s = self._filed, self.stale_after_s
+        for group in list(self._groups.values()):
+            while group:  # (a stale head's refile deletes it from this same list)
                 sid = group[0][-1]
-                if self._fresh(sid, subs, now):
-                    yield sid
+                sub = subs.get(sid)
+                if sub is not None and (at := sub.last_telemetry_at) is not None and now - at <= stale_after_s:
+                    heads.append((sid, filed[sid][2]))
                     break
+                self.refile(sid, None, now)
+        return heads
 
     def group_members(self, subs: Mapping[str, Substation], now: float) -> Iterator[Iterator[str]]:
         """Each capacity group's fresh substations, in order (stale ones met are dropped afterwards)."""

@@ -4,12 +4,13 @@ equal share as the balancer rebalances."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from balancer.core.allocation import equal_share
 from balancer.core.model import PendingRequest, Session, Substation
-from balancer.core.policies.index import SubstationIndex
+from balancer.core.policies.index import Entry, SubstationIndex
 from balancer.core.policies.names import PolicyName
 
 if TYPE_CHECKING:
@@ -31,9 +32,8 @@ class LeastUtilised:
 
     def __init__(self, config: CoreConfig) -> None:
         self.config = config
-        margin, stale = config.safety_margin_pct, config.stale_after_s
-        self.index = SubstationIndex(order=lambda s: (_committed_w(s) - s.limit_w(margin), s.id),
-                                     room=lambda s, now: s.placeable_w(now, margin, stale), stale_after_s=stale)
+        self.index = SubstationIndex(entry=_entry(config.safety_margin_pct, config.stale_after_s),
+                                     stale_after_s=config.stale_after_s, by_room=True)
 
     def refile(self, substation_id: str, sub: Substation | None, now: float) -> None:
         self.index.refile(substation_id, sub, now)
@@ -44,12 +44,12 @@ class LeastUtilised:
         (the band counted), then id."""
         best: tuple[int, float, str] | None = None
         choice: tuple[Substation, int | None] | None = None
-        for sid in self.index.group_heads(substations, now):
-            headroom = self.index.room_w(sid)
-            if headroom < req.min_w:
+        min_w, requested_w = req.min_w, req.requested_w
+        for sid, headroom in self.index.group_heads(substations, now):
+            if headroom < min_w:
                 continue
             sub = substations[sid]
-            grant = min(req.requested_w, headroom)
+            grant = requested_w if requested_w < headroom else headroom
             key = (-grant, (_committed_w(sub) + grant) / sub.capacity_w, sid)
             if best is None or key < best:
                 best, choice = key, (sub, grant)
@@ -67,6 +67,27 @@ class LeastUtilised:
 
     def forget(self, substation_id: str) -> None:
         pass
+
+
+def _entry(margin_pct: float, stale_after_s: float) -> Entry:
+    """The index's entry for a substation: its room beyond the band (``Substation.placeable_w``) and its order
+    (the most room first: what it carries, the band counted, less its limit), from one read of its numbers.
+    ``placeable_w`` stays the definition (``scan.least_utilised`` and the property tests hold the index to it);
+    this runs per refile, i.e. per placement and per telemetry message."""
+    keep = 1 - margin_pct / 100  # (Substation.limit_w: the same float expression, so the same watts)
+
+    def entry(sub: Substation, now: float) -> tuple[int, tuple[int, str]] | None:
+        at = sub.last_telemetry_at
+        if (at is None or now - at > stale_after_s or sub.status == "offline" or sub.lost
+                or sub.draining):
+            return None  # (not available: no headroom)
+        noise = sub.noise_w
+        committed = (max(sub.base_load_w, sub.load_w - sub.granted_at_telemetry_w) + sub.granted_w
+                     + (0 if noise is None else math.ceil(noise)))
+        limit = math.floor(sub.capacity_w * keep)
+        room = limit - committed
+        return (room, (-room, sub.id)) if room > 0 else None
+    return entry
 
 
 def _committed_w(sub: Substation) -> int:
