@@ -383,6 +383,33 @@ QUIET_OPS = st.lists(st.tuples(st.sampled_from(["request", "release", "time", "t
                      min_size=20, max_size=120)
 
 
+def _fill_then_churn(cores: list[Balancer], subs: list[tuple[str, float, float, float]],
+                     ops: list[tuple[str, int, float]], noise: list[float], *, full: int) -> None:
+    """Drive ``cores`` in lockstep: ``full`` requests of 22 kW (more asked for than there is), then ``ops``
+    (requests, releases, seconds in which every substation reports a base load wandered by ``noise``); no step may
+    leave a substation over its limit."""
+    now = T0
+    both = _lockstep(cores)
+    feed = _Reporting(cores, both, subs, now)
+    for evs in range(full):
+        both("on_request", f"F{evs}", ChargeRequest(request_id="r", requested_kw=22.0, min_kw=1.4,
+                                                   duration_minutes=600, priority=evs % 2), now)
+    evs = 0
+    for k, (op, pick, kw) in enumerate(ops):
+        if op == "request":
+            evs += 1
+            both("on_request", f"EV{evs}", ChargeRequest(request_id="r", requested_kw=kw, min_kw=1.4,
+                                                         duration_minutes=600, priority=pick % 3), now)
+        elif op == "release" and cores[0]._evs:
+            ev = sorted(cores[0]._evs)[pick % len(cores[0]._evs)]
+            both("on_release", ev, Release(), now)
+        else:
+            now += 1
+            feed.wander(noise, k, now)
+            both("tick", now)
+        assert not cores[0].violations()
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(grid=st.one_of(SMALL_GRIDS, WHOLE_GRIDS), ops=QUIET_OPS,
        noise=st.lists(st.integers(-400, 400).map(lambda w: w / 1000), min_size=1, max_size=8),
@@ -405,27 +432,38 @@ def test_passes_proved_idle_would_have_cut_nobody(
         return out
 
     cores[0].rebalancer._no_cuts = counting  # type: ignore[method-assign]
-    now = T0
-    both = _lockstep(cores)
-    feed = _Reporting(cores, both, subs, now)
-    for evs in range(12):  # full: more asked for than there is
-        both("on_request", f"F{evs}", ChargeRequest(request_id="r", requested_kw=22.0, min_kw=1.4,
-                                                   duration_minutes=600, priority=evs % 2), now)
-    evs = 0
-    for k, (op, pick, kw) in enumerate(ops):
-        if op == "request":
-            evs += 1
-            both("on_request", f"EV{evs}", ChargeRequest(request_id="r", requested_kw=kw, min_kw=1.4,
-                                                         duration_minutes=600, priority=pick % 3), now)
-        elif op == "release" and cores[0]._evs:
-            ev = sorted(cores[0]._evs)[pick % len(cores[0]._evs)]
-            both("on_release", ev, Release(), now)
-        else:
-            now += 1
-            feed.wander(noise, k, now)
-            both("tick", now)
-        assert not cores[0].violations()
+    _fill_then_churn(cores, subs, ops, noise, full=12)
     # (whether it was taken depends on the draw; over the examples it is, often: see the test below)
+
+
+def _ten_minutes_on_one_substation(cores: list[Balancer], step_kw: Callable[[int], float]) -> int:
+    """Substation A (250 kW, 40 kW of base load moving by ``step_kw(second)`` each second) reports for ten minutes
+    while three EVs arrive every ten seconds and, after the first 200 s, the longest-charging one leaves every ten:
+    every call's effects are the same in both cores. Returns how many effects there were."""
+    now, base, effects = T0, 40.0, 0
+    for seq in range(600):
+        if seq == 0:
+            for b in cores:
+                b.on_status("A", "online", now)
+        if seq == 0 or seq % 10 == 5:
+            for i in range(3):
+                out = [b.on_request(f"E{seq}-{i}", ChargeRequest(request_id="r", requested_kw=(7.4, 11.0, 22.0)[i % 3],
+                                                                 min_kw=1.4, duration_minutes=600), now)
+                       for b in cores]
+                assert out[0] == out[1]
+        if seq % 10 == 9 and seq > 200:  # the longest-charging EV leaves: power frees, grants rise, the queue moves
+            ev = min(cores[0]._evs, key=lambda e: cores[0]._evs[e].request.arrival)
+            out = [b.on_release(ev, Release(), now) for b in cores]
+            assert out[0] == out[1]
+        base += step_kw(seq)
+        granted = cores[0].substations["A"].granted_w / 1000 if "A" in cores[0].substations else 0.0
+        msg = Telemetry(substation_id="A", ts=now, seq=seq, capacity_kw=250.0, load_kw=base + granted,
+                        base_load_kw=base, ev_load_kw=granted, active_sessions=0)
+        out = [b.on_telemetry(msg, now) for b in cores]
+        assert out[0] == out[1], seq
+        effects += len(out[0])
+        now += 1
+    return effects
 
 
 def test_the_no_cuts_proof_is_taken_and_decides_as_every_session_pass() -> None:
@@ -443,29 +481,7 @@ def test_the_no_cuts_proof_is_taken_and_decides_as_every_session_pass() -> None:
         return out
 
     cores[0].rebalancer._no_cuts = counting  # type: ignore[method-assign]
-    now, base, effects = T0, 40.0, 0
-    for seq in range(600):
-        if seq == 0 or seq % 10 == 5:
-            for i in range(3):
-                out = [b.on_request(f"E{seq}-{i}", ChargeRequest(request_id="r", requested_kw=(7.4, 11.0, 22.0)[i % 3],
-                                                                 min_kw=1.4, duration_minutes=600), now)
-                       for b in cores]
-                assert out[0] == out[1]
-        if seq % 10 == 9 and seq > 200:  # the longest-charging EV leaves: power frees, grants rise, the queue moves
-            ev = min(cores[0]._evs, key=lambda e: cores[0]._evs[e].request.arrival)
-            out = [b.on_release(ev, Release(), now) for b in cores]
-            assert out[0] == out[1]
-        base += 0.8 * ((seq * 7919) % 3 - 1)
-        granted = cores[0].substations["A"].granted_w / 1000 if "A" in cores[0].substations else 0.0
-        msg = Telemetry(substation_id="A", ts=now, seq=seq, capacity_kw=250.0, load_kw=base + granted,
-                        base_load_kw=base, ev_load_kw=granted, active_sessions=0)
-        if seq == 0:
-            for b in cores:
-                b.on_status("A", "online", now)
-        out = [b.on_telemetry(msg, now) for b in cores]
-        assert out[0] == out[1], seq
-        effects += len(out[0])
-        now += 1
+    effects = _ten_minutes_on_one_substation(cores, lambda seq: 0.8 * ((seq * 7919) % 3 - 1))
     assert not cores[0].violations()
     assert effects > 100 and looked[0] > 100 and proved[0] >= 20, (effects, looked, proved)
 
@@ -641,26 +657,7 @@ def test_passes_memo_skips_would_have_changed_nothing(
     policy, subs = grid
     config = dataclasses.replace(CoreConfig(), policy=policy, min_hold_s=hold, hysteresis_kw=hysteresis)
     cores, _ = _memo_against_every_session_pass(config)
-    now = T0
-    both = _lockstep(cores)
-    feed = _Reporting(cores, both, subs, now)
-    for evs in range(8):  # full: more asked for than there is
-        both("on_request", f"F{evs}", ChargeRequest(request_id="r", requested_kw=22.0, min_kw=1.4,
-                                                   duration_minutes=600, priority=evs % 2), now)
-    evs = 0
-    for k, (op, pick, kw) in enumerate(ops):
-        if op == "request":
-            evs += 1
-            both("on_request", f"EV{evs}", ChargeRequest(request_id="r", requested_kw=kw, min_kw=1.4,
-                                                         duration_minutes=600, priority=pick % 3), now)
-        elif op == "release" and cores[0]._evs:
-            ev = sorted(cores[0]._evs)[pick % len(cores[0]._evs)]
-            both("on_release", ev, Release(), now)
-        else:
-            now += 1
-            feed.wander(noise, k, now)
-            both("tick", now)
-        assert not cores[0].violations()
+    _fill_then_churn(cores, subs, ops, noise, full=8)
 
 
 @pytest.mark.parametrize("hold_s", [2.0, 10.0])
@@ -669,29 +666,8 @@ def test_the_memo_is_taken_and_decides_as_every_session_pass(hold_s: float) -> N
     session: many passes are skipped as settled (the memo taken), others change grants (some after a hold ends),
     and every effect is the one of the core that never skips."""
     cores, skipped = _memo_against_every_session_pass(dataclasses.replace(CoreConfig(), min_hold_s=hold_s))
-    now, base, effects = T0, 40.0, 0
-    for seq in range(600):
-        if seq == 0:
-            for b in cores:
-                b.on_status("A", "online", now)
-        if seq == 0 or seq % 10 == 5:
-            for i in range(3):
-                out = [b.on_request(f"E{seq}-{i}", ChargeRequest(request_id="r", requested_kw=(7.4, 11.0, 22.0)[i % 3],
-                                                                 min_kw=1.4, duration_minutes=600), now)
-                       for b in cores]
-                assert out[0] == out[1]
-        if seq % 10 == 9 and seq > 200:  # the longest-charging EV leaves: power frees, grants rise
-            ev = min(cores[0]._evs, key=lambda e: cores[0]._evs[e].request.arrival)
-            out = [b.on_release(ev, Release(), now) for b in cores]
-            assert out[0] == out[1]
-        base += (0.3, -0.3, 0.7, -0.7, 0.0, 2.0, -2.0)[(seq * 7919) % 7]
-        granted = cores[0].substations["A"].granted_w / 1000 if "A" in cores[0].substations else 0.0
-        msg = Telemetry(substation_id="A", ts=now, seq=seq, capacity_kw=250.0, load_kw=base + granted,
-                        base_load_kw=base, ev_load_kw=granted, active_sessions=0)
-        out = [b.on_telemetry(msg, now) for b in cores]
-        assert out[0] == out[1], seq
-        effects += len(out[0])
-        now += 1
+    effects = _ten_minutes_on_one_substation(
+        cores, lambda seq: (0.3, -0.3, 0.7, -0.7, 0.0, 2.0, -2.0)[(seq * 7919) % 7])
     assert not cores[0].violations()
     assert effects > 100 and skipped[0] >= 20, (effects, skipped)
 

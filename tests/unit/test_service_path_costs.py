@@ -15,11 +15,9 @@ from balancer.core.effects import Effect
 from balancer.core.model import Substation
 from balancer.core.rebalancing import ByClass
 from balancer.core.shares import ShareTable
-from balancer.service import BalancerService
-from balancer.settings import BalancerSettings
 from grid_protocol import ChargeRequest, Release, Telemetry
 from tests.unit.test_core_indexes import _against_every_session_pass, _lockstep
-from tests.unit.test_substation_agent_unit import FakeTransport
+from tests.unit.test_state_encoding import service_with_sessions
 
 T0 = 1_700_000_000.0
 P = "grid/v1"
@@ -79,15 +77,7 @@ def test_queue_updates_tell_what_every_answer_built_afresh_tells(steps: list[tup
 def test_a_rebuilt_session_list_reencodes_only_its_new_views() -> None:
     """One session's grant changes: the list is rebuilt and only that session's view is encoded again."""
     clock = [1000.0]
-    transport = FakeTransport()
-    svc = BalancerService(BalancerSettings(startup_wait_s=0, ev_burst=1000), transport,
-                          clock=lambda: clock[0])  # type: ignore[arg-type]
-    transport.deliver(f"{P}/substation/A/telemetry", json.dumps({
-        "substation_id": "A", "ts": clock[0], "seq": 1, "capacity_kw": 500, "load_kw": 0, "base_load_kw": 0,
-        "ev_load_kw": 0, "active_sessions": 0}).encode())
-    for i in range(5):
-        transport.deliver(f"{P}/ev/EV{i}/request", json.dumps(
-            {"request_id": f"r{i}", "requested_kw": 11, "energy_kwh": 20}).encode())
+    svc, transport = service_with_sessions(5, clock)
     topic = f"{P}/substation/A/state"
     svc.publish_states(clock[0])
     first = svc._state_sent[topic]

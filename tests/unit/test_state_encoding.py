@@ -142,21 +142,28 @@ def test_an_unchanged_session_list_is_encoded_once_and_spliced() -> None:
     assert json.loads(state.payload)["sessions"][0]["ev_id"] == "EV1"
 
 
-@settings(max_examples=40, deadline=None)
-@given(changes=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 22_000), st.sampled_from([0.0, 0.0, 5.0])),
-                        max_size=20))
-def test_kept_session_views_are_rebuilt_only_where_a_session_changed(changes: list[tuple[int, int, float]]) -> None:
-    """A rebuilt list reuses each unchanged session's view and rebuilds the changed ones: equal to a fresh build."""
-    clock = [1000.0]
+def service_with_sessions(n: int, clock: list[float], **request: object) -> tuple[BalancerService, FakeTransport]:
+    """A service on an in-memory transport, its clock ``clock[0]``, with substation A (500 kW) reporting and ``n``
+    EVs charging there at 11 kW (``request``: more fields of their requests)."""
     transport = FakeTransport()
     svc = BalancerService(BalancerSettings(startup_wait_s=0, ev_burst=1000), transport,
                           clock=lambda: clock[0])  # type: ignore[arg-type]
     transport.deliver(f"{P}/substation/A/telemetry", json.dumps({
         "substation_id": "A", "ts": clock[0], "seq": 1, "capacity_kw": 500, "load_kw": 0, "base_load_kw": 0,
         "ev_load_kw": 0, "active_sessions": 0}).encode())
-    for i in range(8):
+    for i in range(n):
         transport.deliver(f"{P}/ev/EV{i}/request", json.dumps(
-            {"request_id": f"r{i}", "requested_kw": 11, "energy_kwh": 20, "duration_minutes": 60}).encode())
+            {"request_id": f"r{i}", "requested_kw": 11, "energy_kwh": 20, **request}).encode())
+    return svc, transport
+
+
+@settings(max_examples=40, deadline=None)
+@given(changes=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 22_000), st.sampled_from([0.0, 0.0, 5.0])),
+                        max_size=20))
+def test_kept_session_views_are_rebuilt_only_where_a_session_changed(changes: list[tuple[int, int, float]]) -> None:
+    """A rebuilt list reuses each unchanged session's view and rebuilds the changed ones: equal to a fresh build."""
+    clock = [1000.0]
+    svc, _ = service_with_sessions(8, clock, duration_minutes=60)
     sub = svc.core.substations["A"]
     sessions = list(sub.sessions.values())
     assert len(sessions) == 8
