@@ -51,6 +51,7 @@ from grid_protocol import (
     encode,
     is_valid_id,
 )
+from grid_protocol.ids import REQUEST_ID_PATTERN
 from grid_protocol.lease import LeaseIssuer
 from grid_protocol.messages import (
     DEFAULT_REGION,
@@ -81,7 +82,7 @@ _STATE_SLICE_S = 0.0003
 #: (balancer/admission.py), so the shorter the interval the fewer at once (the bench's 20,000 EVs of a second,
 #: forgotten 5 s later in one go, were a 4-10 ms pause).
 _SWEEP_EVERY_S = 0.5
-_REQUEST_ID_RE = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
+_REQUEST_ID_RE = re.compile(rb'"request_id"\s*:\s*"(' + REQUEST_ID_PATTERN.strip("^$").encode() + rb')"')
 
 
 def _request_id_hint(payload: bytes) -> str | None:
