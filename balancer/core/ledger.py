@@ -36,14 +36,14 @@ class Ledger:
     def answer(self, req: PendingRequest, status: AssignmentStatus, now: float, *, session: Session | None = None,
                reason: str | None = None, detail: str | None = None, position: int | None = None,
                ends: list[float] | None = None) -> Assignment:
+        eta_s = None if position is None else self.state.eta_s(position, now, ends)
         if session is not None:
             return Assignment(request_id=req.request_id, ev_id=req.ev_id, status=status, ts=now,
                               substation_id=session.substation_id, granted_kw=w_to_kw(session.granted_w),
                               session_id=session.session_id, reason=reason, detail=detail, position=position,
-                              eta_s=None if position is None else self.state.eta_s(position, now, ends))
+                              eta_s=eta_s)
         return Assignment(request_id=req.request_id, ev_id=req.ev_id, status=status, ts=now, reason=reason,
-                          detail=detail, position=position,
-                          eta_s=None if position is None else self.state.eta_s(position, now, ends))
+                          detail=detail, position=position, eta_s=eta_s)
 
     def close(self, ev_id: str, answer: Assignment, now: float) -> None:
         """The EV's request is finished; remember the final answer for redeliveries."""
