@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from api.state import COMPACT_FIELDS, CONDITION_RANK, StateStore, compact_row
+from grid_runtime.lifecycle import wait_event
 from grid_runtime.logs import get_logger
 
 log = get_logger("api.live")
@@ -203,11 +204,9 @@ class LiveHub:
         last_connected: bool | None = None
         last_sent = 0.0
         while True:
-            # asyncio.timeout, not wait_for: in Python 3.11 wait_for returns when the wake-up and a cancel land
-            # together and drops the cancel, and stop() then waited for this loop for ever (the API hung at exit).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(REFRESH_S):
-                    await self._wake.wait()
+            # (wait_event, not wait_for: in Python 3.11 wait_for drops a cancel that lands with the wake-up, and
+            # stop() then waited for this loop for ever: the API hung at exit)
+            await wait_event(self._wake, REFRESH_S)
             self._wake.clear()
             now = time.monotonic()
             wall = self.clock()

@@ -8,7 +8,6 @@ the retained status with its last will, and periodic ticks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import math
 import operator
@@ -61,6 +60,7 @@ from grid_protocol.messages import (
     SessionView,
     SubstationState,
 )
+from grid_runtime.lifecycle import wait_event
 from grid_runtime.logs import get_logger
 from grid_runtime.mqtt import InMessage, Transport, Will, make_transport
 from grid_runtime.ratelimit import RateLimitedLog
@@ -777,9 +777,7 @@ class BalancerService:
         self.gc_start()
         try:
             while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.settings.tick_interval_s):  # (not wait_for: see wait_event)
-                        await stop.wait()
+                await wait_event(stop, self.settings.tick_interval_s)
                 if not self.is_owner():
                     self._lost_lease("tick")
                 if self.stepped_down:
