@@ -368,7 +368,9 @@ class Rebalancer:
         """Keep the substation within its limit: revoke the newest sessions while even their minimums do not
         fit, then bring grants down to their shares (at once when over the limit). Baselines never do."""
         cfg = self.state.config
-        if not self.policy.rebalances or not sub.sessions or sub.rated_w() <= 0:  # (capacity never reported)
+        # A limit of 0 W (reported, an operator's, or one that rounds to it) is a limit like any other: only a
+        # substation never heard from (no capacity known yet) skips the pass.
+        if not self.policy.rebalances or not sub.sessions or sub.last_telemetry_at is None:
             return []
         sub.rebalanced_at = now
         effects: list[Effect] = []

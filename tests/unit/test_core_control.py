@@ -76,6 +76,36 @@ def test_capacity_limit_below_every_minimum_revokes_and_requeues() -> None:
     assert_healthy(h)
 
 
+@pytest.mark.parametrize("limit_kw", [0.0, 0.0004])
+def test_a_limit_of_zero_watts_revokes_every_session(limit_kw: float) -> None:
+    """A limit that is 0 W once rounded ("nothing may be drawn") stops what runs there; it is not mistaken for a
+    substation whose capacity was never reported."""
+    h = Harness()
+    h.tel("A", capacity_kw=100)
+    h.req("EV_1", 20)
+    h.req("EV_2", 20)
+    reason, _, effects = control(h, "set_capacity", "A", limit_kw)
+    assert reason is None and h.b.substations["A"].capacity_w == 0
+    assert sorted(a.ev_id for a in answers(effects) if a.status == "revoked") == ["EV_1", "EV_2"]
+    assert h.sessions_on("A") == {}
+    assert {c.command for _, c in commands(effects)} == {"stop"}
+    assert answer(h.req("EV_3", 10), "EV_3").status == "queued"
+    assert_healthy(h)
+
+
+def test_a_reported_capacity_of_zero_revokes_every_session() -> None:
+    """An agent that reports 0 kW (a transformer out of service) gets nothing to run: its sessions move elsewhere."""
+    h = Harness()
+    h.tel("A", capacity_kw=100)
+    h.tel("B", capacity_kw=100)
+    h.req("EV_1", 20)
+    assert h.session("EV_1").substation_id == "A"
+    effects = h.tel("A", capacity_kw=0)
+    assert [a.ev_id for a in answers(effects) if a.status == "revoked"] == ["EV_1"]
+    assert h.sessions_on("A") == {} and h.session("EV_1").substation_id == "B"
+    assert_healthy(h)
+
+
 def test_control_of_an_unknown_substation_is_refused() -> None:
     h = Harness()
     reason, detail, effects = control(h, "drain", "nowhere")

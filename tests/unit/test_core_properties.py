@@ -53,7 +53,7 @@ CONFIG = CoreConfig(safety_margin_pct=10.0, stale_after_s=5.0, lost_after_s=30.0
                     default_min_kw=1.4, answer_ttl_s=3600.0)
 
 kw = st.sampled_from([0.5, 1.4, 3.7, 7.4, 11.0, 22.0, 50.0]) | st.floats(0.001, 120.0, allow_nan=False)
-capacity = st.sampled_from([10.0, 20.0, 30.0, 50.0, 100.0]) | st.floats(1.0, 200.0, allow_nan=False)
+capacity = st.sampled_from([0.0, 0.0004, 10.0, 20.0, 30.0, 50.0, 100.0]) | st.floats(1.0, 200.0, allow_nan=False)
 
 
 class CoreMachine(RuleBasedStateMachine):
