@@ -19,7 +19,8 @@ over the same round's echo).
 
 The load client is the measuring instrument: it freezes its start-up objects and suspends its own
 cyclic GC during each timed phase (collecting between phases), so its pauses are not counted as the
-system's latency. Responders run as shipped (the balancer and the echo both ``gc.freeze()`` at start).
+system's latency. Responders run as shipped, under the same garbage-collector policy
+(balancer/gc_policy.py: the echo starts and steps it as the balancer does).
 
 Every request is from a distinct EV id (one open request per EV) to four substations with room
 for all of them, so every answer is an ``assigned`` and every request costs the balancer its full
