@@ -54,7 +54,12 @@ class RequestQueue:
         return self._by_ev[self._keys[index][2]]
 
     def pop_head(self) -> PendingRequest:
-        key = self._keys.pop(0)
+        return self.remove_at(0)
+
+    def remove_at(self, index: int) -> PendingRequest:
+        """Take the request at 0-based ``index`` in line out (serving the queue: it was just read with ``at``, so
+        no search for its key)."""
+        key = self._keys.pop(index)
         req = self._by_ev.pop(key[2])
         self._remove_min(req.min_w)
         return req
