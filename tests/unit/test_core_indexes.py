@@ -648,6 +648,8 @@ def test_queue_smallest_min_w_is_the_least_waiting(ops: list[tuple[str, int, int
             assert q.remove_at(at) is before[at]
             assert q.items() == before[:at] + before[at + 1:] and before[at].ev_id not in q
         waiting = [r.min_w for r in q.items()]
+        assert q.head() is (q.items()[0] if len(q) else None)  # (the head's key is kept)
+        assert [q.at(i) for i in range(len(q))] == q.items()
         assert q.smallest_min_w() == (min(waiting) if waiting else None)
         peak = max(peak, len(set(waiting)))
         assert len(q._min_heap) <= 2 * peak + 17
