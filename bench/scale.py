@@ -23,6 +23,12 @@ time). Figures:
                   own CPU only: each telemetry message is built (and, for the service, encoded) untimed, as the
                   substation's agent would;
   RSS MB          the process's resident memory at full size.
+  sat. µs/req     the saturated phase, run last: a charging EV releases, then new EVs ask until the queue is back
+                  at the fill's length (at least one asks), every call timed; CPU per call. In the steady phase a
+                  release serves queued EVs as room frees, and how many depends on a queue whose length drifts
+                  differently at each size (about 4 answers a pair at 1,000 x 100k, 2.5 at 3 x 1k): its µs/req
+                  compares different work. Holding the queue at its length compares like with like;
+  sat. µs/answer  the same CPU per answer the EVs got in the saturated phase.
 
 CPU time (``time.process_time``), not wall time: the machine is shared.
 """
@@ -218,7 +224,7 @@ def _telemetry(grid: Grid, sid: str, seq: int, core: Balancer, rng: random.Rando
 
 
 def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
-            profile: Path | None = None, profile_phase: str = "steady") -> dict[str, Any]:
+            profile: Path | None = None, profile_phase: str = "steady", saturated: int = 2000) -> dict[str, Any]:
     rng = random.Random(1)
     grid = make_grid(substations, evs, rng)
     driver: CoreDriver | ServiceDriver = CoreDriver() if path == "core" else ServiceDriver()
@@ -339,6 +345,9 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
     grid_seconds(start + seconds, 30)
     cpu_settled = grid_seconds(start + seconds + 30, seconds, "settled")
     rss = _rss_mb()
+    cpu_saturated, saturated_calls, saturated_answers = _saturated(
+        driver, core, report_all, ticks, next_running, queued, rate, start + seconds + 30 + seconds, saturated,
+        profile if profile_phase == "saturated" else None)
     return {"substations": substations, "evs": evs, "path": path, "sessions": sessions, "queued": queued,
             "fill_us_per_request": round(cpu_requests / evs * 1e6, 1),
             "steady_us_per_request": round(cpu_steady * 1e6, 1),
@@ -348,7 +357,53 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
             "steady_gc_longest_ms": round(pauses.longest * 1e3, 2),
             "rebalance_churned_ms_per_grid_s": round(cpu_churned * 1e3, 2),
             "rebalance_settled_ms_per_grid_s": round(cpu_settled * 1e3, 2), "rss_mb": round(rss, 1),
+            "saturated_calls": saturated_calls, "saturated_answers": saturated_answers,
+            "saturated_us_per_request": round(cpu_saturated / max(1, saturated_calls) * 1e6, 1),
+            "saturated_us_per_answer": round(cpu_saturated / max(1, saturated_answers) * 1e6, 1),
             "violations": len(core.violations())}
+
+
+def _saturated(driver: CoreDriver | ServiceDriver, core: Balancer, report_all: Any, ticks: Any, next_running: Any,
+               queued: int, rate: float, start: float, releases: int,
+               profile: Path | None) -> tuple[float, int, int]:
+    """The saturated phase: ``releases`` times, a running EV releases, then new EVs ask until the queue is back
+    at ``queued`` (at least one asks); every call timed. Returns (CPU, calls, answers)."""
+    profiler = cProfile.Profile(time.process_time) if profile else None
+    answers_before = _answers(core)
+    now, next_second = start, start + 1
+    cpu, calls, n = 0.0, 0, 0
+    for _ in range(releases):
+        now += 1 / rate
+        if now >= next_second:  # the substations keep reporting (untimed)
+            report_all(next_second)
+            ticks(next_second)
+            next_second += 1
+        ev = next_running()
+        t = time.process_time()
+        if profiler:
+            profiler.enable()
+        driver.release(ev, now)
+        if profiler:
+            profiler.disable()
+        cpu += time.process_time() - t
+        calls += 1
+        while True:
+            msg = ChargeRequest(request_id="r1", requested_kw=11.0, min_kw=1.4, duration_minutes=120)
+            ev_id = f"Q{n:07d}"
+            n += 1
+            t = time.process_time()
+            if profiler:
+                profiler.enable()
+            driver.request(ev_id, msg, now)
+            if profiler:
+                profiler.disable()
+            cpu += time.process_time() - t
+            calls += 1
+            if len(core.queue) >= queued or core.queue.full():
+                break
+    if profiler and profile:
+        profiler.dump_stats(profile)
+    return cpu, calls, _answers(core) - answers_before
 
 
 class GcPauses:
@@ -392,9 +447,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, default=Path("bench/results/scale.json"))
     parser.add_argument("--profile", type=Path, default=None,
                         help="with --one: cProfile one phase into PROFILE (--profile-phase)")
-    parser.add_argument("--profile-phase", choices=("steady", "churned", "settled"), default="steady",
-                        help="steady: only its requests and releases; churned, settled: the rebalance figure's "
-                             "grid-seconds")
+    parser.add_argument("--profile-phase", choices=("steady", "churned", "settled", "saturated"), default="steady",
+                        help="steady, saturated: only their requests and releases; churned, settled: the rebalance "
+                             "figure's grid-seconds")
+    parser.add_argument("--saturated", type=int, default=2000, help="releases timed in the saturated phase")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # SxN:path, in this process
     args = parser.parse_args(argv)
     if not set(args.paths.split(",")) <= {"core", "service"}:
@@ -402,17 +458,19 @@ def main(argv: list[str]) -> int:
     if args.one:
         size, path = args.one.split(":")
         s, n = (int(x) for x in size.split("x"))
-        print(json.dumps(run_one(s, n, path, args.seconds, args.steady, args.profile, args.profile_phase)))
+        print(json.dumps(run_one(s, n, path, args.seconds, args.steady, args.profile, args.profile_phase,
+                                   args.saturated)))
         return 0
     rows = []
     print(f"{'substations x EVs':>18} {'path':>8} {'sessions':>9} {'queued':>7} {'fill µs/req':>12} "
           f"{'steady µs/req':>14} {'µs/answer':>10} {'GC µs/req, max':>15} {'rebal. churned ms/s':>20} "
-          f"{'settled ms/s':>13} {'RSS MB':>7}",
+          f"{'settled ms/s':>13} {'RSS MB':>7} {'sat. µs/req':>12} {'sat. µs/answer':>15}",
           flush=True)
     for size in args.sizes.split(","):
         for path in args.paths.split(","):
             out = subprocess.run([sys.executable, "-m", "bench", "scale", "--one", f"{size}:{path}",
-                                  "--seconds", str(args.seconds), "--steady", str(args.steady)],
+                                  "--seconds", str(args.seconds), "--steady", str(args.steady),
+                                  "--saturated", str(args.saturated)],
                                  capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 print(f"{size:>18} {path:>8} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -424,7 +482,8 @@ def main(argv: list[str]) -> int:
                   f"{row['steady_us_per_answer']:>10,.1f} "
                   f"{row['steady_gc_us_per_request']:>7,.1f} {row['steady_gc_longest_ms']:>5,.1f} ms "
                   f"{row['rebalance_churned_ms_per_grid_s']:>20,.2f} {row['rebalance_settled_ms_per_grid_s']:>13,.2f} "
-                  f"{row['rss_mb']:>7,.0f}", flush=True)
+                  f"{row['rss_mb']:>7,.0f} {row['saturated_us_per_request']:>12,.1f} "
+                  f"{row['saturated_us_per_answer']:>15,.1f}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": rows, "cpu": "time.process_time"},
                                     indent=1))

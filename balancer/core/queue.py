@@ -17,7 +17,7 @@ from balancer.core.model import PendingRequest
 
 
 class RequestQueue:
-    __slots__ = ("_by_ev", "_keys", "_min_heap", "_min_ws", "maxlen")
+    __slots__ = ("_by_ev", "_first", "_keys", "_min_heap", "_min_ws", "maxlen")
 
     def __init__(self, maxlen: int) -> None:
         self.maxlen = maxlen
@@ -25,6 +25,8 @@ class RequestQueue:
         self._min_ws: dict[int, int] = {}  # min_w -> requests waiting with it
         self._min_heap: list[int] = []  # the values in _min_ws (and some that left it: dropped when met at the top)
         self._by_ev: dict[str, PendingRequest] = {}
+        #: the head's key, kept (read per request: ``SortedList.__getitem__`` is a Python call)
+        self._first: tuple[int, int, str] | None = None
 
     def __len__(self) -> int:
         return len(self._by_ev)  # (the same count as the keys', without SortedList.__len__'s Python call)
@@ -42,20 +44,33 @@ class RequestQueue:
             raise OverflowError("queue full")
         key = (*req.queue_key, req.ev_id)
         self._keys.add(key)
+        first = self._first
+        if first is None or key < first:
+            self._first = key
         self._add_min(req.min_w)
         self._by_ev[req.ev_id] = req
         return self._keys.bisect_left(key) + 1
 
     def head(self) -> PendingRequest | None:
-        return self._by_ev[self._keys[0][2]] if self._by_ev else None
+        first = self._first
+        return None if first is None else self._by_ev[first[2]]
 
     def at(self, index: int) -> PendingRequest:
         """The request at 0-based ``index`` in line."""
-        return self._by_ev[self._keys[index][2]]
+        key = self._first if index == 0 else None  # (serving reads the head first)
+        return self._by_ev[(self._keys[index] if key is None else key)[2]]
 
     def pop_head(self) -> PendingRequest:
-        key = self._keys.pop(0)
+        return self.remove_at(0)
+
+    def remove_at(self, index: int) -> PendingRequest:
+        """Take the request at 0-based ``index`` in line out (serving the queue: it was just read with ``at``, so
+        no search for its key)."""
+        keys = self._keys
+        key = keys.pop(index)
         req = self._by_ev.pop(key[2])
+        if key == self._first:
+            self._first = keys[0] if self._by_ev else None
         self._remove_min(req.min_w)
         return req
 
@@ -65,7 +80,11 @@ class RequestQueue:
     def remove(self, ev_id: str) -> PendingRequest | None:
         req = self._by_ev.pop(ev_id, None)
         if req is not None:
-            self._keys.remove((*req.queue_key, ev_id))
+            key = (*req.queue_key, ev_id)
+            keys = self._keys
+            keys.remove(key)
+            if key == self._first:
+                self._first = keys[0] if self._by_ev else None
             self._remove_min(req.min_w)
         return req
 

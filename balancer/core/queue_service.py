@@ -49,7 +49,7 @@ class QueueService:
             req = queue.at(i)
             placed = self.placement.place(req, now) if req.min_w <= room else None
             if placed is not None:
-                queue.remove(req.ev_id)
+                queue.remove_at(i)
                 self.state.queue_waits.append(max(0.0, now - req.received_at))  # (the wall clock may step back)
                 effects += placed[1] + self.book.start_effects(placed[0], now, in_reply=req.ev_id == replying_to)
                 room = self.placement.max_room_w(now)

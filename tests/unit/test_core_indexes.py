@@ -568,7 +568,57 @@ def test_index_orders_stay_sorted_under_any_refile(policy: str, ops: list[tuple[
         assert index.max_room_w(subs, now) == max((room(s) for s in filed), default=0)
 
 
-QUEUE_OPS = st.lists(st.tuples(st.sampled_from(["push", "push", "remove", "pop"]), st.integers(0, 40),
+# (which substation, capacity class, used share, refiled fresh, grid-seconds passing first, read the heads after)
+HEAD_OPS = st.lists(st.tuples(st.integers(0, 11), st.sampled_from([0, 50_000, 100_000]), st.integers(-200, 1_200),
+                              st.booleans(), st.sampled_from([0.0, 0.0, 0.5, 4.0, 20.0]), st.booleans()),
+                    min_size=1, max_size=120)
+
+
+@settings(max_examples=150, deadline=None)
+@given(policy=st.sampled_from(["least-utilised", "weighted-fair"]), ops=HEAD_OPS)
+def test_kept_group_heads_are_what_a_fresh_read_finds(
+        policy: str, ops: list[tuple[int, int, int, bool, float, bool]]) -> None:
+    """The group heads kept between reads (``SubstationIndex._heads``: same time, no refile between) against a
+    read from scratch of each group's first fresh member, as time passes (heads going stale) and substations are
+    refiled, moved, dropped or refiled unchanged."""
+    b = Balancer(dataclasses.replace(CoreConfig(), policy=policy))
+    index = b.placement.policy.index  # type: ignore[attr-defined]
+    cfg = b.config
+    now = T0
+    subs: dict[str, Substation] = {}
+
+    def fresh_read() -> list[tuple[str, int]]:
+        heads = []
+        for group in index._groups.values():
+            for key in group:
+                sub = subs.get(key[-1])
+                if sub is not None and sub.is_fresh(now, cfg.stale_after_s):
+                    heads.append((key[-1], index.room_w(key[-1])))
+                    break
+        return heads
+
+    for i, capacity, used_permille, fresh, dt, read in ops:
+        now += dt
+        sid = f"S{i:02d}"
+        sub = subs.setdefault(sid, Substation(sid, status="online"))
+        if used_permille % 4 == 0 and sid in index._filed:  # refiled unchanged: the kept heads stay
+            index.refile(sid, sub, now)
+        else:
+            sub.reported_capacity_w = capacity
+            sub.apply_capacity()
+            sub.base_load_w = max(0, capacity * used_permille // 1000)
+            sub.requested_w = (i * 7_400) % 30_000
+            sub.last_telemetry_at = now if fresh else now - 2 * cfg.stale_after_s
+            index.refile(sid, sub, now)
+        if read:
+            want = fresh_read()
+            assert index.group_heads(subs, now) == want
+            assert index.group_heads(subs, now) is index._heads  # the second read at the same time: kept
+            if policy == "least-utilised":  # (ordered by room: the most room is the most among the heads)
+                assert index.max_room_w(subs, now) == max((room for _, room in want), default=0)
+
+
+QUEUE_OPS = st.lists(st.tuples(st.sampled_from(["push", "push", "remove", "pop", "remove_at"]), st.integers(0, 40),
                                st.sampled_from([1_400, 1_400, 1_400, 3_700, 7_400, 11_000]) | st.integers(1, 50_000)),
                      max_size=300)
 
@@ -577,7 +627,8 @@ QUEUE_OPS = st.lists(st.tuples(st.sampled_from(["push", "push", "remove", "pop"]
 @given(ops=QUEUE_OPS)
 def test_queue_smallest_min_w_is_the_least_waiting(ops: list[tuple[str, int, int]]) -> None:
     """The kept smallest ``min_w`` (counts per value, a heap of values) against the minimum over the waiting
-    requests, with values joining and leaving in any order; the heap stays bounded by the most values present."""
+    requests, with values joining and leaving in any order (by id, from the head, from an index in line); the heap
+    stays bounded by the most values present."""
     q = RequestQueue(maxlen=1_000)
     arrival = 0
     peak = 0  # most distinct min_w values waiting at once
@@ -591,7 +642,14 @@ def test_queue_smallest_min_w_is_the_least_waiting(ops: list[tuple[str, int, int
             q.remove(ev_id)
         elif op == "pop" and len(q):
             q.pop_head()
+        elif op == "remove_at" and len(q):  # (as serving does: the one read at an index leaves from it)
+            before = q.items()
+            at = ev % len(q)
+            assert q.remove_at(at) is before[at]
+            assert q.items() == before[:at] + before[at + 1:] and before[at].ev_id not in q
         waiting = [r.min_w for r in q.items()]
+        assert q.head() is (q.items()[0] if len(q) else None)  # (the head's key is kept)
+        assert [q.at(i) for i in range(len(q))] == q.items()
         assert q.smallest_min_w() == (min(waiting) if waiting else None)
         peak = max(peak, len(set(waiting)))
         assert len(q._min_heap) <= 2 * peak + 17

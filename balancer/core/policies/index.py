@@ -30,7 +30,7 @@ Entry = Callable[[Substation, float], "tuple[int, OrderKey] | None"]
 
 
 class SubstationIndex:
-    __slots__ = ("_entry", "_filed", "_groups", "_rooms", "stale_after_s")
+    __slots__ = ("_entry", "_filed", "_groups", "_heads", "_heads_at", "_rooms", "stale_after_s")
 
     def __init__(self, entry: Entry, stale_after_s: float, *, by_room: bool = False) -> None:
         """``by_room``: the order key is ``(-room, id)``, so each group's first fresh member is also its most
@@ -40,6 +40,10 @@ class SubstationIndex:
         self._groups: dict[int, list[OrderKey]] = {}  # capacity_w -> order keys, sorted
         self._rooms: list[tuple[int, str]] | None = None if by_room else []  # (-room, id), sorted
         self._filed: dict[str, tuple[int, OrderKey, int]] = {}  # id -> (capacity_w, order key, room)
+        #: the group heads as last read and when: read again at the same time and with no refile between, they are
+        #: the same (a request reads them two or three times: the most room, then placing, then the most room again)
+        self._heads: list[tuple[str, int]] | None = None
+        self._heads_at = 0.0
 
     def __len__(self) -> int:
         return len(self._filed)
@@ -50,6 +54,7 @@ class SubstationIndex:
         entry = None if sub is None else self._entry(sub, now)
         if entry is None or sub is None:
             if old is not None:
+                self._heads = None
                 del self._filed[substation_id]
                 capacity, key, old_room = old
                 group = self._groups[capacity]
@@ -63,13 +68,15 @@ class SubstationIndex:
         capacity = sub.capacity_w
         rooms = self._rooms
         if old is None:
+            self._heads = None
             insort(self._groups.setdefault(capacity, []), key)
             if rooms is not None:
                 insort(rooms, (-room, substation_id))
         else:
             old_capacity, old_key, old_room = old
             if old_capacity == capacity and old_key == key and old_room == room:
-                return
+                return  # (the heads kept stay true: nothing moved)
+            self._heads = None
             if old_capacity == capacity:
                 _move(self._groups[capacity], old_key, key)
             else:
@@ -108,7 +115,16 @@ class SubstationIndex:
         return 0
 
     def group_heads(self, subs: Mapping[str, Substation], now: float) -> list[tuple[str, int]]:
-        """Each capacity group's first fresh substation, with its room."""
+        """Each capacity group's first fresh substation, with its room (kept between reads at the same ``now`` with
+        no refile between: the caller must not change the list)."""
+        heads = self._heads
+        if heads is not None and now == self._heads_at:
+            return heads
+        heads = self._read_heads(subs, now)
+        self._heads, self._heads_at = heads, now
+        return heads
+
+    def _read_heads(self, subs: Mapping[str, Substation], now: float) -> list[tuple[str, int]]:
         heads = []
         filed, stale_after_s = self._filed, self.stale_after_s
         for group in list(self._groups.values()):
