@@ -263,12 +263,12 @@ class Rebalancer:
                 or not sub.is_available(now, cfg.stale_after_s)):
             return []  # (everyone already has all it asked for: nothing to raise)
         band = self.band_w(sub)
-        step = self.step_w(sub)
         smallest = max(1, band)
         room = sub.limit_w(cfg.safety_margin_pct) - sub.used_w() - band
         effects: list[Effect] = []
         if room < smallest and self.incremental:
             return effects  # no raise fits (every pass, by class or over every session, stops before the first)
+        step = max(self._hysteresis_w, band)  # (step_w, the band read once)
         by_class = self._by_class(sub, now)
         if by_class is not None:
             # Past their hold and below their class's share, furthest below first (then as they came): each class's
