@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import hashlib
 import json
 import math
 import random
@@ -48,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from balancer.core import Balancer, CoreConfig
 from balancer.gc_policy import PROCESS_GC
 from grid_protocol import ASSIGNMENT_STATUSES, ChargeRequest, Release, Telemetry, encode
@@ -57,6 +60,15 @@ CLASSES_KVA = (400, 630, 1000)
 T0 = 1_767_225_600.0
 MIN_RATE_PER_S = 20  # requests per grid-second while filling (N/100 for larger grids)
 NOISE_PCT, NOISE_TAU_S = 3.0, 900.0  # grid_sim.load_curve's defaults
+
+#: with --digest: the core's decisions in order (its effects; core path only: the service's states carry wall time)
+DIGEST: Any = None
+
+
+def _digest(effects: list[Any]) -> None:
+    if DIGEST is not None:
+        for effect in effects:
+            DIGEST.update(msgspec.json.encode(effect))
 
 
 @dataclass
@@ -92,16 +104,16 @@ class CoreDriver:
         return msg
 
     def deliver(self, wired: Telemetry, now: float) -> None:
-        self.b.on_telemetry(wired, now)
+        _digest(self.b.on_telemetry(wired, now))
 
     def request(self, ev: str, msg: ChargeRequest, now: float) -> None:
-        self.b.on_request(ev, msg, now)
+        _digest(self.b.on_request(ev, msg, now))
 
     def release(self, ev: str, now: float) -> None:
-        self.b.on_release(ev, Release(), now)
+        _digest(self.b.on_release(ev, Release(), now))
 
     def tick(self, now: float) -> None:
-        self.b.tick(now)
+        _digest(self.b.tick(now))
         PROCESS_GC.step(now)  # (BalancerService.run: after the core's tick)
 
     def start(self, now: float) -> None:
@@ -224,7 +236,10 @@ def _telemetry(grid: Grid, sid: str, seq: int, core: Balancer, rng: random.Rando
 
 
 def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
-            profile: Path | None = None, profile_phase: str = "steady", saturated: int = 2000) -> dict[str, Any]:
+            profile: Path | None = None, profile_phase: str = "steady", saturated: int = 2000,
+            digest: bool = False) -> dict[str, Any]:
+    global DIGEST
+    DIGEST = hashlib.sha256() if digest else None
     rng = random.Random(1)
     grid = make_grid(substations, evs, rng)
     driver: CoreDriver | ServiceDriver = CoreDriver() if path == "core" else ServiceDriver()
@@ -360,7 +375,7 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
             "saturated_calls": saturated_calls, "saturated_answers": saturated_answers,
             "saturated_us_per_request": round(cpu_saturated / max(1, saturated_calls) * 1e6, 1),
             "saturated_us_per_answer": round(cpu_saturated / max(1, saturated_answers) * 1e6, 1),
-            "violations": len(core.violations())}
+            "violations": len(core.violations())} | ({"digest": DIGEST.hexdigest()[:16]} if digest else {})
 
 
 def _saturated(driver: CoreDriver | ServiceDriver, core: Balancer, report_all: Any, ticks: Any, next_running: Any,
@@ -451,6 +466,9 @@ def main(argv: list[str]) -> int:
                         help="steady, saturated: only their requests and releases; churned, settled: the rebalance "
                              "figure's grid-seconds")
     parser.add_argument("--saturated", type=int, default=2000, help="releases timed in the saturated phase")
+    parser.add_argument("--digest", action="store_true",
+                        help="core path: print a hash of the core's effects in order (equal hashes, equal decisions; "
+                             "the hashing's CPU is in the figures)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # SxN:path, in this process
     args = parser.parse_args(argv)
     if not set(args.paths.split(",")) <= {"core", "service"}:
@@ -459,7 +477,7 @@ def main(argv: list[str]) -> int:
         size, path = args.one.split(":")
         s, n = (int(x) for x in size.split("x"))
         print(json.dumps(run_one(s, n, path, args.seconds, args.steady, args.profile, args.profile_phase,
-                                   args.saturated)))
+                                   args.saturated, args.digest)))
         return 0
     rows = []
     print(f"{'substations x EVs':>18} {'path':>8} {'sessions':>9} {'queued':>7} {'fill µs/req':>12} "
@@ -470,7 +488,8 @@ def main(argv: list[str]) -> int:
         for path in args.paths.split(","):
             out = subprocess.run([sys.executable, "-m", "bench", "scale", "--one", f"{size}:{path}",
                                   "--seconds", str(args.seconds), "--steady", str(args.steady),
-                                  "--saturated", str(args.saturated)],
+                                  "--saturated", str(args.saturated)]
+                                 + (["--digest"] if args.digest else []),
                                  capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 print(f"{size:>18} {path:>8} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -483,7 +502,8 @@ def main(argv: list[str]) -> int:
                   f"{row['steady_gc_us_per_request']:>7,.1f} {row['steady_gc_longest_ms']:>5,.1f} ms "
                   f"{row['rebalance_churned_ms_per_grid_s']:>20,.2f} {row['rebalance_settled_ms_per_grid_s']:>13,.2f} "
                   f"{row['rss_mb']:>7,.0f} {row['saturated_us_per_request']:>12,.1f} "
-                  f"{row['saturated_us_per_answer']:>15,.1f}", flush=True)
+                  f"{row['saturated_us_per_answer']:>15,.1f}" + (f"  digest {row['digest']}" if args.digest else ""),
+                  flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": rows, "cpu": "time.process_time"},
                                     indent=1))

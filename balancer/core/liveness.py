@@ -35,7 +35,9 @@ class Liveness:
             sub.overload_s += max(0.0, min(now - sub.last_telemetry_at, st.config.stale_after_s))
         sub.reported_capacity_w = kw_to_w_down(msg.capacity_kw)
         sub.apply_capacity()
-        plan_with(sub, st.schedules.get(sub.id), now, st.config.limit_lead_s)  # a scheduled limit may have started
+        schedule = st.schedules.get(sub.id)
+        if schedule is not None or sub.schedule_limit_w is not None or sub.schedule_source is not None:
+            plan_with(sub, schedule, now, st.config.limit_lead_s)  # a scheduled limit may have started (or gone)
         sub.stale = False
         sub.base_load_w = kw_to_w_up(msg.base_load_kw)
         sub.load_w = kw_to_w_up(msg.load_kw)
@@ -49,7 +51,7 @@ class Liveness:
         effects = self.rebalancer.reduce(sub, now)
         effects += self.queue_service.serve(now)
         effects += self.rebalancer.raise_(sub, now)
-        return effects + self.book.requeue_notices(now)
+        return effects + self.book.requeue_notices(now) if st.requeued else effects  # (revoked: told their place)
 
     def on_status(self, substation_id: str, state: str, now: float, *, inventory: bool = False,
                   region: str | None = None, taken_at: float | None = None,

@@ -144,9 +144,6 @@ class Substation:
     announced: set[str] = field(default_factory=set)
     #: bumped when a session comes, goes or changes grant: the policy's shares may have moved
     shares_version: int = 0
-    #: after the last full sharing pass: (shares_version, limit - uncontrolled load, when a held change comes due,
-    #: how far that power may move before a grant would change); see balancer.core.rebalancing
-    share_memo: tuple[int, int, float, float, int] | None = None
     #: base-load noise: the range (highest - lowest) of the uncontrolled load within one window (the hold time),
     #: held and decaying over time (None: no whole window measured yet); sizes the band kept free below the limit
     noise_w: float | None = None

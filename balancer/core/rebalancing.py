@@ -115,8 +115,9 @@ class Rebalancer:
         A pass without shedding cuts a ready session (past its hold) once its grant is ``least`` above its class's
         share. After such a pass no ready grant is; water-filling shares rise with the power available and fall by
         no more than it does (a class's share moves by the level's move times its weight, and the level by the
-        power's move over the sum of the free classes' weights). So until a session comes or goes (``version``) or
-        a hold ends (``ready_adds``: a grant joins the ready ones; a change only takes one out), no pass cuts anyone
+        power's move over the sum of the free classes' weights). So until a session comes or goes (``version``; a
+        change only takes a grant out of the ready ones, and one whose hold ends is folded into the proof with its
+        room below its class's line, as the pass would have counted it: ``ShareTable.ready_at``), no pass cuts anyone
         while the power stays above the proof's floor: the pass's power less the least room any ready grant has
         below its cut line, less a margin for the shares' integer rounding (the pass over every session may give a
         few watts back). Telemetry's noise moves the power a little each second: most passes on a settled
@@ -127,83 +128,25 @@ class Rebalancer:
         grant's room moves by the step's move, so the proof holds at any step (session E: one proof in nine was
         dropped for a noise band a few watts narrower, and the pass redone to prove it again)."""
         proof = table.no_cuts
-        if proof is None or proof[0] != table.version or proof[1] != table.ready_adds:
+        if proof is None or proof[0] != table.version:
             return False
-        at, room = proof[2], proof[3]
+        at, room = proof[1], proof[2]
         slack = min(at, room + least)  # (no ready session: room is ``at`` itself, no cut at any power ``at`` or less)
         return slack > 0 and available >= at - slack
 
     def _prove_no_cuts(self, sub: Substation, by_class: ByClass, available: int) -> None:
         """After a pass without shedding: the power it shared and the least room a ready grant has below its share
-        less the rounding margin (see :meth:`_no_cuts`, which adds the step of the day)."""
+        less the rounding margin (see :meth:`_no_cuts`, which adds the step of the day), and each class's share
+        less that margin, for the sessions whose hold ends later (``ShareTable.ready_at`` folds each in)."""
         table, classes, targets = by_class
         margin = 2 * (len(sub.sessions) + 2)
         room = available  # (no ready session: no cut at any power the classes stay the same)
+        lines: dict[tuple[int, int, float], int] = {}
         for cls, target in zip(classes, targets, strict=True):
+            line = lines[(cls.floor, cls.cap, cls.weight)] = target - margin
             if cls.ready:
-                room = min(room, target - margin - cls.ready[-1][0])
-        table.no_cuts = (table.version, table.ready_adds, available, room)
-
-    def _settled(self, sub: Substation, now: float) -> bool:
-        """A sharing pass here would change no grant: no session came, went or changed since the last full pass,
-        no held change has come due, and the power available moved less than the pass's tolerance (see
-        :meth:`_memo`). The pass (O(sessions) there) is then skipped: with every substation reporting each second,
-        re-sharing on every watt of base-load noise was the core's largest cost at scale."""
-        memo = sub.share_memo
-        if memo is None or memo[0] != sub.shares_version or now >= memo[2] or memo[4] != self.band_w(sub):
-            return False  # (a new noise band moves the smallest raise and the step: the tolerance no longer holds)
-        return abs(self._free_w(sub) - memo[1]) < memo[3]
-
-    def _memo(self, sub: Substation, shares: list[tuple[Session, int]],
-              now: float) -> tuple[int, int, float, float, int] | None:
-        """After a full pass: how far the available power may move before some grant would change.
-
-        A pass lowers a grant only where target - grant reaches the step (``step_w``), and raises one only once the
-        room beyond the band reaches the smallest raise (the band, at least 1 W), the session not held: ``slack``
-        is the least distance to either, less the shares' integer rounding. Water-filling sets
-        ``target_i = clamp(w_i * L, floor_i, cap_i)`` for a level ``L``, so a level move of ``slack / max w`` moves
-        no target by ``slack``; the power that move takes, up and down from the present level, is the tolerance
-        (at least ``slack`` itself: no target moves more than the total). Held sessions are left to their hold's
-        end (``hold_until``: a full pass then). Shares that move with time alone (deadline) get no memo."""
-        if self.policy.time_dependent:
-            return None
-        cfg = self.state.config
-        hysteresis = self.step_w(sub)
-        hold_until = float("inf")
-        room = self._free_w(sub) - sub.granted_w
-        #: free power that may come before a raise fits (room beyond the band reaching the smallest raise): a
-        #: distance in the available power itself, not in the targets (the level move below does not stretch it)
-        room_slack = max(1, self.band_w(sub)) - room
-        slack = float(min(hysteresis, room_slack))
-        level: float | None = None
-        rows: list[tuple[float, int, int]] = []
-        max_weight = 0.0
-        for session, target in shares:
-            if now - session.last_change_at < cfg.min_hold_s:
-                hold_until = min(hold_until, session.last_change_at + cfg.min_hold_s)
-            else:
-                slack = min(slack, hysteresis - abs(target - session.granted_w))
-                if room >= max(1, self.band_w(sub)) and session.granted_w >= target:
-                    # room to raise into: a share that rises past this grant by 1 W is raised by a whole step
-                    slack = min(slack, session.granted_w - target + 1)
-            floor, cap = session.request.min_w, session.request.requested_w
-            weight = self.policy.weight(session)
-            rows.append((weight, floor, cap))
-            max_weight = max(max_weight, weight)
-            if level is None and floor < target < cap:
-                level = target / weight
-        slack -= 2 * (len(shares) + 1)  # integer rounding of the shares (water_fill gives back a few watts)
-        tolerance = slack
-        if level is not None and slack > 0:
-            step = slack / max_weight
-
-            def total(at: float) -> float:
-                return sum(min(cap, max(floor, weight * at)) for weight, floor, cap in rows)
-
-            now_total = total(level)
-            tolerance = max(slack, min(total(level + step) - now_total, now_total - total(level - step)))
-            tolerance = min(tolerance, room_slack - 2 * (len(shares) + 1))
-        return sub.shares_version, self._free_w(sub), hold_until, tolerance, self.band_w(sub)
+                room = min(room, line - cls.ready[-1][0])
+        table.no_cuts = (table.version, available, room, lines)
 
     def due(self, now: float) -> list[Substation]:
         """Substations not re-evaluated for ``rebalance_interval_s``."""
@@ -215,23 +158,27 @@ class Rebalancer:
         making room for a new session): at once, the sessions furthest above their share first, each by at least
         a step (or all that is left to shed) and at least down to its share: a base-load step or a newcomer moves
         a few grants, not all. Otherwise only cuts to the share of a step or more, past the hold time."""
+        unused = sub.limit_w(self.state.config.safety_margin_pct) - sub.uncontrolled_w()
+        return self._decrease(sub, now, shed, skip, unused, self.band_w(sub))
+
+    def _decrease(self, sub: Substation, now: float, shed: int, skip: Session | None, unused: int,
+                  band: int) -> list[Effect]:
+        """:meth:`decrease` with the substation's numbers read once by the caller (a telemetry pass reads them
+        for the shedding too): ``unused`` the limit less the uncontrolled load, ``band`` the noise band."""
         cfg = self.state.config
-        step = self.step_w(sub)
+        step = max(self._hysteresis_w, band)
         if shed <= 0:
-            unused = sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w()  # (the limit less what we do not grant)
             if sub.granted_w == sub.requested_w and sub.requested_w <= unused:
                 return []  # everyone has all they asked for and it fits: no share to lower (the common case)
-            if self._settled(sub, now):
-                return []
             table = self._ready_table(sub, now) if skip is None else None
-            if table is not None and self._no_cuts(table, max(sub.floors_w, unused - self.band_w(sub)), max(1, step)):
+            if table is not None and self._no_cuts(table, max(sub.floors_w, unused - band), max(1, step)):
                 return []
         effects: list[Effect] = []
         by_class = self._by_class(sub, now)
         if by_class is not None:
             effects = self._decrease_by_class(sub, by_class, now, shed, skip)
             if shed <= 0 and skip is None:
-                self._prove_no_cuts(sub, by_class, max(sub.floors_w, self._free_w(sub)))
+                self._prove_no_cuts(sub, by_class, max(sub.floors_w, unused - band))
             return effects
         for session, target in sorted(self.targets(sub, now), key=lambda st: st[1] - st[0].granted_w):
             if session is skip:
@@ -315,17 +262,13 @@ class Rebalancer:
         if (not self.policy.rebalances or not sub.sessions or sub.granted_w >= sub.requested_w
                 or not sub.is_available(now, cfg.stale_after_s)):
             return []  # (everyone already has all it asked for: nothing to raise)
-        if self._settled(sub, now):
-            return []
         band = self.band_w(sub)
-        step = self.step_w(sub)
         smallest = max(1, band)
         room = sub.limit_w(cfg.safety_margin_pct) - sub.used_w() - band
         effects: list[Effect] = []
         if room < smallest and self.incremental:
-            # No raise fits (every pass, by class or over every session, stops before the first): no shares needed.
-            sub.share_memo = None
-            return effects
+            return effects  # no raise fits (every pass, by class or over every session, stops before the first)
+        step = max(self._hysteresis_w, band)  # (step_w, the band read once)
         by_class = self._by_class(sub, now)
         if by_class is not None:
             # Past their hold and below their class's share, furthest below first (then as they came): each class's
@@ -345,9 +288,6 @@ class Rebalancer:
                     room -= rise
             for session, grant in rises:
                 effects += self.book.set_grant(session, grant, now, Reason.POWER_AVAILABLE, "more power is available")
-            # No memo: a pass by class costs about what checking one would, and on a busy substation (sessions held
-            # below their share, the room short of a step) it would hold for no second anyway (measured: 0.5 %).
-            sub.share_memo = None
             return effects
         shares = self.targets(sub, now)
         for session, target in sorted(shares, key=lambda st: st[0].granted_w - st[1]):
@@ -361,7 +301,6 @@ class Rebalancer:
                 effects += self.book.set_grant(session, session.granted_w + rise, now, Reason.POWER_AVAILABLE,
                                                "more power is available")
                 room -= rise
-        sub.share_memo = self._memo(sub, shares, now)
         return effects
 
     def reduce(self, sub: Substation, now: float) -> list[Effect]:
@@ -374,7 +313,9 @@ class Rebalancer:
             return []
         sub.rebalanced_at = now
         effects: list[Effect] = []
-        available = sub.limit_w(cfg.safety_margin_pct) - sub.uncontrolled_w()
+        limit = sub.limit_w(cfg.safety_margin_pct)
+        uncontrolled = sub.uncontrolled_w()
+        available = limit - uncontrolled
         floors = sub.floors_w
         if floors > available:
             reason, detail = (limit_effects.cut_reason(self.state, sub, now)
@@ -385,10 +326,11 @@ class Rebalancer:
                     break
                 floors -= session.request.min_w
                 effects += self.book.revoke(session, now, reason, detail, stop_agent=True)
-        limit = sub.limit_w(cfg.safety_margin_pct)
+        band = self.band_w(sub)
         # Over the limit: back under it, and under the noise band too, so the next wobble does not cut again.
-        shed = sub.used_w() - (limit - self.band_w(sub)) if sub.used_w() > limit else 0
-        return effects + self.decrease(sub, now, shed=shed)
+        used = uncontrolled + sub.granted_w
+        shed = used - (limit - band) if used > limit else 0
+        return effects + self._decrease(sub, now, shed, None, available, band)
 
 
 def _above(ready: SortedList, target: int) -> Iterator[tuple[int, int, str]]:

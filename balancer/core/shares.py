@@ -40,8 +40,7 @@ class ShareClass:
 class ShareTable:
     """One substation's sessions by share class."""
 
-    __slots__ = ("classes", "events", "filed", "held", "holds", "no_cuts", "ready_adds", "seen_at", "shares",
-                 "version")
+    __slots__ = ("classes", "events", "filed", "held", "holds", "no_cuts", "seen_at", "shares", "version")
 
     def __init__(self) -> None:
         self.classes: dict[ClassKey, ShareClass] = {}
@@ -51,10 +50,10 @@ class ShareTable:
         self.holds: list[tuple[float, int, str]] = []  # (last change, attach order, session id): a heap
         self.seen_at = float("-inf")  # the latest time a pass looked (a clock that steps back: see ready_at)
         self.version = 0  # bumped when a session comes or goes (the classes' counts change)
-        self.ready_adds = 0  # bumped when a session joins a class's ``ready`` order (its hold ended)
-        #: (version, ready_adds, power shared, least room below a cut line less the step): no pass without shedding
-        #: cuts anyone down to a floor drawn from them while the rest is the same (see ``Rebalancer._no_cuts``)
-        self.no_cuts: tuple[int, int, int, int] | None = None
+        #: (version, power shared, least room below a cut line less the step, each class's cut line less the step
+        #: there): no pass without shedding cuts anyone down to a floor drawn from them while the classes are the
+        #: same (see ``Rebalancer._no_cuts``); a session whose hold ends is folded in (``ready_at``)
+        self.no_cuts: tuple[int, int, int, dict[ClassKey, int]] | None = None
         #: the rebalancer's last answer: (version, power shared, the classes, each class's share or None)
         self.shares: tuple[int, int, list[ShareClass], list[int] | None] | None = None
         #: (version, the classes as (floor, cap, weight, count), their breakpoints, None when a weight is not whole)
@@ -115,6 +114,10 @@ class ShareTable:
             return False
         self.seen_at = now
         holds, held, filed = self.holds, self.held, self.filed
+        proof = self.no_cuts
+        if proof is not None and proof[0] != self.version:
+            proof = None
+        room = proof[2] if proof is not None else 0
         while holds and now - holds[0][0] >= hold_s:
             last_change, order, sid = heapq.heappop(holds)
             session = held.get(sid)
@@ -124,7 +127,10 @@ class ShareTable:
             key = filed[sid][0]
             filed[sid] = (key, order, session.granted_w)
             self.classes[key].ready.add((session.granted_w, order, sid))
-            self.ready_adds += 1
+            if proof is not None:  # (its room below the cut line the proof drew for its class)
+                room = min(room, proof[3][key] - session.granted_w)
+        if proof is not None and room != proof[2]:
+            self.no_cuts = (proof[0], proof[1], room, proof[3])
         return True
 
 

@@ -190,9 +190,8 @@ BUSY_OPS = st.lists(st.tuples(st.sampled_from(["request", "request", "release", 
 
 
 def _against_every_session_pass(config: CoreConfig) -> list[Balancer]:
-    """A core as shipped and, second, one that re-shares every session on every pass (no skip memo, no classes)."""
+    """A core as shipped and, second, one that re-shares every session on every pass (no classes, no proofs)."""
     cores = [Balancer(config) for _ in range(2)]
-    cores[1].rebalancer._settled = lambda sub, now: False  # type: ignore[method-assign]
     cores[1].rebalancer.incremental = False
     return cores
 
@@ -254,10 +253,9 @@ class _Reporting:
 def test_skipped_sharing_passes_would_have_changed_nothing(
         grid: tuple[str, list[tuple[str, float, float, float]]], ops: list[tuple[str, int, float]],
         noise: list[float]) -> None:
-    """Two cores in lockstep, one re-sharing on every pass (no memo): the same effects, always."""
+    """Two cores in lockstep, one re-sharing every session on every pass: the same effects, always."""
     policy, subs = grid
-    cores = [Balancer(dataclasses.replace(CoreConfig(), policy=policy)) for _ in range(2)]
-    cores[1].rebalancer._settled = lambda sub, now: False  # type: ignore[method-assign]
+    cores = _against_every_session_pass(dataclasses.replace(CoreConfig(), policy=policy))
     now = T0
 
     def both(call: str, *args: object) -> None:
@@ -682,52 +680,20 @@ def test_queue_smallest_min_w_after_the_heap_is_rebuilt() -> None:
     assert q.smallest_min_w() is None
 
 
-def _memo_against_every_session_pass(config: CoreConfig) -> tuple[list[Balancer], list[int]]:
-    """Two cores that both look at every session on every pass (no share classes), the first skipping the passes
-    its memo proves settled (``Rebalancer._settled``), the second never; and a count of the skipped passes.
-    (With share classes in use, as under a hold time by default, a pass by class sets no memo: the lockstep tests
-    above then never reach ``_settled``.)"""
-    cores = _against_every_session_pass(config)
-    cores[0].rebalancer.incremental = False
-    skipped = [0]
-    settled = cores[0].rebalancer._settled
-
-    def counting(sub: Substation, now: float) -> bool:
-        out = settled(sub, now)
-        skipped[0] += out
-        return out
-
-    cores[0].rebalancer._settled = counting  # type: ignore[method-assign]
-    return cores, skipped
-
-
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(grid=st.one_of(SMALL_GRIDS, WHOLE_GRIDS), ops=QUIET_OPS,
        noise=st.one_of(st.lists(st.integers(-400, 400).map(lambda w: w / 1000), min_size=1, max_size=8),
                        st.lists(st.integers(-2, 2).map(float), min_size=1, max_size=8)),
        hold=st.sampled_from([0.0, 2.0, 10.0]), hysteresis=st.sampled_from([0.0, 0.5, 1.0, 3.0]))
-def test_passes_memo_skips_would_have_changed_nothing(
+def test_quiet_passes_at_any_hold_decide_as_every_session_pass(
         grid: tuple[str, list[tuple[str, float, float, float]]], ops: list[tuple[str, int, float]],
         noise: list[float], hold: float, hysteresis: float) -> None:
-    """The memo (``Rebalancer._memo``: how far the power may move before a grant would change, and until when no
-    hold ends) against passes over every session, on full substations whose base load wanders by a few hundred
-    watts or whole kW a second, with and without hold times: the same effects, always."""
+    """Full substations whose base load wanders by a few hundred watts or whole kW a second, with and without hold
+    times (holds ending under a no-cuts proof are folded into it): the core as shipped (passes by class, passes
+    proved idle) against passes over every session, the same effects, always."""
     policy, subs = grid
     config = dataclasses.replace(CoreConfig(), policy=policy, min_hold_s=hold, hysteresis_kw=hysteresis)
-    cores, _ = _memo_against_every_session_pass(config)
-    _fill_then_churn(cores, subs, ops, noise, full=8)
-
-
-@pytest.mark.parametrize("hold_s", [2.0, 10.0])
-def test_the_memo_is_taken_and_decides_as_every_session_pass(hold_s: float) -> None:
-    """One substation, its base load wandering for ten minutes while EVs come and go, both cores passing over every
-    session: many passes are skipped as settled (the memo taken), others change grants (some after a hold ends),
-    and every effect is the one of the core that never skips."""
-    cores, skipped = _memo_against_every_session_pass(dataclasses.replace(CoreConfig(), min_hold_s=hold_s))
-    effects = _ten_minutes_on_one_substation(
-        cores, lambda seq: (0.3, -0.3, 0.7, -0.7, 0.0, 2.0, -2.0)[(seq * 7919) % 7])
-    assert not cores[0].violations()
-    assert effects > 100 and skipped[0] >= 20, (effects, skipped)
+    _fill_then_churn(_against_every_session_pass(config), subs, ops, noise, full=8)
 
 
 @pytest.mark.parametrize("policy", ["least-utilised", "weighted-fair"])
