@@ -24,6 +24,12 @@ time). Figures:
                   substation's agent would;
   RSS MB          the process's resident memory at full size.
 
+With ``--one``, the JSON line also holds the service's substation states built per grid-second in each rebalance
+phase (``states_built_*``: the others were kept, nothing of theirs having moved; see BalancerService._states), and
+with ``--digest`` a SHA-256 of everything the balancer said (core: the effects' repr, in order; service: every
+published topic, payload and retain flag, the instance's random boot id masked): equal digests, equal decisions
+and messages. (Hashing costs CPU: compare figures without it.)
+
 CPU time (``time.process_time``), not wall time: the machine is shared.
 """
 
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import hashlib
 import json
 import math
 import random
@@ -75,8 +82,11 @@ class CoreDriver:
     """Feeds the pure core, in a process that treats the GC as the balancer's does (balancer/gc_policy.py: frozen
     after start-up, then what survived at every periodic step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, digest: bool = False) -> None:
         self.b = Balancer(CoreConfig())
+        self.digest = hashlib.sha256() if digest else None
+        if self.digest is not None:
+            self.b = _Digesting(self.b, self.digest)  # type: ignore[assignment]
 
     def status(self, sid: str, now: float) -> None:
         self.b.on_status(sid, "online", now)
@@ -103,14 +113,36 @@ class CoreDriver:
 
     @property
     def core(self) -> Balancer:
-        return self.b
+        b = self.b
+        return b.inner if isinstance(b, _Digesting) else b
+
+    def state_counts(self) -> dict[str, int]:
+        return {}
+
+
+class _Digesting:
+    """A core whose calls' effects are hashed (``--digest``)."""
+
+    def __init__(self, inner: Balancer, digest: Any) -> None:
+        self.inner, self.digest = inner, digest
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in ("on_status", "on_telemetry", "on_request", "on_release", "tick"):
+            return attr
+
+        def call(*args: Any) -> Any:
+            out = attr(*args)
+            self.digest.update(repr(out).encode())
+            return out
+        return call
 
 
 class ServiceDriver:
     """Feeds the real BalancerService (topic parsing, decoding, admission, publishing) over an in-memory
     transport: every published message is encoded and handed to the transport, which counts it."""
 
-    def __init__(self) -> None:
+    def __init__(self, digest: bool = False) -> None:
         from balancer.service import BalancerService
         from balancer.settings import BalancerSettings
         from grid_protocol import Topics
@@ -121,6 +153,10 @@ class ServiceDriver:
                                     telemetry_burst=1e9)
         # the process's GC policy, as ``python -m balancer`` hands it to its services (balancer/cli.py)
         self.svc = BalancerService(settings, self.transport, clock=lambda: self.now, gc_policy=PROCESS_GC)
+        if digest:
+            self.transport.digest = hashlib.sha256()
+            self.transport.mask = self.svc.instance.encode()
+        self.digest = self.transport.digest
         self.transport.connect()
         self.topics = Topics(settings.grid.grid_topic_prefix)
 
@@ -165,6 +201,9 @@ class ServiceDriver:
     def core(self) -> Balancer:
         return self.svc.core
 
+    def state_counts(self) -> dict[str, int]:
+        return dict(getattr(self.svc, "state_counts", {}))
+
 
 class _MemoryTransport:
     """The Transport protocol in memory: subscriptions and publishes are counted, nothing is sent."""
@@ -177,6 +216,9 @@ class _MemoryTransport:
         self.connected = asyncio.Event()
         self.handler: Any = None
         self._callbacks: list[Any] = []
+        #: ``--digest``: what is published is hashed (``mask``, the instance's boot id, replaced first)
+        self.digest: Any = None
+        self.mask = b""
 
     def set_handler(self, handler: Any) -> None:
         self.handler = handler
@@ -190,6 +232,9 @@ class _MemoryTransport:
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 correlation_data: bytes | None = None, expiry_s: int | None = None) -> None:
         self.stats.published += 1
+        if self.digest is not None:
+            self.digest.update(b"%s\0%s\0%d\n" % (topic.encode(), payload.replace(self.mask, b"boot") if self.mask
+                                                    else payload, retain))
 
     def connect(self) -> None:
         self.connected.set()
@@ -218,10 +263,10 @@ def _telemetry(grid: Grid, sid: str, seq: int, core: Balancer, rng: random.Rando
 
 
 def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
-            profile: Path | None = None, profile_phase: str = "steady") -> dict[str, Any]:
+            profile: Path | None = None, profile_phase: str = "steady", digest: bool = False) -> dict[str, Any]:
     rng = random.Random(1)
     grid = make_grid(substations, evs, rng)
-    driver: CoreDriver | ServiceDriver = CoreDriver() if path == "core" else ServiceDriver()
+    driver: CoreDriver | ServiceDriver = CoreDriver(digest) if path == "core" else ServiceDriver(digest)
     core = driver.core
     now = T0
     seq = 0
@@ -334,11 +379,23 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
             prof.dump_stats(profile)
         return cpu / count
 
+    def built() -> int:
+        return driver.state_counts().get("built", 0)
+
     start = next_second
+    before = built()
     cpu_churned = grid_seconds(start, seconds, "churned")
+    built_churned = (built() - before) / seconds
     grid_seconds(start + seconds, 30)
+    before = built()
     cpu_settled = grid_seconds(start + seconds + 30, seconds, "settled")
+    built_settled = (built() - before) / seconds
     rss = _rss_mb()
+    extra: dict[str, Any] = {}
+    if path == "service":
+        extra = {"states_built_churned_per_grid_s": built_churned, "states_built_settled_per_grid_s": built_settled}
+    if driver.digest is not None:
+        extra["digest"] = driver.digest.hexdigest()
     return {"substations": substations, "evs": evs, "path": path, "sessions": sessions, "queued": queued,
             "fill_us_per_request": round(cpu_requests / evs * 1e6, 1),
             "steady_us_per_request": round(cpu_steady * 1e6, 1),
@@ -348,7 +405,7 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
             "steady_gc_longest_ms": round(pauses.longest * 1e3, 2),
             "rebalance_churned_ms_per_grid_s": round(cpu_churned * 1e3, 2),
             "rebalance_settled_ms_per_grid_s": round(cpu_settled * 1e3, 2), "rss_mb": round(rss, 1),
-            "violations": len(core.violations())}
+            "violations": len(core.violations()), **extra}
 
 
 class GcPauses:
@@ -395,6 +452,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--profile-phase", choices=("steady", "churned", "settled"), default="steady",
                         help="steady: only its requests and releases; churned, settled: the rebalance figure's "
                              "grid-seconds")
+    parser.add_argument("--digest", action="store_true",
+                        help="hash what the balancer said (decisions, published messages) and print it per row")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # SxN:path, in this process
     args = parser.parse_args(argv)
     if not set(args.paths.split(",")) <= {"core", "service"}:
@@ -402,7 +461,8 @@ def main(argv: list[str]) -> int:
     if args.one:
         size, path = args.one.split(":")
         s, n = (int(x) for x in size.split("x"))
-        print(json.dumps(run_one(s, n, path, args.seconds, args.steady, args.profile, args.profile_phase)))
+        print(json.dumps(run_one(s, n, path, args.seconds, args.steady, args.profile, args.profile_phase,
+                                 args.digest)))
         return 0
     rows = []
     print(f"{'substations x EVs':>18} {'path':>8} {'sessions':>9} {'queued':>7} {'fill µs/req':>12} "
@@ -412,7 +472,8 @@ def main(argv: list[str]) -> int:
     for size in args.sizes.split(","):
         for path in args.paths.split(","):
             out = subprocess.run([sys.executable, "-m", "bench", "scale", "--one", f"{size}:{path}",
-                                  "--seconds", str(args.seconds), "--steady", str(args.steady)],
+                                  "--seconds", str(args.seconds), "--steady", str(args.steady),
+                                  *(["--digest"] if args.digest else [])],
                                  capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 print(f"{size:>18} {path:>8} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -424,7 +485,8 @@ def main(argv: list[str]) -> int:
                   f"{row['steady_us_per_answer']:>10,.1f} "
                   f"{row['steady_gc_us_per_request']:>7,.1f} {row['steady_gc_longest_ms']:>5,.1f} ms "
                   f"{row['rebalance_churned_ms_per_grid_s']:>20,.2f} {row['rebalance_settled_ms_per_grid_s']:>13,.2f} "
-                  f"{row['rss_mb']:>7,.0f}", flush=True)
+                  f"{row['rss_mb']:>7,.0f}" + (f"  digest {row['digest'][:16]}" if "digest" in row else ""),
+                  flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": rows, "cpu": "time.process_time"},
                                     indent=1))

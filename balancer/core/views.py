@@ -61,12 +61,46 @@ def session_views(balancer: Balancer, sub: Substation) -> list[SessionView]:
     return views
 
 
+#: What :func:`state_mark` gives under a policy whose session views move with time: no mark, always build.
+TIME_DEPENDENT = None
+
+StateMark = tuple[object, ...]
+
+
+def state_mark(balancer: Balancer, sub: Substation, now: float) -> StateMark | None:
+    """Plain data from which every field of ``sub``'s state but the clock fields (``ts``, ``telemetry_age_s``)
+    and the measured numbers (:func:`state_measured`) follows: two looks with equal marks would build states that
+    differ only there, with the very same session list (``session_views`` keeps it while ``shares_version``
+    stands). The service builds a state only when the mark or the measured numbers moved (issue 10: at 1,000
+    substations most states change only in their clock fields and noise within the dead-band, and building all
+    1,000 every second was ~a fifth of the service's rebalance CPU). None (:data:`TIME_DEPENDENT`) under a policy
+    whose session views move with time (``deadline``): those states are built every time."""
+    if balancer.policy.time_dependent:
+        return TIME_DEPENDENT
+    cfg = balancer.config
+    return (sub.known_since, sub.status, sub.lost, sub.last_telemetry_at is None, sub.is_fresh(now, cfg.stale_after_s),
+            sub.draining, sub.capacity_w, sub.reported_capacity_w, sub.capacity_limit_w, sub.schedule_limit_w,
+            sub.schedule_source, sub.granted_w, sub.granted_at_telemetry_w, len(sub.sessions), sub.region,
+            sub.shares_version, cfg.safety_margin_pct)
+
+
+def state_measured(balancer: Balancer, sub: Substation, now: float) -> tuple[float | None, float | None, float, float]:
+    """The state's measured numbers, as it shows them: ``load_kw``, ``base_load_kw``, ``headroom_kw``,
+    ``utilisation`` (held to the dead-band by the service)."""
+    cfg = balancer.config
+    heard = sub.last_telemetry_at is not None
+    return (w_to_kw(sub.load_w) if heard else None, w_to_kw(sub.base_load_w) if heard else None,
+            w_to_kw(sub.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s)),
+            round(min(1000.0, sub.used_w() / sub.capacity_w), 4) if sub.capacity_w > 0 else 0.0)
+
+
 def substation_state(balancer: Balancer, sub: Substation, now: float) -> SubstationState:
     cfg = balancer.config
     total = len(sub.sessions)
     views = session_views(balancer, sub)
     heard = sub.last_telemetry_at
     fresh = sub.is_fresh(now, cfg.stale_after_s)
+    load_kw, base_load_kw, headroom_kw, utilisation = state_measured(balancer, sub, now)
     return SubstationState(
         substation_id=sub.id, ts=now,
         online=sub.status != "offline" and not sub.lost and heard is not None,
@@ -75,11 +109,9 @@ def substation_state(balancer: Balancer, sub: Substation, now: float) -> Substat
         reported_capacity_kw=w_to_kw(sub.reported_capacity_w) if heard is not None else None,
         capacity_limit_kw=w_to_kw(sub.capacity_limit_w) if sub.capacity_limit_w is not None else None,
         limit_kw=w_to_kw(max(0, sub.limit_w(cfg.safety_margin_pct))),
-        load_kw=w_to_kw(sub.load_w) if heard is not None else None,
-        base_load_kw=w_to_kw(sub.base_load_w) if heard is not None else None,
+        load_kw=load_kw, base_load_kw=base_load_kw,
         granted_kw=w_to_kw(sub.granted_w), reserved_kw=w_to_kw(sub.reserved_w()),
-        headroom_kw=w_to_kw(sub.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s)),
-        utilisation=round(min(1000.0, sub.used_w() / sub.capacity_w), 4) if sub.capacity_w > 0 else 0.0,
+        headroom_kw=headroom_kw, utilisation=utilisation,
         telemetry_age_s=round(max(0.0, now - heard), 3) if heard is not None else None,
         sessions_total=total, sessions=views, sessions_truncated=total > MAX_STATE_SESSIONS, region=sub.region,
         schedule_limit_kw=w_to_kw(sub.schedule_limit_w) if sub.schedule_limit_w is not None else None,
