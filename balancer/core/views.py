@@ -6,6 +6,7 @@ Readers such as the API learn the whole grid from these retained messages, so a 
 
 from __future__ import annotations
 
+import math
 from itertools import islice
 
 from balancer.core.engine import Balancer
@@ -78,20 +79,30 @@ def state_mark(balancer: Balancer, sub: Substation, now: float) -> StateMark | N
     if balancer.policy.time_dependent:
         return TIME_DEPENDENT
     cfg = balancer.config
-    return (sub.known_since, sub.status, sub.lost, sub.last_telemetry_at is None, sub.is_fresh(now, cfg.stale_after_s),
-            sub.draining, sub.capacity_w, sub.reported_capacity_w, sub.capacity_limit_w, sub.schedule_limit_w,
-            sub.schedule_source, sub.granted_w, sub.granted_at_telemetry_w, len(sub.sessions), sub.region,
-            sub.shares_version, cfg.safety_margin_pct)
+    heard = sub.last_telemetry_at  # (Substation.is_fresh, inline: this runs for every substation every second)
+    return (sub.known_since, sub.status, sub.lost, heard is None,
+            heard is not None and now - heard <= cfg.stale_after_s, sub.draining, sub.capacity_w,
+            sub.reported_capacity_w, sub.capacity_limit_w, sub.schedule_limit_w, sub.schedule_source, sub.granted_w,
+            sub.granted_at_telemetry_w, len(sub.sessions), sub.region, sub.shares_version, cfg.safety_margin_pct)
 
 
 def state_measured(balancer: Balancer, sub: Substation, now: float) -> tuple[float | None, float | None, float, float]:
     """The state's measured numbers, as it shows them: ``load_kw``, ``base_load_kw``, ``headroom_kw``,
-    ``utilisation`` (held to the dead-band by the service)."""
+    ``utilisation`` (held to the dead-band by the service). ``Substation.headroom_w`` and ``used_w`` written out
+    (this runs for every substation every second; tests/unit/test_state_marks.py holds it to them)."""
     cfg = balancer.config
-    heard = sub.last_telemetry_at is not None
-    return (w_to_kw(sub.load_w) if heard else None, w_to_kw(sub.base_load_w) if heard else None,
-            w_to_kw(sub.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s)),
-            round(min(1000.0, sub.used_w() / sub.capacity_w), 4) if sub.capacity_w > 0 else 0.0)
+    heard = sub.last_telemetry_at
+    capacity = sub.capacity_w
+    used = max(sub.base_load_w, sub.load_w - sub.granted_at_telemetry_w) + sub.granted_w
+    if (sub.status != "offline" and not sub.lost and not sub.draining and heard is not None
+            and now - heard <= cfg.stale_after_s):
+        headroom = max(0, math.floor(capacity * (1 - cfg.safety_margin_pct / 100)) - used)
+    else:
+        headroom = 0
+    if heard is None:
+        return None, None, headroom / 1000, round(min(1000.0, used / capacity), 4) if capacity > 0 else 0.0
+    return (sub.load_w / 1000, sub.base_load_w / 1000, headroom / 1000,
+            round(min(1000.0, used / capacity), 4) if capacity > 0 else 0.0)
 
 
 def substation_state(balancer: Balancer, sub: Substation, now: float) -> SubstationState:
@@ -100,7 +111,6 @@ def substation_state(balancer: Balancer, sub: Substation, now: float) -> Substat
     views = session_views(balancer, sub)
     heard = sub.last_telemetry_at
     fresh = sub.is_fresh(now, cfg.stale_after_s)
-    load_kw, base_load_kw, headroom_kw, utilisation = state_measured(balancer, sub, now)
     return SubstationState(
         substation_id=sub.id, ts=now,
         online=sub.status != "offline" and not sub.lost and heard is not None,
@@ -109,9 +119,11 @@ def substation_state(balancer: Balancer, sub: Substation, now: float) -> Substat
         reported_capacity_kw=w_to_kw(sub.reported_capacity_w) if heard is not None else None,
         capacity_limit_kw=w_to_kw(sub.capacity_limit_w) if sub.capacity_limit_w is not None else None,
         limit_kw=w_to_kw(max(0, sub.limit_w(cfg.safety_margin_pct))),
-        load_kw=load_kw, base_load_kw=base_load_kw,
+        load_kw=w_to_kw(sub.load_w) if heard is not None else None,
+        base_load_kw=w_to_kw(sub.base_load_w) if heard is not None else None,
         granted_kw=w_to_kw(sub.granted_w), reserved_kw=w_to_kw(sub.reserved_w()),
-        headroom_kw=headroom_kw, utilisation=utilisation,
+        headroom_kw=w_to_kw(sub.headroom_w(now, cfg.safety_margin_pct, cfg.stale_after_s)),
+        utilisation=round(min(1000.0, sub.used_w() / sub.capacity_w), 4) if sub.capacity_w > 0 else 0.0,
         telemetry_age_s=round(max(0.0, now - heard), 3) if heard is not None else None,
         sessions_total=total, sessions=views, sessions_truncated=total > MAX_STATE_SESSIONS, region=sub.region,
         schedule_limit_kw=w_to_kw(sub.schedule_limit_w) if sub.schedule_limit_w is not None else None,

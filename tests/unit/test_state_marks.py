@@ -331,3 +331,24 @@ def test_the_parsed_topics_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         g.telemetry(sid)
     assert len(g.svc._telemetry_topics) == 2
     assert all(g.svc.core.substations[sid].last_seq == 2 for sid in SUBS)  # the third parsed each time, still heard
+
+
+@settings(max_examples=300, deadline=None)
+@given(capacity=st.integers(0, 2_000_000), load=st.integers(0, 2_500_000), base=st.integers(0, 2_500_000),
+       granted=st.integers(0, 1_000_000), at_telemetry=st.integers(0, 1_000_000),
+       heard=st.one_of(st.none(), st.floats(990.0, 1000.0)), status=st.sampled_from([None, "online", "offline"]),
+       lost=st.booleans(), draining=st.booleans())
+def test_the_measured_numbers_are_those_the_state_shows(capacity: int, load: int, base: int, granted: int,
+                                                        at_telemetry: int, heard: float | None, status: str | None,
+                                                        lost: bool, draining: bool) -> None:
+    """``state_measured`` writes out ``Substation.headroom_w`` and ``used_w``: the same numbers as the state."""
+    g = Grid()
+    sub = g.svc.core.state.substation("A", T0)
+    sub.capacity_w, sub.load_w, sub.base_load_w, sub.granted_w = capacity, load, base, granted
+    sub.granted_at_telemetry_w, sub.last_telemetry_at, sub.status = at_telemetry, heard, status
+    sub.lost, sub.draining = lost, draining
+    state = substation_state(g.svc.core, sub, T0)
+    assert state_measured(g.svc.core, sub, T0) == (state.load_kw, state.base_load_kw, state.headroom_kw,
+                                                   state.utilisation)
+    mark = state_mark(g.svc.core, sub, T0)
+    assert mark is not None and mark[4] is (not state.stale)
