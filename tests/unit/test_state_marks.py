@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import balancer.core.views as views_module
 import balancer.service as service_module
 from balancer.core.policies.names import PolicyName
 from balancer.core.views import TIME_DEPENDENT, state_mark, state_measured, substation_state
@@ -352,3 +353,63 @@ def test_the_measured_numbers_are_those_the_state_shows(capacity: int, load: int
                                                    state.utilisation)
     mark = state_mark(g.svc.core, sub, T0)
     assert mark is not None and mark[4] is (not state.stale)
+
+
+# ------------------------------------------------------------------ the sessions that changed, named by SessionBook
+def _charging(n: int) -> Grid:
+    g = Grid()
+    g.telemetry(capacity=500.0)
+    for i in range(n):
+        g.request(f"EV{i}")
+    g.telemetry(capacity=500.0)
+    g.publish()
+    return g
+
+
+def test_sessionbook_names_the_sessions_that_changed_up_to_a_bound() -> None:
+    g = _charging(3)
+    sub = g.svc.core.substations["A"]
+    assert sub.sessions_changed == set()  # (listed: nothing pending)
+    first, second, _ = sub.sessions.values()
+    g.svc.core.book.set_grant(first, 5_000, g.now, "rebalanced", "test")  # type: ignore[arg-type]
+    g.release("EV1")
+    g.request("EV9")
+    (new,) = [s for s in sub.sessions.values() if s.request.ev_id == "EV9"]
+    assert sub.sessions_changed == {first.session_id, second.session_id, new.session_id}
+    for i in range(20):
+        g.svc.core.book.set_grant(first, 4_000 + i, g.now, "rebalanced", "test")  # type: ignore[arg-type]
+        sub.session_changed(f"x{i}")
+    assert sub.sessions_changed is None  # past 16: "any"
+
+
+def test_a_grant_change_builds_that_one_view_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = _charging(6)
+    sub = g.svc.core.substations["A"]
+    before = list(sub.session_views[1])  # type: ignore[index]
+    built: list[str] = []
+    view = views_module._view
+
+    def counting(s: object) -> object:
+        built.append(s.session_id)  # type: ignore[attr-defined]
+        return view(s)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(views_module, "_view", counting)
+    changed = list(sub.sessions.values())[3]
+    g.svc.core.book.set_grant(changed, 6_000, g.now, "rebalanced", "test")  # type: ignore[arg-type]
+    g.publish()
+    after = sub.session_views[1]  # type: ignore[index]
+    assert built == [changed.session_id]
+    assert [a is b for a, b in zip(before, after, strict=True)] == [True, True, True, False, True, True]
+    assert after == fresh(g.svc, "A", g.now).sessions
+
+
+def test_more_changes_than_named_look_at_every_session() -> None:
+    g = _charging(20)
+    sub = g.svc.core.substations["A"]
+    for s in list(sub.sessions.values()):
+        g.svc.core.book.set_grant(s, 3_000, g.now, "rebalanced", "test")  # type: ignore[arg-type]
+    assert sub.sessions_changed is None
+    g.publish()
+    assert sub.sessions_changed == set()
+    views = sub.session_views[1]  # type: ignore[index]
+    assert views == fresh(g.svc, "A", g.now).sessions and all(v.granted_kw == 3.0 for v in views)  # type: ignore[attr-defined]
