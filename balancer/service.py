@@ -24,7 +24,8 @@ import msgspec
 from balancer.admission import REFUSED_COST, Admission
 from balancer.core import Balancer, Effect, ToEv
 from balancer.core.limits import schedule_state
-from balancer.core.views import queue_state, substation_state
+from balancer.core.model import w_to_kw
+from balancer.core.views import StateMark, queue_state, state_mark, state_measured, substation_state
 from balancer.gc_policy import GcPolicy
 from balancer.operator_store import FileStore, OperatorStore
 from balancer.settings import BalancerSettings
@@ -97,6 +98,8 @@ _list_encoder = msgspec.json.Encoder()
 
 #: A retained state is published again after this long even when nothing changed (the integrity period).
 _STATE_REFRESH_S = 30.0
+#: Telemetry topics kept parsed (see BalancerService.handle): one a substation, at most this many.
+_TELEMETRY_TOPICS_MAX = 100_000
 
 #: A substation state's measured numbers: the telemetry's, and what follows from them and from fields the change
 #: key holds exactly (grants, capacity, online/stale/draining). Published when one moved by more than the
@@ -131,6 +134,9 @@ class _Sent(NamedTuple):
     parts: dict[int, bytes] | None = None
     #: a substation state's measured numbers as published (see _MEASURED), held to the dead-band
     measured: tuple[float | None, ...] = ()
+    #: the substation's ``views.state_mark`` when a state was last built and found equal to this one but for its
+    #: clock fields and measured numbers (or published): while the mark stands, no state is built (see _states)
+    mark: StateMark | None = None
 
 
 def _encode_views(views: list[SessionView], last: _Sent | None) -> tuple[msgspec.Raw, dict[int, bytes]]:
@@ -205,6 +211,11 @@ class BalancerService:
         }
         #: what was last published per retained state topic (see _send_state)
         self._state_sent: dict[str, _Sent] = {}
+        #: substation states built by the periodic publication, and looks that found nothing to build (see _states)
+        self.state_counts: Counter[str] = Counter()
+        #: each substation's state topic, and telemetry topics already parsed (valid id: kind, id), see handle
+        self._state_topics: dict[str, str] = {}
+        self._telemetry_topics: dict[str, tuple[TopicKind, str]] = {}
         #: when the periodic step next sweeps the admission buckets and publishes the retained states (see periodic)
         self._next_sweep = self._next_state = -math.inf
         #: called with the seconds each EV request or release took to decide and publish (metrics)
@@ -250,20 +261,30 @@ class BalancerService:
         if not self.is_owner():
             self._lost_lease("input")
             return
-        parsed = self.topics.parse(msg.topic)
-        if parsed is None:
-            self.counters["ignored_topic"] += 1
-            return
-        kind, id_ = parsed
-        self.received[kind] += 1
-        if kind == TopicKind.BALANCER_STATUS:
-            self._on_balancer_status(msg)
-            return
-        if id_ is not None and not is_valid_id(id_):
-            # No valid id, so no topic to answer on: log and count only.
-            self.counters[f"bad_payload:{kind}:invalid_topic_id"] += 1
-            self.log.warning("invalid_topic_id", topic=msg.topic[:200])
-            return
+        # Telemetry topics, a thousand substations' each second, are parsed (and their id checked) once each.
+        known = self._telemetry_topics.get(msg.topic)
+        id_: str | None
+        if known is not None:
+            kind, id_ = known
+            self.received[kind] += 1
+        else:
+            parsed = self.topics.parse(msg.topic)
+            if parsed is None:
+                self.counters["ignored_topic"] += 1
+                return
+            kind, id_ = parsed
+            self.received[kind] += 1
+            if kind == TopicKind.BALANCER_STATUS:
+                self._on_balancer_status(msg)
+                return
+            if id_ is not None and not is_valid_id(id_):
+                # No valid id, so no topic to answer on: log and count only.
+                self.counters[f"bad_payload:{kind}:invalid_topic_id"] += 1
+                self.log.warning("invalid_topic_id", topic=msg.topic[:200])
+                return
+            if kind == TopicKind.SUBSTATION_TELEMETRY and id_ is not None \
+                    and len(self._telemetry_topics) < _TELEMETRY_TOPICS_MAX:
+                self._telemetry_topics[msg.topic] = (kind, id_)
         if not self._admitted(kind, id_, msg):
             return
         if not self.startup.is_open and kind in _ACTS_ON_GRID:
@@ -616,6 +637,8 @@ class BalancerService:
         kept here."""
         topic = self.topics.substation_state(substation_id)
         self._state_sent.pop(topic, None)
+        self._state_topics.pop(substation_id, None)
+        self._telemetry_topics.pop(self.topics.telemetry(substation_id), None)
         self._leases.forget(substation_id)
         self.transport.publish(topic, b"", 1, retain=True)
         self.transport.publish(self.topics.substation_schedule(substation_id), b"", 1, retain=True)
@@ -639,7 +662,7 @@ class BalancerService:
         self.transport.publish(topic, encode(state), 1, retain=True)
 
     def _send_substation_state(self, topic: str, state: SubstationState, last: _Sent | None, now: float,
-                               force: bool) -> None:
+                               force: bool, mark: StateMark | None = None) -> None:
         """:meth:`_send_state` for a substation, at a cost in what changed: at 1,000 substations nearly every
         state's numbers move every second (base-load noise), its ~15 KB session list seldom. The change key is the
         numbers but the measured ones (a tuple, nothing encoded); those (``_MEASURED``) are held to the dead-band
@@ -663,8 +686,10 @@ class BalancerService:
             ratio = self.settings.state_deadband_pct / 100  # (utilisation: the band as a share of the capacity)
             band_kw = ratio * state.capacity_kw
             if not _moved(last.measured, measured, (band_kw, band_kw, band_kw, ratio)):
+                if mark != last.mark:  # the same state as published: no need to build it again while this stands
+                    self._state_sent[topic] = last._replace(mark=mark)
                 return
-        self._state_sent[topic] = _Sent(key, now, views, raw, parts, measured)
+        self._state_sent[topic] = _Sent(key, now, views, raw, parts, measured, mark)
         self.transport.publish(topic, encode(msgspec.structs.replace(state, sessions=raw)), 1, retain=True)
 
     def publish_states(self, now: float) -> None:
@@ -682,15 +707,32 @@ class BalancerService:
 
     def _states(self, now: float) -> Iterator[None]:
         """Publish the states; yields between steps (a substation forgotten meanwhile is skipped)."""
-        subs = self.core.substations
+        subs, core, sent, topics, counts = self.core.substations, self.core, self._state_sent, self._state_topics, \
+            self.state_counts
+        ratio = self.settings.state_deadband_pct / 100
         since, step = perf_counter(), 0
         for sub in list(subs.values()):
             if step == _STATE_STEP or (step and perf_counter() - since >= _STATE_SLICE_S):
                 yield
                 since, step = perf_counter(), 0
             step += 1
-            if subs.get(sub.id) is sub:
-                self._send_state(self.topics.substation_state(sub.id), substation_state(self.core, sub, now), now)
+            if subs.get(sub.id) is not sub:
+                continue
+            topic = topics.get(sub.id)
+            if topic is None:
+                topic = topics[sub.id] = self.topics.substation_state(sub.id)
+            # Built only when what it shows may have moved: the mark (everything but the clock fields and the
+            # measured numbers), or a measured number beyond the dead-band (the test _send_substation_state makes
+            # on the state built, made on the numbers alone), or the 30 s refresh is due.
+            last = sent.get(topic)
+            mark = state_mark(core, sub, now)
+            if last is not None and mark is not None and last.mark == mark and now - last.at < _STATE_REFRESH_S:
+                band_kw = ratio * w_to_kw(sub.capacity_w)
+                if not _moved(last.measured, state_measured(core, sub, now), (band_kw, band_kw, band_kw, ratio)):
+                    counts["kept"] += 1
+                    continue
+            counts["built"] += 1
+            self._send_substation_state(topic, substation_state(core, sub, now), last, now, False, mark)
         if step and perf_counter() - since >= _STATE_SLICE_S:
             yield
         for sid in list(self.core.schedule_dirty):  # changed, or an entry started or ended

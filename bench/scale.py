@@ -30,6 +30,12 @@ time). Figures:
                   compares different work. Holding the queue at its length compares like with like;
   sat. µs/answer  the same CPU per answer the EVs got in the saturated phase.
 
+With ``--one``, the JSON line also holds the service's substation states built per grid-second in each rebalance
+phase (``states_built_*``: the others were kept, nothing of theirs having moved; see BalancerService._states), and
+with ``--digest`` a SHA-256 of everything the balancer said (core: its effects, in order; service: every published
+topic, payload and retain flag, the instance's random boot id masked): equal digests, equal decisions and messages.
+(Hashing costs CPU: compare figures without it.)
+
 CPU time (``time.process_time``), not wall time: the machine is shared.
 """
 
@@ -61,7 +67,7 @@ T0 = 1_767_225_600.0
 MIN_RATE_PER_S = 20  # requests per grid-second while filling (N/100 for larger grids)
 NOISE_PCT, NOISE_TAU_S = 3.0, 900.0  # grid_sim.load_curve's defaults
 
-#: with --digest: the core's decisions in order (its effects; core path only: the service's states carry wall time)
+#: with --digest: the core's decisions in order (its effects); on the service path, what the transport is given
 DIGEST: Any = None
 
 
@@ -123,6 +129,9 @@ class CoreDriver:
     def core(self) -> Balancer:
         return self.b
 
+    def state_counts(self) -> dict[str, int]:
+        return {}
+
 
 class ServiceDriver:
     """Feeds the real BalancerService (topic parsing, decoding, admission, publishing) over an in-memory
@@ -139,6 +148,9 @@ class ServiceDriver:
                                     telemetry_burst=1e9)
         # the process's GC policy, as ``python -m balancer`` hands it to its services (balancer/cli.py)
         self.svc = BalancerService(settings, self.transport, clock=lambda: self.now, gc_policy=PROCESS_GC)
+        if DIGEST is not None:
+            self.transport.digest = DIGEST
+            self.transport.mask = self.svc.instance.encode()
         self.transport.connect()
         self.topics = Topics(settings.grid.grid_topic_prefix)
 
@@ -183,6 +195,9 @@ class ServiceDriver:
     def core(self) -> Balancer:
         return self.svc.core
 
+    def state_counts(self) -> dict[str, int]:
+        return dict(getattr(self.svc, "state_counts", {}))  # (a version without the counts: none)
+
 
 class _MemoryTransport:
     """The Transport protocol in memory: subscriptions and publishes are counted, nothing is sent."""
@@ -195,6 +210,9 @@ class _MemoryTransport:
         self.connected = asyncio.Event()
         self.handler: Any = None
         self._callbacks: list[Any] = []
+        #: ``--digest``: what is published is hashed (``mask``, the instance's boot id, replaced first)
+        self.digest: Any = None
+        self.mask = b""
 
     def set_handler(self, handler: Any) -> None:
         self.handler = handler
@@ -208,6 +226,9 @@ class _MemoryTransport:
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 correlation_data: bytes | None = None, expiry_s: int | None = None) -> None:
         self.stats.published += 1
+        if self.digest is not None:
+            self.digest.update(b"%s\0%s\0%d\n" % (topic.encode(), payload.replace(self.mask, b"boot") if self.mask
+                                                    else payload, retain))
 
     def connect(self) -> None:
         self.connected.set()
@@ -355,10 +376,17 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
             prof.dump_stats(profile)
         return cpu / count
 
+    def built() -> int:
+        return driver.state_counts().get("built", 0)
+
     start = next_second
+    before = built()
     cpu_churned = grid_seconds(start, seconds, "churned")
+    built_churned = (built() - before) / seconds
     grid_seconds(start + seconds, 30)
+    before = built()
     cpu_settled = grid_seconds(start + seconds + 30, seconds, "settled")
+    built_settled = (built() - before) / seconds
     rss = _rss_mb()
     cpu_saturated, saturated_calls, saturated_answers = _saturated(
         driver, core, report_all, ticks, next_running, queued, rate, start + seconds + 30 + seconds, saturated,
@@ -375,7 +403,9 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
             "saturated_calls": saturated_calls, "saturated_answers": saturated_answers,
             "saturated_us_per_request": round(cpu_saturated / max(1, saturated_calls) * 1e6, 1),
             "saturated_us_per_answer": round(cpu_saturated / max(1, saturated_answers) * 1e6, 1),
-            "violations": len(core.violations())} | ({"digest": DIGEST.hexdigest()[:16]} if digest else {})
+            "violations": len(core.violations())} | ({"digest": DIGEST.hexdigest()[:16]} if digest else {}) | (
+                {"states_built_churned_per_grid_s": built_churned, "states_built_settled_per_grid_s": built_settled}
+                if path == "service" else {})
 
 
 def _saturated(driver: CoreDriver | ServiceDriver, core: Balancer, report_all: Any, ticks: Any, next_running: Any,

@@ -22,6 +22,10 @@ def kw_to_w_down(kw: float) -> int:
     return math.floor(kw * 1000 + 1e-9)
 
 
+#: Sessions ``Substation.sessions_changed`` names before it says "any" (a rebuilt list then looks at each).
+SESSIONS_CHANGED_MAX = 16
+
+
 def w_to_kw(w: int) -> float:
     return w / 1000
 
@@ -154,6 +158,18 @@ class Substation:
     #: each listed session's view and what it was built from, by session id
     session_views: tuple[int, list[object], dict[str, object], dict[str, object]] | None = field(
         default=None, repr=False, compare=False)
+    #: the sessions whose view may have moved since ``session_views`` last listed them (SessionBook: started, ended,
+    #: grant changed), at most ``SESSIONS_CHANGED_MAX`` ids; None: any of them (more, or not known)
+    sessions_changed: set[str] | None = field(default=None, repr=False, compare=False)
+
+    def session_changed(self, session_id: str) -> None:
+        """``session_id`` started, ended or changed grant: its view in the retained state must be built again."""
+        changed = self.sessions_changed
+        if changed is not None:
+            if len(changed) < SESSIONS_CHANGED_MAX:
+                changed.add(session_id)
+            else:
+                self.sessions_changed = None
 
     def apply_capacity(self) -> None:
         """Plan with the reported capacity, or the operator's limit or the scheduled one when lower."""

@@ -35,6 +35,7 @@ class SessionBook:
         st.ends.update(session)
         st.touched.add(sub.id)  # (CoreState.touch: once per placement, so inlined)
         sub.shares_version += 1
+        sub.session_changed(sid)
         if self.shares is not None:
             self.shares.attach(session)
 
@@ -52,6 +53,7 @@ class SessionBook:
         st.ends.discard(sid)
         st.touched.add(sub.id)
         sub.shares_version += 1
+        sub.session_changed(sid)
         self.ledger.session_ended(sid)
 
     def start_effects(self, session: Session, now: float, *, in_reply: bool) -> list[Effect]:
@@ -100,6 +102,7 @@ class SessionBook:
         self.state.ends.update(session)
         self.state.touch(sub)
         sub.shares_version += 1
+        sub.session_changed(session.session_id)
         req = session.request
         answer = self.ledger.answer(req, "updated", now, session=session, reason=reason, detail=detail)
         self.ledger.evs[req.ev_id].answer = answer

@@ -40,10 +40,11 @@ def fresh(svc: BalancerService, sid: str, now: float) -> SubstationState:
     """The state built from scratch: the kept session views put aside, then put back."""
     sub = svc.core.substations[sid]
     kept, sub.session_views = sub.session_views, None
+    changed = sub.sessions_changed
     try:
         return substation_state(svc.core, sub, now)
     finally:
-        sub.session_views = kept
+        sub.session_views, sub.sessions_changed = kept, changed
 
 
 def without_clock(payload: bytes) -> dict[str, object]:
@@ -171,9 +172,8 @@ def test_kept_session_views_are_rebuilt_only_where_a_session_changed(changes: li
     for index, granted_w, later in changes:
         clock[0] += later
         session = sessions[index]
-        session.account(clock[0])  # as the core does before a grant change
-        session.granted_w = granted_w
-        sub.shares_version += 1
+        # as the core changes a grant (accounted first; the session named in ``sessions_changed``)
+        svc.core.book.set_grant(session, granted_w, clock[0], "rebalanced", "test")  # type: ignore[arg-type]
         after = substation_state(svc.core, sub, clock[0]).sessions
         assert after == fresh(svc, "A", clock[0]).sessions
         for s, old, new in zip(sessions, before, after, strict=True):
