@@ -25,6 +25,13 @@ time). Figures:
   RSS MB          the process's resident memory at full size.
 
 CPU time (``time.process_time``), not wall time: the machine is shared.
+
+Operator limits (issue 10: none of them may make a request's cost grow with the substations), set untimed after the
+substations first report: ``--schedules K`` gives the first K substations a limit schedule (source ``dso``, 90 % of
+the capacity, in force all run), ``--limited K`` an operator capacity limit (95 %), ``--distinct-limits`` makes each
+of those limits differ a little per substation. ``--digest`` adds a hash of every answer and effect in order (core:
+the effects returned; service: its core's counters at the end, as its payloads carry ids and times that differ
+from run to run), to show a change decides the same.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import hashlib
 import json
 import math
 import random
@@ -44,13 +52,29 @@ from typing import Any
 
 from balancer.core import Balancer, CoreConfig
 from balancer.gc_policy import PROCESS_GC
-from grid_protocol import ASSIGNMENT_STATUSES, ChargeRequest, Release, Telemetry, encode
+from grid_protocol import (
+    ASSIGNMENT_STATUSES,
+    ChargeRequest,
+    ControlCommand,
+    LimitEntry,
+    LimitSchedule,
+    Release,
+    Telemetry,
+    encode,
+)
 
 DEFAULT_SIZES = "3x1000,3x10000,3x100000,100x1000,100x10000,100x100000,1000x1000,1000x10000,1000x100000"
 CLASSES_KVA = (400, 630, 1000)
 T0 = 1_767_225_600.0
 MIN_RATE_PER_S = 20  # requests per grid-second while filling (N/100 for larger grids)
 NOISE_PCT, NOISE_TAU_S = 3.0, 900.0  # grid_sim.load_curve's defaults
+#: --digest: every answer and effect in order (None: not asked for)
+DIGEST: Any = None
+
+
+def _digest(data: object) -> None:
+    if DIGEST is not None:
+        DIGEST.update(data if isinstance(data, bytes) else repr(data).encode())
 
 
 @dataclass
@@ -86,16 +110,16 @@ class CoreDriver:
         return msg
 
     def deliver(self, wired: Telemetry, now: float) -> None:
-        self.b.on_telemetry(wired, now)
+        _digest(self.b.on_telemetry(wired, now))
 
     def request(self, ev: str, msg: ChargeRequest, now: float) -> None:
-        self.b.on_request(ev, msg, now)
+        _digest(self.b.on_request(ev, msg, now))
 
     def release(self, ev: str, now: float) -> None:
-        self.b.on_release(ev, Release(), now)
+        _digest(self.b.on_release(ev, Release(), now))
 
     def tick(self, now: float) -> None:
-        self.b.tick(now)
+        _digest(self.b.tick(now))
         PROCESS_GC.step(now)  # (BalancerService.run: after the core's tick)
 
     def start(self, now: float) -> None:
@@ -217,8 +241,20 @@ def _telemetry(grid: Grid, sid: str, seq: int, core: Balancer, rng: random.Rando
                      base_load_kw=base, ev_load_kw=granted, active_sessions=len(sub.sessions) if sub else 0)
 
 
+def limit_setup(grid: Grid, core: Balancer, now: float, schedules: int, limited: int, distinct: bool) -> None:
+    """The operator limits asked for (untimed, straight into the core: set-up, not the figures)."""
+    for i, sid in enumerate(grid.ids[:schedules]):
+        kw = round(grid.capacity_kw[sid] * 0.9 - (i * 0.001 if distinct else 0), 3)
+        core.on_limits(sid, LimitSchedule(source="dso", entries=[
+            LimitEntry(start=now - 60, end=now + 2 * 86400, limit_kw=kw)]), now)
+    for i, sid in enumerate(grid.ids[:limited]):
+        kw = round(grid.capacity_kw[sid] * 0.95 - (i * 0.001 if distinct else 0), 3)
+        core.on_control(ControlCommand(action="set_capacity", substation_id=sid, capacity_kw=kw), now)
+
+
 def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
-            profile: Path | None = None, profile_phase: str = "steady") -> dict[str, Any]:
+            profile: Path | None = None, profile_phase: str = "steady", schedules: int = 0, limited: int = 0,
+            distinct: bool = False) -> dict[str, Any]:
     rng = random.Random(1)
     grid = make_grid(substations, evs, rng)
     driver: CoreDriver | ServiceDriver = CoreDriver() if path == "core" else ServiceDriver()
@@ -253,6 +289,7 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
         core.placement.refresh(second + 0.5)
 
     report_all(now)
+    limit_setup(grid, core, now, schedules, limited, distinct)
     # Fill: N requests at RATE_PER_S per grid-second; every substation reports once per grid-second, the tick
     # runs twice (as in the service) -- only the requests are timed here.
     cpu_requests = 0.0
@@ -348,7 +385,14 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
             "steady_gc_longest_ms": round(pauses.longest * 1e3, 2),
             "rebalance_churned_ms_per_grid_s": round(cpu_churned * 1e3, 2),
             "rebalance_settled_ms_per_grid_s": round(cpu_settled * 1e3, 2), "rss_mb": round(rss, 1),
-            "violations": len(core.violations())}
+            "violations": len(core.violations()),
+            **({"digest": _final_digest(core, path)} if DIGEST is not None else {})}
+
+
+def _final_digest(core: Balancer, path: str) -> str:
+    if path != "core":
+        _digest(sorted(core.counters.items()))
+    return str(DIGEST.hexdigest())
 
 
 class GcPauses:
@@ -395,14 +439,26 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--profile-phase", choices=("steady", "churned", "settled"), default="steady",
                         help="steady: only its requests and releases; churned, settled: the rebalance figure's "
                              "grid-seconds")
+    parser.add_argument("--schedules", type=int, default=0, metavar="K",
+                        help="the first K substations get a limit schedule (90 %% of capacity)")
+    parser.add_argument("--limited", type=int, default=0, metavar="K",
+                        help="the first K substations get an operator capacity limit (95 %%)")
+    parser.add_argument("--distinct-limits", action="store_true", help="each of those limits a little different")
+    parser.add_argument("--digest", action="store_true", help="hash every answer and effect (decisions unchanged?)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # SxN:path, in this process
     args = parser.parse_args(argv)
+    extra = [f"--schedules={args.schedules}", f"--limited={args.limited}",
+             *(["--distinct-limits"] if args.distinct_limits else []), *(["--digest"] if args.digest else [])]
     if not set(args.paths.split(",")) <= {"core", "service"}:
         parser.error("--paths: core, service or core,service")
     if args.one:
         size, path = args.one.split(":")
         s, n = (int(x) for x in size.split("x"))
-        print(json.dumps(run_one(s, n, path, args.seconds, args.steady, args.profile, args.profile_phase)))
+        if args.digest:
+            global DIGEST
+            DIGEST = hashlib.sha256()
+        print(json.dumps(run_one(s, n, path, args.seconds, args.steady, args.profile, args.profile_phase,
+                                 args.schedules, args.limited, args.distinct_limits)))
         return 0
     rows = []
     print(f"{'substations x EVs':>18} {'path':>8} {'sessions':>9} {'queued':>7} {'fill µs/req':>12} "
@@ -412,7 +468,7 @@ def main(argv: list[str]) -> int:
     for size in args.sizes.split(","):
         for path in args.paths.split(","):
             out = subprocess.run([sys.executable, "-m", "bench", "scale", "--one", f"{size}:{path}",
-                                  "--seconds", str(args.seconds), "--steady", str(args.steady)],
+                                  "--seconds", str(args.seconds), "--steady", str(args.steady), *extra],
                                  capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 print(f"{size:>18} {path:>8} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -424,7 +480,7 @@ def main(argv: list[str]) -> int:
                   f"{row['steady_us_per_answer']:>10,.1f} "
                   f"{row['steady_gc_us_per_request']:>7,.1f} {row['steady_gc_longest_ms']:>5,.1f} ms "
                   f"{row['rebalance_churned_ms_per_grid_s']:>20,.2f} {row['rebalance_settled_ms_per_grid_s']:>13,.2f} "
-                  f"{row['rss_mb']:>7,.0f}", flush=True)
+                  f"{row['rss_mb']:>7,.0f}" + (f" {row['digest'][:12]}" if "digest" in row else ""), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": rows, "cpu": "time.process_time"},
                                     indent=1))
