@@ -101,9 +101,13 @@ def queue_reason(st: CoreState, now: float) -> tuple[Reason, str | None]:
     schedule (the detail says until when), else ``no_headroom``. One open substation not held down is enough for
     ``no_headroom``: the limit index (:mod:`balancer.core.limit_index`) remembers one and checks it first, so
     the usual answer does not visit every substation; the full scan runs only when all are held down."""
-    if not st.schedules or st.limit_index.free(now):
+    if not st.schedules:
         return Reason.NO_HEADROOM, None
-    return queue_reason_scan(st, now)
+    bound = st.limit_index.held(now)
+    if not bound:
+        return Reason.NO_HEADROOM, None
+    until = min(entry.end for entry in bound)
+    return Reason.LIMIT_SCHEDULED, f"every open substation is held to a scheduled limit until at least {_at(until)}"
 
 
 def queue_reason_scan(st: CoreState, now: float) -> tuple[Reason, str | None]:

@@ -39,7 +39,7 @@ class CoreState:
         #: operator settings restored from the store for substations not heard of yet (applied when they are)
         self.operator_pending: dict[str, OperatorSettings] = {}
         #: why a request waits, without visiting every substation (balancer/core/limit_index.py)
-        self.limit_index = LimitIndex(self)
+        self.limit_index = LimitIndex(self.substations, self.schedules, config)
 
     def touch(self, sub: Substation) -> None:
         """``sub``'s load, grants, capacity or availability changed: the indexes refile it before they answer."""
