@@ -36,6 +36,11 @@ with ``--digest`` a SHA-256 of everything the balancer said (core: its effects, 
 topic, payload and retain flag, the instance's random boot id masked): equal digests, equal decisions and messages.
 (Hashing costs CPU: compare figures without it.)
 
+Operator limits (issue 10: none of them may make a request's cost grow with the substations), set untimed after the
+substations first report: ``--schedules K`` gives the first K substations a limit schedule (source ``dso``, 90 % of
+the capacity, in force all run), ``--limited K`` an operator capacity limit (95 %), ``--distinct-limits`` makes each
+of those limits differ a little per substation.
+
 CPU time (``time.process_time``), not wall time: the machine is shared.
 """
 
@@ -59,7 +64,16 @@ import msgspec
 
 from balancer.core import Balancer, CoreConfig
 from balancer.gc_policy import PROCESS_GC
-from grid_protocol import ASSIGNMENT_STATUSES, ChargeRequest, Release, Telemetry, encode
+from grid_protocol import (
+    ASSIGNMENT_STATUSES,
+    ChargeRequest,
+    ControlCommand,
+    LimitEntry,
+    LimitSchedule,
+    Release,
+    Telemetry,
+    encode,
+)
 
 DEFAULT_SIZES = "3x1000,3x10000,3x100000,100x1000,100x10000,100x100000,1000x1000,1000x10000,1000x100000"
 CLASSES_KVA = (400, 630, 1000)
@@ -256,9 +270,20 @@ def _telemetry(grid: Grid, sid: str, seq: int, core: Balancer, rng: random.Rando
                      base_load_kw=base, ev_load_kw=granted, active_sessions=len(sub.sessions) if sub else 0)
 
 
+def limit_setup(grid: Grid, core: Balancer, now: float, schedules: int, limited: int, distinct: bool) -> None:
+    """The operator limits asked for (untimed, straight into the core: set-up, not the figures)."""
+    for i, sid in enumerate(grid.ids[:schedules]):
+        kw = round(grid.capacity_kw[sid] * 0.9 - (i * 0.001 if distinct else 0), 3)
+        core.on_limits(sid, LimitSchedule(source="dso", entries=[
+            LimitEntry(start=now - 60, end=now + 2 * 86400, limit_kw=kw)]), now)
+    for i, sid in enumerate(grid.ids[:limited]):
+        kw = round(grid.capacity_kw[sid] * 0.95 - (i * 0.001 if distinct else 0), 3)
+        core.on_control(ControlCommand(action="set_capacity", substation_id=sid, capacity_kw=kw), now)
+
+
 def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
             profile: Path | None = None, profile_phase: str = "steady", saturated: int = 2000,
-            digest: bool = False) -> dict[str, Any]:
+            digest: bool = False, schedules: int = 0, limited: int = 0, distinct: bool = False) -> dict[str, Any]:
     global DIGEST
     DIGEST = hashlib.sha256() if digest else None
     rng = random.Random(1)
@@ -295,6 +320,7 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
         core.placement.refresh(second + 0.5)
 
     report_all(now)
+    limit_setup(grid, core, now, schedules, limited, distinct)
     # Fill: N requests at RATE_PER_S per grid-second; every substation reports once per grid-second, the tick
     # runs twice (as in the service) -- only the requests are timed here.
     cpu_requests = 0.0
@@ -403,7 +429,7 @@ def run_one(substations: int, evs: int, path: str, seconds: int, steady: int,
             "saturated_calls": saturated_calls, "saturated_answers": saturated_answers,
             "saturated_us_per_request": round(cpu_saturated / max(1, saturated_calls) * 1e6, 1),
             "saturated_us_per_answer": round(cpu_saturated / max(1, saturated_answers) * 1e6, 1),
-            "violations": len(core.violations())} | ({"digest": DIGEST.hexdigest()[:16]} if digest else {}) | (
+            "violations": len(core.violations())} | ({"digest": DIGEST.hexdigest()} if digest else {}) | (
                 {"states_built_churned_per_grid_s": built_churned, "states_built_settled_per_grid_s": built_settled}
                 if path == "service" else {})
 
@@ -499,6 +525,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--digest", action="store_true",
                         help="core path: print a hash of the core's effects in order (equal hashes, equal decisions; "
                              "the hashing's CPU is in the figures)")
+    parser.add_argument("--schedules", type=int, default=0, metavar="K",
+                        help="the first K substations get a limit schedule (90 %% of capacity)")
+    parser.add_argument("--limited", type=int, default=0, metavar="K",
+                        help="the first K substations get an operator capacity limit (95 %%)")
+    parser.add_argument("--distinct-limits", action="store_true", help="each of those limits a little different")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # SxN:path, in this process
     args = parser.parse_args(argv)
     if not set(args.paths.split(",")) <= {"core", "service"}:
@@ -507,7 +538,8 @@ def main(argv: list[str]) -> int:
         size, path = args.one.split(":")
         s, n = (int(x) for x in size.split("x"))
         print(json.dumps(run_one(s, n, path, args.seconds, args.steady, args.profile, args.profile_phase,
-                                   args.saturated, args.digest)))
+                                   args.saturated, args.digest, args.schedules, args.limited,
+                                   args.distinct_limits)))
         return 0
     rows = []
     print(f"{'substations x EVs':>18} {'path':>8} {'sessions':>9} {'queued':>7} {'fill µs/req':>12} "
@@ -518,7 +550,9 @@ def main(argv: list[str]) -> int:
         for path in args.paths.split(","):
             out = subprocess.run([sys.executable, "-m", "bench", "scale", "--one", f"{size}:{path}",
                                   "--seconds", str(args.seconds), "--steady", str(args.steady),
-                                  "--saturated", str(args.saturated)]
+                                  "--saturated", str(args.saturated), f"--schedules={args.schedules}",
+                                  f"--limited={args.limited}"]
+                                 + (["--distinct-limits"] if args.distinct_limits else [])
                                  + (["--digest"] if args.digest else []),
                                  capture_output=True, text=True, check=False)
             if out.returncode != 0:
@@ -532,8 +566,8 @@ def main(argv: list[str]) -> int:
                   f"{row['steady_gc_us_per_request']:>7,.1f} {row['steady_gc_longest_ms']:>5,.1f} ms "
                   f"{row['rebalance_churned_ms_per_grid_s']:>20,.2f} {row['rebalance_settled_ms_per_grid_s']:>13,.2f} "
                   f"{row['rss_mb']:>7,.0f} {row['saturated_us_per_request']:>12,.1f} "
-                  f"{row['saturated_us_per_answer']:>15,.1f}" + (f"  digest {row['digest']}" if args.digest else ""),
-                  flush=True)
+                  f"{row['saturated_us_per_answer']:>15,.1f}"
+                  + (f"  digest {row['digest'][:16]}" if args.digest else ""), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": rows, "cpu": "time.process_time"},
                                     indent=1))

@@ -143,6 +143,13 @@ class Schedule:
         self._cache = (lead_s, now, min(after_now, entering), result)
         return result
 
+    def planning_until(self, now: float, lead_s: float) -> float:
+        """Until when :meth:`planning` keeps its answer from ``now`` (an entry ends, or one starts within
+        ``lead_s``)."""
+        self.planning(now, lead_s)
+        assert self._cache is not None
+        return self._cache[2]
+
     def next_change(self, t: float) -> float | None:
         """The first start or end after ``t``."""
         i = bisect.bisect_right(self._times, t)

@@ -15,6 +15,7 @@ shared state); :class:`LimitFollower` here handles schedules arriving and time p
 
 from __future__ import annotations
 
+import heapq
 from typing import TYPE_CHECKING
 
 from balancer.core.effects import Effect, ToEv
@@ -43,6 +44,22 @@ class LimitFollower:
         self.book = book
         self.rebalancer = rebalancer
         self.queue_service = queue_service
+        #: when each schedule next needs a look (an entry starts, ends or enters the lead time; its published view
+        #: changes), as a heap, so a tick visits only those due (issue 10); ``_when`` holds the current due time of
+        #: each, older heap rows are skipped
+        self._due: list[tuple[float, int, str]] = []
+        self._when: dict[str, float] = {}
+        self._seq = 0
+        self.visits = 0  # schedules looked at by follow (for tests and the bench)
+
+    def _push(self, sid: str, due: float) -> None:
+        self._seq += 1
+        self._when[sid] = due
+        heapq.heappush(self._due, (due, self._seq, sid))
+
+    def mark(self, sid: str) -> None:
+        """``sid``'s schedule changed: look at it at the next tick."""
+        self._push(sid, float("-inf"))
 
     def attach(self, sub: Substation, now: float) -> list[Effect]:
         """Bring the substation's planning limit up to date with its schedule (call when either changes). A lower
@@ -56,20 +73,58 @@ class LimitFollower:
 
     def follow(self, now: float) -> list[Effect]:
         """Every tick: drop entries that are over, move each substation's planning window on, and note the
-        schedules whose published view changed (``schedule_dirty``)."""
+        schedules whose published view changed (``schedule_dirty``). Only the schedules due are looked at: between
+        its due times a schedule's look changes nothing (:meth:`follow_every`, the oracle, looks at all); those
+        due are looked at in the order of ``schedules``, as the oracle does."""
         st = self.state
+        when = self._when
+        if len(when) != len(st.schedules):  # schedules set or dropped other than here (forget, tests)
+            for sid in [sid for sid in when if sid not in st.schedules]:
+                del when[sid]
+            for sid in st.schedules:
+                if sid not in when:
+                    self.mark(sid)
+        due: set[str] = set()
+        heap = self._due
+        while heap and heap[0][0] <= now:
+            at, _, sid = heapq.heappop(heap)
+            if when.get(sid) == at:
+                due.add(sid)
+        if not due:
+            return []
+        order = [sid for sid in st.schedules if sid in due] if len(due) > 1 else list(due)
         effects: list[Effect] = []
-        for sid, schedule in list(st.schedules.items()):
-            schedule.prune(now)
-            if now >= schedule.recheck_at:
-                st.schedule_dirty.add(sid)
-                schedule.recheck_at = schedule.next_change(now) or float("inf")
-            if not len(schedule):
-                del st.schedules[sid]
-            sub = st.substations.get(sid)
-            if sub is not None:
-                effects += self.attach(sub, now)
+        lead_s = st.config.limit_lead_s
+        for sid in order:
+            schedule = st.schedules.get(sid)
+            if schedule is None:
+                when.pop(sid, None)
+                continue
+            effects += self._look(sid, schedule, now)
+            if sid in st.schedules:
+                self._push(sid, min(schedule.recheck_at, schedule.planning_until(now, lead_s)))
+            else:
+                when.pop(sid, None)
         return effects
+
+    def follow_every(self, now: float) -> list[Effect]:
+        """:meth:`follow` looking at every schedule (the test oracle)."""
+        effects: list[Effect] = []
+        for sid, schedule in list(self.state.schedules.items()):
+            effects += self._look(sid, schedule, now)
+        return effects
+
+    def _look(self, sid: str, schedule: Schedule, now: float) -> list[Effect]:
+        st = self.state
+        self.visits += 1
+        schedule.prune(now)
+        if now >= schedule.recheck_at:
+            st.schedule_dirty.add(sid)
+            schedule.recheck_at = schedule.next_change(now) or float("inf")
+        if not len(schedule):
+            del st.schedules[sid]
+        sub = st.substations.get(sid)
+        return self.attach(sub, now) if sub is not None else []
 
     def notify_shortfalls(self, sub: Substation, now: float) -> list[Effect]:
         """After a schedule change: tell each EV on the substation that can no longer get its energy in time."""
@@ -103,6 +158,7 @@ class LimitFollower:
         else:
             st.schedules.pop(substation_id, None)
         st.schedule_dirty.add(substation_id)
+        self.mark(substation_id)
         st.counters["control:set_limits"] += 1
         effects = self.attach(sub, now)
         effects += self.queue_service.serve(now)
@@ -134,9 +190,11 @@ class LimitFollower:
         else:
             st.schedules.pop(state.substation_id, None)
         st.schedule_dirty.add(state.substation_id)
+        self.mark(state.substation_id)
         sub = st.substations.get(state.substation_id)
         return self.attach(sub, now) if sub is not None else []
 
     def forget(self, substation_id: str) -> None:
         self.state.schedules.pop(substation_id, None)
         self.state.schedule_dirty.discard(substation_id)
+        self._when.pop(substation_id, None)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 from balancer.core.config import CoreConfig
 from balancer.core.ends import SessionEnds
+from balancer.core.limit_index import LimitIndex
 from balancer.core.limits import Schedule, plan_with
 from balancer.core.model import OperatorSettings, Session, Substation
 from balancer.core.queue import RequestQueue
@@ -37,6 +38,8 @@ class CoreState:
         self.schedule_dirty: set[str] = set()
         #: operator settings restored from the store for substations not heard of yet (applied when they are)
         self.operator_pending: dict[str, OperatorSettings] = {}
+        #: why a request waits, without visiting every substation (balancer/core/limit_index.py)
+        self.limit_index = LimitIndex(self.substations, self.schedules, config)
 
     def touch(self, sub: Substation) -> None:
         """``sub``'s load, grants, capacity or availability changed: the indexes refile it before they answer."""

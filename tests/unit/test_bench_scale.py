@@ -40,3 +40,19 @@ def test_bench_scale_runs_both_paths_and_they_decide_alike(tmp_path: Path) -> No
     for row in rows.values():
         assert row["violations"] == 0
         assert all(row[figure] >= 0 for figure in FIGURES) and row["rss_mb"] > 0
+
+
+def test_bench_scale_with_operator_limits_is_deterministic_and_within_limits(tmp_path: Path) -> None:
+    """``--schedules``/``--limited``/``--digest``: two runs give the same digest; nothing is over a limit."""
+    digests = []
+    for k in range(2):
+        out = tmp_path / f"scale{k}.json"
+        run = subprocess.run([sys.executable, "-m", "bench", "scale", "--sizes", "3x60", "--paths", "core",
+                              "--seconds", "1", "--steady", "20", "--schedules", "3", "--limited", "2",
+                              "--distinct-limits", "--digest", "--json", str(out)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+        assert run.returncode == 0, run.stderr
+        (row,) = json.loads(out.read_text())["rows"]
+        assert row["violations"] == 0 and row["sessions"] > 0
+        digests.append(row["digest"])
+    assert digests[0] == digests[1] and len(digests[0]) == 64
