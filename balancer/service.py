@@ -735,7 +735,9 @@ class BalancerService:
             self._send_substation_state(topic, substation_state(core, sub, now), last, now, False, mark)
         if step and perf_counter() - since >= _STATE_SLICE_S:
             yield
-        for sid in list(self.core.schedule_dirty):  # changed, or an entry started or ended
+        # changed, or an entry started or ended; in id order (a set's order moves with the hash seed: the same run
+        # would publish them in another order, and `bench scale --digest` could not compare two runs)
+        for sid in sorted(self.core.schedule_dirty):
             if sid in self.core.substations or sid in self.core.schedules:
                 self._send_schedule(sid, now)
             else:

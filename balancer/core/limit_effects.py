@@ -98,20 +98,20 @@ def shortfall(st: CoreState, session: Session, now: float) -> str | None:
 
 def queue_reason(st: CoreState, now: float) -> tuple[Reason, str | None]:
     """Why a request waits: ``limit_scheduled`` when every substation that takes new sessions is held down by its
-    schedule (the detail says until when), else ``no_headroom``. One open substation not held down is enough for
-    ``no_headroom``: the limit index (:mod:`balancer.core.limit_index`) remembers one and checks it first, so
-    the usual answer does not visit every substation; the full scan runs only when all are held down."""
+    schedule (the detail says until when), else ``no_headroom``. The limit index (:mod:`balancer.core.limit_index`)
+    keeps each substation's standing and refiles only those that changed, so no answer visits every substation."""
+    index = st.limit_index
     if not st.schedules:
+        index.reset()
         return Reason.NO_HEADROOM, None
-    bound = st.limit_index.held(now)
-    if not bound:
+    until = index.held_until(now, st.touched)
+    if until is None:
         return Reason.NO_HEADROOM, None
-    until = min(entry.end for entry in bound)
     return Reason.LIMIT_SCHEDULED, f"every open substation is held to a scheduled limit until at least {_at(until)}"
 
 
 def queue_reason_scan(st: CoreState, now: float) -> tuple[Reason, str | None]:
-    """:func:`queue_reason` by visiting every substation (the test oracle, and the answer when all are held)."""
+    """:func:`queue_reason` by visiting every substation (the test oracle)."""
     if not st.schedules:
         return Reason.NO_HEADROOM, None
     cfg = st.config

@@ -34,6 +34,7 @@ class Placement:
         if not st.touched:
             return
         touched, st.touched = st.touched, set()
+        st.limit_index.note(touched)
         subs, refile, filed_by_id = st.substations, self.policy.refile, self._filed
         moved = False
         for sid in touched:

@@ -1,11 +1,13 @@
-"""The limit index (balancer/core/limit_index.py): why a request waits, without visiting every substation, gives
-the same answer as the full scan (``queue_reason_scan``) on random substations, schedules and times, including
-after the remembered substation stops qualifying."""
+"""The limit index (balancer/core/limit_index.py): why a request waits, from each substation's standing refiled
+only when it changed, gives the same answer as the full scan (``queue_reason_scan``) on random substations,
+schedules and times, through the running core's own events (a change made without telling the index shows), and
+an answer files nothing that did not change, on a grid where every substation is held down too."""
 
 from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,7 +15,7 @@ from balancer.core import Balancer, CoreConfig
 from balancer.core.limit_effects import queue_reason, queue_reason_scan
 from balancer.core.limits import Limit, Schedule, plan_with
 from balancer.core.state import CoreState
-from grid_protocol import ChargeRequest, LimitEntry, LimitSchedule, Telemetry
+from grid_protocol import ChargeRequest, ControlCommand, LimitEntry, LimitSchedule, Telemetry
 from grid_protocol.reasons import Reason
 from tests.unit.test_core_table import T0, cfg
 
@@ -50,8 +52,16 @@ def build(subs: list[dict[str, object]]) -> CoreState:
 
 
 def replan(state: CoreState, now: float) -> None:
+    """Each substation plans with its schedule, as ``LimitFollower.attach`` does (it tells the index)."""
     for sub in state.substations.values():
         plan_with(sub, state.schedules.get(sub.id), now, state.config.limit_lead_s)
+        state.limit_index.changed(sub.id)
+
+
+def settle(state: CoreState) -> None:
+    """The placement index takes the touches, as ``Placement.refresh`` does before every placement."""
+    state.limit_index.note(state.touched)
+    state.touched.clear()
 
 
 @settings(max_examples=400, deadline=None)
@@ -64,6 +74,7 @@ def test_queue_reason_matches_the_full_scan(subs: list[dict[str, object]],
     now = T0
     replan(state, now)
     assert queue_reason(state, now) == queue_reason_scan(state, now)
+    settle(state)
     for dt, i, change in steps:
         now = T0 + dt
         if state.substations and change != "none":
@@ -74,20 +85,122 @@ def test_queue_reason_matches_the_full_scan(subs: list[dict[str, object]],
                 sub.draining = False
             else:
                 sub.last_telemetry_at = now - 100
+            state.touch(sub)
+        if i % 2:
+            settle(state)
         replan(state, now)
         assert queue_reason(state, now) == queue_reason_scan(state, now)
 
 
-def test_the_usual_answer_checks_one_substation() -> None:
+def _grid(n: int, held: bool) -> CoreState:
+    """``n`` open substations; every one held down by a schedule (``held``), or every other one."""
     subs = [{"capacity_kw": 100, "operator_kw": None, "age_s": 0.0, "draining": False,
-             "limits": [(-60.0, 3600.0, 50, "dso")] if i % 2 else []} for i in range(1000)]
+             "limits": [(-60.0, 3600.0, 50, "dso")] if held or i % 2 else []} for i in range(n)]
     state = build(subs)
     replan(state, T0)
-    assert queue_reason(state, T0) == (Reason.NO_HEADROOM, None)
+    settle(state)
+    return state
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["some free", "all held"])
+def test_an_answer_files_only_what_changed(held: bool) -> None:
+    """Filed once; then an answer files nothing while nothing changes, one substation when one was touched:
+    the same on a grid where every substation is held down (a grid-wide curtailment) as on a quiet one."""
+    state = _grid(1000, held)
+    want = queue_reason_scan(state, T0)
+    assert want[0] == (Reason.LIMIT_SCHEDULED if held else Reason.NO_HEADROOM)
+    assert queue_reason(state, T0) == want
     before = state.limit_index.checks
     for k in range(100):
-        assert queue_reason(state, T0 + k * 0.01)[0] == Reason.NO_HEADROOM
-    assert state.limit_index.checks - before == 100
+        assert queue_reason(state, T0 + k * 0.01) == want
+    assert state.limit_index.checks == before
+    sub = state.substations["sub7"]
+    sub.draining = True
+    state.touch(sub)
+    settle(state)
+    assert queue_reason(state, T0 + 1.5) == queue_reason_scan(state, T0 + 1.5)
+    assert state.limit_index.checks == before + 1
+
+
+def test_time_alone_moves_the_answer() -> None:
+    """No touch: the held substations' entries end, and the free ones' telemetry goes stale (due heap)."""
+    state = _grid(10, held=False)
+    stale = state.config.stale_after_s
+    assert queue_reason(state, T0)[0] == Reason.NO_HEADROOM
+    # the free ones fall silent: only the held ones are open
+    for sub in state.substations.values():
+        if state.schedules.get(sub.id) is None:
+            sub.last_telemetry_at = T0 - stale + 1
+            state.touch(sub)
+    settle(state)
+    assert queue_reason(state, T0)[0] == Reason.NO_HEADROOM
+    assert queue_reason(state, T0 + 2) == queue_reason_scan(state, T0 + 2)
+    assert queue_reason(state, T0 + 2)[0] == Reason.LIMIT_SCHEDULED
+    # the entries end (the planning window moves): free again, though nothing touched them
+    later = T0 + 3600 + 1
+    for sub in state.substations.values():
+        sub.last_telemetry_at = later
+    assert queue_reason_scan(state, later)[0] == Reason.NO_HEADROOM
+    replan(state, later)
+    assert queue_reason(state, later) == queue_reason_scan(state, later)
+
+
+# ============================================================================ the index in the running core
+event_st = st.tuples(
+    st.floats(0, 40),  # seconds since the last event
+    st.integers(0, 5),  # which substation
+    st.sampled_from(["telemetry", "telemetry", "telemetry", "offline", "online", "drain", "undrain", "limit_op",
+                     "unlimit_op", "schedule", "withdraw", "request", "tick", "forget", "wait", "wait"]),
+    st.integers(1, 400),  # kW (capacity, limits)
+    st.floats(-600, 3600),  # schedule entry start, from now
+    st.floats(1, 3600),  # schedule entry length
+    st.sampled_from(["dso", "tso"]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(event_st, min_size=1, max_size=40))
+def test_the_running_core_keeps_the_index_in_step(events: list[tuple[float, int, str, int, float, float, str]]
+                                                   ) -> None:
+    """Real events through the engine (telemetry, status, operator control, schedules, requests, ticks, time
+    passing): after each, the index's answer is the full scan's. A change the core makes without telling the
+    index (a missing touch) shows here."""
+    b = Balancer(CoreConfig(stale_after_s=200, lost_after_s=600, offline_grace_s=20))
+    now = T0
+    seq = itertools.count(1)
+    evs = itertools.count()
+    for i in range(6):
+        b.on_status(f"S{i}", "online", now)
+        b.on_telemetry(Telemetry(substation_id=f"S{i}", ts=now, seq=next(seq), capacity_kw=100.0, load_kw=10.0,
+                                 base_load_kw=10.0, ev_load_kw=0.0, active_sessions=0), now)
+        b.on_limits(f"S{i}", LimitSchedule(source="dso", entries=[
+            LimitEntry(start=now - 60, end=now + 600 * (i + 1), limit_kw=50.0)]), now)
+    assert queue_reason(b.state, now) == queue_reason_scan(b.state, now)
+    for dt, i, kind, kw, start, length, source in events:
+        now += dt
+        sid = f"S{i}"
+        if kind == "telemetry":
+            b.on_telemetry(Telemetry(substation_id=sid, ts=now, seq=next(seq), capacity_kw=float(kw),
+                                     load_kw=5.0, base_load_kw=5.0, ev_load_kw=0.0, active_sessions=0), now)
+        elif kind in ("offline", "online"):
+            b.on_status(sid, kind, now)
+        elif kind in ("drain", "undrain", "forget"):
+            b.on_control(ControlCommand(action=kind, substation_id=sid), now)
+        elif kind in ("limit_op", "unlimit_op"):
+            b.on_control(ControlCommand(action="set_capacity", substation_id=sid,
+                                        capacity_kw=float(kw) if kind == "limit_op" else None), now)
+        elif kind in ("schedule", "withdraw"):
+            entries = [LimitEntry(start=now + start, end=now + start + length, limit_kw=float(kw))]
+            b.on_limits(sid, LimitSchedule(source=source, entries=entries if kind == "schedule" else []), now)
+        elif kind == "request":
+            b.on_request(f"EV{next(evs)}", ChargeRequest(request_id="r1", requested_kw=22.0, min_kw=1.4,
+                                                          duration_minutes=60), now)
+        elif kind == "tick":
+            b.tick(now)
+        # The placement index takes the touches (as a request does): the limit index sees only what it was told
+        # (left in ``CoreState.touched``, a touch from an earlier event would hide a change made without one).
+        b.placement.refresh(now)
+        assert queue_reason(b.state, now) == queue_reason_scan(b.state, now), (kind, sid)
 
 
 # ============================================================================ LimitFollower.follow: the due heap
@@ -136,3 +249,34 @@ def test_a_tick_looks_only_at_the_schedules_due() -> None:
     for k in range(2, 100):
         b.tick(T0 + k)
     assert b.limits.visits == before
+
+
+def test_a_schedule_set_ahead_holds_every_substation_when_it_comes() -> None:
+    """Schedules that start later, nothing touched meanwhile: once their lead time comes every substation is held
+    down, and the index follows each planning window as it moves, and each change of the source planned with
+    (the same limit from another source moves no capacity, so no touch: the follower tells the index)."""
+    b = Balancer(CoreConfig(stale_after_s=1e6, lost_after_s=1e7))
+    lead = b.config.limit_lead_s
+    for i in range(4):
+        b.on_status(f"S{i}", "online", T0)
+        b.on_telemetry(Telemetry(substation_id=f"S{i}", ts=T0, seq=1, capacity_kw=100.0, load_kw=10.0,
+                                 base_load_kw=10.0, ev_load_kw=0.0, active_sessions=0), T0)
+    assert queue_reason(b.state, T0) == (Reason.NO_HEADROOM, None)
+    for i in range(4):
+        b.on_limits(f"S{i}", LimitSchedule(source="dso", entries=[
+            LimitEntry(start=T0 + 1000 + i, end=T0 + 4000 + i, limit_kw=40.0)]), T0)
+        b.on_limits(f"S{i}", LimitSchedule(source="tso", entries=[
+            LimitEntry(start=T0 + 1000 + i, end=T0 + 5000 + i, limit_kw=40.0)]), T0)
+    assert queue_reason(b.state, T0 + 1) == (Reason.NO_HEADROOM, None)
+    b.tick(T0 + 1003 - lead)  # the follower plans with them (their capacity drops: touched)
+    steps = [(T0 + 1003.5 - lead, Reason.LIMIT_SCHEDULED, False),
+             # dso's entries are over, the follower has not ticked: planning with tso, limited by dso (free)
+             (T0 + 4004, Reason.NO_HEADROOM, False),
+             # the follower plans with tso's entries: the same 40 kW, so no capacity moved
+             (T0 + 4005, Reason.LIMIT_SCHEDULED, True)]
+    for at, want, tick in steps:
+        if tick:
+            b.tick(at)
+        b.placement.refresh(at)  # (the placement index takes the touches: the limit index sees only what it is told)
+        assert queue_reason_scan(b.state, at)[0] == want
+        assert queue_reason(b.state, at) == queue_reason_scan(b.state, at)
