@@ -121,7 +121,9 @@ class LimitIndex:
         # When its standing may change with no touch: its telemetry goes stale, its planning window moves.
         at = math.inf
         if heard is not None and now - heard <= cfg.stale_after_s:
-            at = math.nextafter(heard + cfg.stale_after_s, math.inf)
+            # (``heard + stale_after_s`` may round up to a time already stale: look then; still fresh there, the
+            # look below moves the row one step on)
+            at = heard + cfg.stale_after_s
         if schedule is not None:
             at = min(at, schedule.planning_until(now, cfg.limit_lead_s))
         if at < math.inf:

@@ -280,3 +280,32 @@ def test_a_schedule_set_ahead_holds_every_substation_when_it_comes() -> None:
         b.placement.refresh(at)  # (the placement index takes the touches: the limit index sees only what it is told)
         assert queue_reason_scan(b.state, at)[0] == want
         assert queue_reason(b.state, at) == queue_reason_scan(b.state, at)
+
+
+def test_staleness_is_seen_at_the_very_time_it_starts() -> None:
+    """``heard + stale_after_s`` rounds up on an epoch clock (0.7 s is no binary fraction): at that sum the free
+    substation is already stale (``now - heard > stale_after_s``), so only the held one is open. The index looks at
+    that very time, not one step later (found by review: it answered ``no_headroom`` there)."""
+    stale = 0.7
+    b = Balancer(CoreConfig(stale_after_s=stale, lost_after_s=600, offline_grace_s=20))
+
+    def report(sid: str, now: float, seq: int) -> None:
+        b.on_telemetry(Telemetry(substation_id=sid, ts=now, seq=seq, capacity_kw=100.0, load_kw=100.0,
+                                 base_load_kw=100.0, ev_load_kw=0.0, active_sessions=0), now)
+
+    for sid in ("S0", "S1"):
+        b.on_status(sid, "online", T0)
+        report(sid, T0, 1)
+    b.on_limits("S1", LimitSchedule(source="dso", entries=[
+        LimitEntry(start=T0 - 60, end=T0 + 3600, limit_kw=50.0)]), T0)
+    report("S1", T0 + 0.25, 2)
+    b.placement.refresh(T0 + 0.25)
+    assert queue_reason(b.state, T0 + 0.25)[0] == Reason.NO_HEADROOM  # S0 is free
+    at = T0 + stale
+    assert at - T0 > stale  # (the premise: the sum rounded up)
+    b.placement.refresh(at)
+    assert queue_reason_scan(b.state, at)[0] == Reason.LIMIT_SCHEDULED
+    assert queue_reason(b.state, at) == queue_reason_scan(b.state, at)
+    b.on_request("EV1", ChargeRequest(request_id="r1", requested_kw=22.0, min_kw=1.4, duration_minutes=60), at)
+    answer = b.ev_state("EV1")
+    assert answer is not None and answer.status == "queued" and answer.reason == Reason.LIMIT_SCHEDULED
