@@ -7,7 +7,8 @@ Readers such as the API learn the whole grid from these retained messages, so a 
 from __future__ import annotations
 
 import math
-from itertools import islice
+from itertools import compress, islice, repeat
+from operator import is_
 
 from balancer.core.engine import Balancer
 from balancer.core.model import Session, Substation, w_to_kw
@@ -82,9 +83,9 @@ def _kept_views(sub: Substation, changed: set[str], keys: dict[str, tuple[int, f
     sids = list(islice(sub.sessions, MAX_STATE_SESSIONS))
     views: list[SessionView | None] = list(map(built.get, sids))
     sessions = sub.sessions
-    i = -1
-    while None in views:  # (the new views: found in C, built one by one)
-        i = views.index(None, i + 1)
+    # The new views, found by identity in C (``None in views`` compared each view with None through its ``__eq__``,
+    # once per new view: ~a fifth of building a state's list), then built one by one.
+    for i in list(compress(range(len(views)), map(is_, views, repeat(None)))):
         s = sessions[sids[i]]
         views[i] = built[s.session_id] = _view(s)
         keys[s.session_id] = (s.granted_w, s.accounted_at, s.delivered_wh, s.started_at)
