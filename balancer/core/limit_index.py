@@ -56,14 +56,10 @@ class LimitIndex:
             self.when.clear()
 
     def note(self, ids: Iterable[str]) -> None:
-        """These substations changed (the core touched them): refile them before the next answer."""
+        """These substations changed (the core touched them, or their schedule or the limit they plan with
+        changed): refile them before the next answer."""
         if self.standing is not None:
             self.dirty.update(ids)
-
-    def changed(self, substation_id: str) -> None:
-        """Its schedule changed (entries, or the limit it plans with): refile it before the next answer."""
-        if self.standing is not None:
-            self.dirty.add(substation_id)
 
     def held_until(self, now: float, touched: Iterable[str] = ()) -> float | None:
         """None when some open substation is not held down by its schedule, or none is open (answer

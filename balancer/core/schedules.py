@@ -69,7 +69,7 @@ class LimitFollower:
         lowered = plan_with(sub, st.schedules.get(sub.id), now, st.config.limit_lead_s)
         if sub.capacity_w != before:
             st.touch(sub)  # the placement index files substations by capacity
-        st.limit_index.changed(sub.id)  # the limit index by the entry it plans with and when that moves
+        st.limit_index.note((sub.id,))  # the limit index by the entry it plans with and when that moves
         return self.rebalancer.reduce(sub, now) if lowered and sub.last_telemetry_at is not None else []
 
     def follow(self, now: float) -> list[Effect]:

@@ -55,7 +55,7 @@ def replan(state: CoreState, now: float) -> None:
     """Each substation plans with its schedule, as ``LimitFollower.attach`` does (it tells the index)."""
     for sub in state.substations.values():
         plan_with(sub, state.schedules.get(sub.id), now, state.config.limit_lead_s)
-        state.limit_index.changed(sub.id)
+        state.limit_index.note((sub.id,))
 
 
 def settle(state: CoreState) -> None:
