@@ -101,7 +101,8 @@ def test_every_package_is_installed() -> None:
 #: What the pure allocation core may import besides itself and the contract (grid_protocol): computation only. No
 #: clock (time), no I/O (os, socket, logging, asyncio, ...), no randomness: time is passed in, effects handed out.
 CORE_MAY_IMPORT = frozenset({"__future__", "bisect", "collections", "dataclasses", "datetime", "enum", "functools",
-                             "heapq", "itertools", "math", "typing", "msgspec", "pydantic", "sortedcontainers"})
+                             "heapq", "itertools", "math", "operator", "typing", "msgspec", "pydantic",
+                             "sortedcontainers"})
 #: Calls that read the clock, wherever the module came from (``datetime.now()`` needs no ``import time``).
 CLOCK_CALLS = frozenset({"now", "utcnow", "today", "time", "monotonic", "perf_counter", "process_time"})
 
