@@ -49,7 +49,11 @@ class Rebalancer:
 
     def step_w(self, sub: Substation) -> int:
         """The smallest change worth making without need: one hysteresis step, or the noise band when larger."""
-        return max(self._hysteresis_w, self.band_w(sub))
+        return self._step(self.band_w(sub))
+
+    def _step(self, band: int) -> int:
+        """:meth:`step_w` from the band already read."""
+        return max(self._hysteresis_w, band)
 
     def _free_w(self, sub: Substation) -> int:
         """Power for the sessions' shares: the limit less the uncontrolled load less the noise band."""
@@ -166,7 +170,7 @@ class Rebalancer:
         """:meth:`decrease` with the substation's numbers read once by the caller (a telemetry pass reads them
         for the shedding too): ``unused`` the limit less the uncontrolled load, ``band`` the noise band."""
         cfg = self.state.config
-        step = max(self._hysteresis_w, band)
+        step = self._step(band)
         if shed <= 0:
             if sub.granted_w == sub.requested_w and sub.requested_w <= unused:
                 return []  # everyone has all they asked for and it fits: no share to lower (the common case)
@@ -176,7 +180,7 @@ class Rebalancer:
         effects: list[Effect] = []
         by_class = self._by_class(sub, now)
         if by_class is not None:
-            effects = self._decrease_by_class(sub, by_class, now, shed, skip)
+            effects = self._decrease_by_class(sub, by_class, now, shed, skip, step)
             if shed <= 0 and skip is None:
                 self._prove_no_cuts(sub, by_class, max(sub.floors_w, unused - band))
             return effects
@@ -200,14 +204,14 @@ class Rebalancer:
         return effects
 
     def _decrease_by_class(self, sub: Substation, by_class: ByClass, now: float, shed: int,
-                           skip: Session | None) -> list[Effect]:
+                           skip: Session | None, step: int) -> list[Effect]:
         """:meth:`decrease` from the share classes, the same cuts in the same order, looking only at the sessions
         it cuts. The full pass goes through every session furthest above its share first (then as they came):
         while shedding, that order is read lazily (each class's ready sessions in grant order, the held ones
         sorted) and only until enough is shed; after that only sessions past their hold a step or more above
-        their share change, and those are found by bisection in each class."""
+        their share change, and those are found by bisection in each class. ``step``: :meth:`step_w`, read by the
+        caller."""
         table, classes, targets = by_class
-        step = self.step_w(sub)
         cuts: list[tuple[Session, int, bool]] = []  # (session, new grant, shed)
         last: tuple[int, int] | None = None  # the order key of the last session the shedding looked at
         if shed > 0:
@@ -268,7 +272,7 @@ class Rebalancer:
         effects: list[Effect] = []
         if room < smallest and self.incremental:
             return effects  # no raise fits (every pass, by class or over every session, stops before the first)
-        step = max(self._hysteresis_w, band)  # (step_w, the band read once)
+        step = self._step(band)
         by_class = self._by_class(sub, now)
         if by_class is not None:
             # Past their hold and below their class's share, furthest below first (then as they came): each class's
