@@ -123,6 +123,14 @@ def _moved(last: tuple[float | None, ...], now: tuple[float | None, ...], bands:
     return False
 
 
+def _beyond_deadband(last: tuple[float | None, ...], now: tuple[float | None, ...], capacity_kw: float,
+                     ratio: float) -> bool:
+    """:func:`_moved` with the dead-band of a substation of ``capacity_kw``: ``ratio`` of the capacity for the kW
+    numbers, ``ratio`` itself for the utilisation (``_MEASURED``'s order)."""
+    band_kw = ratio * capacity_kw
+    return _moved(last, now, (band_kw, band_kw, band_kw, ratio))
+
+
 class _Sent(NamedTuple):
     """The last retained state published on a topic: its change key, when, and (substation states) the session
     list it carried with that list's encoding, spliced into the next payloads while the list stands, and each
@@ -696,13 +704,11 @@ class BalancerService:
             if last is not None and last.raw == raw:
                 raw = last.raw
         if (not force and last is not None and last.key == key and last.raw is raw
-                and now - last.at < _STATE_REFRESH_S):
-            ratio = self.settings.state_deadband_pct / 100  # (utilisation: the band as a share of the capacity)
-            band_kw = ratio * state.capacity_kw
-            if not _moved(last.measured, measured, (band_kw, band_kw, band_kw, ratio)):
-                if mark != last.mark:  # the same state as published: no need to build it again while this stands
-                    self._state_sent[topic] = last._replace(mark=mark)
-                return
+                and now - last.at < _STATE_REFRESH_S and not _beyond_deadband(
+                    last.measured, measured, state.capacity_kw, self.settings.state_deadband_pct / 100)):
+            if mark != last.mark:  # the same state as published: no need to build it again while this stands
+                self._state_sent[topic] = last._replace(mark=mark)
+            return
         self._state_sent[topic] = _Sent(key, now, views, raw, parts, measured, mark)
         self.transport.publish(topic, encode(msgspec.structs.replace(state, sessions=raw)), 1, retain=True)
 
@@ -740,11 +746,11 @@ class BalancerService:
             # on the state built, made on the numbers alone), or the 30 s refresh is due.
             last = sent.get(topic)
             mark = state_mark(core, sub, now)
-            if last is not None and mark is not None and last.mark == mark and now - last.at < _STATE_REFRESH_S:
-                band_kw = ratio * w_to_kw(sub.capacity_w)
-                if not _moved(last.measured, state_measured(core, sub, now), (band_kw, band_kw, band_kw, ratio)):
-                    counts["kept"] += 1
-                    continue
+            if (last is not None and mark is not None and last.mark == mark and now - last.at < _STATE_REFRESH_S
+                    and not _beyond_deadband(last.measured, state_measured(core, sub, now), w_to_kw(sub.capacity_w),
+                                             ratio)):
+                counts["kept"] += 1
+                continue
             counts["built"] += 1
             self._send_substation_state(topic, substation_state(core, sub, now), last, now, False, mark)
         if step and perf_counter() - since >= _STATE_SLICE_S:
