@@ -1,5 +1,12 @@
 # One image for every Python service of docker-compose.yml (balancer, substation agents, EV fleet,
 # recorder, API, and the one-shot account generator); the compose service picks the command.
+# The balancer's core compiled by mypyc (grid_runtime/native.py) in an image that has a C compiler; the runtime
+# image takes only the build (.build/native), which is used while it matches the sources copied beside it.
+FROM python:3.11.10-bookworm AS native
+WORKDIR /app
+COPY . /app
+RUN pip install --no-cache-dir /app "mypy>=1.10" && python -m grid_runtime.native build balancer
+
 FROM python:3.11.10-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -12,6 +19,7 @@ WORKDIR /app
 RUN apt-get update && apt-get install -y --no-install-recommends openssl && rm -rf /var/lib/apt/lists/*
 # .dockerignore keeps the virtualenv, tests, run data and caches out of the build context.
 COPY . /app
+COPY --from=native /app/.build /app/.build
 # Installs the dependencies and the packages. Commands run from /app, so `python -m <package>` finds
 # the source here first (every package, package data included).
 RUN pip install /app \

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from prometheus_client import REGISTRY
 
-from balancer import metrics
+from balancer import NATIVE, metrics
 from balancer.cluster import run_cluster
 from balancer.gc_policy import PROCESS_GC
 from balancer.service import build_all
@@ -39,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = get_logger("balancer")
     log.info("balancer_starting", host=settings.mqtt.host, port=settings.mqtt.port,
              username=settings.mqtt.username, client=settings.mqtt_client, regions=list(settings.regions),
-             safety_margin_pct=settings.core.safety_margin_pct, stale_after_s=settings.core.stale_after_s)
+             safety_margin_pct=settings.core.safety_margin_pct, stale_after_s=settings.core.stale_after_s,
+             core=NATIVE.status)
     if settings.nats_urls:  # cluster mode: regions owned under leases in NATS KV, services built on takeover
         metrics_server = serve_metrics(settings.grid.metrics, "balancer")
 

@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from balancer import NATIVE
 from bench.report import save_json
 from broker.local import LocalBroker
 from grid_protocol import ChargeRequest, Telemetry, TopicKind, Topics, encode
@@ -296,6 +297,7 @@ def _print(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(header if rounds > 1 else "\n" + header)
     for r in results:
         print(_line(r))
+    print(f"balancer core: {NATIVE.status}")
     echo = results[0]
     for r, ratio in echo_ratios(results):
         each = ", ".join(f"{x:.2f}" for x in round_ratios(echo, r))

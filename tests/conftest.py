@@ -31,6 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the project is not necessarily installed in the venv
     sys.path.insert(0, str(ROOT))
 
+from grid_runtime import native  # noqa: E402
+
+# In this process the balancer's core runs interpreted: unit tests instrument its methods (counting calls, swapping
+# one), which mypyc's compiled classes do not allow. The services the tests start run as shipped (GRID_NATIVE from
+# the environment: a current build is used); tests/integration/test_native_core.py holds the two to the same
+# decisions.
+native.force_mode("off")
+
 from broker.accounts import SERVICE_ACCOUNTS  # noqa: E402
 from broker.local import LocalBroker, find_mosquitto  # noqa: E402
 from broker.nats.cluster import LocalCluster, find_nats_server  # noqa: E402

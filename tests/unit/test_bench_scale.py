@@ -23,7 +23,8 @@ def test_bench_scale_runs_both_paths_and_they_decide_alike(tmp_path: Path) -> No
                           "--steady", "20", "--saturated", "10", "--json", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
-    header, *lines = run.stdout.splitlines()
+    header, *lines, core_line = run.stdout.splitlines()
+    assert core_line.startswith("balancer core: ")  # (compiled or interpreted, and why)
     for column in ("fill µs/req", "steady µs/req", "rebal. churned ms/s", "settled ms/s", "RSS MB", "sat. µs/req",
                    "sat. µs/answer"):
         assert column in header

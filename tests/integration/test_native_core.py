@@ -1,0 +1,107 @@
+"""The compiled core (grid_runtime/native.py, mypyc): built for real, used only while it matches its sources, and
+deciding exactly as the interpreted core does.
+
+The rest of the suite runs the core interpreted in-process (tests/conftest.py) and compiled in the services it
+starts; these tests hold the two together."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import balancer
+from grid_runtime.native import ENV
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_PACKAGE = '''import sys
+from grid_runtime.native import NativeBuild
+NATIVE = NativeBuild(sys.modules[__name__], ("pkgx.inner",))
+NATIVE.mount()
+'''
+_MODULE = '''class Meter:
+    def __init__(self, start: int) -> None:
+        self.total = start
+
+    def add(self, xs: list[int]) -> int:
+        for x in xs:
+            self.total += x
+        return self.total{extra}
+'''
+_PROBE = ("import pkgx, pkgx.inner.calc as c; "
+          "print(pkgx.NATIVE.status.split(' ')[0], c.__file__.rsplit('.', 1)[-1], c.Meter(1).add([1, 2, 3]))")
+
+
+def _run(cwd: Path, args: list[str], mode: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(cwd), str(ROOT)])
+    if mode is not None:
+        env[ENV] = mode
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+def test_a_build_is_used_only_while_it_matches_its_sources(tmp_path: Path) -> None:
+    """A real mypyc build of a small package: mounted while current (the module is the extension), never once a
+    source changed (the edited module runs, interpreted), refused under ``require`` until rebuilt."""
+    (tmp_path / "pkgx" / "inner").mkdir(parents=True)
+    (tmp_path / "pkgx" / "__init__.py").write_text(_PACKAGE)
+    (tmp_path / "pkgx" / "inner" / "__init__.py").write_text("")
+    calc = tmp_path / "pkgx" / "inner" / "calc.py"
+    calc.write_text(_MODULE.format(extra=""))
+
+    assert _run(tmp_path, ["-c", _PROBE]).stdout.split() == ["interpreted", "py", "7"]  # (no build yet)
+    built = _run(tmp_path, ["-m", "grid_runtime.native", "build", "pkgx"])
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert _run(tmp_path, ["-c", _PROBE]).stdout.split() == ["compiled", "so", "7"]
+    assert _run(tmp_path, ["-c", _PROBE], "off").stdout.split() == ["interpreted", "py", "7"]
+    assert not list((tmp_path / ".build").rglob("*.py"))  # (only extensions: an uncompiled module is the source's)
+
+    calc.write_text(_MODULE.format(extra=" + 100"))  # the source moves on; the build does not
+    assert _run(tmp_path, ["-c", _PROBE]).stdout.split() == ["interpreted", "py", "107"]
+    refused = _run(tmp_path, ["-c", _PROBE], "require")
+    assert refused.returncode != 0 and f"{ENV}=require" in refused.stderr and "older than the sources" in refused.stderr
+    assert _run(tmp_path, ["-m", "grid_runtime.native", "status", "pkgx"]).returncode == 1
+
+    assert _run(tmp_path, ["-m", "grid_runtime.native", "build", "pkgx"]).returncode == 0
+    assert _run(tmp_path, ["-c", _PROBE], "require").stdout.split() == ["compiled", "so", "107"]
+
+
+def _digests(mode: str, *extra: str) -> tuple[str, list[str]]:
+    out = _run(ROOT, ["-m", "bench", "scale", "--sizes", "3x1000,30x3000", "--paths", "core,service", "--digest",
+                      "--seconds", "3", "--steady", "300", "--saturated", "200",
+                      "--json", os.devnull, *extra], mode)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    digests = [line.rsplit("digest ", 1)[1] for line in lines if "digest " in line]
+    assert len(digests) == 4, out.stdout  # (a size that failed prints no digest)
+    return next(line for line in lines if line.startswith("balancer core:")), digests
+
+
+@pytest.mark.parametrize("extra", [(), ("--schedules=2", "--limited=3", "--distinct-limits")],
+                         ids=["plain", "schedules-and-limits"])
+def test_the_compiled_core_decides_as_the_interpreted_one(extra: tuple[str, ...]) -> None:
+    """The balancer's build is current (``./gridctl setup`` made it from these sources) and its decisions and
+    messages are the interpreted core's, effect for effect (the digest hashes every effect in order), at two grid
+    sizes, through the core and through the service path, with and without limit schedules and operator limits."""
+    assert balancer.NATIVE.current(), "the balancer's native build is missing or stale: run ./gridctl setup"
+    compiled_status, compiled = _digests("require", *extra)
+    interpreted_status, interpreted = _digests("off", *extra)
+    assert compiled_status.startswith("balancer core: compiled")
+    assert interpreted_status.startswith("balancer core: interpreted")
+    assert compiled == interpreted
+
+
+def test_the_balancer_says_which_core_it_runs() -> None:
+    """``GRID_NATIVE=require`` runs the compiled core (the modules are the build's extensions)."""
+    probe = ("import json, balancer, balancer.core.engine as e, balancer.core.config as c; "
+             "print(json.dumps([balancer.NATIVE.status, e.__file__, c.__file__]))")
+    status, engine, config = json.loads(_run(ROOT, ["-c", probe], "require").stdout)
+    assert status == "compiled"
+    assert engine.endswith(".so") and str(balancer.NATIVE.location) in engine
+    assert config == str(ROOT / "balancer" / "core" / "config.py")  # (a pydantic model: left interpreted)
