@@ -75,7 +75,6 @@ from grid_protocol import (
     Telemetry,
     encode,
 )
-from grid_runtime.native import ENV
 
 DEFAULT_SIZES = "3x1000,3x10000,3x100000,100x1000,100x10000,100x100000,1000x1000,1000x10000,1000x100000"
 CLASSES_KVA = (400, 630, 1000)
@@ -570,7 +569,7 @@ def main(argv: list[str]) -> int:
                   f"{row['rss_mb']:>7,.0f} {row['saturated_us_per_request']:>12,.1f} "
                   f"{row['saturated_us_per_answer']:>15,.1f}"
                   + (f"  digest {row['digest'][:16]}" if args.digest else ""), flush=True)
-    print(f"balancer core: {NATIVE.status} ({ENV}; python -m grid_runtime.native build balancer)", flush=True)
+    print(f"balancer core: {NATIVE.status}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": rows, "cpu": "time.process_time", "core": NATIVE.status},
                                     indent=1))
