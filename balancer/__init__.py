@@ -11,7 +11,8 @@ import sys
 
 from grid_runtime.native import NativeBuild
 
-#: The core's packages compiled to C (all but the pydantic settings model), mounted here, before any is imported.
+#: The core's packages compiled to C (all but the pydantic settings model), mounted here, before any is imported;
+#: the build is current while nothing in this package or in the contract it was type-checked against changed.
 NATIVE = NativeBuild(sys.modules[__name__], ("balancer.core", "balancer.core.policies"),
-                     interpreted=("balancer.core.config",))
+                     interpreted=("balancer.core.config",), depends=("grid_protocol",))
 NATIVE.mount()

@@ -58,15 +58,20 @@ def _mode() -> str:
 
 @dataclass
 class NativeBuild:
-    """The packages of one top-level package that are compiled, and where their build lives.
+    """What of one top-level package is compiled, and where its build lives.
 
-    ``packages``: dotted names of the packages whose modules are compiled (each directory's own modules, not its
-    subpackages); ``interpreted``: modules of those packages left to the interpreter (mypyc cannot compile them,
-    e.g. a pydantic model); package ``__init__`` modules are never compiled (they are what mounts the build)."""
+    ``packages``: dotted names of packages whose modules are compiled (each directory's own modules, not its
+    subpackages); ``modules``: single modules compiled besides; ``interpreted``: modules of those packages left to
+    the interpreter (mypyc cannot compile them, e.g. a pydantic model). Package ``__init__`` modules are never
+    compiled (they are what mounts the build). ``depends``: other top-level packages the compiled code was
+    type-checked against (mypyc compiles their annotations into checks at the boundary, so a change there makes
+    the build stale too)."""
 
     top: ModuleType
     packages: tuple[str, ...]
+    modules: tuple[str, ...] = ()
     interpreted: tuple[str, ...] = ()
+    depends: tuple[str, ...] = ()
     #: "compiled", or why not: filled by :meth:`mount`
     status: str = field(default="not mounted", init=False)
 
@@ -79,17 +84,19 @@ class NativeBuild:
     def location(self) -> Path:
         return self.root / ".build" / "native" / self.top.__name__
 
-    def _dir(self, package: str) -> Path:
-        return self.root.joinpath(*package.split("."))
+    def _path(self, dotted: str) -> Path:
+        return self.root.joinpath(*dotted.split("."))
 
     def sources(self) -> list[Path]:
-        """Every module of the packages (compiled or not: the interpreted ones are part of what the build
-        type-checked against), in a stable order."""
-        return sorted(p for package in self.packages for p in self._dir(package).glob("*.py"))
+        """What the build is made from: every module of the top-level package (the compiled ones, and those they
+        were type-checked against) and of the packages it depends on, in a stable order."""
+        return sorted(p for top in (self.top.__name__, *self.depends) for p in self._path(top).rglob("*.py"))
 
     def compiled(self) -> list[Path]:
-        skip = {self.root.joinpath(*m.split(".")).with_suffix(".py") for m in self.interpreted}
-        return [p for p in self.sources() if p.name != "__init__.py" and p not in skip]
+        skip = {self._path(m).with_suffix(".py") for m in self.interpreted}
+        listed = [p for package in self.packages for p in self._path(package).glob("*.py")]
+        listed += [self._path(m).with_suffix(".py") for m in self.modules]
+        return sorted(p for p in listed if p.name != "__init__.py" and p not in skip)
 
     def stamp(self) -> str:
         """What a build must have been made from to be used now: the sources' digest and this interpreter."""
@@ -121,7 +128,9 @@ class NativeBuild:
             location = str(self.location)
             if location not in sys.path:
                 sys.path.append(location)  # (mypyc's shared library of the group lives at the build's root)
-            sys.meta_path.insert(0, _Ahead(set(self.packages), self.location))
+            sys.meta_path.insert(0, _Ahead(set(self.packages) - {self.top.__name__}, self.location))
+            if self.modules or self.top.__name__ in self.packages:  # (the top package is being imported: no spec)
+                self.top.__path__.insert(0, str(self.location / self.top.__name__))
             self.status = "compiled"
         if mode == "require" and self.status != "compiled":
             raise ImportError(f"{ENV}=require but {self.top.__name__} is {self.status}")
@@ -137,10 +146,7 @@ class NativeBuild:
         shutil.rmtree(work, ignore_errors=True)
         # The sources are copied to a directory of their own: setuptools reads a pyproject.toml in the directory it
         # runs in, and the extensions are written next to the modules they are built from.
-        top = self._dir(self.top.__name__)
-        (work / top.name).mkdir(parents=True)
-        shutil.copy2(top / "__init__.py", work / top.name / "__init__.py")
-        for path in self.sources():
+        for path in self._path(self.top.__name__).rglob("*.py"):  # (the other packages it needs: on MYPYPATH)
             target = work / path.relative_to(self.root)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)

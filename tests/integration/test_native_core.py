@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _PACKAGE = '''import sys
 from grid_runtime.native import NativeBuild
-NATIVE = NativeBuild(sys.modules[__name__], ("pkgx.inner",))
+NATIVE = NativeBuild(sys.modules[__name__], ("pkgx.inner",), depends=("pkgdep",))
 NATIVE.mount()
 '''
 _MODULE = '''class Meter:
@@ -48,8 +48,11 @@ def _run(cwd: Path, args: list[str], mode: str | None = None) -> subprocess.Comp
 
 def test_a_build_is_used_only_while_it_matches_its_sources(tmp_path: Path) -> None:
     """A real mypyc build of a small package: mounted while current (the module is the extension), never once a
-    source changed (the edited module runs, interpreted), refused under ``require`` until rebuilt."""
+    source changed (the edited module runs, interpreted), refused under ``require`` until rebuilt; stale too when a
+    package it was type-checked against changed."""
     (tmp_path / "pkgx" / "inner").mkdir(parents=True)
+    (tmp_path / "pkgdep").mkdir()
+    (tmp_path / "pkgdep" / "__init__.py").write_text("LIMIT = 1\n")
     (tmp_path / "pkgx" / "__init__.py").write_text(_PACKAGE)
     (tmp_path / "pkgx" / "inner" / "__init__.py").write_text("")
     calc = tmp_path / "pkgx" / "inner" / "calc.py"
@@ -70,6 +73,8 @@ def test_a_build_is_used_only_while_it_matches_its_sources(tmp_path: Path) -> No
 
     assert _run(tmp_path, ["-m", "grid_runtime.native", "build", "pkgx"]).returncode == 0
     assert _run(tmp_path, ["-c", _PROBE], "require").stdout.split() == ["compiled", "so", "107"]
+    (tmp_path / "pkgdep" / "__init__.py").write_text("LIMIT = 2\n")
+    assert _run(tmp_path, ["-c", _PROBE]).stdout.split() == ["interpreted", "py", "107"]
 
 
 def _digests(mode: str, *extra: str) -> tuple[str, list[str]]:
