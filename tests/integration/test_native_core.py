@@ -102,6 +102,25 @@ def test_the_compiled_core_decides_as_the_interpreted_one(extra: tuple[str, ...]
     assert compiled == interpreted
 
 
+@pytest.mark.timeout(1200)
+def test_the_unit_suite_passes_on_the_compiled_core() -> None:
+    """The whole unit suite again, in a process whose core is the build (``GRID_NATIVE_TESTS=require``): every
+    policy, the property tests against their oracles, the views, the limits. Only the tests that instrument the
+    core's methods are skipped there (they ran on the interpreted core in this run)."""
+    assert balancer.NATIVE.current(), "the balancer's native build is missing or stale: run ./gridctl setup"
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    env["GRID_NATIVE_TESTS"] = "require"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not integration",
+                          "tests/unit"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1150, check=False)
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
+    assert run.returncode == 0, run.stdout[-6000:]
+    instrumenting = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                    "--collect-only", "-m", "instruments_core", "tests/unit"], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=300, check=False)
+    n = sum(1 for line in instrumenting.stdout.splitlines() if "::" in line)
+    assert n > 0 and f"{n} skipped" in summary, summary  # (nothing else skipped: the rest ran compiled)
+
+
 def test_the_balancer_says_which_core_it_runs() -> None:
     """``GRID_NATIVE=require`` runs the compiled core (the modules are the build's extensions)."""
     probe = ("import json, balancer, balancer.core.engine as e, balancer.core.config as c; "

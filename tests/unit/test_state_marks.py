@@ -382,6 +382,7 @@ def test_sessionbook_names_the_sessions_that_changed_up_to_a_bound() -> None:
     assert sub.sessions_changed is None  # past 16: "any"
 
 
+@pytest.mark.instruments_core
 def test_a_grant_change_builds_that_one_view_only(monkeypatch: pytest.MonkeyPatch) -> None:
     g = _charging(6)
     sub = g.svc.core.substations["A"]
