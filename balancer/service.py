@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from itertools import compress, islice
 from operator import is_not
 from time import perf_counter
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -136,9 +136,10 @@ class _Sent(NamedTuple):
     list it carried with that list's encoding, spliced into the next payloads while the list stands, and each
     listed view's own encoding, in the list's order (see _encode_views)."""
 
-    key: object
+    # (Any, not object: mypyc, which compiles this module, fails on a NamedTuple field typed ``object``)
+    key: Any
     at: float
-    views: object = None
+    views: Any = None
     raw: msgspec.Raw | None = None
     parts: list[bytes] | None = None
     #: a substation state's measured numbers as published (see _MEASURED), held to the dead-band
@@ -157,7 +158,7 @@ def _encode_views(views: list[SessionView], last: _Sent | None) -> tuple[msgspec
     ``id()`` (an id found in the last list is the very view: that list keeps its views alive). The views are joined
     as the encoder joins a list's items (compact JSON), so the bytes are what encoding the list whole gives
     (tests/unit/test_state_encoding.py)."""
-    last_views: list[SessionView] | None = last.views if last is not None else None  # type: ignore[assignment]
+    last_views: list[SessionView] | None = last.views if last is not None else None
     last_parts = last.parts if last is not None else None
     if last_views is None or last_parts is None:
         chunks: list[bytes] = list(map(_list_encoder.encode, views))

@@ -34,11 +34,11 @@ if str(ROOT) not in sys.path:  # the project is not necessarily installed in the
 
 from grid_runtime import native  # noqa: E402
 
-# In this process the balancer's core runs interpreted unless GRID_NATIVE_TESTS says otherwise: some unit tests
-# instrument its methods (marked instruments_core: counting calls, swapping one), which mypyc's compiled classes do
-# not allow. The services the tests start run as shipped (GRID_NATIVE from the environment: a current build is
-# used). tests/integration/test_native_core.py runs the unit suite again on the compiled core
-# (GRID_NATIVE_TESTS=require) and holds the two cores to the same decisions.
+# In this process the balancer's compiled modules (its core, its service; balancer.NATIVE) run interpreted unless
+# GRID_NATIVE_TESTS says otherwise: some unit tests (marked instruments_compiled) count or swap their functions,
+# which mypyc's compiled code does not allow. The services the tests start run as shipped (GRID_NATIVE from the
+# environment: a current build is used). tests/integration/test_native_core.py runs the unit suite again on the
+# compiled modules (GRID_NATIVE_TESTS=require) and holds the two to the same decisions.
 TESTS_NATIVE_ENV = "GRID_NATIVE_TESTS"
 native.force_mode(os.environ.get(TESTS_NATIVE_ENV) or "off")
 
@@ -66,19 +66,19 @@ def _with_test_accounts(kwargs: dict[str, Any]) -> dict[str, Any]:
 def pytest_configure(config: pytest.Config) -> None:
     # Also declared in pyproject.toml; repeated so the markers exist whatever config file is used.
     config.addinivalue_line("markers", "integration: talks to a real Mosquitto started by the test suite")
-    config.addinivalue_line("markers", "instruments_core: counts or swaps the core's methods (interpreted core only)")
+    config.addinivalue_line("markers", "instruments_compiled: swaps functions mypyc compiles (interpreted only)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On the compiled core, the tests that instrument its methods are skipped (its classes refuse it); they ran on
-    the interpreted core, where they belong."""
+    """On the compiled modules, the tests that instrument their functions are skipped (compiled code refuses it, or
+    calls the original); they ran on the interpreted modules, where they belong."""
     import balancer
 
     if balancer.NATIVE.status != "compiled":
         return
-    skip = pytest.mark.skip(reason="instruments the core's methods: runs on the interpreted core only")
+    skip = pytest.mark.skip(reason="instruments compiled functions: runs on the interpreted modules only")
     for item in items:
-        if "instruments_core" in item.keywords:
+        if "instruments_compiled" in item.keywords:
             item.add_marker(skip)
 
 

@@ -115,7 +115,7 @@ def test_the_unit_suite_passes_on_the_compiled_core() -> None:
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
     assert run.returncode == 0, run.stdout[-6000:]
     instrumenting = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                    "--collect-only", "-m", "instruments_core", "tests/unit"], cwd=ROOT,
+                                    "--collect-only", "-m", "instruments_compiled", "tests/unit"], cwd=ROOT,
                                    capture_output=True, text=True, timeout=300, check=False)
     n = sum(1 for line in instrumenting.stdout.splitlines() if "::" in line)
     assert n > 0 and f"{n} skipped" in summary, summary  # (nothing else skipped: the rest ran compiled)

@@ -408,7 +408,7 @@ def _fill_then_churn(cores: list[Balancer], subs: list[tuple[str, float, float, 
         assert not cores[0].violations()
 
 
-@pytest.mark.instruments_core
+@pytest.mark.instruments_compiled
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(grid=st.one_of(SMALL_GRIDS, WHOLE_GRIDS), ops=QUIET_OPS,
        noise=st.lists(st.integers(-400, 400).map(lambda w: w / 1000), min_size=1, max_size=8),
@@ -465,7 +465,7 @@ def _ten_minutes_on_one_substation(cores: list[Balancer], step_kw: Callable[[int
     return effects
 
 
-@pytest.mark.instruments_core
+@pytest.mark.instruments_compiled
 def test_the_no_cuts_proof_is_taken_and_decides_as_every_session_pass() -> None:
     """One saturated substation, its base load wandering by up to 0.8 kW a second for ten minutes while EVs come and
     go: passes are proved idle (about one in ten here) and others cut, and every effect is the one of a core that

@@ -142,6 +142,7 @@ def test_the_service_applies_its_policy_at_start_and_on_every_periodic_step() ->
     assert gc.get_freeze_count() > 0 and not young(svc.core)
 
 
+@pytest.mark.instruments_compiled
 def test_a_service_without_a_policy_leaves_the_gc_alone() -> None:
     transport = FakeTransport()
     svc = BalancerService(BalancerSettings(startup_wait_s=0, tick_interval_s=0.01, state_file=""), transport)

@@ -221,7 +221,7 @@ def _engine(specs: list[tuple[float, float, int]], every: bool) -> Balancer:
     return b
 
 
-@pytest.mark.instruments_core
+@pytest.mark.instruments_compiled
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.floats(-100, 3000), st.floats(1, 3000), st.integers(1, 120)), max_size=8),
        st.lists(st.floats(0.1, 400), min_size=1, max_size=20))

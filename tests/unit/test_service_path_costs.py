@@ -96,7 +96,7 @@ def test_a_rebuilt_session_list_reencodes_only_its_new_views() -> None:
     assert [s["granted_kw"] for s in body["sessions"]][2] == 7.0
 
 
-@pytest.mark.instruments_core
+@pytest.mark.instruments_compiled
 def test_the_no_cuts_proof_holds_across_a_moved_noise_band() -> None:
     """The proof (``Rebalancer._no_cuts``) is drawn with the step of the pass that uses it: a noise band that moved
     since (it decays with every telemetry window) no longer voids it. A saturated substation whose base load wanders

@@ -30,7 +30,7 @@ ENDS = st.one_of(st.none(), st.sampled_from([0.0, 60.0, 60.0, 1e9]), st.floats(0
 OPS = st.lists(st.tuples(st.sampled_from(["update", "discard"]), st.integers(0, 12), ENDS), max_size=80)
 
 
-@pytest.mark.instruments_core
+@pytest.mark.instruments_compiled
 @settings(max_examples=300, deadline=None)
 @given(OPS, st.integers(0, 15))
 def test_the_kept_order_is_the_sorted_ends_of_the_filed_sessions(ops: list[tuple[str, int, float | None]],

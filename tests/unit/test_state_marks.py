@@ -113,6 +113,7 @@ op = st.one_of(
 )
 
 
+@pytest.mark.instruments_compiled
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(policy=st.sampled_from([PolicyName.LEAST_UTILISED, PolicyName.DEADLINE, PolicyName.WEIGHTED_FAIR]),
        ops=st.lists(op, min_size=1, max_size=70))
@@ -382,7 +383,7 @@ def test_sessionbook_names_the_sessions_that_changed_up_to_a_bound() -> None:
     assert sub.sessions_changed is None  # past 16: "any"
 
 
-@pytest.mark.instruments_core
+@pytest.mark.instruments_compiled
 def test_a_grant_change_builds_that_one_view_only(monkeypatch: pytest.MonkeyPatch) -> None:
     g = _charging(6)
     sub = g.svc.core.substations["A"]

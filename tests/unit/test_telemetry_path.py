@@ -22,7 +22,7 @@ def report(b: Balancer, sid: str, seq: int, now: float, base_kw: float, capacity
                                          active_sessions=0), now))
 
 
-@pytest.mark.instruments_core
+@pytest.mark.instruments_compiled
 def test_telemetry_plans_with_a_schedule_only_when_there_is_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """No schedule: ``plan_with`` is not called (it would change nothing); a scheduled limit whose schedule has
     gone (emptied and dropped) is still lifted by the next report, as ``plan_with`` with no schedule does."""
@@ -67,7 +67,7 @@ def test_a_revocation_on_telemetry_still_tells_the_ev_its_place() -> None:
     assert b.state.requeued == []
 
 
-@pytest.mark.instruments_core
+@pytest.mark.instruments_compiled
 @pytest.mark.parametrize("policy", ["least-utilised", "weighted-fair"])
 def test_a_hold_ending_under_a_proof_is_folded_in_as_the_pass_would_count_it(
         policy: str, monkeypatch: pytest.MonkeyPatch) -> None:
