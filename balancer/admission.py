@@ -83,16 +83,31 @@ class Admission:
         shed, bucket.shed = bucket.shed, 0
         return shed
 
-    def sweep(self, now: float) -> None:
+    def sweep(self, now: float, limit: int | None = None) -> bool:
         """Forget buckets that are full again (and have nothing to report): they behave as new ones. Reads the
         buckets oldest message first and stops at the first that is not full yet (every later one had a message
-        since); a bucket out of order (a clock that stepped back) is only forgotten later, never too early."""
-        refill_s, notice_s = self.burst / self.rate, self.notice_every_s
-        full = []
-        for key, b in self._buckets.items():
+        since); a bucket out of order (a clock that stepped back) is only forgotten later, never too early. One
+        with a notice pending is kept, behind the others (read once a sweep; forgotten later, never earlier).
+
+        ``limit``: read at most that many (the service sweeps in slices and reads the socket in between: the
+        20,000 EVs of a burst going idle at once took 2-5 ms in one piece). True when it stopped there: more may
+        be due."""
+        refill_s, notice_s, buckets = self.burst / self.rate, self.notice_every_s, self._buckets
+        full: list[str] = []
+        kept: list[str] = []
+        looked = 0
+        for key, b in buckets.items():
             if now - b.at < refill_s:
                 break
+            if looked == limit:
+                break
+            looked += 1
             if now - b.noticed_at >= notice_s:
                 full.append(key)
+            else:
+                kept.append(key)
         for key in full:
-            del self._buckets[key]
+            del buckets[key]
+        for key in kept:
+            buckets[key] = buckets.pop(key)
+        return looked == limit

@@ -6,10 +6,12 @@ Pure pieces (:class:`Admission`, :class:`StartupGate`) with a hand-held clock, t
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
+from balancer import service as service_module
 from balancer.admission import REFUSED_COST, Admission
 from balancer.service import BalancerService
 from balancer.settings import BalancerSettings
@@ -86,6 +88,53 @@ def test_sweep_keeps_a_bucket_with_a_notice_pending_and_forgets_the_idle_ones_af
     assert "FLOODER" in a and "IDLE" not in a
     a.sweep(5.0)
     assert len(a) == 0
+
+
+def test_a_sweep_in_slices_reads_no_more_than_its_limit_and_forgets_what_a_whole_sweep_does() -> None:
+    """``limit``: at most that many buckets read a call, True while it stopped there; slice after slice forgets
+    exactly the buckets one whole sweep forgets, keeps the one with a notice pending (behind the others, read once),
+    and stops at the first bucket that is not full yet."""
+    sliced, whole = Admission(rate=10, burst=1, notice_every_s=5.0), Admission(rate=10, burst=1, notice_every_s=5.0)
+    for a in (sliced, whole):
+        a.admit("FLOODER", 0.0)
+        assert not a.admit("FLOODER", 0.0) and a.notice_due("FLOODER", 0.0) == 1
+        for i in range(25):
+            a.admit(f"EV{i}", 0.1 + i / 1000)
+        a.admit("BUSY", 0.95)  # not full again at 1.0: the sweep stops here
+    calls = []
+    while True:
+        before = len(sliced)
+        more = sliced.sweep(1.0, limit=10)
+        calls.append((before - len(sliced), more))
+        if not more:
+            break
+    whole.sweep(1.0)
+    assert calls == [(9, True), (10, True), (6, False)]  # the flooder read once (kept), then up to the busy one
+    assert set(sliced._buckets) == set(whole._buckets) == {"FLOODER", "BUSY"}
+    assert list(sliced._buckets) == ["BUSY", "FLOODER"]  # (kept behind the others)
+    assert not whole.sweep(1.0) and not sliced.sweep(1.0, limit=1)
+
+
+def test_the_service_sweeps_in_slices_and_reads_in_between() -> None:
+    """20,000 idle EVs: the service's sweep (``sweep_in_steps``) yields to the loop between slices, so what arrives
+    meanwhile is read before the sweep ends, and every idle bucket is forgotten by the end."""
+    svc, _ = service(startup_wait_s=0)
+    adm = svc._ev_admission
+    for i in range(20_000):
+        adm.admit(f"EV{i}", 0.0)
+    order: list[str] = []
+
+    async def main() -> None:
+        svc._sweep_due = True
+        sweep = asyncio.ensure_future(svc.sweep_in_steps())
+        await asyncio.sleep(0)  # the first slice ran
+        order.append(f"read while {len(adm)} left")
+        await sweep
+        order.append(f"swept, {len(adm)} left")
+
+    assert service_module._SWEEP_STEP < 20_000
+    asyncio.run(main())
+    assert order[0] != "read while 0 left" and order[-1] == "swept, 0 left"
 
 
 # ---------------------------------------------------------------------------- startup gate
