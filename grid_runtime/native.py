@@ -15,6 +15,7 @@ interpreted until the next ``python -m grid_runtime.native build <package>`` (``
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import importlib
 import importlib.abc
@@ -25,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ __all__ = ["ENV", "MODES", "NativeBuild", "force_mode"]
 ENV = "GRID_NATIVE"
 MODES = ("auto", "off", "require")
 _forced: str | None = None
+#: The project's mypy configuration as the build reads it (a copy of pyproject.toml, see NativeBuild._compile).
+_MYPY_CONFIG = "native-mypy.toml"
 
 
 def force_mode(mode: str | None) -> None:
@@ -98,11 +102,16 @@ class NativeBuild:
         listed += [self._path(m).with_suffix(".py") for m in self.modules]
         return sorted(p for p in listed if p.name != "__init__.py" and p not in skip)
 
-    def stamp(self) -> str:
-        """What a build must have been made from to be used now: the sources' digest and this interpreter."""
+    def stamp(self, copy: Path | None = None) -> str:
+        """What a build must have been made from to be used now: the sources' digest and this interpreter
+        (``copy``: of the copy of the sources under that directory, as the build compiles them)."""
         digest = hashlib.sha256()
         for path in self.sources():
-            digest.update(path.relative_to(self.root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+            relative = path.relative_to(self.root)
+            data = (copy / relative if copy is not None else path).read_bytes()
+            digest.update(relative.as_posix().encode() + b"\0" + data + b"\0")
+        config = copy / _MYPY_CONFIG if copy is not None else self.root / "pyproject.toml"
+        digest.update(b"mypy config\0" + (config.read_bytes() if config.exists() else b""))
         return json.dumps({"sources": digest.hexdigest(), "python": sys.implementation.cache_tag,
                            "platform": sysconfig.get_platform()}, sort_keys=True)
 
@@ -138,27 +147,51 @@ class NativeBuild:
 
     # --- building ---------------------------------------------------------------------------------------------
     def build(self, *, force: bool = False, quiet: bool = True) -> bool:
-        """Compile the packages into :attr:`location` (replaced whole, so a failed build leaves none). Returns
-        False when the build was current already (and not ``force``)."""
-        if self.current() and not force:
-            return False
-        work = self.location.with_name(self.location.name + ".tmp")
-        shutil.rmtree(work, ignore_errors=True)
-        # The sources are copied to a directory of their own: setuptools reads a pyproject.toml in the directory it
-        # runs in, and the extensions are written next to the modules they are built from.
-        for path in self._path(self.top.__name__).rglob("*.py"):  # (the other packages it needs: on MYPYPATH)
+        """Compile the packages into :attr:`location`. Returns False when the build was current already (and not
+        ``force``). One build at a time (a lock beside it); each in a directory of its own, stamped with the
+        sources it copied and compiled (an edit meanwhile makes it stale at once), moved into place whole: a reader
+        finds the old build, none, or the new one, never part of one."""
+        parent, name = self.location.parent, self.location.name
+        parent.mkdir(parents=True, exist_ok=True)
+        with open(parent / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.current() and not force:
+                return False
+            work = Path(tempfile.mkdtemp(dir=parent, prefix=f"{name}.tmp."))
+            try:
+                self._compile(work, quiet)
+                old = parent / f"{name}.old.{os.getpid()}"
+                if self.location.exists():
+                    (self.location / "stamp.json").unlink(missing_ok=True)  # (no process mounts it from now on)
+                    self.location.rename(old)
+                work.rename(self.location)
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        return True
+
+    def _compile(self, work: Path, quiet: bool) -> None:
+        # The sources (and the packages they were type-checked against) are copied to a directory of their own:
+        # setuptools reads a pyproject.toml in the directory it runs in, the extensions are written next to the
+        # modules they are built from, and the stamp is of exactly what was compiled. mypy reads the project's
+        # configuration (its pydantic plugin types the settings models) from a copy under another name (as
+        # pyproject.toml, setuptools would read it too), stamped with the sources.
+        for path in self.sources():
             target = work / path.relative_to(self.root)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
+        config = self.root / "pyproject.toml"
+        (work / _MYPY_CONFIG).write_bytes(config.read_bytes() if config.exists() else b"")
+        stamp = self.stamp(work)
         files = [str(p.relative_to(self.root)) for p in self.compiled()]
         script = ("import sys\nfrom mypyc.build import mypycify\nfrom setuptools import setup\n"
-                  "setup(name='native', ext_modules=mypycify(['--ignore-missing-imports', *sys.argv[1:]], "
-                  "opt_level='3'), script_args=['build_ext', '--inplace'])\n")
-        env = dict(os.environ, MYPYPATH=str(self.root))
+                  f"setup(name='native', ext_modules=mypycify(['--config-file={_MYPY_CONFIG}', "
+                  "'--ignore-missing-imports', *sys.argv[1:]], opt_level='3'), "
+                  "script_args=['build_ext', '--inplace'])\n")
+        env = {k: v for k, v in os.environ.items() if k != "MYPYPATH"}
         done = subprocess.run([sys.executable, "-c", script, *files], cwd=work, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
         if done.returncode != 0:
-            shutil.rmtree(work, ignore_errors=True)
             raise RuntimeError(f"mypyc build of {self.top.__name__} failed:\n{done.stdout[-4000:]}")
         if not quiet:
             print(done.stdout[-2000:])
@@ -169,10 +202,7 @@ class NativeBuild:
                     shutil.rmtree(path)
             elif not path.name.endswith(".so") and not path.name.endswith(".pyd"):
                 path.unlink()
-        (work / "stamp.json").write_text(self.stamp(), encoding="utf-8")
-        shutil.rmtree(self.location, ignore_errors=True)
-        work.rename(self.location)
-        return True
+        (work / "stamp.json").write_text(stamp, encoding="utf-8")
 
 
 class _Ahead(importlib.abc.MetaPathFinder):

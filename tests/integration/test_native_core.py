@@ -76,6 +76,16 @@ def test_a_build_is_used_only_while_it_matches_its_sources(tmp_path: Path) -> No
     (tmp_path / "pkgdep" / "__init__.py").write_text("LIMIT = 2\n")
     assert _run(tmp_path, ["-c", _PROBE]).stdout.split() == ["interpreted", "py", "107"]
 
+    # Two builds at once (two shells running ./gridctl): one at a time, each whole; what is left is one build.
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
+    builds = [subprocess.Popen([sys.executable, "-m", "grid_runtime.native", "build", "pkgx", "--force"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+              for _ in range(2)]
+    assert [b.wait(300) for b in builds] == [0, 0]
+    assert _run(tmp_path, ["-c", _PROBE], "require").stdout.split() == ["compiled", "so", "107"]
+    assert sorted(p.name for p in (tmp_path / ".build" / "native").iterdir()) == ["pkgx", "pkgx.lock"]
+
 
 def _digests(mode: str, *extra: str) -> tuple[str, list[str]]:
     out = _run(ROOT, ["-m", "bench", "scale", "--sizes", "3x1000,30x3000", "--paths", "core,service", "--digest",
