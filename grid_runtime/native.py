@@ -146,7 +146,7 @@ class NativeBuild:
         return self.status
 
     # --- building ---------------------------------------------------------------------------------------------
-    def build(self, *, force: bool = False, quiet: bool = True) -> bool:
+    def build(self, *, force: bool = False) -> bool:
         """Compile the packages into :attr:`location`. Returns False when the build was current already (and not
         ``force``). One build at a time (a lock beside it); each in a directory of its own, stamped with the
         sources it copied and compiled (an edit meanwhile makes it stale at once), moved into place whole: a reader
@@ -159,7 +159,7 @@ class NativeBuild:
                 return False
             work = Path(tempfile.mkdtemp(dir=parent, prefix=f"{name}.tmp."))
             try:
-                self._compile(work, quiet)
+                self._compile(work)
                 old = parent / f"{name}.old.{os.getpid()}"
                 if self.location.exists():
                     (self.location / "stamp.json").unlink(missing_ok=True)  # (no process mounts it from now on)
@@ -170,7 +170,7 @@ class NativeBuild:
                 shutil.rmtree(work, ignore_errors=True)
         return True
 
-    def _compile(self, work: Path, quiet: bool) -> None:
+    def _compile(self, work: Path) -> None:
         # The sources (and the packages they were type-checked against) are copied to a directory of their own:
         # setuptools reads a pyproject.toml in the directory it runs in, the extensions are written next to the
         # modules they are built from, and the stamp is of exactly what was compiled. mypy reads the project's
@@ -193,8 +193,6 @@ class NativeBuild:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"mypyc build of {self.top.__name__} failed:\n{done.stdout[-4000:]}")
-        if not quiet:
-            print(done.stdout[-2000:])
         # Keep only the extensions: a module left uncompiled is found in the sources (next on ``__path__``).
         for path in sorted(work.rglob("*"), reverse=True):
             if path.is_dir():
@@ -235,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     importlib.import_module(__spec__.name if __spec__ else "grid_runtime.native").force_mode("off")
     build: NativeBuild = importlib.import_module(args.package).NATIVE
     if args.action == "status":
-        print("current" if build.current() else "missing or stale", build.location)
-        return 0 if build.current() else 1
+        current = build.current()
+        print("current" if current else "missing or stale", build.location)
+        return 0 if current else 1
     t = time.monotonic()
     built = build.build(force=args.force)
     print(f"{args.package}: {'built' if built else 'current'} ({build.location}, {time.monotonic() - t:.0f} s)")

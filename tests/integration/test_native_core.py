@@ -37,13 +37,18 @@ _PROBE = ("import pkgx, pkgx.inner.calc as c; "
           "print(pkgx.NATIVE.status.split(' ')[0], c.__file__.rsplit('.', 1)[-1], c.Meter(1).add([1, 2, 3]))")
 
 
-def _run(cwd: Path, args: list[str], mode: str | None = None) -> subprocess.CompletedProcess[str]:
+def _env(cwd: Path, mode: str | None = None) -> dict[str, str]:
+    """This environment without our GRID_NATIVE (``mode`` instead, if given), importing from ``cwd`` first."""
     env = {k: v for k, v in os.environ.items() if k != ENV}
     env["PYTHONPATH"] = os.pathsep.join([str(cwd), str(ROOT)])
     if mode is not None:
         env[ENV] = mode
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
+    return env
+
+
+def _run(cwd: Path, args: list[str], mode: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=_env(cwd, mode), capture_output=True, text=True,
+                          timeout=300, check=False)
 
 
 def test_a_build_is_used_only_while_it_matches_its_sources(tmp_path: Path) -> None:
@@ -77,10 +82,8 @@ def test_a_build_is_used_only_while_it_matches_its_sources(tmp_path: Path) -> No
     assert _run(tmp_path, ["-c", _PROBE]).stdout.split() == ["interpreted", "py", "107"]
 
     # Two builds at once (two shells running ./gridctl): one at a time, each whole; what is left is one build.
-    env = {k: v for k, v in os.environ.items() if k != ENV}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
     builds = [subprocess.Popen([sys.executable, "-m", "grid_runtime.native", "build", "pkgx", "--force"],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
               for _ in range(2)]
     assert [b.wait(300) for b in builds] == [0, 0]
     assert _run(tmp_path, ["-c", _PROBE], "require").stdout.split() == ["compiled", "so", "107"]
@@ -118,7 +121,7 @@ def test_the_unit_suite_passes_on_the_compiled_core() -> None:
     policy, the property tests against their oracles, the views, the limits. Only the tests that instrument the
     core's methods are skipped there (they ran on the interpreted core in this run)."""
     assert balancer.NATIVE.current(), "the balancer's native build is missing or stale: run ./gridctl setup"
-    env = {k: v for k, v in os.environ.items() if k != ENV}
+    env = _env(ROOT)
     env["GRID_NATIVE_TESTS"] = "require"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not integration",
                           "tests/unit"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1150, check=False)
