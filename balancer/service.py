@@ -85,8 +85,9 @@ _STATE_SLICE_S = 0.0003
 #: (balancer/admission.py), so the shorter the interval the fewer at once (the bench's 20,000 EVs of a second,
 #: forgotten 5 s later in one go, were a 4-10 ms pause).
 _SWEEP_EVERY_S = 0.5
-#: Admission buckets read per slice of a sweep (~0.1 ms) before the loop reads the socket again.
-_SWEEP_STEP = 1000
+#: Admission buckets read per slice of a sweep before the loop reads the socket again: 1,000 took ~0.1 ms in a tight
+#: loop but 0.5-1.1 ms in the running balancer (its buckets cold in the cache), one of the bench's paced-p99 stalls.
+_SWEEP_STEP = 250
 _REQUEST_ID_RE = re.compile(rb'"request_id"\s*:\s*"(' + REQUEST_ID_PATTERN.strip("^$").encode() + rb')"')
 
 

@@ -103,10 +103,15 @@ class PahoTransport(TransportBase):
         for _ in range(READ_BATCH):
             client.loop_read()
             if self._sock is not sock or not (client.buffered() or _has_data(sock)):
-                return
-        if client.buffered() and self._loop is not None:
-            # Packets already read into the client's buffer raise no readiness event: come back for them.
-            self._loop.call_soon(self._on_readable)
+                break
+        else:
+            if client.buffered() and self._loop is not None:
+                # Packets already read into the client's buffer raise no readiness event: come back for them.
+                self._loop.call_soon(self._on_readable)
+        if self._sock is sock and client.want_write():
+            # What the pass produced (answers, acknowledgements) leaves now, not after the loop's next round: the
+            # callbacks already scheduled for that round (the balancer's agent commands) would delay it.
+            client.loop_write()
 
     def _on_socket_close(self, _client: paho.Client, _ud: Any, sock: Any) -> None:
         if self._loop is not None:

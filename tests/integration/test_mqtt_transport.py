@@ -17,7 +17,8 @@ import pytest
 from probe import Probe
 
 from broker.local import LocalBroker
-from grid_runtime.mqtt import AiomqttTransport, PahoTransport, Transport
+from grid_protocol import Topics
+from grid_runtime.mqtt import AiomqttTransport, InMessage, PahoTransport, Transport
 from grid_runtime.settings import MqttSettings
 
 pytestmark = pytest.mark.integration
@@ -323,3 +324,57 @@ def test_paho_reads_a_burst_far_larger_than_a_read_batch_complete_and_in_order(
 
     asyncio.run(main())
     assert burst() == [b"m%d" % i for i in range(n)]
+
+
+
+def test_paho_writes_what_a_read_pass_published_before_the_callbacks_it_scheduled(broker: LocalBroker) -> None:
+    """What the handler publishes while a read pass runs (the balancer's answers, the acknowledgements of what was
+    read) leaves at the end of that pass: a callback the handler scheduled with ``call_soon`` (the balancer's agent
+    commands) finds nothing of it waiting to be written, so that callback's work does not delay the answers. Every
+    answer arrives, in order."""
+    topics = Topics()
+    ev = MqttSettings(host=broker.host, port=broker.port, username="EV_0001", password=broker.password_for("EV_0001"))
+    responder = PahoTransport(_settings(broker), clean_start=True)  # the balancer's account
+    requester = PahoTransport(ev, clean_start=True)
+    unwritten_when_scheduled_ran: list[bool] = []
+    answers: list[bytes] = []
+
+    def respond(msg: InMessage) -> None:
+        responder.publish(topics.assignment("EV_0001"), b"answer-" + msg.payload, 1)
+        asyncio.get_running_loop().call_soon(
+            lambda: unwritten_when_scheduled_ran.append(responder._client.want_write()))
+
+    responder.set_handler(respond)
+    responder.subscribe(topics.request("EV_0001"), 1)
+    requester.set_handler(lambda m: answers.append(m.payload))
+    requester.subscribe(topics.assignment("EV_0001"), 1)
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(t.run()) for t in (responder, requester)]
+        try:
+            await asyncio.wait_for(asyncio.gather(responder.connected.wait(), requester.connected.wait()), 10)
+            for _ in range(200):  # (both subscriptions in place before the requests)
+                requester.publish(topics.request("EV_0001"), b"ready")
+                await asyncio.sleep(0.05)
+                if answers:
+                    break
+            else:
+                pytest.fail("the subscriptions never took a message")
+            answers.clear()
+            unwritten_when_scheduled_ran.clear()
+            for i in range(20):
+                for j in range(5):  # bursts of five, as the bench's paced phase sends them
+                    requester.publish(topics.request("EV_0001"), b"%d" % (i * 5 + j))
+                await asyncio.sleep(0.01)
+            await _until(lambda: len([a for a in answers if a != b"answer-ready"]) >= 100, what="100 answers")
+        finally:
+            for t in (requester, responder):
+                await t.close(1.0)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+    assert [a for a in answers if a != b"answer-ready"] == [b"answer-%d" % i for i in range(100)]
+    assert len(unwritten_when_scheduled_ran) >= 100
+    assert not any(unwritten_when_scheduled_ran), "a scheduled callback ran with the pass's output still unwritten"

@@ -142,3 +142,16 @@ def test_the_balancer_says_which_core_it_runs() -> None:
     assert status == "compiled"
     assert engine.endswith(".so") and str(balancer.NATIVE.location) in engine
     assert config == str(ROOT / "balancer" / "core" / "config.py")  # (a pydantic model: left interpreted)
+
+
+@pytest.mark.parametrize("mode", ["require", "off"])
+def test_the_service_path_bench_runs_on_either_core(mode: str) -> None:
+    """``python -m bench service-path`` measures the whole path on either core; the split that swaps the core's
+    ``on_request`` (a compiled class's methods cannot be replaced) only on the interpreted one, and says so."""
+    out = _run(ROOT, ["-m", "bench", "service-path", "--requests", "300", "--repeat", "1"], mode)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "service+core   CPU µs per request: best" in out.stdout
+    if mode == "off":
+        assert "service alone  CPU µs per request: best" in out.stdout
+    else:
+        assert "service alone: not measured on the compiled core" in out.stdout
