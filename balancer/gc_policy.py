@@ -13,8 +13,13 @@ Between two freezes the youngest generation is collected once ``young_threshold`
 than at its last collection (CPython's net allocation count; its default is 700). A collection frees nothing here
 (no cycles are made per message, issue 10) and re-traverses every survivor, and the survivors of a second are
 frozen anyway (a freeze resets the count): at the default, ``./gridctl bench``'s balancer ran ~450 young and ~40
-middle collections per 26,000 requests (~3-4 us of CPU per request, a 1-10 ms pause per middle one); at 20,000,
-the paced phase's 1,000 requests a second never reach a collection and the pipelined phase makes a few.
+middle collections per 26,000 requests (~3-4 us of CPU per request, a 1-10 ms pause per middle one). At 20,000 the
+paced phase's 1,000 requests a second never reached a collection, but the compiled core's sessions are tracked
+objects (mypyc classes: a ``Session``, an ``EvState`` and ~3 tuples per placed request, ~8 with paho's in-flight
+messages), and at ~12,000 requests a second the pipelined phase made ~6 young collections a run, 2-10 ms each
+(17-38 ms a run, some of them in the paced phase's p99). At 200,000 (~25,000 requests a second between two
+freezes) it makes none; a rate that still reaches it pays one collection of that many objects (tens of ms) instead of
+ten of a tenth.
 
 Frozen objects are still freed by reference counting as usual; only a reference cycle that was alive when frozen
 and became garbage later waits, until the full pass every ``full_every_s`` (unfreeze, collect everything, freeze
@@ -32,7 +37,7 @@ class GcPolicy:
                  "last_full_collected", "young_threshold")
 
     def __init__(self, freeze_every_s: float = 1.0, full_every_s: float = 3600.0,
-                 young_threshold: int | None = 20_000) -> None:
+                 young_threshold: int | None = 200_000) -> None:
         """``young_threshold``: set as the youngest generation's at :meth:`start` (None: left as it is)."""
         self.freeze_every_s = freeze_every_s
         self.full_every_s = full_every_s
