@@ -14,6 +14,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from grid_runtime.mqtt.paho_client import RECV_CHUNK, SEND_CHUNK, LeanClient, _joined
+from grid_runtime.mqtt.paho_transport import PahoTransport
+from grid_runtime.settings import MqttSettings
 
 
 class FakeSocket:
@@ -251,3 +253,13 @@ def test_with_manual_acks_nothing_is_acknowledged_until_the_application_says_so(
     ref, ref_sent = _received(paho.Client, data, manual_ack=True)
     assert lean == ref and len(lean) == 3
     assert lean_sent == ref_sent == b""
+
+
+def test_a_read_pass_scheduled_after_the_connection_closed_does_nothing() -> None:
+    """``PahoTransport._on_readable`` comes back by ``call_soon`` when it left packets buffered; by then the
+    connection may have closed (no socket): it returns, where ``select`` on no socket raised ``TypeError`` into the
+    event loop."""
+    transport = PahoTransport(MqttSettings(host="127.0.0.1", port=1), clean_start=True)
+    assert transport._sock is None
+    transport._on_readable()  # (raised before)
+    assert not transport._client.want_write()
