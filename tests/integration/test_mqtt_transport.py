@@ -9,9 +9,10 @@ of view but never reached the broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from probe import Probe
@@ -63,6 +64,32 @@ async def _with_transport(transport: Transport, body: Callable[[], Awaitable[Non
         await transport.close(1.0)
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def _all_running(*transports: Transport) -> AsyncIterator[None]:
+    """The transports connected for the body; then closed in the order given, and their tasks ended."""
+    tasks = [asyncio.create_task(t.run()) for t in transports]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(t.connected.wait() for t in transports)), 10)
+        yield
+    finally:
+        for t in transports:
+            await t.close(1.0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _until_subscribed(send: Callable[[], None], arrived: Callable[[], bool], who: str) -> None:
+    """A SUBSCRIBE may reach the broker after the first messages (no wait guesses how long that takes on a loaded
+    machine): a marker is sent until one arrives."""
+    for _ in range(200):
+        send()
+        await asyncio.sleep(0.05)
+        if arrived():
+            return
+    pytest.fail(f"{who}: the subscriptions never took a message")
 
 
 def _payloads(watch: Probe) -> list[bytes]:
@@ -295,29 +322,13 @@ def test_paho_reads_a_burst_far_larger_than_a_read_batch_complete_and_in_order(
     n = 3000
 
     async def main() -> None:
-        tasks = [asyncio.create_task(t.run()) for t in (reader, writer)]
-        try:
-            await asyncio.wait_for(asyncio.gather(reader.connected.wait(), writer.connected.wait()), 10)
-            # The reader's SUBSCRIBE may reach the broker after the writer's first messages (no wait guesses how
-            # long that takes on a loaded machine): a marker is sent until one arrives, then the burst.
-            for _ in range(200):
-                writer.publish(TOPIC, b"ready")
-                await asyncio.sleep(0.05)
-                if b"ready" in got:
-                    break
-            else:
-                pytest.fail("the reader's subscription never took a message")
+        async with _all_running(writer, reader):
+            await _until_subscribed(lambda: writer.publish(TOPIC, b"ready"), lambda: b"ready" in got, "the reader")
             for i in range(n):
                 writer.publish(TOPIC, b"m%d" % i)
             await _while_progressing(lambda: len(got), lambda: len(burst()) >= n, stall_s=10.0,
                                      what=f"{n} messages")  # (a stall fails; slow under load goes on)
             await asyncio.sleep(0.2)  # (nothing more comes)
-        finally:
-            for t in (writer, reader):
-                await t.close(1.0)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
     def burst() -> list[bytes]:
         return [p for p in got if p != b"ready"]
@@ -349,16 +360,9 @@ def test_paho_writes_what_a_read_pass_published_before_the_callbacks_it_schedule
     requester.subscribe(topics.assignment("EV_0001"), 1)
 
     async def main() -> None:
-        tasks = [asyncio.create_task(t.run()) for t in (responder, requester)]
-        try:
-            await asyncio.wait_for(asyncio.gather(responder.connected.wait(), requester.connected.wait()), 10)
-            for _ in range(200):  # (both subscriptions in place before the requests)
-                requester.publish(topics.request("EV_0001"), b"ready")
-                await asyncio.sleep(0.05)
-                if answers:
-                    break
-            else:
-                pytest.fail("the subscriptions never took a message")
+        async with _all_running(requester, responder):
+            await _until_subscribed(lambda: requester.publish(topics.request("EV_0001"), b"ready"),
+                                    lambda: bool(answers), "the responder and the requester")
             answers.clear()
             unwritten_when_scheduled_ran.clear()
             for i in range(20):
@@ -367,12 +371,6 @@ def test_paho_writes_what_a_read_pass_published_before_the_callbacks_it_schedule
                 await asyncio.sleep(0.01)
             await _while_progressing(lambda: len(answers), lambda: len(answered()) >= 100, stall_s=10.0,
                                      what="100 answers")  # (a stall fails; slow under load goes on)
-        finally:
-            for t in (requester, responder):
-                await t.close(1.0)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
     def answered() -> list[bytes]:
         return [a for a in answers if a != b"answer-ready"]
