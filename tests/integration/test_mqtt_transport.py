@@ -55,23 +55,12 @@ async def _while_progressing(progress: Callable[[], object], done: Callable[[], 
         assert loop.time() - since < stall_s, f"no progress for {stall_s} s waiting for {what}: {now}"
 
 
-async def _with_transport(transport: Transport, body: Callable[[], Awaitable[None]]) -> None:
-    run = asyncio.create_task(transport.run())
-    try:
-        await asyncio.wait_for(transport.connected.wait(), 5.0)
-        await body()
-    finally:
-        await transport.close(1.0)
-        run.cancel()
-        await asyncio.gather(run, return_exceptions=True)
-
-
 @contextlib.asynccontextmanager
-async def _all_running(*transports: Transport) -> AsyncIterator[None]:
+async def _all_running(*transports: Transport, connect_s: float = 10.0) -> AsyncIterator[None]:
     """The transports connected for the body; then closed in the order given, and their tasks ended."""
     tasks = [asyncio.create_task(t.run()) for t in transports]
     try:
-        await asyncio.wait_for(asyncio.gather(*(t.connected.wait() for t in transports)), 10)
+        await asyncio.wait_for(asyncio.gather(*(t.connected.wait() for t in transports)), connect_s)
         yield
     finally:
         for t in transports:
@@ -90,6 +79,11 @@ async def _until_subscribed(send: Callable[[], None], arrived: Callable[[], bool
         if arrived():
             return
     pytest.fail(f"{who}: the subscriptions never took a message")
+
+
+async def _with_transport(transport: Transport, body: Callable[[], Awaitable[None]]) -> None:
+    async with _all_running(transport, connect_s=5.0):
+        await body()
 
 
 def _payloads(watch: Probe) -> list[bytes]:
