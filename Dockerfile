@@ -1,11 +1,13 @@
 # One image for every Python service of docker-compose.yml (balancer, substation agents, EV fleet,
 # recorder, API, and the one-shot account generator); the compose service picks the command.
-# The balancer's core compiled by mypyc (grid_runtime/native.py) in an image that has a C compiler; the runtime
-# image takes only the build (.build/native), which is used while it matches the sources copied beside it.
+# The balancer's core and the contract's codec and topics compiled by mypyc (grid_runtime/native.py) in an image
+# that has a C compiler; the runtime image takes only the builds (.build/native), each used while it matches the
+# sources copied beside it.
 FROM python:3.11.10-bookworm AS native
 WORKDIR /app
 COPY . /app
-RUN pip install --no-cache-dir /app "mypy>=1.10" && python -m grid_runtime.native build balancer
+RUN pip install --no-cache-dir /app "mypy>=1.10" && python -m grid_runtime.native build grid_protocol \
+    && python -m grid_runtime.native build balancer
 
 FROM python:3.11.10-slim-bookworm
 

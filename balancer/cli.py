@@ -18,6 +18,7 @@ from balancer.cluster import run_cluster
 from balancer.gc_policy import PROCESS_GC
 from balancer.service import build_all
 from balancer.settings import BalancerSettings
+from grid_protocol import NATIVE as PROTOCOL_NATIVE
 from grid_runtime.lifecycle import run_until_signalled
 from grid_runtime.logs import get_logger
 from grid_runtime.metrics import serve_metrics, stop_metrics
@@ -40,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("balancer_starting", host=settings.mqtt.host, port=settings.mqtt.port,
              username=settings.mqtt.username, client=settings.mqtt_client, regions=list(settings.regions),
              safety_margin_pct=settings.core.safety_margin_pct, stale_after_s=settings.core.stale_after_s,
-             core=NATIVE.status)
+             core=NATIVE.status, contract=PROTOCOL_NATIVE.status)
     if settings.nats_urls:  # cluster mode: regions owned under leases in NATS KV, services built on takeover
         metrics_server = serve_metrics(settings.grid.metrics, "balancer")
 

@@ -4,9 +4,19 @@ This package is the product's public API in code. ``docs/protocol.md`` and ``doc
 describe the same contract; ``tests/unit/test_contract_docs.py`` keeps the three in agreement.
 """
 
-from grid_protocol.codec import PayloadError, decode, encode
-from grid_protocol.ids import ID_PATTERN, is_valid_id
-from grid_protocol.messages import (
+import sys
+
+from grid_runtime.native import NativeBuild
+
+#: Compiled to C (grid_runtime.native): the modules every message passes through (the codec, the id rule, topic
+#: building and parsing); the payload models stay interpreted (msgspec structs, which mypyc does not compile).
+NATIVE = NativeBuild(sys.modules[__name__], (), modules=("grid_protocol.codec", "grid_protocol.ids",
+                                                          "grid_protocol.topics"))
+NATIVE.mount()
+
+from grid_protocol.codec import PayloadError, decode, encode  # noqa: E402
+from grid_protocol.ids import ID_PATTERN, is_valid_id  # noqa: E402
+from grid_protocol.messages import (  # noqa: E402
     ASSIGNMENT_STATUSES,
     CHARGING_STATUSES,
     FINAL_STATUSES,
@@ -33,8 +43,8 @@ from grid_protocol.messages import (
     SubstationStatus,
     Telemetry,
 )
-from grid_protocol.reasons import Reason
-from grid_protocol.topics import CHANNELS, Channel, TopicKind, Topics
+from grid_protocol.reasons import Reason  # noqa: E402
+from grid_protocol.topics import CHANNELS, Channel, TopicKind, Topics  # noqa: E402
 
 __all__ = [
     "ASSIGNMENT_STATUSES",

@@ -34,11 +34,12 @@ if str(ROOT) not in sys.path:  # the project is not necessarily installed in the
 
 from grid_runtime import native  # noqa: E402
 
-# In this process the balancer's compiled modules (its core, its service; balancer.NATIVE) run interpreted unless
-# GRID_NATIVE_TESTS says otherwise: some unit tests (marked instruments_compiled) count or swap their functions,
-# which mypyc's compiled code does not allow. The services the tests start run as shipped (GRID_NATIVE from the
-# environment: a current build is used). tests/integration/test_native_core.py runs the unit suite again on the
-# compiled modules (GRID_NATIVE_TESTS=require) and holds the two to the same decisions.
+# In this process the compiled modules (the balancer's core and service, balancer.NATIVE; the contract's codec, id
+# rule and topics, grid_protocol.NATIVE) run interpreted unless GRID_NATIVE_TESTS says otherwise: some unit tests
+# (marked instruments_compiled) count or swap their functions, which mypyc's compiled code does not allow. The
+# services the tests start run as shipped (GRID_NATIVE from the environment: a current build is used).
+# tests/integration/test_native_core.py runs the unit suite again on the compiled modules (GRID_NATIVE_TESTS=require)
+# and holds the two to the same decisions.
 TESTS_NATIVE_ENV = "GRID_NATIVE_TESTS"
 native.force_mode(os.environ.get(TESTS_NATIVE_ENV) or "off")
 
@@ -73,8 +74,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """On the compiled modules, the tests that instrument their functions are skipped (compiled code refuses it, or
     calls the original); they ran on the interpreted modules, where they belong."""
     import balancer
+    import grid_protocol
 
-    if balancer.NATIVE.status != "compiled":
+    if "compiled" not in (balancer.NATIVE.status, grid_protocol.NATIVE.status):
         return
     skip = pytest.mark.skip(reason="instruments compiled functions: runs on the interpreted modules only")
     for item in items:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import balancer
+import grid_protocol
 from grid_runtime.native import ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,6 +143,26 @@ def test_the_balancer_says_which_core_it_runs() -> None:
     assert status == "compiled"
     assert engine.endswith(".so") and str(balancer.NATIVE.location) in engine
     assert config == str(ROOT / "balancer" / "core" / "config.py")  # (a pydantic model: left interpreted)
+
+
+def test_the_contract_runs_its_codec_and_topics_compiled() -> None:
+    """``grid_protocol``'s codec, id rule and topics are the build's extensions under ``require`` (current: made
+    from these sources by ``./gridctl setup``); its payload models (msgspec structs) stay interpreted, and the
+    compiled topics and codec answer as the interpreted ones do."""
+    assert grid_protocol.NATIVE.current(), "the contract's native build is missing or stale: run ./gridctl setup"
+    probe = ("import json, grid_protocol as g, grid_protocol.codec as c, grid_protocol.topics as t, "
+             "grid_protocol.messages as m; "
+             "r = g.encode(g.ChargeRequest(requested_kw=22.0, ev_id='EV_1', request_id='r1', duration_minutes=60)); "
+             "print(json.dumps([g.NATIVE.status, c.__file__, t.__file__, m.__file__, "
+             "list(g.Topics().parse('grid/v1/ev/EV_1/request')), g.Topics().assignment('EV_1'), "
+             "g.decode(r, g.ChargeRequest).ev_id, g.is_valid_id('a+b')]))")
+    compiled = json.loads(_run(ROOT, ["-c", probe], "require").stdout)
+    interpreted = json.loads(_run(ROOT, ["-c", probe], "off").stdout)
+    status, codec, topics, messages = compiled[:4]
+    assert status == "compiled" and interpreted[0].startswith("interpreted")
+    assert all(f.endswith(".so") and str(grid_protocol.NATIVE.location) in f for f in (codec, topics))
+    assert messages == str(ROOT / "grid_protocol" / "messages.py")
+    assert compiled[4:] == interpreted[4:] == [["ev_request", "EV_1"], "grid/v1/ev/EV_1/assignment", "EV_1", False]
 
 
 @pytest.mark.parametrize("mode", ["require", "off"])

@@ -543,6 +543,7 @@ def test_parse_returns_invalid_ids_for_the_caller_to_check() -> None:
     assert T.parse("grid/v1/ev//request") == (TopicKind.EV_REQUEST, "")
 
 
+@pytest.mark.instruments_compiled
 def test_canonical_payloads_skip_the_duplicate_scan_and_others_are_still_scanned(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A payload byte for byte as the encoder writes it (what every service publishes) has each key once, so

@@ -12,10 +12,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: Floor of each top-level package (the ground floor is 0). Same floor: neither imports the other.
 FLOORS: dict[str, int] = {
-    "grid_protocol": 0, "grid_runtime": 0,  # the contract, and plumbing that knows no service
-    "grid_sim": 1, "balancer": 1, "broker": 1,  # the simulated world, the balancer, the broker's accounts
-    "replay": 2, "substation_agents": 2, "ev_clients": 2, "api": 2, "monitoring": 2,  # what stands on them
-    "gridlb": 3, "bench": 3,  # what starts and measures everything
+    "grid_runtime": 0,  # plumbing that knows no service and no message (its loader of compiled modules included)
+    "grid_protocol": 1,  # the contract (its codec and topics compiled by that loader)
+    "grid_sim": 2, "balancer": 2, "broker": 2,  # the simulated world, the balancer, the broker's accounts
+    "replay": 3, "substation_agents": 3, "ev_clients": 3, "api": 3, "monitoring": 3,  # what stands on them
+    "gridlb": 4, "bench": 4,  # what starts and measures everything
 }
 
 

@@ -298,6 +298,7 @@ def test_equal_marks_mean_equal_states_but_for_clock_and_measured(ops: list[tupl
 
 
 # ------------------------------------------------------------------ telemetry topics parsed once
+@pytest.mark.instruments_compiled
 def test_a_telemetry_topic_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     g = Grid()
     parsed: list[str] = []
