@@ -4,7 +4,8 @@ runtime account change costs; ``python -m bench live-page`` the live page at 1,0
 ``python -m bench scale`` the allocation core at utility scale; ``python -m bench cluster`` the balancer against an
 echo through a local 3-node NATS cluster; ``python -m bench regions`` two regions on two balancer processes against
 one (issue 12); ``python -m bench live-grid`` 1,000 substations and an EV fleet through
-Mosquitto, live; ``python -m bench service-path`` the balancer's CPU per request in-process, on the bench's requests."""
+Mosquitto, live; ``python -m bench service-path`` the balancer's CPU per request in-process, on the bench's requests;
+``python -m bench perf-owners`` where a compiled process spends its CPU, from ``perf`` call graphs."""
 
 import sys
 
@@ -17,6 +18,7 @@ from bench import (
     flood,
     live_grid,
     live_page,
+    perf_owners,
     provisioning,
     regions,
     scale,
@@ -26,7 +28,7 @@ from bench import (
 _COMMANDS = {"flood": flood.main, "faults": faults.main, "failover": failover.main, "recorder": bench_recorder.main,
              "provisioning": provisioning.main, "live-page": live_page.main, "scale": scale.main,
              "cluster": cluster.main, "regions": regions.main, "live-grid": live_grid.main,
-             "service-path": service_path.main}
+             "service-path": service_path.main, "perf-owners": perf_owners.main}
 
 if len(sys.argv) > 1 and sys.argv[1] in _COMMANDS:
     sys.exit(_COMMANDS[sys.argv[1]](sys.argv[2:]))
