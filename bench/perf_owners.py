@@ -5,12 +5,12 @@
     perf script -i perf.data -F ip,sym > perf.txt
     python -m bench perf-owners perf.txt [--within BalancerService___handle] [--top 30]
 
-Each sample is charged to its *owner*: the innermost compiled function on its stack (mypyc's ``CPyDef_…``, or one
-of msgspec's entry points), together with the CPython API it was calling (dict lookups, allocation, attribute
-reads). A sample in the interpreter's eval loop is interpreted Python: its owner is ``(interpreted)``, and a second
-table names the compiled caller that entered the interpreter (a call into an interpreted module or library).
-``--within`` keeps only the samples whose stack holds that function (the request path, say). Inclusive shares of the
-compiled functions follow.
+Each sample is charged to its *owner*: the innermost compiled function on its stack (mypyc's ``CPyDef_…``, its
+argument-parsing wrapper ``CPyPy_…`` when Python called it, or one of msgspec's entry points), together with the
+CPython API it was calling (dict lookups, allocation, attribute reads). A sample in the interpreter's eval loop is
+interpreted Python: its owner is ``(interpreted)``, and a second table names the compiled function that entered the
+interpreter (a call into an interpreted module or library). ``--within`` keeps only the samples whose stack holds
+that function (the request path, say). Inclusive shares of the compiled functions follow.
 
 cProfile cannot see into compiled modules, and py-spy's native frames misname some of mypyc's static helpers;
 perf's DWARF unwinding sees both sides of the boundary (``apt-get install linux-perf``)."""
@@ -22,9 +22,12 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-#: Innermost frames that own a sample besides mypyc's compiled functions: msgspec's decoder and struct constructor.
-MSGSPEC_ENTRIES = frozenset({"json_decode.part.0", "JSONDecoder_decode", "Struct_vectorcall", "Encoder_encode"})
+#: Innermost frames that own a sample besides mypyc's compiled functions: msgspec's decoder (``json_decode`` and the
+#: compiler's clones of it, ``json_decode.part.0``) and struct constructor.
+MSGSPEC_ENTRIES = ("json_decode", "JSONDecoder_decode", "Struct_vectorcall", "Encoder_encode")
+#: mypyc's compiled functions, and their wrappers that parse the arguments of a call from Python.
 COMPILED_PREFIX = "CPyDef_"
+WRAPPER_PREFIX = "CPyPy_"
 EVAL = "_PyEval_EvalFrameDefault"
 INTERPRETED = "(interpreted)"
 
@@ -48,7 +51,7 @@ def stacks(lines: Iterable[str]) -> Iterator[list[str]]:
 def owner(stack: Sequence[str]) -> tuple[str, str | None]:
     """The sample's owner, and for interpreted code the compiled function that called into it (None if none)."""
     for i, symbol in enumerate(stack):
-        if symbol.startswith(COMPILED_PREFIX) or symbol in MSGSPEC_ENTRIES:
+        if symbol.startswith((COMPILED_PREFIX, WRAPPER_PREFIX)) or symbol.split(".", 1)[0] in MSGSPEC_ENTRIES:
             return symbol, None
         if symbol == EVAL:
             caller = next((s for s in stack[i:] if s.startswith(COMPILED_PREFIX)), None)
@@ -70,7 +73,7 @@ def report(samples: Iterable[Sequence[str]], within: str | None = None, top: int
         owners[name] += 1
         if name == INTERPRETED:
             callers[caller or "(no compiled caller)"] += 1
-        inclusive.update({s for s in stack if s.startswith(COMPILED_PREFIX)})
+        inclusive.update(dict.fromkeys(s for s in stack if s.startswith(COMPILED_PREFIX)).keys())  # (each once)
     if not kept:
         return f"{total} samples, none{f' within {within}' if within else ''}"
 

@@ -75,6 +75,7 @@ from grid_protocol import (
     Telemetry,
     encode,
 )
+from grid_protocol import NATIVE as PROTOCOL_NATIVE
 
 DEFAULT_SIZES = "3x1000,3x10000,3x100000,100x1000,100x10000,100x100000,1000x1000,1000x10000,1000x100000"
 CLASSES_KVA = (400, 630, 1000)
@@ -569,8 +570,8 @@ def main(argv: list[str]) -> int:
                   f"{row['rss_mb']:>7,.0f} {row['saturated_us_per_request']:>12,.1f} "
                   f"{row['saturated_us_per_answer']:>15,.1f}"
                   + (f"  digest {row['digest'][:16]}" if args.digest else ""), flush=True)
-    print(f"balancer core: {NATIVE.status}", flush=True)
+    print(f"balancer core: {NATIVE.status}; the contract's codec and topics: {PROTOCOL_NATIVE.status}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"rows": rows, "cpu": "time.process_time", "core": NATIVE.status},
-                                    indent=1))
+    args.json.write_text(json.dumps({"rows": rows, "cpu": "time.process_time", "core": NATIVE.status,
+                                     "contract": PROTOCOL_NATIVE.status}, indent=1))
     return 0

@@ -52,6 +52,7 @@ __all__ = [
     "CHARGING_STATUSES",
     "FINAL_STATUSES",
     "ID_PATTERN",
+    "NATIVE",
     "Assignment",
     "AssignmentStatus",
     "BalancerStatus",

@@ -103,8 +103,9 @@ class NativeBuild:
         return sorted(p for p in listed if p.name != "__init__.py" and p not in skip)
 
     def stamp(self, copy: Path | None = None) -> str:
-        """What a build must have been made from to be used now: the sources' digest and this interpreter
-        (``copy``: of the copy of the sources under that directory, as the build compiles them)."""
+        """What a build must have been made from to be used now: the sources' digest (with the mypy configuration and
+        this module, the recipe) and this interpreter (``copy``: of the copy of the sources under that directory, as
+        the build compiles them)."""
         digest = hashlib.sha256()
         for path in self.sources():
             relative = path.relative_to(self.root)
@@ -112,6 +113,7 @@ class NativeBuild:
             digest.update(relative.as_posix().encode() + b"\0" + data + b"\0")
         config = copy / _MYPY_CONFIG if copy is not None else self.root / "pyproject.toml"
         digest.update(b"mypy config\0" + (config.read_bytes() if config.exists() else b""))
+        digest.update(b"recipe\0" + Path(__file__).read_bytes())  # (this file: how a build is compiled and mounted)
         return json.dumps({"sources": digest.hexdigest(), "python": sys.implementation.cache_tag,
                            "platform": sysconfig.get_platform()}, sort_keys=True)
 

@@ -72,7 +72,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On the compiled modules, the tests that instrument their functions are skipped (compiled code refuses it, or
-    calls the original); they ran on the interpreted modules, where they belong."""
+    calls the original); they ran on the interpreted modules, where they belong. One marker for both builds: with
+    either compiled, all of them are skipped (the suite runs both or neither, ``GRID_NATIVE_TESTS``)."""
     import balancer
     import grid_protocol
 

@@ -47,6 +47,14 @@ def _env(cwd: Path, mode: str | None = None) -> dict[str, str]:
     return env
 
 
+def _builds_current() -> bool:
+    """The balancer's build and the contract's (which ``require`` needs too: the core imports the contract) are
+    current: made from these sources by ``./gridctl setup``."""
+    stale = [b.top.__name__ for b in (balancer.NATIVE, grid_protocol.NATIVE) if not b.current()]
+    assert not stale, f"native build missing or stale: {', '.join(stale)} (run ./gridctl setup)"
+    return True
+
+
 def _run(cwd: Path, args: list[str], mode: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], cwd=cwd, env=_env(cwd, mode), capture_output=True, text=True,
                           timeout=300, check=False)
@@ -108,7 +116,7 @@ def test_the_compiled_core_decides_as_the_interpreted_one(extra: tuple[str, ...]
     """The balancer's build is current (``./gridctl setup`` made it from these sources) and its decisions and
     messages are the interpreted core's, effect for effect (the digest hashes every effect in order), at two grid
     sizes, through the core and through the service path, with and without limit schedules and operator limits."""
-    assert balancer.NATIVE.current(), "the balancer's native build is missing or stale: run ./gridctl setup"
+    assert _builds_current()
     compiled_status, compiled = _digests("require", *extra)
     interpreted_status, interpreted = _digests("off", *extra)
     assert compiled_status.startswith("balancer core: compiled")
@@ -121,7 +129,7 @@ def test_the_unit_suite_passes_on_the_compiled_core() -> None:
     """The whole unit suite again, in a process whose core is the build (``GRID_NATIVE_TESTS=require``): every
     policy, the property tests against their oracles, the views, the limits. Only the tests that instrument the
     core's methods are skipped there (they ran on the interpreted core in this run)."""
-    assert balancer.NATIVE.current(), "the balancer's native build is missing or stale: run ./gridctl setup"
+    assert _builds_current()
     env = _env(ROOT)
     env["GRID_NATIVE_TESTS"] = "require"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not integration",
@@ -137,6 +145,7 @@ def test_the_unit_suite_passes_on_the_compiled_core() -> None:
 
 def test_the_balancer_says_which_core_it_runs() -> None:
     """``GRID_NATIVE=require`` runs the compiled core (the modules are the build's extensions)."""
+    assert _builds_current()
     probe = ("import json, balancer, balancer.core.engine as e, balancer.core.config as c; "
              "print(json.dumps([balancer.NATIVE.status, e.__file__, c.__file__]))")
     status, engine, config = json.loads(_run(ROOT, ["-c", probe], "require").stdout)
@@ -149,20 +158,20 @@ def test_the_contract_runs_its_codec_and_topics_compiled() -> None:
     """``grid_protocol``'s codec, id rule and topics are the build's extensions under ``require`` (current: made
     from these sources by ``./gridctl setup``); its payload models (msgspec structs) stay interpreted, and the
     compiled topics and codec answer as the interpreted ones do."""
-    assert grid_protocol.NATIVE.current(), "the contract's native build is missing or stale: run ./gridctl setup"
-    probe = ("import json, grid_protocol as g, grid_protocol.codec as c, grid_protocol.topics as t, "
-             "grid_protocol.messages as m; "
+    assert _builds_current()
+    probe = ("import json, grid_protocol as g, grid_protocol.codec as c, grid_protocol.ids as i, "
+             "grid_protocol.topics as t, grid_protocol.messages as m; "
              "r = g.encode(g.ChargeRequest(requested_kw=22.0, ev_id='EV_1', request_id='r1', duration_minutes=60)); "
-             "print(json.dumps([g.NATIVE.status, c.__file__, t.__file__, m.__file__, "
+             "print(json.dumps([g.NATIVE.status, c.__file__, i.__file__, t.__file__, m.__file__, "
              "list(g.Topics().parse('grid/v1/ev/EV_1/request')), g.Topics().assignment('EV_1'), "
              "g.decode(r, g.ChargeRequest).ev_id, g.is_valid_id('a+b')]))")
     compiled = json.loads(_run(ROOT, ["-c", probe], "require").stdout)
     interpreted = json.loads(_run(ROOT, ["-c", probe], "off").stdout)
-    status, codec, topics, messages = compiled[:4]
+    status, codec, ids, topics, messages = compiled[:5]
     assert status == "compiled" and interpreted[0].startswith("interpreted")
-    assert all(f.endswith(".so") and str(grid_protocol.NATIVE.location) in f for f in (codec, topics))
+    assert all(f.endswith(".so") and str(grid_protocol.NATIVE.location) in f for f in (codec, ids, topics))
     assert messages == str(ROOT / "grid_protocol" / "messages.py")
-    assert compiled[4:] == interpreted[4:] == [["ev_request", "EV_1"], "grid/v1/ev/EV_1/assignment", "EV_1", False]
+    assert compiled[5:] == interpreted[5:] == [["ev_request", "EV_1"], "grid/v1/ev/EV_1/assignment", "EV_1", False]
 
 
 @pytest.mark.parametrize("mode", ["require", "off"])

@@ -10,7 +10,7 @@ import pytest
 
 from bench import perf_owners
 
-# Four samples, innermost frame first, separated by blank lines, as `perf script -F ip,sym` prints them.
+# Five samples, innermost frame first, separated by blank lines, as `perf script -F ip,sym` prints them.
 SCRIPT = """\
 \t    7f00 _Py_dict_lookup
 \t    7f01 PyDict_GetItemWithError
@@ -31,31 +31,51 @@ SCRIPT = """\
 \t    7f30 sock_recv
 \t    7f31 _PyEval_EvalFrameDefault
 \t    7f32 _PyEval_EvalFrameDefault
+
+\t    7f40 CPyArg_ParseStackAndKeywordsOneArg
+\t    7f41 CPyPy_service___BalancerService___handle
+\t    7f42 _PyEval_EvalFrameDefault
 """
 
 
 def test_each_sample_is_charged_to_its_innermost_compiled_function_or_msgspec_entry() -> None:
     samples = list(perf_owners.stacks(SCRIPT.splitlines()))
-    assert len(samples) == 4
+    assert len(samples) == 5
     assert samples[1][1] == "_PyObject_VectorcallTstate"  # ("(inlined)" dropped)
     assert [perf_owners.owner(s) for s in samples] == [
         ("CPyDef_index___SubstationIndex___refile", None),
         (perf_owners.INTERPRETED, "CPyDef_ends___SessionEnds___update"),
-        ("json_decode.part.0", None),
+        ("json_decode.part.0", None),  # (a compiler's clone of msgspec's json_decode)
         (perf_owners.INTERPRETED, None),
+        ("CPyPy_service___BalancerService___handle", None),  # (the wrapper parsing a call from Python)
     ]
 
 
 def test_the_report_counts_owners_callers_and_inclusive_shares_within_a_path() -> None:
-    text = perf_owners.report(perf_owners.stacks(SCRIPT.splitlines()), within="BalancerService___handle")
-    lines = text.splitlines()
-    assert lines[0] == "4 samples, 3 within BalancerService___handle (= 100 %)"
-    assert "      1  33.3 %  CPyDef_index___SubstationIndex___refile" in lines
-    assert "      1  33.3 %  CPyDef_ends___SessionEnds___update" in lines  # (the caller of the interpreted sample)
-    assert "      3 100.0 %  CPyDef_service___BalancerService___handle" in lines  # (inclusive)
-    everything = perf_owners.report(perf_owners.stacks(SCRIPT.splitlines()))
-    assert everything.splitlines()[0] == "4 samples, 4 (= 100 %)"
-    assert "      1  25.0 %  (no compiled caller)" in everything.splitlines()
+    within = perf_owners.report(perf_owners.stacks(SCRIPT.splitlines()), within="BalancerService___handle")
+    assert within == """\
+5 samples, 4 within BalancerService___handle (= 100 %)
+owner (the innermost compiled function, with the CPython API it calls):
+      1  25.0 %  CPyDef_index___SubstationIndex___refile
+      1  25.0 %  (interpreted)
+      1  25.0 %  json_decode.part.0
+      1  25.0 %  CPyPy_service___BalancerService___handle
+interpreted code, by the compiled function that called it:
+      1  25.0 %  CPyDef_ends___SessionEnds___update
+compiled functions, inclusive:
+      3  75.0 %  CPyDef_service___BalancerService___handle
+      1  25.0 %  CPyDef_index___SubstationIndex___refile
+      1  25.0 %  CPyDef_ends___SessionEnds___update
+      1  25.0 %  CPyDef_codec___decode"""
+    everything = perf_owners.report(perf_owners.stacks(SCRIPT.splitlines()), top=1)
+    assert everything == """\
+5 samples, 5 (= 100 %)
+owner (the innermost compiled function, with the CPython API it calls):
+      2  40.0 %  (interpreted)
+interpreted code, by the compiled function that called it:
+      1  20.0 %  CPyDef_ends___SessionEnds___update
+compiled functions, inclusive:
+      3  60.0 %  CPyDef_service___BalancerService___handle"""
     assert perf_owners.report([], within="x") == "0 samples, none within x"
 
 
@@ -63,6 +83,13 @@ def test_the_command_reads_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[
     script = tmp_path / "perf.txt"
     script.write_text(SCRIPT, encoding="utf-8")
     assert perf_owners.main([str(script), "--within", "SessionEnds", "--top", "3"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("4 samples, 1 within SessionEnds (= 100 %)")
-    assert "      1 100.0 %  (interpreted)" in out
+    assert capsys.readouterr().out.splitlines() == [
+        "5 samples, 1 within SessionEnds (= 100 %)",
+        "owner (the innermost compiled function, with the CPython API it calls):",
+        "      1 100.0 %  (interpreted)",
+        "interpreted code, by the compiled function that called it:",
+        "      1 100.0 %  CPyDef_ends___SessionEnds___update",
+        "compiled functions, inclusive:",
+        "      1 100.0 %  CPyDef_ends___SessionEnds___update",  # (ties: innermost first)
+        "      1 100.0 %  CPyDef_service___BalancerService___handle",
+    ]
