@@ -44,10 +44,8 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from balancer import NATIVE
-from bench.report import save_json
+from bench.report import builds_line, save_json
 from broker.local import LocalBroker
-from grid_protocol import NATIVE as PROTOCOL_NATIVE
 from grid_protocol import ChargeRequest, Telemetry, TopicKind, Topics, encode
 from grid_runtime.mqtt import InMessage, PahoTransport
 from grid_runtime.percentiles import percentiles
@@ -298,8 +296,7 @@ def _print(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(header if rounds > 1 else "\n" + header)
     for r in results:
         print(_line(r))
-    print(f"balancer core: {NATIVE.status}; the contract's codec and topics (balancer and echo): "
-          f"{PROTOCOL_NATIVE.status}")
+    print(builds_line())
     echo = results[0]
     for r, ratio in echo_ratios(results):
         each = ", ".join(f"{x:.2f}" for x in round_ratios(echo, r))

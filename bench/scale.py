@@ -62,9 +62,9 @@ from typing import Any
 
 import msgspec
 
-from balancer import NATIVE
 from balancer.core import Balancer, CoreConfig
 from balancer.gc_policy import PROCESS_GC
+from bench.report import builds, builds_line
 from grid_protocol import (
     ASSIGNMENT_STATUSES,
     ChargeRequest,
@@ -75,7 +75,6 @@ from grid_protocol import (
     Telemetry,
     encode,
 )
-from grid_protocol import NATIVE as PROTOCOL_NATIVE
 
 DEFAULT_SIZES = "3x1000,3x10000,3x100000,100x1000,100x10000,100x100000,1000x1000,1000x10000,1000x100000"
 CLASSES_KVA = (400, 630, 1000)
@@ -570,8 +569,7 @@ def main(argv: list[str]) -> int:
                   f"{row['rss_mb']:>7,.0f} {row['saturated_us_per_request']:>12,.1f} "
                   f"{row['saturated_us_per_answer']:>15,.1f}"
                   + (f"  digest {row['digest'][:16]}" if args.digest else ""), flush=True)
-    print(f"balancer core: {NATIVE.status}; the contract's codec and topics: {PROTOCOL_NATIVE.status}", flush=True)
+    print(builds_line(), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"rows": rows, "cpu": "time.process_time", "core": NATIVE.status,
-                                     "contract": PROTOCOL_NATIVE.status}, indent=1))
+    args.json.write_text(json.dumps({"rows": rows, "cpu": "time.process_time", **builds()}, indent=1))
     return 0

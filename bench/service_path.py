@@ -30,8 +30,8 @@ from balancer.core import Effect
 from balancer.service import BalancerService
 from balancer.settings import BalancerSettings
 from bench.bench_balancer import CAPACITY_KW, SUBSTATIONS
+from bench.report import builds_line
 from bench.scale import _MemoryTransport
-from grid_protocol import NATIVE as PROTOCOL_NATIVE
 from grid_protocol import ChargeRequest, Telemetry, Topics, encode
 from grid_runtime.mqtt import InMessage
 
@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=9)
     args = parser.parse_args(argv)
     results = asyncio.run(_measure(args.requests, args.repeat))
-    print(f"balancer core: {NATIVE.status}; the contract's codec and topics: {PROTOCOL_NATIVE.status}")
+    print(builds_line())
     for name, values in results.items():
         print(f"{name:14s} CPU µs per request: best {min(values):.2f}  median {statistics.median(values):.2f}  "
               f"({len(values)} passes of {args.requests:,})")
